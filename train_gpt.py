@@ -69,7 +69,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "DATA_PATH": (str, "./data/datasets/fineweb10B_sp1024", "folder holding fineweb_{train,val}_*.bin"),
     "TOKENIZER_PATH": (str, "./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model for val_bpb bytes"),
     "VOCAB_SIZE": (int, 1024, "embedding rows; must hold every tokenizer id"),
-    "RUN_ID": (str, "", "names logs/<RUN_ID>.{txt,json} and artifacts/<RUN_ID>.ptz (default: a fresh uuid)"),
+    "RUN_ID": (str, "", "names logs/<RUN_ID>.{txt,json} and artifacts/<RUN_ID>.pgolf.xz (default: a fresh uuid)"),
     "SEED": (int, 1337, "seed for initialisation and data order"),
     "ITERATIONS": (int, 20000, "maximum optimizer steps"),
     "MAX_WALLCLOCK_SECONDS": (float, 600.0, "training time cap in seconds; 0 = no cap (schedules then follow ITERATIONS)"),
@@ -976,16 +976,19 @@ def unpack_artifact(data: bytes, source: str) -> dict[str, Tensor]:
         raise PipelineError(f"{source}: not an lzma artifact ({e})") from None
     if not blob.startswith(ARTIFACT_MAGIC):
         raise PipelineError(f"{source}: bad artifact magic")
-    pos = len(ARTIFACT_MAGIC)
-    head_len = int.from_bytes(blob[pos:pos + 8], "little")
-    body = pos + 8 + head_len
-    state = {}
-    for e in json.loads(blob[pos + 8:body]):
-        if e["scheme"] not in QUANTIZERS:
-            raise PipelineError(f"{source}: tensor {e['name']} has unknown scheme {e['scheme']!r}")
-        parts = {part: np.frombuffer(blob, dtype=np.dtype(dt), count=int(np.prod(shape)), offset=body + off).reshape(shape)
-                 for part, (dt, shape, off, _) in e["parts"].items()}
-        state[e["name"]] = QUANTIZERS[e["scheme"]][1](parts).reshape(e["shape"])
+    try:
+        pos = len(ARTIFACT_MAGIC)
+        head_len = int.from_bytes(blob[pos:pos + 8], "little")
+        body = pos + 8 + head_len
+        state = {}
+        for e in json.loads(blob[pos + 8:body]):
+            if e["scheme"] not in QUANTIZERS:
+                raise PipelineError(f"{source}: tensor {e['name']} has unknown scheme {e['scheme']!r}")
+            parts = {part: np.frombuffer(blob, dtype=np.dtype(dt), count=int(np.prod(shape)), offset=body + off).reshape(shape)
+                     for part, (dt, shape, off, _) in e["parts"].items()}
+            state[e["name"]] = QUANTIZERS[e["scheme"]][1](parts).reshape(e["shape"])
+    except (ValueError, KeyError, TypeError, IndexError) as e:
+        raise PipelineError(f"{source}: malformed artifact ({type(e).__name__}: {e})") from None
     return state
 
 

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One training per seed in SEEDS, launched with torchrun on NPROC processes.
+# Every other environment variable passes through to train_gpt.py unchanged.
+#
+#   SEEDS="1337 42 2025" bash run_8xh100.sh          # on an 8xH100 box with FineWeb shards
+#   bash run_8xh100.sh                                # anywhere: see "demo" below
+#
+# Demo: when DATA_PATH is unset and ./data/datasets/fineweb10B_sp1024 holds no shards, a small
+# real-text set is built from the Python standard library's docstrings (tools/harness.py
+# demo-data, no network) and a small CPU-sized configuration is used, each knob only where
+# you did not set it yourself. Without a GPU, NPROC defaults to 2 (CPU, gloo).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+TORCHRUN=${TORCHRUN:-torchrun}
+if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  NPROC=${NPROC:-8}
+else
+  NPROC=${NPROC:-2}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+
+official_data=./data/datasets/fineweb10B_sp1024
+if [ -z "${DATA_PATH:-}" ] && ! ls "$official_data"/fineweb_train_*.bin >/dev/null 2>&1; then
+  demo=./data/demo
+  if ! ls "$demo"/fineweb_train_*.bin >/dev/null 2>&1; then
+    echo "run_8xh100.sh: no shards in $official_data; building the demo set in $demo"
+    python3 tools/harness.py demo-data "$demo"
+  fi
+  export DATA_PATH=$demo
+  export TOKENIZER_PATH=${TOKENIZER_PATH:-$demo/tokenizer/demo_1024_bpe.model}
+  export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
+  export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-16384}
+  export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-120} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0}
+  export TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25}
+  SEEDS=${SEEDS:-1337}
+fi
+SEEDS=${SEEDS:-1337 42 2025}
+run_prefix=${RUN_ID:-pg_$(date -u +%Y%m%d_%H%M%S)}
+
+for seed in $SEEDS; do
+  run_id="${run_prefix}_seed${seed}"
+  echo "run_8xh100.sh: seed $seed -> logs/$run_id.txt ($NPROC processes)"
+  if ! SEED=$seed RUN_ID=$run_id $TORCHRUN --standalone --nproc_per_node="$NPROC" train_gpt.py; then
+    echo "run_8xh100.sh: seed $seed failed; last lines of logs/$run_id.txt:" >&2
+    tail -n 20 "logs/$run_id.txt" >&2 2>/dev/null || echo "(no log was written)" >&2
+    exit 1
+  fi
+done
+echo "run_8xh100.sh: done; summaries in logs/${run_prefix}_seed*.json"

@@ -1,0 +1,75 @@
+"""Small helpers shared by the unit tests (not a test module)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import traceback
+
+import torch
+
+import train_gpt
+
+TINY = {"NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "64",
+        "TRAIN_SEQ_LEN": "16", "MLP_MULT": "2"}
+
+
+def tiny_hp(**overrides) -> train_gpt.Hyperparameters:
+    """Hyperparameters of a tiny GPT (2 layers, width 32, GQA 4/2, vocab 64) via read_settings."""
+    env = dict(TINY)
+    env.update({k: str(v) for k, v in overrides.items()})
+    hp, warnings = train_gpt.read_settings(env)
+    assert warnings == []
+    return hp
+
+
+def cpu_runtime(autocast_dtype=None, rank: int = 0, world_size: int = 1, distributed: bool = False):
+    return train_gpt.Runtime(rank=rank, world_size=world_size, local_rank=0, device=torch.device("cpu"),
+                             distributed=distributed, control_group=None, autocast_dtype=autocast_dtype)
+
+
+def random_gpt(hp, seed: int = 0) -> train_gpt.GPT:
+    """A GPT whose every parameter is random (the real init zeroes the output projections, which
+    would leave attention and MLP out of every comparison)."""
+    model = train_gpt.GPT(hp)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2 and "tok_emb" not in name and "resid_mix" not in name and "skip" not in name:
+                p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
+            else:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+        model.tok_emb.weight.copy_(torch.randn(model.tok_emb.weight.shape, generator=gen))
+    return model.eval()
+
+
+def _worker(rank: int, world_size: int, init_file: str, fn, args, out_dir: str) -> None:
+    """Entry of a spawned process: join a gloo group, run fn(rank, world_size, *args), save its result."""
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+        result = fn(rank, world_size, *args)
+        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+    except BaseException:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_distributed(fn, world_size: int, *args) -> list:
+    """Run fn(rank, world_size, *args) in world_size spawned gloo processes; return each rank's result.
+
+    fn must be a module-level function (it is pickled by name into the children)."""
+    import torch.multiprocessing as mp
+    with tempfile.TemporaryDirectory() as out_dir:
+        init_file = os.path.join(out_dir, "rendezvous")
+        try:
+            mp.spawn(_worker, args=(world_size, init_file, fn, args, out_dir), nprocs=world_size, join=True)
+        except Exception as e:
+            errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
+            raise AssertionError(f"distributed run failed: {e}\n" + "\n".join(errors)) from None
+        return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]

@@ -1,0 +1,174 @@
+"""Tests for `tools/harness.py demo-data`: shard format, tokenizer, round trip, safety, determinism."""
+
+import hashlib
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from tools import harness
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+MAX_CHARS = 300_000
+VOCAB = 512
+SEED = 0
+
+
+def read_shard(path):
+    """Parse a shard by hand: return (header int32[256], uint16 tokens)."""
+    raw = Path(path).read_bytes()
+    header = np.frombuffer(raw[:1024], dtype="<i4")
+    return header, np.frombuffer(raw[1024:], dtype="<u2")
+
+
+def digests(directory):
+    """Map each file under `directory` (relative path) to its sha256."""
+    return {
+        str(p.relative_to(directory)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(Path(directory).rglob("*"))
+        if p.is_file()
+    }
+
+
+def run_cli(*args):
+    """Run the harness CLI in a subprocess and return the CompletedProcess."""
+    cmd = [sys.executable, str(REPO_ROOT / "tools" / "harness.py"), *map(str, args)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def split_docs(tokens):
+    """Split a token stream at BOS markers into per-document id lists (BOS dropped)."""
+    starts = np.flatnonzero(tokens == harness.BOS_ID)
+    assert starts.size and starts[0] == 0, "stream must start with BOS"
+    return [tokens[s + 1 : e].tolist() for s, e in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """A small demo dataset built in-process: (out_dir, build_demo_data result)."""
+    out_dir = tmp_path_factory.mktemp("demo")
+    return out_dir, harness.build_demo_data(out_dir, vocab_size=VOCAB, max_chars=MAX_CHARS, seed=SEED)
+
+
+def test_write_shard_layout(tmp_path):
+    tokens = [1, 0, 65535, 300, 7]
+    path = tmp_path / "shard.bin"
+    harness.write_shard(path, tokens)
+    header, payload = read_shard(path)
+    assert path.stat().st_size == 1024 + 2 * len(tokens)
+    assert header[0] == harness.SHARD_MAGIC == 20240520
+    assert header[1] == harness.SHARD_VERSION == 1
+    assert header[2] == len(tokens)
+    assert not header[3:].any()
+    assert payload.tolist() == tokens
+    assert [p.name for p in tmp_path.iterdir()] == ["shard.bin"], "temp file left behind"
+
+
+@pytest.mark.parametrize("bad", [[1, -1], [65536], [[1, 2]], [1.5]])
+def test_write_shard_rejects_bad_tokens(tmp_path, bad):
+    with pytest.raises(ValueError) as err:
+        harness.write_shard(tmp_path / "bad.bin", bad)
+    if bad in ([1, -1], [65536]):
+        assert str(bad[-1]) in str(err.value)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_split_shards_and_concatenates(tmp_path):
+    tokens = np.arange(25, dtype=np.uint16)
+    written = harness.write_split(tmp_path, "train", tokens, shard_tokens=10)
+    assert [(p.name, n) for p, n in written] == [
+        ("fineweb_train_000000.bin", 10),
+        ("fineweb_train_000001.bin", 10),
+        ("fineweb_train_000002.bin", 5),
+    ]
+    assert np.concatenate([read_shard(p)[1] for p, _ in written]).tolist() == tokens.tolist()
+
+
+def test_collect_docstrings_respects_budget_and_seed():
+    docs = harness.collect_docstrings(MAX_CHARS, SEED)
+    total = sum(map(len, docs))
+    assert total >= MAX_CHARS and total - len(docs[-1]) < MAX_CHARS
+    assert all(len(d) >= harness.MIN_DOCSTRING_CHARS for d in docs)
+    assert len(set(docs)) == len(docs)
+    assert harness.collect_docstrings(MAX_CHARS, SEED) == docs
+    assert harness.collect_docstrings(MAX_CHARS, SEED + 1) != docs
+
+
+def test_demo_shards_and_tokenizer(demo):
+    out_dir, info = demo
+    assert [p.name for p, _ in info["val_shards"]] == ["fineweb_val_000000.bin"]
+    assert [p.name for p, _ in info["train_shards"]] == ["fineweb_train_000000.bin"]
+    sp = spm.SentencePieceProcessor(model_file=str(info["tokenizer"]))
+    assert info["tokenizer"] == out_dir / "tokenizer" / f"demo_{VOCAB}_bpe.model"
+    assert sp.vocab_size() == VOCAB
+    assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    for split in ("train", "val"):
+        (path, n_tokens), = info[f"{split}_shards"]
+        header, tokens = read_shard(path)
+        assert header[2] == n_tokens == len(tokens) == info[f"{split}_tokens"]
+        assert tokens[0] == harness.BOS_ID
+        assert np.count_nonzero(tokens == harness.BOS_ID) == info[f"{split}_docs"]
+        assert tokens.max() < VOCAB
+        assert not np.isin(tokens, [harness.PAD_ID, harness.EOS_ID, harness.UNK_ID]).any()
+
+
+def test_val_round_trip_and_byte_counts(demo):
+    """Decoding val reproduces the held-out docstrings exactly, and train_gpt-style
+    byte counting from token pieces matches the text's true UTF-8 size."""
+    _, info = demo
+    sp = spm.SentencePieceProcessor(model_file=str(info["tokenizer"]))
+    _, val_tokens = read_shard(info["val_shards"][0][0])
+    decoded = [sp.decode(ids) for ids in split_docs(val_tokens)]
+
+    expected = harness.collect_docstrings(MAX_CHARS, SEED)[-info["val_docs"] :]
+    assert decoded == expected
+    assert set(decoded) <= set(harness.stdlib_docstrings())
+    _, train_tokens = read_shard(info["train_shards"][0][0])
+    assert not set(decoded) & {sp.decode(ids) for ids in split_docs(train_tokens)}
+
+    # Same rule as train_gpt.py's build_sentencepiece_luts: a byte token is 1 byte,
+    # another piece its UTF-8 length without a leading "▁", which counts 1 byte
+    # unless the previous token is a boundary (here: the document's BOS).
+    counted = 0
+    for ids in split_docs(val_tokens):
+        for position, i in enumerate(ids):
+            piece = sp.id_to_piece(i)
+            if sp.is_byte(i):
+                counted += 1
+            elif piece.startswith("\u2581"):
+                counted += len(piece[1:].encode()) + (position > 0)
+            else:
+                counted += len(piece.encode())
+    assert counted == info["val_bytes"] == sum(len(d.encode()) for d in expected)
+
+
+def test_cli_refuses_to_overwrite(demo):
+    out_dir, _ = demo
+    before = digests(out_dir)
+    proc = run_cli("demo-data", out_dir, "--vocab-size", VOCAB, "--max-chars", MAX_CHARS)
+    assert proc.returncode == 2
+    assert str(out_dir) in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert digests(out_dir) == before
+
+
+def test_cli_build_is_deterministic(demo, tmp_path):
+    """A fresh process with the same arguments writes byte-identical files."""
+    out_dir, info = demo
+    proc = run_cli("demo-data", tmp_path, "--vocab-size", VOCAB, "--max-chars", MAX_CHARS, "--seed", SEED)
+    assert proc.returncode == 0, proc.stderr
+    assert f"val {info['val_tokens']:,} tokens" in proc.stdout
+    assert len(proc.stdout.splitlines()) == 4  # tokenizer, val shard, train shard, summary
+    assert digests(tmp_path) == digests(out_dir)
+
+
+def test_shard_constants_mirror_train_gpt():
+    """harness keeps its own copy (it must not import torch); the two must never drift."""
+    import train_gpt
+    assert (harness.SHARD_MAGIC, harness.SHARD_VERSION, harness.SHARD_HEADER_INTS) == (
+        train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS)
+    assert harness.BOS_ID == train_gpt.BOS_ID

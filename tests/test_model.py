@@ -1,0 +1,218 @@
+"""Model and optimizer: FLOP count, the flash-attn call site, bf16 autocast, torch.compile,
+Newton-Schulz, and distributed Muon against single-process Muon."""
+
+import math
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import train_gpt
+from _helpers import cpu_runtime, random_gpt, run_distributed, tiny_hp
+
+
+def reference_attention(q, k, v, causal=True):
+    """Stand-in for flash_attn_func: q (B, T, H, D), k/v (B, T, Hkv, D), GQA by repeating each kv head
+    for H // Hkv consecutive query heads; explicit masked softmax."""
+    assert causal is True
+    B, T, H, D = q.shape
+    k = k.repeat_interleave(H // k.size(2), dim=2)
+    v = v.repeat_interleave(H // v.size(2), dim=2)
+    scores = torch.einsum("bthd,bshd->bhts", q.float(), k.float()) / math.sqrt(D)
+    mask = torch.ones(T, T, dtype=torch.bool).tril()
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(dim=-1)
+    return torch.einsum("bhts,bshd->bthd", probs, v.float()).to(q.dtype)
+
+
+# --- FLOPs -------------------------------------------------------------------------------------
+
+def measured_flops_per_token(model, T, batch=2):
+    x = torch.randint(0, model.tok_emb.num_embeddings, (batch, T), generator=torch.Generator().manual_seed(0))
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model(x, x).mean().backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops() / (batch * T)
+
+
+@pytest.mark.parametrize("T", [16, 128])
+def test_flops_per_token_matches_flop_counter(monkeypatch, T):
+    """flops_per_token = 6 N + 6 L T d. FlopCounterMode counts matmuls forward + backward.
+
+    Deliberate differences: (1) PyTorch's CPU SDPA kernel has no FLOP formula, so attention is
+    measured through the explicit stand-in, whose T x T score matmuls count the masked (future)
+    half too: the counter sees 12 L T d where a causal kernel does 6 L T d, the formula's term;
+    (2) N includes the vectors and scalars (norm gains, q_gain, skip weights), which do no matmul
+    (under 1% here)."""
+    hp = tiny_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=T)
+    model = train_gpt.GPT(hp)
+    linear = measured_flops_per_token(model, T)                     # SDPA: matmuls of the linears only
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", reference_attention)
+    model.set_attention_backend("flash")
+    with_attention = measured_flops_per_token(model, T)
+    attention_full = with_attention - linear
+    L, d = hp.num_layers, hp.model_dim
+    assert attention_full == pytest.approx(12 * L * T * d, rel=1e-9)   # QK^T and PV, fwd + 2x bwd, full square
+    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "skip" not in n
+                        and "resid_mix" not in n)
+    assert linear == pytest.approx(6 * matmul_params, rel=1e-9)       # 2 N forward + 4 N backward
+    formula = train_gpt.flops_per_token(hp, train_gpt.count_parameters(model), T)
+    causal_measured = linear + attention_full / 2
+    assert formula == pytest.approx(causal_measured, rel=0.10)
+    assert formula == pytest.approx(causal_measured, rel=0.01)        # in fact within 1% at this shape
+
+
+# --- attention backends --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("heads,kv_heads,with_lse", [(4, 2, False), (4, 1, False), (4, 4, False), (4, 2, True)])
+def test_flash_call_site_equals_sdpa(monkeypatch, heads, kv_heads, with_lse):
+    hp = tiny_hp(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads)
+    model = random_gpt(hp, seed=2)
+    x = torch.randint(0, hp.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        sdpa = model.logits(x)
+    calls = []
+
+    def fake_flash(q, k, v, causal=True):
+        calls.append((tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        out = reference_attention(q, k, v, causal=causal)
+        return (out, torch.zeros(q.shape[:3])) if with_lse else out     # some FA3 builds return (out, lse)
+
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", fake_flash)
+    model.set_attention_backend("flash")
+    with torch.no_grad():
+        flash = model.logits(x)
+    D = hp.model_dim // heads
+    assert calls == [((3, 16, heads, D), (3, 16, kv_heads, D), (3, 16, kv_heads, D))] * hp.num_layers
+    torch.testing.assert_close(flash, sdpa, rtol=1e-5, atol=1e-5)
+    # the comparison is sensitive to the kv-head mapping: a wrong GQA grouping gives other logits
+    if kv_heads not in (1, heads):
+        monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", lambda q, k, v, causal=True: reference_attention(
+            q, k.repeat(1, 1, heads // kv_heads, 1), v.repeat(1, 1, heads // kv_heads, 1)))
+        with torch.no_grad():
+            assert not torch.allclose(model.logits(x), sdpa, rtol=1e-3, atol=1e-3)
+
+
+def test_attention_is_causal():
+    hp = tiny_hp()
+    model = random_gpt(hp, seed=3)
+    x = torch.randint(0, hp.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    y = x.clone()
+    y[0, 10:] = (y[0, 10:] + 1) % hp.vocab_size
+    with torch.no_grad():
+        a, b = model.logits(x), model.logits(y)
+    torch.testing.assert_close(a[:, :10], b[:, :10], rtol=0, atol=1e-6)
+    assert not torch.allclose(a[:, 10:], b[:, 10:])
+
+
+def test_attention_backend_choice():
+    assert train_gpt.attention_backend(torch.device("cpu")) == "sdpa"
+    model = train_gpt.build_model(tiny_hp(), cpu_runtime())
+    assert {b.attn.backend for b in model.blocks} == {"sdpa"}
+
+
+def test_forward_is_per_token_cross_entropy():
+    hp = tiny_hp()
+    model = random_gpt(hp, seed=4)
+    x = torch.randint(0, hp.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
+    y = torch.randint(0, hp.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        nll = model(x, y)
+        logits = model.logits(x)
+    assert nll.shape == (2, 16) and nll.dtype == torch.float32
+    assert logits.abs().max() <= hp.logit_softcap
+    expected = -torch.log_softmax(logits.double(), -1).gather(-1, y[..., None])[..., 0]
+    torch.testing.assert_close(nll.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_forward_close_to_fp32():
+    hp = tiny_hp()
+    model = random_gpt(hp, seed=5)
+    x = torch.randint(0, hp.vocab_size, (2, 16), generator=torch.Generator().manual_seed(5))
+    y = torch.randint(0, hp.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        fp32 = model(x, y)
+        with train_gpt.autocast(cpu_runtime(autocast_dtype=torch.bfloat16)):
+            bf16 = model(x, y)
+            inner_dtype = model.blocks[0].attn.c_q(torch.randn(1, hp.model_dim)).dtype
+    assert inner_dtype == torch.bfloat16                  # autocast really was on
+    assert bf16.dtype == torch.float32 and torch.isfinite(bf16).all()
+    assert not torch.equal(bf16, fp32)
+    assert (bf16 - fp32).abs().max() < 0.01 * fp32.abs().max()
+    assert (bf16.mean() - fp32.mean()).abs() < 0.002 * fp32.mean()
+    with train_gpt.autocast(cpu_runtime()):              # fp32 runtime: autocast off
+        assert model.blocks[0].attn.c_q(torch.randn(1, hp.model_dim)).dtype == torch.float32
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    hp = tiny_hp()
+    model = random_gpt(hp, seed=6)
+    x = torch.randint(0, hp.vocab_size, (2, 16), generator=torch.Generator().manual_seed(6))
+    compiled = torch.compile(model, dynamic=False)
+    with torch.no_grad():
+        eager, comp = model(x, x), compiled(x, x)
+    torch.testing.assert_close(comp, eager, rtol=1e-4, atol=1e-4)
+
+
+# --- Muon ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(64, 32), (32, 64), (48, 48), (128, 64), (16, 128)])
+def test_newton_schulz_orthogonalises(shape):
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape)))
+    if shape[0] == shape[1]:   # keep a square test matrix well conditioned (5 steps cannot lift sv ~ 1e-4)
+        u, _, vh = torch.linalg.svd(g)
+        g = u @ torch.diag(torch.linspace(0.1, 3.0, shape[0])) @ vh
+    out = train_gpt.zeropower_newton_schulz(g, steps=5)
+    assert out.shape == g.shape and out.dtype == torch.float32
+    sv = torch.linalg.svdvals(out)
+    assert sv.min() > 0.5 and sv.max() < 1.5, sv
+    # same singular vectors as g: U^T out V is diagonal (the polar factor, up to the sv band)
+    u, s, vh = torch.linalg.svd(g.double(), full_matrices=False)
+    core = u.T @ out.double() @ vh.T
+    off_diagonal = core - torch.diag(torch.diagonal(core))
+    assert off_diagonal.abs().max() < 1e-4
+    assert ((torch.diagonal(core) > 0.5) & (torch.diagonal(core) < 1.5)).all()
+
+
+MUON_SHAPES = [(32, 16), (16, 48), (24, 24), (64, 8), (8, 8)]   # 5 matrices: uneven split over 2 ranks
+
+
+def _muon_updates(rank, world_size, steps):
+    """Parameters after `steps` Muon steps on fixed pseudo-random gradients (the same on all ranks)."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(s, generator=gen)) for s in MUON_SHAPES]
+    opt = train_gpt.Muon(params, lr=0.05, momentum=0.9, backend_steps=5, rank=rank, world_size=world_size)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen)
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def reference_muon(steps, lr=0.05, momentum=0.9):
+    """Muon written out: Nesterov momentum, Newton-Schulz, scale sqrt(max(1, rows/cols))."""
+    gen = torch.Generator().manual_seed(0)
+    params = [torch.randn(s, generator=gen) for s in MUON_SHAPES]
+    bufs = [torch.zeros_like(p) for p in params]
+    for _ in range(steps):
+        for i, p in enumerate(params):
+            grad = torch.randn(p.shape, generator=gen)
+            bufs[i] = momentum * bufs[i] + grad
+            update = train_gpt.zeropower_newton_schulz(grad + momentum * bufs[i], 5)
+            params[i] = p - lr * update * max(1.0, p.shape[0] / p.shape[1]) ** 0.5
+    return params
+
+
+def test_single_process_muon_matches_the_written_out_update():
+    for got, want in zip(_muon_updates(0, 1, 3), reference_muon(3)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_distributed_muon_equals_single_process():
+    single = _muon_updates(0, 1, 3)
+    per_rank = run_distributed(_muon_updates, 2, 3)
+    for rank_params in per_rank:
+        for got, want in zip(rank_params, single):
+            torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

@@ -1,0 +1,170 @@
+"""Quantization and packing: int8-per-row / fp16 round trip, the no-pickle artifact layout, corrupt input."""
+
+import io
+import json
+import lzma
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt
+from _helpers import random_gpt, tiny_hp
+from train_gpt import ARTIFACT_MAGIC, PipelineError
+
+SOURCE = "artifacts/test-run.pgolf.xz"
+
+
+def sample_state():
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randn(300, 256, generator=gen)              # 76,800 > 65,536 elements: int8 per row
+    big[0] = 0.0                                             # an all-zero row
+    big[1, 5] = 40.0                                         # a row with one outlier
+    big[2] *= 1e-6                                           # a row of tiny values
+    return {
+        "big": big,
+        "tall": torch.randn(70_000, 1, generator=gen),         # int8 with one column
+        "limit": torch.randn(256, 256, generator=gen),         # exactly 65,536: fp16
+        "small": torch.randn(64, 32, generator=gen) * 3,
+        "vector": torch.randn(100, generator=gen),
+        "cube": torch.randn(50, 40, 40, generator=gen),        # big but not 2-D: fp16
+        "scalar": torch.tensor(2.718281828),
+        "empty": torch.zeros(0, 16),
+    }
+
+
+def test_schemes():
+    state = sample_state()
+    schemes = {e["name"]: e["scheme"] for e in train_gpt.quantize_state_dict(state)}
+    assert schemes == {"big": "int8_row", "tall": "int8_row", "limit": "fp16", "small": "fp16", "vector": "fp16",
+                       "cube": "fp16", "scalar": "fp16", "empty": "fp16"}
+
+
+def test_round_trip():
+    state = sample_state()
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state), preset=6)
+    out = train_gpt.unpack_artifact(blob, SOURCE)
+    assert list(out) == list(state)
+    for name, w in state.items():
+        got = out[name]
+        assert got.dtype == torch.float32 and got.shape == w.shape, name
+        if train_gpt.choose_scheme(name, w) == "fp16":
+            assert torch.equal(got, w.half().float()), name          # exact after fp16 rounding
+            continue
+        # int8 per row: an independent scale (fp16 of row max / 127), every value a multiple of it,
+        # |q| <= 127, and error at most half a step
+        scale = (w.abs().amax(dim=1) / 127).clamp_min(torch.finfo(torch.float16).tiny).half().float()[:, None]
+        q = got / scale
+        assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127 + 1e-3, name
+        assert ((got - w).abs() <= scale / 2 * (1 + 1e-5)).all(), name
+    assert torch.equal(out["big"][0], torch.zeros(256))
+    assert out["big"][1, 5] == pytest.approx(40.0, rel=1e-3)
+
+
+def test_artifact_is_not_a_pickle():
+    state = sample_state()
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state), preset=6)
+    raw = lzma.decompress(blob)
+    assert raw.startswith(ARTIFACT_MAGIC)
+    # the documented layout, read independently: magic | u64 header length | JSON header | arrays
+    pos = len(ARTIFACT_MAGIC)
+    head_len = int.from_bytes(raw[pos:pos + 8], "little")
+    header = json.loads(raw[pos + 8:pos + 8 + head_len])
+    body = raw[pos + 8 + head_len:]
+    assert [e["name"] for e in header] == list(state)
+    end = 0
+    for e in header:
+        for dtype, shape, offset, nbytes in e["parts"].values():
+            assert offset == end and nbytes == np.dtype(dtype).itemsize * int(np.prod(shape))
+            end += nbytes
+        if e["scheme"] == "fp16":
+            dtype, shape, offset, nbytes = e["parts"]["w"]
+            w = np.frombuffer(body, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
+            assert np.array_equal(w, state[e["name"]].half().numpy())
+    assert end == len(body)
+    for data in (raw, blob):
+        with pytest.raises(Exception):
+            torch.load(io.BytesIO(data), weights_only=False)
+        with pytest.raises(Exception):
+            pickle.loads(data)
+
+
+def test_packing_is_deterministic():
+    entries = train_gpt.quantize_state_dict(sample_state())
+    assert train_gpt.pack_artifact(entries, 6) == train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state()), 6)
+
+
+def test_model_round_trip_loads_strictly():
+    hp = tiny_hp(NUM_LAYERS=3, MODEL_DIM=128, VOCAB_SIZE=1024)   # embedding 131,072 elements: int8
+    model = random_gpt(hp, seed=0)
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), preset=6)
+    state = train_gpt.unpack_artifact(blob, SOURCE)
+    fresh = train_gpt.GPT(hp)
+    fresh.load_state_dict(state, strict=True)
+    assert train_gpt.state_checksum(fresh.state_dict()) == train_gpt.state_checksum(state)
+    assert train_gpt.state_checksum(fresh.state_dict()) != train_gpt.state_checksum(model.state_dict())
+    x = torch.randint(0, hp.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (fresh(x, x).mean() - model(x, x).mean()).abs() < 0.05 * model(x, x).mean().abs() + 0.05
+
+
+def test_odd_shapes_round_trip():
+    hp = tiny_hp(NUM_LAYERS=1)          # no U-Net skips: skip_weights is an empty (0, dim) tensor
+    model = random_gpt(hp, seed=0)
+    state = train_gpt.unpack_artifact(train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), 6), SOURCE)
+    train_gpt.GPT(hp).load_state_dict(state, strict=True)
+
+
+def test_state_checksum_sees_every_weight():
+    state = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+    base = train_gpt.state_checksum(state)
+    assert train_gpt.state_checksum(dict(reversed(list(state.items())))) == base   # order-independent
+    changed = {"a": torch.ones(3), "b": torch.zeros(2, 2)}
+    changed["b"][1, 1] = 1e-7
+    assert train_gpt.state_checksum(changed) != base
+    assert train_gpt.state_checksum({"a": torch.ones(3), "c": torch.zeros(2, 2)}) != base
+
+
+def good_blob():
+    return train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state()), 6)
+
+
+def corrupt(kind):
+    blob = good_blob()
+    raw = lzma.decompress(blob)
+    xz = lambda data: lzma.compress(data, format=lzma.FORMAT_XZ)   # noqa: E731
+    if kind == "garbage":
+        return b"this is not an artifact at all"
+    if kind == "empty":
+        return b""
+    if kind == "truncated":
+        return blob[:len(blob) // 2]
+    if kind == "flipped_byte":
+        mid = len(blob) // 2
+        return blob[:mid] + bytes([blob[mid] ^ 0xFF]) + blob[mid + 1:]
+    if kind == "pickle":
+        buf = io.BytesIO()
+        torch.save(sample_state(), buf)
+        return xz(buf.getvalue())
+    if kind == "wrong_magic":
+        return xz(b"PGOLF0\n" + raw[len(ARTIFACT_MAGIC):])
+    if kind == "unknown_scheme":
+        pos = len(ARTIFACT_MAGIC)
+        head_len = int.from_bytes(raw[pos:pos + 8], "little")
+        head = raw[pos + 8:pos + 8 + head_len].replace(b'"int8_row"', b'"int4_xx"')
+        return xz(raw[:pos] + len(head).to_bytes(8, "little") + head + raw[pos + 8 + head_len:])
+    if kind == "truncated_payload":          # a well-formed xz stream whose arrays are cut short
+        return xz(raw[:-1000])
+    if kind == "garbage_header":             # a well-formed xz stream whose JSON header is broken
+        pos = len(ARTIFACT_MAGIC) + 8
+        return xz(raw[:pos] + b"{" * 10 + raw[pos + 10:])
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["garbage", "empty", "truncated", "flipped_byte", "pickle", "wrong_magic",
+                                  "unknown_scheme", "truncated_payload", "garbage_header"])
+def test_corrupt_artifact_raises_pipeline_error_naming_the_source(kind):
+    with pytest.raises(PipelineError) as err:
+        train_gpt.unpack_artifact(corrupt(kind), SOURCE)
+    assert SOURCE in str(err.value)

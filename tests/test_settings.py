@@ -1,0 +1,144 @@
+"""Settings stage: read_settings / validate_settings / grad_accum_steps against the documented contract."""
+
+import re
+from pathlib import Path
+
+import pytest
+
+import train_gpt
+from train_gpt import PipelineError, read_settings
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def test_defaults_resolve():
+    hp, warnings = read_settings({})
+    assert warnings == []
+    assert set(hp.as_dict()) == set(train_gpt.SETTINGS)
+    for name, (typ, default, meaning) in train_gpt.SETTINGS.items():
+        value = getattr(hp, name.lower())
+        assert value == default and type(value) is typ, name
+        assert meaning.strip(), f"{name} has no description"
+
+
+def test_values_are_parsed_to_their_types():
+    hp, _ = read_settings({"MODEL_DIM": "256", "MATRIX_LR": "0.02", "RUN_ID": "x1", "MAX_WALLCLOCK_SECONDS": "30"})
+    assert (hp.model_dim, hp.matrix_lr, hp.run_id, hp.max_wallclock_seconds) == (256, 0.02, "x1", 30.0)
+    assert type(hp.max_wallclock_seconds) is float
+
+
+def test_explicit_variable_wins_over_preset(monkeypatch):
+    monkeypatch.setitem(train_gpt.PRESETS, "wide", {"MODEL_DIM": 768, "NUM_LAYERS": 11})
+    hp, _ = read_settings({"PRESET": "wide"})
+    assert (hp.model_dim, hp.num_layers, hp.preset) == (768, 11, "wide")
+    hp, _ = read_settings({"PRESET": "wide", "MODEL_DIM": "256"})
+    assert (hp.model_dim, hp.num_layers) == (256, 11)
+    hp, _ = read_settings({"MODEL_DIM": "256"})  # the preset does not leak into the default one
+    assert (hp.model_dim, hp.num_layers) == (256, 9)
+
+
+@pytest.mark.parametrize("name,raw", [
+    ("MODEL_DIM", "abc"), ("MODEL_DIM", "512.0"), ("MODEL_DIM", ""), ("ITERATIONS", "1e3"),
+    ("MAX_WALLCLOCK_SECONDS", "nan"), ("MAX_WALLCLOCK_SECONDS", "inf"), ("MATRIX_LR", "-inf"), ("MATRIX_LR", "fast"),
+])
+def test_malformed_value_names_the_variable(name, raw):
+    with pytest.raises(PipelineError) as err:
+        read_settings({name: raw})
+    assert name in str(err.value) and repr(raw) in str(err.value)
+
+
+def test_unknown_preset():
+    with pytest.raises(PipelineError) as err:
+        read_settings({"PRESET": "turbo"})
+    assert "turbo" in str(err.value) and "baseline" in str(err.value)
+
+
+@pytest.mark.parametrize("old", sorted(train_gpt.REPLACED_SETTINGS))
+def test_replaced_names_error(old):
+    with pytest.raises(PipelineError) as err:
+        read_settings({old: "100"})
+    assert old in str(err.value)
+    replacement = re.findall(r"[A-Z][A-Z_]+[A-Z]", train_gpt.REPLACED_SETTINGS[old])
+    assert replacement and all(r in train_gpt.SETTINGS for r in replacement)
+    assert replacement[0] in str(err.value)
+
+
+@pytest.mark.parametrize("typo,intended", [
+    ("MODEL_DIMM", "MODEL_DIM"), ("NUM_LAYER", "NUM_LAYERS"), ("ITERATION", "ITERATIONS"),
+    ("TRAIN_SEQLEN", "TRAIN_SEQ_LEN"), ("NUM_KV_HEAD", "NUM_KV_HEADS"), ("WARMDOWN_FRACT", "WARMDOWN_FRAC"),
+])
+def test_misspelt_setting_warns_with_the_intended_name(typo, intended):
+    hp, warnings = read_settings({typo: "3"})
+    assert len(warnings) == 1
+    assert typo in warnings[0] and intended in warnings[0]
+    assert getattr(hp, intended.lower()) == train_gpt.SETTINGS[intended][1]  # ignored, not applied
+
+
+@pytest.mark.parametrize("name", ["SEEDS", "PATH", "HOME", "NPROC", "USER", "SHELL", "LANG", "PWD", "TERM",
+                                  "OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "PYTHONPATH", "MASTER_PORT",
+                                  "MASTER_ADDR", "LOCAL_RANK", "WORLD_SIZE", "RANK", "TORCHELASTIC_RUN_ID",
+                                  "NCCL_DEBUG", "HOSTNAME", "RECORD_DIR", "data_path"])
+def test_unrelated_variables_do_not_warn(name):
+    assert read_settings({name: "1"})[1] == []
+
+
+@pytest.mark.parametrize("env,names", [
+    ({"MODEL_DIM": "100", "NUM_HEADS": "8"}, ["MODEL_DIM", "NUM_HEADS"]),
+    ({"MODEL_DIM": "24", "NUM_HEADS": "8"}, ["MODEL_DIM", "NUM_HEADS"]),          # head dim 3 is odd (RoPE)
+    ({"NUM_HEADS": "8", "NUM_KV_HEADS": "3"}, ["NUM_HEADS", "NUM_KV_HEADS"]),
+    ({"NUM_LAYERS": "0"}, ["NUM_LAYERS"]),
+    ({"TRAIN_BATCH_TOKENS": "-8"}, ["TRAIN_BATCH_TOKENS"]),
+    ({"VAL_MAX_TOKENS": "-1"}, ["VAL_MAX_TOKENS"]),
+    ({"MAX_WALLCLOCK_SECONDS": "-1"}, ["MAX_WALLCLOCK_SECONDS"]),
+    ({"WARMDOWN_FRAC": "1.5"}, ["WARMDOWN_FRAC"]),
+    ({"LR_WARMUP_FRAC": "0.6", "WARMDOWN_FRAC": "0.6"}, ["LR_WARMUP_FRAC", "WARMDOWN_FRAC"]),
+    ({"VOCAB_SIZE": "70000"}, ["VOCAB_SIZE"]),
+    ({"COMPILE": "2"}, ["COMPILE"]),
+    ({"COMPUTE_DTYPE": "fp16"}, ["COMPUTE_DTYPE"]),
+    ({"LZMA_PRESET": "10"}, ["LZMA_PRESET"]),
+    ({"EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "256"}, ["EVAL_STRIDE"]),
+    ({"RUN_ID": "../escape"}, ["RUN_ID"]),
+    ({"RUN_ID": ".hidden"}, ["RUN_ID"]),
+])
+def test_validation_errors_name_the_variables(env, names):
+    with pytest.raises(PipelineError) as err:
+        read_settings(env)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_boundary_values_are_accepted():
+    hp, _ = read_settings({"VOCAB_SIZE": "65536", "EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "128",
+                           "LR_WARMUP_FRAC": "0.5", "WARMDOWN_FRAC": "0.5", "MAX_WALLCLOCK_SECONDS": "0",
+                           "LZMA_PRESET": "0", "COMPILE": "0", "COMPUTE_DTYPE": "bf16"})
+    assert hp.vocab_size == 65536 and hp.eval_stride == 128
+
+
+@pytest.mark.parametrize("world,expected", [(1, 8), (2, 4), (4, 2), (8, 1), (16, 1)])
+def test_grad_accum_default_keeps_the_global_batch(world, expected):
+    hp, _ = read_settings({"TRAIN_BATCH_TOKENS": str(16 * 1024), "TRAIN_SEQ_LEN": "128"})
+    assert train_gpt.grad_accum_steps(hp, world) == expected
+
+
+def test_grad_accum_explicit_and_errors():
+    hp, _ = read_settings({"TRAIN_BATCH_TOKENS": "4096", "TRAIN_SEQ_LEN": "64", "GRAD_ACCUM_STEPS": "2"})
+    assert train_gpt.grad_accum_steps(hp, 4) == 2
+    hp, _ = read_settings({"TRAIN_BATCH_TOKENS": "4096", "TRAIN_SEQ_LEN": "1000"})
+    with pytest.raises(PipelineError) as err:
+        train_gpt.grad_accum_steps(hp, 1)
+    for name in ("TRAIN_BATCH_TOKENS", "GRAD_ACCUM_STEPS", "TRAIN_SEQ_LEN"):
+        assert name in str(err.value)
+
+
+def _readme_settings_section():
+    if not README.is_file():
+        return None
+    match = re.search(r"^## Settings\b(.*?)(?=^## |\Z)", README.read_text(encoding="utf-8"), re.M | re.S)
+    return match.group(1) if match else None
+
+
+@pytest.mark.skipif(_readme_settings_section() is None, reason="README.md has no '## Settings' section yet")
+def test_every_setting_is_in_the_readme_table():
+    table = "\n".join(line for line in _readme_settings_section().splitlines() if line.lstrip().startswith("|"))
+    missing = [name for name in train_gpt.SETTINGS if not re.search(rf"(?<![A-Z_]){name}(?![A-Z_])", table)]
+    assert not missing, f"settings missing from README.md's settings table: {missing}"
