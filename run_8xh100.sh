@@ -1,6 +1,11 @@
 #!/usr/bin/env bash
-# One training per seed in SEEDS, launched with torchrun on NPROC processes.
-# Every other environment variable passes through to train_gpt.py unchanged.
+# One training per seed in SEEDS, one after another, each launched as
+#   ${TORCHRUN:-torchrun} --standalone --nproc_per_node=${NPROC:-8} train_gpt.py
+# with the compliance audit on (EVAL_AUDIT=1); then tools/harness.py submit checks the seeds'
+# logs/<RUN_ID>.json, prints mean/std and the Welch test, and assembles the record folder.
+# Every other environment variable passes through to train_gpt.py (and to the harness:
+# RECORD_DIR, REFERENCE_BPB, SUBMISSION_NAME, AUTHOR, GITHUB_ID); NLL_DUMP=x.npz becomes
+# x_seed<SEED>.npz for each seed, since a run never overwrites an existing dump.
 #
 #   SEEDS="1337 42 2025" bash run_8xh100.sh          # on an 8xH100 box with FineWeb shards
 #   bash run_8xh100.sh                                # anywhere: see "demo" below
@@ -9,6 +14,11 @@
 # real-text set is built from the Python standard library's docstrings (tools/harness.py
 # demo-data, no network) and a small CPU-sized configuration is used, each knob only where
 # you did not set it yourself. Without a GPU, NPROC defaults to 2 (CPU, gloo).
+#
+# Where the record goes is decided by the harness from what the runs recorded: runs on 8xH100
+# go to records/track_10min_16mb/<date>_<name>/ (and may update ./submission.json); any other
+# run (the demo, a CPU or 1-GPU run) goes to logs/<prefix>_record/ and never touches records/
+# or ./submission.json. RECORD_DIR overrides the folder; an existing folder is never overwritten.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -36,15 +46,28 @@ if [ -z "${DATA_PATH:-}" ] && ! ls "$official_data"/fineweb_train_*.bin >/dev/nu
   SEEDS=${SEEDS:-1337}
 fi
 SEEDS=${SEEDS:-1337 42 2025}
+if [ -z "${SEEDS// /}" ]; then
+  echo "run_8xh100.sh: SEEDS is empty" >&2
+  exit 2
+fi
+if [ -n "${RECORD_DIR:-}" ] && [ -e "$RECORD_DIR" ]; then   # fail now, not after the training
+  echo "run_8xh100.sh: RECORD_DIR=$RECORD_DIR already exists; a record is never overwritten" >&2
+  exit 1
+fi
 run_prefix=${RUN_ID:-pg_$(date -u +%Y%m%d_%H%M%S)}
 
+run_ids=()
 for seed in $SEEDS; do
   run_id="${run_prefix}_seed${seed}"
+  nll_dump=${NLL_DUMP:+${NLL_DUMP%.npz}_seed${seed}.npz}   # NLL_DUMP=x.npz -> x_seed<SEED>.npz per seed
   echo "run_8xh100.sh: seed $seed -> logs/$run_id.txt ($NPROC processes)"
-  if ! SEED=$seed RUN_ID=$run_id $TORCHRUN --standalone --nproc_per_node="$NPROC" train_gpt.py; then
+  if ! SEED=$seed RUN_ID=$run_id EVAL_AUDIT=1 NLL_DUMP=$nll_dump \
+      $TORCHRUN --standalone --nproc_per_node="$NPROC" train_gpt.py; then
     echo "run_8xh100.sh: seed $seed failed; last lines of logs/$run_id.txt:" >&2
     tail -n 20 "logs/$run_id.txt" >&2 2>/dev/null || echo "(no log was written)" >&2
     exit 1
   fi
+  run_ids+=("$run_id")
 done
-echo "run_8xh100.sh: done; summaries in logs/${run_prefix}_seed*.json"
+echo "run_8xh100.sh: all seeds done; summaries in logs/${run_prefix}_seed*.json"
+python3 tools/harness.py submit "${run_ids[@]}"

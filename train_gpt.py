@@ -81,7 +81,17 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "VAL_MAX_TOKENS": (int, 0, "score only the first N tokens of the validation stream; 0 = all"),
     "TRAIN_LOG_EVERY": (int, 200, "log a train step line every N steps"),
     "EVAL_SEQ_LEN": (int, 0, "evaluation window length; 0 = TRAIN_SEQ_LEN"),
-    "EVAL_STRIDE": (int, 0, "sliding-window stride (new targets scored per window); 0 = EVAL_SEQ_LEN (plain evaluation)"),
+    "EVAL_STRIDE": (int, 64, "sliding-window stride (new targets scored per window); 0 or EVAL_SEQ_LEN = plain evaluation"),
+    "EVAL_AUDIT": (int, 0, "1 = run the compliance self-audit (causal, normalized, score-before-update, one pass)"),
+    "EVAL_ONLY": (str, "", "path of a saved artifact: skip training, load it and score it (model shape from the artifact)"),
+    "NLL_DUMP": (str, "", "write per-target arrays target, nll (nats, float64), bytes to this .npz"),
+    "EVAL_TIME_LIMIT_SECONDS": (float, 600.0, "refuse an evaluation projected to take longer on 8xH100; 0 = no check"),
+    "TTT_ENABLED": (int, 0, "1 = legal score-first test-time training during the final evaluation"),
+    "TTT_CHUNK_TOKENS": (int, 32768, "targets per TTT chunk: scored first, then trained on"),
+    "TTT_EPOCHS": (int, 3, "passes over each scored chunk"),
+    "TTT_LR": (float, 0.002, "TTT SGD learning rate"),
+    "TTT_MOMENTUM": (float, 0.9, "TTT SGD momentum"),
+    "TTT_LAST_N": (int, 2, "TTT trains only the last N blocks; the rest stay frozen"),
     "NUM_LAYERS": (int, 9, "transformer blocks"),
     "MODEL_DIM": (int, 512, "residual width"),
     "NUM_HEADS": (int, 8, "query heads"),
@@ -132,10 +142,14 @@ REPLACED_SETTINGS = {
 class Hyperparameters:
     """Resolved settings. Attribute names are the lower-case variable names (hp.model_dim)."""
 
-    def __init__(self, values: dict[str, object]):
+    def __init__(self, values: dict[str, object], explicit: frozenset[str] = frozenset()):
         self.values = values
+        self.explicit = explicit          # names set in the environment (not from a preset or default)
         for name, value in values.items():
             setattr(self, name.lower(), value)
+
+    def replace(self, **changes) -> "Hyperparameters":
+        return Hyperparameters({**self.values, **changes}, self.explicit)
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.values)
@@ -180,7 +194,7 @@ def read_settings(env: dict[str, str]) -> tuple[Hyperparameters, list[str]]:
         close = difflib.get_close_matches(key, list(SETTINGS), n=1, cutoff=0.85)
         if close:
             warnings.append(f"{key} is not a setting; did you mean {close[0]}? (it is ignored)")
-    hp = Hyperparameters(values)
+    hp = Hyperparameters(values, frozenset(name for name in SETTINGS if name in env))
     validate_settings(hp)
     return hp, warnings
 
@@ -189,12 +203,13 @@ def validate_settings(hp: Hyperparameters) -> None:
     """Checks that need no data or devices; each error names the variable at fault."""
     positive = ["VOCAB_SIZE", "ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE",
                 "TRAIN_LOG_EVERY", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-                "MUON_BACKEND_STEPS", "ARTIFACT_BUDGET_BYTES"]
+                "MUON_BACKEND_STEPS", "ARTIFACT_BUDGET_BYTES", "TTT_CHUNK_TOKENS", "TTT_EPOCHS", "TTT_LAST_N"]
     for name in positive:
         if hp.values[name] <= 0:
             raise PipelineError(f"{name}={hp.values[name]} must be positive")
     non_negative = ["MAX_WALLCLOCK_SECONDS", "GRAD_ACCUM_STEPS", "VAL_LOSS_EVERY", "VAL_MAX_TOKENS",
-                    "EVAL_SEQ_LEN", "EVAL_STRIDE", "GRAD_CLIP_NORM", "COMPILE_WARMUP_STEPS"]
+                    "EVAL_SEQ_LEN", "EVAL_STRIDE", "GRAD_CLIP_NORM", "COMPILE_WARMUP_STEPS",
+                    "EVAL_TIME_LIMIT_SECONDS", "TTT_LR", "TTT_MOMENTUM"]
     for name in non_negative:
         if hp.values[name] < 0:
             raise PipelineError(f"{name}={hp.values[name]} must be >= 0")
@@ -211,6 +226,17 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"head dim MODEL_DIM/NUM_HEADS={hp.model_dim // hp.num_heads} must be even for RoPE")
     if hp.num_heads % hp.num_kv_heads:
         raise PipelineError(f"NUM_HEADS={hp.num_heads} is not divisible by NUM_KV_HEADS={hp.num_kv_heads}")
+    for name in ["EVAL_AUDIT", "TTT_ENABLED"]:
+        if hp.values[name] not in (0, 1):
+            raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
+    if hp.ttt_enabled and hp.ttt_last_n > hp.num_layers:
+        raise PipelineError(f"TTT_LAST_N={hp.ttt_last_n} exceeds NUM_LAYERS={hp.num_layers}")
+    if hp.nll_dump and os.path.exists(hp.nll_dump):
+        raise PipelineError(f"NLL_DUMP={hp.nll_dump} already exists; it is never overwritten")
+    if hp.nll_dump and not os.path.isdir(os.path.dirname(hp.nll_dump) or "."):
+        raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
+    if hp.eval_only and not os.path.isfile(hp.eval_only):
+        raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
     if hp.compile not in (-1, 0, 1):
         raise PipelineError(f"COMPILE={hp.compile} must be -1, 0 or 1")
     if hp.compute_dtype not in ("auto", "bf16", "fp32"):
@@ -220,6 +246,9 @@ def validate_settings(hp: Hyperparameters) -> None:
     eval_seq_len = hp.eval_seq_len or hp.train_seq_len
     if hp.eval_stride > eval_seq_len:
         raise PipelineError(f"EVAL_STRIDE={hp.eval_stride} exceeds the evaluation window {eval_seq_len}")
+    if hp.ttt_enabled and hp.ttt_chunk_tokens < eval_seq_len:
+        raise PipelineError(f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} is shorter than the evaluation window "
+                            f"{eval_seq_len}: TTT trains on whole windows of a chunk, so it would never train")
     if hp.run_id and (os.sep in hp.run_id or hp.run_id.startswith(".")):
         raise PipelineError(f"RUN_ID={hp.run_id!r} must be a plain file name")
 
@@ -805,6 +834,7 @@ class TrainResult:
     train_time_ms: float
     stopped_early: bool
     tokens_seen: int
+    train_data_last_read_ms: float   # training clock when the loop last read training data
 
 
 def compile_warmup(hp: Hyperparameters, rt: Runtime, train_model: nn.Module, accum: int, local_tokens: int) -> None:
@@ -840,7 +870,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
     cap_ms = 1e3 * hp.max_wallclock_seconds
     tokens_per_step = hp.train_batch_tokens
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, step, train_ms, step_ms_est = 0, 0, 0.0, 0.0
+    loss_count, step, train_ms, step_ms_est, last_read_ms = 0, 0, 0.0, 0.0, 0.0
     stopped_early = False
     t0 = time.perf_counter()
     while True:
@@ -874,6 +904,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
                 (loss / accum).backward()
             loss_sum += loss.detach()
             loss_count += 1
+        last_read_ms = train_ms + 1e3 * (time.perf_counter() - t0)
         if hp.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip_norm)
         for opt in optimizers:
@@ -901,7 +932,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
                 left = min(left, cap_ms - now_ms)
             log(f"step:{step}/{hp.iterations} train_loss:{mean_loss:.4f} train_time:{now_ms:.0f}ms "
                 f"step_avg:{avg:.2f}ms tok/s:{tokens_per_step * step / (now_ms / 1e3):.0f} eta:{max(0.0, left) / 1e3:.0f}s")
-    return TrainResult(step, train_ms, stopped_early, step * tokens_per_step)
+    return TrainResult(step, train_ms, stopped_early, step * tokens_per_step, last_read_ms)
 
 
 # -----------------------------------------------------------------------------
@@ -915,6 +946,9 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
 # -----------------------------------------------------------------------------
 
 INT8_MAX = 127
+# Settings that shape the model: stored in the artifact so EVAL_ONLY rebuilds the same network.
+ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
+                 "ROPE_BASE", "LOGIT_SOFTCAP")
 
 
 def quantize_int8_per_row(w: Tensor) -> dict[str, np.ndarray]:
@@ -952,8 +986,9 @@ def quantize_state_dict(state: dict[str, Tensor]) -> list[dict]:
     return entries
 
 
-def pack_artifact(entries: list[dict], preset: int) -> bytes:
-    """Serialize quantized entries to the compressed artifact (see the section comment)."""
+def pack_artifact(entries: list[dict], preset: int, config: dict) -> bytes:
+    """Serialize quantized entries and the model-shape settings (ARCH_SETTINGS) to the
+    compressed artifact (see the section comment)."""
     header, payload, offset = [], io.BytesIO(), 0
     for e in entries:
         parts = {}
@@ -963,13 +998,13 @@ def pack_artifact(entries: list[dict], preset: int) -> bytes:
             payload.write(raw)
             offset += len(raw)
         header.append(dict(name=e["name"], scheme=e["scheme"], shape=e["shape"], parts=parts))
-    head = json.dumps(header, separators=(",", ":")).encode()
+    head = json.dumps(dict(config=config, tensors=header), separators=(",", ":")).encode()
     blob = ARTIFACT_MAGIC + len(head).to_bytes(8, "little") + head + payload.getvalue()
     return lzma.compress(blob, format=lzma.FORMAT_XZ, preset=preset | lzma.PRESET_EXTREME)
 
 
-def unpack_artifact(data: bytes, source: str) -> dict[str, Tensor]:
-    """Decompress and dequantize an artifact into a float32 state dict."""
+def unpack_artifact(data: bytes, source: str) -> tuple[dict[str, Tensor], dict]:
+    """Decompress and dequantize an artifact: (float32 state dict, model-shape settings)."""
     try:
         blob = lzma.decompress(data)
     except lzma.LZMAError as e:
@@ -980,8 +1015,9 @@ def unpack_artifact(data: bytes, source: str) -> dict[str, Tensor]:
         pos = len(ARTIFACT_MAGIC)
         head_len = int.from_bytes(blob[pos:pos + 8], "little")
         body = pos + 8 + head_len
-        state = {}
-        for e in json.loads(blob[pos + 8:body]):
+        state, header = {}, json.loads(blob[pos + 8:body])
+        config = header["config"]
+        for e in header["tensors"]:
             if e["scheme"] not in QUANTIZERS:
                 raise PipelineError(f"{source}: tensor {e['name']} has unknown scheme {e['scheme']!r}")
             parts = {part: np.frombuffer(blob, dtype=np.dtype(dt), count=int(np.prod(shape)), offset=body + off).reshape(shape)
@@ -989,7 +1025,7 @@ def unpack_artifact(data: bytes, source: str) -> dict[str, Tensor]:
             state[e["name"]] = QUANTIZERS[e["scheme"]][1](parts).reshape(e["shape"])
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise PipelineError(f"{source}: malformed artifact ({type(e).__name__}: {e})") from None
-    return state
+    return state, config
 
 
 def state_checksum(state: dict[str, Tensor]) -> str:
@@ -1006,23 +1042,47 @@ def state_checksum(state: dict[str, Tensor]) -> str:
 # Windows of EVAL_SEQ_LEN inputs. The first window scores all its targets; each later window
 # ends EVAL_STRIDE further on and scores only the targets no earlier window scored, so every
 # target of the stream (positions 1 .. T-1) is scored exactly once with as much left context as
-# the window allows. The last window is moved back to a full window length, so all windows have
-# the same shape. Windows are split across ranks in contiguous ranges; NLL sums in float64.
+# the window allows. Every window has the same length (a window near the start reaches forward
+# and scores only its own range). Windows are split across ranks in contiguous ranges; NLL sums
+# in float64.
+# Legal score-first test-time training (TTT_ENABLED=1): the stream is cut into chunks of
+# TTT_CHUNK_TOKENS targets; chunk k is scored with the current weights, then (except the last)
+# trained on, its training targets all inside chunk k. ttt_schedule() is the order of events;
+# the C3 audit checks, from weight fingerprints taken while it ran, that it was kept.
 # -----------------------------------------------------------------------------
 
-def sliding_windows(n_tokens: int, window: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, score_from): window i covers inputs [starts[i], starts[i] + W) with
-    W = min(window, n_tokens - 1) and scores its targets at offsets >= score_from[i]."""
+def sliding_windows(n_tokens: int, window: int, stride: int, lo: int = 0, hi: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows scoring the inputs [lo, hi) of a stream of n_tokens tokens (default: all).
+
+    Input i predicts target i + 1. Returns (starts, score_from, score_to): window j covers
+    inputs [starts[j], starts[j] + W) with W = min(window, n_tokens - 1) and scores the
+    targets of its offsets [score_from[j], score_to[j]).
+    """
     n_inputs = n_tokens - 1
+    hi = n_inputs if hi is None else hi
     w = min(window, n_inputs)
-    starts, score_from = [0], [0]
-    covered = w
-    while covered < n_inputs:
-        end = min(covered + stride, n_inputs)
-        starts.append(end - w)
-        score_from.append(covered - (end - w))
+    starts, score_from, score_to = [], [], []
+    covered = lo
+    while covered < hi:
+        end = min(hi, max(covered + stride, w) if covered == lo else covered + stride)
+        start = max(0, end - w)
+        starts.append(start)
+        score_from.append(covered - start)
+        score_to.append(end - start)
         covered = end
-    return np.array(starts, dtype=np.int64), np.array(score_from, dtype=np.int64)
+    return (np.array(starts, dtype=np.int64), np.array(score_from, dtype=np.int64),
+            np.array(score_to, dtype=np.int64))
+
+
+def eval_flops(hp: Hyperparameters, n_params: int, n_tokens: int, window: int, stride: int) -> float:
+    """Forward FLOPs to score a stream of n_tokens: windows x W x (2 N + 2 L W d), plus TTT training."""
+    w = min(window, n_tokens - 1)
+    n_windows = len(sliding_windows(n_tokens, window, stride)[0])
+    flops = n_windows * w * (2.0 * n_params + 2.0 * hp.num_layers * w * hp.model_dim)
+    if hp.ttt_enabled:
+        flops += hp.ttt_epochs * n_tokens * flops_per_token(hp, n_params, w)
+    return flops
 
 
 @dataclass
@@ -1032,45 +1092,202 @@ class EvalResult:
     val_tokens: int      # targets scored (stream length - 1)
     val_bytes: int
     eval_time_ms: float
+    nll: np.ndarray | None = None      # per-target NLL in stream order (rank 0, when collected)
+    ttt_events: list | None = None     # [(event, chunk, fingerprint before, after)] when TTT ran
+
+
+def weights_fingerprint(model: nn.Module) -> float:
+    """A float64 digest of all weights: changes whenever any weight changes (for the C3 audit)."""
+    with torch.no_grad():
+        return float(sum((p.double() * (1.0 + i % 7)).sum().item() + p.double().abs().sum().item()
+                         for i, p in enumerate(model.parameters())))
+
+
+def ttt_schedule(n_chunks: int):
+    """Score chunk k, then train on it; the last chunk is never trained on."""
+    for k in range(n_chunks):
+        yield "score", k
+        if k < n_chunks - 1:
+            yield "train", k
+
+
+class TestTimeTrainer:
+    """SGD on the last TTT_LAST_N blocks (the rest frozen), one chunk of scored tokens at a time.
+
+    Every rank takes an equal share of the chunk's sequences; gradients are averaged over ranks
+    so the weights stay identical everywhere.
+    """
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, seq_len: int):
+        self.hp, self.rt, self.run_model, self.seq_len = hp, rt, run_model, seq_len
+        trainable = {id(p) for block in model.blocks[-hp.ttt_last_n:] for p in block.parameters()}
+        self.params = [p for p in model.parameters() if id(p) in trainable]
+        for p in model.parameters():
+            p.requires_grad_(id(p) in trainable)
+        self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+
+    def adapt(self, chunk: Tensor) -> None:
+        """Train on chunk = tokens[a : b + 1] (inputs a..b-1, targets a+1..b, all already scored)."""
+        n_seq = (chunk.numel() - 1) // self.seq_len // self.rt.world_size
+        if n_seq == 0:
+            return
+        mine = chunk[self.rt.rank * n_seq * self.seq_len:][:n_seq * self.seq_len + 1]
+        x, y = mine[:-1].view(n_seq, self.seq_len), mine[1:].view(n_seq, self.seq_len)
+        batch = max(1, self.hp.val_batch_size // (self.rt.world_size * self.seq_len))
+        self.run_model.train()
+        for _ in range(self.hp.ttt_epochs):
+            for b in range(0, n_seq, batch):
+                with autocast(self.rt):
+                    loss = self.run_model(x[b:b + batch], y[b:b + batch]).mean()
+                loss.backward()
+                for p in self.params:
+                    if self.rt.distributed:
+                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+                self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+        self.run_model.eval()
 
 
 @torch.no_grad()
-def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, tables,
-             window: int, stride: int) -> EvalResult:
-    """Score every target of `tokens` once; see the section comment. All ranks return the same."""
-    t_start = time.perf_counter()
-    run_model.eval()
-    starts, score_from = sliding_windows(tokens.size, window, stride)
-    w = min(window, tokens.size - 1)
+def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: Tensor, starts: np.ndarray,
+                  score_from: np.ndarray, score_to: np.ndarray, w: int, collect: bool) -> tuple[Tensor, Tensor, list]:
+    """This rank's share of the windows: (NLL sum float64, targets scored, per-target NLL pieces)."""
     lo, hi = rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size
     batch = max(1, min(hp.val_batch_size // (rt.world_size * w), hi - lo))
-    all_tokens = torch.from_numpy(tokens).to(rt.device)
     offsets = torch.arange(w + 1, device=rt.device)
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
+    pieces = []
     for b in range(lo, hi, batch):
+        real = np.arange(b, b + batch) < hi
         idx = np.arange(b, b + batch).clip(max=hi - 1)      # pad the last batch: fixed shapes
         s = torch.from_numpy(starts[idx]).to(rt.device)
-        first = torch.from_numpy(np.where(np.arange(b, b + batch) < hi, score_from[idx], w)).to(rt.device)
-        seq = all_tokens[s[:, None] + offsets[None, :]]
+        first = torch.from_numpy(np.where(real, score_from[idx], w)).to(rt.device)
+        last = torch.from_numpy(np.where(real, score_to[idx], w)).to(rt.device)
+        seq = tokens[s[:, None] + offsets[None, :]]
         with autocast(rt):
             nll = run_model(seq[:, :-1], seq[:, 1:])
-        mask = offsets[None, :w] >= first[:, None]
+        mask = (offsets[None, :w] >= first[:, None]) & (offsets[None, :w] < last[:, None])
         nll_sum += (nll.double() * mask).sum()
         scored += mask.sum()
+        if collect:
+            pieces.append(nll.double()[mask].cpu())
+    return nll_sum, scored, pieces
+
+
+def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, tables,
+             window: int, stride: int, ttt: TestTimeTrainer | None = None, collect: bool = False) -> EvalResult:
+    """Score every target of `tokens` once (see the section comment). All ranks return the same
+    sums; with collect=True rank 0 also gets the per-target NLL in stream order."""
+    t_start = time.perf_counter()
+    run_model.eval()
+    n_inputs = tokens.size - 1
+    w = min(window, n_inputs)
+    chunk = hp.ttt_chunk_tokens if ttt is not None else n_inputs
+    bounds = [(a, min(a + chunk, n_inputs)) for a in range(0, n_inputs, chunk)]
+    all_tokens = torch.from_numpy(tokens).to(rt.device)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    scored = torch.zeros((), dtype=torch.int64, device=rt.device)
+    per_target, events = [], []
+    for event, k in ttt_schedule(len(bounds)):
+        a, b = bounds[k]
+        before = weights_fingerprint(run_model) if ttt is not None else None
+        if event == "train":
+            ttt.adapt(all_tokens[a:b + 1])
+        else:
+            windows = sliding_windows(tokens.size, window, stride, a, b)
+            part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, collect)
+            nll_sum += part_sum
+            scored += part_scored
+            if collect:
+                per_target.extend(gather(rt, torch.cat(pieces).numpy() if pieces else np.zeros(0)))
+        if ttt is not None:
+            events.append((event, k, before, weights_fingerprint(run_model)))
     if rt.distributed:
         dist.all_reduce(nll_sum)
         dist.all_reduce(scored)
     run_model.train()
-    n_targets = tokens.size - 1
-    if int(scored.item()) != n_targets:
-        raise RuntimeError(f"evaluation scored {int(scored.item())} targets, expected {n_targets}")
+    if int(scored.item()) != n_inputs:
+        raise RuntimeError(f"evaluation scored {int(scored.item())} targets, expected {n_inputs}")
     total_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
     if total_bytes == 0:
         raise PipelineError("the validation stream's targets stand for 0 bytes; val_bpb is undefined")
-    loss = nll_sum.item() / n_targets
+    loss = nll_sum.item() / n_inputs
     bpb = nll_sum.item() / (math.log(2) * total_bytes)
-    return EvalResult(loss, bpb, n_targets, total_bytes, 1e3 * (time.perf_counter() - t_start))
+    return EvalResult(loss, bpb, n_inputs, total_bytes, 1e3 * (time.perf_counter() - t_start),
+                      np.concatenate(per_target) if collect else None, events if ttt is not None else None)
+
+
+# -----------------------------------------------------------------------------
+# SELF-AUDIT (EVAL_AUDIT=1)
+# Checks, on the weights being scored, the four rules of ../shared/RULES.md "What evaluation
+# may do": C1 causal, C2 normalized, C3 score before update, C4 one pass. Each check works on
+# the model's own forward (the function the evaluator calls), not on its internals.
+# -----------------------------------------------------------------------------
+
+CAUSALITY_TOLERANCE = 1e-4       # max |delta NLL| of earlier targets when later tokens change
+NORMALIZATION_TOLERANCE = 1e-4   # max |sum_v p(v) - 1|
+
+
+@torch.no_grad()
+def audit_causality(rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int, seed: int) -> dict:
+    """C1: the NLL at every position before a cut is unchanged when every input and every target
+    from the cut on is replaced by a different random token. Inputs and targets are replaced
+    independently, so a model that reads position t's own target through input t + 1 fails too."""
+    w = min(window, tokens.size - 1)
+    seq = torch.from_numpy(tokens[:w + 1]).to(rt.device)[None]
+    x, y = seq[:, :-1], seq[:, 1:]
+    gen = torch.Generator().manual_seed(seed)
+    vocab = max(2, int(tokens.max()) + 1)
+    run_model.eval()
+    with autocast(rt):
+        base = run_model(x, y).float()
+    worst = 0.0
+    for cut in sorted({max(1, w // 4), max(1, w // 2), max(1, w - 1)}):
+        x2, y2 = x.clone(), y.clone()
+        for t in (x2, y2):        # shift by 1..vocab-1 (mod vocab): every replaced token differs
+            t[0, cut:] = (t[0, cut:] + torch.randint(1, vocab, (w - cut,), generator=gen).to(rt.device)) % vocab
+        with autocast(rt):
+            other = run_model(x2, y2).float()
+        worst = max(worst, (base[0, :cut] - other[0, :cut]).abs().max().item())
+    run_model.train()
+    return dict(causality_ok=worst <= CAUSALITY_TOLERANCE, causality_max_abs_dnll=worst)
+
+
+@torch.no_grad()
+def audit_normalization(rt: Runtime, run_model: nn.Module, tokens: np.ndarray, vocab_size: int,
+                        positions: int = 16) -> dict:
+    """C2: exp(-NLL) the evaluator's forward gives each of the vocab_size possible next tokens
+    sums to 1 at each of the first `positions` positions."""
+    p = min(positions, tokens.size - 1)
+    x = torch.from_numpy(tokens[:p]).to(rt.device)[None]
+    total = torch.zeros(p, dtype=torch.float64, device=rt.device)
+    run_model.eval()
+    for v0 in range(0, vocab_size, 512):                 # 512 candidate next tokens per forward
+        y = torch.arange(v0, min(v0 + 512, vocab_size), device=rt.device)[:, None].expand(-1, p)
+        with autocast(rt):
+            nll = run_model(x.expand(y.size(0), p).contiguous(), y.contiguous()).double()
+        total += torch.exp(-nll).sum(dim=0)
+    run_model.train()
+    worst = (total - 1.0).abs().max().item()
+    return dict(normalization_ok=worst <= NORMALIZATION_TOLERANCE, normalization_max_abs_dev=worst)
+
+
+def audit_score_before_update(events: list | None) -> dict:
+    """C3 from the events TTT recorded, (event, chunk, fingerprint before, fingerprint after):
+    scoring never changes the weights, no chunk is scored after training on it or on a later
+    chunk, and no chunk is trained on before it was scored."""
+    if events is None:
+        return dict(score_before_update_ok=True, ttt_chunks=0)
+    ok, scored, trained = True, set(), set()
+    for event, k, before, after in events:
+        if event == "score":
+            ok &= before == after and not any(c >= k for c in trained)
+            scored.add(k)
+        else:
+            ok &= k in scored
+            trained.add(k)
+    return dict(score_before_update_ok=bool(ok), ttt_chunks=len(scored))
 
 
 # -----------------------------------------------------------------------------
@@ -1114,7 +1331,7 @@ def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog) -> 
     Raises PipelineError, writing nothing, when code + model exceed ARTIFACT_BUDGET_BYTES.
     """
     entries = quantize_state_dict(model.state_dict())
-    blob = pack_artifact(entries, hp.lzma_preset)
+    blob = pack_artifact(entries, hp.lzma_preset, {name: hp.values[name] for name in ARCH_SETTINGS})
     bytes_code = os.path.getsize(os.path.abspath(__file__))
     total = bytes_code + len(blob)
     log(f"Serialized model int8+lzma: {len(blob)} bytes")
@@ -1132,15 +1349,34 @@ def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog) -> 
     return len(blob), bytes_code, hashlib.sha256(blob).hexdigest()
 
 
+def read_artifact(path: str) -> tuple[bytes, dict[str, Tensor], dict]:
+    """(file bytes, float32 state dict, model-shape settings) of an artifact on disk."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise PipelineError(f"{path}: cannot read ({e.strerror})") from None
+    return (data, *unpack_artifact(data, path))
+
+
+def settings_for_artifact(hp: Hyperparameters, path: str) -> Hyperparameters:
+    """EVAL_ONLY: take the model shape from the artifact; a conflicting explicit setting is an error."""
+    _, _, config = read_artifact(path)
+    for name, value in config.items():
+        if name in hp.explicit and hp.values[name] != value:
+            raise PipelineError(f"{name}={hp.values[name]} conflicts with {path}, which was trained with {name}={value}")
+    hp = hp.replace(**config)
+    validate_settings(hp)        # e.g. TTT_LAST_N against the artifact's NUM_LAYERS
+    return hp
+
+
 def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarray) -> dict:
     """Every rank reads the artifact from disk and loads it into its own model.
 
     Returns per-rank evidence that each rank holds the same weights: file sha256, state checksum
     and the mean NLL of a probe sequence computed by that rank alone.
     """
-    with open(path, "rb") as f:
-        data = f.read()
-    state = unpack_artifact(data, path)
+    data, state, _ = read_artifact(path)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -1157,8 +1393,25 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
                 roundtrip_probe_nll_per_rank=[e["probe_nll"] for e in per_rank])
 
 
+def check_eval_budget(hp: Hyperparameters, n_params: int, n_val_tokens: int, window: int, stride: int,
+                      log: RunLog) -> float:
+    """Project the final evaluation of the full validation split onto 8xH100; refuse it above
+    EVAL_TIME_LIMIT_SECONDS (0 = no check). Returns the projection in seconds."""
+    seconds = eval_flops(hp, n_params, n_val_tokens, window, stride) / (
+        PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)
+    log(f"projected_8xH100_eval:{seconds:.1f}s (window {window}, stride {stride}, ttt {hp.ttt_enabled}, "
+        f"{n_val_tokens} val tokens, {ASSUMED_MFU:.0%} MFU)")
+    if hp.eval_time_limit_seconds and seconds > hp.eval_time_limit_seconds:
+        raise PipelineError(f"evaluation projected at {seconds:.0f} s on 8xH100 exceeds EVAL_TIME_LIMIT_SECONDS="
+                            f"{hp.eval_time_limit_seconds:g}; raise EVAL_STRIDE or lower TTT_EPOCHS "
+                            f"(or set EVAL_TIME_LIMIT_SECONDS=0)")
+    return seconds
+
+
 def main() -> None:
     hp, warnings = read_settings(dict(os.environ))
+    if hp.eval_only:
+        hp = settings_for_artifact(hp, hp.eval_only)
     rt = init_runtime(hp)
     run_id = on_main(rt, lambda: hp.run_id or str(uuid.uuid4()))
     opened = {}
@@ -1170,26 +1423,76 @@ def main() -> None:
         log.close()
 
 
+def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, run_model: nn.Module,
+                     val_tokens: np.ndarray, tables, log: RunLog) -> dict:
+    """Train, score the trained weights, write the artifact. Returns the summary's training keys."""
+    stream = TokenStream(find_shards(hp.data_path, "train"), hp.vocab_size)
+    accum = grad_accum_steps(hp, rt.world_size)
+    loader = DistributedTokenLoader(stream, hp.train_batch_tokens, hp.train_seq_len, rt.world_size, accum,
+                                    rt.rank, rt.device)
+    log(f"train_shards:{len(stream.files)} train_tokens:{stream.total} "
+        f"grad_accum_steps:{accum} tokens_per_micro_batch:{loader.local_tokens}")
+
+    def validate(step: int, train_ms: float) -> None:
+        r = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
+        log(f"step:{step}/{hp.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
+            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+
+    result = train(hp, rt, model, run_model, loader, log, validate)
+    if rt.device.type == "cuda":  # CUDA-only
+        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB")
+    pre = evaluate(hp, rt, run_model, val_tokens, tables, *eval_geometry(hp))
+    log_eval(log, "pre_quant", pre)
+    artifact_path = os.path.join("artifacts", f"{run_id}.pgolf.xz")
+    bytes_model, bytes_code, sha = on_main(rt, lambda: export_artifact(hp, model, artifact_path, log))
+    if rt.distributed:
+        dist.barrier()
+    cap_ms = 1e3 * hp.max_wallclock_seconds
+    return dict(
+        steps=result.steps, train_time_ms=result.train_time_ms,
+        step_avg_ms=result.train_time_ms / max(result.steps, 1),
+        tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9), stopped_early=result.stopped_early,
+        pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb,
+        bytes_model=bytes_model, bytes_code=bytes_code, bytes_total=bytes_model + bytes_code,
+        artifact_path=artifact_path, artifact_sha256=sha,
+        train_data_last_read_ms=result.train_data_last_read_ms, train_deadline_ms=cap_ms or None,
+        train_data_read_after_deadline=bool(cap_ms and result.train_data_last_read_ms > cap_ms))
+
+
+def eval_geometry(hp: Hyperparameters) -> tuple[int, int]:
+    """(window, stride) of the final evaluation."""
+    window = hp.eval_seq_len or hp.train_seq_len
+    return window, hp.eval_stride or window
+
+
+def saved_artifact_keys(hp: Hyperparameters) -> dict:
+    """EVAL_ONLY: the summary's artifact keys, for the artifact given; no training keys."""
+    with open(hp.eval_only, "rb") as f:
+        data = f.read()
+    bytes_code = os.path.getsize(os.path.abspath(__file__))
+    return dict(steps=None, train_time_ms=None, step_avg_ms=None, tokens_per_s=None, stopped_early=None,
+                pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
+                bytes_total=len(data) + bytes_code, artifact_path=hp.eval_only,
+                artifact_sha256=hashlib.sha256(data).hexdigest(), train_data_last_read_ms=None,
+                train_deadline_ms=None, train_data_read_after_deadline=False)
+
+
 def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[str], log: RunLog) -> None:
     t_run = time.perf_counter()
     for line in environment_report(rt):
         log(line, console=False)
-    log(f"run_id:{run_id} preset:{hp.preset} seed:{hp.seed}")
+    log(f"run_id:{run_id} preset:{hp.preset} seed:{hp.seed}" + (f" eval_only:{hp.eval_only}" if hp.eval_only else ""))
     log("hyperparameters:" + json.dumps(hp.as_dict(), sort_keys=True), console=False)
     for w in warnings:
         log(f"warning: {w}")
 
-    # data
-    stream = TokenStream(find_shards(hp.data_path, "train"), hp.vocab_size)
-    val_tokens = load_validation_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
+    # data for evaluation (training data is read only inside train_and_export)
+    full_val = load_validation_tokens(hp.data_path, hp.vocab_size, 0)
+    val_tokens = full_val[:hp.val_max_tokens] if hp.val_max_tokens else full_val
     tables = build_bpb_tables(hp.tokenizer_path, hp.vocab_size)
-    accum = grad_accum_steps(hp, rt.world_size)
-    loader = DistributedTokenLoader(stream, hp.train_batch_tokens, hp.train_seq_len, rt.world_size, accum,
-                                    rt.rank, rt.device)
-    log(f"train_shards:{len(stream.files)} train_tokens:{stream.total} val_stream_tokens:{val_tokens.size} "
-        f"grad_accum_steps:{accum} tokens_per_micro_batch:{loader.local_tokens}")
+    log(f"val_stream_tokens:{val_tokens.size} (of {full_val.size})")
 
-    # model
+    # model, and the projections that can refuse a run before it spends any time
     model = build_model(hp, rt)
     n_params = count_parameters(model)
     fpt = flops_per_token(hp, n_params, hp.train_seq_len)
@@ -1197,49 +1500,59 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     log(f"model_params:{n_params} flops_per_token:{fpt:.4e} projected_8xH100_step:{projected_ms:.3g}ms "
         f"(at {ASSUMED_MFU:.0%} MFU of {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16) "
         f"projected_steps_in_600s:{600e3 / projected_ms:.0f}")
+    window, stride = eval_geometry(hp)
+    projected_eval_s = check_eval_budget(hp, n_params, full_val.size, window, stride, log)
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = torch.compile(model, dynamic=False) if use_compile else model
-    eval_window = hp.eval_seq_len or hp.train_seq_len
-    eval_stride = hp.eval_stride or eval_window
 
-    def validate(step: int, train_ms: float) -> None:
-        r = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
-        log(f"step:{step}/{hp.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
-            f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
+    # train and export, or take a saved artifact
+    if hp.eval_only:
+        run = saved_artifact_keys(hp)
+    else:
+        run = train_and_export(hp, rt, run_id, model, run_model, val_tokens, tables, log)
 
-    # train
-    result = train(hp, rt, model, run_model, loader, log, validate)
-    tokens_per_s = result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9)
-    if rt.device.type == "cuda":  # CUDA-only
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB")
-
-    # evaluate the trained weights with the final evaluation settings
-    pre = evaluate(hp, rt, run_model, val_tokens, tables, eval_window, eval_stride)
-    log_eval(log, "pre_quant", pre)
-
-    # export, then load back on every rank and score the loaded weights
-    artifact_path = os.path.join("artifacts", f"{run_id}.pgolf.xz")
-    bytes_model, bytes_code, sha = on_main(rt, lambda: export_artifact(hp, model, artifact_path, log))
-    if rt.distributed:
-        dist.barrier()
-    evidence = load_artifact_everywhere(rt, model, artifact_path, val_tokens[:min(val_tokens.size, hp.train_seq_len + 1)])
-    rt_eval = evaluate(hp, rt, run_model, val_tokens, tables, eval_window, eval_stride)
+    # every rank loads the artifact from disk; audit and score the loaded weights
+    evidence = load_artifact_everywhere(rt, model, run["artifact_path"],
+                                        val_tokens[:min(val_tokens.size, hp.train_seq_len + 1)])
+    compliance = {}
+    if hp.eval_audit:
+        compliance.update(audit_causality(rt, run_model, val_tokens, window, hp.seed))
+        compliance.update(audit_normalization(rt, run_model, val_tokens, hp.vocab_size))
+    collect = bool(hp.nll_dump)
+    rt_eval = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, collect=collect and not hp.ttt_enabled)
     log_eval(log, "final_int8_lzma_roundtrip", rt_eval)
-    log(f"final_int8_lzma_roundtrip_exact val_loss:{rt_eval.val_loss:.8f} val_bpb:{rt_eval.val_bpb:.8f}")
+    final, ttt_keys = rt_eval, {}
+    if hp.ttt_enabled:
+        ttt = TestTimeTrainer(hp, rt, model, run_model, window)
+        final = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, ttt=ttt, collect=collect)
+        log_eval(log, "final_int8_lzma_ttt", final)
+        ttt_keys = dict(ttt_val_loss=final.val_loss, ttt_val_bpb=final.val_bpb, ttt_eval_time_ms=final.eval_time_ms,
+                        ttt_gain_bpb=rt_eval.val_bpb - final.val_bpb)
+    log(f"final_int8_lzma{'_ttt' if hp.ttt_enabled else ''}_roundtrip_exact "
+        f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
+    if hp.eval_audit:
+        compliance.update(audit_score_before_update(final.ttt_events))
+        compliance.update(one_pass_ok=final.val_tokens == val_tokens.size - 1, targets_scored=final.val_tokens,
+                          targets_expected=int(val_tokens.size - 1),
+                          no_train_data_after_deadline=not run["train_data_read_after_deadline"])
+        compliance["all_ok"] = all(v for k, v in compliance.items() if k.endswith("_ok") or k.startswith("no_"))
+        log("compliance: " + json.dumps(compliance, sort_keys=True))
+    if collect and rt.is_main:
+        with open(hp.nll_dump, "xb") as f:        # exactly this path (np.savez would add .npz), never overwritten
+            np.savez(f, target=val_tokens[1:], nll=final.nll,
+                     bytes=target_bytes(val_tokens[:-1], val_tokens[1:], tables))
+        log(f"nll_dump: {hp.nll_dump}")
 
     summary = dict(
         run_id=run_id, seed=hp.seed, preset=hp.preset, world_size=rt.world_size, device=rt.device.type,
         hardware=(torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or platform.machine()),
-        torch_version=torch.__version__, cuda_version=torch.version.cuda,
-        steps=result.steps, train_time_ms=result.train_time_ms, step_avg_ms=result.train_time_ms / max(result.steps, 1),
-        tokens_per_s=tokens_per_s, stopped_early=result.stopped_early,
-        val_loss=rt_eval.val_loss, val_bpb=rt_eval.val_bpb, val_tokens=rt_eval.val_tokens, val_bytes=rt_eval.val_bytes,
-        pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb,
-        roundtrip_val_loss=rt_eval.val_loss, roundtrip_val_bpb=rt_eval.val_bpb,
-        eval_seq_len=eval_window, eval_stride=eval_stride, eval_time_ms=rt_eval.eval_time_ms,
-        bytes_model=bytes_model, bytes_code=bytes_code, bytes_total=bytes_model + bytes_code,
-        artifact_path=artifact_path, artifact_sha256=sha, quant_scheme="int8_lzma",
+        torch_version=torch.__version__, cuda_version=torch.version.cuda, eval_only=bool(hp.eval_only), **run,
+        val_loss=final.val_loss, val_bpb=final.val_bpb, val_tokens=final.val_tokens, val_bytes=final.val_bytes,
+        roundtrip_val_loss=rt_eval.val_loss, roundtrip_val_bpb=rt_eval.val_bpb, **ttt_keys,
+        eval_seq_len=window, eval_stride=stride, eval_time_ms=final.eval_time_ms,
+        projected_h100_eval_s=projected_eval_s, quant_scheme="int8_lzma",
         model_params=n_params, flops_per_token=fpt, projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU,
+        compliance=compliance or None, nll_dump=hp.nll_dump or None,
         wall_time_s=time.perf_counter() - t_run, hyperparameters=hp.as_dict(), **evidence,
     )
     log.write_summary(summary)

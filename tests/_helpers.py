@@ -11,11 +11,12 @@ import torch
 import train_gpt
 
 TINY = {"NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "64",
-        "TRAIN_SEQ_LEN": "16", "MLP_MULT": "2"}
+        "TRAIN_SEQ_LEN": "16", "MLP_MULT": "2", "EVAL_STRIDE": "8"}
 
 
 def tiny_hp(**overrides) -> train_gpt.Hyperparameters:
-    """Hyperparameters of a tiny GPT (2 layers, width 32, GQA 4/2, vocab 64) via read_settings."""
+    """Hyperparameters of a tiny GPT (2 layers, width 32, GQA 4/2, vocab 64; sequences of 16, evaluation
+    stride 8) via read_settings."""
     env = dict(TINY)
     env.update({k: str(v) for k, v in overrides.items()})
     hp, warnings = train_gpt.read_settings(env)

@@ -1,4 +1,5 @@
-"""Evaluation stage: sliding_windows coverage, and evaluate() against a brute-force per-target loop."""
+"""Evaluation stage: sliding_windows coverage (whole stream and chunk ranges), and evaluate() against a
+brute-force per-target loop (sums and the per-target NLL it collects), on one and three ranks."""
 
 import math
 
@@ -19,44 +20,83 @@ COMBOS = [(n, window, stride)
           if stride <= window]
 
 
-def check_windows(n, window, stride):
-    starts, score_from = train_gpt.sliding_windows(n, window, stride)
+def check_windows(n, window, stride, lo=0, hi=None):
+    """Check the windows for inputs [lo, hi); return how often each token of the stream is scored."""
+    starts, score_from, score_to = train_gpt.sliding_windows(n, window, stride, lo, hi)
+    hi = n - 1 if hi is None else hi
     w = min(window, n - 1)
-    assert starts.dtype == score_from.dtype == np.int64 and starts.shape == score_from.shape
-    assert starts[0] == 0 and score_from[0] == 0                      # the first window scores everything
+    assert starts.dtype == score_from.dtype == score_to.dtype == np.int64
+    assert starts.shape == score_from.shape == score_to.shape
     assert (np.diff(starts) >= 0).all()
     assert (starts >= 0).all() and (starts + w <= n - 1).all()        # equal-length windows inside the inputs
-    assert ((score_from >= 0) & (score_from < w)).all()               # each scores a non-empty suffix
+    assert ((score_from >= 0) & (score_from < score_to) & (score_to <= w)).all()   # a non-empty range each
+    first, last = starts + score_from, starts + score_to              # the inputs each window scores
+    assert first[0] == lo and last[-1] == hi and (first[1:] == last[:-1]).all()    # back to back, [lo, hi)
+    sizes = last - first
+    assert (sizes[1:-1] == stride).all()                              # later windows: `stride` new targets
+    assert sizes[0] >= min(stride, hi - lo) and (len(sizes) == 1 or sizes[-1] <= stride)
     times_scored = np.zeros(n, dtype=int)
-    for s, f in zip(starts, score_from):
-        for j in range(f, w):
+    for s, f, t in zip(starts, score_from, score_to):
+        for j in range(f, t):
             target = s + j + 1                                        # input s + j predicts token s + j + 1
             times_scored[target] += 1
             context = target - s                                      # tokens the model sees before it
-            if target > w:                                            # beyond the first window
-                assert context >= w - stride + 1, (target, context)
-            else:
-                assert context == target                              # the whole prefix
-    assert times_scored[0] == 0 and (times_scored[1:] == 1).all()
-    assert len(starts) == 1 + math.ceil(max(0, n - 1 - w) / stride)
+            assert context >= min(target, w - stride + 1), (target, context)
+            if lo == 0 and target <= w:
+                assert context == target                              # the first window: the whole prefix
+    assert (times_scored[:lo + 1] == 0).all() and (times_scored[lo + 1:hi + 1] == 1).all()
+    assert (times_scored[hi + 1:] == 0).all()
+    if lo == 0:
+        assert score_from[0] == 0 and starts[0] == 0                  # the first window scores everything
+        assert len(starts) == 1 + math.ceil(max(0, hi - w) / stride)
+    return times_scored
 
 
 def test_sliding_windows_cover_every_target_once():
     for n, window, stride in COMBOS:
         try:
-            check_windows(n, window, stride)
+            times_scored = check_windows(n, window, stride)
+            assert times_scored[0] == 0 and (times_scored[1:] == 1).all()
         except AssertionError as e:
             raise AssertionError(f"sliding_windows(n={n}, window={window}, stride={stride}): {e}") from e
 
 
+CHUNK_COMBOS = [(n, window, stride, chunk)
+                for n in (2, 3, 5, 17, 40, 101)
+                for window in (1, 3, 8, 16)
+                for stride in sorted({1, 3, window // 2 or 1, window})
+                for chunk in (1, 2, 5, 7, 16, 33, 200)
+                if stride <= window]
+
+
+def test_sliding_windows_chunk_ranges_cover_their_targets_once():
+    """The lo/hi form (one TTT chunk at a time): the windows for [lo, hi) score exactly the targets
+    lo+1 .. hi, each once, every window the same length; the chunks together score the stream once."""
+    for n, window, stride, chunk in CHUNK_COMBOS:
+        total = np.zeros(n, dtype=int)
+        for lo in range(0, n - 1, chunk):
+            try:
+                total += check_windows(n, window, stride, lo, min(lo + chunk, n - 1))
+            except AssertionError as e:
+                raise AssertionError(f"sliding_windows(n={n}, window={window}, stride={stride}, "
+                                     f"lo={lo}, hi={min(lo + chunk, n - 1)}): {e}") from e
+        assert total[0] == 0 and (total[1:] == 1).all(), (n, window, stride, chunk)
+
+
 def test_sliding_windows_examples():
+    lists = lambda *args: [a.tolist() for a in train_gpt.sliding_windows(*args)]   # noqa: E731
     # plain evaluation: contiguous chunks; a short tail is scored by a window moved back
-    assert [a.tolist() for a in train_gpt.sliding_windows(9, 4, 4)] == [[0, 4], [0, 0]]
-    assert [a.tolist() for a in train_gpt.sliding_windows(11, 4, 4)] == [[0, 4, 6], [0, 0, 2]]
+    assert lists(9, 4, 4) == [[0, 4], [0, 0], [4, 4]]
+    assert lists(11, 4, 4) == [[0, 4, 6], [0, 0, 2], [4, 4, 4]]
     # stride 2: each later window scores its last 2 targets (the tail window fewer)
-    assert [a.tolist() for a in train_gpt.sliding_windows(10, 4, 2)] == [[0, 2, 4, 5], [0, 2, 2, 3]]
+    assert lists(10, 4, 2) == [[0, 2, 4, 5], [0, 2, 2, 3], [4, 4, 4, 4]]
     # stream shorter than a window: one window of all inputs
-    assert [a.tolist() for a in train_gpt.sliding_windows(3, 8, 4)] == [[0], [0]]
+    assert lists(3, 8, 4) == [[0], [0], [2]]
+    # a range [lo, hi): the first window ends `stride` after lo (full left context), then stride by stride
+    assert lists(20, 8, 4, 5, 12) == [[1, 4], [4, 5], [8, 8]]
+    # a range near the start: the window starts at 0, reaches forward, and scores only [lo, hi)
+    assert lists(20, 8, 4, 2, 6) == [[0], [2], [6]]
+    assert lists(20, 8, 4, 7, 7) == [[], [], []]
 
 
 # --- evaluate --------------------------------------------------------------------------------
@@ -84,19 +124,24 @@ def reference_windows(n, window, stride):
     return out
 
 
-def brute_force(model, tokens, tables, window, stride):
-    """Sum of NLL (nats, float64) and bytes, one target at a time: target t is scored by the last
-    window whose range starts at or before t, from the prefix tokens[start:t] alone."""
+def reference_context_starts(n, window, stride):
+    """For each target t = 1 .. n-1, the first token the model sees when scoring it: the start of
+    the last window whose range starts at or before t."""
+    windows = reference_windows(n, window, stride)
+    return np.array([max(s for s, first in windows if first <= t) for t in range(1, n)])
+
+
+def brute_force(model, tokens, tables, context_starts):
+    """Per-target NLL (nats, float64) and bytes, one target at a time: target t is scored from the
+    prefix tokens[context_starts[t - 1]:t] alone, by a full log-softmax over the vocabulary."""
     base, lead, boundary = tables
-    windows = reference_windows(tokens.size, window, stride)
-    nll_sum, byte_sum = 0.0, 0
+    nll, nbytes = [], []
     with torch.no_grad():
         for t in range(1, tokens.size):
-            start = max(s for s, first in windows if first <= t)
-            logits = model.logits(torch.from_numpy(tokens[start:t])[None])[0, -1].double()
-            nll_sum += float(torch.logsumexp(logits, 0) - logits[tokens[t]])
-            byte_sum += int(base[tokens[t]]) + int(lead[tokens[t]] and not boundary[tokens[t - 1]])
-    return nll_sum, byte_sum
+            logits = model.logits(torch.from_numpy(tokens[context_starts[t - 1]:t])[None])[0, -1].double()
+            nll.append(float(torch.logsumexp(logits, 0) - logits[tokens[t]]))
+            nbytes.append(int(base[tokens[t]]) + int(lead[tokens[t]] and not boundary[tokens[t - 1]]))
+    return np.array(nll), np.array(nbytes)
 
 
 @pytest.mark.parametrize("n,window,stride,val_batch", [
@@ -110,14 +155,26 @@ def test_evaluate_equals_brute_force(setup, n, window, stride, val_batch):
     hp, model, tables = setup
     hp.val_batch_size = val_batch
     tokens = np.random.default_rng(n + stride).integers(0, VOCAB, n).astype(np.int64)
-    r = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, window, stride)
-    nll_sum, byte_sum = brute_force(model, tokens, tables, window, stride)
+    r = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, window, stride, collect=True)
+    nll, nbytes = brute_force(model, tokens, tables, reference_context_starts(n, window, stride))
+    nll_sum, byte_sum = nll.sum(), int(nbytes.sum())
     assert r.val_tokens == n - 1
     assert r.val_bytes == byte_sum
     assert r.val_loss == pytest.approx(nll_sum / (n - 1), rel=1e-5)
     assert r.val_bpb == pytest.approx(nll_sum / (math.log(2) * byte_sum), rel=1e-5)
     assert r.val_bpb == pytest.approx(r.val_loss * r.val_tokens / (math.log(2) * r.val_bytes), rel=1e-12)
+    # the collected per-target NLL: one per target, in stream order, each equal to the reference
+    assert r.nll.dtype == np.float64 and r.nll.shape == (n - 1,)
+    np.testing.assert_allclose(r.nll, nll, rtol=1e-5, atol=1e-5)
+    assert r.nll.sum() == pytest.approx(r.val_loss * (n - 1), rel=1e-12)
     assert model.training                       # evaluate hands the model back in training mode
+
+
+def test_collect_is_off_by_default(setup):
+    hp, model, tables = setup
+    tokens = np.random.default_rng(2).integers(0, VOCAB, 50).astype(np.int64)
+    r = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, 16, 8)
+    assert r.nll is None and r.ttt_events is None
 
 
 def test_stride_equal_window_is_plain_chunked_evaluation(setup):
@@ -125,12 +182,13 @@ def test_stride_equal_window_is_plain_chunked_evaluation(setup):
     hp.val_batch_size = 10_000
     window, chunks = 16, 6
     tokens = np.random.default_rng(5).integers(0, VOCAB, window * chunks + 1).astype(np.int64)
-    r = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, window, window)
+    r = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, window, window, collect=True)
     with torch.no_grad():
         x = torch.from_numpy(tokens[:-1]).view(chunks, window)
         y = torch.from_numpy(tokens[1:]).view(chunks, window)
-        nll = F.cross_entropy(model.logits(x).double().flatten(0, 1), y.flatten(), reduction="sum").item()
-    assert r.val_loss == pytest.approx(nll / (window * chunks), rel=1e-6)
+        nll = F.cross_entropy(model.logits(x).double().flatten(0, 1), y.flatten(), reduction="none")
+    assert r.val_loss == pytest.approx(nll.sum().item() / (window * chunks), rel=1e-6)
+    np.testing.assert_allclose(r.nll, nll.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_stride_changes_the_score(setup):
@@ -150,6 +208,47 @@ def test_zero_byte_stream_errors(setup):
         train_gpt.evaluate(hp, cpu_runtime(), model, np.arange(20) % VOCAB, zero, 16, 16)
 
 
+def chunked_context_starts(n, window, stride, chunk):
+    """Context starts when the stream is scored one chunk of `chunk` inputs at a time (TTT): in chunk
+    [a, b) the first window ends at min(b, max(a + stride, W)), each later one `stride` further (the
+    last at b); a target is scored by the first window that ends after its input; windows start at
+    max(0, end - W)."""
+    w = min(window, n - 1)
+    out = []
+    for i in range(n - 1):                                # input i predicts target i + 1
+        a = i // chunk * chunk
+        b = min(a + chunk, n - 1)
+        end = min(b, max(a + stride, w))
+        while end <= i:
+            end = min(b, end + stride)
+        out.append(max(0, end - w))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("chunk", [23, 7])
+def test_ttt_with_zero_learning_rate_equals_brute_force(setup, chunk):
+    """TTT_LR=0: the chunked, score-first evaluation changes no weight, so every target's NLL equals
+    the brute-force NLL from its chunk-layout context. Chunks of 7 < the window: the first windows
+    reach past their chunk and must score only its targets."""
+    _, model, tables = setup
+    n, window, stride = 90, 16, 5
+    hp = tiny_hp(TTT_ENABLED=1, TTT_CHUNK_TOKENS=window, TTT_LR=0, TTT_EPOCHS=1, VAL_BATCH_SIZE=3 * 16)
+    hp.ttt_chunk_tokens = chunk                 # below the window read_settings insists on (TTT would not train)
+    tokens = np.random.default_rng(11).integers(0, VOCAB, n).astype(np.int64)
+    fresh = random_gpt(hp, seed=1)
+    before = train_gpt.state_checksum(fresh.state_dict())
+    ttt = train_gpt.TestTimeTrainer(hp, cpu_runtime(), fresh, fresh, window)
+    r = train_gpt.evaluate(hp, cpu_runtime(), fresh, tokens, tables, window, stride, ttt=ttt, collect=True)
+    assert train_gpt.state_checksum(fresh.state_dict()) == before
+    nll, nbytes = brute_force(model, tokens, tables, chunked_context_starts(n, window, stride, chunk))
+    assert r.val_tokens == n - 1 and r.val_bytes == int(nbytes.sum())
+    np.testing.assert_allclose(r.nll, nll, rtol=1e-5, atol=1e-5)
+    assert r.val_loss == pytest.approx(nll.mean(), rel=1e-5)
+    n_chunks = math.ceil((n - 1) / chunk)
+    assert [e[:2] for e in r.ttt_events] == [(event, k) for k in range(n_chunks)
+                                            for event in ("score", "train")][:-1]
+
+
 def _distributed_eval(rank, world_size, n, window, stride, val_batch):
     hp = tiny_hp(VAL_BATCH_SIZE=val_batch)
     model = random_gpt(hp, seed=1)
@@ -157,17 +256,62 @@ def _distributed_eval(rank, world_size, n, window, stride, val_batch):
     rng = np.random.default_rng(0)
     tables = (rng.integers(0, 4, VOCAB).astype(np.int64), rng.random(VOCAB) < 0.5, rng.random(VOCAB) < 0.2)
     rt = cpu_runtime(rank=rank, world_size=world_size, distributed=True)
-    r = train_gpt.evaluate(hp, rt, model, tokens, tables, window, stride)
-    single = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, window, stride)
-    return (r.val_loss, r.val_bpb, r.val_tokens, r.val_bytes), (single.val_loss, single.val_bpb)
+    r = train_gpt.evaluate(hp, rt, model, tokens, tables, window, stride, collect=True)
+    single = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, window, stride, collect=True)
+    return (r.val_loss, r.val_bpb, r.val_tokens, r.val_bytes), (single.val_loss, single.val_bpb), r.nll, single.nll
 
 
 @pytest.mark.slow
 def test_evaluate_on_three_ranks_equals_one_rank():
-    """Windows split unevenly over 3 gloo ranks (10 windows, batches of 2): same result everywhere."""
+    """Windows split unevenly over 3 gloo ranks (10 windows, batches of 2): same result everywhere,
+    and the per-target NLL gathered from the ranks is the single-process one, in stream order."""
     results = run_distributed(_distributed_eval, 3, 101, 16, 10, 2 * 3 * 16)
-    (loss, bpb, n_tok, n_bytes), (single_loss, single_bpb) = results[0]
+    (loss, bpb, n_tok, n_bytes), (single_loss, single_bpb), nll, single_nll = results[0]
     assert n_tok == 100
-    for (other, _single) in results:
+    for (other, _single, _nll, _) in results:
         assert other == (loss, bpb, n_tok, n_bytes)
     assert loss == pytest.approx(single_loss, rel=1e-9) and bpb == pytest.approx(single_bpb, rel=1e-9)
+    assert nll.shape == (100,)
+    np.testing.assert_allclose(nll, single_nll, rtol=1e-9, atol=1e-12)
+
+
+# --- projected 8xH100 evaluation time -------------------------------------------------------------
+
+H100_SECONDS_PER_FLOP = 1 / (8 * 989e12 * 0.28)
+
+
+def test_projected_eval_time_and_the_limit():
+    hp = tiny_hp(EVAL_TIME_LIMIT_SECONDS=0)
+    n_params, n, w, stride = 10_000, 1001, 16, 4
+    windows = 1 + math.ceil((n - 1 - w) / stride)                         # 247
+    flops = windows * w * (2 * n_params + 2 * hp.num_layers * w * hp.model_dim)
+    assert train_gpt.eval_flops(hp, n_params, n, w, stride) == pytest.approx(flops, rel=1e-12)
+    lines = []
+    seconds = train_gpt.check_eval_budget(hp, n_params, n, w, stride, lines.append)
+    assert seconds == pytest.approx(flops * H100_SECONDS_PER_FLOP, rel=1e-12)
+    assert len(lines) == 1 and lines[0].startswith("projected_8xH100_eval:")
+    # TTT adds TTT_EPOCHS training passes over the stream
+    ttt = tiny_hp(TTT_ENABLED=1, TTT_EPOCHS=3)
+    assert train_gpt.eval_flops(ttt, n_params, n, w, stride) == pytest.approx(
+        flops + 3 * n * train_gpt.flops_per_token(ttt, n_params, w), rel=1e-12)
+    # the limit: refused just below the projection, accepted at or above it, never checked at 0
+    for limit, refused in ((seconds * 0.999, True), (seconds * 1.001, False), (0.0, False)):
+        hp.eval_time_limit_seconds = limit
+        if refused:
+            with pytest.raises(train_gpt.PipelineError, match="EVAL_TIME_LIMIT_SECONDS"):
+                train_gpt.check_eval_budget(hp, n_params, n, w, stride, lines.append)
+        else:
+            assert train_gpt.check_eval_budget(hp, n_params, n, w, stride, lines.append) == seconds
+
+
+@pytest.mark.parametrize("env,low,high", [({}, 10, 40), ({"TTT_ENABLED": "1"}, 20, 60)])
+def test_default_configuration_fits_the_default_limit(env, low, high):
+    """The baseline model, sp1024's 62,021,632 validation tokens, window 1024 and stride 64 (and the
+    default TTT): projected well inside the 600 s evaluation budget, so the defaults are not refused."""
+    hp, _ = train_gpt.read_settings(env)
+    with torch.device("meta"):
+        n_params = train_gpt.count_parameters(train_gpt.GPT(hp))
+    window, stride = train_gpt.eval_geometry(hp)
+    assert (window, stride, hp.eval_time_limit_seconds) == (1024, 64, 600.0)
+    seconds = train_gpt.check_eval_budget(hp, n_params, 62_021_632, window, stride, lambda line: None)
+    assert low < seconds < high

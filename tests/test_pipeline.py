@@ -1,5 +1,7 @@
 """End to end: train_gpt.py run as a program (torchrun with 2 gloo ranks, and single process) on the
-demo dataset, in temporary working directories. Runs are shared between tests (module fixtures)."""
+demo dataset, in temporary working directories. Runs are shared between tests (module fixtures): the
+2-rank run also audits itself and dumps per-target NLL; EVAL_ONLY runs re-score its artifact (plain, and
+with score-first TTT) from a folder that holds only the validation shard."""
 
 import hashlib
 import json
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import sentencepiece as spm
+import torch
 
 import train_gpt
 
@@ -23,7 +26,12 @@ TINY_RUN = {"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEAD
 REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_ms", "step_avg_ms", "tokens_per_s",
                  "stopped_early", "val_loss", "val_bpb", "val_tokens", "val_bytes", "pre_quant_val_loss",
                  "pre_quant_val_bpb", "roundtrip_val_loss", "roundtrip_val_bpb", "bytes_model", "bytes_code",
-                 "bytes_total", "artifact_path", "artifact_sha256", "eval_time_ms", "hyperparameters"]
+                 "bytes_total", "artifact_path", "artifact_sha256", "eval_time_ms", "hyperparameters",
+                 "compliance", "eval_only", "projected_h100_eval_s", "train_data_last_read_ms", "train_deadline_ms",
+                 "train_data_read_after_deadline", "nll_dump", "eval_seq_len", "eval_stride"]
+COMPLIANCE_CHECKS = ["causality_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
+                     "no_train_data_after_deadline"]
+TTT_RUN = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID"}
 
@@ -66,10 +74,41 @@ def val_stream(demo):
 
 @pytest.fixture(scope="module")
 def dist_run(demo_data, tmp_path_factory):
-    """2 gloo ranks under torchrun; NUM_LAYER is a deliberate typo (must be warned about, not applied)."""
+    """2 gloo ranks under torchrun, with the self-audit and an NLL dump; NUM_LAYER is a deliberate typo
+    (must be warned about, not applied)."""
     cwd = tmp_path_factory.mktemp("dist")
-    proc = succeeded(run_train(cwd, demo_data, nproc=2, RUN_ID="dist", NUM_LAYER="3"))
+    proc = succeeded(run_train(cwd, demo_data, nproc=2, RUN_ID="dist", NUM_LAYER="3", EVAL_AUDIT=1,
+                               NLL_DUMP="dump.npz"))
     return cwd, proc, summary(cwd, "dist")
+
+
+@pytest.fixture(scope="module")
+def val_only(demo_data, tmp_path_factory):
+    """A DATA_PATH holding the validation shard(s) and no training shard."""
+    d = tmp_path_factory.mktemp("val_only")
+    for path, _ in demo_data["val_shards"]:
+        (d / Path(path).name).symlink_to(path)
+    return d
+
+
+@pytest.fixture(scope="module")
+def eval_only_run(demo_data, dist_run, val_only, tmp_path_factory):
+    """EVAL_ONLY on the 2-rank run's artifact: one process, a fresh folder, no training shards."""
+    cwd = tmp_path_factory.mktemp("eval_only")
+    artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
+    proc = succeeded(run_train(cwd, demo_data, RUN_ID="evalonly", EVAL_ONLY=artifact, DATA_PATH=val_only,
+                               EVAL_AUDIT=1, NLL_DUMP="dump.npz"))
+    return cwd, proc, summary(cwd, "evalonly")
+
+
+@pytest.fixture(scope="module")
+def ttt_run(demo_data, dist_run, val_only, tmp_path_factory):
+    """EVAL_ONLY with score-first TTT on the same artifact, audited, with an NLL dump."""
+    cwd = tmp_path_factory.mktemp("ttt")
+    artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
+    proc = succeeded(run_train(cwd, demo_data, RUN_ID="ttt", EVAL_ONLY=artifact, DATA_PATH=val_only,
+                               EVAL_AUDIT=1, NLL_DUMP="dump.npz", **TTT_RUN))
+    return cwd, proc, summary(cwd, "ttt")
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +219,15 @@ def test_missing_data_path_fails_cleanly(demo_data, tmp_path):
     proc = run_train(tmp_path, demo_data, RUN_ID="nodata", DATA_PATH=nowhere)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
-    assert os.path.join(str(nowhere), "fineweb_train_*.bin") in proc.stderr
+    assert os.path.join(str(nowhere), "fineweb_val_*.bin") in proc.stderr       # validation is read first
+
+
+def test_missing_train_shards_fail_cleanly(demo_data, val_only, tmp_path):
+    proc = run_train(tmp_path, demo_data, RUN_ID="notrain", DATA_PATH=val_only)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert os.path.join(str(val_only), "fineweb_train_*.bin") in proc.stderr
+    assert not list(tmp_path.glob("artifacts/*"))
 
 
 def test_rerun_with_existing_run_id_changes_nothing(demo_data, single_runs):
@@ -192,3 +239,165 @@ def test_rerun_with_existing_run_id_changes_nothing(demo_data, single_runs):
     assert "Traceback" not in proc.stderr
     assert "one.txt" in proc.stderr and "RUN_ID" in proc.stderr
     assert digests(cwd) == before
+
+
+# --- self-audit, NLL dump, projection ---------------------------------------------------------------
+
+def check_compliance(s, ttt_chunks=0):
+    c = s["compliance"]
+    assert c is not None
+    for key in COMPLIANCE_CHECKS + ["all_ok"]:
+        assert c[key] is True, key
+    assert c["targets_scored"] == c["targets_expected"] == s["val_tokens"]
+    assert c["ttt_chunks"] == ttt_chunks
+    assert 0 <= c["causality_max_abs_dnll"] <= train_gpt.CAUSALITY_TOLERANCE
+    assert 0 <= c["normalization_max_abs_dev"] <= train_gpt.NORMALIZATION_TOLERANCE
+
+
+def test_audited_run_is_compliant(dist_run):
+    cwd, proc, s = dist_run
+    check_compliance(s)
+    text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
+    logged = re.findall(r"^compliance: (.*)$", text, re.M)
+    assert len(logged) == 1 and json.loads(logged[0]) == s["compliance"]
+    assert s["train_deadline_ms"] is None and s["train_data_read_after_deadline"] is False  # no cap in this run
+    assert 0 < s["train_data_last_read_ms"] <= s["train_time_ms"]
+
+
+def test_unaudited_run_has_no_compliance(single_runs):
+    s = single_runs[0][2]
+    assert s["compliance"] is None and s["nll_dump"] is None and s["eval_only"] is False
+
+
+def load_dump(path):
+    with np.load(path) as z:
+        return {k: z[k] for k in z.files}
+
+
+def check_dump(dump, s, demo):
+    tokens = val_stream(demo)
+    assert set(dump) == {"target", "nll", "bytes"}
+    assert dump["nll"].dtype == np.float64
+    assert len(dump["target"]) == len(dump["nll"]) == len(dump["bytes"]) == s["val_tokens"] == tokens.size - 1
+    assert np.array_equal(dump["target"], tokens[1:])                       # stream order
+    assert int(dump["bytes"].sum()) == s["val_bytes"]
+    assert (dump["nll"] >= 0).all() and (dump["bytes"][tokens[1:] == 1] == 0).all()   # BOS: 0 bytes
+    assert abs(dump["nll"].sum() / (math.log(2) * dump["bytes"].sum()) - s["val_bpb"]) <= 1e-6
+    assert abs(dump["nll"].mean() - s["val_loss"]) <= 1e-6
+
+
+def test_nll_dump_reproduces_the_headline(dist_run, demo_data):
+    cwd, _, s = dist_run
+    assert s["nll_dump"] == "dump.npz"
+    dump = load_dump(Path(cwd) / "dump.npz")
+    check_dump(dump, s, demo_data)
+    # per target, in stream order: a sample of targets re-scored by hand from the artifact, each from
+    # its sliding-window context (window 64, stride 32: the first 64 from the whole prefix; later ones
+    # from the window ending at the first multiple-of-32 boundary at or after them, the tail at the end)
+    _, state, _ = train_gpt.read_artifact(str(Path(cwd) / s["artifact_path"]))
+    model = train_gpt.GPT(train_gpt.Hyperparameters(s["hyperparameters"]))
+    model.load_state_dict(state)
+    tokens = val_stream(demo_data)
+    n_inputs = tokens.size - 1
+    for t in (1, 2, 33, 64, 65, 96, 97, 1000, 5001, n_inputs - 40, n_inputs - 1, n_inputs):
+        end = 64 if t <= 64 else min(n_inputs, 64 + 32 * math.ceil((t - 64) / 32))
+        with torch.no_grad():
+            logits = model.logits(torch.from_numpy(tokens[max(0, end - 64):t])[None])[0, -1].double()
+        ref = float(torch.logsumexp(logits, 0) - logits[tokens[t]])
+        assert dump["nll"][t - 1] == pytest.approx(ref, rel=1e-5, abs=1e-6), t
+
+
+def test_projected_eval_time(dist_run, demo_data):
+    """projected_h100_eval_s = windows x W x (2 N + 2 L W d) FLOPs over the full validation split,
+    at ASSUMED_MFU of 8 x 989 TFLOP/s; logged too."""
+    cwd, _, s = dist_run
+    n, w, stride = demo_data["val_tokens"], 64, 32
+    assert (s["eval_seq_len"], s["eval_stride"]) == (w, stride)
+    windows = 1 + math.ceil((n - 1 - w) / stride)
+    flops = windows * w * (2 * s["model_params"] + 2 * 2 * w * 64)
+    assert s["projected_h100_eval_s"] == pytest.approx(flops / (8 * 989e12 * 0.28), rel=1e-9)
+    text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
+    assert re.search(r"^projected_8xH100_eval:\S+s \(window 64, stride 32, ttt 0, " + str(n) + " val tokens", text, re.M)
+
+
+# --- EVAL_ONLY ---------------------------------------------------------------------------------------
+
+def test_eval_only_reproduces_the_score(eval_only_run, dist_run, demo_data):
+    cwd, proc, s = eval_only_run
+    dcwd, _, d = dist_run
+    assert s["eval_only"] is True and s["world_size"] == 1
+    assert abs(s["val_bpb"] - d["val_bpb"]) <= 1e-4 and abs(s["val_loss"] - d["val_loss"]) <= 1e-4
+    assert s["val_bpb"] == pytest.approx(d["val_bpb"], rel=1e-9)            # in fact the same to float64 noise
+    assert (s["val_tokens"], s["val_bytes"]) == (d["val_tokens"], d["val_bytes"])
+    assert s["artifact_path"] == str(Path(dcwd) / d["artifact_path"])
+    assert (s["artifact_sha256"], s["bytes_model"], s["bytes_total"]) == \
+        (d["artifact_sha256"], d["bytes_model"], d["bytes_total"])
+    assert s["steps"] is None and s["train_time_ms"] is None and s["pre_quant_val_bpb"] is None
+    for name in train_gpt.ARCH_SETTINGS:
+        assert s["hyperparameters"][name] == d["hyperparameters"][name], name
+    check_compliance(s)
+    dump = load_dump(Path(cwd) / "dump.npz")
+    check_dump(dump, s, demo_data)
+    np.testing.assert_allclose(dump["nll"], load_dump(Path(dcwd) / "dump.npz")["nll"], rtol=1e-5, atol=1e-6)
+    assert not (Path(cwd) / "artifacts").exists()                           # nothing trained, nothing written
+    text = (Path(cwd) / "logs" / "evalonly.txt").read_text(encoding="utf-8")
+    assert f"eval_only:{s['artifact_path']}" in text
+    assert not re.search(r"^step:", text.split("=" * 100)[-1], re.M)       # no training step was logged
+
+
+def test_eval_only_with_a_conflicting_setting_fails_cleanly(demo_data, dist_run, tmp_path):
+    artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
+    proc = run_train(tmp_path, demo_data, RUN_ID="conflict", EVAL_ONLY=artifact, NUM_LAYERS=3)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "NUM_LAYERS=3" in proc.stderr and "NUM_LAYERS=2" in proc.stderr and str(artifact) in proc.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_eval_only_with_a_missing_artifact_fails_cleanly(demo_data, tmp_path):
+    missing = tmp_path / "no_such.pgolf.xz"
+    proc = run_train(tmp_path, demo_data, RUN_ID="missing", EVAL_ONLY=missing)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "EVAL_ONLY" in proc.stderr and str(missing) in proc.stderr
+    assert not (tmp_path / "logs").exists()
+
+
+def test_eval_time_limit_refuses_before_training(demo_data, tmp_path):
+    proc = run_train(tmp_path, demo_data, RUN_ID="slow", EVAL_TIME_LIMIT_SECONDS="1e-9")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "EVAL_TIME_LIMIT_SECONDS" in proc.stderr and "projected" in proc.stderr
+    assert "projected_8xH100_eval:" in proc.stdout and not re.search(r"^step:", proc.stdout, re.M)
+    assert not list(tmp_path.glob("artifacts/*")) and not (tmp_path / "logs" / "slow.json").exists()
+
+
+def test_existing_nll_dump_is_refused_and_left_alone(demo_data, tmp_path):
+    dump = tmp_path / "dump.npz"
+    dump.write_bytes(b"an earlier dump")
+    stat = dump.stat()
+    proc = run_train(tmp_path, demo_data, RUN_ID="dump", NLL_DUMP="dump.npz")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "NLL_DUMP" in proc.stderr and "dump.npz" in proc.stderr
+    assert dump.read_bytes() == b"an earlier dump" and dump.stat().st_mtime_ns == stat.st_mtime_ns
+    assert not (tmp_path / "logs").exists() and not (tmp_path / "artifacts").exists()
+
+
+# --- score-first TTT, end to end ----------------------------------------------------------------------
+
+def test_ttt_run(ttt_run, eval_only_run, demo_data):
+    cwd, proc, s = ttt_run
+    _, _, plain = eval_only_run
+    assert s["hyperparameters"]["TTT_ENABLED"] == 1
+    assert abs(s["roundtrip_val_bpb"] - plain["val_bpb"]) <= 1e-9           # before TTT: the plain score
+    assert (s["ttt_val_loss"], s["ttt_val_bpb"]) == (s["val_loss"], s["val_bpb"])   # the headline is TTT's
+    assert s["ttt_gain_bpb"] == pytest.approx(s["roundtrip_val_bpb"] - s["val_bpb"], abs=1e-12)
+    assert s["ttt_eval_time_ms"] == s["eval_time_ms"] > 0
+    assert s["val_bpb"] != s["roundtrip_val_bpb"]                            # TTT changed the weights
+    check_compliance(s, ttt_chunks=math.ceil(s["val_tokens"] / 2048))
+    dump = load_dump(Path(cwd) / "dump.npz")
+    check_dump(dump, s, demo_data)
+    before = load_dump(Path(eval_only_run[0]) / "dump.npz")["nll"]
+    np.testing.assert_allclose(dump["nll"][:2048], before[:2048], rtol=1e-5, atol=1e-6)   # chunk 0: before any update
+    assert not np.allclose(dump["nll"][2048:], before[2048:], rtol=1e-5, atol=1e-6)
+    text = (Path(cwd) / "logs" / "ttt.txt").read_text(encoding="utf-8")
+    lines = re.findall(r"^final_int8_lzma_ttt_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
+    assert len(lines) == 1 and abs(float(lines[0][1]) - s["val_bpb"]) <= 1e-8
+    assert re.search(r"^projected_8xH100_eval:\S+s \(window 64, stride 32, ttt 1, ", text, re.M)

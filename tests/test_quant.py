@@ -14,6 +14,13 @@ from _helpers import random_gpt, tiny_hp
 from train_gpt import ARTIFACT_MAGIC, PipelineError
 
 SOURCE = "artifacts/test-run.pgolf.xz"
+CONFIG = {"VOCAB_SIZE": 1024, "NUM_LAYERS": 3, "MODEL_DIM": 128, "NUM_HEADS": 4, "NUM_KV_HEADS": 2, "MLP_MULT": 2,
+          "ROPE_BASE": 10000.0, "LOGIT_SOFTCAP": 30.0}
+
+
+def arch_config(hp):
+    """The model-shape settings export_artifact stores: ARCH_SETTINGS' values."""
+    return {name: hp.values[name] for name in train_gpt.ARCH_SETTINGS}
 
 
 def sample_state():
@@ -43,8 +50,9 @@ def test_schemes():
 
 def test_round_trip():
     state = sample_state()
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state), preset=6)
-    out = train_gpt.unpack_artifact(blob, SOURCE)
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state), preset=6, config=CONFIG)
+    out, config = train_gpt.unpack_artifact(blob, SOURCE)
+    assert config == CONFIG and [type(v) for v in config.values()] == [type(v) for v in CONFIG.values()]
     assert list(out) == list(state)
     for name, w in state.items():
         got = out[name]
@@ -64,13 +72,16 @@ def test_round_trip():
 
 def test_artifact_is_not_a_pickle():
     state = sample_state()
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state), preset=6)
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state), preset=6, config=CONFIG)
     raw = lzma.decompress(blob)
     assert raw.startswith(ARTIFACT_MAGIC)
-    # the documented layout, read independently: magic | u64 header length | JSON header | arrays
+    # the documented layout, read independently: magic | u64 header length | JSON header | arrays,
+    # the header {"config": model-shape settings, "tensors": [one entry per tensor]}
     pos = len(ARTIFACT_MAGIC)
     head_len = int.from_bytes(raw[pos:pos + 8], "little")
-    header = json.loads(raw[pos + 8:pos + 8 + head_len])
+    head = json.loads(raw[pos + 8:pos + 8 + head_len])
+    assert set(head) == {"config", "tensors"} and head["config"] == CONFIG
+    header = head["tensors"]
     body = raw[pos + 8 + head_len:]
     assert [e["name"] for e in header] == list(state)
     end = 0
@@ -92,14 +103,17 @@ def test_artifact_is_not_a_pickle():
 
 def test_packing_is_deterministic():
     entries = train_gpt.quantize_state_dict(sample_state())
-    assert train_gpt.pack_artifact(entries, 6) == train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state()), 6)
+    assert train_gpt.pack_artifact(entries, 6, CONFIG) == \
+        train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state()), 6, dict(CONFIG))
+    assert train_gpt.pack_artifact(entries, 6, CONFIG) != train_gpt.pack_artifact(entries, 6, {**CONFIG, "NUM_LAYERS": 4})
 
 
 def test_model_round_trip_loads_strictly():
     hp = tiny_hp(NUM_LAYERS=3, MODEL_DIM=128, VOCAB_SIZE=1024)   # embedding 131,072 elements: int8
     model = random_gpt(hp, seed=0)
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), preset=6)
-    state = train_gpt.unpack_artifact(blob, SOURCE)
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), preset=6, config=arch_config(hp))
+    state, config = train_gpt.unpack_artifact(blob, SOURCE)
+    assert config == arch_config(hp) and set(config) == set(train_gpt.ARCH_SETTINGS)
     fresh = train_gpt.GPT(hp)
     fresh.load_state_dict(state, strict=True)
     assert train_gpt.state_checksum(fresh.state_dict()) == train_gpt.state_checksum(state)
@@ -112,7 +126,8 @@ def test_model_round_trip_loads_strictly():
 def test_odd_shapes_round_trip():
     hp = tiny_hp(NUM_LAYERS=1)          # no U-Net skips: skip_weights is an empty (0, dim) tensor
     model = random_gpt(hp, seed=0)
-    state = train_gpt.unpack_artifact(train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), 6), SOURCE)
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), 6, arch_config(hp))
+    state, _ = train_gpt.unpack_artifact(blob, SOURCE)
     train_gpt.GPT(hp).load_state_dict(state, strict=True)
 
 
@@ -127,7 +142,7 @@ def test_state_checksum_sees_every_weight():
 
 
 def good_blob():
-    return train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state()), 6)
+    return train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state()), 6, CONFIG)
 
 
 def corrupt(kind):
@@ -159,11 +174,18 @@ def corrupt(kind):
     if kind == "garbage_header":             # a well-formed xz stream whose JSON header is broken
         pos = len(ARTIFACT_MAGIC) + 8
         return xz(raw[:pos] + b"{" * 10 + raw[pos + 10:])
+    if kind in ("no_config", "old_layout"):  # header without the model-shape settings; the pre-config list
+        pos = len(ARTIFACT_MAGIC)
+        head_len = int.from_bytes(raw[pos:pos + 8], "little")
+        tensors = json.loads(raw[pos + 8:pos + 8 + head_len])["tensors"]
+        head = json.dumps(tensors if kind == "old_layout" else {"tensors": tensors}).encode()
+        return xz(raw[:pos] + len(head).to_bytes(8, "little") + head + raw[pos + 8 + head_len:])
     raise ValueError(kind)
 
 
 @pytest.mark.parametrize("kind", ["garbage", "empty", "truncated", "flipped_byte", "pickle", "wrong_magic",
-                                  "unknown_scheme", "truncated_payload", "garbage_header"])
+                                  "unknown_scheme", "truncated_payload", "garbage_header", "no_config",
+                                  "old_layout"])
 def test_corrupt_artifact_raises_pipeline_error_naming_the_source(kind):
     with pytest.raises(PipelineError) as err:
         train_gpt.unpack_artifact(corrupt(kind), SOURCE)

@@ -97,6 +97,20 @@ def test_unrelated_variables_do_not_warn(name):
     ({"COMPUTE_DTYPE": "fp16"}, ["COMPUTE_DTYPE"]),
     ({"LZMA_PRESET": "10"}, ["LZMA_PRESET"]),
     ({"EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "256"}, ["EVAL_STRIDE"]),
+    ({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "65"}, ["EVAL_STRIDE"]),       # the window defaults to TRAIN_SEQ_LEN
+    ({"TRAIN_SEQ_LEN": "32"}, ["EVAL_STRIDE"]),                            # the default stride 64 > window 32
+    ({"EVAL_STRIDE": "-1"}, ["EVAL_STRIDE"]),
+    ({"EVAL_AUDIT": "2"}, ["EVAL_AUDIT"]),
+    ({"TTT_ENABLED": "-1"}, ["TTT_ENABLED"]),
+    ({"TTT_ENABLED": "1", "TTT_LAST_N": "10"}, ["TTT_LAST_N", "NUM_LAYERS"]),
+    ({"TTT_CHUNK_TOKENS": "0"}, ["TTT_CHUNK_TOKENS"]),
+    ({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1023"}, ["TTT_CHUNK_TOKENS"]),   # < the window: would never train
+    ({"TTT_EPOCHS": "0"}, ["TTT_EPOCHS"]),
+    ({"TTT_LAST_N": "0"}, ["TTT_LAST_N"]),
+    ({"TTT_LR": "-0.1"}, ["TTT_LR"]),
+    ({"TTT_MOMENTUM": "-1"}, ["TTT_MOMENTUM"]),
+    ({"EVAL_TIME_LIMIT_SECONDS": "-1"}, ["EVAL_TIME_LIMIT_SECONDS"]),
+    ({"EVAL_TIME_LIMIT_SECONDS": "nan"}, ["EVAL_TIME_LIMIT_SECONDS"]),
     ({"RUN_ID": "../escape"}, ["RUN_ID"]),
     ({"RUN_ID": ".hidden"}, ["RUN_ID"]),
 ])
@@ -112,6 +126,100 @@ def test_boundary_values_are_accepted():
                            "LR_WARMUP_FRAC": "0.5", "WARMDOWN_FRAC": "0.5", "MAX_WALLCLOCK_SECONDS": "0",
                            "LZMA_PRESET": "0", "COMPILE": "0", "COMPUTE_DTYPE": "bf16"})
     assert hp.vocab_size == 65536 and hp.eval_stride == 128
+    hp, _ = read_settings({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "64", "TTT_ENABLED": "1", "NUM_LAYERS": "2",
+                           "TTT_LAST_N": "2", "TTT_LR": "0", "TTT_MOMENTUM": "0", "EVAL_TIME_LIMIT_SECONDS": "0",
+                           "EVAL_AUDIT": "1"})
+    assert (hp.eval_stride, hp.ttt_last_n, hp.ttt_lr, hp.eval_time_limit_seconds) == (64, 2, 0.0, 0.0)
+    hp, _ = read_settings({"TRAIN_SEQ_LEN": "32", "EVAL_STRIDE": "0"})               # 0 = plain evaluation
+    assert train_gpt.eval_geometry(hp) == (32, 32)
+    hp, _ = read_settings({"TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "128"})            # stride 64 <= window 128
+    assert train_gpt.eval_geometry(hp) == (128, 64)
+    hp, _ = read_settings({"NUM_LAYERS": "1"})          # TTT_LAST_N=2 > 1 layer is fine while TTT is off
+    assert hp.num_layers == 1 and hp.ttt_enabled == 0
+    hp, _ = read_settings({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1024"})   # one window per chunk: allowed
+    assert hp.ttt_chunk_tokens == 1024
+    hp, _ = read_settings({"TTT_CHUNK_TOKENS": "10"})   # short chunks are fine while TTT is off
+    assert hp.ttt_chunk_tokens == 10
+
+
+def test_explicit_names_are_recorded(monkeypatch):
+    monkeypatch.setitem(train_gpt.PRESETS, "wide", {"MODEL_DIM": 768})
+    hp, _ = read_settings({"PRESET": "wide", "NUM_LAYERS": "9", "SEEDS": "1,2", "NUM_LAYER": "3"})
+    assert hp.explicit == {"PRESET", "NUM_LAYERS"}          # not preset values, defaults, or non-settings
+    assert hp.replace(MODEL_DIM=64).explicit == hp.explicit and hp.replace(MODEL_DIM=64).model_dim == 64
+    assert hp.model_dim == 768                              # replace returns a copy
+
+
+def test_nll_dump_path_checks(tmp_path):
+    existing = tmp_path / "old.npz"
+    existing.write_bytes(b"keep me")
+    with pytest.raises(PipelineError) as err:
+        read_settings({"NLL_DUMP": str(existing)})
+    assert "NLL_DUMP" in str(err.value) and str(existing) in str(err.value)
+    with pytest.raises(PipelineError) as err:
+        read_settings({"NLL_DUMP": str(tmp_path / "no_such_dir" / "dump.npz")})
+    assert "NLL_DUMP" in str(err.value)
+    assert existing.read_bytes() == b"keep me"
+    hp, _ = read_settings({"NLL_DUMP": str(tmp_path / "new.npz")})
+    assert hp.nll_dump == str(tmp_path / "new.npz")
+
+
+def test_eval_only_path_must_be_a_file(tmp_path):
+    for path in (tmp_path / "missing.pgolf.xz", tmp_path):
+        with pytest.raises(PipelineError) as err:
+            read_settings({"EVAL_ONLY": str(path)})
+        assert "EVAL_ONLY" in str(err.value) and str(path) in str(err.value)
+
+
+@pytest.fixture
+def saved_artifact(tmp_path):
+    """An artifact of a 1-layer, width-32 GPT (vocab 64), written as export_artifact would."""
+    hp, _ = read_settings({"NUM_LAYERS": "1", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+                           "VOCAB_SIZE": "64", "MLP_MULT": "3", "ROPE_BASE": "500", "LOGIT_SOFTCAP": "15"})
+    model = train_gpt.GPT(hp)
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), 6,
+                                   {name: hp.values[name] for name in train_gpt.ARCH_SETTINGS})
+    path = tmp_path / "saved.pgolf.xz"
+    path.write_bytes(blob)
+    return str(path), hp
+
+
+def test_eval_only_takes_the_model_shape_from_the_artifact(saved_artifact):
+    path, trained = saved_artifact
+    hp, _ = read_settings({"EVAL_ONLY": path, "TRAIN_SEQ_LEN": "32", "EVAL_STRIDE": "16", "MODEL_DIM": "32"})
+    got = train_gpt.settings_for_artifact(hp, path)
+    for name in train_gpt.ARCH_SETTINGS:
+        assert got.values[name] == trained.values[name] and type(got.values[name]) is type(trained.values[name]), name
+    assert (got.num_layers, got.mlp_mult, got.rope_base, got.logit_softcap) == (1, 3, 500.0, 15.0)
+    assert (got.train_seq_len, got.eval_stride, got.eval_only) == (32, 16, path)   # the rest is the caller's
+    train_gpt.GPT(got).load_state_dict(train_gpt.read_artifact(path)[1], strict=True)
+
+
+@pytest.mark.parametrize("env,names", [
+    ({"NUM_LAYERS": "2"}, ["NUM_LAYERS"]),
+    ({"MODEL_DIM": "64"}, ["MODEL_DIM"]),
+    ({"VOCAB_SIZE": "1024"}, ["VOCAB_SIZE"]),
+    ({"LOGIT_SOFTCAP": "30"}, ["LOGIT_SOFTCAP"]),
+    ({"TTT_ENABLED": "1"}, ["TTT_LAST_N", "NUM_LAYERS"]),   # default TTT_LAST_N=2 > the artifact's 1 layer
+])
+def test_eval_only_conflicts_name_the_setting(saved_artifact, env, names):
+    path, _ = saved_artifact
+    hp, _ = read_settings({"EVAL_ONLY": path, **env})
+    with pytest.raises(PipelineError) as err:
+        train_gpt.settings_for_artifact(hp, path)
+    for name in names:
+        assert name in str(err.value)
+    if names == ["NUM_LAYERS"]:
+        assert path in str(err.value) and "NUM_LAYERS=1" in str(err.value)
+
+
+def test_eval_only_rejects_a_file_that_is_not_an_artifact(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_text("not an artifact")
+    hp, _ = read_settings({"EVAL_ONLY": str(path)})
+    with pytest.raises(PipelineError) as err:
+        train_gpt.settings_for_artifact(hp, str(path))
+    assert str(path) in str(err.value)
 
 
 @pytest.mark.parametrize("world,expected", [(1, 8), (2, 4), (4, 2), (8, 1), (16, 1)])

@@ -1,15 +1,24 @@
 """Command-line harness for the Parameter Golf entry.
 
-This file exists so the whole pipeline (tokenizer, shards, training) can run on
-a fresh machine with no network and no FineWeb download.  Its `demo-data`
-subcommand builds a small real-English dataset from the docstrings of Python's
-own standard library, trains a SentencePiece BPE tokenizer on it, and writes
-shards in the challenge's binary format, so `train_gpt.py` can read them
-exactly like the official FineWeb shards.
+`demo-data` lets the whole pipeline (tokenizer, shards, training) run on a fresh machine with no
+network and no FineWeb download: it builds a small real-English dataset from the docstrings of
+Python's own standard library, trains a SentencePiece BPE tokenizer on it, and writes shards in
+the challenge's binary format, so `train_gpt.py` can read them exactly like the official shards.
+
+`submit` turns the seeds' runs into a submission: it reads each `logs/<RUN_ID>.json` (the run
+summary `train_gpt.py` writes) and `logs/<RUN_ID>.txt`, refuses runs that break a rule (byte cap,
+wallclock, training data read after the deadline, failed or missing compliance audit, seeds that
+ran different code or settings, an existing record folder), reports the mean and sample std of
+val_bpb and val_loss and a one-sided Welch t-test against the current best, and writes the record
+folder (README.md, submission.json, train_gpt.py, requirements.txt, the logs). `run_8xh100.sh`
+calls it after the last seed. It needs only the standard library and numpy.
 
 Usage:
     python3 tools/harness.py demo-data OUT_DIR [--vocab-size 1024]
         [--max-chars N] [--seed 0] [--shard-tokens N]
+    python3 tools/harness.py submit RUN_ID [RUN_ID ...] [--record-dir DIR] [--reference-bpb "A B C"]
+        [--name NAME] [--author A] [--github-id G] [--date YYYY-MM-DD] [--dry-run]
+        (environment defaults: RECORD_DIR, REFERENCE_BPB, SUBMISSION_NAME, AUTHOR, GITHUB_ID)
 
 The functions below are importable (`from tools import harness`) for tests and
 for other tooling.  Subcommands are registered in `build_parser()`; a new one
@@ -21,11 +30,18 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import datetime as _dt
 import functools
+import hashlib
 import io
+import json
+import math
 import os
 import random
+import re
 import secrets
+import shlex
+import shutil
 import sys
 import sysconfig
 import warnings
@@ -33,7 +49,9 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
-import sentencepiece as spm
+
+# sentencepiece is imported inside the two functions that use it, so the `submit` path needs only
+# the standard library and numpy (no torch, no train_gpt, no sentencepiece).
 
 # Shard format constants.  They mirror train_gpt.py's (and the official
 # challenge exporter's): a header of SHARD_HEADER_INTS little-endian int32
@@ -150,7 +168,7 @@ def split_train_val(docs: Sequence[str], val_fraction: float = VAL_FRACTION) -> 
 # ----------------------------------------------------------------------------
 
 
-def train_tokenizer(docs: Sequence[str], vocab_size: int, model_path: str | os.PathLike) -> spm.SentencePieceProcessor:
+def train_tokenizer(docs: Sequence[str], vocab_size: int, model_path: str | os.PathLike) -> "spm.SentencePieceProcessor":
     """Train a SentencePiece BPE tokenizer on `docs` and write it to `model_path`.
 
     Each document is one SentencePiece "sentence"; `max_sentence_length` is set
@@ -162,6 +180,8 @@ def train_tokenizer(docs: Sequence[str], vocab_size: int, model_path: str | os.P
     Training is deterministic: every sentence is used, no sampling.
     Output: the trained model, loaded.
     """
+    import sentencepiece as spm
+
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(docs),
@@ -185,7 +205,7 @@ def train_tokenizer(docs: Sequence[str], vocab_size: int, model_path: str | os.P
     return spm.SentencePieceProcessor(model_proto=model.getvalue())
 
 
-def encode_documents(sp: spm.SentencePieceProcessor, docs: Sequence[str]) -> np.ndarray:
+def encode_documents(sp: "spm.SentencePieceProcessor", docs: Sequence[str]) -> np.ndarray:
     """Return the uint16 token stream `[BOS] + ids(doc)` for each doc, concatenated (no EOS)."""
     pieces = [np.array([BOS_ID] + ids, dtype=np.int64) for ids in sp.encode(list(docs))]
     tokens = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int64)
@@ -316,6 +336,672 @@ def build_demo_data(
 
 
 # ----------------------------------------------------------------------------
+# Statistics: Student's t distribution and the one-sided Welch test
+# (standard library only; a test checks them against published t-table values)
+# ----------------------------------------------------------------------------
+
+MARGIN_NATS = 0.005        # a new record must beat the best by 0.005 nats per token ...
+P_THRESHOLD = 0.01         # ... at p < 0.01 (one-sided Welch t-test over seeds)
+# Per-seed val_bpb of the accepted best at the time of writing (the reference of the t-test).
+DEFAULT_REFERENCE_BPB = (1.05989, 1.06125, 1.06209)
+
+_CF_EPS = 1e-15            # relative change that ends the continued fraction
+_CF_TINY = 1e-300          # keeps Lentz's method away from division by zero
+_CF_MAX_ITER = 100_000
+
+
+def _beta_continued_fraction(a: float, b: float, x: float) -> float:
+    """The continued fraction of the incomplete beta function, by the modified Lentz method.
+
+    It converges fast for x < (a + 1) / (a + b + 2) (within O(sqrt(max(a, b))) terms);
+    `_incomplete_beta` uses the symmetry I_x(a, b) = 1 - I_{1-x}(b, a) elsewhere.
+    """
+    qab, qap, qam = a + b, a + 1.0, a - 1.0
+
+    def guard(v: float) -> float:
+        return v if abs(v) > _CF_TINY else _CF_TINY
+
+    c, d = 1.0, 1.0 / guard(1.0 - qab * x / qap)
+    h = d
+    for m in range(1, _CF_MAX_ITER + 1):
+        m2 = 2 * m
+        aa = m * (b - m) * x / ((qam + m2) * (a + m2))            # even term d_{2m}
+        d = 1.0 / guard(1.0 + aa * d)
+        c = guard(1.0 + aa / c)
+        h *= d * c
+        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))   # odd term d_{2m+1}
+        d = 1.0 / guard(1.0 + aa * d)
+        c = guard(1.0 + aa / c)
+        step = d * c
+        h *= step
+        if abs(step - 1.0) < _CF_EPS:
+            return h
+    raise ArithmeticError(f"incomplete beta continued fraction did not converge (a={a}, b={b}, x={x})")
+
+
+def _incomplete_beta(a: float, b: float, x: float, y: float) -> float:
+    """I_x(a, b) given x and y = 1 - x separately (so neither loses digits to a subtraction)."""
+    if x <= 0.0:
+        return 0.0
+    if y <= 0.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log(y)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _beta_continued_fraction(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _beta_continued_fraction(b, a, y) / b
+
+
+def regularized_incomplete_beta(a: float, b: float, x: float) -> float:
+    """I_x(a, b) = B(x; a, b) / B(a, b) for a, b > 0 and 0 <= x <= 1."""
+    if not (a > 0 and b > 0 and 0.0 <= x <= 1.0):
+        raise ValueError(f"need a > 0, b > 0, 0 <= x <= 1; got a={a}, b={b}, x={x}")
+    return _incomplete_beta(a, b, x, 1.0 - x)
+
+
+def student_t_cdf(t: float, df: float) -> float:
+    """P(T <= t) for Student's t with `df` > 0 degrees of freedom (df may be fractional; inf = normal).
+
+    P(|T| > |t|) = I_x(df/2, 1/2) with x = df / (df + t^2).
+    """
+    if math.isnan(t) or not df > 0:
+        raise ValueError(f"need a number t and df > 0; got t={t}, df={df}")
+    if math.isinf(df):
+        return 0.5 * math.erfc(-t / math.sqrt(2.0))
+    if t == 0.0:
+        return 0.5
+    t2 = t * t
+    if math.isinf(t2):
+        return 1.0 if t > 0 else 0.0
+    tail = 0.5 * _incomplete_beta(df / 2.0, 0.5, df / (df + t2), t2 / (df + t2))   # P(T > |t|)
+    return 1.0 - tail if t > 0 else tail
+
+
+def margin_bpb(val_tokens: int, val_bytes: int, margin_nats: float = MARGIN_NATS) -> float:
+    """The required margin in bits per byte: margin_nats / ln 2 * tokens per byte of this run's scoring."""
+    return margin_nats / math.log(2.0) * val_tokens / val_bytes
+
+
+def welch_one_sided(ours: Sequence[float], reference: Sequence[float], margin: float) -> dict:
+    """One-sided Welch t-test that `ours` beats `reference` by more than `margin` (lower is better).
+
+    H0: mean(ours) >= mean(reference) - margin.  t = (mean(ours) - mean(reference) + margin) / se,
+    se^2 = s1^2/n1 + s2^2/n2 (sample variances), Welch-Satterthwaite df, p = P(T_df <= t).
+    Output: t_statistic, welch_df, p_value; each None when a sample has fewer than 2 values or
+    both have zero variance (no test is possible).
+    """
+    a, b = np.asarray(ours, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    if a.size < 2 or b.size < 2:
+        return dict(t_statistic=None, welch_df=None, p_value=None)
+    va, vb = float(np.var(a, ddof=1)) / a.size, float(np.var(b, ddof=1)) / b.size
+    if va + vb == 0.0:
+        return dict(t_statistic=None, welch_df=None, p_value=None)
+    t = (float(a.mean()) - float(b.mean()) + margin) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    return dict(t_statistic=t, welch_df=df, p_value=student_t_cdf(t, df))
+
+
+# ----------------------------------------------------------------------------
+# Submission: read the seeds' run summaries, check them, summarize, assemble a record
+# ----------------------------------------------------------------------------
+
+TRACK = "10min_16mb"
+RECORDS_DIR = Path("records") / f"track_{TRACK}"
+CHALLENGE_CAP_BYTES = 16_000_000      # decimal: code bytes + compressed model bytes
+CHALLENGE_TRAIN_MS = 600_000          # 600 s of training on 8xH100 ...
+CHALLENGE_EVAL_MS = 600_000           # ... and 600 s of evaluation
+LOG_SOURCE_END = "=" * 100 + "\n"     # train_gpt.py's log: its own source, this line, then the run
+SUMMARY_KEYS = ("run_id", "seed", "device", "world_size", "hardware", "torch_version", "cuda_version", "eval_only",
+                "steps", "train_time_ms", "step_avg_ms", "val_loss", "val_bpb", "val_tokens", "val_bytes",
+                "bytes_model", "bytes_code", "bytes_total", "artifact_path", "artifact_sha256", "eval_time_ms",
+                "train_data_read_after_deadline", "compliance", "hyperparameters")
+# Settings that may differ between the seeds of one record, and that the reproduction command
+# leaves out (the launcher sets them: SEED from SEEDS, RUN_ID per seed, EVAL_AUDIT=1).
+PER_RUN_SETTINGS = ("SEED", "RUN_ID", "NLL_DUMP", "EVAL_ONLY")
+LAUNCHER_SETTINGS = ("SEED", "RUN_ID", "EVAL_AUDIT", "EVAL_ONLY", "NLL_DUMP")
+COMPLIANCE_CHECKS = ("causality_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
+                     "no_train_data_after_deadline", "all_ok")
+
+
+class SeedRun:
+    """One seed's run: its summary logs/<RUN_ID>.json, and the raw bytes of that file and of logs/<RUN_ID>.txt."""
+
+    def __init__(self, run_id: str, summary: dict, json_bytes: bytes, txt_bytes: bytes):
+        self.run_id, self.summary, self.json_bytes, self.txt_bytes = run_id, summary, json_bytes, txt_bytes
+        self.seed = summary["seed"]
+        self.hp = summary["hyperparameters"] or {}
+        self.label = f"seed {self.seed} ({run_id})"
+
+
+def load_runs(log_dir: str | os.PathLike, run_ids: Sequence[str]) -> tuple[list[SeedRun], list[str]]:
+    """Read logs/<RUN_ID>.json and .txt of every run. Output: (runs, reasons it cannot go on)."""
+    runs, reasons = [], []
+    for run_id in run_ids:
+        json_path, txt_path = Path(log_dir) / f"{run_id}.json", Path(log_dir) / f"{run_id}.txt"
+        try:
+            json_bytes = json_path.read_bytes()
+            summary = json.loads(json_bytes)
+        except OSError:
+            reasons.append(f"{json_path} is missing: run {run_id} did not finish")
+            continue
+        except ValueError as exc:
+            reasons.append(f"{json_path} is not valid JSON ({exc})")
+            continue
+        missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+        if missing:
+            reasons.append(f"{json_path} lacks {', '.join(missing)}")
+            continue
+        if summary["run_id"] != run_id:
+            reasons.append(f"{json_path} is the summary of run {summary['run_id']!r}, not {run_id!r}")
+            continue
+        try:
+            txt_bytes = txt_path.read_bytes()
+        except OSError:
+            reasons.append(f"{txt_path} (the train log) is missing")
+            continue
+        runs.append(SeedRun(run_id, summary, json_bytes, txt_bytes))
+    return runs, reasons
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_run(run: SeedRun) -> list[str]:
+    """The reasons one seed's run cannot be part of a submission (empty: it can)."""
+    s, hp, reasons = run.summary, run.hp, []
+    who = run.label
+    if s["eval_only"]:
+        return [f"{who} is an EVAL_ONLY re-score, not a training run"]
+    for key in ("val_bpb", "val_loss", "bytes_total", "bytes_code", "train_time_ms", "eval_time_ms", "val_tokens",
+                "val_bytes"):
+        if not _number(s[key]):
+            reasons.append(f"{who} has no {key} ({s[key]!r})")
+    if reasons:
+        return reasons
+    budget = hp.get("ARTIFACT_BUDGET_BYTES")
+    if s["bytes_total"] > CHALLENGE_CAP_BYTES:
+        reasons.append(f"{who} is over the byte cap: bytes_total {s['bytes_total']:,} > {CHALLENGE_CAP_BYTES:,}")
+    elif _number(budget) and s["bytes_total"] > budget:
+        reasons.append(f"{who} is over its budget: bytes_total {s['bytes_total']:,} > ARTIFACT_BUDGET_BYTES={budget:,}")
+    cap_s = hp.get("MAX_WALLCLOCK_SECONDS")
+    if _number(cap_s) and cap_s > 0 and s["train_time_ms"] > 1e3 * cap_s:
+        reasons.append(f"{who} trained past its wallclock cap: train_time_ms {s['train_time_ms']:.0f} > "
+                       f"1000 * MAX_WALLCLOCK_SECONDS = {1e3 * cap_s:.0f}")
+    if s["train_time_ms"] > CHALLENGE_TRAIN_MS:
+        reasons.append(f"{who} trained past the challenge's 600 s: train_time_ms {s['train_time_ms']:.0f} > "
+                       f"{CHALLENGE_TRAIN_MS}")
+    if s["train_data_read_after_deadline"] is not False:
+        reasons.append(f"{who} read training data after the deadline (train_data_read_after_deadline="
+                       f"{s['train_data_read_after_deadline']}, last read at {s.get('train_data_last_read_ms')} ms, "
+                       f"deadline {s.get('train_deadline_ms')} ms)")
+    compliance = s["compliance"]
+    if not isinstance(compliance, dict):
+        reasons.append(f"{who} has no compliance audit (compliance is null: run it with EVAL_AUDIT=1)")
+    elif compliance.get("all_ok") is not True:
+        failed = [k for k, v in sorted(compliance.items())
+                  if (k.endswith("_ok") or k.startswith("no_")) and k != "all_ok" and v is not True]
+        reasons.append(f"{who} failed the compliance audit: {', '.join(failed) or 'all_ok is not true'}")
+    if s["eval_time_ms"] > CHALLENGE_EVAL_MS:
+        reasons.append(f"{who} evaluated for longer than the challenge's 600 s: eval_time_ms {s['eval_time_ms']:.0f}")
+    artifact = Path(s["artifact_path"]) if s["artifact_path"] else None
+    if artifact is not None and artifact.is_file():
+        digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
+        if digest != s["artifact_sha256"]:
+            reasons.append(f"{who}: {artifact} has sha256 {digest}, not the {s['artifact_sha256']} its run wrote")
+    return reasons
+
+
+def check_runs(runs: Sequence[SeedRun], code: bytes | None, code_path: str) -> list[str]:
+    """Every reason the runs cannot be assembled into one submission: each seed's own, then the
+    seeds against each other and against the train_gpt.py (`code`) the record would hold."""
+    reasons = [r for run in runs for r in check_run(run)]
+    seeds = [run.seed for run in runs]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
+    if repeated:
+        reasons.append(f"seed(s) {', '.join(map(str, repeated))} appear more than once: seeds must be distinct runs")
+    code_bytes = {run.summary["bytes_code"] for run in runs}
+    if len(code_bytes) > 1:
+        reasons.append("the seeds disagree on code bytes (" + ", ".join(f"{r.label}: {r.summary['bytes_code']}"
+                                                                       for r in runs) + "): they ran different train_gpt.py")
+    if code is None:
+        reasons.append(f"{code_path} is missing: the record needs the script that ran")
+    else:
+        source_end = code + LOG_SOURCE_END.encode()
+        for run in runs:
+            if not run.txt_bytes.startswith(source_end):
+                reasons.append(f"{run.label}: its log records a train_gpt.py different from {code_path} "
+                               f"({len(code)} bytes; the run counted {run.summary['bytes_code']}): "
+                               "the record's copy would not be the code that ran")
+    for key in ("val_tokens", "val_bytes"):
+        if len({run.summary[key] for run in runs}) > 1:
+            reasons.append(f"the seeds scored different validation sets ({key}: "
+                           + ", ".join(f"{r.label}: {r.summary[key]}" for r in runs) + ")")
+    if runs:
+        first = runs[0]
+        for run in runs[1:]:
+            names = sorted(k for k in set(first.hp) | set(run.hp)
+                           if k not in PER_RUN_SETTINGS and first.hp.get(k) != run.hp.get(k))
+            if names:
+                reasons.append(f"{run.label} ran different settings from {first.label}: " + ", ".join(
+                    f"{k}={run.hp.get(k)!r} vs {first.hp.get(k)!r}" for k in names))
+    return reasons
+
+
+def on_track_hardware(summary: dict) -> bool:
+    """True for a run on the track's machine: CUDA, 8 processes, H100 GPUs (as the run recorded)."""
+    return summary["device"] == "cuda" and summary["world_size"] == 8 and "H100" in str(summary["hardware"])
+
+
+def hardware_line(summary: dict) -> str | None:
+    """The run's hardware as its summary recorded it, e.g. '8x NVIDIA H100 80GB HBM3'."""
+    if summary["hardware"] is None:
+        return None
+    if summary["device"] == "cuda":
+        return f"{summary['world_size']}x {summary['hardware']}"
+    return f"{summary['hardware']} ({summary['device']}, {summary['world_size']} processes)"
+
+
+def _one_value(values: Sequence) -> object:
+    """The common value of the seeds, or their distinct values joined by ' / '; None if none recorded one."""
+    distinct = list(dict.fromkeys(v for v in values if v is not None))
+    if not distinct:
+        return None
+    return distinct[0] if len(distinct) == 1 else " / ".join(map(str, distinct))
+
+
+def seed_statistics(runs: Sequence[SeedRun], reference: Sequence[float]) -> dict:
+    """Mean and sample std of val_bpb and val_loss over the seeds, and the Welch test against `reference`."""
+    bpb = np.array([run.summary["val_bpb"] for run in runs], dtype=np.float64)
+    loss = np.array([run.summary["val_loss"] for run in runs], dtype=np.float64)
+    first = runs[0].summary
+    margin = margin_bpb(first["val_tokens"], first["val_bytes"])
+    ref = np.asarray(reference, dtype=np.float64)
+    return dict(
+        n_seeds=len(runs), val_bpb_mean=float(bpb.mean()), val_loss_mean=float(loss.mean()),
+        val_bpb_std=float(np.std(bpb, ddof=1)) if bpb.size > 1 else None,
+        val_loss_std=float(np.std(loss, ddof=1)) if loss.size > 1 else None,
+        margin_bpb=margin, reference_val_bpb=[float(v) for v in ref], reference_mean=float(ref.mean()),
+        **welch_one_sided(bpb, ref, margin))
+
+
+def _hp(run: SeedRun, name: str, fmt: str = "") -> str:
+    value = run.hp.get(name)
+    return "?" if value is None else format(value, fmt)
+
+
+def technique_summary(run: SeedRun) -> str:
+    """One line on what the configuration is, from the run's resolved settings."""
+    s = run.summary
+    ttt = (f"score-first TTT ({_hp(run, 'TTT_EPOCHS')} epochs per {_hp(run, 'TTT_CHUNK_TOKENS')}-token chunk, "
+           f"last {_hp(run, 'TTT_LAST_N')} blocks, lr {_hp(run, 'TTT_LR')})" if run.hp.get("TTT_ENABLED") else "no TTT")
+    return (f"PRESET={_hp(run, 'PRESET')}: {_hp(run, 'NUM_LAYERS')} layers x {_hp(run, 'MODEL_DIM')}, "
+            f"{_hp(run, 'NUM_HEADS')} heads / {_hp(run, 'NUM_KV_HEADS')} KV heads, MLP {_hp(run, 'MLP_MULT')}x, "
+            f"vocab {_hp(run, 'VOCAB_SIZE')}, tied embeddings; Muon + Adam, {_hp(run, 'TRAIN_BATCH_TOKENS')} tokens/step "
+            f"at seq {_hp(run, 'TRAIN_SEQ_LEN')}; {s.get('quant_scheme') or '?'} artifact loaded back on every rank; "
+            f"eval window {s.get('eval_seq_len')} stride {s.get('eval_stride')}; {ttt}")
+
+
+def default_name(run: SeedRun) -> str:
+    return f"{_hp(run, 'PRESET')}_{_hp(run, 'NUM_LAYERS')}x{_hp(run, 'MODEL_DIM')}_{run.summary.get('quant_scheme') or 'model'}"
+
+
+def safe_dir_name(text: str) -> str:
+    """`text` with every run of characters other than letters, digits, '.', '_' and '-' made one '_'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "submission"
+
+
+def run_prefix(run_ids: Sequence[str]) -> str:
+    """The common part of the seeds' RUN_IDs (run_8xh100.sh names them <prefix>_seed<SEED>)."""
+    common = os.path.commonprefix(list(run_ids))
+    return safe_dir_name(re.sub(r"_?(seed\d*)?$", "", common) or common)
+
+
+def build_submission(runs: Sequence[SeedRun], stats: dict, *, name: str, author: str | None,
+                     github_id: str | None, date: str) -> dict:
+    """submission.json: RULES.md's fields in its order, then the test's inputs and versions."""
+    first = runs[0]
+    fmt = lambda v: "n/a" if v is None else f"{v:.5f}"  # noqa: E731
+    on_track = all(on_track_hardware(r.summary) for r in runs)
+    verdict = ("" if stats["p_value"] is None else
+               f"; one-sided Welch p = {stats['p_value']:.3g} for beating the reference by "
+               f"{MARGIN_NATS} nats ({stats['margin_bpb']:.5f} bpb)")
+    blurb = (f"{technique_summary(first)}. Mean val_bpb {stats['val_bpb_mean']:.5f} "
+             f"(sample std {fmt(stats['val_bpb_std'])}) over {len(runs)} seed(s){verdict}."
+             + ("" if on_track else " Not run on 8xH100: a practice record, not a leaderboard submission."))
+    return {
+        "author": author, "github_id": github_id, "name": name, "blurb": blurb, "date": date,
+        "val_loss": stats["val_loss_mean"], "val_bpb": stats["val_bpb_mean"],
+        "bytes_total": max(r.summary["bytes_total"] for r in runs), "bytes_code": first.summary["bytes_code"],
+        "track": TRACK, "seeds": [r.seed for r in runs],
+        "seed_results": {str(r.seed): {
+            "val_loss": r.summary["val_loss"], "val_bpb": r.summary["val_bpb"],
+            "artifact_bytes": r.summary["bytes_total"], "steps": r.summary["steps"],
+            "step_avg_ms": r.summary["step_avg_ms"], "eval_time_s": r.summary["eval_time_ms"] / 1e3,
+            "train_time_s": r.summary["train_time_ms"] / 1e3, "run_id": r.run_id,
+            "artifact_sha256": r.summary["artifact_sha256"]} for r in runs},
+        "val_bpb_std": stats["val_bpb_std"],
+        "hardware": _one_value([hardware_line(r.summary) for r in runs]),
+        "pytorch_version": _one_value([r.summary["torch_version"] for r in runs]),
+        "t_statistic": stats["t_statistic"], "welch_df": stats["welch_df"], "p_value": stats["p_value"],
+        "technique_summary": technique_summary(first),
+        "val_loss_std": stats["val_loss_std"], "margin_bpb": stats["margin_bpb"],
+        "reference_val_bpb": stats["reference_val_bpb"],
+        "cuda_version": _one_value([r.summary["cuda_version"] for r in runs]),
+        "on_track_hardware": on_track,
+    }
+
+
+# --- the record's README: reproduction commands need the script's defaults, read without importing it
+
+_BINARY_OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
+               ast.Div: lambda x, y: x / y, ast.FloorDiv: lambda x, y: x // y, ast.Pow: lambda x, y: x ** y}
+
+
+def _literal(node: ast.AST, names: dict) -> object:
+    """Evaluate a literal expression: constants, +/- and arithmetic, tuples/lists/dicts, names bound
+    earlier to literals; `int`/`float`/`str`/`bool` become their names. ValueError otherwise."""
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id in names:
+            return names[node.id]
+        if node.id in ("int", "float", "str", "bool"):
+            return node.id
+        raise ValueError(f"unknown name {node.id}")
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        value = _literal(node.operand, names)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+        return _BINARY_OPS[type(node.op)](_literal(node.left, names), _literal(node.right, names))
+    if isinstance(node, (ast.Tuple, ast.List)):
+        return [_literal(e, names) for e in node.elts]
+    if isinstance(node, ast.Dict) and None not in node.keys:
+        return {_literal(k, names): _literal(v, names) for k, v in zip(node.keys, node.values)}
+    raise ValueError(f"not a literal: {type(node).__name__}")
+
+
+def settings_defaults(source: str) -> dict[str, dict[str, object]] | None:
+    """{preset: {setting: default}} from train_gpt.py's SETTINGS and PRESETS literals, read with `ast`
+    (importing the script would need torch). None when the source does not have that shape."""
+    try:
+        tree = ast.parse(source)
+    except (SyntaxError, ValueError):
+        return None
+    names: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            target, value = node.targets[0].id, node.value
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
+            target, value = node.target.id, node.value
+        else:
+            continue
+        try:
+            names[target] = _literal(value, names)
+        except (ValueError, TypeError, ArithmeticError, RecursionError):
+            names.pop(target, None)
+    settings, presets = names.get("SETTINGS"), names.get("PRESETS")
+    if not isinstance(settings, dict) or not isinstance(presets, dict):
+        return None
+    try:
+        base = {name: spec[1] for name, spec in settings.items()}
+    except (TypeError, IndexError, KeyError):
+        return None
+    return {preset: {**base, **over} for preset, over in presets.items() if isinstance(over, dict)}
+
+
+def _env_value(value: object) -> str:
+    return shlex.quote(value if isinstance(value, str) else repr(value))
+
+
+def explicit_settings(hp: dict, defaults: dict[str, dict[str, object]] | None) -> dict[str, object]:
+    """The settings a command must set to reproduce `hp`: those that differ from the preset's
+    defaults (all of them when the defaults are unknown), less the launcher's own."""
+    preset_defaults = (defaults or {}).get(hp.get("PRESET"))
+    return {k: v for k, v in sorted(hp.items()) if k not in LAUNCHER_SETTINGS
+            and (preset_defaults is None or k not in preset_defaults or preset_defaults[k] != v)}
+
+
+def _rebase(path: str, start: Path) -> str:
+    """`path` (relative to the runs' working directory, or absolute) as seen from `start`."""
+    return path if os.path.isabs(path) else os.path.relpath(path, start)
+
+
+def _env_line(settings: dict) -> str:
+    return " ".join(f"{k}={_env_value(v)}" for k, v in settings.items())
+
+
+def _fmt(value, spec: str) -> str:
+    """`value` formatted with `spec`; 'n/a' for None, and as recorded for anything that is not a number."""
+    if value is None:
+        return "n/a"
+    return format(value, spec) if _number(value) else str(value)
+
+
+def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: Path, code: bytes) -> str:
+    """README.md of the record: technique stack, per-seed table, significance, audit, commands."""
+    first, s = runs[0], runs[0].summary
+    explicit = explicit_settings(first.hp, settings_defaults(code.decode("utf-8", errors="replace")))
+    nproc = s["world_size"]
+    data = {k: _rebase(str(first.hp.get(k, "")), record_dir) for k in ("DATA_PATH", "TOKENIZER_PATH")}
+    in_folder = dict(explicit, **data)
+    torchrun = f"torchrun --standalone --nproc_per_node={nproc} train_gpt.py"
+    seeds = " ".join(str(r.seed) for r in runs)
+    on_track = sub["on_track_hardware"]
+    lines = [f"# {sub['name']}", ""]
+    if not on_track:
+        lines += ["**Practice record.** These runs were not made on the track's hardware (8xH100): the figures "
+                  "below are not leaderboard figures, and this folder is not a submission.", ""]
+    lines += [sub["blurb"], "",
+              f"**val_bpb {sub['val_bpb']:.8f}** (mean of {len(runs)} seed(s), sample std "
+              f"{_fmt(sub['val_bpb_std'], '.8f')}), val_loss {sub['val_loss']:.8f} nats per token; largest artifact "
+              f"{sub['bytes_total']:,} bytes (code {sub['bytes_code']:,} + model); {sub['hardware']}, "
+              f"PyTorch {sub['pytorch_version']}, CUDA {sub['cuda_version'] or 'n/a'}.", "",
+              "## Technique stack", "",
+              f"- `PRESET={_hp(first, 'PRESET')}`: {_hp(first, 'NUM_LAYERS')} layers x {_hp(first, 'MODEL_DIM')}, "
+              f"{_hp(first, 'NUM_HEADS')} query heads / {_hp(first, 'NUM_KV_HEADS')} KV heads, MLP "
+              f"{_hp(first, 'MLP_MULT')}x, vocab {_hp(first, 'VOCAB_SIZE')}, {s.get('model_params', '?'):,} parameters."
+              if isinstance(s.get("model_params"), int) else
+              f"- `PRESET={_hp(first, 'PRESET')}`: {_hp(first, 'NUM_LAYERS')} layers x {_hp(first, 'MODEL_DIM')}.",
+              f"- Training: {_hp(first, 'TRAIN_BATCH_TOKENS')} tokens per step at sequence length "
+              f"{_hp(first, 'TRAIN_SEQ_LEN')}; Muon (lr {_hp(first, 'MATRIX_LR')}) for the block matrices, Adam "
+              f"(lr {_hp(first, 'SCALAR_LR')}, tied embedding {_hp(first, 'TIED_EMBED_LR')}) for the rest; warmdown "
+              f"over the last {_hp(first, 'WARMDOWN_FRAC')} of the run; wallclock cap "
+              f"{_hp(first, 'MAX_WALLCLOCK_SECONDS')} s, at most {_hp(first, 'ITERATIONS')} steps.",
+              f"- Artifact: {s.get('quant_scheme') or '?'} (lzma preset {_hp(first, 'LZMA_PRESET')}), written by "
+              "rank 0, read back from disk and scored by every rank.",
+              f"- Evaluation: window {s.get('eval_seq_len')}, stride {s.get('eval_stride')}"
+              + (" (sliding window)" if s.get("eval_stride") != s.get("eval_seq_len") else "")
+              + f"; {'score-first test-time training' if first.hp.get('TTT_ENABLED') else 'no test-time training'}; "
+              "compliance self-audit on (`EVAL_AUDIT=1`).",
+              f"- Summary: {sub['technique_summary']}", "",
+              "## Results per seed", "",
+              "| seed | run | val_bpb | val_loss | pre-quant val_bpb | steps | step avg (ms) | train (s) | eval (s) "
+              "| bytes_total | audit |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in runs:
+        x = r.summary
+        lines.append(f"| {r.seed} | `{r.run_id}` | {x['val_bpb']:.8f} | {x['val_loss']:.8f} | "
+                     f"{_fmt(x.get('pre_quant_val_bpb'), '.8f')} | {x['steps']} | {_fmt(x['step_avg_ms'], '.2f')} | "
+                     f"{x['train_time_ms'] / 1e3:.1f} | {x['eval_time_ms'] / 1e3:.1f} | {x['bytes_total']:,} | "
+                     f"{'all_ok' if (x['compliance'] or {}).get('all_ok') else 'FAILED'} |")
+    lines += [f"| **mean** | | **{stats['val_bpb_mean']:.8f}** | {stats['val_loss_mean']:.8f} | | | | | | | |",
+              f"| sample std | | {_fmt(stats['val_bpb_std'], '.8f')} | {_fmt(stats['val_loss_std'], '.8f')} "
+              "| | | | | | | |", ""]
+    ref = ", ".join(f"{v:.5f}" for v in stats["reference_val_bpb"])
+    lines += ["## Significance", "",
+              f"One-sided Welch t-test against the reference's per-seed val_bpb ({ref}; mean "
+              f"{stats['reference_mean']:.5f}). Required margin: {MARGIN_NATS} nats per token = "
+              f"{stats['margin_bpb']:.6f} bpb at this scoring's {s['val_tokens']:,} tokens over {s['val_bytes']:,} "
+              f"bytes (margin_bpb = {MARGIN_NATS} / ln 2 * val_tokens / val_bytes). H0: our mean >= reference mean "
+              "- margin.", ""]
+    if stats["p_value"] is None:
+        lines.append("No test: it needs at least 2 seeds on each side with some spread.")
+    else:
+        met = stats["p_value"] < P_THRESHOLD
+        lines.append(f"t = {stats['t_statistic']:.4f}, Welch df = {stats['welch_df']:.3f}, p = {stats['p_value']:.3g}: "
+                     f"the record requirement (p < {P_THRESHOLD}) is **{'met' if met else 'not met'}**.")
+    lines += ["", "## Compliance audit (per seed)", "",
+              "| seed | " + " | ".join(COMPLIANCE_CHECKS) + " |", "|---:|" + "---|" * len(COMPLIANCE_CHECKS)]
+    for r in runs:
+        c = r.summary["compliance"] or {}
+        lines.append(f"| {r.seed} | " + " | ".join(str(c.get(k)) for k in COMPLIANCE_CHECKS) + " |")
+    lines += ["", "## Reproduce", "",
+              "On an 8xH100 box, in the directory the runs ran in (it holds `run_8xh100.sh`, `tools/`, "
+              "`requirements.txt`, and the FineWeb shards under `./data` from openai/parameter-golf's "
+              "`python3 data/cached_challenge_fineweb.py --variant sp1024`), the one command:",
+              "", "```bash", "pip install -r requirements.txt",
+              " ".join(filter(None, [f'SEEDS="{seeds}"', f"NPROC={nproc}" if nproc != 8 else "",
+                                     _env_line(explicit), "bash run_8xh100.sh"])), "```", "",
+              f"Settings not named are `train_gpt.py`'s defaults for `PRESET={_hp(first, 'PRESET')}`; every resolved "
+              "setting is in each log's `hyperparameters:` line and in the `.json` summaries. This folder's "
+              "`train_gpt.py` also runs on its own, from inside this folder (one seed; it writes `logs/` and "
+              "`artifacts/` here):", "", "```bash",
+              f"SEED={first.seed} RUN_ID=repro_{first.run_id} EVAL_AUDIT=1 {_env_line(in_folder)} {torchrun}", "```",
+              "", "## Re-score a saved artifact (EVAL_ONLY) and check the NLL dump", "",
+              "The artifacts are not in this folder: each run wrote `artifacts/<RUN_ID>.pgolf.xz` next to its logs. "
+              "Check one against the sha256 its summary recorded, score it from inside this folder with `EVAL_ONLY` "
+              "(the model's shape comes from the artifact), then recompute val_bpb from the per-target NLL dump "
+              "(`target`, `nll` in nats as float64, `bytes`): it must equal the seed's val_bpb.", ""]
+    for r in runs:
+        artifact = _rebase(r.summary["artifact_path"], record_dir)
+        npz = f"rescore_{r.run_id}.npz"
+        lines += [f"Seed {r.seed} (val_bpb {r.summary['val_bpb']:.8f}):", "", "```bash",
+                  f"echo {shlex.quote(r.summary['artifact_sha256'] + '  ' + artifact)} | sha256sum -c -",
+                  f"EVAL_ONLY={shlex.quote(artifact)} RUN_ID=rescore_{r.run_id} NLL_DUMP={npz} EVAL_AUDIT=1 "
+                  f"{_env_line(in_folder)} {torchrun}",
+                  f"python3 -c \"import math, numpy as np; d = np.load('{npz}'); "
+                  f"print('%.8f' % (d['nll'].sum() / (math.log(2) * d['bytes'].sum())))\"", "```", ""]
+    lines += ["## Files", "",
+              "- `submission.json`: the fields above (`seed_results` per seed; `bytes_total` is the largest over seeds).",
+              "- `train_gpt.py`: the script the runs ran (byte-identical to the source at the top of each log).",
+              "- `requirements.txt`: the packages it needs.",
+              "- " + ", ".join(f"`{r.run_id}.txt`" for r in runs) + ": the train logs; "
+              + ", ".join(f"`{r.run_id}.json`" for r in runs) + ": the run summaries the figures above come from.",
+              "", f"Assembled by `tools/harness.py submit` on {sub['date']}.", ""]
+    return "\n".join(lines)
+
+
+def write_record(record_dir: Path, files: dict[str, bytes]) -> None:
+    """Create `record_dir` holding `files`, all at once: they are written into a hidden sibling folder
+    that is then renamed; a record folder that already exists is never touched."""
+    record_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = record_dir.parent / f".{record_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        for name, data in files.items():
+            (tmp / name).write_bytes(data)
+        if record_dir.exists():
+            raise FileExistsError(f"{record_dir} appeared while the record was being written")
+        os.rename(tmp, record_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _json_bytes(obj: object) -> bytes:
+    return (json.dumps(obj, indent=2, allow_nan=False) + "\n").encode()
+
+
+def update_top_level(path: Path, sub: dict) -> str:
+    """Make `sub` the entry's top-level submission.json unless that file already holds a better score."""
+    try:
+        current = json.loads(path.read_text())
+    except (OSError, ValueError):
+        current = {}
+    best = current.get("val_bpb") if isinstance(current, dict) else None
+    if _number(best) and best <= sub["val_bpb"]:
+        return f"kept {path}: it holds val_bpb {best:.8f}, not worse than this record's {sub['val_bpb']:.8f}"
+    with _atomic_writer(path) as f:
+        f.write(_json_bytes(sub))
+    return f"wrote {path} (val_bpb {sub['val_bpb']:.8f})"
+
+
+def print_summary(runs: Sequence[SeedRun], stats: dict | None) -> None:
+    print(f"submit: {len(runs)} seed(s)")
+    print(f"  {'seed':>6} {'val_bpb':>12} {'val_loss':>12} {'bytes_total':>12} {'steps':>7} {'train_s':>8} "
+          f"{'eval_s':>7}  audit")
+    for r in runs:
+        x = r.summary
+        audit = "all_ok" if isinstance(x["compliance"], dict) and x["compliance"].get("all_ok") else "FAILED/none"
+        seconds = {k: x[k] / 1e3 if _number(x[k]) else x[k] for k in ("train_time_ms", "eval_time_ms")}
+        print(f"  {r.seed!s:>6} {_fmt(x['val_bpb'], '12.8f')} {_fmt(x['val_loss'], '12.8f')} {x['bytes_total']!s:>12} "
+              f"{x['steps']!s:>7} {_fmt(seconds['train_time_ms'], '8.1f')} {_fmt(seconds['eval_time_ms'], '7.1f')}  "
+              f"{audit}")
+    if stats is None:
+        return
+    print(f"  mean val_bpb {stats['val_bpb_mean']:.8f} (sample std {_fmt(stats['val_bpb_std'], '.8f')}), "
+          f"mean val_loss {stats['val_loss_mean']:.8f} (sample std {_fmt(stats['val_loss_std'], '.8f')})")
+    line = (f"  Welch one-sided vs reference mean {stats['reference_mean']:.5f} - margin {stats['margin_bpb']:.6f} bpb: ")
+    if stats["p_value"] is None:
+        print(line + "no test (needs >= 2 seeds with some spread)")
+    else:
+        print(line + f"t={stats['t_statistic']:.4f} df={stats['welch_df']:.3f} p={stats['p_value']:.3g} "
+              f"(record needs p < {P_THRESHOLD}: {'met' if stats['p_value'] < P_THRESHOLD else 'not met'})")
+
+
+def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_path: str | os.PathLike = "train_gpt.py",
+           requirements_path: str | os.PathLike = "requirements.txt", record_dir: str | os.PathLike | None = None,
+           reference: Sequence[float] = DEFAULT_REFERENCE_BPB, name: str | None = None, author: str | None = None,
+           github_id: str | None = None, date: str | None = None, top_level: str | os.PathLike = "submission.json",
+           dry_run: bool = False) -> tuple[int, dict | None]:
+    """Check, summarize and assemble the seeds' runs into a record folder (paths relative to the
+    directory the runs ran in). Output: (exit status, submission dict or None).
+
+    0: assembled (or, with dry_run, would be); 1: refused, every reason printed, nothing written.
+    Runs on the track's hardware (8xH100) default to records/track_10min_16mb/<date>_<name>/ and may
+    update the top-level submission.json; any other run defaults to <log_dir>/<prefix>_record/ and may
+    not write under records/ or the top-level submission.json.
+    """
+    runs, reasons = load_runs(log_dir, run_ids)
+    if reasons:
+        if runs:
+            print_summary(runs, None)
+        for reason in reasons:
+            print(f"submit: refusing to assemble: {reason}", file=sys.stderr)
+        return 1, None
+    code_path, requirements_path = Path(code_path), Path(requirements_path)
+    code = code_path.read_bytes() if code_path.is_file() else None
+    reasons = check_runs(runs, code, str(code_path))
+    if not requirements_path.is_file():
+        reasons.append(f"{requirements_path} is missing: the record needs it")
+    numbers_ok = all(_number(r.summary[k]) for r in runs for k in ("val_bpb", "val_loss", "val_tokens", "val_bytes"))
+    stats = seed_statistics(runs, reference) if numbers_ok else None
+    print_summary(runs, stats)
+    on_track = all(on_track_hardware(r.summary) for r in runs)
+    date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
+    name = name or default_name(runs[0])
+    if record_dir is None:
+        record_dir = (RECORDS_DIR / f"{date}_{safe_dir_name(name)}" if on_track
+                      else Path(log_dir) / f"{run_prefix(run_ids)}_record")
+    record_dir = Path(record_dir)
+    if record_dir.exists():
+        reasons.append(f"{record_dir} already exists: a record is never overwritten (set RECORD_DIR elsewhere)")
+    if not on_track and Path(os.path.abspath(record_dir)).is_relative_to(os.path.abspath(RECORDS_DIR.parent)):
+        reasons.append(f"{record_dir} is under records/, which holds only runs on the track's hardware (8xH100); "
+                       "these ran on " + str(_one_value([hardware_line(r.summary) for r in runs])))
+    if reasons or stats is None:
+        for reason in reasons or ["the seeds' scores are not numbers"]:
+            print(f"submit: refusing to assemble: {reason}", file=sys.stderr)
+        return 1, None
+    sub = build_submission(runs, stats, name=name, author=author, github_id=github_id, date=date)
+    if dry_run:
+        print(f"submit: dry run: would write {record_dir}" + ("" if on_track else " (not on 8xH100: a practice record)"))
+        return 0, sub
+    files = {"README.md": record_readme(runs, sub, stats, record_dir, code).encode(),
+             "submission.json": _json_bytes(sub), "train_gpt.py": code,
+             "requirements.txt": requirements_path.read_bytes()}
+    for r in runs:
+        files[f"{r.run_id}.txt"], files[f"{r.run_id}.json"] = r.txt_bytes, r.json_bytes
+    write_record(record_dir, files)
+    print(f"submit: wrote {record_dir}/ ({', '.join(files)})")
+    if on_track:
+        print(f"submit: {update_top_level(Path(top_level), sub)}")
+    else:
+        print(f"submit: not on 8xH100 ({sub['hardware']}): a practice record; records/ and {top_level} untouched")
+    return 0, sub
+
+
+# ----------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------
 
@@ -374,11 +1060,70 @@ def _add_demo_data_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_demo_data)
 
 
+def _reference_values(text: str) -> tuple[float, ...]:
+    """Parse REFERENCE_BPB / --reference-bpb: at least 2 positive numbers, separated by spaces or commas."""
+    try:
+        values = tuple(float(v) for v in re.split(r"[,\s]+", text.strip()) if v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be numbers separated by spaces or commas, got {text!r}") from None
+    if len(values) < 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise argparse.ArgumentTypeError(f"needs at least 2 positive per-seed val_bpb values, got {text!r}")
+    return values
+
+
+def _iso_date(text: str) -> str:
+    try:
+        return _dt.date.fromisoformat(text).isoformat()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a date YYYY-MM-DD, got {text!r}") from None
+
+
+def _run_submit(args: argparse.Namespace) -> int:
+    """Run `submit`: check, summarize, and (unless --dry-run) assemble the record."""
+    status, _ = submit(args.run_ids, log_dir=args.logs, code_path=args.code, requirements_path=args.requirements,
+                       record_dir=args.record_dir, reference=args.reference_bpb, name=args.name, author=args.author,
+                       github_id=args.github_id, date=args.date, top_level=args.top_level, dry_run=args.dry_run)
+    return status
+
+
+def _add_submit_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `submit` subcommand. Its environment defaults are read when the parser is built."""
+    env = os.environ
+    p = subparsers.add_parser(
+        "submit",
+        help="check, summarize and assemble the seeds' runs into a record folder",
+        description="Read logs/<RUN_ID>.json and .txt of each seed (paths relative to where the runs ran), refuse "
+        "runs that break a rule (every reason printed, exit 1, nothing written), print mean/std and the one-sided "
+        "Welch test against the reference, then write the record folder: README.md, submission.json, "
+        "train_gpt.py, requirements.txt and the logs.",
+    )
+    p.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="one run per seed (run_8xh100.sh: <prefix>_seed<SEED>)")
+    p.add_argument("--logs", default="logs", help="folder of the runs' logs (default logs)")
+    p.add_argument("--code", default="train_gpt.py", help="the script to copy; must be the one the logs recorded")
+    p.add_argument("--requirements", default="requirements.txt", help="requirements file to copy")
+    p.add_argument("--record-dir", default=env.get("RECORD_DIR") or None,
+                   help="record folder to create (env RECORD_DIR); default records/track_10min_16mb/<date>_<name> for "
+                   "8xH100 runs, <logs>/<prefix>_record otherwise")
+    p.add_argument("--reference-bpb", type=_reference_values, default=env.get("REFERENCE_BPB") or DEFAULT_REFERENCE_BPB,
+                   help="per-seed val_bpb of the current best (env REFERENCE_BPB; default "
+                   + " ".join(map(str, DEFAULT_REFERENCE_BPB)) + ")")
+    p.add_argument("--name", default=env.get("SUBMISSION_NAME") or None,
+                   help="submission name (env SUBMISSION_NAME; default <preset>_<layers>x<dim>_<quant>)")
+    p.add_argument("--author", default=env.get("AUTHOR") or None, help="author (env AUTHOR; default null)")
+    p.add_argument("--github-id", default=env.get("GITHUB_ID") or None, help="GitHub id (env GITHUB_ID; default null)")
+    p.add_argument("--date", type=_iso_date, default=None, help="submission date YYYY-MM-DD (default: today, UTC)")
+    p.add_argument("--top-level", default="submission.json",
+                   help="the entry's submission.json, updated by 8xH100 records that beat it (default submission.json)")
+    p.add_argument("--dry-run", action="store_true", help="check and summarize only; write nothing")
+    p.set_defaults(func=_run_submit)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="harness.py", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_data_command(subparsers)
+    _add_submit_command(subparsers)
     return parser
 
 

@@ -1,0 +1,475 @@
+"""`tools/harness.py submit` and its statistics, on hand-made run summaries (no training here).
+
+References: published Student t-table values, closed forms (df = 1, 2, infinity), a t CDF computed
+by numerical integration of the density with numpy (no incomplete beta), Welch's df worked by hand,
+and numpy for every mean and sample std. The end-to-end test with real runs is test_seeds.py.
+"""
+
+import hashlib
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tools import harness
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAKE_CODE = b'"""A stand-in train_gpt.py: the harness copies it and compares it with the logs, never runs it."""\n'
+VAL_TOKENS, VAL_BYTES = 9553, 16217
+RULES_FIELDS = ["author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code",
+                "track", "seeds", "seed_results", "val_bpb_std", "hardware", "pytorch_version", "t_statistic",
+                "welch_df", "p_value", "technique_summary"]
+SEED_FIELDS = ["val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms", "eval_time_s"]
+H100 = dict(device="cuda", world_size=8, hardware="NVIDIA H100 80GB HBM3", torch_version="2.13.0+cu128",
+            cuda_version="12.8")
+
+
+# -----------------------------------------------------------------------------
+# Independent references
+# -----------------------------------------------------------------------------
+
+def t_cdf_by_integration(t: float, df: float, points: int = 200_001) -> float:
+    """P(T <= t) by Simpson's rule on the Student t density after x = tan(theta), theta in (-pi/2, atan t]."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi))
+    theta = np.linspace(-math.pi / 2, math.atan(t), points)
+    x = np.tan(theta[1:])
+    # integrand c * (1 + x^2/df)^(-(df+1)/2) * (1 + x^2); its limit at theta = -pi/2 is 0 (df > 1) or c (df = 1)
+    g = np.concatenate([[c if df == 1 else 0.0], c * (1 + x * x / df) ** (-(df + 1) / 2) * (1 + x * x)])
+    h = (theta[-1] - theta[0]) / (points - 1)
+    return float(h / 3 * (g[0] + g[-1] + 4 * g[1:-1:2].sum() + 2 * g[2:-1:2].sum()))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """Inverse of harness.student_t_cdf by bisection."""
+    lo, hi = -1e4, 1e4
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if harness.student_t_cdf(mid, df) < p else (lo, mid)
+    return (lo + hi) / 2
+
+
+def welch_by_hand(ours, reference, margin):
+    """(t, df, p) of the one-sided Welch test, written out with numpy and the integrated t CDF."""
+    a, b = np.asarray(ours, float), np.asarray(reference, float)
+    va, vb = a.var(ddof=1) / a.size, b.var(ddof=1) / b.size
+    t = (a.mean() - (b.mean() - margin)) / np.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (a.size - 1) + vb ** 2 / (b.size - 1))
+    return float(t), float(df), t_cdf_by_integration(float(t), float(df))
+
+
+# -----------------------------------------------------------------------------
+# Statistics
+# -----------------------------------------------------------------------------
+
+def test_importing_the_harness_needs_no_torch_train_gpt_or_sentencepiece():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import tools.harness; "
+            "print(sorted(m for m in ('torch', 'train_gpt', 'sentencepiece') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(REPO_ROOT)], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("p, df, table", [
+    (0.95, 2, 2.920), (0.975, 10, 2.228), (0.99, 5, 3.365), (0.995, 1, 63.657), (0.90, 30, 1.310),
+    (0.975, 3, 3.182), (0.999, 20, 3.552), (0.95, 120, 1.658), (0.99, 2, 6.965), (0.975, 1, 12.706)])
+def test_t_cdf_matches_the_published_t_table(p, df, table):
+    assert t_quantile(p, df) == pytest.approx(table, abs=5e-4 + 1e-9)   # tables round to 3 decimals
+    assert harness.student_t_cdf(-table, df) == pytest.approx(1 - harness.student_t_cdf(table, df), abs=1e-15)
+
+
+@pytest.mark.parametrize("t", [-50.0, -3.0, -1.0, -0.2, 0.0, 0.7, 2.5, 10.0, 1e3])
+def test_t_cdf_closed_forms(t):
+    assert harness.student_t_cdf(t, 1) == pytest.approx(0.5 + math.atan(t) / math.pi, abs=1e-13)       # Cauchy
+    assert harness.student_t_cdf(t, 2) == pytest.approx(0.5 + t / (2 * math.sqrt(2 + t * t)), abs=1e-13)
+    assert harness.student_t_cdf(t, math.inf) == 0.5 * math.erfc(-t / math.sqrt(2))
+
+
+@pytest.mark.parametrize("t", [-4.0, -1.5, 0.3, 2.0, 3.5])
+def test_t_cdf_tends_to_the_normal_for_large_df(t):
+    normal = 0.5 * math.erfc(-t / math.sqrt(2))
+    assert harness.student_t_cdf(t, 1e7) == pytest.approx(normal, abs=1e-6)
+    assert abs(harness.student_t_cdf(t, 1e3) - normal) > abs(harness.student_t_cdf(t, 1e5) - normal) or t == 0
+
+
+@pytest.mark.parametrize("df", [2.0, 2.118, 4.07547, 7.3, 29.5])
+@pytest.mark.parametrize("t", [-6.0, -2.5, -0.4, 0.0, 1.1, 3.0])
+def test_t_cdf_matches_numerical_integration_for_fractional_df(t, df):
+    assert harness.student_t_cdf(t, df) == pytest.approx(t_cdf_by_integration(t, df), abs=1e-8)
+
+
+def test_t_cdf_matches_scipy_when_available():
+    stats = pytest.importorskip("scipy.stats")
+    for df in (1.0, 2.0, 2.5, 4.07547, 13.0, 1e4):
+        for t in (-30.0, -5.0, -2.0, -0.3, 0.0, 0.8, 4.0):
+            assert harness.student_t_cdf(t, df) == pytest.approx(stats.t.cdf(t, df), rel=1e-10, abs=1e-300)
+
+
+def test_t_cdf_keeps_tiny_tails():
+    # P(T <= -30) at df=5 is about 3.5e-7: a subtraction from 1 would lose most of its digits
+    tail = harness.student_t_cdf(-30.0, 5)
+    assert tail == pytest.approx(t_cdf_by_integration(-30.0, 5), rel=1e-5)
+    assert 0 < tail < 1e-6
+
+
+def test_incomplete_beta_special_cases():
+    for x in (0.0, 0.1, 0.5, 0.93, 1.0):
+        assert harness.regularized_incomplete_beta(2.5, 1.0, x) == pytest.approx(x ** 2.5, abs=1e-14)
+        assert harness.regularized_incomplete_beta(1.0, 3.0, x) == pytest.approx(1 - (1 - x) ** 3, abs=1e-14)
+    assert harness.regularized_incomplete_beta(7.0, 7.0, 0.5) == pytest.approx(0.5, abs=1e-14)
+    with pytest.raises(ValueError):
+        harness.regularized_incomplete_beta(0.0, 1.0, 0.5)
+
+
+def test_welch_df_and_t_by_hand():
+    # s1^2/n1 = 0.01/3 = 1/300, s2^2/n2 = (0.2/3 * ... ) = 1/60:
+    # df = (1/300 + 1/60)^2 / ((1/300)^2 / 2 + (1/60)^2 / 3) = 216/53
+    ours, ref, margin = [1.0, 1.1, 1.2], [2.0, 2.2, 2.4, 2.6], 0.01
+    r = harness.welch_one_sided(ours, ref, margin)
+    assert r["welch_df"] == pytest.approx(216 / 53, rel=1e-12)
+    assert r["t_statistic"] == pytest.approx((1.1 - 2.3 + margin) / math.sqrt(1 / 300 + 1 / 60), rel=1e-12)
+    assert r["p_value"] == pytest.approx(harness.student_t_cdf(r["t_statistic"], 216 / 53), rel=1e-15)
+    assert r["p_value"] < 1e-3                       # clearly better: small p
+    worse = harness.welch_one_sided(ref, ours, margin)
+    assert worse["p_value"] > 0.999                  # clearly worse: p near 1
+
+
+def test_welch_margin_moves_the_test():
+    ours, ref = [1.050, 1.051, 1.052], [1.060, 1.061, 1.062]    # 0.010 better
+    assert harness.welch_one_sided(ours, ref, 0.0)["p_value"] < 0.01
+    assert harness.welch_one_sided(ours, ref, 0.010)["p_value"] == pytest.approx(0.5, abs=1e-12)  # exactly at the margin
+    assert harness.welch_one_sided(ours, ref, 0.02)["p_value"] > 0.99
+
+
+def test_welch_needs_two_values_and_some_spread():
+    none = dict(t_statistic=None, welch_df=None, p_value=None)
+    assert harness.welch_one_sided([1.0], [1.1, 1.2], 0.0) == none
+    assert harness.welch_one_sided([1.0, 1.0], [1.1, 1.1], 0.0) == none
+
+
+def test_margin_bpb():
+    assert harness.margin_bpb(1000, 2500) == pytest.approx(0.005 / math.log(2) * 0.4, rel=1e-15)
+    assert harness.margin_bpb(VAL_TOKENS, VAL_BYTES, margin_nats=0.01) == pytest.approx(
+        2 * harness.margin_bpb(VAL_TOKENS, VAL_BYTES), rel=1e-15)
+
+
+# -----------------------------------------------------------------------------
+# Hand-made runs
+# -----------------------------------------------------------------------------
+
+def fake_summary(run_id, seed, val_bpb, **overrides):
+    """A run summary with the keys train_gpt.py writes; val_loss consistent with val_bpb."""
+    hp = {"PRESET": "baseline", "ARTIFACT_BUDGET_BYTES": 16_000_000, "MAX_WALLCLOCK_SECONDS": 600.0,
+          "ITERATIONS": 20000, "NUM_LAYERS": 9, "MODEL_DIM": 512, "NUM_HEADS": 8, "NUM_KV_HEADS": 4, "MLP_MULT": 2,
+          "VOCAB_SIZE": 1024, "TRAIN_SEQ_LEN": 1024, "TRAIN_BATCH_TOKENS": 524288, "EVAL_AUDIT": 1, "TTT_ENABLED": 0,
+          "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+          "LZMA_PRESET": 9, "SEED": seed, "RUN_ID": run_id}
+    s = dict(run_id=run_id, seed=seed, preset="baseline", world_size=2, device="cpu", hardware="x86_64",
+             torch_version="2.13.0+cpu", cuda_version=None, eval_only=False, steps=1000 + seed,
+             train_time_ms=590_000.0 + seed, step_avg_ms=590.0, tokens_per_s=1.0, stopped_early=True,
+             pre_quant_val_loss=None, pre_quant_val_bpb=val_bpb - 0.01, bytes_model=15_000_000 + 1000 * seed,
+             bytes_code=len(FAKE_CODE), artifact_path=f"artifacts/{run_id}.pgolf.xz", artifact_sha256="ab" * 32,
+             train_data_last_read_ms=589_000.0, train_deadline_ms=600_000.0, train_data_read_after_deadline=False,
+             val_loss=val_bpb * math.log(2) * VAL_BYTES / VAL_TOKENS, val_bpb=val_bpb, val_tokens=VAL_TOKENS,
+             val_bytes=VAL_BYTES, eval_seq_len=1024, eval_stride=64, eval_time_ms=80_000.0 + seed,
+             quant_scheme="int8_lzma", model_params=17_059_912,
+             compliance=dict(causality_ok=True, normalization_ok=True, score_before_update_ok=True, one_pass_ok=True,
+                             no_train_data_after_deadline=True, all_ok=True),
+             nll_dump=None, wall_time_s=700.0, hyperparameters=hp)
+    s["bytes_total"] = s["bytes_model"] + s["bytes_code"]
+    for key, value in overrides.items():
+        if key == "hyperparameters":
+            s["hyperparameters"] = dict(hp, **value)
+        else:
+            s[key] = value
+    return s
+
+
+BPBS = {1: 1.0501, 2: 1.0523, 3: 1.0512}
+
+
+def write_runs(root, seeds=(1, 2, 3), prefix="pg", summaries=None, code=FAKE_CODE, **overrides):
+    """logs/<prefix>_seed<N>.{json,txt} for each seed under `root`; returns the run ids."""
+    (root / "logs").mkdir(exist_ok=True)
+    ids = []
+    for i, seed in enumerate(seeds):
+        run_id = f"{prefix}_seed{seed}" if f"{prefix}_seed{seed}" not in ids else f"{prefix}_seed{seed}_{i}"
+        s = (summaries or {}).get(i) or fake_summary(run_id, seed, BPBS.get(seed, 1.05), **overrides)
+        (root / "logs" / f"{run_id}.json").write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
+        (root / "logs" / f"{run_id}.txt").write_bytes(code + harness.LOG_SOURCE_END.encode()
+                                                      + f"run_id:{run_id} seed:{seed}\n".encode())
+        ids.append(run_id)
+    return ids
+
+
+@pytest.fixture
+def entry(tmp_path, monkeypatch):
+    """A working directory like the repository root: train_gpt.py, requirements.txt, submission.json."""
+    for var in ("RECORD_DIR", "REFERENCE_BPB", "SUBMISSION_NAME", "AUTHOR", "GITHUB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train_gpt.py").write_bytes(FAKE_CODE)
+    (tmp_path / "requirements.txt").write_text("torch\nnumpy\nsentencepiece\n")
+    (tmp_path / "submission.json").write_text(json.dumps({"name": "placeholder", "val_bpb": None}) + "\n")
+    return tmp_path
+
+
+def tree(root):
+    """{relative path: sha256} of every file under root."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(root).rglob("*")) if p.is_file()}
+
+
+def submit(*args):
+    return harness.main(["submit", *args])
+
+
+def test_assembles_a_record_with_every_file_and_statistic(entry, capsys):
+    ids = write_runs(entry)
+    assert submit(*ids, "--record-dir", "rec", "--date", "2026-04-01") == 0
+    rec = entry / "rec"
+    assert sorted(os.listdir(rec)) == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt"]
+                                             + [f"{i}.{ext}" for i in ids for ext in ("txt", "json")])
+    assert (rec / "train_gpt.py").read_bytes() == FAKE_CODE
+    assert (rec / "requirements.txt").read_bytes() == (entry / "requirements.txt").read_bytes()
+    for i in ids:
+        for ext in ("txt", "json"):
+            assert (rec / f"{i}.{ext}").read_bytes() == (entry / "logs" / f"{i}.{ext}").read_bytes()
+
+    sub = json.loads((rec / "submission.json").read_text())
+    assert list(sub)[:len(RULES_FIELDS)] == RULES_FIELDS
+    summaries = [json.loads((entry / "logs" / f"{i}.json").read_text()) for i in ids]
+    bpb = np.array([s["val_bpb"] for s in summaries])
+    loss = np.array([s["val_loss"] for s in summaries])
+    margin = 0.005 / math.log(2) * VAL_TOKENS / VAL_BYTES
+    t, df, p = welch_by_hand(bpb, harness.DEFAULT_REFERENCE_BPB, margin)
+    assert sub["val_bpb"] == pytest.approx(bpb.mean(), rel=1e-14)
+    assert sub["val_loss"] == pytest.approx(loss.mean(), rel=1e-14)
+    assert sub["val_bpb_std"] == pytest.approx(bpb.std(ddof=1), rel=1e-12)
+    assert sub["val_loss_std"] == pytest.approx(loss.std(ddof=1), rel=1e-12)
+    assert sub["margin_bpb"] == pytest.approx(margin, rel=1e-14)
+    assert (sub["t_statistic"], sub["welch_df"]) == (pytest.approx(t, rel=1e-12), pytest.approx(df, rel=1e-12))
+    assert sub["p_value"] == pytest.approx(p, abs=1e-8)
+    assert sub["reference_val_bpb"] == [1.05989, 1.06125, 1.06209]
+    assert sub["bytes_total"] == max(s["bytes_total"] for s in summaries) == summaries[2]["bytes_total"]
+    assert sub["bytes_code"] == len(FAKE_CODE)
+    assert sub["seeds"] == [1, 2, 3] and sub["track"] == "10min_16mb" and sub["date"] == "2026-04-01"
+    assert sub["author"] is None and sub["github_id"] is None and sub["name"] == "baseline_9x512_int8_lzma"
+    assert sub["hardware"] == "x86_64 (cpu, 2 processes)" and sub["pytorch_version"] == "2.13.0+cpu"
+    assert sub["cuda_version"] is None and sub["on_track_hardware"] is False
+    for s in summaries:
+        r = sub["seed_results"][str(s["seed"])]
+        assert {k: r[k] for k in SEED_FIELDS} == dict(
+            val_loss=s["val_loss"], val_bpb=s["val_bpb"], artifact_bytes=s["bytes_total"], steps=s["steps"],
+            step_avg_ms=s["step_avg_ms"], eval_time_s=s["eval_time_ms"] / 1e3)
+    assert "9 layers x 512" in sub["technique_summary"] and "no TTT" in sub["technique_summary"]
+
+    readme = (rec / "README.md").read_text()
+    assert "Practice record" in readme
+    for s in summaries:
+        assert f"| {s['seed']} | `{s['run_id']}` | {s['val_bpb']:.8f} | {s['val_loss']:.8f} |" in readme
+        assert f"EVAL_ONLY=../artifacts/{s['run_id']}.pgolf.xz RUN_ID=rescore_{s['run_id']}" in readme
+    assert f"**{bpb.mean():.8f}**" in readme and f"p = {p:.3g}" in readme
+    assert 'SEEDS="1 2 3" NPROC=2 ' in readme and "bash run_8xh100.sh" in readme
+    out = capsys.readouterr().out
+    assert f"mean val_bpb {bpb.mean():.8f}" in out and f"p={p:.3g}" in out
+
+
+def test_dry_run_writes_nothing(entry, capsys):
+    ids = write_runs(entry)
+    before = tree(entry)
+    assert submit(*ids, "--record-dir", "rec", "--dry-run") == 0
+    assert tree(entry) == before
+    assert "dry run: would write rec" in capsys.readouterr().out
+
+
+REFUSALS = {
+    "over the byte cap": dict(runs=dict(summaries={0: fake_summary("pg_seed1", 1, 1.05, bytes_total=16_000_001,
+                                                                   hyperparameters={"ARTIFACT_BUDGET_BYTES": 20_000_000})},
+                                        hyperparameters={"ARTIFACT_BUDGET_BYTES": 20_000_000})),
+    "ARTIFACT_BUDGET_BYTES=15,000,000": dict(runs=dict(hyperparameters={"ARTIFACT_BUDGET_BYTES": 15_000_000})),
+    "past its wallclock cap": dict(runs=dict(summaries={1: fake_summary("pg_seed2", 2, 1.05, train_time_ms=600_000.5)})),
+    "past the challenge's 600 s": dict(runs=dict(train_time_ms=650_000.0,
+                                                 hyperparameters={"MAX_WALLCLOCK_SECONDS": 0.0})),
+    "read training data after the deadline": dict(
+        runs=dict(summaries={2: fake_summary("pg_seed3", 3, 1.05, train_data_read_after_deadline=True)})),
+    "no compliance audit": dict(runs=dict(summaries={0: fake_summary("pg_seed1", 1, 1.05, compliance=None)})),
+    "failed the compliance audit: causality_ok": dict(runs=dict(summaries={1: fake_summary(
+        "pg_seed2", 2, 1.05, compliance=dict(causality_ok=False, normalization_ok=True, all_ok=False))})),
+    "disagree on code bytes": dict(runs=dict(summaries={1: fake_summary("pg_seed2", 2, 1.05,
+                                                                        bytes_code=len(FAKE_CODE) + 1)})),
+    "records a train_gpt.py different from train_gpt.py": dict(after=lambda root: (root / "train_gpt.py").write_bytes(
+        FAKE_CODE + b"# edited after the runs\n")),
+    "already exists: a record is never overwritten": dict(after=lambda root: (root / "rec").mkdir()),
+    "EVAL_ONLY re-score": dict(runs=dict(summaries={0: fake_summary("pg_seed1", 1, 1.05, eval_only=True)})),
+    "appear more than once": dict(runs=dict(seeds=(1, 1, 2))),
+    "ran different settings from seed 1 (pg_seed1): NUM_LAYERS=10 vs 9": dict(runs=dict(summaries={
+        1: fake_summary("pg_seed2", 2, 1.05, hyperparameters={"NUM_LAYERS": 10})})),
+    "different validation sets (val_tokens": dict(runs=dict(summaries={2: fake_summary("pg_seed3", 3, 1.05,
+                                                                                       val_tokens=VAL_TOKENS - 1)})),
+    "evaluated for longer than the challenge's 600 s": dict(runs=dict(eval_time_ms=600_001.0)),
+    "logs/pg_seed2.json is missing": dict(after=lambda root: (root / "logs" / "pg_seed2.json").unlink()),
+    "logs/pg_seed3.txt (the train log) is missing": dict(after=lambda root: (root / "logs" / "pg_seed3.txt").unlink()),
+    "requirements.txt is missing": dict(after=lambda root: (root / "requirements.txt").unlink()),
+    "not the abababab": dict(after=lambda root: (root / "artifacts").mkdir() or
+                             (root / "artifacts" / "pg_seed1.pgolf.xz").write_bytes(b"not the artifact")),
+}
+
+
+@pytest.mark.parametrize("reason", list(REFUSALS))
+def test_refusals_say_why_exit_1_and_write_nothing(entry, capsys, reason):
+    case = REFUSALS[reason]
+    ids = write_runs(entry, **case.get("runs", {}))
+    case.get("after", lambda root: None)(entry)
+    before = tree(entry)
+    assert submit(*ids, "--record-dir", "rec") == 1
+    err = capsys.readouterr().err
+    assert "submit: refusing to assemble:" in err and reason in err, err
+    assert tree(entry) == before
+    assert [p.name for p in entry.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_matching_artifact_passes_the_sha256_check(entry):
+    ids = write_runs(entry)
+    (entry / "artifacts").mkdir()
+    blob = b"model bytes"
+    s = json.loads((entry / "logs" / f"{ids[0]}.json").read_text())
+    s["artifact_sha256"] = hashlib.sha256(blob).hexdigest()
+    (entry / "logs" / f"{ids[0]}.json").write_text(json.dumps(s))
+    (entry / "artifacts" / f"{ids[0]}.pgolf.xz").write_bytes(blob)
+    assert submit(*ids, "--record-dir", "rec") == 0
+
+
+def test_every_reason_is_reported_at_once(entry, capsys):
+    ids = write_runs(entry, summaries={0: fake_summary("pg_seed1", 1, 1.05, compliance=None),
+                                       1: fake_summary("pg_seed2", 2, 1.05, bytes_total=17_000_000)})
+    assert submit(*ids, "--record-dir", "rec") == 1
+    err = capsys.readouterr().err
+    assert "seed 1 (pg_seed1) has no compliance audit" in err and "seed 2 (pg_seed2) is over the byte cap" in err
+
+
+def test_cpu_runs_default_to_a_practice_record_under_logs(entry, capsys):
+    ids = write_runs(entry, prefix="pg_20260401_120000")
+    before = (entry / "submission.json").read_bytes()
+    assert submit(*ids, "--date", "2026-04-01") == 0
+    assert (entry / "logs" / "pg_20260401_120000_record" / "submission.json").is_file()
+    assert not (entry / "records").exists()
+    assert (entry / "submission.json").read_bytes() == before
+    assert "records/ and submission.json untouched" in capsys.readouterr().out
+
+
+def test_cpu_runs_may_not_write_under_records(entry, capsys):
+    ids = write_runs(entry)
+    assert submit(*ids, "--record-dir", "records/track_10min_16mb/x") == 1
+    assert "is under records/" in capsys.readouterr().err
+    assert not (entry / "records").exists()
+
+
+def test_8xh100_runs_go_to_records_and_update_the_top_level_submission(entry):
+    ids = write_runs(entry, **H100)
+    assert submit(*ids, "--date", "2026-04-01", "--name", "My run: v1") == 0
+    rec = entry / "records" / "track_10min_16mb" / "2026-04-01_My_run_v1"
+    sub = json.loads((rec / "submission.json").read_text())
+    assert sub["on_track_hardware"] is True and sub["name"] == "My run: v1"
+    assert sub["hardware"] == "8x NVIDIA H100 80GB HBM3" and sub["cuda_version"] == "12.8"
+    assert sub["pytorch_version"] == "2.13.0+cu128"
+    assert json.loads((entry / "submission.json").read_text()) == sub
+    assert "Practice record" not in (rec / "README.md").read_text()
+
+    # a worse record is assembled, but the top-level submission keeps the better one
+    worse = write_runs(entry, prefix="pg2", summaries={i: fake_summary(f"pg2_seed{s}", s, 1.2, **H100)
+                                                       for i, s in enumerate((1, 2, 3))})
+    assert submit(*worse, "--date", "2026-04-02") == 0
+    assert (entry / "records" / "track_10min_16mb" / "2026-04-02_baseline_9x512_int8_lzma").is_dir()
+    assert json.loads((entry / "submission.json").read_text()) == sub
+
+
+def test_one_gpu_is_not_the_track(entry):
+    ids = write_runs(entry, **dict(H100, world_size=1))
+    before = (entry / "submission.json").read_bytes()
+    assert submit(*ids, "--date", "2026-04-01") == 0
+    assert not (entry / "records").exists() and (entry / "logs" / "pg_record").is_dir()
+    assert (entry / "submission.json").read_bytes() == before
+
+
+def test_a_single_seed_has_null_spread_and_no_test(entry):
+    ids = write_runs(entry, seeds=(7,))
+    assert submit(*ids, "--record-dir", "rec") == 0
+    sub = json.loads((entry / "rec" / "submission.json").read_text())
+    assert sub["seeds"] == [7] and sub["val_bpb_std"] is None
+    assert (sub["t_statistic"], sub["welch_df"], sub["p_value"]) == (None, None, None)
+
+
+# -----------------------------------------------------------------------------
+# Environment knobs: each changes what is written
+# -----------------------------------------------------------------------------
+
+def test_env_record_dir(entry, monkeypatch):
+    ids = write_runs(entry)
+    monkeypatch.setenv("RECORD_DIR", str(entry / "elsewhere" / "rec"))
+    assert submit(*ids) == 0
+    assert (entry / "elsewhere" / "rec" / "submission.json").is_file()
+    assert not (entry / "logs" / "pg_record").exists()
+
+
+def test_env_reference_bpb(entry, monkeypatch):
+    ids = write_runs(entry)
+    monkeypatch.setenv("REFERENCE_BPB", "1.0601, 1.0590 1.0612")
+    assert submit(*ids, "--record-dir", "rec") == 0
+    sub = json.loads((entry / "rec" / "submission.json").read_text())
+    t, df, p = welch_by_hand(list(BPBS.values()), [1.0601, 1.0590, 1.0612], sub["margin_bpb"])
+    assert sub["reference_val_bpb"] == [1.0601, 1.0590, 1.0612]
+    assert sub["t_statistic"] == pytest.approx(t, rel=1e-12) and sub["p_value"] == pytest.approx(p, abs=1e-8)
+    assert sub["welch_df"] == pytest.approx(df, rel=1e-12)
+
+
+@pytest.mark.parametrize("bad", ["1.06", "1.06 x", "1.06 -1"])
+def test_env_reference_bpb_malformed_is_a_usage_error(entry, monkeypatch, capsys, bad):
+    ids = write_runs(entry)
+    monkeypatch.setenv("REFERENCE_BPB", bad)
+    with pytest.raises(SystemExit) as exc:
+        submit(*ids, "--record-dir", "rec")
+    assert exc.value.code == 2 and "--reference-bpb" in capsys.readouterr().err
+    assert not (entry / "rec").exists()
+
+
+def test_env_submission_name_author_github_id(entry, monkeypatch):
+    ids = write_runs(entry, **H100)
+    monkeypatch.setenv("SUBMISSION_NAME", "Int8 baseline")
+    monkeypatch.setenv("AUTHOR", "Ada Lovelace")
+    monkeypatch.setenv("GITHUB_ID", "ada")
+    assert submit(*ids, "--date", "2026-04-03") == 0
+    sub = json.loads((entry / "records" / "track_10min_16mb" / "2026-04-03_Int8_baseline" / "submission.json").read_text())
+    assert (sub["name"], sub["author"], sub["github_id"]) == ("Int8 baseline", "Ada Lovelace", "ada")
+
+
+# -----------------------------------------------------------------------------
+# Reproduction commands: the defaults read from train_gpt.py's source without importing it
+# -----------------------------------------------------------------------------
+
+def test_settings_defaults_read_from_the_source_match_train_gpt():
+    train_gpt = pytest.importorskip("train_gpt")
+    defaults = harness.settings_defaults((REPO_ROOT / "train_gpt.py").read_text())
+    assert defaults is not None and set(defaults) == set(train_gpt.PRESETS)
+    for preset, overrides in train_gpt.PRESETS.items():
+        expected = {name: overrides.get(name, spec[1]) for name, spec in train_gpt.SETTINGS.items()}
+        assert defaults[preset] == expected
+    assert harness.settings_defaults("x = 1\n") is None and harness.settings_defaults("def (") is None
+
+
+def test_explicit_settings_reproduce_the_resolved_settings():
+    train_gpt = pytest.importorskip("train_gpt")
+    env = {"NUM_LAYERS": "3", "MATRIX_LR": "0.031", "DATA_PATH": "/d a/x", "EVAL_STRIDE": "0", "SEED": "5",
+           "RUN_ID": "r", "EVAL_AUDIT": "1", "ADAM_EPS": "1e-09"}
+    hp = train_gpt.read_settings(env)[0].as_dict()
+    explicit = harness.explicit_settings(hp, harness.settings_defaults((REPO_ROOT / "train_gpt.py").read_text()))
+    assert set(explicit) == {"NUM_LAYERS", "MATRIX_LR", "DATA_PATH", "EVAL_STRIDE", "ADAM_EPS"}
+    import shlex
+    parsed = dict(word.split("=", 1) for word in shlex.split(harness._env_line(explicit)))
+    again = train_gpt.read_settings(dict(parsed, SEED="5", RUN_ID="r", EVAL_AUDIT="1"))[0].as_dict()
+    assert again == hp
+    # unknown defaults: every setting but the launcher's is named
+    assert set(harness.explicit_settings(hp, None)) == set(hp) - set(harness.LAUNCHER_SETTINGS)
