@@ -47,7 +47,6 @@ ARTIFACT_BUDGET_BYTES = 16_000_000   # decimal cap: code bytes + compressed mode
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
-SMALL_TENSOR_NUMEL = 65_536      # tensors this small are stored fp16, not quantized
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
 
 
@@ -65,7 +64,7 @@ class PipelineError(Exception):
 
 # name: (type, default, meaning)
 SETTINGS: dict[str, tuple[type, object, str]] = {
-    "PRESET": (str, "baseline", "named set of defaults: baseline (the official naive baseline's recipe)"),
+    "PRESET": (str, "stack", "named set of defaults: stack (this entry) or baseline (the official naive baseline's recipe)"),
     "DATA_PATH": (str, "./data/datasets/fineweb10B_sp1024", "folder holding fineweb_{train,val}_*.bin"),
     "TOKENIZER_PATH": (str, "./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model for val_bpb bytes"),
     "VOCAB_SIZE": (int, 1024, "embedding rows; must hold every tokenizer id"),
@@ -73,8 +72,8 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "SEED": (int, 1337, "seed for initialisation and data order"),
     "ITERATIONS": (int, 20000, "maximum optimizer steps"),
     "MAX_WALLCLOCK_SECONDS": (float, 600.0, "training time cap in seconds; 0 = no cap (schedules then follow ITERATIONS)"),
-    "TRAIN_BATCH_TOKENS": (int, 524288, "tokens per optimizer step, over all ranks and micro-steps"),
-    "TRAIN_SEQ_LEN": (int, 1024, "training sequence length"),
+    "TRAIN_BATCH_TOKENS": (int, 786432, "tokens per optimizer step, over all ranks and micro-steps"),
+    "TRAIN_SEQ_LEN": (int, 2048, "training sequence length"),
     "GRAD_ACCUM_STEPS": (int, 0, "micro-steps per optimizer step; 0 = 8 // world_size (global batch independent of world size)"),
     "VAL_BATCH_SIZE": (int, 524288, "evaluation tokens per forward pass, over all ranks"),
     "VAL_LOSS_EVERY": (int, 1000, "validate every N steps during training; 0 = only at the end"),
@@ -92,39 +91,70 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "TTT_LR": (float, 0.002, "TTT SGD learning rate"),
     "TTT_MOMENTUM": (float, 0.9, "TTT SGD momentum"),
     "TTT_LAST_N": (int, 2, "TTT trains only the last N blocks; the rest stay frozen"),
-    "NUM_LAYERS": (int, 9, "transformer blocks"),
+    "NUM_LAYERS": (int, 11, "transformer blocks"),
     "MODEL_DIM": (int, 512, "residual width"),
     "NUM_HEADS": (int, 8, "query heads"),
     "NUM_KV_HEADS": (int, 4, "key/value heads (GQA)"),
-    "MLP_MULT": (int, 2, "MLP hidden width = MLP_MULT * MODEL_DIM"),
+    "MLP_MULT": (int, 3, "MLP hidden width = MLP_MULT * MODEL_DIM"),
+    "MLP_ACT": (str, "leaky_relu2", "MLP activation: relu2 (relu(x)^2) or leaky_relu2 (leaky_relu(x, 0.5)^2)"),
+    "ROPE_DIMS": (int, 16, "head dims that get RoPE (partial RoPE); 0 = all"),
+    "XSA_LAST_N": (int, 11, "XSA (subtract the output's component along its own value) in the last N layers; 0 = off"),
+    "ATTN_GATE": (int, 0, "1 = per-head sigmoid gate on the attention output"),
+    "BIGRAM_VOCAB": (int, 3072, "BigramHash buckets for the hashed (previous, current) token pair; 0 = off"),
+    "BIGRAM_DIM": (int, 112, "BigramHash embedding width (projected to MODEL_DIM)"),
+    "SMEAR_GATE": (int, 1, "1 = SmearGate: mix the previous token's embedding in (never into a BOS)"),
+    "LN_SCALE": (int, 1, "1 = scale each block's normalized inputs by 1/sqrt(layer + 1)"),
+    "RECUR_LAYERS": (str, "3-5", "depth recurrence: contiguous layers 'a-b' re-run in a row; empty = off"),
+    "RECUR_PASSES": (int, 3, "passes through RECUR_LAYERS once recurrence is on"),
+    "RECUR_START_FRAC": (float, 0.35, "fraction of the run after which recurrence is on"),
+    "PARALLEL_LAST_N": (int, 0, "last N blocks run attention and MLP in parallel lanes; 0 = off"),
     "ROPE_BASE": (float, 10000.0, "RoPE frequency base"),
     "LOGIT_SOFTCAP": (float, 30.0, "logits = c * tanh(logits / c)"),
     "QK_GAIN_INIT": (float, 1.5, "initial per-head query gain after q/k RMSNorm"),
     "TIED_EMBED_INIT_STD": (float, 0.005, "std of the tied embedding's initialisation"),
-    "MATRIX_LR": (float, 0.04, "Muon learning rate for block matrices"),
-    "SCALAR_LR": (float, 0.04, "Adam learning rate for vectors and scalars"),
-    "TIED_EMBED_LR": (float, 0.05, "Adam learning rate for the tied embedding"),
-    "MUON_MOMENTUM": (float, 0.95, "Muon momentum after warm-up"),
-    "MUON_MOMENTUM_WARMUP_START": (float, 0.85, "Muon momentum at the start of training"),
-    "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.036, "fraction of the run over which Muon momentum warms up"),
+    "MATRIX_LR": (float, 0.025, "Muon learning rate for matrices"),
+    "SCALAR_LR": (float, 0.025, "Adam learning rate for vectors and scalars"),
+    "TIED_EMBED_LR": (float, 0.035, "Adam learning rate for the tied embedding and the BigramHash table"),
+    "MUON_MOMENTUM": (float, 0.99, "Muon momentum after warm-up"),
+    "MUON_MOMENTUM_WARMUP_START": (float, 0.92, "Muon momentum at the start of training"),
+    "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.22, "fraction of the run over which Muon momentum warms up"),
+    "MUON_ROW_NORM": (int, 1, "1 = normalize each gradient row before Newton-Schulz"),
+    "MUON_WD": (float, 0.04, "Muon decoupled weight decay (p -= lr * wd * p)"),
+    "ADAM_WD": (float, 0.04, "AdamW decoupled weight decay"),
     "MUON_BACKEND_STEPS": (int, 5, "Newton-Schulz iterations"),
     "BETA1": (float, 0.9, "Adam beta1"),
     "BETA2": (float, 0.95, "Adam beta2"),
     "ADAM_EPS": (float, 1e-8, "Adam epsilon"),
-    "GRAD_CLIP_NORM": (float, 0.0, "clip the global gradient norm; 0 = off"),
+    "GRAD_CLIP_NORM": (float, 0.3, "clip the global gradient norm; 0 = off"),
     "LR_WARMUP_FRAC": (float, 0.0, "fraction of the run with a linear learning-rate warm-up"),
-    "WARMDOWN_FRAC": (float, 0.087, "final fraction of the run with a linear decay to 0 (baseline: 1200 of 13780 steps)"),
+    "WARMDOWN_FRAC": (float, 0.5, "final fraction of the run with a linear decay to LR_FLOOR"),
+    "LR_FLOOR": (float, 0.1, "learning-rate scale the warmdown ends at"),
+    "EMA_HORIZON_FRAC": (float, 0.048, "EMA of the weights with this time constant, as a fraction of the run; exported; 0 = off"),
     "COMPILE": (int, -1, "torch.compile the model: 1 on, 0 off, -1 = on for CUDA, off for CPU"),
     "COMPILE_WARMUP_STEPS": (int, 2, "forward/backward passes on random tokens before the clock starts (no update)"),
     "COMPUTE_DTYPE": (str, "auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"),
     "ARTIFACT_BUDGET_BYTES": (int, ARTIFACT_BUDGET_BYTES, "cap on raw code bytes + compressed model bytes"),
     "LZMA_PRESET": (int, 9, "lzma preset for the artifact (0-9)"),
+    "QUANT_MATRIX_BITS": (int, 6, "bits per weight of the large matrices (5-8, per-row scale); embeddings int8"),
 }
 
 PRESETS: dict[str, dict[str, object]] = {
+    # The defaults above: the stack the accepted records converged on (../shared/REFERENCE.md),
+    # with their published 8xH100 settings turned into fractions of a ~6,900-step run
+    # (warmdown 3,500 steps -> 0.5, momentum warm-up 1,500 -> 0.22, EMA 0.997 -> 333 steps -> 0.048).
+    "stack": {},
     # The official naive baseline (openai/parameter-golf train_gpt.py): 9L x 512, GQA 8/4,
     # relu^2 MLP 2x, tied embeddings, softcap 30, U-Net skips, Muon + Adam. The yardstick.
-    "baseline": {},
+    "baseline": {
+        "NUM_LAYERS": 9, "MLP_MULT": 2, "MLP_ACT": "relu2", "TRAIN_SEQ_LEN": 1024, "TRAIN_BATCH_TOKENS": 524288,
+        "ROPE_DIMS": 0, "XSA_LAST_N": 0, "ATTN_GATE": 0, "BIGRAM_VOCAB": 0, "SMEAR_GATE": 0, "LN_SCALE": 0,
+        "RECUR_LAYERS": "", "PARALLEL_LAST_N": 0,
+        "MATRIX_LR": 0.04, "SCALAR_LR": 0.04, "TIED_EMBED_LR": 0.05, "MUON_MOMENTUM": 0.95,
+        "MUON_MOMENTUM_WARMUP_START": 0.85, "MUON_MOMENTUM_WARMUP_FRAC": 0.036,   # 500 of 13,780 steps
+        "MUON_ROW_NORM": 0, "MUON_WD": 0.0, "ADAM_WD": 0.0, "GRAD_CLIP_NORM": 0.0,
+        "WARMDOWN_FRAC": 0.087, "LR_FLOOR": 0.0, "EMA_HORIZON_FRAC": 0.0,          # warmdown 1,200 of 13,780
+        "QUANT_MATRIX_BITS": 8,
+    },
 }
 
 # Variables the launcher scripts and torchrun use; never reported as misspelt settings.
@@ -237,10 +267,36 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
     if hp.eval_only and not os.path.isfile(hp.eval_only):
         raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
+    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM"]:
+        if hp.values[name] not in (0, 1):
+            raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
+    if hp.mlp_act not in ("relu2", "leaky_relu2"):
+        raise PipelineError(f"MLP_ACT={hp.mlp_act!r} must be relu2 or leaky_relu2")
+    head_dim = hp.model_dim // hp.num_heads
+    if hp.rope_dims < 0 or hp.rope_dims % 2 or hp.rope_dims > head_dim:
+        raise PipelineError(f"ROPE_DIMS={hp.rope_dims} must be even and at most the head dim {head_dim}")
+    if hp.bigram_vocab == 1 or hp.bigram_vocab < 0 or hp.bigram_dim <= 0:
+        raise PipelineError(f"BIGRAM_VOCAB={hp.bigram_vocab} must be 0 (off) or >= 2, BIGRAM_DIM={hp.bigram_dim} positive")
+    for name in ["XSA_LAST_N", "PARALLEL_LAST_N", "EMA_HORIZON_FRAC", "MUON_WD", "ADAM_WD", "LR_FLOOR"]:
+        if hp.values[name] < 0:
+            raise PipelineError(f"{name}={hp.values[name]} must be >= 0")
+    if not 0.0 <= hp.recur_start_frac <= 1.0 or hp.lr_floor > 1.0:
+        raise PipelineError(f"RECUR_START_FRAC={hp.recur_start_frac} and LR_FLOOR={hp.lr_floor} must be in [0, 1]")
+    try:
+        recur = parse_layer_range(hp.recur_layers)
+    except ValueError:
+        raise PipelineError(f"RECUR_LAYERS={hp.recur_layers!r} must look like '3-5' (or be empty)") from None
+    if recur and not 0 <= recur[0] <= recur[1] < hp.num_layers:
+        raise PipelineError(f"RECUR_LAYERS={hp.recur_layers!r} is not a range of layers 0..{hp.num_layers - 1} "
+                            f"(NUM_LAYERS={hp.num_layers}); set RECUR_LAYERS= to turn recurrence off")
+    if recur and hp.recur_passes < 2:
+        raise PipelineError(f"RECUR_PASSES={hp.recur_passes} must be >= 2 when RECUR_LAYERS is set")
     if hp.compile not in (-1, 0, 1):
         raise PipelineError(f"COMPILE={hp.compile} must be -1, 0 or 1")
     if hp.compute_dtype not in ("auto", "bf16", "fp32"):
         raise PipelineError(f"COMPUTE_DTYPE={hp.compute_dtype!r} must be auto, bf16 or fp32")
+    if hp.quant_matrix_bits not in (5, 6, 7, 8):
+        raise PipelineError(f"QUANT_MATRIX_BITS={hp.quant_matrix_bits} must be 5, 6, 7 or 8")
     if not 0 <= hp.lzma_preset <= 9:
         raise PipelineError(f"LZMA_PRESET={hp.lzma_preset} must be in 0..9")
     eval_seq_len = hp.eval_seq_len or hp.train_seq_len
@@ -299,13 +355,13 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
     return Runtime(rank, world_size, local_rank, device, distributed, control_group, autocast_dtype)
 
 
-def all_ranks_agree(rt: Runtime, flag: bool) -> bool:
-    """True when any rank says True (MAX vote on a CPU tensor; no GPU sync)."""
+def agree_max(rt: Runtime, values: list[float]) -> list[float]:
+    """Element-wise maximum over ranks (a float64 CPU tensor in the gloo group: no GPU sync)."""
     if not rt.distributed:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=rt.control_group)
-    return bool(t.item())
+    return t.tolist()
 
 
 def broadcast_error(rt: Runtime, message: str | None) -> None:
@@ -572,11 +628,12 @@ def rms_norm(x: Tensor) -> Tensor:
 
 
 class Rotary(nn.Module):
-    """RoPE tables, built once per sequence length (buffers are not exported)."""
+    """RoPE on the first `rope_dims` dims of each head (partial RoPE); the rest carry no position."""
 
-    def __init__(self, head_dim: int, base: float):
+    def __init__(self, head_dim: int, rope_dims: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+        self.rope_dims = rope_dims or head_dim
+        inv_freq = 1.0 / (base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -584,24 +641,34 @@ class Rotary(nn.Module):
         t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
         freqs = torch.outer(t, self.inv_freq)
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
-        half = x.size(-1) // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin), dim=-1)
+        rot, rest = x[..., :self.rope_dims], x[..., self.rope_dims:]
+        half = self.rope_dims // 2
+        x1, x2 = rot[..., :half], rot[..., half:]
+        return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, num_kv_heads: int, rope_base: float, qk_gain_init: float):
+    """GQA attention with q/k RMSNorm, a learned per-head query gain, partial RoPE, and optionally
+    XSA (remove from each head's output its component along that position's own value vector;
+    arXiv 2603.09078, used by records #1019 on) and a per-head sigmoid output gate."""
+
+    def __init__(self, hp: Hyperparameters, xsa: bool):
         super().__init__()
-        self.num_heads, self.num_kv_heads = num_heads, num_kv_heads
-        self.head_dim = dim // num_heads
-        kv_dim = num_kv_heads * self.head_dim
+        dim = hp.model_dim
+        self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
+        self.head_dim = dim // hp.num_heads
+        kv_dim = hp.num_kv_heads * self.head_dim
         self.c_q = nn.Linear(dim, dim, bias=False)
         self.c_k = nn.Linear(dim, kv_dim, bias=False)
         self.c_v = nn.Linear(dim, kv_dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         nn.init.zeros_(self.proj.weight)
-        self.q_gain = nn.Parameter(torch.full((num_heads,), qk_gain_init))
-        self.rotary = Rotary(self.head_dim, rope_base)
+        self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
+        self.rotary = Rotary(self.head_dim, hp.rope_dims, hp.rope_base)
+        self.xsa = xsa
+        self.gate = nn.Linear(dim, hp.num_heads, bias=False) if hp.attn_gate else None
+        if self.gate is not None:
+            nn.init.zeros_(self.gate.weight)           # 2 * sigmoid(0) = 1: starts as the identity
         self.backend = "sdpa"
 
     def forward(self, x: Tensor) -> Tensor:
@@ -612,41 +679,83 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         y = causal_attention(q, k, v, self.backend)
+        if self.xsa:
+            vn = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2), dim=-1)
+            y = y - (y * vn).sum(dim=-1, keepdim=True) * vn
+        if self.gate is not None:
+            y = y * (2.0 * torch.sigmoid(self.gate(x)))[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, mult: int):
+    """relu^2 (baseline) or LeakyReLU(0.5)^2 (records #1019 on)."""
+
+    def __init__(self, dim: int, mult: int, act: str):
         super().__init__()
         self.fc = nn.Linear(dim, mult * dim, bias=False)
         self.proj = nn.Linear(mult * dim, dim, bias=False)
         nn.init.zeros_(self.proj.weight)
+        self.negative_slope = 0.5 if act == "leaky_relu2" else 0.0
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(F.relu(self.fc(x)).square())
+        return self.proj(F.leaky_relu(self.fc(x), self.negative_slope).square())
 
 
 class Block(nn.Module):
-    """Pre-norm block with learned per-channel branch scales and a mix of the input embedding x0."""
+    """Pre-norm block with learned per-channel branch scales and a mix of the input embedding x0.
 
-    def __init__(self, hp: Hyperparameters):
+    LN_SCALE multiplies the normalized branch inputs by 1/sqrt(layer + 1). A parallel block feeds
+    attention and MLP the same input (a parallel residual lane) instead of one after the other.
+    """
+
+    def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
         dim = hp.model_dim
-        self.attn = CausalSelfAttention(dim, hp.num_heads, hp.num_kv_heads, hp.rope_base, hp.qk_gain_init)
-        self.mlp = MLP(dim, hp.mlp_mult)
+        self.attn = CausalSelfAttention(hp, xsa=layer >= hp.num_layers - hp.xsa_last_n)
+        self.mlp = MLP(dim, hp.mlp_mult, hp.mlp_act)
         self.attn_scale = nn.Parameter(torch.ones(dim))
         self.mlp_scale = nn.Parameter(torch.ones(dim))
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
+        self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
+        self.parallel = layer >= hp.num_layers - hp.parallel_last_n
 
     def forward(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
         x = mix[0] * x + mix[1] * x0
-        x = x + self.attn_scale.to(x.dtype) * self.attn(rms_norm(x))
-        return x + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x))
+        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale)
+        mlp_in = x if self.parallel else x + attn_out
+        return x + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mlp_in) * self.norm_scale)
+
+
+class BigramHash(nn.Module):
+    """Embedding of the hashed (previous, current) token pair, projected to the model width.
+
+    The projection starts at zero, so the model starts as if it were absent. Bucket 0 is for the
+    first position of a sequence (no previous token).
+    """
+
+    def __init__(self, buckets: int, dim: int, model_dim: int):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, dim)
+        nn.init.normal_(self.table.weight, std=0.02)
+        self.proj = nn.Linear(dim, model_dim, bias=False)
+        nn.init.zeros_(self.proj.weight)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        prev = F.pad(ids[:, :-1], (1, 0))
+        h = (prev * 1_000_003 + ids) % (self.buckets - 1) + 1
+        h[:, 0] = 0
+        return self.proj(self.table(h))
 
 
 class GPT(nn.Module):
-    """Tied-embedding GPT with U-Net skips: the first half's outputs feed the second half in reverse.
+    """Tied-embedding GPT with U-Net skips: the first half's outputs feed the second half in
+    reverse, each through a learned per-channel gate (skip_weights).
+
+    Depth recurrence: once `recurrence_on` is set (from RECUR_START_FRAC of training), layers
+    RECUR_LAYERS run RECUR_PASSES times in a row. Skips pair physical layers on their first visit,
+    so turning recurrence on does not re-wire them.
 
     forward(input_ids, target_ids) -> per-token NLL in nats, float32, shape (B, T).
     """
@@ -656,24 +765,49 @@ class GPT(nn.Module):
         self.softcap = hp.logit_softcap
         self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
-        self.blocks = nn.ModuleList([Block(hp) for _ in range(hp.num_layers)])
+        self.bigram = BigramHash(hp.bigram_vocab, hp.bigram_dim, hp.model_dim) if hp.bigram_vocab else None
+        # SmearGate: x_t += smear * x_{t-1}, never into a BOS (a new document); zero at start
+        self.smear = nn.Parameter(torch.zeros(hp.model_dim)) if hp.smear_gate else None
+        self.blocks = nn.ModuleList([Block(hp, i) for i in range(hp.num_layers)])
         self.num_encoder = hp.num_layers // 2
         self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        self.recur_range = parse_layer_range(hp.recur_layers)
+        self.recur_passes = hp.recur_passes
+        self.recurrence_on = False
 
     def set_attention_backend(self, backend: str) -> None:
         for block in self.blocks:
             block.attn.backend = backend
 
+    def layer_order(self) -> list[int]:
+        order = list(range(len(self.blocks)))
+        if self.recurrence_on and self.recur_range:
+            lo, hi = self.recur_range
+            order = order[:hi + 1] + list(range(lo, hi + 1)) * (self.recur_passes - 1) + order[hi + 1:]
+        return order
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        x = self.tok_emb(input_ids)
+        if self.bigram is not None:
+            x = x + self.bigram(input_ids)
+        x = rms_norm(x)
+        if self.smear is not None:
+            keep = (input_ids[:, 1:] != BOS_ID).to(x.dtype)[..., None]
+            x = torch.cat((x[:, :1], x[:, 1:] + self.smear.to(x.dtype) * x[:, :-1] * keep), dim=1)
+        return x
+
     def logits(self, input_ids: Tensor) -> Tensor:
         """Softcapped logits, float32, (B, T, vocab)."""
-        x = rms_norm(self.tok_emb(input_ids))
-        x0, skips = x, []
-        for i, block in enumerate(self.blocks):
-            if i >= self.num_encoder and skips:
+        x = self.embed(input_ids)
+        x0, skips, seen = x, [], set()
+        for i in self.layer_order():
+            first = i not in seen
+            seen.add(i)
+            if first and i >= self.num_encoder and skips:
                 x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = block(x, x0)
-            if i < self.num_encoder:
+            x = self.blocks[i](x, x0)
+            if first and i < self.num_encoder:
                 skips.append(x)
         logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
         return self.softcap * torch.tanh(logits / self.softcap)
@@ -684,17 +818,37 @@ class GPT(nn.Module):
         return nll.view_as(target_ids)
 
 
+def parse_layer_range(spec: str) -> tuple[int, int] | None:
+    """"3-5" -> (3, 5); "" -> None."""
+    if not spec:
+        return None
+    lo, _, hi = spec.partition("-")
+    return int(lo), int(hi or lo)
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def flops_per_token(hp: Hyperparameters, n_params: int, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward): 6 N + 6 L T d (causal attention).
+def matmul_params(hp: Hyperparameters) -> int:
+    """Weights that take part in a matmul per token: the blocks, the BigramHash projection and the
+    tied embedding once (as the output head; lookups are free). Repeated layers count per pass."""
+    d = hp.model_dim
+    kv = hp.num_kv_heads * (d // hp.num_heads)
+    block = 2 * d * d + 2 * d * kv + 2 * hp.mlp_mult * d * d + (d * hp.num_heads if hp.attn_gate else 0)
+    return hp.vocab_size * d + (hp.bigram_dim * d if hp.bigram_vocab else 0) + effective_layers(hp) * block
 
-    N counts every weight that takes part in a matmul: all parameters, the tied embedding once
-    (as the output head; the input lookup is free).
-    """
-    return 6.0 * n_params + 6.0 * hp.num_layers * seq_len * hp.model_dim
+
+def effective_layers(hp: Hyperparameters) -> int:
+    """Blocks run per token once depth recurrence is on."""
+    recur = parse_layer_range(hp.recur_layers)
+    return hp.num_layers + ((hp.recur_passes - 1) * (recur[1] - recur[0] + 1) if recur else 0)
+
+
+def flops_per_token(hp: Hyperparameters, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 N + 6 L T d, N = matmul_params, L the
+    blocks run per token (recurrence on), causal attention."""
+    return 6.0 * matmul_params(hp) + 6.0 * effective_layers(hp) * seq_len * hp.model_dim
 
 
 def projected_h100_step_ms(flops_token: float, batch_tokens: int) -> float:
@@ -734,12 +888,16 @@ def zeropower_newton_schulz(g: Tensor, steps: int) -> Tensor:
 class Muon(torch.optim.Optimizer):
     """Nesterov-momentum SGD whose 2-D updates are orthogonalised by Newton-Schulz.
 
-    Gradients must already be averaged over ranks (DDP does it). The update of a (rows x cols)
-    matrix is scaled by sqrt(max(1, rows / cols)).
+    Gradients must already be averaged over ranks (DDP does it). With row_norm, each row of the
+    momentum-corrected gradient is scaled to unit norm before Newton-Schulz (as the best record
+    did). The update of a (rows x cols) matrix is scaled by sqrt(max(1, rows / cols)); weight decay
+    is decoupled: p <- p * (1 - lr * weight_decay) - lr * update.
     """
 
-    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int = 0, world_size: int = 1):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps))
+    def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int = 0, world_size: int = 1,
+                 row_norm: bool = False, weight_decay: float = 0.0):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
+                                            row_norm=row_norm, weight_decay=weight_decay))
         self.rank, self.world_size = rank, world_size
 
     @torch.no_grad()
@@ -759,6 +917,8 @@ class Muon(torch.optim.Optimizer):
                     buf = state["momentum_buffer"]
                     buf.mul_(group["momentum"]).add_(p.grad)
                     g = p.grad.add(buf, alpha=group["momentum"])
+                    if group["row_norm"]:
+                        g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
                     g = zeropower_newton_schulz(g, group["backend_steps"])
                     g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
                     flat[offset:offset + sizes[i]] = g.flatten().float()
@@ -767,21 +927,24 @@ class Muon(torch.optim.Optimizer):
                 dist.all_reduce(flat)
             offset = 0
             for p, n in zip(params, sizes):
+                if group["weight_decay"]:
+                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
                 p.add_(flat[offset:offset + n].view_as(p).to(p.dtype), alpha=-group["lr"])
                 offset += n
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for the blocks' linear weights; Adam for the tied embedding and everything else."""
-    matrices = [m.weight for m in model.blocks.modules() if isinstance(m, nn.Linear)]
-    matrix_ids = {id(p) for p in matrices}
-    scalars = [p for p in model.parameters() if id(p) not in matrix_ids and p is not model.tok_emb.weight]
-    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps)
+    """Muon for every linear weight; AdamW for the embedding tables and everything else."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    taken = {id(p) for p in matrices + tables}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd)
     optimizers = [
-        torch.optim.Adam([dict(params=[model.tok_emb.weight], lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr)], **adam),
-        torch.optim.Adam([dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)], **adam),
+        torch.optim.AdamW([dict(params=tables, lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr)], **adam),
+        torch.optim.AdamW([dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)], **adam),
         Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-             rank=rt.rank, world_size=rt.world_size),
+             rank=rt.rank, world_size=rt.world_size, row_norm=bool(hp.muon_row_norm), weight_decay=hp.muon_wd),
     ]
     for group in optimizers[2].param_groups:
         group["base_lr"] = hp.matrix_lr
@@ -797,12 +960,34 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
 # -----------------------------------------------------------------------------
 
 def lr_scale(progress: float, hp: Hyperparameters) -> float:
-    """Linear warm-up over LR_WARMUP_FRAC, flat, then linear decay to 0 over the last WARMDOWN_FRAC."""
+    """Linear warm-up over LR_WARMUP_FRAC, flat, then linear decay to LR_FLOOR over the last WARMDOWN_FRAC."""
     if hp.lr_warmup_frac > 0 and progress < hp.lr_warmup_frac:
         return progress / hp.lr_warmup_frac
     if hp.warmdown_frac > 0 and progress > 1.0 - hp.warmdown_frac:
-        return max(0.0, (1.0 - progress) / hp.warmdown_frac)
+        remaining = max(0.0, (1.0 - progress) / hp.warmdown_frac)
+        return hp.lr_floor + (1.0 - hp.lr_floor) * remaining
     return 1.0
+
+
+class WeightEMA:
+    """EMA of the weights over the run's progress: after a step that advanced progress by dp,
+    ema <- ema + (1 - exp(-dp / EMA_HORIZON_FRAC)) * (w - ema). Scale-free: the same horizon is
+    ~333 steps of a 6,900-step 8xH100 run and ~10 steps of a 200-step CPU run."""
+
+    def __init__(self, model: nn.Module, horizon_frac: float):
+        self.horizon = horizon_frac
+        self.params = list(model.parameters())
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def update(self, progress_delta: float) -> None:
+        weight = 1.0 - math.exp(-progress_delta / self.horizon)
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in self.params], weight)
+
+    @torch.no_grad()
+    def copy_to_model(self) -> None:
+        for p, s in zip(self.params, self.shadow):
+            p.copy_(s.to(p.dtype))
 
 
 def muon_momentum(progress: float, hp: Hyperparameters) -> float:
@@ -856,7 +1041,8 @@ def compile_warmup(hp: Hyperparameters, rt: Runtime, train_model: nn.Module, acc
 
 def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, loader: DistributedTokenLoader,
           log: RunLog, validate) -> TrainResult:
-    """Train in place. run_model is the (compiled) model; validate(step, train_ms) logs a val line."""
+    """Train in place (leaving the EMA weights in the model when EMA is on). run_model is the
+    (compiled) model; validate(step, train_ms) logs a val line."""
     train_model = run_model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -864,16 +1050,24 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
     optimizers = build_optimizers(model, hp, rt)
     accum = loader.grad_accum
     compile_warmup(hp, rt, train_model, accum, loader.local_tokens)
+    ema = WeightEMA(model, hp.ema_horizon_frac) if hp.ema_horizon_frac > 0 else None
     if rt.distributed:
         dist.barrier()
 
     cap_ms = 1e3 * hp.max_wallclock_seconds
     tokens_per_step = hp.train_batch_tokens
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, step, train_ms, step_ms_est, last_read_ms = 0, 0, 0.0, 0.0, 0.0
+    loss_count, step, train_ms, step_ms_est, last_read_ms, prev_progress = 0, 0, 0.0, 0.0, 0.0, 0.0
     stopped_early = False
     t0 = time.perf_counter()
     while True:
+        # one vote per step: every rank takes the slowest clock, so schedules agree everywhere
+        elapsed_ms = train_ms + 1e3 * (time.perf_counter() - t0)
+        want_stop = bool(cap_ms) and step > 0 and elapsed_ms + step_ms_est > cap_ms
+        elapsed_ms, want_stop = agree_max(rt, [elapsed_ms, float(want_stop)])
+        if want_stop and step < hp.iterations:
+            stopped_early = True
+            log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
         last_step = step >= hp.iterations or stopped_early
         if last_step or (hp.val_loss_every and step > 0 and step % hp.val_loss_every == 0):
             if rt.device.type == "cuda":  # CUDA-only: make the clock honest before pausing it
@@ -884,7 +1078,6 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
         if last_step:
             break
 
-        elapsed_ms = train_ms + 1e3 * (time.perf_counter() - t0)
         progress = max(step / hp.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
         scale = lr_scale(progress, hp)
         for opt in optimizers:
@@ -892,6 +1085,9 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
                 group["lr"] = group["base_lr"] * scale
         for group in optimizers[2].param_groups:
             group["momentum"] = muon_momentum(progress, hp)
+        if model.recur_range and not model.recurrence_on and progress >= hp.recur_start_frac:
+            model.recurrence_on = True
+            log(f"recurrence: on from step {step} (progress {progress:.3f}): layer order {model.layer_order()}")
 
         step_start = time.perf_counter()
         for micro in range(accum):
@@ -911,16 +1107,15 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
             opt.step()
         for p in model.parameters():
             p.grad = None
+        if ema is not None:
+            ema.update(progress - prev_progress if step else 1.0 / hp.iterations)
+        prev_progress = progress
         step += 1
 
         this_step_ms = 1e3 * (time.perf_counter() - step_start)
         step_ms_est = this_step_ms if step == 1 else 0.9 * step_ms_est + 0.1 * this_step_ms
-        now_ms = train_ms + 1e3 * (time.perf_counter() - t0)
-        if cap_ms and step < hp.iterations:
-            stopped_early = all_ranks_agree(rt, now_ms + step_ms_est > cap_ms)
-            if stopped_early:
-                log(f"stopping_early: wallclock_cap train_time:{now_ms:.0f}ms step:{step}/{hp.iterations}")
-        if step % hp.train_log_every == 0 or step == 1 or stopped_early or step == hp.iterations:
+        if step % hp.train_log_every == 0 or step == 1 or step == hp.iterations:
+            now_ms = train_ms + 1e3 * (time.perf_counter() - t0)
             if rt.distributed:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             mean_loss = loss_sum.item() / loss_count
@@ -932,14 +1127,19 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
                 left = min(left, cap_ms - now_ms)
             log(f"step:{step}/{hp.iterations} train_loss:{mean_loss:.4f} train_time:{now_ms:.0f}ms "
                 f"step_avg:{avg:.2f}ms tok/s:{tokens_per_step * step / (now_ms / 1e3):.0f} eta:{max(0.0, left) / 1e3:.0f}s")
+    if ema is not None:
+        ema.copy_to_model()
+        log(f"ema: the exported weights are the EMA (horizon {hp.ema_horizon_frac} of the run)")
     return TrainResult(step, train_ms, stopped_early, step * tokens_per_step, last_read_ms)
 
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND PACKING
-# v0 export: every large 2-D weight as int8 per row (fp16 scale = row max |w| / 127; the
-# fp16-rounded scale is the one used to round), every small tensor as fp16. The artifact is our
-# own layout, never a pickle:
+# Every weight matrix is quantized per row with an fp16 scale (the fp16-rounded scale is the one
+# used to round): block and BigramHash-projection matrices at QUANT_MATRIX_BITS with a per-row clip
+# search, embedding tables at int8; vectors and control tensors stay fp16. If code + model exceed
+# the budget, precision_ladder() steps bits down, logged. The artifact is our own layout, never a
+# pickle:
 #   ARTIFACT_MAGIC | u64 header length | JSON header | raw little-endian arrays
 # compressed as one lzma (xz) stream. The header lists each tensor's name, shape, scheme and
 # the (dtype, offset, nbytes) of its parts.
@@ -947,41 +1147,71 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
 
 INT8_MAX = 127
 # Settings that shape the model: stored in the artifact so EVAL_ONLY rebuilds the same network.
-ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-                 "ROPE_BASE", "LOGIT_SOFTCAP")
+ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
+                 "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N", "ATTN_GATE", "BIGRAM_VOCAB", "BIGRAM_DIM",
+                 "SMEAR_GATE", "LN_SCALE", "RECUR_LAYERS", "RECUR_PASSES", "PARALLEL_LAST_N")
 
 
-def quantize_int8_per_row(w: Tensor) -> dict[str, np.ndarray]:
+def quantize_per_row(w: Tensor, bits: int, clips: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """Symmetric per-row integer quantization: q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (stored as
+    int8), fp16 scale per row. Each row tries clipping at each fraction in `clips` of its max |w|
+    and keeps the one with the least squared error; rounding uses the fp16-rounded scale."""
+    qmax = 2 ** (bits - 1) - 1
     w = w.detach().float().cpu()
-    scale = (w.abs().amax(dim=1) / INT8_MAX).clamp_min(torch.finfo(torch.float16).tiny).half()
-    q = torch.clamp(torch.round(w / scale.float()[:, None]), -INT8_MAX, INT8_MAX).to(torch.int8)
-    return {"q": q.numpy(), "scale": scale.numpy()}
+    absmax = w.abs().amax(dim=1)
+    best_q, best_scale, best_err = None, None, None
+    for clip in clips:
+        scale = (clip * absmax / qmax).clamp_min(torch.finfo(torch.float16).tiny).half()
+        q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
+        err = (q * scale.float()[:, None] - w).square().sum(dim=1)
+        if best_err is None:
+            best_q, best_scale, best_err = q, scale, err
+        else:
+            better = err < best_err
+            best_q[better], best_scale[better], best_err[better] = q[better], scale[better], err[better]
+    return {"q": best_q.to(torch.int8).numpy(), "scale": best_scale.numpy()}
 
 
-def dequantize_int8_per_row(parts: dict[str, np.ndarray]) -> Tensor:
+def dequantize_per_row(parts: dict[str, np.ndarray]) -> Tensor:
     q = torch.from_numpy(parts["q"].astype(np.float32))
     return q * torch.from_numpy(parts["scale"].astype(np.float32))[:, None]
 
 
-def choose_scheme(name: str, t: Tensor) -> str:
-    """The export scheme of one tensor (v0: int8 per row for big matrices, fp16 otherwise)."""
-    if t.ndim == 2 and t.numel() > SMALL_TENSOR_NUMEL:
-        return "int8_row"
+CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)   # fractions of a row's max |w| tried as its clip (below 8 bits)
+EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight")
+
+
+def choose_scheme(name: str, t: Tensor, bits: dict[str, int]) -> str:
+    """Weight matrices (of linears and embeddings): int{bits[group]} per row, group "mlp" (MLP
+    weights) or "other"; embedding tables int8 per row. Vectors and control tensors: fp16."""
+    if t.ndim == 2 and name.endswith(".weight"):
+        if name in EMBEDDING_TABLES:
+            return "int8_row"
+        return f"int{bits['mlp' if '.mlp.' in name else 'other']}_row"
     return "fp16"
 
 
+def precision_ladder(matrix_bits: int) -> list[dict[str, int]]:
+    """Bit widths tried in order until the artifact fits: all at QUANT_MATRIX_BITS, then the MLP
+    matrices (the largest group) one bit lower, then everything one bit lower (never below 5)."""
+    low = max(5, matrix_bits - 1)
+    ladder = [dict(mlp=matrix_bits, other=matrix_bits), dict(mlp=low, other=matrix_bits), dict(mlp=low, other=low)]
+    return [b for i, b in enumerate(ladder) if b not in ladder[:i]]
+
+
 QUANTIZERS = {
-    "int8_row": (quantize_int8_per_row, dequantize_int8_per_row),
+    **{f"int{b}_row": ((lambda t, b=b: quantize_per_row(t, b, (1.0,) if b == 8 else CLIP_SEARCH)), dequantize_per_row)
+       for b in (5, 6, 7, 8)},
     "fp16": (lambda t: {"w": t.detach().cpu().half().numpy()},
              lambda parts: torch.from_numpy(parts["w"].astype(np.float32))),
 }
 
 
-def quantize_state_dict(state: dict[str, Tensor]) -> list[dict]:
+def quantize_state_dict(state: dict[str, Tensor], bits: dict[str, int]) -> list[dict]:
     """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order."""
     entries = []
     for name, t in state.items():
-        scheme = choose_scheme(name, t)
+        scheme = choose_scheme(name, t, bits)
         entries.append(dict(name=name, scheme=scheme, shape=list(t.shape), parts=QUANTIZERS[scheme][0](t)))
     return entries
 
@@ -1075,13 +1305,14 @@ def sliding_windows(n_tokens: int, window: int, stride: int, lo: int = 0, hi: in
             np.array(score_to, dtype=np.int64))
 
 
-def eval_flops(hp: Hyperparameters, n_params: int, n_tokens: int, window: int, stride: int) -> float:
-    """Forward FLOPs to score a stream of n_tokens: windows x W x (2 N + 2 L W d), plus TTT training."""
+def eval_flops(hp: Hyperparameters, n_tokens: int, window: int, stride: int) -> float:
+    """FLOPs to score a stream of n_tokens: a third of the training FLOPs per token (forward only)
+    for every window position, plus TTT_EPOCHS training passes over the stream when TTT is on."""
     w = min(window, n_tokens - 1)
     n_windows = len(sliding_windows(n_tokens, window, stride)[0])
-    flops = n_windows * w * (2.0 * n_params + 2.0 * hp.num_layers * w * hp.model_dim)
+    flops = n_windows * w * flops_per_token(hp, w) / 3.0
     if hp.ttt_enabled:
-        flops += hp.ttt_epochs * n_tokens * flops_per_token(hp, n_params, w)
+        flops += hp.ttt_epochs * n_tokens * flops_per_token(hp, w)
     return flops
 
 
@@ -1325,28 +1556,37 @@ def log_eval(log: RunLog, label: str, r: EvalResult) -> None:
         f"val_tokens:{r.val_tokens} val_bytes:{r.val_bytes} tok/s:{r.val_tokens / max(r.eval_time_ms, 1e-9) * 1e3:.0f}")
 
 
-def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog) -> tuple[int, int, str]:
-    """Quantize, pack and write the artifact (rank 0). Returns (bytes_model, bytes_code, sha256).
+def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog) -> dict:
+    """Quantize, pack and write the artifact (rank 0), stepping down precision_ladder() until code +
+    model fit ARTIFACT_BUDGET_BYTES. Returns the summary's artifact keys.
 
-    Raises PipelineError, writing nothing, when code + model exceed ARTIFACT_BUDGET_BYTES.
+    Raises PipelineError, writing nothing, when not even the last rung fits.
     """
-    entries = quantize_state_dict(model.state_dict())
-    blob = pack_artifact(entries, hp.lzma_preset, {name: hp.values[name] for name in ARCH_SETTINGS})
+    config = {name: hp.values[name] for name in ARCH_SETTINGS}
+    config["recurrence_on"] = model.recurrence_on          # the exported network, as trained
     bytes_code = os.path.getsize(os.path.abspath(__file__))
-    total = bytes_code + len(blob)
-    log(f"Serialized model int8+lzma: {len(blob)} bytes")
-    log(f"Code size: {bytes_code} bytes")
-    log(f"Total submission size int8+lzma: {total} bytes (budget {hp.artifact_budget_bytes})")
-    if total > hp.artifact_budget_bytes:
+    state, tried = model.state_dict(), []
+    for rung, bits in enumerate(precision_ladder(hp.quant_matrix_bits)):
+        config["quant_bits"] = bits
+        blob = pack_artifact(quantize_state_dict(state, bits), hp.lzma_preset, config)
+        total = bytes_code + len(blob)
+        tried.append(f"{len(blob)} at {bits}")
+        log(f"Serialized model int{bits['other']}/mlp-int{bits['mlp']}+lzma: {len(blob)} bytes; code {bytes_code} bytes; "
+            f"Total submission size: {total} bytes (budget {hp.artifact_budget_bytes})")
+        if total <= hp.artifact_budget_bytes:
+            break
+        log(f"budget_fit: over budget by {total - hp.artifact_budget_bytes} bytes; stepping precision down")
+    else:
         raise PipelineError(f"artifact over budget: code {bytes_code} + model {len(blob)} = {total} bytes "
-                            f"> ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes}")
+                            f"> ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes} (model bytes tried: {'; '.join(tried)})")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         with open(path, "xb") as f:
             f.write(blob)
     except FileExistsError:
         raise PipelineError(f"{path} already exists; choose another RUN_ID") from None
-    return len(blob), bytes_code, hashlib.sha256(blob).hexdigest()
+    return dict(bytes_model=len(blob), bytes_code=bytes_code, bytes_total=total, artifact_path=path,
+                artifact_sha256=hashlib.sha256(blob).hexdigest(), quant_budget_fit_steps=rung)
 
 
 def read_artifact(path: str) -> tuple[bytes, dict[str, Tensor], dict]:
@@ -1362,6 +1602,7 @@ def read_artifact(path: str) -> tuple[bytes, dict[str, Tensor], dict]:
 def settings_for_artifact(hp: Hyperparameters, path: str) -> Hyperparameters:
     """EVAL_ONLY: take the model shape from the artifact; a conflicting explicit setting is an error."""
     _, _, config = read_artifact(path)
+    config = {name: value for name, value in config.items() if name in SETTINGS}
     for name, value in config.items():
         if name in hp.explicit and hp.values[name] != value:
             raise PipelineError(f"{name}={hp.values[name]} conflicts with {path}, which was trained with {name}={value}")
@@ -1376,7 +1617,8 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
     Returns per-rank evidence that each rank holds the same weights: file sha256, state checksum
     and the mean NLL of a probe sequence computed by that rank alone.
     """
-    data, state, _ = read_artifact(path)
+    data, state, config = read_artifact(path)
+    model.recurrence_on = bool(config.get("recurrence_on", False))
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -1388,16 +1630,15 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
     per_rank = gather(rt, evidence)
     if len({(e["sha256"], e["state"]) for e in per_rank}) != 1:
         raise PipelineError(f"ranks loaded different weights from {path}: {per_rank}")
-    return dict(roundtrip_sha256_per_rank=[e["sha256"] for e in per_rank],
+    return dict(quant_bits=config.get("quant_bits"), roundtrip_sha256_per_rank=[e["sha256"] for e in per_rank],
                 roundtrip_state_sha256_per_rank=[e["state"] for e in per_rank],
                 roundtrip_probe_nll_per_rank=[e["probe_nll"] for e in per_rank])
 
 
-def check_eval_budget(hp: Hyperparameters, n_params: int, n_val_tokens: int, window: int, stride: int,
-                      log: RunLog) -> float:
+def check_eval_budget(hp: Hyperparameters, n_val_tokens: int, window: int, stride: int, log: RunLog) -> float:
     """Project the final evaluation of the full validation split onto 8xH100; refuse it above
     EVAL_TIME_LIMIT_SECONDS (0 = no check). Returns the projection in seconds."""
-    seconds = eval_flops(hp, n_params, n_val_tokens, window, stride) / (
+    seconds = eval_flops(hp, n_val_tokens, window, stride) / (
         PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)
     log(f"projected_8xH100_eval:{seconds:.1f}s (window {window}, stride {stride}, ttt {hp.ttt_enabled}, "
         f"{n_val_tokens} val tokens, {ASSUMED_MFU:.0%} MFU)")
@@ -1444,7 +1685,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
     pre = evaluate(hp, rt, run_model, val_tokens, tables, *eval_geometry(hp))
     log_eval(log, "pre_quant", pre)
     artifact_path = os.path.join("artifacts", f"{run_id}.pgolf.xz")
-    bytes_model, bytes_code, sha = on_main(rt, lambda: export_artifact(hp, model, artifact_path, log))
+    artifact = on_main(rt, lambda: export_artifact(hp, model, artifact_path, log))
     if rt.distributed:
         dist.barrier()
     cap_ms = 1e3 * hp.max_wallclock_seconds
@@ -1452,9 +1693,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
         steps=result.steps, train_time_ms=result.train_time_ms,
         step_avg_ms=result.train_time_ms / max(result.steps, 1),
         tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9), stopped_early=result.stopped_early,
-        pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb,
-        bytes_model=bytes_model, bytes_code=bytes_code, bytes_total=bytes_model + bytes_code,
-        artifact_path=artifact_path, artifact_sha256=sha,
+        pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb, **artifact,
         train_data_last_read_ms=result.train_data_last_read_ms, train_deadline_ms=cap_ms or None,
         train_data_read_after_deadline=bool(cap_ms and result.train_data_last_read_ms > cap_ms))
 
@@ -1474,7 +1713,7 @@ def saved_artifact_keys(hp: Hyperparameters) -> dict:
                 pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
                 bytes_total=len(data) + bytes_code, artifact_path=hp.eval_only,
                 artifact_sha256=hashlib.sha256(data).hexdigest(), train_data_last_read_ms=None,
-                train_deadline_ms=None, train_data_read_after_deadline=False)
+                train_deadline_ms=None, train_data_read_after_deadline=False, quant_budget_fit_steps=None)
 
 
 def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[str], log: RunLog) -> None:
@@ -1495,13 +1734,13 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     # model, and the projections that can refuse a run before it spends any time
     model = build_model(hp, rt)
     n_params = count_parameters(model)
-    fpt = flops_per_token(hp, n_params, hp.train_seq_len)
+    fpt = flops_per_token(hp, hp.train_seq_len)
     projected_ms = projected_h100_step_ms(fpt, hp.train_batch_tokens)
-    log(f"model_params:{n_params} flops_per_token:{fpt:.4e} projected_8xH100_step:{projected_ms:.3g}ms "
+    log(f"model_params:{n_params} matmul_params:{matmul_params(hp)} layers_run:{effective_layers(hp)} flops_per_token:{fpt:.4e} projected_8xH100_step:{projected_ms:.3g}ms "
         f"(at {ASSUMED_MFU:.0%} MFU of {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16) "
         f"projected_steps_in_600s:{600e3 / projected_ms:.0f}")
     window, stride = eval_geometry(hp)
-    projected_eval_s = check_eval_budget(hp, n_params, full_val.size, window, stride, log)
+    projected_eval_s = check_eval_budget(hp, full_val.size, window, stride, log)
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -1520,15 +1759,17 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         compliance.update(audit_normalization(rt, run_model, val_tokens, hp.vocab_size))
     collect = bool(hp.nll_dump)
     rt_eval = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, collect=collect and not hp.ttt_enabled)
-    log_eval(log, "final_int8_lzma_roundtrip", rt_eval)
+    bits = evidence["quant_bits"]
+    scheme = f"int{bits['other']}_lzma" if bits["mlp"] == bits["other"] else f"int{bits['other']}_mlp_int{bits['mlp']}_lzma"
+    log_eval(log, f"final_{scheme}_roundtrip", rt_eval)
     final, ttt_keys = rt_eval, {}
     if hp.ttt_enabled:
         ttt = TestTimeTrainer(hp, rt, model, run_model, window)
         final = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, ttt=ttt, collect=collect)
-        log_eval(log, "final_int8_lzma_ttt", final)
+        log_eval(log, f"final_{scheme}_ttt", final)
         ttt_keys = dict(ttt_val_loss=final.val_loss, ttt_val_bpb=final.val_bpb, ttt_eval_time_ms=final.eval_time_ms,
                         ttt_gain_bpb=rt_eval.val_bpb - final.val_bpb)
-    log(f"final_int8_lzma{'_ttt' if hp.ttt_enabled else ''}_roundtrip_exact "
+    log(f"final_{scheme}{'_ttt' if hp.ttt_enabled else ''}_roundtrip_exact "
         f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
     if hp.eval_audit:
         compliance.update(audit_score_before_update(final.ttt_events))
@@ -1550,7 +1791,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         val_loss=final.val_loss, val_bpb=final.val_bpb, val_tokens=final.val_tokens, val_bytes=final.val_bytes,
         roundtrip_val_loss=rt_eval.val_loss, roundtrip_val_bpb=rt_eval.val_bpb, **ttt_keys,
         eval_seq_len=window, eval_stride=stride, eval_time_ms=final.eval_time_ms,
-        projected_h100_eval_s=projected_eval_s, quant_scheme="int8_lzma",
+        projected_h100_eval_s=projected_eval_s, quant_scheme=scheme,
         model_params=n_params, flops_per_token=fpt, projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU,
         compliance=compliance or None, nll_dump=hp.nll_dump or None,
         wall_time_s=time.perf_counter() - t_run, hyperparameters=hp.as_dict(), **evidence,

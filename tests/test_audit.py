@@ -89,7 +89,7 @@ def test_causality_fails_on_a_leaky_model(monkeypatch, hp, model, leak):
     elif leak == "one_step_mask_one_layer":
         # one layer, one step: position t sees input t + 1 (its own target) and nothing further
         monkeypatch.setattr(train_gpt, "causal_attention", leaky_attention(1))
-        broken = random_gpt(tiny_hp(NUM_LAYERS=1), seed=3)
+        broken = random_gpt(tiny_hp(NUM_LAYERS=1, RECUR_LAYERS=""), seed=3)
     elif leak == "peeks_at_its_target":
         broken = copy_of(PeeksAtItsTarget, hp, model)
     else:

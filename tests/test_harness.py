@@ -462,11 +462,11 @@ def test_settings_defaults_read_from_the_source_match_train_gpt():
 
 def test_explicit_settings_reproduce_the_resolved_settings():
     train_gpt = pytest.importorskip("train_gpt")
-    env = {"NUM_LAYERS": "3", "MATRIX_LR": "0.031", "DATA_PATH": "/d a/x", "EVAL_STRIDE": "0", "SEED": "5",
+    env = {"NUM_LAYERS": "3", "RECUR_LAYERS": "1-2", "MATRIX_LR": "0.031", "DATA_PATH": "/d a/x", "EVAL_STRIDE": "0", "SEED": "5",
            "RUN_ID": "r", "EVAL_AUDIT": "1", "ADAM_EPS": "1e-09"}
     hp = train_gpt.read_settings(env)[0].as_dict()
     explicit = harness.explicit_settings(hp, harness.settings_defaults((REPO_ROOT / "train_gpt.py").read_text()))
-    assert set(explicit) == {"NUM_LAYERS", "MATRIX_LR", "DATA_PATH", "EVAL_STRIDE", "ADAM_EPS"}
+    assert set(explicit) == {"NUM_LAYERS", "RECUR_LAYERS", "MATRIX_LR", "DATA_PATH", "EVAL_STRIDE", "ADAM_EPS"}
     import shlex
     parsed = dict(word.split("=", 1) for word in shlex.split(harness._env_line(explicit)))
     again = train_gpt.read_settings(dict(parsed, SEED="5", RUN_ID="r", EVAL_AUDIT="1"))[0].as_dict()

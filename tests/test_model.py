@@ -42,24 +42,27 @@ def test_flops_per_token_matches_flop_counter(monkeypatch, T):
     Deliberate differences: (1) PyTorch's CPU SDPA kernel has no FLOP formula, so attention is
     measured through the explicit stand-in, whose T x T score matmuls count the masked (future)
     half too: the counter sees 12 L T d where a causal kernel does 6 L T d, the formula's term;
-    (2) N includes the vectors and scalars (norm gains, q_gain, skip weights), which do no matmul
-    (under 1% here)."""
-    hp = tiny_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=T)
+    (2) N counts the weights of matmuls only (not the BigramHash table, a lookup), with the layers
+    that depth recurrence repeats counted once per pass (recurrence is on here: order 0, 1, 1, 1)."""
+    hp = tiny_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=T, RECUR_PASSES=3)
     model = train_gpt.GPT(hp)
+    model.recurrence_on = True
+    passes = {i: model.layer_order().count(i) for i in range(hp.num_layers)}
     linear = measured_flops_per_token(model, T)                     # SDPA: matmuls of the linears only
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", reference_attention)
     model.set_attention_backend("flash")
     with_attention = measured_flops_per_token(model, T)
     attention_full = with_attention - linear
-    L, d = hp.num_layers, hp.model_dim
+    L, d = sum(passes.values()), hp.model_dim
+    assert L == 4
     assert attention_full == pytest.approx(12 * L * T * d, rel=1e-9)   # QK^T and PV, fwd + 2x bwd, full square
-    matmul_params = sum(p.numel() for n, p in model.named_parameters() if p.ndim == 2 and "skip" not in n
-                        and "resid_mix" not in n)
+    block_weights = [sum(m.weight.numel() for m in b.modules() if isinstance(m, torch.nn.Linear)) for b in model.blocks]
+    matmul_params = (model.tok_emb.weight.numel() + model.bigram.proj.weight.numel()
+                     + sum(passes[i] * block_weights[i] for i in passes))
     assert linear == pytest.approx(6 * matmul_params, rel=1e-9)       # 2 N forward + 4 N backward
-    formula = train_gpt.flops_per_token(hp, train_gpt.count_parameters(model), T)
+    formula = train_gpt.flops_per_token(hp, T)
     causal_measured = linear + attention_full / 2
-    assert formula == pytest.approx(causal_measured, rel=0.10)
-    assert formula == pytest.approx(causal_measured, rel=0.01)        # in fact within 1% at this shape
+    assert formula == pytest.approx(causal_measured, rel=1e-9)        # exact: every matmul is counted
 
 
 # --- attention backends --------------------------------------------------------------------------

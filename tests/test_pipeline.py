@@ -20,7 +20,7 @@ import torch
 import train_gpt
 
 TRAIN_GPT = Path(__file__).resolve().parents[1] / "train_gpt.py"
-TINY_RUN = {"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
+TINY_RUN = {"NUM_LAYERS": "2", "RECUR_LAYERS": "1-1", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
             "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
             "EVAL_STRIDE": "32", "LZMA_PRESET": "6"}
 REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_ms", "step_avg_ms", "tokens_per_s",
@@ -175,14 +175,15 @@ def test_text_log(dist_run):
     cwd, proc, s = dist_run
     text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
     assert text.startswith(TRAIN_GPT.read_text(encoding="utf-8"))
-    lines = re.findall(r"^final_int8_lzma_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
+    lines = re.findall(r"^final_int6_lzma_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
     assert len(lines) == 1
     assert abs(float(lines[0][0]) - s["val_loss"]) <= 1e-8 and abs(float(lines[0][1]) - s["val_bpb"]) <= 1e-8
     assert re.search(r"^step:8/8 train_loss:\S+ train_time:", text, re.M)
-    assert f"Total submission size int8+lzma: {s['bytes_total']} bytes" in text
+    assert f"Total submission size: {s['bytes_total']} bytes" in text
+    assert s["quant_bits"] == {"mlp": 6, "other": 6} and s["quant_budget_fit_steps"] == 0
     warning = "warning: NUM_LAYER is not a setting; did you mean NUM_LAYERS?"
     assert warning in text and warning in proc.stdout
-    assert proc.stdout.count("final_int8_lzma_roundtrip_exact") == 1             # rank 0 alone prints
+    assert proc.stdout.count("final_int6_lzma_roundtrip_exact") == 1             # rank 0 alone prints
 
 
 def test_world_size_does_not_change_the_result(dist_run, single_runs):
@@ -294,9 +295,11 @@ def test_nll_dump_reproduces_the_headline(dist_run, demo_data):
     # per target, in stream order: a sample of targets re-scored by hand from the artifact, each from
     # its sliding-window context (window 64, stride 32: the first 64 from the whole prefix; later ones
     # from the window ending at the first multiple-of-32 boundary at or after them, the tail at the end)
-    _, state, _ = train_gpt.read_artifact(str(Path(cwd) / s["artifact_path"]))
+    _, state, config = train_gpt.read_artifact(str(Path(cwd) / s["artifact_path"]))
     model = train_gpt.GPT(train_gpt.Hyperparameters(s["hyperparameters"]))
     model.load_state_dict(state)
+    model.recurrence_on = config["recurrence_on"]           # the network as exported (recurrence came on)
+    assert model.recurrence_on
     tokens = val_stream(demo_data)
     n_inputs = tokens.size - 1
     for t in (1, 2, 33, 64, 65, 96, 97, 1000, 5001, n_inputs - 40, n_inputs - 1, n_inputs):
@@ -308,13 +311,16 @@ def test_nll_dump_reproduces_the_headline(dist_run, demo_data):
 
 
 def test_projected_eval_time(dist_run, demo_data):
-    """projected_h100_eval_s = windows x W x (2 N + 2 L W d) FLOPs over the full validation split,
+    """projected_h100_eval_s = windows x W x (2 N + 2 L W d) FLOPs over the full validation split
+    (N the matmul weights, L the blocks run with recurrence on: 2 layers, layer 1 three times),
     at ASSUMED_MFU of 8 x 989 TFLOP/s; logged too."""
     cwd, _, s = dist_run
     n, w, stride = demo_data["val_tokens"], 64, 32
     assert (s["eval_seq_len"], s["eval_stride"]) == (w, stride)
     windows = 1 + math.ceil((n - 1 - w) / stride)
-    flops = windows * w * (2 * s["model_params"] + 2 * 2 * w * 64)
+    hp = train_gpt.Hyperparameters(s["hyperparameters"])
+    assert train_gpt.effective_layers(hp) == 4
+    flops = windows * w * (2 * train_gpt.matmul_params(hp) + 2 * 4 * w * 64)
     assert s["projected_h100_eval_s"] == pytest.approx(flops / (8 * 989e12 * 0.28), rel=1e-9)
     text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
     assert re.search(r"^projected_8xH100_eval:\S+s \(window 64, stride 32, ttt 0, " + str(n) + " val tokens", text, re.M)
@@ -398,6 +404,6 @@ def test_ttt_run(ttt_run, eval_only_run, demo_data):
     np.testing.assert_allclose(dump["nll"][:2048], before[:2048], rtol=1e-5, atol=1e-6)   # chunk 0: before any update
     assert not np.allclose(dump["nll"][2048:], before[2048:], rtol=1e-5, atol=1e-6)
     text = (Path(cwd) / "logs" / "ttt.txt").read_text(encoding="utf-8")
-    lines = re.findall(r"^final_int8_lzma_ttt_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
+    lines = re.findall(r"^final_int6_lzma_ttt_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
     assert len(lines) == 1 and abs(float(lines[0][1]) - s["val_bpb"]) <= 1e-8
     assert re.search(r"^projected_8xH100_eval:\S+s \(window 64, stride 32, ttt 1, ", text, re.M)

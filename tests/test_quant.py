@@ -23,17 +23,19 @@ def arch_config(hp):
     return {name: hp.values[name] for name in train_gpt.ARCH_SETTINGS}
 
 
+BITS8 = dict(mlp=8, other=8)      # int8 everywhere: the scheme these tests check by hand
+
 def sample_state():
     gen = torch.Generator().manual_seed(0)
-    big = torch.randn(300, 256, generator=gen)              # 76,800 > 65,536 elements: int8 per row
+    big = torch.randn(300, 256, generator=gen)              # a weight matrix: int8 per row at BITS8
     big[0] = 0.0                                             # an all-zero row
     big[1, 5] = 40.0                                         # a row with one outlier
     big[2] *= 1e-6                                           # a row of tiny values
     return {
-        "big": big,
-        "tall": torch.randn(70_000, 1, generator=gen),         # int8 with one column
-        "limit": torch.randn(256, 256, generator=gen),         # exactly 65,536: fp16
-        "small": torch.randn(64, 32, generator=gen) * 3,
+        "big.weight": big,
+        "tall.weight": torch.randn(70_000, 1, generator=gen),  # a weight matrix with one column
+        "mix": torch.randn(256, 256, generator=gen),           # 2-D but not a .weight (a control tensor): fp16
+        "small.weight": torch.randn(64, 32, generator=gen) * 3,  # small weight matrices are quantized too
         "vector": torch.randn(100, generator=gen),
         "cube": torch.randn(50, 40, 40, generator=gen),        # big but not 2-D: fp16
         "scalar": torch.tensor(2.718281828),
@@ -43,21 +45,21 @@ def sample_state():
 
 def test_schemes():
     state = sample_state()
-    schemes = {e["name"]: e["scheme"] for e in train_gpt.quantize_state_dict(state)}
-    assert schemes == {"big": "int8_row", "tall": "int8_row", "limit": "fp16", "small": "fp16", "vector": "fp16",
-                       "cube": "fp16", "scalar": "fp16", "empty": "fp16"}
+    schemes = {e["name"]: e["scheme"] for e in train_gpt.quantize_state_dict(state, BITS8)}
+    assert schemes == {"big.weight": "int8_row", "tall.weight": "int8_row", "mix": "fp16", "small.weight": "int8_row",
+                       "vector": "fp16", "cube": "fp16", "scalar": "fp16", "empty": "fp16"}
 
 
 def test_round_trip():
     state = sample_state()
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state), preset=6, config=CONFIG)
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state, BITS8), preset=6, config=CONFIG)
     out, config = train_gpt.unpack_artifact(blob, SOURCE)
     assert config == CONFIG and [type(v) for v in config.values()] == [type(v) for v in CONFIG.values()]
     assert list(out) == list(state)
     for name, w in state.items():
         got = out[name]
         assert got.dtype == torch.float32 and got.shape == w.shape, name
-        if train_gpt.choose_scheme(name, w) == "fp16":
+        if train_gpt.choose_scheme(name, w, BITS8) == "fp16":
             assert torch.equal(got, w.half().float()), name          # exact after fp16 rounding
             continue
         # int8 per row: an independent scale (fp16 of row max / 127), every value a multiple of it,
@@ -66,13 +68,13 @@ def test_round_trip():
         q = got / scale
         assert torch.allclose(q, q.round(), atol=1e-3) and q.abs().max() <= 127 + 1e-3, name
         assert ((got - w).abs() <= scale / 2 * (1 + 1e-5)).all(), name
-    assert torch.equal(out["big"][0], torch.zeros(256))
-    assert out["big"][1, 5] == pytest.approx(40.0, rel=1e-3)
+    assert torch.equal(out["big.weight"][0], torch.zeros(256))
+    assert out["big.weight"][1, 5] == pytest.approx(40.0, rel=1e-3)
 
 
 def test_artifact_is_not_a_pickle():
     state = sample_state()
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state), preset=6, config=CONFIG)
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(state, BITS8), preset=6, config=CONFIG)
     raw = lzma.decompress(blob)
     assert raw.startswith(ARTIFACT_MAGIC)
     # the documented layout, read independently: magic | u64 header length | JSON header | arrays,
@@ -102,16 +104,16 @@ def test_artifact_is_not_a_pickle():
 
 
 def test_packing_is_deterministic():
-    entries = train_gpt.quantize_state_dict(sample_state())
+    entries = train_gpt.quantize_state_dict(sample_state(), BITS8)
     assert train_gpt.pack_artifact(entries, 6, CONFIG) == \
-        train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state()), 6, dict(CONFIG))
+        train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state(), BITS8), 6, dict(CONFIG))
     assert train_gpt.pack_artifact(entries, 6, CONFIG) != train_gpt.pack_artifact(entries, 6, {**CONFIG, "NUM_LAYERS": 4})
 
 
 def test_model_round_trip_loads_strictly():
     hp = tiny_hp(NUM_LAYERS=3, MODEL_DIM=128, VOCAB_SIZE=1024)   # embedding 131,072 elements: int8
     model = random_gpt(hp, seed=0)
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), preset=6, config=arch_config(hp))
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict(), BITS8), preset=6, config=arch_config(hp))
     state, config = train_gpt.unpack_artifact(blob, SOURCE)
     assert config == arch_config(hp) and set(config) == set(train_gpt.ARCH_SETTINGS)
     fresh = train_gpt.GPT(hp)
@@ -124,9 +126,9 @@ def test_model_round_trip_loads_strictly():
 
 
 def test_odd_shapes_round_trip():
-    hp = tiny_hp(NUM_LAYERS=1)          # no U-Net skips: skip_weights is an empty (0, dim) tensor
+    hp = tiny_hp(NUM_LAYERS=1, RECUR_LAYERS="")        # no U-Net skips: skip_weights is an empty (0, dim) tensor
     model = random_gpt(hp, seed=0)
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), 6, arch_config(hp))
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict(), BITS8), 6, arch_config(hp))
     state, _ = train_gpt.unpack_artifact(blob, SOURCE)
     train_gpt.GPT(hp).load_state_dict(state, strict=True)
 
@@ -142,7 +144,7 @@ def test_state_checksum_sees_every_weight():
 
 
 def good_blob():
-    return train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state()), 6, CONFIG)
+    return train_gpt.pack_artifact(train_gpt.quantize_state_dict(sample_state(), BITS8), 6, CONFIG)
 
 
 def corrupt(kind):

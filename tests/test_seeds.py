@@ -28,7 +28,7 @@ from test_harness import t_cdf_by_integration
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_FILES = ["train_gpt.py", "run_8xh100.sh", "requirements.txt", "submission.json", "tools/__init__.py",
                "tools/harness.py"]
-TINY = {"NUM_LAYERS": "2", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
+TINY = {"NUM_LAYERS": "2", "RECUR_LAYERS": "1-1", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
         "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
         "EVAL_STRIDE": "32", "VAL_MAX_TOKENS": "4096", "LZMA_PRESET": "6"}
 KNOBS = {"AUTHOR": "Test Author", "GITHUB_ID": "test-id", "SUBMISSION_NAME": "Tiny three seeds",

@@ -28,13 +28,13 @@ def test_values_are_parsed_to_their_types():
 
 
 def test_explicit_variable_wins_over_preset(monkeypatch):
-    monkeypatch.setitem(train_gpt.PRESETS, "wide", {"MODEL_DIM": 768, "NUM_LAYERS": 11})
+    monkeypatch.setitem(train_gpt.PRESETS, "wide", {"MODEL_DIM": 768, "NUM_LAYERS": 13})
     hp, _ = read_settings({"PRESET": "wide"})
-    assert (hp.model_dim, hp.num_layers, hp.preset) == (768, 11, "wide")
+    assert (hp.model_dim, hp.num_layers, hp.preset) == (768, 13, "wide")
     hp, _ = read_settings({"PRESET": "wide", "MODEL_DIM": "256"})
-    assert (hp.model_dim, hp.num_layers) == (256, 11)
+    assert (hp.model_dim, hp.num_layers) == (256, 13)
     hp, _ = read_settings({"MODEL_DIM": "256"})  # the preset does not leak into the default one
-    assert (hp.model_dim, hp.num_layers) == (256, 9)
+    assert (hp.model_dim, hp.num_layers) == (256, 11)
 
 
 @pytest.mark.parametrize("name,raw", [
@@ -102,7 +102,20 @@ def test_unrelated_variables_do_not_warn(name):
     ({"EVAL_STRIDE": "-1"}, ["EVAL_STRIDE"]),
     ({"EVAL_AUDIT": "2"}, ["EVAL_AUDIT"]),
     ({"TTT_ENABLED": "-1"}, ["TTT_ENABLED"]),
-    ({"TTT_ENABLED": "1", "TTT_LAST_N": "10"}, ["TTT_LAST_N", "NUM_LAYERS"]),
+    ({"TTT_ENABLED": "1", "TTT_LAST_N": "12"}, ["TTT_LAST_N", "NUM_LAYERS"]),
+    ({"MLP_ACT": "gelu"}, ["MLP_ACT"]),
+    ({"ROPE_DIMS": "7"}, ["ROPE_DIMS"]),
+    ({"ROPE_DIMS": "128"}, ["ROPE_DIMS"]),                                  # more than the head dim 64
+    ({"BIGRAM_VOCAB": "1"}, ["BIGRAM_VOCAB"]),
+    ({"SMEAR_GATE": "2"}, ["SMEAR_GATE"]),
+    ({"RECUR_LAYERS": "three"}, ["RECUR_LAYERS"]),
+    ({"NUM_LAYERS": "4"}, ["RECUR_LAYERS", "NUM_LAYERS"]),                  # the default 3-5 needs 6 layers
+    ({"RECUR_LAYERS": "2-1"}, ["RECUR_LAYERS"]),
+    ({"RECUR_PASSES": "1"}, ["RECUR_PASSES"]),
+    ({"RECUR_START_FRAC": "1.5"}, ["RECUR_START_FRAC"]),
+    ({"LR_FLOOR": "2"}, ["LR_FLOOR"]),
+    ({"MUON_WD": "-0.1"}, ["MUON_WD"]),
+    ({"QUANT_MATRIX_BITS": "4"}, ["QUANT_MATRIX_BITS"]),
     ({"TTT_CHUNK_TOKENS": "0"}, ["TTT_CHUNK_TOKENS"]),
     ({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1023"}, ["TTT_CHUNK_TOKENS"]),   # < the window: would never train
     ({"TTT_EPOCHS": "0"}, ["TTT_EPOCHS"]),
@@ -126,7 +139,7 @@ def test_boundary_values_are_accepted():
                            "LR_WARMUP_FRAC": "0.5", "WARMDOWN_FRAC": "0.5", "MAX_WALLCLOCK_SECONDS": "0",
                            "LZMA_PRESET": "0", "COMPILE": "0", "COMPUTE_DTYPE": "bf16"})
     assert hp.vocab_size == 65536 and hp.eval_stride == 128
-    hp, _ = read_settings({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "64", "TTT_ENABLED": "1", "NUM_LAYERS": "2",
+    hp, _ = read_settings({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "64", "TTT_ENABLED": "1", "NUM_LAYERS": "2", "RECUR_LAYERS": "",
                            "TTT_LAST_N": "2", "TTT_LR": "0", "TTT_MOMENTUM": "0", "EVAL_TIME_LIMIT_SECONDS": "0",
                            "EVAL_AUDIT": "1"})
     assert (hp.eval_stride, hp.ttt_last_n, hp.ttt_lr, hp.eval_time_limit_seconds) == (64, 2, 0.0, 0.0)
@@ -134,10 +147,10 @@ def test_boundary_values_are_accepted():
     assert train_gpt.eval_geometry(hp) == (32, 32)
     hp, _ = read_settings({"TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "128"})            # stride 64 <= window 128
     assert train_gpt.eval_geometry(hp) == (128, 64)
-    hp, _ = read_settings({"NUM_LAYERS": "1"})          # TTT_LAST_N=2 > 1 layer is fine while TTT is off
+    hp, _ = read_settings({"NUM_LAYERS": "1", "RECUR_LAYERS": ""})   # TTT_LAST_N=2 > 1 layer is fine while TTT is off
     assert hp.num_layers == 1 and hp.ttt_enabled == 0
-    hp, _ = read_settings({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1024"})   # one window per chunk: allowed
-    assert hp.ttt_chunk_tokens == 1024
+    hp, _ = read_settings({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048"})   # one window per chunk: allowed
+    assert hp.ttt_chunk_tokens == 2048
     hp, _ = read_settings({"TTT_CHUNK_TOKENS": "10"})   # short chunks are fine while TTT is off
     assert hp.ttt_chunk_tokens == 10
 
@@ -171,13 +184,18 @@ def test_eval_only_path_must_be_a_file(tmp_path):
         assert "EVAL_ONLY" in str(err.value) and str(path) in str(err.value)
 
 
+# settings that keep a 1-layer, head-dim-8 model valid (no recurrence, RoPE on 4 dims); explicit in
+# EVAL_ONLY environments below too, equal to the artifact's, so they never conflict with it
+ARTIFACT_VALID = {"RECUR_LAYERS": "", "ROPE_DIMS": "4"}
+
+
 @pytest.fixture
 def saved_artifact(tmp_path):
     """An artifact of a 1-layer, width-32 GPT (vocab 64), written as export_artifact would."""
-    hp, _ = read_settings({"NUM_LAYERS": "1", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
+    hp, _ = read_settings({**ARTIFACT_VALID, "NUM_LAYERS": "1", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                            "VOCAB_SIZE": "64", "MLP_MULT": "3", "ROPE_BASE": "500", "LOGIT_SOFTCAP": "15"})
     model = train_gpt.GPT(hp)
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict()), 6,
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict(), dict(mlp=6, other=6)), 6,
                                    {name: hp.values[name] for name in train_gpt.ARCH_SETTINGS})
     path = tmp_path / "saved.pgolf.xz"
     path.write_bytes(blob)
@@ -186,7 +204,7 @@ def saved_artifact(tmp_path):
 
 def test_eval_only_takes_the_model_shape_from_the_artifact(saved_artifact):
     path, trained = saved_artifact
-    hp, _ = read_settings({"EVAL_ONLY": path, "TRAIN_SEQ_LEN": "32", "EVAL_STRIDE": "16", "MODEL_DIM": "32"})
+    hp, _ = read_settings({**ARTIFACT_VALID, "EVAL_ONLY": path, "TRAIN_SEQ_LEN": "32", "EVAL_STRIDE": "16", "MODEL_DIM": "32"})
     got = train_gpt.settings_for_artifact(hp, path)
     for name in train_gpt.ARCH_SETTINGS:
         assert got.values[name] == trained.values[name] and type(got.values[name]) is type(trained.values[name]), name
@@ -204,7 +222,7 @@ def test_eval_only_takes_the_model_shape_from_the_artifact(saved_artifact):
 ])
 def test_eval_only_conflicts_name_the_setting(saved_artifact, env, names):
     path, _ = saved_artifact
-    hp, _ = read_settings({"EVAL_ONLY": path, **env})
+    hp, _ = read_settings({**ARTIFACT_VALID, "EVAL_ONLY": path, **env})
     with pytest.raises(PipelineError) as err:
         train_gpt.settings_for_artifact(hp, path)
     for name in names:
