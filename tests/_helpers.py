@@ -75,3 +75,10 @@ def run_distributed(fn, world_size: int, *args) -> list:
             errors = [open(os.path.join(out_dir, f)).read() for f in sorted(os.listdir(out_dir)) if f.endswith(".err")]
             raise AssertionError(f"distributed run failed: {e}\n" + "\n".join(errors)) from None
         return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=False) for r in range(world_size)]
+
+
+def train_then_score(n_chunks):
+    """A deliberately illegal TTT schedule (train on chunk k, then score it) for the C3 tests."""
+    for k in range(n_chunks):
+        yield "train", k
+        yield "score", k

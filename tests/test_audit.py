@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import train_gpt
-from _helpers import cpu_runtime, random_gpt, tiny_hp
+from _helpers import cpu_runtime, random_gpt, tiny_hp, train_then_score
 
 VOCAB = 64
 WINDOW = 16
@@ -175,12 +175,6 @@ def test_score_before_update_passes_on_real_ttt():
     assert audit == {"score_before_update_ok": True, "ttt_chunks": 5}          # 199 targets / 40
     assert any(before != after for event, _, before, after in r.ttt_events if event == "train")
     assert train_gpt.audit_score_before_update(None) == {"score_before_update_ok": True, "ttt_chunks": 0}
-
-
-def train_then_score(n_chunks):
-    for k in range(n_chunks):
-        yield "train", k
-        yield "score", k
 
 
 def test_score_before_update_fails_on_train_then_score_ttt(monkeypatch):

@@ -90,7 +90,7 @@ def three_seeds(demo_data, tmp_path_factory):
 
 
 def test_every_file_of_the_record(three_seeds):
-    root, record, files = three_seeds["root"], three_seeds["record"], three_seeds["files"]
+    root, files = three_seeds["root"], three_seeds["files"]
     logs = [f"e2e_seed{s}.{ext}" for s in SEEDS for ext in ("txt", "json")]
     assert sorted(files) == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt"] + logs)
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731

@@ -109,7 +109,7 @@ def test_unrelated_variables_do_not_warn(name):
     ({"BIGRAM_VOCAB": "1"}, ["BIGRAM_VOCAB"]),
     ({"SMEAR_GATE": "2"}, ["SMEAR_GATE"]),
     ({"RECUR_LAYERS": "three"}, ["RECUR_LAYERS"]),
-    ({"NUM_LAYERS": "4"}, ["RECUR_LAYERS", "NUM_LAYERS"]),                  # the default 3-5 needs 6 layers
+    ({"NUM_LAYERS": "4", "RECUR_LAYERS": "3-5"}, ["RECUR_LAYERS", "NUM_LAYERS"]),   # 3-5 needs 6 layers
     ({"RECUR_LAYERS": "2-1"}, ["RECUR_LAYERS"]),
     ({"RECUR_PASSES": "1"}, ["RECUR_PASSES"]),
     ({"RECUR_START_FRAC": "1.5"}, ["RECUR_START_FRAC"]),

@@ -215,6 +215,7 @@ def test_presets():
     stack, _ = train_gpt.read_settings({})
     base, _ = train_gpt.read_settings({"PRESET": "baseline"})
     assert (stack.num_layers, stack.mlp_mult, stack.train_seq_len, stack.xsa_last_n) == (11, 3, 2048, 11)
+    assert stack.recur_layers == "" and (stack.recur_passes, stack.recur_start_frac) == (3, 0.35)   # off by evidence
     assert (base.num_layers, base.mlp_mult, base.mlp_act, base.bigram_vocab, base.recur_layers,
             base.ema_horizon_frac, base.matrix_lr) == (9, 2, "relu2", 0, "", 0.0, 0.04)
     mine, _ = train_gpt.read_settings({"PRESET": "baseline", "NUM_LAYERS": "4"})

@@ -15,7 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from torch import nn
 
 import train_gpt
-from _helpers import cpu_runtime, random_gpt, run_distributed, tiny_hp
+from _helpers import cpu_runtime, random_gpt, run_distributed, tiny_hp, train_then_score
 
 VOCAB = 64
 WINDOW = 16
@@ -142,12 +142,6 @@ def test_only_the_last_blocks_change(monkeypatch):
 
 
 # --- the checker has teeth ---------------------------------------------------------------------------
-
-def train_then_score(n_chunks):
-    for k in range(n_chunks):
-        yield "train", k
-        yield "score", k
-
 
 def test_checker_fails_on_train_then_score(monkeypatch):
     monkeypatch.setattr(train_gpt, "ttt_schedule", train_then_score)
