@@ -111,7 +111,7 @@ def test_unrelated_variables_do_not_warn(name):
     ({"RECUR_LAYERS": "three"}, ["RECUR_LAYERS"]),
     ({"NUM_LAYERS": "4", "RECUR_LAYERS": "3-5"}, ["RECUR_LAYERS", "NUM_LAYERS"]),   # 3-5 needs 6 layers
     ({"RECUR_LAYERS": "2-1"}, ["RECUR_LAYERS"]),
-    ({"RECUR_PASSES": "1"}, ["RECUR_PASSES"]),
+    ({"RECUR_LAYERS": "3-5", "RECUR_PASSES": "1"}, ["RECUR_PASSES"]),
     ({"RECUR_START_FRAC": "1.5"}, ["RECUR_START_FRAC"]),
     ({"LR_FLOOR": "2"}, ["LR_FLOOR"]),
     ({"MUON_WD": "-0.1"}, ["MUON_WD"]),
