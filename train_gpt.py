@@ -365,15 +365,6 @@ def agree_max(rt: Runtime, values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def broadcast_error(rt: Runtime, message: str | None) -> None:
-    """Raise the same PipelineError on every rank when rank 0 found one (else return)."""
-    box = [message]
-    if rt.distributed:
-        dist.broadcast_object_list(box, src=0, group=rt.control_group)
-    if box[0] is not None:
-        raise PipelineError(box[0])
-
-
 class RunLog:
     """logs/<RUN_ID>.txt, written by rank 0: the source first, then every line printed.
 
@@ -1146,7 +1137,6 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
 # the (dtype, offset, nbytes) of its parts.
 # -----------------------------------------------------------------------------
 
-INT8_MAX = 127
 # Settings that shape the model: stored in the artifact so EVAL_ONLY rebuilds the same network.
 ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
                  "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N", "ATTN_GATE", "BIGRAM_VOCAB", "BIGRAM_DIM",
