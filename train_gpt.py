@@ -1717,10 +1717,10 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         log(f"warning: {w}")
 
     # data for evaluation (training data is read only inside train_and_export)
-    full_val = load_validation_tokens(hp.data_path, hp.vocab_size, 0)
-    val_tokens = full_val[:hp.val_max_tokens] if hp.val_max_tokens else full_val
+    val_tokens = load_validation_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
+    full_val_size = sum(read_shard_header(f) for f in find_shards(hp.data_path, "val"))   # for the projection
     tables = build_bpb_tables(hp.tokenizer_path, hp.vocab_size)
-    log(f"val_stream_tokens:{val_tokens.size} (of {full_val.size})")
+    log(f"val_stream_tokens:{val_tokens.size} (of {full_val_size})")
 
     # model, and the projections that can refuse a run before it spends any time
     model = build_model(hp, rt)
@@ -1731,7 +1731,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         f"(at {ASSUMED_MFU:.0%} MFU of {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16) "
         f"projected_steps_in_600s:{600e3 / projected_ms:.0f}")
     window, stride = eval_geometry(hp)
-    projected_eval_s = check_eval_budget(hp, full_val.size, window, stride, log)
+    projected_eval_s = check_eval_budget(hp, full_val_size, window, stride, log)
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = torch.compile(model, dynamic=False) if use_compile else model
 
