@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import glob
 import hashlib
 import io
@@ -136,6 +137,14 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "ARTIFACT_BUDGET_BYTES": (int, ARTIFACT_BUDGET_BYTES, "cap on raw code bytes + compressed model bytes"),
     "LZMA_PRESET": (int, 9, "lzma preset for the artifact (0-9)"),
     "QUANT_MATRIX_BITS": (int, 6, "bits per weight of the large matrices (5-8, per-row scale); embeddings int8"),
+    "TERNARY_PATTERNS": (str, "", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none"),
+    "TERNARY_FROM_STEP": (int, -1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on"),
+    "LATE_QAT_THRESHOLD": (float, 0.25, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off"),
+    "GPTQ_CALIBRATION": (str, "self", "GPTQ Hessians for the integer matrices from: self (text the model generates, no data), train (training tokens, inside the wallclock), none (round to nearest)"),
+    "GPTQ_CALIB_SEQS": (int, 32, "calibration sequences for GPTQ"),
+    "GPTQ_CALIB_LEN": (int, 1024, "tokens per calibration sequence"),
+    "GPTQ_CALIB_TEMP": (float, 0.8, "sampling temperature of self-generated calibration text"),
+    "GPTQ_RESERVE_SECONDS": (float, 10.0, "GPTQ_CALIBRATION=train: training stops this early so calibration ends inside MAX_WALLCLOCK_SECONDS"),
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -154,7 +163,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "MUON_MOMENTUM_WARMUP_START": 0.85, "MUON_MOMENTUM_WARMUP_FRAC": 0.036,   # 500 of 13,780 steps
         "MUON_ROW_NORM": 0, "MUON_WD": 0.0, "ADAM_WD": 0.0, "GRAD_CLIP_NORM": 0.0,
         "WARMDOWN_FRAC": 0.087, "LR_FLOOR": 0.0, "EMA_HORIZON_FRAC": 0.0,          # warmdown 1,200 of 13,780
-        "QUANT_MATRIX_BITS": 8,
+        "QUANT_MATRIX_BITS": 8, "LATE_QAT_THRESHOLD": 0.0, "GPTQ_CALIBRATION": "none",
     },
 }
 
@@ -298,6 +307,29 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"COMPUTE_DTYPE={hp.compute_dtype!r} must be auto, bf16 or fp32")
     if hp.quant_matrix_bits not in (5, 6, 7, 8):
         raise PipelineError(f"QUANT_MATRIX_BITS={hp.quant_matrix_bits} must be 5, 6, 7 or 8")
+    if hp.gptq_calibration not in ("self", "train", "none"):
+        raise PipelineError(f"GPTQ_CALIBRATION={hp.gptq_calibration!r} must be self, train or none")
+    if hp.gptq_calibration != "none" and (hp.gptq_calib_seqs <= 0 or hp.gptq_calib_len < 2 or hp.gptq_calib_temp <= 0):
+        raise PipelineError(f"GPTQ_CALIB_SEQS={hp.gptq_calib_seqs} must be positive, GPTQ_CALIB_LEN={hp.gptq_calib_len} "
+                            f">= 2 and GPTQ_CALIB_TEMP={hp.gptq_calib_temp} positive")
+    if hp.gptq_calibration == "train" and not 0 < hp.gptq_reserve_seconds < hp.max_wallclock_seconds:
+        raise PipelineError(f"GPTQ_CALIBRATION=train needs 0 < GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g} < "
+                            f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}: calibration must end inside the cap")
+    if "GPTQ_RESERVE_SECONDS" in hp.explicit and hp.gptq_calibration != "train":
+        raise PipelineError(f"GPTQ_RESERVE_SECONDS is used only with GPTQ_CALIBRATION=train "
+                            f"(it is {hp.gptq_calibration!r})")
+    if not 0.0 <= hp.late_qat_threshold <= 1.0:
+        raise PipelineError(f"LATE_QAT_THRESHOLD={hp.late_qat_threshold} must be in [0, 1]")
+    if hp.late_qat_threshold and (hp.warmdown_frac == 0 or hp.late_qat_threshold <= hp.lr_floor):
+        raise PipelineError(f"LATE_QAT_THRESHOLD={hp.late_qat_threshold} would never turn on: the LR scale only "
+                            f"falls below it in a warmdown (WARMDOWN_FRAC={hp.warmdown_frac}) that ends above it "
+                            f"(LR_FLOOR={hp.lr_floor}); set it above LR_FLOOR or to 0")
+    if hp.ternary_from_step < -1:
+        raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} must be -1 (with late QAT) or a step >= 0")
+    if hp.ternary_from_step >= 0 and not hp.ternary_patterns:
+        raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} needs TERNARY_PATTERNS (no matrix is ternary)")
+    if any(not fragment.strip() for fragment in hp.ternary_patterns.split(",")) and hp.ternary_patterns:
+        raise PipelineError(f"TERNARY_PATTERNS={hp.ternary_patterns!r} has an empty fragment")
     if not 0 <= hp.lzma_preset <= 9:
         raise PipelineError(f"LZMA_PRESET={hp.lzma_preset} must be in 0..9")
     eval_seq_len = hp.eval_seq_len or hp.train_seq_len
@@ -615,6 +647,34 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     return y.transpose(1, 2)
 
 
+class QuantLinear(nn.Linear):
+    """nn.Linear (no bias) whose weight can pass through its export quantizer in the forward.
+
+    `qat_scheme` None: a plain linear. Set to a scheme (late QAT, or ternary from TERNARY_FROM_STEP),
+    the forward uses fake_quantize(weight, scheme): the exact values export will store, with a
+    straight-through gradient to the float weight.
+    """
+    qat_scheme: str | None = None
+
+    def train_weight(self) -> Tensor:
+        return self.weight if self.qat_scheme is None else fake_quantize(self.weight, self.qat_scheme)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(x, self.train_weight())
+
+
+class QuantEmbedding(nn.Embedding):
+    """nn.Embedding with the same fake-quantization switch as QuantLinear (the tied head reads
+    train_weight() too, so both uses see the exported table)."""
+    qat_scheme: str | None = None
+
+    def train_weight(self) -> Tensor:
+        return self.weight if self.qat_scheme is None else fake_quantize(self.weight, self.qat_scheme)
+
+    def forward(self, ids: Tensor) -> Tensor:
+        return F.embedding(ids, self.train_weight())
+
+
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
 
@@ -650,15 +710,15 @@ class CausalSelfAttention(nn.Module):
         self.num_heads, self.num_kv_heads = hp.num_heads, hp.num_kv_heads
         self.head_dim = dim // hp.num_heads
         kv_dim = hp.num_kv_heads * self.head_dim
-        self.c_q = nn.Linear(dim, dim, bias=False)
-        self.c_k = nn.Linear(dim, kv_dim, bias=False)
-        self.c_v = nn.Linear(dim, kv_dim, bias=False)
-        self.proj = nn.Linear(dim, dim, bias=False)
+        self.c_q = QuantLinear(dim, dim, bias=False)
+        self.c_k = QuantLinear(dim, kv_dim, bias=False)
+        self.c_v = QuantLinear(dim, kv_dim, bias=False)
+        self.proj = QuantLinear(dim, dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
         self.rotary = Rotary(self.head_dim, hp.rope_dims, hp.rope_base)
         self.xsa = xsa
-        self.gate = nn.Linear(dim, hp.num_heads, bias=False) if hp.attn_gate else None
+        self.gate = QuantLinear(dim, hp.num_heads, bias=False) if hp.attn_gate else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)           # 2 * sigmoid(0) = 1: starts as the identity
         self.backend = "sdpa"
@@ -684,8 +744,8 @@ class MLP(nn.Module):
 
     def __init__(self, dim: int, mult: int, act: str):
         super().__init__()
-        self.fc = nn.Linear(dim, mult * dim, bias=False)
-        self.proj = nn.Linear(mult * dim, dim, bias=False)
+        self.fc = QuantLinear(dim, mult * dim, bias=False)
+        self.proj = QuantLinear(mult * dim, dim, bias=False)
         nn.init.zeros_(self.proj.weight)
         self.negative_slope = 0.5 if act == "leaky_relu2" else 0.0
 
@@ -729,9 +789,9 @@ class BigramHash(nn.Module):
     def __init__(self, buckets: int, dim: int, model_dim: int):
         super().__init__()
         self.buckets = buckets
-        self.table = nn.Embedding(buckets, dim)
+        self.table = QuantEmbedding(buckets, dim)
         nn.init.normal_(self.table.weight, std=0.02)
-        self.proj = nn.Linear(dim, model_dim, bias=False)
+        self.proj = QuantLinear(dim, model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
     def forward(self, ids: Tensor) -> Tensor:
@@ -755,7 +815,7 @@ class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.softcap = hp.logit_softcap
-        self.tok_emb = nn.Embedding(hp.vocab_size, hp.model_dim)
+        self.tok_emb = QuantEmbedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp.bigram_vocab, hp.bigram_dim, hp.model_dim) if hp.bigram_vocab else None
         # SmearGate: x_t += smear * x_{t-1}, never into a BOS (a new document); zero at start
@@ -801,7 +861,7 @@ class GPT(nn.Module):
             x = self.blocks[i](x, x0)
             if first and i < self.num_encoder:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        logits = F.linear(rms_norm(x), self.tok_emb.train_weight().to(x.dtype)).float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
@@ -1012,6 +1072,55 @@ class TrainResult:
     stopped_early: bool
     tokens_seen: int
     train_data_last_read_ms: float   # training clock when the loop last read training data
+    clock_resumed_at: float          # perf_counter() at which the training clock last resumed
+    late_qat_step: int | None        # step at which late QAT turned on (None: never)
+    ternary_qat_step: int | None     # step at which the ternary matrices started training ternary
+
+
+class QATSwitch:
+    """Turns fake quantization on during training: the ternary matrices from TERNARY_FROM_STEP, and
+    every quantized tensor once the warmdown's LR scale falls below LATE_QAT_THRESHOLD. While
+    ternary matrices train ternary, log_ternary() logs per group the share of zeros and of weights
+    whose trit changed since the last log (ternary telemetry)."""
+
+    def __init__(self, hp: Hyperparameters, model: GPT, log: RunLog):
+        self.hp, self.model, self.log = hp, model, log
+        self.bits = dict(mlp=hp.quant_matrix_bits, other=hp.quant_matrix_bits)
+        self.ternary = ternary_patterns(hp)
+        self.late_step = self.ternary_step = None
+        self.last_trits: dict[str, Tensor] = {}
+
+    def update(self, step: int, progress: float, scale: float) -> None:
+        hp = self.hp
+        if self.ternary_step is None and self.late_step is None and 0 <= hp.ternary_from_step <= step:
+            n = set_qat(self.model, self.bits, self.ternary, only_ternary=True)
+            self.ternary_step = step
+            self.log(f"ternary_qat: on from step {step}: {n} matrices train through the ternary quantizer")
+        in_warmdown = hp.warmdown_frac > 0 and progress > 1.0 - hp.warmdown_frac
+        if self.late_step is None and hp.late_qat_threshold and in_warmdown and scale < hp.late_qat_threshold:
+            n = set_qat(self.model, self.bits, self.ternary)
+            self.late_step = step
+            if self.ternary_step is None and self.ternary:
+                self.ternary_step = step
+            self.log(f"late_qat: on from step {step} (progress {progress:.3f}, lr scale {scale:.3f}): "
+                     f"{n} tensors train through their export quantizer")
+
+    @torch.no_grad()
+    def log_ternary(self, step: int) -> None:
+        if self.ternary_step is None:
+            return
+        stats: dict[str, list[int]] = {}
+        for name, module in self.model.named_modules():
+            if getattr(module, "qat_scheme", None) != "ternary":
+                continue
+            trits = quantize_ternary(module.weight)[0].to(torch.int8)
+            prev = self.last_trits.get(name)
+            s = stats.setdefault(weight_group(name), [0, 0, 0])
+            s[0] += trits.numel()
+            s[1] += int((trits == 0).sum())
+            s[2] += int((trits != prev).sum()) if prev is not None else 0
+            self.last_trits[name] = trits
+        self.log("ternary: " + " ".join(f"{g} zeros:{z / n:.4f} flipped:{f / n:.5f}" for g, (n, z, f) in stats.items()))
 
 
 def compile_warmup(hp: Hyperparameters, rt: Runtime, train_model: nn.Module, accum: int, local_tokens: int) -> None:
@@ -1046,8 +1155,9 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
     if rt.distributed:
         dist.barrier()
 
-    cap_ms = 1e3 * hp.max_wallclock_seconds
+    cap_ms = 1e3 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq_calibration == "train" else 0.0))
     tokens_per_step = hp.train_batch_tokens
+    qat = QATSwitch(hp, model, log)
     loss_sum = torch.zeros((), device=rt.device)
     loss_count, step, train_ms, step_ms_est, last_read_ms, prev_progress = 0, 0, 0.0, 0.0, 0.0, 0.0
     stopped_early = False
@@ -1077,6 +1187,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
                 group["lr"] = group["base_lr"] * scale
         for group in optimizers[2].param_groups:
             group["momentum"] = muon_momentum(progress, hp)
+        qat.update(step, progress, scale)
         if model.recur_range and not model.recurrence_on and progress >= hp.recur_start_frac:
             model.recurrence_on = True
             log(f"recurrence: on from step {step} (progress {progress:.3f}): layer order {model.layer_order()}")
@@ -1119,67 +1230,129 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
                 left = min(left, cap_ms - now_ms)
             log(f"step:{step}/{hp.iterations} train_loss:{mean_loss:.4f} train_time:{now_ms:.0f}ms "
                 f"step_avg:{avg:.2f}ms tok/s:{tokens_per_step * step / (now_ms / 1e3):.0f} eta:{max(0.0, left) / 1e3:.0f}s")
+            qat.log_ternary(step)
     if ema is not None:
         ema.copy_to_model()
         log(f"ema: the exported weights are the EMA (horizon {hp.ema_horizon_frac} of the run)")
-    return TrainResult(step, train_ms, stopped_early, step * tokens_per_step, last_read_ms)
+    return TrainResult(step, train_ms, stopped_early, step * tokens_per_step, last_read_ms, t0,
+                       qat.late_step, qat.ternary_step)
 
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND PACKING
-# Every weight matrix is quantized per row with an fp16 scale (the fp16-rounded scale is the one
-# used to round): block and BigramHash-projection matrices at QUANT_MATRIX_BITS with a per-row clip
-# search, embedding tables at int8; vectors and control tensors stay fp16. If code + model exceed
-# the budget, precision_ladder() steps bits down, logged. The artifact is our own layout, never a
-# pickle:
+# Every weight matrix gets a scheme (choose_scheme): ternary for names matching TERNARY_PATTERNS
+# ({-1, 0, +1} with an fp16 mean-|w| scale per 128 inputs), else int<QUANT_MATRIX_BITS> per row
+# with an fp16 scale and a per-row clip search; embedding tables int8 per row; vectors and
+# control tensors fp16. One function per scheme computes the stored values, used both by the
+# fake-quantized forward of late QAT (QuantLinear) and by the export, so a model trained through
+# it is exported bit for bit as it was trained. With calibration Hessians the integer matrices are
+# rounded by GPTQ on the same scale grid instead. If code + model exceed the budget, the budget
+# fix prunes the cheapest +-1 integer values, then steps bits down (precision_ladder), logged.
+# The artifact is our own layout, never a pickle:
 #   ARTIFACT_MAGIC | u64 header length | JSON header | raw little-endian arrays
-# compressed as one lzma (xz) stream. The header lists each tensor's name, shape, scheme and
-# the (dtype, offset, nbytes) of its parts.
+# compressed as one lzma (xz) stream. The header lists each tensor's name, shape, stored scheme
+# and the (dtype, shape, offset, nbytes) of its parts.
 # -----------------------------------------------------------------------------
 
 # Settings that shape the model: stored in the artifact so EVAL_ONLY rebuilds the same network.
 ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
                  "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N", "ATTN_GATE", "BIGRAM_VOCAB", "BIGRAM_DIM",
                  "SMEAR_GATE", "LN_SCALE", "RECUR_LAYERS", "RECUR_PASSES", "PARALLEL_LAST_N")
+CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)   # fractions of a row's max |w| tried as its clip (below 8 bits)
+EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight")
+TERNARY_GROUP = 128        # ternary weights share one scale per 128 inputs (Bonsai; record PR #640)
+FP16_TINY = torch.finfo(torch.float16).tiny
+GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal is added to the diagonal
+GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
+PRUNE_FRACTIONS = (1 / 32, 1 / 8, 1 / 2)   # shares of the +-1 integer values the budget fix may zero, in turn
 
 
-def quantize_per_row(w: Tensor, bits: int, clips: tuple[float, ...]) -> dict[str, np.ndarray]:
-    """Symmetric per-row integer quantization: q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (stored as
-    int8), fp16 scale per row. Each row tries clipping at each fraction in `clips` of its max |w|
-    and keeps the one with the least squared error; rounding uses the fp16-rounded scale."""
+def row_clips(bits: int) -> tuple[float, ...]:
+    return (1.0,) if bits == 8 else CLIP_SEARCH
+
+
+def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Symmetric per-row integers q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (float32) and an fp16
+    scale per row. Each row tries clipping at each row_clips(bits) fraction of its max |w| and keeps
+    the least squared error; rounding uses the fp16-rounded scale. Any device; the fake-quantized
+    forward and the export both call this, so they agree bit for bit."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.detach().float().cpu()
+    w = w.detach().float()
     absmax = w.abs().amax(dim=1)
-    best_q, best_scale, best_err = None, None, None
-    for clip in clips:
-        scale = (clip * absmax / qmax).clamp_min(torch.finfo(torch.float16).tiny).half()
+    best_q = best_scale = best_err = None
+    for clip in row_clips(bits):
+        scale = (clip * absmax / qmax).clamp_min(FP16_TINY).half()
         q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
         err = (q * scale.float()[:, None] - w).square().sum(dim=1)
         if best_err is None:
             best_q, best_scale, best_err = q, scale, err
         else:
             better = err < best_err
-            best_q[better], best_scale[better], best_err[better] = q[better], scale[better], err[better]
-    return {"q": best_q.to(torch.int8).numpy(), "scale": best_scale.numpy()}
+            best_q = torch.where(better[:, None], q, best_q)
+            best_scale = torch.where(better, scale, best_scale)
+            best_err = torch.minimum(err, best_err)
+    return best_q, best_scale
 
 
-def dequantize_per_row(parts: dict[str, np.ndarray]) -> Tensor:
-    q = torch.from_numpy(parts["q"].astype(np.float32))
-    return q * torch.from_numpy(parts["scale"].astype(np.float32))[:, None]
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
 
 
-CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)   # fractions of a row's max |w| tried as its clip (below 8 bits)
-EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight")
+def quantize_ternary(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Ternary q in {-1, 0, +1} (float32, w's shape) with one fp16 scale per TERNARY_GROUP inputs of a
+    row: scale = mean |w| of the group (BitNet b1.58 absmean), q = clamp(round(w / scale), -1, 1) with
+    the fp16-rounded scale. A last, shorter group averages over its own length."""
+    rows, cols = w.shape
+    groups = -(-cols // TERNARY_GROUP)
+    padded = F.pad(w.detach().float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
+    counts = torch.full((groups,), float(TERNARY_GROUP), device=w.device)
+    counts[-1] = cols - (groups - 1) * TERNARY_GROUP
+    scale = (padded.abs().sum(dim=2) / counts).clamp_min(FP16_TINY).half()
+    q = torch.clamp(torch.round(padded / scale.float()[..., None]), -1, 1)
+    return q.view(rows, -1)[:, :cols], scale
 
 
-def choose_scheme(name: str, t: Tensor, bits: dict[str, int]) -> str:
-    """Weight matrices (of linears and embeddings): int{bits[group]} per row, group "mlp" (MLP
-    weights) or "other"; embedding tables int8 per row. Vectors and control tensors: fp16."""
+def dequantize_ternary(q: Tensor, scale: Tensor) -> Tensor:
+    rows, cols = q.shape
+    groups = scale.shape[1]
+    padded = F.pad(q.float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
+    return (padded * scale.float()[..., None]).view(rows, -1)[:, :cols]
+
+
+def fake_quantize(w: Tensor, scheme: str) -> Tensor:
+    """The weights export will store for `scheme` (ternary or int<b>_row), as a tensor whose gradient
+    flows straight through to w. Exactly the dequantized values: deq + (w - w) adds an exact zero."""
+    with torch.no_grad():
+        if scheme == "ternary":
+            deq = dequantize_ternary(*quantize_ternary(w))
+        else:
+            deq = dequantize_rows(*quantize_rows(w, int(scheme[3])))
+    return deq.to(w.dtype) + (w - w.detach())
+
+
+def ternary_patterns(hp: Hyperparameters) -> tuple[str, ...]:
+    return tuple(p.strip() for p in hp.ternary_patterns.split(",") if p.strip())
+
+
+def choose_scheme(name: str, t: Tensor, bits: dict[str, int], ternary: tuple[str, ...] = ()) -> str:
+    """Weight matrices of linears: ternary when the name contains a TERNARY_PATTERNS fragment, else
+    int{bits[group]} per row, group "mlp" (MLP weights) or "other". Embedding tables: int8 per row.
+    Vectors and control tensors: fp16."""
     if t.ndim == 2 and name.endswith(".weight"):
         if name in EMBEDDING_TABLES:
             return "int8_row"
+        if any(fragment in name for fragment in ternary):
+            return "ternary"
         return f"int{bits['mlp' if '.mlp.' in name else 'other']}_row"
     return "fp16"
+
+
+def weight_group(name: str) -> str:
+    """The report's grouping of tensors: tok_emb, bigram, attn, mlp, other."""
+    for group, fragment in (("tok_emb", "tok_emb."), ("bigram", "bigram."), ("attn", ".attn."), ("mlp", ".mlp.")):
+        if fragment in name:
+            return group
+    return "other"
 
 
 def precision_ladder(matrix_bits: int) -> list[dict[str, int]]:
@@ -1190,21 +1363,247 @@ def precision_ladder(matrix_bits: int) -> list[dict[str, int]]:
     return [b for i, b in enumerate(ladder) if b not in ladder[:i]]
 
 
-QUANTIZERS = {
-    **{f"int{b}_row": ((lambda t, b=b: quantize_per_row(t, b, (1.0,) if b == 8 else CLIP_SEARCH)), dequantize_per_row)
-       for b in (5, 6, 7, 8)},
-    "fp16": (lambda t: {"w": t.detach().cpu().half().numpy()},
-             lambda parts: torch.from_numpy(parts["w"].astype(np.float32))),
-}
+def set_qat(model: nn.Module, bits: dict[str, int] | None, ternary: tuple[str, ...], only_ternary: bool = False) -> int:
+    """Point every QuantLinear/QuantEmbedding at the scheme export will give its weight (bits None:
+    all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
+    on = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, (QuantLinear, QuantEmbedding)):
+            continue
+        if bits is None:
+            module.qat_scheme = None
+            continue
+        scheme = choose_scheme(f"{name}.weight", module.weight, bits, ternary)
+        if scheme == "ternary" or not only_ternary:
+            module.qat_scheme = scheme
+        on += module.qat_scheme is not None
+    return on
 
 
-def quantize_state_dict(state: dict[str, Tensor], bits: dict[str, int]) -> list[dict]:
-    """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order."""
+# --- GPTQ (Frantar et al. 2022, arXiv 2210.17323) ------------------------------------------------
+# For an integer matrix W (out x in) with input Hessian H = E[x x^T]: quantize the columns one at a
+# time, in descending order of H's diagonal (act-order), and fold each column's rounding error into
+# the columns not yet quantized through the Cholesky factor of H^-1, one block of GPTQ_BLOCK columns
+# at a time. The per-row scale grid is the round-to-nearest one (each clip of row_clips); per row we
+# keep, among GPTQ and round-to-nearest at every clip, the candidate with the least Hessian-weighted
+# error (w - q s) H (w - q s)^T, so GPTQ never does worse than round-to-nearest on that measure.
+
+def hessian_error(w: Tensor, deq: Tensor, hessian: Tensor) -> Tensor:
+    """Per-row (w - deq) H (w - deq)^T."""
+    e = (w - deq).double()
+    return ((e @ hessian.double()) * e).sum(dim=1)
+
+
+def _gptq_columns(w: Tensor, u: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    """GPTQ's inner loop over columns of w (already in act-order); u = upper Cholesky factor of H^-1."""
+    w = w.clone()
+    q = torch.zeros_like(w)
+    s = scale.float()
+    n = w.shape[1]
+    for i1 in range(0, n, GPTQ_BLOCK):
+        i2 = min(i1 + GPTQ_BLOCK, n)
+        block, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
+        for i in range(i2 - i1):
+            col = block[:, i]
+            q[:, i1 + i] = torch.clamp(torch.round(col / s), -qmax, qmax)
+            e = (col - q[:, i1 + i] * s) / u[i1 + i, i1 + i]
+            block[:, i:] -= e[:, None] * u[i1 + i, i1 + i:i2][None, :]
+            err[:, i] = e
+        w[:, i2:] -= err @ u[i1:i2, i2:]
+    return q
+
+
+def gptq_quantize(w: Tensor, hessian: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """GPTQ with act-order and blocks (see above). Returns (q float32 integers, fp16 row scale), the
+    layout quantize_rows returns. hessian: (in, in) float, the mean of x x^T over calibration tokens."""
+    qmax = 2 ** (bits - 1) - 1
+    w = w.detach().float().cpu()
+    hessian = hessian.detach().float().cpu()
+    h = hessian.clone()
+    dead = h.diagonal() == 0                                # inputs that were always zero
+    h[dead, dead] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    back = torch.argsort(order)
+    h = h[order][:, order]
+    eye = torch.eye(h.shape[0])
+    for damp in (GPTQ_DAMP, 10 * GPTQ_DAMP, 100 * GPTQ_DAMP):
+        chol, info = torch.linalg.cholesky_ex(h + damp * h.diagonal().mean() * eye)
+        if info == 0:
+            break
+    else:
+        return quantize_rows(w, bits)                       # H hopeless even damped: round to nearest
+    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    w_ordered = w.clone()
+    w_ordered[:, dead] = 0.0
+    w_ordered = w_ordered[:, order]
+    absmax = w.abs().amax(dim=1)
+    best_q = best_scale = best_err = None
+    for clip in row_clips(bits):
+        scale = (clip * absmax / qmax).clamp_min(FP16_TINY).half()
+        rtn = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
+        gptq = _gptq_columns(w_ordered, u, scale, qmax)[:, back]
+        for q in (rtn, gptq):
+            err = hessian_error(w, dequantize_rows(q, scale), hessian)
+            if best_err is None:
+                best_q, best_scale, best_err = q, scale, err
+            else:
+                better = err < best_err
+                best_q = torch.where(better[:, None], q, best_q)
+                best_scale = torch.where(better, scale, best_scale)
+                best_err = torch.minimum(err, best_err)
+    return best_q, best_scale
+
+
+def collect_hessians(model: GPT, rt: Runtime, batches: list[Tensor]) -> dict[str, Tensor]:
+    """Mean x x^T of the inputs of every QuantLinear over the calibration batches (token ids,
+    (B, T)), keyed by the weight's state-dict name; float32 on the CPU."""
+    sums, counts, hooks = {}, {}, []
+
+    def hook(name):
+        def record(module, args):
+            x = args[0].detach().reshape(-1, module.in_features).float()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            counts[name] = counts.get(name, 0) + x.shape[0]
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            hooks.append(module.register_forward_pre_hook(hook(f"{name}.weight")))
+    try:
+        with torch.no_grad(), autocast(rt):
+            for x in batches:
+                model.logits(x.to(rt.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    return {name: (sums[name] / counts[name]).cpu() for name in sums}
+
+
+@torch.no_grad()
+def generate_calibration(model: GPT, rt: Runtime, n_seqs: int, seq_len: int, temperature: float,
+                         seed: int) -> Tensor:
+    """n_seqs sequences of seq_len tokens the model samples itself from BOS (no data is read)."""
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    x = torch.full((n_seqs, 1), BOS_ID, dtype=torch.long, device=rt.device)
+    for _ in range(seq_len - 1):
+        with autocast(rt):
+            logits = model.logits(x)[:, -1]
+        probs = torch.softmax(logits.float() / temperature, dim=-1)
+        x = torch.cat((x, torch.multinomial(probs, 1, generator=gen)), dim=1)
+    return x
+
+
+# --- ternary packing ------------------------------------------------------------------------------
+# Two layouts of the trits; export keeps, per tensor, whichever lzma compresses smaller:
+#   base3: 5 trits per byte, byte = sum_k (q_k + 1) 3^k (3^5 = 243 <= 256), zero-padded;
+#   mask:  one bit per weight "nonzero" (np.packbits), then one sign bit per nonzero weight.
+
+def pack_ternary_base3(q: np.ndarray) -> np.ndarray:
+    t = (q.reshape(-1).astype(np.int16) + 1).astype(np.uint8)
+    t = np.concatenate([t, np.ones((-t.size) % 5, dtype=np.uint8)]).reshape(-1, 5)
+    return (t.astype(np.uint16) * np.array([1, 3, 9, 27, 81], dtype=np.uint16)).sum(axis=1).astype(np.uint8)
+
+
+def unpack_ternary_base3(packed: np.ndarray, n: int) -> np.ndarray:
+    digits = packed.astype(np.int16)[:, None] // np.array([1, 3, 9, 27, 81], dtype=np.int16) % 3
+    return (digits.reshape(-1)[:n] - 1).astype(np.int8)
+
+
+def pack_ternary_mask(q: np.ndarray) -> dict[str, np.ndarray]:
+    flat = q.reshape(-1)
+    return {"nonzero": np.packbits(flat != 0), "negative": np.packbits(flat[flat != 0] < 0)}
+
+
+def unpack_ternary_mask(nonzero: np.ndarray, negative: np.ndarray, n: int) -> np.ndarray:
+    mask = np.unpackbits(nonzero)[:n].astype(bool)
+    signs = np.unpackbits(negative)[:int(mask.sum())].astype(bool)
+    q = np.zeros(n, dtype=np.int8)
+    q[mask] = np.where(signs, -1, 1)
+    return q
+
+
+def lzma_size(arrays: list[np.ndarray], preset: int) -> int:
+    raw = b"".join(np.ascontiguousarray(a).tobytes() for a in arrays)
+    return len(lzma.compress(raw, format=lzma.FORMAT_XZ, preset=preset | lzma.PRESET_EXTREME))
+
+
+def quantize_tensor(t: Tensor, scheme: str, hessian: Tensor | None, preset: int) -> tuple[str, dict[str, np.ndarray]]:
+    """(stored scheme, parts) of one tensor. Integer matrices use GPTQ when a Hessian is given; the
+    ternary layout (ternary_base3 or ternary_mask) is whichever compresses smaller."""
+    if scheme == "fp16":
+        return scheme, {"w": t.detach().cpu().half().numpy()}
+    if scheme == "ternary":
+        q, scale = quantize_ternary(t.detach().float().cpu())
+        q = q.to(torch.int8).numpy()
+        scale = scale.numpy()
+        base3 = {"trits": pack_ternary_base3(q), "scale": scale}
+        mask = {**pack_ternary_mask(q), "scale": scale}
+        if lzma_size(list(base3.values()), preset) <= lzma_size(list(mask.values()), preset):
+            return "ternary_base3", base3
+        return "ternary_mask", mask
+    bits = int(scheme[3])
+    w = t.detach().float().cpu()
+    q, scale = gptq_quantize(w, hessian, bits) if hessian is not None else quantize_rows(w, bits)
+    return scheme, {"q": q.to(torch.int8).numpy(), "scale": scale.numpy()}
+
+
+def dequantize_parts(scheme: str, parts: dict[str, np.ndarray], shape: list[int]) -> Tensor:
+    """Float32 tensor of `shape` from stored parts (the exact inverse of quantize_tensor's layout)."""
+    if scheme == "fp16":
+        return torch.from_numpy(parts["w"].astype(np.float32)).reshape(shape)
+    if scheme.startswith("ternary_"):
+        n = int(np.prod(shape))
+        if scheme == "ternary_base3":
+            q = unpack_ternary_base3(parts["trits"], n)
+        else:
+            q = unpack_ternary_mask(parts["nonzero"], parts["negative"], n)
+        q = torch.from_numpy(q.astype(np.float32)).reshape(shape)
+        return dequantize_ternary(q, torch.from_numpy(parts["scale"].astype(np.float16)))
+    return dequantize_rows(torch.from_numpy(parts["q"].astype(np.float32)),
+                           torch.from_numpy(parts["scale"].astype(np.float16))).reshape(shape)
+
+
+STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask", *(f"int{b}_row" for b in (5, 6, 7, 8))}
+
+
+def quantize_state_dict(state: dict[str, Tensor], bits: dict[str, int], ternary: tuple[str, ...] = (),
+                        hessians: dict[str, Tensor] | None = None, preset: int = 6) -> list[dict]:
+    """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order; `hessians` (by weight
+    name) turns on GPTQ for the integer matrices that have one (not the embedding tables)."""
     entries = []
     for name, t in state.items():
-        scheme = choose_scheme(name, t, bits)
-        entries.append(dict(name=name, scheme=scheme, shape=list(t.shape), parts=QUANTIZERS[scheme][0](t)))
+        scheme = choose_scheme(name, t, bits, ternary)
+        hessian = (hessians or {}).get(name) if scheme.startswith("int") and name not in EMBEDDING_TABLES else None
+        stored, parts = quantize_tensor(t, scheme, hessian, preset)
+        entries.append(dict(name=name, scheme=stored, shape=list(t.shape), parts=parts))
     return entries
+
+
+def prune_cheapest(entries: list[dict], fraction: float, hessians: dict[str, Tensor] | None) -> tuple[list[dict], int]:
+    """Budget fix: zero the given fraction of all +-1 values of the integer matrices, cheapest first.
+    Cost of zeroing q[r, c] = scale[r]^2 * H[c, c] (the Hessian-weighted error it adds, diagonal
+    term; H = identity without calibration). Deterministic (stable sort). Returns (new entries, count)."""
+    costs, where = [], []
+    for i, e in enumerate(entries):
+        if not e["scheme"].startswith("int"):
+            continue
+        q, scale = e["parts"]["q"], e["parts"]["scale"].astype(np.float64)
+        rows, cols = np.nonzero(np.abs(q) == 1)
+        h = hessians.get(e["name"]) if hessians else None
+        diag = h.diagonal().double().numpy() if h is not None else np.ones(q.shape[1])
+        costs.append(scale[rows] ** 2 * diag[cols])
+        where.append(np.stack([np.full(rows.size, i), rows, cols], axis=1))
+    if not costs:
+        return entries, 0
+    costs, where = np.concatenate(costs), np.concatenate(where)
+    chosen = where[np.argsort(costs, kind="stable")[:int(fraction * costs.size)]]
+    out = [dict(e, parts=dict(e["parts"])) for e in entries]
+    for i in np.unique(chosen[:, 0]):
+        q = out[i]["parts"]["q"].copy()
+        sel = chosen[chosen[:, 0] == i]
+        q[sel[:, 1], sel[:, 2]] = 0
+        out[i]["parts"]["q"] = q
+    return out, len(chosen)
 
 
 def pack_artifact(entries: list[dict], preset: int, config: dict) -> bytes:
@@ -1239,11 +1638,11 @@ def unpack_artifact(data: bytes, source: str) -> tuple[dict[str, Tensor], dict]:
         state, header = {}, json.loads(blob[pos + 8:body])
         config = header["config"]
         for e in header["tensors"]:
-            if e["scheme"] not in QUANTIZERS:
+            if e["scheme"] not in STORED_SCHEMES:
                 raise PipelineError(f"{source}: tensor {e['name']} has unknown scheme {e['scheme']!r}")
             parts = {part: np.frombuffer(blob, dtype=np.dtype(dt), count=int(np.prod(shape)), offset=body + off).reshape(shape)
                      for part, (dt, shape, off, _) in e["parts"].items()}
-            state[e["name"]] = QUANTIZERS[e["scheme"]][1](parts).reshape(e["shape"])
+            state[e["name"]] = dequantize_parts(e["scheme"], parts, e["shape"])
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise PipelineError(f"{source}: malformed artifact ({type(e).__name__}: {e})") from None
     return state, config
@@ -1547,37 +1946,109 @@ def log_eval(log: RunLog, label: str, r: EvalResult) -> None:
         f"val_tokens:{r.val_tokens} val_bytes:{r.val_bytes} tok/s:{r.val_tokens / max(r.eval_time_ms, 1e-9) * 1e3:.0f}")
 
 
-def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog) -> dict:
-    """Quantize, pack and write the artifact (rank 0), stepping down precision_ladder() until code +
-    model fit ARTIFACT_BUDGET_BYTES. Returns the summary's artifact keys.
+def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog,
+                    hessians: dict[str, Tensor] | None = None) -> dict:
+    """Quantize, pack and write the artifact (rank 0). Budget fix, until code + model fit
+    ARTIFACT_BUDGET_BYTES: at each rung of precision_ladder(), prune the cheapest +-1 integer values
+    (PRUNE_FRACTIONS in turn), then go down a rung. Returns the summary's artifact keys and its
+    `quant` record (groups with their bytes, bits per parameter, values pruned).
 
-    Raises PipelineError, writing nothing, when not even the last rung fits.
+    Raises PipelineError, writing nothing, when nothing fits.
     """
     config = {name: hp.values[name] for name in ARCH_SETTINGS}
     config["recurrence_on"] = model.recurrence_on          # the exported network, as trained
+    config["ternary_patterns"] = hp.ternary_patterns
     bytes_code = os.path.getsize(os.path.abspath(__file__))
-    state, tried = model.state_dict(), []
+    budget = hp.artifact_budget_bytes
+    state, tried, ternary = model.state_dict(), [], ternary_patterns(hp)
+    fitted = None
     for rung, bits in enumerate(precision_ladder(hp.quant_matrix_bits)):
         config["quant_bits"] = bits
-        blob = pack_artifact(quantize_state_dict(state, bits), hp.lzma_preset, config)
-        total = bytes_code + len(blob)
-        tried.append(f"{len(blob)} at {bits}")
-        log(f"Serialized model int{bits['other']}/mlp-int{bits['mlp']}+lzma: {len(blob)} bytes; code {bytes_code} bytes; "
-            f"Total submission size: {total} bytes (budget {hp.artifact_budget_bytes})")
-        if total <= hp.artifact_budget_bytes:
+        entries = quantize_state_dict(state, bits, ternary, hessians, hp.lzma_preset)
+        for fraction in (0.0, *PRUNE_FRACTIONS):
+            candidate, pruned = prune_cheapest(entries, fraction, hessians) if fraction else (entries, 0)
+            blob = pack_artifact(candidate, hp.lzma_preset, config)
+            total = bytes_code + len(blob)
+            tried.append(f"{len(blob)} at {bits} with {pruned} pruned")
+            log(f"Serialized model int{bits['other']}/mlp-int{bits['mlp']}+lzma: {len(blob)} bytes; code {bytes_code} bytes; "
+                f"Total submission size: {total} bytes (budget {budget})" + (f" after pruning {pruned} values" if pruned else ""))
+            if total <= budget:
+                fitted = candidate
+                break
+            log(f"budget_fit: over budget by {total - budget} bytes; "
+                + ("pruning the cheapest +-1 values" if fraction != PRUNE_FRACTIONS[-1] else "stepping precision down"))
+        if fitted is not None:
             break
-        log(f"budget_fit: over budget by {total - hp.artifact_budget_bytes} bytes; stepping precision down")
     else:
         raise PipelineError(f"artifact over budget: code {bytes_code} + model {len(blob)} = {total} bytes "
-                            f"> ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes} (model bytes tried: {'; '.join(tried)})")
+                            f"> ARTIFACT_BUDGET_BYTES={budget} (model bytes tried: {'; '.join(tried)})")
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     try:
         with open(path, "xb") as f:
             f.write(blob)
     except FileExistsError:
         raise PipelineError(f"{path} already exists; choose another RUN_ID") from None
+    n_params = sum(int(np.prod(e["shape"])) for e in fitted)
+    quant = dict(groups=group_bytes(fitted, hp.lzma_preset), bits_per_param=8 * len(blob) / max(n_params, 1),
+                 pruned=pruned, bits=bits)
     return dict(bytes_model=len(blob), bytes_code=bytes_code, bytes_total=total, artifact_path=path,
-                artifact_sha256=hashlib.sha256(blob).hexdigest(), quant_budget_fit_steps=rung)
+                artifact_sha256=hashlib.sha256(blob).hexdigest(), quant_budget_fit_steps=len(tried) - 1, quant=quant)
+
+
+def scheme_family(scheme: str) -> str:
+    return "ternary" if scheme.startswith("ternary") else scheme
+
+
+def group_bytes(entries: list[dict], preset: int) -> list[dict]:
+    """Per (weight_group, scheme) of the exported entries: params and the bytes of their arrays
+    compressed on their own (lzma, the artifact's preset). The groups' bytes add up to about the
+    artifact's, which compresses them in one stream with the header."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for e in entries:
+        groups.setdefault((weight_group(e["name"]), scheme_family(e["scheme"])), []).append(e)
+    return [dict(name=g, scheme=scheme, params=sum(int(np.prod(e["shape"])) for e in members),
+                 bytes=lzma_size([a for e in members for a in e["parts"].values()], preset))
+            for (g, scheme), members in groups.items()]
+
+
+PLANNER_SAMPLE_SHAPE = (256, 1024)   # Gaussian matrix each scheme's bits per parameter is measured on
+
+
+@functools.lru_cache(maxsize=None)
+def sampled_bits_per_param(scheme: str, preset: int) -> float:
+    """Bits per parameter of `scheme` after lzma, measured on a seeded Gaussian matrix."""
+    w = torch.randn(*PLANNER_SAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
+    _, parts = quantize_tensor(w, scheme, None, preset)
+    return 8 * lzma_size(list(parts.values()), preset) / w.numel()
+
+
+def plan_artifact(hp: Hyperparameters) -> list[dict]:
+    """Predicted artifact bytes per (weight_group, scheme) for the configured shape, before training:
+    params x sampled_bits_per_param / 8. Builds the model on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        state = GPT(hp).state_dict()
+    bits = dict(mlp=hp.quant_matrix_bits, other=hp.quant_matrix_bits)
+    groups: dict[tuple[str, str], int] = {}
+    for name, t in state.items():
+        key = (weight_group(name), choose_scheme(name, t, bits, ternary_patterns(hp)))
+        groups[key] = groups.get(key, 0) + t.numel()
+    plan = []
+    for (group, scheme), params in groups.items():
+        bpp = sampled_bits_per_param(scheme, hp.lzma_preset)
+        plan.append(dict(name=group, scheme=scheme, params=params, bits_per_param=bpp, bytes=round(params * bpp / 8)))
+    return plan
+
+
+def log_plan(hp: Hyperparameters, plan: list[dict], log: RunLog) -> int:
+    """Log the planner's table and whether it fits; returns the predicted model bytes."""
+    bytes_code = os.path.getsize(os.path.abspath(__file__))
+    predicted = sum(g["bytes"] for g in plan)
+    for g in plan:
+        log(f"plan: {g['name']} {g['scheme']} params:{g['params']} bits/param:{g['bits_per_param']:.3f} bytes:{g['bytes']}")
+    total = predicted + bytes_code
+    verdict = "fits" if total <= hp.artifact_budget_bytes else f"over by {total - hp.artifact_budget_bytes} bytes"
+    log(f"plan: predicted model {predicted} + code {bytes_code} = {total} bytes of {hp.artifact_budget_bytes}: {verdict}")
+    return predicted
 
 
 def read_artifact(path: str) -> tuple[bytes, dict[str, Tensor], dict]:
@@ -1610,6 +2081,7 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
     """
     data, state, config = read_artifact(path)
     model.recurrence_on = bool(config.get("recurrence_on", False))
+    set_qat(model, None, ())     # the loaded weights are the quantized values: never re-quantize them
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -1621,7 +2093,8 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
     per_rank = gather(rt, evidence)
     if len({(e["sha256"], e["state"]) for e in per_rank}) != 1:
         raise PipelineError(f"ranks loaded different weights from {path}: {per_rank}")
-    return dict(quant_bits=config.get("quant_bits"), roundtrip_sha256_per_rank=[e["sha256"] for e in per_rank],
+    return dict(quant_bits=config.get("quant_bits"), quant_ternary=config.get("ternary_patterns", ""),
+                roundtrip_sha256_per_rank=[e["sha256"] for e in per_rank],
                 roundtrip_state_sha256_per_rank=[e["state"] for e in per_rank],
                 roundtrip_probe_nll_per_rank=[e["probe_nll"] for e in per_rank])
 
@@ -1673,20 +2146,65 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
     result = train(hp, rt, model, run_model, loader, log, validate)
     if rt.device.type == "cuda":  # CUDA-only
         log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB")
-    pre = evaluate(hp, rt, run_model, val_tokens, tables, *eval_geometry(hp))
+    # rank 0 alone calibrates and exports (the Hessians never leave it)
+    hessians, calibration_end_ms = calibrate(hp, rt, model, stream, result, log) if rt.is_main else (None, None)
+    calibration_end_ms = on_main(rt, lambda: calibration_end_ms)
+    last_read_ms = result.train_data_last_read_ms
+    if hp.gptq_calibration == "train":
+        last_read_ms = max(last_read_ms, calibration_end_ms)
+    with qat_paused(model):      # pre-quant: the float (EMA) weights, not their fake-quantized values
+        pre = evaluate(hp, rt, run_model, val_tokens, tables, *eval_geometry(hp))
     log_eval(log, "pre_quant", pre)
     artifact_path = os.path.join("artifacts", f"{run_id}.pgolf.xz")
-    artifact = on_main(rt, lambda: export_artifact(hp, model, artifact_path, log))
+    artifact = on_main(rt, lambda: export_artifact(hp, model, artifact_path, log, hessians))
     if rt.distributed:
         dist.barrier()
+    artifact["quant"].update(calibration=hp.gptq_calibration, calibration_end_ms=calibration_end_ms,
+                             late_qat_step=result.late_qat_step, ternary_qat_step=result.ternary_qat_step)
     cap_ms = 1e3 * hp.max_wallclock_seconds
     return dict(
         steps=result.steps, train_time_ms=result.train_time_ms,
         step_avg_ms=result.train_time_ms / max(result.steps, 1),
         tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9), stopped_early=result.stopped_early,
         pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb, **artifact,
-        train_data_last_read_ms=result.train_data_last_read_ms, train_deadline_ms=cap_ms or None,
-        train_data_read_after_deadline=bool(cap_ms and result.train_data_last_read_ms > cap_ms))
+        train_data_last_read_ms=last_read_ms, train_deadline_ms=cap_ms or None,
+        train_data_read_after_deadline=bool(cap_ms and last_read_ms > cap_ms))
+
+
+@contextlib.contextmanager
+def qat_paused(model: nn.Module):
+    """Within the block every quantizable module runs on its float weight; schemes restored after."""
+    saved = {m: m.qat_scheme for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    for m in saved:
+        m.qat_scheme = None
+    try:
+        yield
+    finally:
+        for m, scheme in saved.items():
+            m.qat_scheme = scheme
+
+
+def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream, result: TrainResult,
+              log: RunLog) -> tuple[dict[str, Tensor] | None, float | None]:
+    """GPTQ calibration on rank 0, straight after training: Hessians of every linear's inputs over
+    GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN tokens, self-generated or read from the training stream.
+    Returns (hessians, calibration end on the training clock in ms); (None, None) when GPTQ is off.
+    Training-data calibration runs inside the wallclock: the loop stopped GPTQ_RESERVE_SECONDS early."""
+    if hp.gptq_calibration == "none":
+        return None, None
+    model.eval()
+    if hp.gptq_calibration == "train":
+        tokens = stream.read(0, hp.gptq_calib_seqs * hp.gptq_calib_len).astype(np.int64)
+        batch = torch.from_numpy(tokens).view(hp.gptq_calib_seqs, hp.gptq_calib_len).to(rt.device)
+    else:
+        batch = generate_calibration(model, rt, hp.gptq_calib_seqs, hp.gptq_calib_len, hp.gptq_calib_temp, hp.seed)
+    hessians = collect_hessians(model, rt, list(batch.split(max(1, 65536 // hp.gptq_calib_len))))
+    model.train()
+    end_ms = result.train_time_ms + 1e3 * (time.perf_counter() - result.clock_resumed_at)
+    log(f"gptq_calibration: {hp.gptq_calibration} {hp.gptq_calib_seqs}x{hp.gptq_calib_len} tokens, "
+        f"{len(hessians)} Hessians, ended at {end_ms:.0f}ms of the training clock "
+        f"(cap {1e3 * hp.max_wallclock_seconds:.0f}ms)")
+    return hessians, end_ms
 
 
 def eval_geometry(hp: Hyperparameters) -> tuple[int, int]:
@@ -1704,7 +2222,7 @@ def saved_artifact_keys(hp: Hyperparameters) -> dict:
                 pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
                 bytes_total=len(data) + bytes_code, artifact_path=hp.eval_only,
                 artifact_sha256=hashlib.sha256(data).hexdigest(), train_data_last_read_ms=None,
-                train_deadline_ms=None, train_data_read_after_deadline=False, quant_budget_fit_steps=None)
+                train_deadline_ms=None, train_data_read_after_deadline=False, quant_budget_fit_steps=None, quant=None)
 
 
 def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[str], log: RunLog) -> None:
@@ -1732,6 +2250,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         f"projected_steps_in_600s:{600e3 / projected_ms:.0f}")
     window, stride = eval_geometry(hp)
     projected_eval_s = check_eval_budget(hp, full_val_size, window, stride, log)
+    plan = plan_artifact(hp) if not hp.eval_only else None
+    predicted_model_bytes = log_plan(hp, plan, log) if plan else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = torch.compile(model, dynamic=False) if use_compile else model
 
@@ -1740,6 +2260,14 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         run = saved_artifact_keys(hp)
     else:
         run = train_and_export(hp, rt, run_id, model, run_model, val_tokens, tables, log)
+        run["quant"]["predicted_bytes_model"] = predicted_model_bytes
+        predicted = {(g["name"], g["scheme"]): g["bytes"] for g in plan}
+        for g in run["quant"]["groups"]:
+            g["predicted_bytes"] = predicted.get((g["name"], g["scheme"]))
+            log(f"plan_vs_actual: {g['name']} {g['scheme']} predicted:{g['predicted_bytes']} actual:{g['bytes']} "
+                f"(compressed alone)")
+        log(f"plan_vs_actual: model predicted:{predicted_model_bytes} actual:{run['bytes_model']} "
+            f"ratio:{run['bytes_model'] / max(predicted_model_bytes, 1):.3f}")
 
     # every rank loads the artifact from disk; audit and score the loaded weights
     evidence = load_artifact_everywhere(rt, model, run["artifact_path"],
@@ -1751,7 +2279,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     collect = bool(hp.nll_dump)
     rt_eval = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, collect=collect and not hp.ttt_enabled)
     bits = evidence["quant_bits"]
-    scheme = f"int{bits['other']}_lzma" if bits["mlp"] == bits["other"] else f"int{bits['other']}_mlp_int{bits['mlp']}_lzma"
+    scheme = f"int{bits['other']}" if bits["mlp"] == bits["other"] else f"int{bits['other']}_mlp_int{bits['mlp']}"
+    scheme += "_ternary_lzma" if evidence["quant_ternary"] else "_lzma"
     log_eval(log, f"final_{scheme}_roundtrip", rt_eval)
     final, ttt_keys = rt_eval, {}
     if hp.ttt_enabled:

@@ -22,7 +22,7 @@ import train_gpt
 TRAIN_GPT = Path(__file__).resolve().parents[1] / "train_gpt.py"
 TINY_RUN = {"NUM_LAYERS": "2", "RECUR_LAYERS": "1-1", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
             "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
-            "EVAL_STRIDE": "32", "LZMA_PRESET": "6"}
+            "EVAL_STRIDE": "32", "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32"}
 REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_ms", "step_avg_ms", "tokens_per_s",
                  "stopped_early", "val_loss", "val_bpb", "val_tokens", "val_bytes", "pre_quant_val_loss",
                  "pre_quant_val_bpb", "roundtrip_val_loss", "roundtrip_val_bpb", "bytes_model", "bytes_code",

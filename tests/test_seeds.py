@@ -30,7 +30,7 @@ ENTRY_FILES = ["train_gpt.py", "run_8xh100.sh", "requirements.txt", "submission.
                "tools/harness.py"]
 TINY = {"NUM_LAYERS": "2", "RECUR_LAYERS": "1-1", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
         "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
-        "EVAL_STRIDE": "32", "VAL_MAX_TOKENS": "4096", "LZMA_PRESET": "6"}
+        "EVAL_STRIDE": "32", "VAL_MAX_TOKENS": "4096", "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32"}
 KNOBS = {"AUTHOR": "Test Author", "GITHUB_ID": "test-id", "SUBMISSION_NAME": "Tiny three seeds",
          "REFERENCE_BPB": "3.70 3.72 3.71"}
 SEEDS = (1, 2, 3)

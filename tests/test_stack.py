@@ -320,37 +320,57 @@ def test_every_weight_matrix_is_quantized_and_control_tensors_are_not():
 def test_per_row_quantization_range_and_clip_search(bits):
     torch.manual_seed(0)
     w = torch.randn(32, 1024) * 0.02                   # Gaussian rows: trimming the tails pays below 8 bits
-    parts = train_gpt.QUANTIZERS[f"int{bits}_row"][0](w)
+    scheme, parts = train_gpt.quantize_tensor(w, f"int{bits}_row", None, 6)
     qmax = 2 ** (bits - 1) - 1
+    assert scheme == f"int{bits}_row"
     assert parts["q"].dtype == np.int8 and np.abs(parts["q"]).max() <= qmax
-    err = (train_gpt.dequantize_per_row(parts) - w).square().sum(dim=1)
-    plain = train_gpt.quantize_per_row(w, bits, (1.0,))
-    plain_err = (train_gpt.dequantize_per_row(plain) - w).square().sum(dim=1)
+    assert parts["scale"].dtype == np.float16
+    err = (train_gpt.dequantize_parts(scheme, parts, [32, 1024]) - w).square().sum(dim=1)
+    # no clipping, by hand: scale = fp16(row max / qmax), round to nearest
+    scale = (w.abs().amax(dim=1) / qmax).half().float()[:, None]
+    plain_err = ((w / scale).round().clamp(-qmax, qmax) * scale - w).square().sum(dim=1)
     assert torch.all(err <= plain_err + 1e-12)         # the search never does worse than no clipping
     if bits < 8:
         assert err.sum() < plain_err.sum()
 
 
-def test_budget_fit_steps_down_until_it_fits(tmp_path):
-    hp = tiny_hp(**{**ALL_OFF, "MODEL_DIM": "64", "LZMA_PRESET": "6"})
+def test_budget_fit_prunes_then_steps_down_until_it_fits(tmp_path):
+    hp = tiny_hp(**{**ALL_OFF, "MODEL_DIM": "64", "LZMA_PRESET": "6", "GPTQ_CALIBRATION": "none"})
     model = gaussian_model(hp)
     code = os.path.getsize(train_gpt.__file__)
-    sizes = [len(train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict(), b), 6,
-                                         {**{n: hp.values[n] for n in train_gpt.ARCH_SETTINGS},
-                                          "recurrence_on": False, "quant_bits": b}))
-             for b in train_gpt.precision_ladder(6)]
+    config = {**{n: hp.values[n] for n in train_gpt.ARCH_SETTINGS}, "recurrence_on": False, "ternary_patterns": ""}
+
+    def size(bits, fraction=0.0):
+        entries = train_gpt.quantize_state_dict(model.state_dict(), bits, preset=6)
+        entries, _ = train_gpt.prune_cheapest(entries, fraction, None)
+        return len(train_gpt.pack_artifact(entries, 6, {**config, "quant_bits": bits}))
+
+    ladder = train_gpt.precision_ladder(6)
+    sizes = [size(b) for b in ladder]
     assert sizes[0] > sizes[1] > sizes[2]
+    pruned = [size(ladder[0], f) for f in train_gpt.PRUNE_FRACTIONS]
+    assert sizes[0] > pruned[0] > pruned[1] > pruned[2]           # each pruning step saves bytes
+    # a budget the first pruning step meets: rung 0, pruned, one budget_fit line
     log = ListLog()
-    fitted = train_gpt.export_artifact(hp.replace(ARTIFACT_BUDGET_BYTES=code + sizes[1]), model,
+    fitted = train_gpt.export_artifact(hp.replace(ARTIFACT_BUDGET_BYTES=code + pruned[0]), model,
                                        str(tmp_path / "a.xz"), log)
-    assert fitted["quant_budget_fit_steps"] == 1 and fitted["bytes_model"] == sizes[1]
+    assert fitted["bytes_model"] == pruned[0] and fitted["quant"]["pruned"] > 0
+    assert fitted["quant"]["bits"] == ladder[0] and fitted["quant_budget_fit_steps"] == 1
     assert sum(l.startswith("budget_fit:") for l in log.lines) == 1
-    _, _, config = train_gpt.read_artifact(str(tmp_path / "a.xz"))
+    # a budget only the next rung meets: every pruning step of rung 0 is tried first, then rung 1 fits unpruned
+    assert sizes[1] < pruned[2]            # on Gaussian weights int6 holds few +-1 values: pruning saves little
+    fitted = train_gpt.export_artifact(hp.replace(ARTIFACT_BUDGET_BYTES=code + sizes[1]), model,
+                                       str(tmp_path / "b.xz"), ListLog())
+    assert fitted["quant"]["bits"] == ladder[1] and fitted["quant"]["pruned"] == 0
+    assert fitted["quant_budget_fit_steps"] == len(train_gpt.PRUNE_FRACTIONS) + 1
+    _, _, config = train_gpt.read_artifact(str(tmp_path / "b.xz"))
     assert config["quant_bits"] == dict(mlp=5, other=6)
-    with pytest.raises(train_gpt.PipelineError, match=str(code + sizes[2])):
-        train_gpt.export_artifact(hp.replace(ARTIFACT_BUDGET_BYTES=code + sizes[2] - 1), model,
-                                  str(tmp_path / "b.xz"), ListLog())
-    assert not (tmp_path / "b.xz").exists()
+    # nothing fits: an error with the numbers, nothing written
+    smallest = size(ladder[-1], train_gpt.PRUNE_FRACTIONS[-1])
+    with pytest.raises(train_gpt.PipelineError, match=str(code + smallest)):
+        train_gpt.export_artifact(hp.replace(ARTIFACT_BUDGET_BYTES=code + smallest - 1), model,
+                                  str(tmp_path / "c.xz"), ListLog())
+    assert not (tmp_path / "c.xz").exists()
 
 
 @pytest.mark.parametrize("name,value", [("ADAM_WD", "0.5"), ("MUON_WD", "0.5"), ("GRAD_CLIP_NORM", "0.01"),
