@@ -1090,6 +1090,16 @@ class QATSwitch:
         self.late_step = self.ternary_step = None
         self.last_trits: dict[str, Tensor] = {}
 
+    def states(self) -> list:
+        """Setters of each fake-quantization state this run passes through (off first), so that
+        compile_warmup can compile each one before the clock starts (no recompilation mid-run)."""
+        states = [lambda: set_qat(self.model, None, ())]
+        if self.hp.ternary_from_step >= 0:
+            states.append(lambda: set_qat(self.model, self.bits, self.ternary, only_ternary=True))
+        if self.hp.late_qat_threshold:
+            states.append(lambda: set_qat(self.model, self.bits, self.ternary))
+        return states
+
     def update(self, step: int, progress: float, scale: float) -> None:
         hp = self.hp
         if self.ternary_step is None and self.late_step is None and 0 <= hp.ternary_from_step <= step:
@@ -1150,14 +1160,17 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
         train_model = DDP(run_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     optimizers = build_optimizers(model, hp, rt)
     accum = loader.grad_accum
-    compile_warmup(hp, rt, train_model, accum, loader.local_tokens)
+    qat = QATSwitch(hp, model, log)
+    for state in qat.states():      # every fake-quantization state the run will use, compiled before the clock
+        state()
+        compile_warmup(hp, rt, train_model, accum, loader.local_tokens)
+    set_qat(model, None, ())
     ema = WeightEMA(model, hp.ema_horizon_frac) if hp.ema_horizon_frac > 0 else None
     if rt.distributed:
         dist.barrier()
 
     cap_ms = 1e3 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq_calibration == "train" else 0.0))
     tokens_per_step = hp.train_batch_tokens
-    qat = QATSwitch(hp, model, log)
     loss_sum = torch.zeros((), device=rt.device)
     loss_count, step, train_ms, step_ms_est, last_read_ms, prev_progress = 0, 0, 0.0, 0.0, 0.0, 0.0
     stopped_early = False

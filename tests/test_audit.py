@@ -293,7 +293,7 @@ def test_a_read_past_the_deadline_is_flagged(demo_data, tmp_path, monkeypatch):
     vocab = demo_data["vocab"]
     common = dict(VOCAB_SIZE=vocab, DATA_PATH=demo_data["dir"], TOKENIZER_PATH=demo_data["tokenizer"],
                   TRAIN_BATCH_TOKENS=8 * 32, TRAIN_SEQ_LEN=32, EVAL_STRIDE=16, ITERATIONS=3, COMPILE_WARMUP_STEPS=0,
-                  VAL_LOSS_EVERY=0, LZMA_PRESET=0)
+                  VAL_LOSS_EVERY=0, LZMA_PRESET=0, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=16)
     val = train_gpt.load_validation_tokens(str(demo_data["dir"]), vocab, 300)
     tables = train_gpt.build_bpb_tables(str(demo_data["tokenizer"]), vocab)
     real_batch = train_gpt.DistributedTokenLoader.batch
