@@ -2024,13 +2024,17 @@ def group_bytes(entries: list[dict], preset: int) -> list[dict]:
             for (g, scheme), members in groups.items()]
 
 
-PLANNER_SAMPLE_SHAPE = (256, 1024)   # Gaussian matrix each scheme's bits per parameter is measured on
+PLANNER_SAMPLE_VALUES = 262_144     # size of the Gaussian sample each scheme's bits per parameter is measured on
 
 
 @functools.lru_cache(maxsize=None)
-def sampled_bits_per_param(scheme: str, preset: int) -> float:
-    """Bits per parameter of `scheme` after lzma, measured on a seeded Gaussian matrix."""
-    w = torch.randn(*PLANNER_SAMPLE_SHAPE, generator=torch.Generator().manual_seed(0))
+def sampled_bits_per_param(scheme: str, shape: tuple[int, ...], preset: int) -> float:
+    """Bits per parameter of `scheme` after lzma, measured on a seeded Gaussian matrix with the
+    tensor's row length (a row's max |w|, hence its scale, depends on it), at most
+    PLANNER_SAMPLE_VALUES values."""
+    cols = shape[-1] if len(shape) == 2 else 1024
+    rows = max(1, min(shape[0] if len(shape) == 2 else 256, PLANNER_SAMPLE_VALUES // cols))
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
     _, parts = quantize_tensor(w, scheme, None, preset)
     return 8 * lzma_size(list(parts.values()), preset) / w.numel()
 
@@ -2041,15 +2045,14 @@ def plan_artifact(hp: Hyperparameters) -> list[dict]:
     with torch.device("meta"):
         state = GPT(hp).state_dict()
     bits = dict(mlp=hp.quant_matrix_bits, other=hp.quant_matrix_bits)
-    groups: dict[tuple[str, str], int] = {}
+    groups: dict[tuple[str, str], list[float]] = {}
     for name, t in state.items():
-        key = (weight_group(name), choose_scheme(name, t, bits, ternary_patterns(hp)))
-        groups[key] = groups.get(key, 0) + t.numel()
-    plan = []
-    for (group, scheme), params in groups.items():
-        bpp = sampled_bits_per_param(scheme, hp.lzma_preset)
-        plan.append(dict(name=group, scheme=scheme, params=params, bits_per_param=bpp, bytes=round(params * bpp / 8)))
-    return plan
+        scheme = choose_scheme(name, t, bits, ternary_patterns(hp))
+        g = groups.setdefault((weight_group(name), scheme), [0, 0.0])
+        g[0] += t.numel()
+        g[1] += t.numel() * sampled_bits_per_param(scheme, tuple(t.shape), hp.lzma_preset) / 8
+    return [dict(name=group, scheme=scheme, params=params, bits_per_param=8 * nbytes / max(params, 1), bytes=round(nbytes))
+            for (group, scheme), (params, nbytes) in groups.items()]
 
 
 def log_plan(hp: Hyperparameters, plan: list[dict], log: RunLog) -> int:
@@ -2214,9 +2217,9 @@ def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream,
     hessians = collect_hessians(model, rt, list(batch.split(max(1, 65536 // hp.gptq_calib_len))))
     model.train()
     end_ms = result.train_time_ms + 1e3 * (time.perf_counter() - result.clock_resumed_at)
+    cap = f"cap {1e3 * hp.max_wallclock_seconds:.0f}ms" if hp.max_wallclock_seconds else "no cap"
     log(f"gptq_calibration: {hp.gptq_calibration} {hp.gptq_calib_seqs}x{hp.gptq_calib_len} tokens, "
-        f"{len(hessians)} Hessians, ended at {end_ms:.0f}ms of the training clock "
-        f"(cap {1e3 * hp.max_wallclock_seconds:.0f}ms)")
+        f"{len(hessians)} Hessians, ended at {end_ms:.0f}ms of the training clock ({cap})")
     return hessians, end_ms
 
 
