@@ -138,6 +138,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "LZMA_PRESET": (int, 9, "lzma preset for the artifact (0-9)"),
     "QUANT_MATRIX_BITS": (int, 6, "bits per weight of the large matrices (5-8, per-row scale); embeddings int8"),
     "TERNARY_PATTERNS": (str, "", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none"),
+    "TERNARY_HADAMARD": (int, 0, "1 = ternarize each ternary matrix in a fixed blockwise Hadamard basis (blocks of 128 inputs), undone in the forward and at load"),
     "TERNARY_FROM_STEP": (int, -1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on"),
     "LATE_QAT_THRESHOLD": (float, 0.25, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off"),
     "GPTQ_CALIBRATION": (str, "self", "GPTQ Hessians for the integer matrices from: self (text the model generates, no data), train (training tokens, inside the wallclock), none (round to nearest)"),
@@ -277,7 +278,7 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
     if hp.eval_only and not os.path.isfile(hp.eval_only):
         raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
-    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM"]:
+    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM", "TERNARY_HADAMARD"]:
         if hp.values[name] not in (0, 1):
             raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
     if hp.mlp_act not in ("relu2", "leaky_relu2"):
@@ -328,6 +329,8 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} must be -1 (with late QAT) or a step >= 0")
     if hp.ternary_from_step >= 0 and not hp.ternary_patterns:
         raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} needs TERNARY_PATTERNS (no matrix is ternary)")
+    if hp.ternary_hadamard and not hp.ternary_patterns:
+        raise PipelineError("TERNARY_HADAMARD=1 needs TERNARY_PATTERNS (no matrix is ternary)")
     if any(not fragment.strip() for fragment in hp.ternary_patterns.split(",")) and hp.ternary_patterns:
         raise PipelineError(f"TERNARY_PATTERNS={hp.ternary_patterns!r} has an empty fragment")
     if not 0 <= hp.lzma_preset <= 9:
@@ -1087,6 +1090,7 @@ class QATSwitch:
         self.hp, self.model, self.log = hp, model, log
         self.bits = dict(mlp=hp.quant_matrix_bits, other=hp.quant_matrix_bits)
         self.ternary = ternary_patterns(hp)
+        self.hadamard = bool(hp.ternary_hadamard)
         self.late_step = self.ternary_step = None
         self.last_trits: dict[str, Tensor] = {}
 
@@ -1095,20 +1099,20 @@ class QATSwitch:
         compile_warmup can compile each one before the clock starts (no recompilation mid-run)."""
         states = [lambda: set_qat(self.model, None, ())]
         if self.hp.ternary_from_step >= 0:
-            states.append(lambda: set_qat(self.model, self.bits, self.ternary, only_ternary=True))
+            states.append(lambda: set_qat(self.model, self.bits, self.ternary, self.hadamard, only_ternary=True))
         if self.hp.late_qat_threshold:
-            states.append(lambda: set_qat(self.model, self.bits, self.ternary))
+            states.append(lambda: set_qat(self.model, self.bits, self.ternary, self.hadamard))
         return states
 
     def update(self, step: int, progress: float, scale: float) -> None:
         hp = self.hp
         if self.ternary_step is None and self.late_step is None and 0 <= hp.ternary_from_step <= step:
-            n = set_qat(self.model, self.bits, self.ternary, only_ternary=True)
+            n = set_qat(self.model, self.bits, self.ternary, self.hadamard, only_ternary=True)
             self.ternary_step = step
             self.log(f"ternary_qat: on from step {step}: {n} matrices train through the ternary quantizer")
         in_warmdown = hp.warmdown_frac > 0 and progress > 1.0 - hp.warmdown_frac
         if self.late_step is None and hp.late_qat_threshold and in_warmdown and scale < hp.late_qat_threshold:
-            n = set_qat(self.model, self.bits, self.ternary)
+            n = set_qat(self.model, self.bits, self.ternary, self.hadamard)
             self.late_step = step
             if self.ternary_step is None and self.ternary:
                 self.ternary_step = step
@@ -1121,9 +1125,11 @@ class QATSwitch:
             return
         stats: dict[str, list[int]] = {}
         for name, module in self.model.named_modules():
-            if getattr(module, "qat_scheme", None) != "ternary":
+            scheme = getattr(module, "qat_scheme", None)
+            if scheme not in ("ternary", "ternary_h"):
                 continue
-            trits = quantize_ternary(module.weight)[0].to(torch.int8)
+            w = hadamard_blocks(module.weight.float()) if scheme == "ternary_h" else module.weight
+            trits = quantize_ternary(w)[0].to(torch.int8)
             prev = self.last_trits.get(name)
             s = stats.setdefault(weight_group(name), [0, 0, 0])
             s[0] += trits.numel()
@@ -1332,12 +1338,30 @@ def dequantize_ternary(q: Tensor, scale: Tensor) -> Tensor:
     return (padded * scale.float()[..., None]).view(rows, -1)[:, :cols]
 
 
+def hadamard_blocks(w: Tensor) -> Tensor:
+    """w times the orthonormal Hadamard matrix of order TERNARY_GROUP, blockwise along the last
+    dimension (which TERNARY_GROUP must divide): a fast Walsh-Hadamard transform of additions,
+    subtractions and one scaling, so every device computes the same bits. Its own inverse (up to
+    rounding): the Sylvester matrix / sqrt(n) is symmetric and orthogonal (Bonsai's rotation)."""
+    rows, cols = w.shape
+    x = w.reshape(rows * (cols // TERNARY_GROUP), TERNARY_GROUP)
+    h = 1
+    while h < TERNARY_GROUP:
+        x = x.view(x.shape[0], TERNARY_GROUP // (2 * h), 2, h)
+        x = torch.stack((x[:, :, 0] + x[:, :, 1], x[:, :, 0] - x[:, :, 1]), dim=2)
+        h *= 2
+    return x.reshape(rows, cols) * (1.0 / math.sqrt(TERNARY_GROUP))
+
+
 def fake_quantize(w: Tensor, scheme: str) -> Tensor:
-    """The weights export will store for `scheme` (ternary or int<b>_row), as a tensor whose gradient
-    flows straight through to w. Exactly the dequantized values: deq + (w - w) adds an exact zero."""
+    """The weights export will store for `scheme` (ternary, ternary_h: ternary in the Hadamard basis,
+    or int<b>_row), as a tensor whose gradient flows straight through to w. Exactly the dequantized
+    values: deq + (w - w) adds an exact zero."""
     with torch.no_grad():
         if scheme == "ternary":
             deq = dequantize_ternary(*quantize_ternary(w))
+        elif scheme == "ternary_h":
+            deq = hadamard_blocks(dequantize_ternary(*quantize_ternary(hadamard_blocks(w.float()))))
         else:
             deq = dequantize_rows(*quantize_rows(w, int(scheme[3])))
     return deq.to(w.dtype) + (w - w.detach())
@@ -1347,7 +1371,8 @@ def ternary_patterns(hp: Hyperparameters) -> tuple[str, ...]:
     return tuple(p.strip() for p in hp.ternary_patterns.split(",") if p.strip())
 
 
-def choose_scheme(name: str, t: Tensor, bits: dict[str, int], ternary: tuple[str, ...] = ()) -> str:
+def choose_scheme(name: str, t: Tensor, bits: dict[str, int], ternary: tuple[str, ...] = (),
+                  hadamard: bool = False) -> str:
     """Weight matrices of linears: ternary when the name contains a TERNARY_PATTERNS fragment, else
     int{bits[group]} per row, group "mlp" (MLP weights) or "other". Embedding tables: int8 per row.
     Vectors and control tensors: fp16."""
@@ -1355,7 +1380,7 @@ def choose_scheme(name: str, t: Tensor, bits: dict[str, int], ternary: tuple[str
         if name in EMBEDDING_TABLES:
             return "int8_row"
         if any(fragment in name for fragment in ternary):
-            return "ternary"
+            return "ternary_h" if hadamard else "ternary"
         return f"int{bits['mlp' if '.mlp.' in name else 'other']}_row"
     return "fp16"
 
@@ -1376,7 +1401,8 @@ def precision_ladder(matrix_bits: int) -> list[dict[str, int]]:
     return [b for i, b in enumerate(ladder) if b not in ladder[:i]]
 
 
-def set_qat(model: nn.Module, bits: dict[str, int] | None, ternary: tuple[str, ...], only_ternary: bool = False) -> int:
+def set_qat(model: nn.Module, bits: dict[str, int] | None, ternary: tuple[str, ...], hadamard: bool = False,
+            only_ternary: bool = False) -> int:
     """Point every QuantLinear/QuantEmbedding at the scheme export will give its weight (bits None:
     all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
     on = 0
@@ -1386,8 +1412,8 @@ def set_qat(model: nn.Module, bits: dict[str, int] | None, ternary: tuple[str, .
         if bits is None:
             module.qat_scheme = None
             continue
-        scheme = choose_scheme(f"{name}.weight", module.weight, bits, ternary)
-        if scheme == "ternary" or not only_ternary:
+        scheme = choose_scheme(f"{name}.weight", module.weight, bits, ternary, hadamard)
+        if scheme.startswith("ternary") or not only_ternary:
             module.qat_scheme = scheme
         on += module.qat_scheme is not None
     return on
@@ -1545,15 +1571,16 @@ def quantize_tensor(t: Tensor, scheme: str, hessian: Tensor | None, preset: int)
     ternary layout (ternary_base3 or ternary_mask) is whichever compresses smaller."""
     if scheme == "fp16":
         return scheme, {"w": t.detach().cpu().half().numpy()}
-    if scheme == "ternary":
-        q, scale = quantize_ternary(t.detach().float().cpu())
+    if scheme in ("ternary", "ternary_h"):
+        w = t.detach().float().cpu()
+        q, scale = quantize_ternary(hadamard_blocks(w) if scheme == "ternary_h" else w)
         q = q.to(torch.int8).numpy()
         scale = scale.numpy()
         base3 = {"trits": pack_ternary_base3(q), "scale": scale}
         mask = {**pack_ternary_mask(q), "scale": scale}
         if lzma_size(list(base3.values()), preset) <= lzma_size(list(mask.values()), preset):
-            return "ternary_base3", base3
-        return "ternary_mask", mask
+            return f"{scheme}_base3", base3
+        return f"{scheme}_mask", mask
     bits = int(scheme[3])
     w = t.detach().float().cpu()
     q, scale = gptq_quantize(w, hessian, bits) if hessian is not None else quantize_rows(w, bits)
@@ -1566,26 +1593,28 @@ def dequantize_parts(scheme: str, parts: dict[str, np.ndarray], shape: list[int]
         return torch.from_numpy(parts["w"].astype(np.float32)).reshape(shape)
     if scheme.startswith("ternary_"):
         n = int(np.prod(shape))
-        if scheme == "ternary_base3":
+        if scheme.endswith("_base3"):
             q = unpack_ternary_base3(parts["trits"], n)
         else:
             q = unpack_ternary_mask(parts["nonzero"], parts["negative"], n)
         q = torch.from_numpy(q.astype(np.float32)).reshape(shape)
-        return dequantize_ternary(q, torch.from_numpy(parts["scale"].astype(np.float16)))
+        deq = dequantize_ternary(q, torch.from_numpy(parts["scale"].astype(np.float16)))
+        return hadamard_blocks(deq) if scheme.startswith("ternary_h_") else deq
     return dequantize_rows(torch.from_numpy(parts["q"].astype(np.float32)),
                            torch.from_numpy(parts["scale"].astype(np.float16))).reshape(shape)
 
 
-STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask", *(f"int{b}_row" for b in (5, 6, 7, 8))}
+STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask", "ternary_h_base3", "ternary_h_mask",
+                  *(f"int{b}_row" for b in (5, 6, 7, 8))}
 
 
 def quantize_state_dict(state: dict[str, Tensor], bits: dict[str, int], ternary: tuple[str, ...] = (),
-                        hessians: dict[str, Tensor] | None = None, preset: int = 6) -> list[dict]:
+                        hessians: dict[str, Tensor] | None = None, preset: int = 6, hadamard: bool = False) -> list[dict]:
     """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order; `hessians` (by weight
     name) turns on GPTQ for the integer matrices that have one (not the embedding tables)."""
     entries = []
     for name, t in state.items():
-        scheme = choose_scheme(name, t, bits, ternary)
+        scheme = choose_scheme(name, t, bits, ternary, hadamard)
         hessian = (hessians or {}).get(name) if scheme.startswith("int") and name not in EMBEDDING_TABLES else None
         stored, parts = quantize_tensor(t, scheme, hessian, preset)
         entries.append(dict(name=name, scheme=stored, shape=list(t.shape), parts=parts))
@@ -1977,7 +2006,7 @@ def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog,
     fitted = None
     for rung, bits in enumerate(precision_ladder(hp.quant_matrix_bits)):
         config["quant_bits"] = bits
-        entries = quantize_state_dict(state, bits, ternary, hessians, hp.lzma_preset)
+        entries = quantize_state_dict(state, bits, ternary, hessians, hp.lzma_preset, bool(hp.ternary_hadamard))
         for fraction in (0.0, *PRUNE_FRACTIONS):
             candidate, pruned = prune_cheapest(entries, fraction, hessians) if fraction else (entries, 0)
             blob = pack_artifact(candidate, hp.lzma_preset, config)
@@ -2009,7 +2038,8 @@ def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog,
 
 
 def scheme_family(scheme: str) -> str:
-    return "ternary" if scheme.startswith("ternary") else scheme
+    """A stored ternary layout's scheme (ternary_h_base3 -> ternary_h); other schemes unchanged."""
+    return scheme.rsplit("_", 1)[0] if scheme.endswith(("_base3", "_mask")) else scheme
 
 
 def group_bytes(entries: list[dict], preset: int) -> list[dict]:
@@ -2047,7 +2077,10 @@ def plan_artifact(hp: Hyperparameters) -> list[dict]:
     bits = dict(mlp=hp.quant_matrix_bits, other=hp.quant_matrix_bits)
     groups: dict[tuple[str, str], list[float]] = {}
     for name, t in state.items():
-        scheme = choose_scheme(name, t, bits, ternary_patterns(hp))
+        scheme = choose_scheme(name, t, bits, ternary_patterns(hp), bool(hp.ternary_hadamard))
+        if scheme == "ternary_h" and t.shape[1] % TERNARY_GROUP:
+            raise PipelineError(f"TERNARY_HADAMARD=1: {name} has {t.shape[1]} inputs, not a multiple of the "
+                                f"Hadamard block {TERNARY_GROUP}; drop it from TERNARY_PATTERNS or set TERNARY_HADAMARD=0")
         g = groups.setdefault((weight_group(name), scheme), [0, 0.0])
         g[0] += t.numel()
         g[1] += t.numel() * sampled_bits_per_param(scheme, tuple(t.shape), hp.lzma_preset) / 8

@@ -74,11 +74,12 @@ def test_zero_rows_and_groups_stay_zero():
         assert torch.isfinite(deq).all() and deq[0].abs().sum() == 0 and deq[1, 150] != 0, scheme
 
 
-@pytest.mark.parametrize("scheme", ["ternary", "int5_row", "int6_row", "int7_row", "int8_row"])
+@pytest.mark.parametrize("scheme", ["ternary", "ternary_h", "int5_row", "int6_row", "int7_row", "int8_row"])
 def test_dequantized_artifact_equals_the_fake_quantized_forward_weight(scheme):
     """What export stores and unpack returns is bit for bit the weight the QAT forward used."""
     gen = torch.Generator().manual_seed(1)
-    w = torch.randn(48, 300, generator=gen) * torch.rand(48, 1, generator=gen)     # rows of different scale
+    cols = 384 if scheme == "ternary_h" else 300                                  # Hadamard: whole blocks of 128
+    w = torch.randn(48, cols, generator=gen) * torch.rand(48, 1, generator=gen)   # rows of different scale
     w.requires_grad_(True)
     ste = train_gpt.fake_quantize(w, scheme)
     stored, parts = train_gpt.quantize_tensor(w, scheme, None, PRESET)
@@ -287,3 +288,51 @@ def test_compression_settings_errors_name_the_variable(env, fragment):
     with pytest.raises(train_gpt.PipelineError, match=None) as err:
         train_gpt.read_settings(env)
     assert fragment in str(err.value)
+
+
+# --- the Hadamard basis (TERNARY_HADAMARD) -------------------------------------------------------------
+
+def sylvester(n):
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / n ** 0.5
+
+
+def test_hadamard_blocks_is_the_blockwise_orthonormal_hadamard_and_its_own_inverse():
+    w = torch.randn(5, 256, generator=torch.Generator().manual_seed(0))
+    h = sylvester(train_gpt.TERNARY_GROUP)
+    want = torch.cat([w[:, :128].double() @ h, w[:, 128:].double() @ h], dim=1)
+    got = train_gpt.hadamard_blocks(w)
+    assert torch.allclose(got.double(), want, atol=1e-5)
+    assert torch.allclose(train_gpt.hadamard_blocks(got), w, atol=1e-5)
+    assert torch.allclose(got.norm(dim=1), w.norm(dim=1), rtol=1e-5)
+
+
+def test_hadamard_ternary_stores_the_rotated_trits_and_the_forward_undoes_the_rotation():
+    w = torch.randn(16, 256, generator=torch.Generator().manual_seed(3))
+    stored, parts = train_gpt.quantize_tensor(w, "ternary_h", None, PRESET)
+    assert stored.startswith("ternary_h_")
+    q, scale = train_gpt.quantize_ternary(train_gpt.hadamard_blocks(w))
+    assert np.array_equal(parts["scale"], scale.numpy())
+    deq = train_gpt.dequantize_parts(stored, parts, [16, 256])
+    assert torch.equal(deq, train_gpt.hadamard_blocks(train_gpt.dequantize_ternary(q, scale)))
+    # a different function from plain ternary: the rotation changes which values are stored
+    assert not torch.equal(deq, train_gpt.fake_quantize(w, "ternary").detach())
+
+
+def test_hadamard_needs_whole_blocks_and_ternary_matrices():
+    with pytest.raises(train_gpt.PipelineError, match="TERNARY_HADAMARD=1 needs TERNARY_PATTERNS"):
+        train_gpt.read_settings({"TERNARY_HADAMARD": "1"})
+    hp = tiny_hp(TERNARY_PATTERNS=".mlp.", TERNARY_HADAMARD=1)          # width 32: not whole blocks of 128
+    with pytest.raises(train_gpt.PipelineError, match="blocks.0.mlp.fc.weight has 32 inputs"):
+        train_gpt.plan_artifact(hp)
+
+
+def test_hadamard_ternary_trains_with_telemetry(tmp_path):
+    data = make_shards(tmp_path)
+    _, lines = run_training(data, {"ITERATIONS": "4", "MODEL_DIM": "128", "TERNARY_PATTERNS": ".mlp.",
+                                   "TERNARY_HADAMARD": "1", "TERNARY_FROM_STEP": "0", "LATE_QAT_THRESHOLD": "0",
+                                   "TRAIN_LOG_EVERY": "2"})
+    assert any(l.startswith("ternary_qat: on from step 0: 4 matrices") for l in lines)
+    assert sum(l.startswith("ternary: mlp zeros:") for l in lines) == 3      # the logs at steps 1, 2, 4

@@ -25,8 +25,11 @@ declare -A CONFIGS=(
   [ternary_mlp_late]="TERNARY_PATTERNS=.mlp."
   [ternary_mlp_start]="TERNARY_PATTERNS=.mlp. TERNARY_FROM_STEP=0"
   [ternary_mlp8_start]="TERNARY_PATTERNS=.mlp. TERNARY_FROM_STEP=0 MLP_MULT=8"
+  [ternary_mlp10_start]="TERNARY_PATTERNS=.mlp. TERNARY_FROM_STEP=0 MLP_MULT=10"
+  [ternary_mlp10_start_hadamard]="TERNARY_PATTERNS=.mlp. TERNARY_FROM_STEP=0 MLP_MULT=10 TERNARY_HADAMARD=1"
 )
-ORDER="int8_rtn int6_rtn int6_gptq int6_qat_rtn int6_qat_gptq ternary_mlp_late ternary_mlp_start ternary_mlp8_start"
+ORDER="int8_rtn int6_rtn int6_gptq int6_qat_rtn int6_qat_gptq ternary_mlp_late ternary_mlp_start ternary_mlp8_start
+       ternary_mlp10_start ternary_mlp10_start_hadamard"
 mkdir -p "$OUT"
 train=$(pwd)/train_gpt.py
 for name in ${*:-$ORDER}; do
