@@ -336,3 +336,34 @@ def test_hadamard_ternary_trains_with_telemetry(tmp_path):
                                    "TRAIN_LOG_EVERY": "2"})
     assert any(l.startswith("ternary_qat: on from step 0: 4 matrices") for l in lines)
     assert sum(l.startswith("ternary: mlp zeros:") for l in lines) == 3      # the logs at steps 1, 2, 4
+
+
+def test_training_calibration_counts_as_a_training_read(demo_data, tmp_path, monkeypatch):
+    """GPTQ_CALIBRATION=train: calibration's end is the last training-data read; if it ends past the
+    cap (here: Hessian collection made slow), the run is flagged as having read data after the deadline."""
+    monkeypatch.chdir(tmp_path)
+    vocab = demo_data["vocab"]
+    common = dict(VOCAB_SIZE=vocab, DATA_PATH=demo_data["dir"], TOKENIZER_PATH=demo_data["tokenizer"],
+                  TRAIN_BATCH_TOKENS=8 * 32, TRAIN_SEQ_LEN=32, EVAL_STRIDE=16, ITERATIONS=3, COMPILE_WARMUP_STEPS=0,
+                  VAL_LOSS_EVERY=0, LZMA_PRESET=0, GPTQ_CALIBRATION="train", GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32,
+                  MAX_WALLCLOCK_SECONDS=3, GPTQ_RESERVE_SECONDS=1)
+    val = train_gpt.load_validation_tokens(str(demo_data["dir"]), vocab, 300)
+    tables = train_gpt.build_bpb_tables(str(demo_data["tokenizer"]), vocab)
+    real = train_gpt.collect_hessians
+    out = {}
+    for name, delay in (("in_time", 0.0), ("late", 3.5)):
+        def collect(*args, delay=delay):
+            import time
+            time.sleep(delay)
+            return real(*args)
+        monkeypatch.setattr(train_gpt, "collect_hessians", collect)
+        hp = tiny_hp(**common)
+        model = random_gpt(hp, seed=0)
+        log = ListLog()
+        out[name] = train_gpt.train_and_export(hp, cpu_runtime(), name, model, model, val, tables, log)
+        assert any(l.startswith("gptq_calibration: train 2x32 tokens") for l in log.lines)
+    in_time, late = out["in_time"], out["late"]
+    assert in_time["quant"]["calibration"] == "train"
+    assert in_time["train_time_ms"] < in_time["quant"]["calibration_end_ms"] == in_time["train_data_last_read_ms"] < 3e3
+    assert in_time["train_data_read_after_deadline"] is False
+    assert late["quant"]["calibration_end_ms"] > 3e3 and late["train_data_read_after_deadline"] is True
