@@ -1298,19 +1298,24 @@ def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     qmax = 2 ** (bits - 1) - 1
     w = w.detach().float()
     absmax = w.abs().amax(dim=1)
-    best_q = best_scale = best_err = None
+    best = None
     for clip in row_clips(bits):
         scale = (clip * absmax / qmax).clamp_min(FP16_TINY).half()
-        q = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
-        err = (q * scale.float()[:, None] - w).square().sum(dim=1)
-        if best_err is None:
-            best_q, best_scale, best_err = q, scale, err
-        else:
-            better = err < best_err
-            best_q = torch.where(better[:, None], q, best_q)
-            best_scale = torch.where(better, scale, best_scale)
-            best_err = torch.minimum(err, best_err)
-    return best_q, best_scale
+        q = round_rows(w, scale, qmax)
+        best = keep_better_rows(best, q, scale, (dequantize_rows(q, scale) - w).square().sum(dim=1))
+    return best[0], best[1]
+
+
+def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
+
+
+def keep_better_rows(best: tuple | None, q: Tensor, scale: Tensor, err: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row, whichever of best = (q, scale, err) and the candidate has the smaller err."""
+    if best is None:
+        return q, scale, err
+    better = err < best[2]
+    return torch.where(better[:, None], q, best[0]), torch.where(better, scale, best[1]), torch.minimum(err, best[2])
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
@@ -1444,7 +1449,7 @@ def _gptq_columns(w: Tensor, u: Tensor, scale: Tensor, qmax: int) -> Tensor:
         block, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
         for i in range(i2 - i1):
             col = block[:, i]
-            q[:, i1 + i] = torch.clamp(torch.round(col / s), -qmax, qmax)
+            q[:, i1 + i] = torch.clamp(torch.round(col / s), -qmax, qmax)      # round_rows, one column
             e = (col - q[:, i1 + i] * s) / u[i1 + i, i1 + i]
             block[:, i:] -= e[:, None] * u[i1 + i, i1 + i:i2][None, :]
             err[:, i] = e
@@ -1476,21 +1481,12 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int) -> tuple[Tensor, Tensor
     w_ordered[:, dead] = 0.0
     w_ordered = w_ordered[:, order]
     absmax = w.abs().amax(dim=1)
-    best_q = best_scale = best_err = None
+    best = None
     for clip in row_clips(bits):
         scale = (clip * absmax / qmax).clamp_min(FP16_TINY).half()
-        rtn = torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
-        gptq = _gptq_columns(w_ordered, u, scale, qmax)[:, back]
-        for q in (rtn, gptq):
-            err = hessian_error(w, dequantize_rows(q, scale), hessian)
-            if best_err is None:
-                best_q, best_scale, best_err = q, scale, err
-            else:
-                better = err < best_err
-                best_q = torch.where(better[:, None], q, best_q)
-                best_scale = torch.where(better, scale, best_scale)
-                best_err = torch.minimum(err, best_err)
-    return best_q, best_scale
+        for q in (round_rows(w, scale, qmax), _gptq_columns(w_ordered, u, scale, qmax)[:, back]):
+            best = keep_better_rows(best, q, scale, hessian_error(w, dequantize_rows(q, scale), hessian))
+    return best[0], best[1]
 
 
 def collect_hessians(model: GPT, rt: Runtime, batches: list[Tensor]) -> dict[str, Tensor]:
