@@ -379,7 +379,7 @@ def test_optimizer_switch_changes_the_trained_weights(tmp_path, name, value):
     """Through the real training loop: the same run with the switch on ends with other weights."""
     data = make_shards(tmp_path)
     base = {"ADAM_WD": "0", "MUON_WD": "0", "GRAD_CLIP_NORM": "0", "MUON_ROW_NORM": "0", "LR_FLOOR": "0",
-            "ITERATIONS": "6", "WARMDOWN_FRAC": "0.5"}
+            "ITERATIONS": "6", "WARMDOWN_FRAC": "0.5", "LATE_QAT_THRESHOLD": "0"}
     off, _ = run_training(data, base)
     on, _ = run_training(data, {**base, name: value})
     assert any(not torch.allclose(off[k], on[k], atol=1e-7) for k in off), name

@@ -634,10 +634,15 @@ def technique_summary(run: SeedRun) -> str:
     s = run.summary
     ttt = (f"score-first TTT ({_hp(run, 'TTT_EPOCHS')} epochs per {_hp(run, 'TTT_CHUNK_TOKENS')}-token chunk, "
            f"last {_hp(run, 'TTT_LAST_N')} blocks, lr {_hp(run, 'TTT_LR')})" if run.hp.get("TTT_ENABLED") else "no TTT")
+    q = s.get("quant") or {}
+    quant = s.get("quant_scheme") or "?"
+    if q:
+        quant += (f" (GPTQ calibration: {q.get('calibration')}, late QAT from step {q.get('late_qat_step')}, "
+                  f"{q.get('pruned')} values pruned)")
     return (f"PRESET={_hp(run, 'PRESET')}: {_hp(run, 'NUM_LAYERS')} layers x {_hp(run, 'MODEL_DIM')}, "
             f"{_hp(run, 'NUM_HEADS')} heads / {_hp(run, 'NUM_KV_HEADS')} KV heads, MLP {_hp(run, 'MLP_MULT')}x, "
             f"vocab {_hp(run, 'VOCAB_SIZE')}, tied embeddings; Muon + Adam, {_hp(run, 'TRAIN_BATCH_TOKENS')} tokens/step "
-            f"at seq {_hp(run, 'TRAIN_SEQ_LEN')}; {s.get('quant_scheme') or '?'} artifact loaded back on every rank; "
+            f"at seq {_hp(run, 'TRAIN_SEQ_LEN')}; {quant} artifact loaded back on every rank; "
             f"eval window {s.get('eval_seq_len')} stride {s.get('eval_stride')}; {ttt}")
 
 
