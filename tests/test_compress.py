@@ -3,7 +3,6 @@ late QAT reaching every exported tensor, GPTQ against round-to-nearest on real a
 planner against the real artifact, and the training-loop switches (late QAT, ternary from a step,
 telemetry, the calibration reserve)."""
 
-import lzma
 
 import numpy as np
 import pytest
