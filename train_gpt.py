@@ -911,6 +911,15 @@ def projected_h100_step_ms(flops_token: float, batch_tokens: int) -> float:
     return 1e3 * flops_token * batch_tokens / (PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)
 
 
+def compile_model(model: nn.Module) -> nn.Module:
+    """torch.compile with inductor rounding at every explicit dtype cast, as eager does. Without it
+    inductor keeps the fp32 value through fake_quantize's fp16 scale (.half().float()), so the
+    compiled QAT forward would round some weights differently from the export (tests/test_compress)."""
+    import torch._inductor.config as inductor_config
+    inductor_config.emulate_precision_casts = True
+    return torch.compile(model, dynamic=False)
+
+
 def build_model(hp: Hyperparameters, rt: Runtime) -> GPT:
     torch.manual_seed(hp.seed)
     model = GPT(hp).to(rt.device)
@@ -2298,7 +2307,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     plan = plan_artifact(hp) if not hp.eval_only else None
     predicted_model_bytes = log_plan(hp, plan, log) if plan else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
-    run_model = torch.compile(model, dynamic=False) if use_compile else model
+    run_model = compile_model(model) if use_compile else model
 
     # train and export, or take a saved artifact
     if hp.eval_only:
