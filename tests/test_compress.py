@@ -234,7 +234,8 @@ def test_training_calibration_stops_the_loop_by_the_reserve(tmp_path):
                                    "GPTQ_RESERVE_SECONDS": "2"})
     stop = [l for l in lines if l.startswith("stopping_early")]
     assert len(stop) == 1
-    assert int(stop[0].split("train_time:")[1].split("ms")[0]) <= 1000 + 50   # cap 3 s less the 2 s reserve
+    stopped_ms = int(stop[0].split("train_time:")[1].split("ms")[0])
+    assert 800 <= stopped_ms < 2000        # near the 3 s cap less the 2 s reserve, far from the 3 s cap itself
 
 
 # --- the planner -----------------------------------------------------------------------------------------
