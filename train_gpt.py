@@ -650,29 +650,23 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     return y.transpose(1, 2)
 
 
-class QuantLinear(nn.Linear):
-    """nn.Linear (no bias) whose weight can pass through its export quantizer in the forward.
-
-    `qat_scheme` None: a plain linear. Set to a scheme (late QAT, or ternary from TERNARY_FROM_STEP),
-    the forward uses fake_quantize(weight, scheme): the exact values export will store, with a
-    straight-through gradient to the float weight.
-    """
+class FakeQuantWeight:
+    """Mixin of QuantLinear and QuantEmbedding: `qat_scheme` None uses the float weight; set to a
+    scheme (late QAT, or ternary from TERNARY_FROM_STEP), train_weight() is fake_quantize(weight,
+    scheme): the exact values export will store, with a straight-through gradient to the weight."""
     qat_scheme: str | None = None
 
     def train_weight(self) -> Tensor:
         return self.weight if self.qat_scheme is None else fake_quantize(self.weight, self.qat_scheme)
 
+
+class QuantLinear(FakeQuantWeight, nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self.train_weight())
 
 
-class QuantEmbedding(nn.Embedding):
-    """nn.Embedding with the same fake-quantization switch as QuantLinear (the tied head reads
-    train_weight() too, so both uses see the exported table)."""
-    qat_scheme: str | None = None
-
-    def train_weight(self) -> Tensor:
-        return self.weight if self.qat_scheme is None else fake_quantize(self.weight, self.qat_scheme)
+class QuantEmbedding(FakeQuantWeight, nn.Embedding):
+    """The tied head reads train_weight() too, so both uses see the exported table."""
 
     def forward(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.train_weight())
@@ -1421,7 +1415,7 @@ def set_qat(model: nn.Module, bits: dict[str, int] | None, ternary: tuple[str, .
     all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
     on = 0
     for name, module in model.named_modules():
-        if not isinstance(module, (QuantLinear, QuantEmbedding)):
+        if not isinstance(module, FakeQuantWeight):
             continue
         if bits is None:
             module.qat_scheme = None
@@ -2228,7 +2222,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
 @contextlib.contextmanager
 def qat_paused(model: nn.Module):
     """Within the block every quantizable module runs on its float weight; schemes restored after."""
-    saved = {m: m.qat_scheme for m in model.modules() if isinstance(m, (QuantLinear, QuantEmbedding))}
+    saved = {m: m.qat_scheme for m in model.modules() if isinstance(m, FakeQuantWeight)}
     for m in saved:
         m.qat_scheme = None
     try:
