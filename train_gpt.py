@@ -450,7 +450,7 @@ def environment_report(rt: Runtime) -> list[str]:
     lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
              f"cuda:{torch.version.cuda} platform:{platform.platform()}",
              f"world_size:{rt.world_size} device:{rt.device.type} "
-             f"compute_dtype:{rt.autocast_dtype or torch.float32} attention:{attention_backend(rt.device)}"]
+             f"compute_dtype:{rt.autocast_dtype or torch.float32} attention:{attention_backend(rt.device, rt.autocast_dtype)}"]
     if rt.device.type == "cuda":  # CUDA-only
         lines.append(f"gpu:{torch.cuda.get_device_name(rt.device)} x{rt.world_size}")
         try:
@@ -636,14 +636,21 @@ def _import_flash_attn():
 FLASH_ATTN_FUNC = _import_flash_attn()
 
 
-def attention_backend(device: torch.device) -> str:
-    return "flash" if FLASH_ATTN_FUNC is not None and device.type == "cuda" else "sdpa"
+FLASH_DTYPE = torch.bfloat16     # FA2/FA3 accept only fp16/bf16, one dtype for q, k and v
+
+
+def attention_backend(device: torch.device, autocast_dtype: torch.dtype | None) -> str:
+    """flash on CUDA with a 16-bit compute dtype when flash-attn imports; SDPA otherwise (FA2/FA3
+    have no fp32 kernels, so COMPUTE_DTYPE=fp32 uses SDPA on CUDA too)."""
+    usable = FLASH_ATTN_FUNC is not None and device.type == "cuda" and autocast_dtype is not None
+    return "flash" if usable else "sdpa"
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     """q: (B, T, H, D); k, v: (B, T, Hkv, D). Returns (B, T, H, D)."""
     if backend == "flash":
-        out = FLASH_ATTN_FUNC(q, k, v, causal=True)
+        # CUDA autocast runs F.rms_norm in fp32 (torch >= 2.12): q and k arrive fp32 while v is bf16
+        out = FLASH_ATTN_FUNC(q.to(FLASH_DTYPE), k.to(FLASH_DTYPE), v.to(FLASH_DTYPE), causal=True)
         return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=k.size(2) != q.size(2))
@@ -917,7 +924,7 @@ def compile_model(model: nn.Module) -> nn.Module:
 def build_model(hp: Hyperparameters, rt: Runtime) -> GPT:
     torch.manual_seed(hp.seed)
     model = GPT(hp).to(rt.device)
-    model.set_attention_backend(attention_backend(rt.device))
+    model.set_attention_backend(attention_backend(rt.device, rt.autocast_dtype))
     return model
 
 
