@@ -26,6 +26,7 @@ import platform
 import subprocess
 import sys
 import time
+import traceback
 import uuid
 from dataclasses import dataclass
 
@@ -44,7 +45,8 @@ SHARD_MAGIC = 20240520           # h[0] of every challenge shard
 SHARD_VERSION = 1                # h[1]
 SHARD_HEADER_INTS = 256          # header length in little-endian int32
 BOS_ID = 1                       # every document starts with BOS; no EOS
-ARTIFACT_BUDGET_BYTES = 16_000_000   # decimal cap: code bytes + compressed model bytes
+CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed model bytes
+CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
@@ -65,10 +67,10 @@ class PipelineError(Exception):
 
 # name: (type, default, meaning)
 SETTINGS: dict[str, tuple[type, object, str]] = {
-    "PRESET": (str, "stack", "named set of defaults: stack (this entry) or baseline (the official naive baseline's recipe)"),
-    "DATA_PATH": (str, "./data/datasets/fineweb10B_sp1024", "folder holding fineweb_{train,val}_*.bin"),
-    "TOKENIZER_PATH": (str, "./data/tokenizers/fineweb_1024_bpe.model", "SentencePiece model for val_bpb bytes"),
-    "VOCAB_SIZE": (int, 1024, "embedding rows; must hold every tokenizer id"),
+    "PRESET": (str, "frontier", "named set of defaults: frontier (this entry), stack1024 (the March stack on sp1024) or baseline (the official naive baseline's recipe)"),
+    "DATA_PATH": (str, "./data/datasets/fineweb10B_sp8192", "folder holding fineweb_{train,val}_*.bin"),
+    "TOKENIZER_PATH": (str, "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model for val_bpb bytes"),
+    "VOCAB_SIZE": (int, 8192, "embedding rows; must hold every tokenizer id"),
     "RUN_ID": (str, "", "names logs/<RUN_ID>.{txt,json} and artifacts/<RUN_ID>.pgolf.xz (default: a fresh uuid)"),
     "SEED": (int, 1337, "seed for initialisation and data order"),
     "ITERATIONS": (int, 20000, "maximum optimizer steps"),
@@ -86,85 +88,108 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "EVAL_ONLY": (str, "", "path of a saved artifact: skip training, load it and score it (model shape from the artifact)"),
     "NLL_DUMP": (str, "", "write per-target arrays target, nll (nats, float64), bytes to this .npz"),
     "EVAL_TIME_LIMIT_SECONDS": (float, 600.0, "refuse an evaluation projected to take longer on 8xH100; 0 = no check"),
-    "TTT_ENABLED": (int, 0, "1 = legal score-first test-time training during the final evaluation"),
+    "TTT_ENABLED": (int, 1, "1 = legal score-first test-time training during the final evaluation"),
     "TTT_CHUNK_TOKENS": (int, 32768, "targets per TTT chunk: scored first, then trained on"),
-    "TTT_EPOCHS": (int, 3, "passes over each scored chunk"),
-    "TTT_LR": (float, 0.002, "TTT SGD learning rate"),
+    "TTT_EPOCHS": (int, 3, "SGD steps on each scored chunk (each over all of its sequences)"),
+    "TTT_LR": (float, 0.005, "TTT SGD learning rate (at the first chunk)"),
+    "TTT_LR_SCHEDULE": (str, "cosine", "TTT learning rate over the chunks: cosine (TTT_LR to 0 at the last chunk) or constant"),
     "TTT_MOMENTUM": (float, 0.9, "TTT SGD momentum"),
-    "TTT_LAST_N": (int, 2, "TTT trains only the last N blocks; the rest stay frozen"),
+    "TTT_GRAD_CLIP": (float, 1.0, "clip TTT's gradient norm; 0 = off"),
+    "TTT_LAST_N": (int, 0, "TTT trains only the last N blocks; 0 = every parameter"),
     "NUM_LAYERS": (int, 11, "transformer blocks"),
     "MODEL_DIM": (int, 512, "residual width"),
     "NUM_HEADS": (int, 8, "query heads"),
     "NUM_KV_HEADS": (int, 4, "key/value heads (GQA)"),
-    "MLP_MULT": (int, 3, "MLP hidden width = MLP_MULT * MODEL_DIM"),
+    "MLP_MULT": (int, 4, "MLP hidden width = MLP_MULT * MODEL_DIM"),
     "MLP_ACT": (str, "leaky_relu2", "MLP activation: relu2 (relu(x)^2) or leaky_relu2 (leaky_relu(x, 0.5)^2)"),
     "ROPE_DIMS": (int, 16, "head dims that get RoPE (partial RoPE); 0 = all"),
     "XSA_LAST_N": (int, 11, "XSA (subtract the output's component along its own value) in the last N layers; 0 = off"),
-    "ATTN_GATE": (int, 0, "1 = per-head sigmoid gate on the attention output"),
-    "BIGRAM_VOCAB": (int, 3072, "BigramHash buckets for the hashed (previous, current) token pair; 0 = off"),
+    "ATTN_GATE": (int, 1, "1 = per-head gate 2 sigmoid(W x) on the attention output"),
+    "ATTN_GATE_DIMS": (int, 12, "the attention gate reads the first N dims of the block input (sparse gate); 0 = all dims (dense)"),
+    "BIGRAM_VOCAB": (int, 0, "BigramHash buckets for the hashed (previous, current) token pair; 0 = off"),
     "BIGRAM_DIM": (int, 112, "BigramHash embedding width (projected to MODEL_DIM)"),
     "SMEAR_GATE": (int, 1, "1 = SmearGate: mix the previous token's embedding in (never into a BOS)"),
+    "SMEAR_GATE_DIMS": (int, 12, "SmearGate's gate is 2 sigmoid(w . x_t[:N]) of the current token's first N dims; 0 = a constant gate"),
     "LN_SCALE": (int, 1, "1 = scale each block's normalized inputs by 1/sqrt(layer + 1)"),
-    "RECUR_LAYERS": (str, "", "depth recurrence: contiguous layers 'a-b' re-run in a row (best record: 3-5); empty = off"),
+    "RECUR_LAYERS": (str, "3-5", "depth recurrence: contiguous layers 'a-b' re-run in a row; empty = off"),
     "RECUR_PASSES": (int, 3, "passes through RECUR_LAYERS once recurrence is on"),
     "RECUR_START_FRAC": (float, 0.35, "fraction of the run after which recurrence is on"),
-    "PARALLEL_LAST_N": (int, 0, "last N blocks run attention and MLP in parallel lanes; 0 = off"),
+    "PARALLEL_LAST_N": (int, 3, "last N blocks are parallel (attention and MLP side by side); 0 = off"),
+    "PARALLEL_LANES": (int, 2, "parallel blocks carry 1 residual lane (both read it) or 2 (attention and MLP each their own, mixed by learned weights)"),
     "ROPE_BASE": (float, 10000.0, "RoPE frequency base"),
     "LOGIT_SOFTCAP": (float, 30.0, "logits = c * tanh(logits / c)"),
-    "QK_GAIN_INIT": (float, 1.5, "initial per-head query gain after q/k RMSNorm"),
+    "QK_GAIN_INIT": (float, 5.0, "initial per-head query gain after q/k RMSNorm"),
     "TIED_EMBED_INIT_STD": (float, 0.005, "std of the tied embedding's initialisation"),
-    "MATRIX_LR": (float, 0.025, "Muon learning rate for matrices"),
-    "SCALAR_LR": (float, 0.025, "Adam learning rate for vectors and scalars"),
-    "TIED_EMBED_LR": (float, 0.035, "Adam learning rate for the tied embedding and the BigramHash table"),
-    "MUON_MOMENTUM": (float, 0.99, "Muon momentum after warm-up"),
+    "MATRIX_LR": (float, 0.026, "Muon learning rate for matrices"),
+    "SCALAR_LR": (float, 0.02, "Adam learning rate for vectors and scalars"),
+    "TIED_EMBED_LR": (float, 0.03, "Adam learning rate for the tied embedding and the BigramHash table"),
+    "MUON_MOMENTUM": (float, 0.97, "Muon momentum after warm-up"),
     "MUON_MOMENTUM_WARMUP_START": (float, 0.92, "Muon momentum at the start of training"),
-    "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.22, "fraction of the run over which Muon momentum warms up"),
+    "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.3, "fraction of the run over which Muon momentum warms up"),
     "MUON_ROW_NORM": (int, 1, "1 = normalize each gradient row before Newton-Schulz"),
-    "MUON_WD": (float, 0.04, "Muon decoupled weight decay (p -= lr * wd * p)"),
-    "ADAM_WD": (float, 0.04, "AdamW decoupled weight decay"),
+    "MUON_NS_COEFFS": (str, "polar", "Newton-Schulz coefficients: polar (Polar Express, one tuple per iteration) or quintic (3.4445, -4.7750, 2.0315)"),
+    "MUON_WD": (float, 0.095, "Muon decoupled weight decay (p -= lr * wd * p)"),
+    "EMBED_WD": (float, 0.085, "AdamW decoupled weight decay of the embedding tables"),
+    "ADAM_WD": (float, 0.02, "AdamW decoupled weight decay of the vectors and scalars"),
     "MUON_BACKEND_STEPS": (int, 5, "Newton-Schulz iterations"),
     "BETA1": (float, 0.9, "Adam beta1"),
-    "BETA2": (float, 0.95, "Adam beta2"),
+    "BETA2": (float, 0.99, "Adam beta2"),
     "ADAM_EPS": (float, 1e-8, "Adam epsilon"),
     "GRAD_CLIP_NORM": (float, 0.3, "clip the global gradient norm; 0 = off"),
     "LR_WARMUP_FRAC": (float, 0.0, "fraction of the run with a linear learning-rate warm-up"),
-    "WARMDOWN_FRAC": (float, 0.5, "final fraction of the run with a linear decay to LR_FLOOR"),
+    "WARMDOWN_FRAC": (float, 0.85, "final fraction of the run with a linear decay to LR_FLOOR"),
     "LR_FLOOR": (float, 0.1, "learning-rate scale the warmdown ends at"),
-    "EMA_HORIZON_FRAC": (float, 0.048, "EMA of the weights with this time constant, as a fraction of the run; exported; 0 = off"),
+    "EMA_HORIZON_FRAC": (float, 0.058, "EMA of the weights with this time constant, as a fraction of the run; exported; 0 = off"),
     "COMPILE": (int, -1, "torch.compile the model: 1 on, 0 off, -1 = on for CUDA, off for CPU"),
-    "COMPILE_WARMUP_STEPS": (int, 2, "forward/backward passes on random tokens before the clock starts (no update)"),
+    "COMPILE_WARMUP_STEPS": (int, 2, "compiled runs: forward/backward passes on random tokens per training state before the clock starts (no update)"),
     "COMPUTE_DTYPE": (str, "auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"),
-    "ARTIFACT_BUDGET_BYTES": (int, ARTIFACT_BUDGET_BYTES, "cap on raw code bytes + compressed model bytes"),
+    "ARTIFACT_BUDGET_BYTES": (int, CHALLENGE_CAP_BYTES, "cap on raw code bytes + compressed model bytes (at most the challenge's 16,000,000)"),
     "LZMA_PRESET": (int, 9, "lzma preset for the artifact (0-9)"),
-    "QUANT_MATRIX_BITS": (int, 6, "bits per weight of the large matrices (5-8, per-row scale); embeddings int8"),
+    "QUANT_MATRIX_BITS": (int, 6, "bits per weight of the large matrices (5-8, per-row scale)"),
+    "QUANT_CLIP_SIGMAS_MLP": (float, 12.0, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use"),
+    "QUANT_CLIP_SIGMAS_ATTN": (float, 13.0, "SDClip k of the attention (and every other) matrix"),
+    "QUANT_EMBED_BITS": (int, 7, "bits per weight of the embedding tables (5-8, per-row scale)"),
+    "QUANT_CLIP_SIGMAS_EMBED": (float, 15.0, "SDClip k of the embedding tables"),
+    "LQER_TENSORS": (int, 3, "LQER: a low-rank correction of the quantization error for this many tensors (largest error first); 0 = off"),
+    "LQER_RANK": (int, 4, "rank of each LQER correction"),
     "TERNARY_PATTERNS": (str, "", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none"),
-    "TERNARY_HADAMARD": (int, 0, "1 = ternarize each ternary matrix in a fixed blockwise Hadamard basis (blocks of 128 inputs), undone in the forward and at load"),
     "TERNARY_FROM_STEP": (int, -1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on"),
-    "LATE_QAT_THRESHOLD": (float, 0.25, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off"),
-    "GPTQ_CALIBRATION": (str, "self", "GPTQ Hessians for the integer matrices from: self (text the model generates, no data), train (training tokens, inside the wallclock), none (round to nearest)"),
+    "LATE_QAT_THRESHOLD": (float, 0.2, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off"),
+    "GPTQ_CALIBRATION": (str, "self", "GPTQ Hessians from: self (text the model generates, no data), train (training tokens, inside the wallclock), none (round to nearest)"),
     "GPTQ_CALIB_SEQS": (int, 32, "calibration sequences for GPTQ"),
     "GPTQ_CALIB_LEN": (int, 1024, "tokens per calibration sequence"),
     "GPTQ_CALIB_TEMP": (float, 0.8, "sampling temperature of self-generated calibration text"),
-    "GPTQ_RESERVE_SECONDS": (float, 10.0, "GPTQ_CALIBRATION=train: training stops this early so calibration ends inside MAX_WALLCLOCK_SECONDS"),
+    "GPTQ_RESERVE_SECONDS": (float, 10.0, "GPTQ_CALIBRATION=train: training stops this early so calibration ends inside the deadline"),
+}
+
+# The March stack (record #1019's model on sp1024; this entry's default until the April pieces landed).
+STACK1024 = {
+    "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
+    "VOCAB_SIZE": 1024, "MLP_MULT": 3, "ATTN_GATE": 0, "BIGRAM_VOCAB": 3072, "SMEAR_GATE_DIMS": 0, "RECUR_LAYERS": "",
+    "PARALLEL_LAST_N": 0, "PARALLEL_LANES": 1, "QK_GAIN_INIT": 1.5, "MATRIX_LR": 0.025, "SCALAR_LR": 0.025,
+    "TIED_EMBED_LR": 0.035, "MUON_MOMENTUM": 0.99, "MUON_MOMENTUM_WARMUP_FRAC": 0.22, "MUON_NS_COEFFS": "quintic",
+    "MUON_WD": 0.04, "EMBED_WD": 0.04, "ADAM_WD": 0.04, "BETA2": 0.95, "WARMDOWN_FRAC": 0.5, "EMA_HORIZON_FRAC": 0.048,
+    "LATE_QAT_THRESHOLD": 0.25, "QUANT_EMBED_BITS": 8, "QUANT_CLIP_SIGMAS_EMBED": 20.0, "LQER_TENSORS": 0,
+    "TTT_ENABLED": 0, "TTT_LR": 0.002, "TTT_LR_SCHEDULE": "constant", "TTT_GRAD_CLIP": 0.0, "TTT_LAST_N": 2,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
-    # The defaults above: the stack the accepted records converged on (../shared/REFERENCE.md),
-    # with their published 8xH100 settings turned into fractions of a ~6,900-step run
-    # (warmdown 3,500 steps -> 0.5, momentum warm-up 1,500 -> 0.22, EMA 0.997 -> 333 steps -> 0.048).
-    # Depth recurrence is off: at equal CPU wallclock it cost 0.043 bpb and 18% of tokens/s (README).
-    "stack": {},
+    # The defaults above: the April records' stack (../shared/REFERENCE.md, #1394 ... #1855) with their
+    # published 8xH100 settings as fractions of a ~4,900-step run (momentum warm-up 1,500 steps -> 0.3,
+    # EMA 0.9965/step = 286 steps -> 0.058); late QAT over the last ~9%.
+    "frontier": {},
+    "stack1024": STACK1024,
     # The official naive baseline (openai/parameter-golf train_gpt.py): 9L x 512, GQA 8/4,
     # relu^2 MLP 2x, tied embeddings, softcap 30, U-Net skips, Muon + Adam. The yardstick.
     "baseline": {
-        "NUM_LAYERS": 9, "MLP_MULT": 2, "MLP_ACT": "relu2", "TRAIN_SEQ_LEN": 1024, "TRAIN_BATCH_TOKENS": 524288,
-        "ROPE_DIMS": 0, "XSA_LAST_N": 0, "ATTN_GATE": 0, "BIGRAM_VOCAB": 0, "SMEAR_GATE": 0, "LN_SCALE": 0,
-        "RECUR_LAYERS": "", "PARALLEL_LAST_N": 0,
+        **STACK1024, "NUM_LAYERS": 9, "MLP_MULT": 2, "MLP_ACT": "relu2", "TRAIN_SEQ_LEN": 1024, "TRAIN_BATCH_TOKENS": 524288,
+        "ROPE_DIMS": 0, "XSA_LAST_N": 0, "BIGRAM_VOCAB": 0, "SMEAR_GATE": 0, "LN_SCALE": 0,
         "MATRIX_LR": 0.04, "SCALAR_LR": 0.04, "TIED_EMBED_LR": 0.05, "MUON_MOMENTUM": 0.95,
         "MUON_MOMENTUM_WARMUP_START": 0.85, "MUON_MOMENTUM_WARMUP_FRAC": 0.036,   # 500 of 13,780 steps
-        "MUON_ROW_NORM": 0, "MUON_WD": 0.0, "ADAM_WD": 0.0, "GRAD_CLIP_NORM": 0.0,
+        "MUON_ROW_NORM": 0, "MUON_WD": 0.0, "EMBED_WD": 0.0, "ADAM_WD": 0.0, "GRAD_CLIP_NORM": 0.0,
         "WARMDOWN_FRAC": 0.087, "LR_FLOOR": 0.0, "EMA_HORIZON_FRAC": 0.0,          # warmdown 1,200 of 13,780
-        "QUANT_MATRIX_BITS": 8, "LATE_QAT_THRESHOLD": 0.0, "GPTQ_CALIBRATION": "none",
+        "QUANT_MATRIX_BITS": 8, "QUANT_CLIP_SIGMAS_MLP": 20.0, "QUANT_CLIP_SIGMAS_ATTN": 20.0,
+        "LATE_QAT_THRESHOLD": 0.0, "GPTQ_CALIBRATION": "none", "QK_GAIN_INIT": 1.5,
     },
 }
 
@@ -244,13 +269,18 @@ def validate_settings(hp: Hyperparameters) -> None:
     """Checks that need no data or devices; each error names the variable at fault."""
     positive = ["VOCAB_SIZE", "ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE",
                 "TRAIN_LOG_EVERY", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-                "MUON_BACKEND_STEPS", "ARTIFACT_BUDGET_BYTES", "TTT_CHUNK_TOKENS", "TTT_EPOCHS", "TTT_LAST_N"]
+                "MUON_BACKEND_STEPS", "ARTIFACT_BUDGET_BYTES", "TTT_CHUNK_TOKENS", "TTT_EPOCHS",
+                "QUANT_CLIP_SIGMAS_MLP", "QUANT_CLIP_SIGMAS_ATTN", "QUANT_CLIP_SIGMAS_EMBED", "LQER_RANK"]
     for name in positive:
         if hp.values[name] <= 0:
             raise PipelineError(f"{name}={hp.values[name]} must be positive")
+    if hp.artifact_budget_bytes > CHALLENGE_CAP_BYTES:
+        raise PipelineError(f"ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes} is above the challenge's cap of "
+                            f"{CHALLENGE_CAP_BYTES} bytes (code + compressed model)")
     non_negative = ["MAX_WALLCLOCK_SECONDS", "GRAD_ACCUM_STEPS", "VAL_LOSS_EVERY", "VAL_MAX_TOKENS",
                     "EVAL_SEQ_LEN", "EVAL_STRIDE", "GRAD_CLIP_NORM", "COMPILE_WARMUP_STEPS",
-                    "EVAL_TIME_LIMIT_SECONDS", "TTT_LR", "TTT_MOMENTUM"]
+                    "EVAL_TIME_LIMIT_SECONDS", "TTT_LR", "TTT_MOMENTUM", "TTT_GRAD_CLIP", "TTT_LAST_N",
+                    "LQER_TENSORS", "ATTN_GATE_DIMS", "SMEAR_GATE_DIMS"]
     for name in non_negative:
         if hp.values[name] < 0:
             raise PipelineError(f"{name}={hp.values[name]} must be >= 0")
@@ -270,7 +300,7 @@ def validate_settings(hp: Hyperparameters) -> None:
     for name in ["EVAL_AUDIT", "TTT_ENABLED"]:
         if hp.values[name] not in (0, 1):
             raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
-    if hp.ttt_enabled and hp.ttt_last_n > hp.num_layers:
+    if hp.ttt_last_n > hp.num_layers:
         raise PipelineError(f"TTT_LAST_N={hp.ttt_last_n} exceeds NUM_LAYERS={hp.num_layers}")
     if hp.nll_dump and os.path.exists(hp.nll_dump):
         raise PipelineError(f"NLL_DUMP={hp.nll_dump} already exists; it is never overwritten")
@@ -278,9 +308,17 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
     if hp.eval_only and not os.path.isfile(hp.eval_only):
         raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
-    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM", "TERNARY_HADAMARD"]:
+    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM"]:
         if hp.values[name] not in (0, 1):
             raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
+    for name in ["ATTN_GATE_DIMS", "SMEAR_GATE_DIMS"]:
+        if hp.values[name] > hp.model_dim:
+            raise PipelineError(f"{name}={hp.values[name]} exceeds MODEL_DIM={hp.model_dim}")
+    if hp.parallel_lanes not in (1, 2):
+        raise PipelineError(f"PARALLEL_LANES={hp.parallel_lanes} must be 1 or 2")
+    for name, choices in (("MUON_NS_COEFFS", NEWTON_SCHULZ_COEFFS), ("TTT_LR_SCHEDULE", ("cosine", "constant"))):
+        if hp.values[name] not in choices:
+            raise PipelineError(f"{name}={hp.values[name]!r} must be one of {', '.join(choices)}")
     if hp.mlp_act not in ("relu2", "leaky_relu2"):
         raise PipelineError(f"MLP_ACT={hp.mlp_act!r} must be relu2 or leaky_relu2")
     head_dim = hp.model_dim // hp.num_heads
@@ -302,12 +340,17 @@ def validate_settings(hp: Hyperparameters) -> None:
                             f"(NUM_LAYERS={hp.num_layers}); set RECUR_LAYERS= to turn recurrence off")
     if recur and hp.recur_passes < 2:
         raise PipelineError(f"RECUR_PASSES={hp.recur_passes} must be >= 2 when RECUR_LAYERS is set")
+    first_parallel = max(0, hp.num_layers - hp.parallel_last_n)
+    if recur and hp.parallel_last_n and hp.parallel_lanes == 2 and recur[1] >= first_parallel:
+        raise PipelineError(f"RECUR_LAYERS={hp.recur_layers!r} reaches the two-lane parallel blocks (from layer "
+                            f"{first_parallel}, PARALLEL_LAST_N={hp.parallel_last_n}): recurrence must stay below them")
     if hp.compile not in (-1, 0, 1):
         raise PipelineError(f"COMPILE={hp.compile} must be -1, 0 or 1")
     if hp.compute_dtype not in ("auto", "bf16", "fp32"):
         raise PipelineError(f"COMPUTE_DTYPE={hp.compute_dtype!r} must be auto, bf16 or fp32")
-    if hp.quant_matrix_bits not in (5, 6, 7, 8):
-        raise PipelineError(f"QUANT_MATRIX_BITS={hp.quant_matrix_bits} must be 5, 6, 7 or 8")
+    for name in ["QUANT_MATRIX_BITS", "QUANT_EMBED_BITS"]:
+        if hp.values[name] not in (5, 6, 7, 8):
+            raise PipelineError(f"{name}={hp.values[name]} must be 5, 6, 7 or 8")
     if hp.gptq_calibration not in ("self", "train", "none"):
         raise PipelineError(f"GPTQ_CALIBRATION={hp.gptq_calibration!r} must be self, train or none")
     if hp.gptq_calibration != "none" and (hp.gptq_calib_seqs <= 0 or hp.gptq_calib_len < 2 or hp.gptq_calib_temp <= 0):
@@ -329,8 +372,6 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} must be -1 (with late QAT) or a step >= 0")
     if hp.ternary_from_step >= 0 and not hp.ternary_patterns:
         raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} needs TERNARY_PATTERNS (no matrix is ternary)")
-    if hp.ternary_hadamard and not hp.ternary_patterns:
-        raise PipelineError("TERNARY_HADAMARD=1 needs TERNARY_PATTERNS (no matrix is ternary)")
     if any(not fragment.strip() for fragment in hp.ternary_patterns.split(",")) and hp.ternary_patterns:
         raise PipelineError(f"TERNARY_PATTERNS={hp.ternary_patterns!r} has an empty fragment")
     if not 0 <= hp.lzma_preset <= 9:
@@ -512,12 +553,19 @@ def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
         raise PipelineError(f"{where}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
 
 
+TRAIN_SHARD_CHECK_TOKENS = 1 << 20   # each train shard's first tokens are range-checked at start-up
+
+
 class TokenStream:
-    """The train shards as one endless token stream; read(start, n) wraps around at the end."""
+    """The train shards as one endless token stream; read(start, n) wraps around at the end. Every shard's
+    header is checked when the stream opens, and its first TRAIN_SHARD_CHECK_TOKENS tokens against the
+    vocabulary, so a wrong file fails before training; every read is range-checked too."""
 
     def __init__(self, files: list[str], vocab_size: int):
         self.files = files
         self.shards = [load_shard(f) for f in files]
+        for f, shard in zip(files, self.shards):
+            check_token_range(np.asarray(shard[:TRAIN_SHARD_CHECK_TOKENS]), vocab_size, f)
         self.sizes = np.array([s.size for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.total = int(self.offsets[-1])
@@ -562,16 +610,18 @@ class DistributedTokenLoader:
         return x, y
 
 
-def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> np.ndarray:
-    """All val shards concatenated (optionally the first max_tokens): the stream to score."""
+def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> tuple[np.ndarray, int]:
+    """All val shards concatenated (optionally the first max_tokens): (the stream to score, the length
+    of the whole validation split)."""
     files = find_shards(data_path, "val")
     tokens = np.concatenate([np.asarray(load_shard(f)) for f in files]).astype(np.int64)
+    split_tokens = tokens.size
+    check_token_range(tokens, vocab_size, f"validation shards {files}")
     if max_tokens:
         tokens = tokens[:max_tokens]
-    check_token_range(tokens, vocab_size, f"validation shards {files}")
     if tokens.size < 2:
         raise PipelineError(f"validation stream has {tokens.size} tokens; need at least 2 ({files})")
-    return tokens
+    return tokens, split_tokens
 
 
 # -----------------------------------------------------------------------------
@@ -660,11 +710,14 @@ def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
 class FakeQuantWeight:
     """Mixin of QuantLinear and QuantEmbedding: `qat_scheme` None uses the float weight; set to a
     scheme (late QAT, or ternary from TERNARY_FROM_STEP), train_weight() is fake_quantize(weight,
-    scheme): the exact values export will store, with a straight-through gradient to the weight."""
+    scheme, qat_sigmas): the exact values export will store, with a straight-through gradient."""
     qat_scheme: str | None = None
+    qat_sigmas: float = 0.0           # the SDClip k of an integer scheme
 
     def train_weight(self) -> Tensor:
-        return self.weight if self.qat_scheme is None else fake_quantize(self.weight, self.qat_scheme)
+        if self.qat_scheme is None:
+            return self.weight
+        return fake_quantize(self.weight, self.qat_scheme, self.qat_sigmas)
 
 
 class QuantLinear(FakeQuantWeight, nn.Linear):
@@ -679,8 +732,24 @@ class QuantEmbedding(FakeQuantWeight, nn.Embedding):
         return F.embedding(ids, self.train_weight())
 
 
+class RMSNorm(nn.Module):
+    """RMSNorm without a weight; a module (not a function) so a forward hook sees its output (the
+    final one's output is the head's input, whose Hessian GPTQ uses for the tied embedding)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return rms_norm(x)
+
+
 def rms_norm(x: Tensor) -> Tensor:
     return F.rms_norm(x, (x.size(-1),))
+
+
+def to_compute_dtype(x: Tensor) -> Tensor:
+    """x in autocast's dtype when autocast is on: the residual stream stays bf16 on CUDA (an embedding
+    lookup returns the fp32 table's dtype, and CUDA autocast runs rms_norm in fp32)."""
+    if torch.is_autocast_enabled(x.device.type):
+        return x.to(torch.get_autocast_dtype(x.device.type))
+    return x
 
 
 class Rotary(nn.Module):
@@ -688,14 +757,13 @@ class Rotary(nn.Module):
 
     def __init__(self, head_dim: int, rope_dims: int, base: float):
         super().__init__()
-        self.rope_dims = rope_dims or head_dim
-        inv_freq = 1.0 / (base ** (torch.arange(0, self.rope_dims, 2, dtype=torch.float32) / self.rope_dims))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.rope_dims, self.base = rope_dims or head_dim, base   # no buffer: DDP has nothing to broadcast
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Rotate x: (B, T, H, D) by position."""
-        t = torch.arange(x.size(1), device=x.device, dtype=torch.float32)
-        freqs = torch.outer(t, self.inv_freq)
+    def forward(self, x: Tensor, offset: int = 0) -> Tensor:
+        """Rotate x: (B, T, H, D), whose first position is `offset` in the sequence."""
+        dims = torch.arange(0, self.rope_dims, 2, device=x.device, dtype=torch.float32)
+        t = torch.arange(offset, offset + x.size(1), device=x.device, dtype=torch.float32)
+        freqs = torch.outer(t, 1.0 / (self.base ** (dims / self.rope_dims)))
         cos, sin = freqs.cos()[None, :, None, :].to(x.dtype), freqs.sin()[None, :, None, :].to(x.dtype)
         rot, rest = x[..., :self.rope_dims], x[..., self.rope_dims:]
         half = self.rope_dims // 2
@@ -703,10 +771,39 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), dim=-1)
 
 
+class DecodeCache:
+    """State for incremental decoding (GPTQ self-calibration): keys and values of every position so far,
+    one slot per block visit (a layer depth recurrence repeats has one per pass), and the previous token
+    and embedding that BigramHash and SmearGate read. `pos` is the number of positions already decoded."""
+
+    def __init__(self):
+        self.keys: dict[int, Tensor] = {}
+        self.values: dict[int, Tensor] = {}
+        self.pos = 0
+        self.prev_ids: Tensor | None = None
+        self.prev_embed: Tensor | None = None
+
+    def extend(self, slot: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if slot in self.keys:
+            k, v = torch.cat((self.keys[slot], k), dim=1), torch.cat((self.values[slot], v), dim=1)
+        self.keys[slot], self.values[slot] = k, v
+        return k, v
+
+
+def cached_attention(q: Tensor, k: Tensor, v: Tensor, offset: int) -> Tensor:
+    """q: (B, T, H, D) at positions offset..offset+T-1 over keys k, v: (B, offset+T, Hkv, D)."""
+    mask = torch.arange(k.size(1), device=q.device)[None, :] <= offset + torch.arange(q.size(1), device=q.device)[:, None]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
 class CausalSelfAttention(nn.Module):
     """GQA attention with q/k RMSNorm, a learned per-head query gain, partial RoPE, and optionally
     XSA (remove from each head's output its component along that position's own value vector;
-    arXiv 2603.09078, used by records #1019 on) and a per-head sigmoid output gate."""
+    arXiv 2603.09078, used by records #1019 on) and a per-head output gate 2 sigmoid(W x) computed
+    from the first ATTN_GATE_DIMS dims of the input (the sparse gate of record #1787; 0 = all dims, the
+    dense gate), zero-initialised so it starts as the identity."""
 
     def __init__(self, hp: Hyperparameters, xsa: bool):
         super().__init__()
@@ -722,24 +819,29 @@ class CausalSelfAttention(nn.Module):
         self.q_gain = nn.Parameter(torch.full((hp.num_heads,), hp.qk_gain_init))
         self.rotary = Rotary(self.head_dim, hp.rope_dims, hp.rope_base)
         self.xsa = xsa
-        self.gate = QuantLinear(dim, hp.num_heads, bias=False) if hp.attn_gate else None
+        self.gate_dims = hp.attn_gate_dims or dim
+        self.gate = QuantLinear(self.gate_dims, hp.num_heads, bias=False) if hp.attn_gate else None
         if self.gate is not None:
             nn.init.zeros_(self.gate.weight)           # 2 * sigmoid(0) = 1: starts as the identity
         self.backend = "sdpa"
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: DecodeCache | None = None, slot: int = 0) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
         v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q, k = self.rotary(rms_norm(q)), self.rotary(rms_norm(k))
+        offset = cache.pos if cache is not None else 0
+        q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
-        y = causal_attention(q, k, v, self.backend)
+        if cache is None:
+            y = causal_attention(q, k, v, self.backend)
+        else:
+            y = cached_attention(q, *cache.extend(slot, k, v), offset)
         if self.xsa:
             vn = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2), dim=-1)
             y = y - (y * vn).sum(dim=-1, keepdim=True) * vn
         if self.gate is not None:
-            y = y * (2.0 * torch.sigmoid(self.gate(x)))[..., None]
+            y = y * (2.0 * torch.sigmoid(self.gate(x[..., :self.gate_dims])))[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -760,9 +862,12 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-norm block with learned per-channel branch scales and a mix of the input embedding x0.
 
-    LN_SCALE multiplies the normalized branch inputs by 1/sqrt(layer + 1). A parallel block feeds
-    attention and MLP the same input (a parallel residual lane) instead of one after the other.
-    """
+    LN_SCALE multiplies the normalized branch inputs by 1/sqrt(layer + 1). The last PARALLEL_LAST_N
+    blocks are parallel: with PARALLEL_LANES=1 attention and MLP read the same input (one residual
+    lane); with 2 (records 04-13 on) the model carries two lanes through them, attention reading lane 0
+    (mixed with x0), the MLP lane 1, and each lane becomes a learned mix of itself and both outputs:
+    lane_j <- lane_resid[j] lane_j + lane_post[0, j] attn + lane_post[1, j] mlp (inits 1.1 and 1, as the
+    records had them)."""
 
     def __init__(self, hp: Hyperparameters, layer: int):
         super().__init__()
@@ -774,13 +879,32 @@ class Block(nn.Module):
         self.resid_mix = nn.Parameter(torch.stack([torch.ones(dim), torch.zeros(dim)]))
         self.norm_scale = 1.0 / math.sqrt(layer + 1) if hp.ln_scale else 1.0
         self.parallel = layer >= hp.num_layers - hp.parallel_last_n
+        self.lanes = hp.parallel_lanes if self.parallel else 1
+        if self.lanes == 2:
+            self.lane_resid = nn.Parameter(torch.full((2,), 1.1))
+            self.lane_post = nn.Parameter(torch.ones(2, 2))
 
-    def forward(self, x: Tensor, x0: Tensor) -> Tensor:
+    def mix(self, x: Tensor, x0: Tensor) -> Tensor:
         mix = self.resid_mix.to(x.dtype)
-        x = mix[0] * x + mix[1] * x0
-        attn_out = self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale)
-        mlp_in = x if self.parallel else x + attn_out
-        return x + attn_out + self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(mlp_in) * self.norm_scale)
+        return mix[0] * x + mix[1] * x0
+
+    def attention(self, x: Tensor, cache: DecodeCache | None, slot: int) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cache, slot)
+
+    def feed_forward(self, x: Tensor) -> Tensor:
+        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+
+    def forward(self, x: Tensor, x0: Tensor, cache: DecodeCache | None = None, slot: int = 0) -> Tensor:
+        x = self.mix(x, x0)
+        attn_out = self.attention(x, cache, slot)
+        return x + attn_out + self.feed_forward(x if self.parallel else x + attn_out)
+
+    def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, cache: DecodeCache | None = None,
+                      slot: int = 0) -> tuple[Tensor, Tensor]:
+        attn_out = self.attention(self.mix(lanes[0], x0), cache, slot)
+        mlp_out = self.feed_forward(lanes[1])
+        r, p = self.lane_resid.to(attn_out.dtype), self.lane_post.to(attn_out.dtype)
+        return r[0] * lanes[0] + p[0, 0] * attn_out + p[1, 0] * mlp_out, r[1] * lanes[1] + p[0, 1] * attn_out + p[1, 1] * mlp_out
 
 
 class BigramHash(nn.Module):
@@ -798,10 +922,13 @@ class BigramHash(nn.Module):
         self.proj = QuantLinear(dim, model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, ids: Tensor) -> Tensor:
-        prev = F.pad(ids[:, :-1], (1, 0))
+    def forward(self, ids: Tensor, prev_ids: Tensor | None = None) -> Tensor:
+        """prev_ids: the token before ids[:, 0] (incremental decoding), else none (bucket 0)."""
+        first = torch.zeros_like(ids[:, :1]) if prev_ids is None else prev_ids
+        prev = torch.cat((first, ids[:, :-1]), dim=1)
         h = (prev * 1_000_003 + ids) % (self.buckets - 1) + 1
-        h[:, 0] = 0
+        if prev_ids is None:
+            h[:, 0] = 0
         return self.proj(self.table(h))
 
 
@@ -811,9 +938,11 @@ class GPT(nn.Module):
 
     Depth recurrence: once `recurrence_on` is set (from RECUR_START_FRAC of training), layers
     RECUR_LAYERS run RECUR_PASSES times in a row. Skips pair physical layers on their first visit,
-    so turning recurrence on does not re-wire them.
+    so turning recurrence on does not re-wire them. Two-lane parallel blocks start their lanes as
+    copies of the stream, take the skips on lane 0, and the lanes' mean goes to the final norm.
 
     forward(input_ids, target_ids) -> per-token NLL in nats, float32, shape (B, T).
+    logits(input_ids, cache) with a DecodeCache decodes incrementally: input_ids are the next tokens.
     """
 
     def __init__(self, hp: Hyperparameters):
@@ -822,9 +951,15 @@ class GPT(nn.Module):
         self.tok_emb = QuantEmbedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp.bigram_vocab, hp.bigram_dim, hp.model_dim) if hp.bigram_vocab else None
-        # SmearGate: x_t += smear * x_{t-1}, never into a BOS (a new document); zero at start
+        # SmearGate: x_t += smear * gate_t * x_{t-1}, never into a BOS (a new document); zero at start.
+        # gate_t = 1, or with SMEAR_GATE_DIMS = n the input-dependent 2 sigmoid(w . x_t[:n]) (record 04-27)
         self.smear = nn.Parameter(torch.zeros(hp.model_dim)) if hp.smear_gate else None
+        self.smear_dims = hp.smear_gate_dims
+        self.smear_gate = QuantLinear(hp.smear_gate_dims, 1, bias=False) if hp.smear_gate and hp.smear_gate_dims else None
+        if self.smear_gate is not None:
+            nn.init.zeros_(self.smear_gate.weight)
         self.blocks = nn.ModuleList([Block(hp, i) for i in range(hp.num_layers)])
+        self.final_norm = RMSNorm()
         self.num_encoder = hp.num_layers // 2
         self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
         self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
@@ -843,29 +978,52 @@ class GPT(nn.Module):
             order = order[:hi + 1] + list(range(lo, hi + 1)) * (self.recur_passes - 1) + order[hi + 1:]
         return order
 
-    def embed(self, input_ids: Tensor) -> Tensor:
+    def embed(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
-            x = x + self.bigram(input_ids)
+            x = x + self.bigram(input_ids, cache.prev_ids if cache is not None else None)
         x = rms_norm(x)
+        last = x[:, -1:]
         if self.smear is not None:
-            keep = (input_ids[:, 1:] != BOS_ID).to(x.dtype)[..., None]
-            x = torch.cat((x[:, :1], x[:, 1:] + self.smear.to(x.dtype) * x[:, :-1] * keep), dim=1)
-        return x
+            before = cache.prev_embed if cache is not None else None   # the (unsmeared) position before x[:, 0]
+            prev = x[:, :-1] if before is None else torch.cat((before, x[:, :-1]), dim=1)
+            k = x.size(1) - prev.size(1)        # 1: the first position has no previous one
+            gate = (input_ids[:, k:] != BOS_ID).to(x.dtype)[..., None]
+            if self.smear_gate is not None:
+                gate = gate * 2.0 * torch.sigmoid(self.smear_gate(x[:, k:, :self.smear_dims]))
+            x = torch.cat((x[:, :k], x[:, k:] + self.smear.to(x.dtype) * prev * gate), dim=1)
+        if cache is not None:
+            cache.prev_ids, cache.prev_embed = input_ids[:, -1:], last
+        return to_compute_dtype(x)
 
-    def logits(self, input_ids: Tensor) -> Tensor:
-        """Softcapped logits, float32, (B, T, vocab)."""
-        x = self.embed(input_ids)
-        x0, skips, seen = x, [], set()
-        for i in self.layer_order():
+    def hidden(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
+        """The final norm's input (B, T, d)."""
+        x = self.embed(input_ids, cache)
+        x0, skips, seen, lanes = x, [], set(), None
+        for slot, i in enumerate(self.layer_order()):
             first = i not in seen
             seen.add(i)
             if first and i >= self.num_encoder and skips:
-                x = x + self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-            x = self.blocks[i](x, x0)
+                skip = self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
+                if lanes is None:
+                    x = x + skip
+                else:
+                    lanes = (lanes[0] + skip, lanes[1])
+            block = self.blocks[i]
+            if block.lanes == 2:
+                lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot)
+            else:
+                x = block(x, x0, cache, slot)
             if first and i < self.num_encoder:
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.train_weight().to(x.dtype)).float()
+        if cache is not None:
+            cache.pos += input_ids.size(1)
+        return x if lanes is None else 0.5 * (lanes[0] + lanes[1])
+
+    def logits(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
+        """Softcapped logits, float32, (B, T, vocab)."""
+        h = self.final_norm(self.hidden(input_ids, cache))
+        logits = F.linear(h, self.tok_emb.train_weight().to(h.dtype)).float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
@@ -886,25 +1044,27 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def matmul_params(hp: Hyperparameters) -> int:
-    """Weights that take part in a matmul per token: the blocks, the BigramHash projection and the
-    tied embedding once (as the output head; lookups are free). Repeated layers count per pass."""
+def matmul_params(hp: Hyperparameters, recurrence_on: bool = True) -> int:
+    """Weights that take part in a matmul per token: the blocks (with their attention gates), the
+    BigramHash projection and the tied embedding once (as the output head; lookups are free). SmearGate's
+    gate, SMEAR_GATE_DIMS weights per token (~1e-5 of the total), is left out. Layers depth recurrence
+    repeats count once per pass (when it is on)."""
     d = hp.model_dim
     kv = hp.num_kv_heads * (d // hp.num_heads)
-    block = 2 * d * d + 2 * d * kv + 2 * hp.mlp_mult * d * d + (d * hp.num_heads if hp.attn_gate else 0)
-    return hp.vocab_size * d + (hp.bigram_dim * d if hp.bigram_vocab else 0) + effective_layers(hp) * block
+    block = 2 * d * d + 2 * d * kv + 2 * hp.mlp_mult * d * d + ((hp.attn_gate_dims or d) * hp.num_heads if hp.attn_gate else 0)
+    return hp.vocab_size * d + (hp.bigram_dim * d if hp.bigram_vocab else 0) + effective_layers(hp, recurrence_on) * block
 
 
-def effective_layers(hp: Hyperparameters) -> int:
-    """Blocks run per token once depth recurrence is on."""
-    recur = parse_layer_range(hp.recur_layers)
+def effective_layers(hp: Hyperparameters, recurrence_on: bool = True) -> int:
+    """Blocks run per token (with depth recurrence on, its layers once per pass)."""
+    recur = parse_layer_range(hp.recur_layers) if recurrence_on else None
     return hp.num_layers + ((hp.recur_passes - 1) * (recur[1] - recur[0] + 1) if recur else 0)
 
 
-def flops_per_token(hp: Hyperparameters, seq_len: int) -> float:
+def flops_per_token(hp: Hyperparameters, seq_len: int, recurrence_on: bool = True) -> float:
     """Training FLOPs per token (forward + backward): 6 N + 6 L T d, N = matmul_params, L the
-    blocks run per token (recurrence on), causal attention."""
-    return 6.0 * matmul_params(hp) + 6.0 * effective_layers(hp) * seq_len * hp.model_dim
+    blocks run per token, causal attention."""
+    return 6.0 * matmul_params(hp, recurrence_on) + 6.0 * effective_layers(hp, recurrence_on) * seq_len * hp.model_dim
 
 
 def projected_h100_step_ms(flops_token: float, batch_tokens: int) -> float:
@@ -912,13 +1072,30 @@ def projected_h100_step_ms(flops_token: float, batch_tokens: int) -> float:
     return 1e3 * flops_token * batch_tokens / (PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)
 
 
+def projected_steps(hp: Hyperparameters, step_ms_recurrence_on: float) -> float:
+    """Steps in 600 s on 8xH100: before RECUR_START_FRAC of the run at the step time without recurrence,
+    after it at the step time with it on (step_ms_recurrence_on)."""
+    if not hp.recur_layers:
+        return 600e3 / step_ms_recurrence_on
+    off_ms = projected_h100_step_ms(flops_per_token(hp, hp.train_seq_len, False), hp.train_batch_tokens)
+    return hp.recur_start_frac * 600e3 / off_ms + (1 - hp.recur_start_frac) * 600e3 / step_ms_recurrence_on
+
+
+COMPILE_CACHE_ENTRIES = 64   # graphs dynamo may keep per function: every state x shape the warm-up compiles fits
+
+
 def compile_model(model: nn.Module) -> nn.Module:
-    """torch.compile with inductor rounding at every explicit dtype cast, as eager does. Without it
-    inductor keeps the fp32 value through fake_quantize's fp16 scale (.half().float()), so the
-    compiled QAT forward would round some weights differently from the export (tests/test_compress)."""
+    """torch.compile, whole graph (a graph break is an error at warm-up, before the clock), static shapes,
+    with inductor rounding at every explicit dtype cast as eager does (without it inductor keeps the fp32
+    value through fake_quantize's fp16 scale, so the compiled QAT forward would round some weights
+    differently from the export: tests/test_compress). The cache limit is raised so that the graphs the
+    warm-up builds (training and evaluation, per recurrence/QAT state) all stay compiled: at dynamo's
+    default of 8 it would silently run the rest in eager."""
+    import torch._dynamo.config as dynamo_config
     import torch._inductor.config as inductor_config
     inductor_config.emulate_precision_casts = True
-    return torch.compile(model, dynamic=False)
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, COMPILE_CACHE_ENTRIES)
+    return torch.compile(model, dynamic=False, fullgraph=True)
 
 
 def build_model(hp: Hyperparameters, rt: Runtime) -> GPT:
@@ -932,19 +1109,36 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> GPT:
 # MUON OPTIMIZER
 # Muon (Keller Jordan, modded-nanogpt): momentum, then orthogonalise the update with a quintic
 # Newton-Schulz iteration. Every linear weight of the blocks uses it; the tied embedding and the
-# vectors/scalars use Adam. Ranks split the Newton-Schulz work: rank r orthogonalises params
-# r, r + world, ..., then one all-reduce of the flat update buffer shares the results.
+# vectors/scalars use Adam. Ranks split the Newton-Schulz work: matrices of one shape are dealt out
+# in turn, and each round of world_size matrices is shared by one all_gather of the ranks' updates
+# (bf16 on CUDA), so a rank sends only the updates it computed.
 # -----------------------------------------------------------------------------
 
-def zeropower_newton_schulz(g: Tensor, steps: int) -> Tensor:
-    """Approximately orthogonalise a matrix (its singular values pushed towards 1)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
+NEWTON_SCHULZ_COEFFS = {
+    # modded-nanogpt's quintic: the same (a, b, c) at every iteration
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+    # Polar Express (Amsel et al. 2025, arXiv 2505.16932), as record #1787 used them: one tuple per
+    # iteration, each optimal for the singular-value range the previous ones leave; iterations past
+    # the fifth repeat the last
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
+
+
+def zeropower_newton_schulz(g: Tensor, steps: int, coeffs: str = "quintic") -> Tensor:
+    """Approximately orthogonalise a matrix (its singular values pushed towards 1): `steps` iterations
+    x <- a x + (b x x^T + c (x x^T)^2) x, with iteration i's (a, b, c) from NEWTON_SCHULZ_COEFFS[coeffs]."""
+    table = NEWTON_SCHULZ_COEFFS[coeffs]
     x = g.to(torch.bfloat16 if g.is_cuda else torch.float32)  # CUDA-only dtype choice
     transposed = x.size(0) > x.size(1)
     if transposed:
         x = x.T
     x = x / (x.norm() + 1e-7)
-    for _ in range(steps):
+    for i in range(steps):
+        a, b, c = table[min(i, len(table) - 1)]
         gram = x @ x.T
         x = a * x + (b * gram + c * gram @ gram) @ x
     return x.T if transposed else x
@@ -956,60 +1150,71 @@ class Muon(torch.optim.Optimizer):
     Gradients must already be averaged over ranks (DDP does it). With row_norm, each row of the
     momentum-corrected gradient is scaled to unit norm before Newton-Schulz (as the best record
     did). The update of a (rows x cols) matrix is scaled by sqrt(max(1, rows / cols)); weight decay
-    is decoupled: p <- p * (1 - lr * weight_decay) - lr * update.
+    is decoupled: p <- p * (1 - lr * weight_decay) - lr * update. One parameter group per shape.
     """
 
     def __init__(self, params, lr: float, momentum: float, backend_steps: int, rank: int = 0, world_size: int = 1,
-                 row_norm: bool = False, weight_decay: float = 0.0):
-        super().__init__(list(params), dict(lr=lr, momentum=momentum, backend_steps=backend_steps,
-                                            row_norm=row_norm, weight_decay=weight_decay))
+                 row_norm: bool = False, weight_decay: float = 0.0, coeffs: str = "quintic"):
+        by_shape: dict[tuple, list] = {}
+        for p in params:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        super().__init__([dict(params=ps) for ps in by_shape.values()],
+                         dict(lr=lr, momentum=momentum, backend_steps=backend_steps, row_norm=row_norm,
+                              weight_decay=weight_decay, coeffs=coeffs))
         self.rank, self.world_size = rank, world_size
+
+    @staticmethod
+    def _no_update(p: Tensor) -> Tensor:
+        return torch.zeros_like(p, dtype=torch.bfloat16 if p.is_cuda else torch.float32)  # Newton-Schulz's dtype
+
+    def _update(self, p: Tensor, group: dict) -> Tensor:
+        """This rank's orthogonalised update of p (zeros when p has no gradient)."""
+        if p.grad is None:
+            return self._no_update(p)
+        state = self.state[p]
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = torch.zeros_like(p.grad)
+        buf = state["momentum_buffer"]
+        buf.mul_(group["momentum"]).add_(p.grad)
+        g = p.grad.add(buf, alpha=group["momentum"])
+        if group["row_norm"]:
+            g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
+        g = zeropower_newton_schulz(g, group["backend_steps"], group["coeffs"])
+        return g * max(1.0, g.size(0) / g.size(1)) ** 0.5
 
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
             params = group["params"]
-            if not params:
-                continue
-            sizes = [p.numel() for p in params]
-            flat = torch.zeros(sum(sizes), device=params[0].device, dtype=torch.float32)
-            offset = 0
-            for i, p in enumerate(params):
-                if i % self.world_size == self.rank and p.grad is not None:
-                    state = self.state[p]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = torch.zeros_like(p.grad)
-                    buf = state["momentum_buffer"]
-                    buf.mul_(group["momentum"]).add_(p.grad)
-                    g = p.grad.add(buf, alpha=group["momentum"])
-                    if group["row_norm"]:
-                        g = g / (g.norm(dim=1, keepdim=True) + 1e-7)
-                    g = zeropower_newton_schulz(g, group["backend_steps"])
-                    g = g * max(1.0, g.size(0) / g.size(1)) ** 0.5
-                    flat[offset:offset + sizes[i]] = g.flatten().float()
-                offset += sizes[i]
-            if self.world_size > 1:
-                dist.all_reduce(flat)
-            offset = 0
-            for p, n in zip(params, sizes):
-                if group["weight_decay"]:
-                    p.mul_(1.0 - group["lr"] * group["weight_decay"])
-                p.add_(flat[offset:offset + n].view_as(p).to(p.dtype), alpha=-group["lr"])
-                offset += n
+            for base in range(0, len(params), self.world_size):
+                mine = base + self.rank      # in a last, short round a rank may have no matrix
+                update = self._update(params[mine], group) if mine < len(params) else self._no_update(params[base])
+                updates = [update]
+                if self.world_size > 1:
+                    updates = [torch.empty_like(update) for _ in range(self.world_size)]
+                    dist.all_gather(updates, update)
+                for p, u in zip(params[base:base + self.world_size], updates):
+                    if group["weight_decay"]:
+                        p.mul_(1.0 - group["lr"] * group["weight_decay"])
+                    p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
 def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for every linear weight; AdamW for the embedding tables and everything else."""
+    """Muon for every linear weight; AdamW for the embedding tables (EMBED_WD) and everything else
+    (ADAM_WD)."""
     matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     taken = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in taken]
-    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps, weight_decay=hp.adam_wd)
+    adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps)
     optimizers = [
-        torch.optim.AdamW([dict(params=tables, lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr)], **adam),
-        torch.optim.AdamW([dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)], **adam),
+        torch.optim.AdamW([dict(params=tables, lr=hp.tied_embed_lr, base_lr=hp.tied_embed_lr)],
+                          weight_decay=hp.embed_wd, **adam),
+        torch.optim.AdamW([dict(params=scalars, lr=hp.scalar_lr, base_lr=hp.scalar_lr)],
+                          weight_decay=hp.adam_wd, **adam),
         Muon(matrices, lr=hp.matrix_lr, momentum=hp.muon_momentum, backend_steps=hp.muon_backend_steps,
-             rank=rt.rank, world_size=rt.world_size, row_norm=bool(hp.muon_row_norm), weight_decay=hp.muon_wd),
+             rank=rt.rank, world_size=rt.world_size, row_norm=bool(hp.muon_row_norm), weight_decay=hp.muon_wd,
+             coeffs=hp.muon_ns_coeffs),
     ]
     for group in optimizers[2].param_groups:
         group["base_lr"] = hp.matrix_lr
@@ -1085,9 +1290,12 @@ class TrainResult:
     stopped_early: bool
     tokens_seen: int
     train_data_last_read_ms: float   # training clock when the loop last read training data
-    clock_resumed_at: float          # perf_counter() at which the training clock last resumed
+    clock: "StepClock"               # the training clock, stopped at the end of the loop
     late_qat_step: int | None        # step at which late QAT turned on (None: never)
     ternary_qat_step: int | None     # step at which the ternary matrices started training ternary
+    compile_ms: float                # warm-up: every graph compiled before the clock started
+    graphs_compiled: int             # graphs torch.compile built in the warm-up (0 without compile)
+    recompiles_in_clock: int         # graphs it built while the training clock ran (should be 0)
 
 
 class QATSwitch:
@@ -1096,33 +1304,28 @@ class QATSwitch:
     ternary matrices train ternary, log_ternary() logs per group the share of zeros and of weights
     whose trit changed since the last log (ternary telemetry)."""
 
-    def __init__(self, hp: Hyperparameters, model: GPT, log: RunLog):
-        self.hp, self.model, self.log = hp, model, log
-        self.bits = dict(mlp=hp.quant_matrix_bits, other=hp.quant_matrix_bits)
+    def __init__(self, hp: Hyperparameters, model: GPT, log: RunLog, spec: "QuantSpec"):
+        self.hp, self.model, self.log, self.spec = hp, model, log, spec
         self.ternary = ternary_patterns(hp)
-        self.hadamard = bool(hp.ternary_hadamard)
         self.late_step = self.ternary_step = None
         self.last_trits: dict[str, Tensor] = {}
 
-    def states(self) -> list:
-        """Setters of each fake-quantization state this run passes through (off first), so that
-        compile_warmup can compile each one before the clock starts (no recompilation mid-run)."""
-        states = [lambda: set_qat(self.model, None, ())]
-        if self.hp.ternary_from_step >= 0:
-            states.append(lambda: set_qat(self.model, self.bits, self.ternary, self.hadamard, only_ternary=True))
-        if self.hp.late_qat_threshold:
-            states.append(lambda: set_qat(self.model, self.bits, self.ternary, self.hadamard))
-        return states
+    def set_level(self, level: str) -> None:
+        """Fake quantization "off", "ternary" (the ternary matrices only) or "late" (every tensor)."""
+        if level == "off":
+            set_qat(self.model, None, ())
+        else:
+            set_qat(self.model, self.spec, self.ternary, only_ternary=level == "ternary")
 
     def update(self, step: int, progress: float, scale: float) -> None:
         hp = self.hp
         if self.ternary_step is None and self.late_step is None and 0 <= hp.ternary_from_step <= step:
-            n = set_qat(self.model, self.bits, self.ternary, self.hadamard, only_ternary=True)
+            n = set_qat(self.model, self.spec, self.ternary, only_ternary=True)
             self.ternary_step = step
             self.log(f"ternary_qat: on from step {step}: {n} matrices train through the ternary quantizer")
         in_warmdown = hp.warmdown_frac > 0 and progress > 1.0 - hp.warmdown_frac
         if self.late_step is None and hp.late_qat_threshold and in_warmdown and scale < hp.late_qat_threshold:
-            n = set_qat(self.model, self.bits, self.ternary, self.hadamard)
+            n = set_qat(self.model, self.spec, self.ternary)
             self.late_step = step
             if self.ternary_step is None and self.ternary:
                 self.ternary_step = step
@@ -1136,10 +1339,9 @@ class QATSwitch:
         stats: dict[str, list[int]] = {}
         for name, module in self.model.named_modules():
             scheme = getattr(module, "qat_scheme", None)
-            if scheme not in ("ternary", "ternary_h"):
+            if scheme != "ternary":
                 continue
-            w = hadamard_blocks(module.weight.float()) if scheme == "ternary_h" else module.weight
-            trits = quantize_ternary(w)[0].to(torch.int8)
+            trits = quantize_ternary(module.weight)[0].to(torch.int8)
             prev = self.last_trits.get(name)
             s = stats.setdefault(weight_group(name), [0, 0, 0])
             s[0] += trits.numel()
@@ -1149,38 +1351,158 @@ class QATSwitch:
         self.log("ternary: " + " ".join(f"{g} zeros:{z / n:.4f} flipped:{f / n:.5f}" for g, (n, z, f) in stats.items()))
 
 
-def compile_warmup(hp: Hyperparameters, rt: Runtime, train_model: nn.Module, accum: int, local_tokens: int) -> None:
-    """Run forward/backward on random tokens so compilation happens before the clock starts.
+def late_qat_progress(hp: Hyperparameters) -> float:
+    """Progress at which the warmdown's LR scale falls below LATE_QAT_THRESHOLD (late QAT's switch)."""
+    return 1.0 - hp.warmdown_frac * (hp.late_qat_threshold - hp.lr_floor) / (1.0 - hp.lr_floor)
 
-    No optimizer step: the weights are untouched, and no data (train or val) is read.
-    """
+
+def run_states(hp: Hyperparameters) -> list[tuple[bool, str]]:
+    """Every (depth recurrence on, fake-quantization level) state training passes through, in order; the
+    last is the state it ends in. The switches happen at known fractions of the run (RECUR_START_FRAC,
+    late_qat_progress); ternary from a step > 0 has no known fraction, so then every combination."""
+    recur = bool(hp.recur_layers)
+    events = [(hp.recur_start_frac, "recurrence")] if recur else []
+    if hp.late_qat_threshold:
+        events.append((late_qat_progress(hp), "late"))
+    if hp.ternary_from_step > 0:
+        levels = ["off", "ternary"] + (["late"] if hp.late_qat_threshold else [])
+        return [(r, level) for r in ([False, True] if recur else [False]) for level in levels]
+    state = (False, "ternary" if hp.ternary_from_step == 0 else "off")
+    states = [state]
+    for _, event in sorted(events):
+        state = (True, state[1]) if event == "recurrence" else (state[0], "late")
+        states.append(state)
+    return states
+
+
+def compiled_graphs() -> int:
+    """Graphs torch.compile (dynamo) has built in this process so far: its own count."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
+def graph_breaks() -> int:
+    from torch._dynamo.utils import counters
+    return int(sum(counters["graph_break"].values()))
+
+
+def warm_up(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, train_model: nn.Module,
+            qat: QATSwitch, accum: int, local_tokens: int, n_val_tokens: int) -> None:
+    """Run, before the training clock starts, every graph the run will need, so a compiled model builds
+    them all now: in each state of run_states, COMPILE_WARMUP_STEPS training steps' forward/backward
+    and (when periodic validation may run then, or it is the last state) a validation forward; in the
+    state training ends in with fake quantization off, the pre-quant and final evaluations' forwards
+    and TTT's step. Random tokens, inputs and targets distinct, no optimizer step: the weights are
+    untouched and no data (train or validation) is read."""
     gen = torch.Generator().manual_seed(hp.seed)
-    for _ in range(hp.compile_warmup_steps):
-        for micro in range(accum):
-            x = torch.randint(0, hp.vocab_size, (local_tokens // hp.train_seq_len, hp.train_seq_len), generator=gen)
-            x = x.to(rt.device)
+    rand = lambda *shape: torch.randint(0, hp.vocab_size, shape, generator=gen).to(rt.device)  # noqa: E731
+
+    def score_random(window: int, stride: int) -> None:
+        """One forward of the shape evaluate() will use on the validation stream with this geometry."""
+        w = min(window, n_val_tokens - 1)
+        batch = eval_batch_seqs(hp, rt, n_val_tokens, window, stride)
+        windows = (np.arange(batch), np.zeros(batch, dtype=np.int64), np.full(batch, w))
+        score_windows(hp, rt, run_model, rand(w + batch), *windows, w, batch, collect=False)
+
+    states = run_states(hp)
+    for i, (recurrence_on, level) in enumerate(states):
+        model.recurrence_on, last = recurrence_on, i == len(states) - 1
+        qat.set_level(level)
+        for _ in range(hp.compile_warmup_steps):
+            for micro in range(accum):
+                x, y = rand(local_tokens // hp.train_seq_len, hp.train_seq_len), rand(local_tokens // hp.train_seq_len, hp.train_seq_len)
+                with train_model.no_sync() if rt.distributed and micro < accum - 1 else contextlib.nullcontext():
+                    with autocast(rt):
+                        loss = train_model(x, y).mean()
+                    (loss / accum).backward()
+        if hp.compile_warmup_steps and n_val_tokens and (hp.val_loss_every or last):
+            score_random(hp.train_seq_len, hp.train_seq_len)
+    if hp.compile_warmup_steps and n_val_tokens:
+        qat.set_level("off")
+        score_random(hp.train_seq_len, hp.train_seq_len)     # pre-quant and round-trip plain evaluations
+        window, stride = eval_geometry(hp)
+        score_random(window, stride)                         # the final evaluation (and the audit)
+        if hp.ttt_enabled:
+            x, y = rand(ttt_seqs_per_rank(hp, rt, window), window), rand(ttt_seqs_per_rank(hp, rt, window), window)
             with autocast(rt):
-                loss = train_model(x, x).mean()
-            loss.backward()
-    for p in train_model.parameters():
+                run_model(x, y).mean().backward()
+    for p in model.parameters():
         p.grad = None
+    model.recurrence_on = False
+    qat.set_level("off")
+    if rt.device.type == "cuda":  # CUDA-only
+        torch.cuda.synchronize()
+
+
+STEP_TIME_WINDOW = 16      # the stop rule predicts the next step from the slowest of the last 16
+STOP_SAFETY_STEPS = 1      # and keeps one more such step in hand, for a last step slower than those
+
+
+class StepClock:
+    """The training clock: ms of training so far (paused for validation) and the steps' durations.
+
+    On CUDA the host runs ahead of the GPU. After launching a step, the clock waits (on a CUDA event,
+    not a full synchronize: the new step stays queued) until the step before it has finished, so at
+    most one launched step is unfinished when the loop votes on the next one, and a step's duration
+    is the gap between two completions on the device. On the CPU a step is done when its call returns.
+    should_stop() says whether one more step could end past the cap: now + (unfinished steps + the
+    next + STOP_SAFETY_STEPS) x the slowest recent step > cap."""
+
+    def __init__(self, rt: Runtime, cap_ms: float):
+        self.cuda, self.cap_ms = rt.device.type == "cuda", cap_ms
+        self.train_ms, self.t0, self.last_done = 0.0, time.perf_counter(), time.perf_counter()
+        self.unfinished: list = []                 # CUDA events of launched steps not yet waited for
+        self.durations: list[float] = []
+
+    def elapsed_ms(self) -> float:
+        return self.train_ms + 1e3 * (time.perf_counter() - self.t0)
+
+    def step_launched(self) -> None:
+        if self.cuda:  # CUDA-only
+            event = torch.cuda.Event()
+            event.record()
+            self.unfinished.append(event)
+            if len(self.unfinished) < 2:
+                return
+            self.unfinished.pop(0).synchronize()
+        now = time.perf_counter()
+        self.durations = (self.durations + [1e3 * (now - self.last_done)])[-STEP_TIME_WINDOW:]
+        self.last_done = now
+
+    def should_stop(self) -> bool:
+        if not self.cap_ms or not self.durations:
+            return False
+        ahead = len(self.unfinished) + 1 + STOP_SAFETY_STEPS
+        return self.elapsed_ms() + ahead * max(self.durations) > self.cap_ms
+
+    def pause(self) -> None:
+        """Stop the clock with every launched step finished (the device synchronised)."""
+        if self.cuda:  # CUDA-only: make the clock honest before pausing it
+            torch.cuda.synchronize()
+        self.train_ms += 1e3 * (time.perf_counter() - self.t0)
+        self.unfinished = []
+
+    def resume(self) -> None:
+        self.t0 = self.last_done = time.perf_counter()
 
 
 def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, loader: DistributedTokenLoader,
-          log: RunLog, validate) -> TrainResult:
+          log: RunLog, validate, qat_spec: "QuantSpec | None" = None, n_val_tokens: int = 0) -> TrainResult:
     """Train in place (leaving the EMA weights in the model when EMA is on). run_model is the
-    (compiled) model; validate(step, train_ms) logs a val line."""
+    (compiled) model; validate(step, train_ms) logs a val line; late QAT trains on qat_spec's grid (the
+    budget plan's; default: the settings'); n_val_tokens sizes the warm-up's evaluation forwards (0: no
+    evaluation forward in the warm-up)."""
     train_model = run_model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(run_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     optimizers = build_optimizers(model, hp, rt)
     accum = loader.grad_accum
-    qat = QATSwitch(hp, model, log)
-    for state in qat.states():      # every fake-quantization state the run will use, compiled before the clock
-        state()
-        compile_warmup(hp, rt, train_model, accum, loader.local_tokens)
-    set_qat(model, None, ())
+    qat = QATSwitch(hp, model, log, qat_spec or QuantSpec.from_settings(hp))
+    t_compile, graphs_before = time.perf_counter(), compiled_graphs()
+    if run_model is not model:           # compiled: build every graph now, not inside the clock
+        warm_up(hp, rt, model, run_model, train_model, qat, accum, loader.local_tokens, n_val_tokens)
+    compile_ms, graphs = 1e3 * (time.perf_counter() - t_compile), compiled_graphs() - graphs_before
     ema = WeightEMA(model, hp.ema_horizon_frac) if hp.ema_horizon_frac > 0 else None
     if rt.distributed:
         dist.barrier()
@@ -1188,26 +1510,26 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
     cap_ms = 1e3 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq_calibration == "train" else 0.0))
     tokens_per_step = hp.train_batch_tokens
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, step, train_ms, step_ms_est, last_read_ms, prev_progress = 0, 0, 0.0, 0.0, 0.0, 0.0
+    loss_count, step, last_read_ms, prev_progress = 0, 0, 0.0, 0.0
     stopped_early = False
-    t0 = time.perf_counter()
+    log(f"clock_start: warm-up compiled {graphs} graphs in {compile_ms:.0f}ms ({hp.compile_warmup_steps} step(s) in "
+        f"each of {len(run_states(hp))} training state(s), and the evaluation forwards); the training clock starts now")
+    graphs_at_start = compiled_graphs()
+    clock = StepClock(rt, cap_ms)
     while True:
         # one vote per step: every rank takes the slowest clock, so schedules agree everywhere
-        elapsed_ms = train_ms + 1e3 * (time.perf_counter() - t0)
-        want_stop = bool(cap_ms) and step > 0 and elapsed_ms + step_ms_est > cap_ms
-        elapsed_ms, want_stop = agree_max(rt, [elapsed_ms, float(want_stop)])
+        want_stop = step > 0 and clock.should_stop()
+        elapsed_ms, want_stop = agree_max(rt, [clock.elapsed_ms(), float(want_stop)])
         if want_stop and step < hp.iterations:
             stopped_early = True
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
         last_step = step >= hp.iterations or stopped_early
         if last_step or (hp.val_loss_every and step > 0 and step % hp.val_loss_every == 0):
-            if rt.device.type == "cuda":  # CUDA-only: make the clock honest before pausing it
-                torch.cuda.synchronize()
-            train_ms += 1e3 * (time.perf_counter() - t0)
-            validate(step, train_ms)
-            t0 = time.perf_counter()
-        if last_step:
-            break
+            clock.pause()
+            validate(step, clock.train_ms)
+            if last_step:
+                break
+            clock.resume()
 
         progress = max(step / hp.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
         scale = lr_scale(progress, hp)
@@ -1221,7 +1543,6 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
             model.recurrence_on = True
             log(f"recurrence: on from step {step} (progress {progress:.3f}): layer order {model.layer_order()}")
 
-        step_start = time.perf_counter()
         for micro in range(accum):
             x, y = loader.batch(step, micro)
             sync_now = micro == accum - 1 or not rt.distributed
@@ -1232,7 +1553,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
                 (loss / accum).backward()
             loss_sum += loss.detach()
             loss_count += 1
-        last_read_ms = train_ms + 1e3 * (time.perf_counter() - t0)
+        last_read_ms = clock.elapsed_ms()
         if hp.grad_clip_norm > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip_norm)
         for opt in optimizers:
@@ -1243,11 +1564,10 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
             ema.update(progress - prev_progress if step else 1.0 / hp.iterations)
         prev_progress = progress
         step += 1
+        clock.step_launched()
 
-        this_step_ms = 1e3 * (time.perf_counter() - step_start)
-        step_ms_est = this_step_ms if step == 1 else 0.9 * step_ms_est + 0.1 * this_step_ms
         if step % hp.train_log_every == 0 or step == 1 or step == hp.iterations:
-            now_ms = train_ms + 1e3 * (time.perf_counter() - t0)
+            now_ms = clock.elapsed_ms()
             if rt.distributed:
                 dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
             mean_loss = loss_sum.item() / loss_count
@@ -1260,72 +1580,105 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
             log(f"step:{step}/{hp.iterations} train_loss:{mean_loss:.4f} train_time:{now_ms:.0f}ms "
                 f"step_avg:{avg:.2f}ms tok/s:{tokens_per_step * step / (now_ms / 1e3):.0f} eta:{max(0.0, left) / 1e3:.0f}s")
             qat.log_ternary(step)
+    recompiles = compiled_graphs() - graphs_at_start
     if ema is not None:
         ema.copy_to_model()
         log(f"ema: the exported weights are the EMA (horizon {hp.ema_horizon_frac} of the run)")
-    return TrainResult(step, train_ms, stopped_early, step * tokens_per_step, last_read_ms, t0,
-                       qat.late_step, qat.ternary_step)
+    return TrainResult(step, clock.train_ms, stopped_early, step * tokens_per_step, last_read_ms, clock,
+                       qat.late_step, qat.ternary_step, compile_ms, graphs, recompiles)
 
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND PACKING
 # Every weight matrix gets a scheme (choose_scheme): ternary for names matching TERNARY_PATTERNS
-# ({-1, 0, +1} with an fp16 mean-|w| scale per 128 inputs), else int<QUANT_MATRIX_BITS> per row
-# with an fp16 scale and a per-row clip search; embedding tables int8 per row; vectors and
-# control tensors fp16. One function per scheme computes the stored values, used both by the
-# fake-quantized forward of late QAT (QuantLinear) and by the export, so a model trained through
-# it is exported bit for bit as it was trained. With calibration Hessians the integer matrices are
-# rounded by GPTQ on the same scale grid instead. If code + model exceed the budget, the budget
-# fix prunes the cheapest +-1 integer values, then steps bits down (precision_ladder), logged.
+# ({-1, 0, +1} with an fp16 mean-|w| scale per 128 inputs); else int<b> per row with SDClip (record
+# 2026-04-05): the row's clip is k std(row), its fp16 scale k std(row) / (2^(b-1) - 1), where b and k
+# are per group (attention and other matrices, MLP matrices, embedding tables: QUANT_*). Entropy,
+# hence compressed size, then follows H(q) ~ b - log2 k + 1.05 bits per weight for near-Gaussian rows,
+# so k is the byte knob. Vectors and control tensors: fp16. One function per scheme computes the
+# stored values, used by the fake-quantized forward of late QAT (QuantLinear) and by the export.
+# With calibration Hessians, GPTQ rounds every integer matrix on its SDClip grid, the tied embedding
+# with the Hessian of the head's input; LQER then adds a low-rank correction of the quantization error
+# to the LQER_TENSORS tensors it helps most. GPTQ runs on the accelerator, the matrices dealt out to
+# the ranks. The budget fit coarsens every k by one common factor until code + model fit
+# ARTIFACT_BUDGET_BYTES (the planner predicts that factor before training, and late QAT trains on
+# its grid), and steps bits down only as a last resort (precision_ladder).
 # The artifact is our own layout, never a pickle:
 #   ARTIFACT_MAGIC | u64 header length | JSON header | raw little-endian arrays
 # compressed as one lzma (xz) stream. The header lists each tensor's name, shape, stored scheme
-# and the (dtype, shape, offset, nbytes) of its parts.
+# and the (dtype, shape, offset, nbytes) of its parts; the parts of every tensor follow, grouped by
+# kind (see pack_artifact).
 # -----------------------------------------------------------------------------
 
 # Settings that shape the model: stored in the artifact so EVAL_ONLY rebuilds the same network.
 ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
-                 "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N", "ATTN_GATE", "BIGRAM_VOCAB", "BIGRAM_DIM",
-                 "SMEAR_GATE", "LN_SCALE", "RECUR_LAYERS", "RECUR_PASSES", "PARALLEL_LAST_N")
-CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85, 0.8)   # fractions of a row's max |w| tried as its clip (below 8 bits)
+                 "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N", "ATTN_GATE", "ATTN_GATE_DIMS", "BIGRAM_VOCAB",
+                 "BIGRAM_DIM", "SMEAR_GATE", "SMEAR_GATE_DIMS", "LN_SCALE", "RECUR_LAYERS", "RECUR_PASSES",
+                 "PARALLEL_LAST_N", "PARALLEL_LANES")
 EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight")
 TERNARY_GROUP = 128        # ternary weights share one scale per 128 inputs (Bonsai; record PR #640)
 FP16_TINY = torch.finfo(torch.float16).tiny
 GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal is added to the diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
-PRUNE_FRACTIONS = (1 / 32, 1 / 8, 1 / 2)   # shares of the +-1 integer values the budget fix may zero, in turn
+LQER_BITS = 6              # LQER factors: per-row absmax integers of this many bits, fp16 scales
+FIT_MAX_SCALE = 4.0        # the budget fit coarsens k at most this much (about 2 bits per weight) per rung
+FIT_ATTEMPTS = 6           # quantize-and-pack attempts per rung of the precision ladder
+FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
+FIT_SLACK_BYTES = 100_000  # ... and is content anywhere within this of it (the records sat 7-60 kB under)
 
 
-def row_clips(bits: int) -> tuple[float, ...]:
-    return (1.0,) if bits == 8 else CLIP_SEARCH
+def quant_group(name: str) -> str:
+    """The quantizer's group of a weight: embed (embedding tables), mlp or attn (every other matrix)."""
+    if name in EMBEDDING_TABLES:
+        return "embed"
+    return "mlp" if ".mlp." in name else "attn"
 
 
-def quantize_rows(w: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """Symmetric per-row integers q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (float32) and an fp16
-    scale per row. Each row tries clipping at each row_clips(bits) fraction of its max |w| and keeps
-    the least squared error; rounding uses the fp16-rounded scale. Any device; the fake-quantized
-    forward and the export both call this, so they agree bit for bit."""
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bits and SDClip k (clip in row standard deviations) of each quantizer group."""
+    bits: tuple[tuple[str, int], ...]
+    sigmas: tuple[tuple[str, float], ...]
+
+    @staticmethod
+    def from_settings(hp: Hyperparameters, scale: float = 1.0) -> "QuantSpec":
+        bits = dict(embed=hp.quant_embed_bits, mlp=hp.quant_matrix_bits, attn=hp.quant_matrix_bits)
+        sigmas = dict(embed=hp.quant_clip_sigmas_embed, mlp=hp.quant_clip_sigmas_mlp, attn=hp.quant_clip_sigmas_attn)
+        return QuantSpec(tuple(bits.items()), tuple((g, k * scale) for g, k in sigmas.items()))
+
+    def bits_of(self, group: str) -> int:
+        return dict(self.bits)[group]
+
+    def sigmas_of(self, group: str) -> float:
+        return dict(self.sigmas)[group]
+
+    def coarser(self, factor: float) -> "QuantSpec":
+        return QuantSpec(self.bits, tuple((g, k * factor) for g, k in self.sigmas))
+
+    def with_bits(self, **bits: int) -> "QuantSpec":
+        return QuantSpec(tuple((g, bits.get(g, b)) for g, b in self.bits), self.sigmas)
+
+    def describe(self) -> str:
+        return " ".join(f"{g}:int{b}@k={dict(self.sigmas)[g]:.2f}" for g, b in self.bits)
+
+
+def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
+    """fp16 per-row scale k std(row) / (2^(bits-1) - 1) (population std: a 1-column row has std 0)."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.detach().float()
-    absmax = w.abs().amax(dim=1)
-    best = None
-    for clip in row_clips(bits):
-        scale = (clip * absmax / qmax).clamp_min(FP16_TINY).half()
-        q = round_rows(w, scale, qmax)
-        best = keep_better_rows(best, q, scale, (dequantize_rows(q, scale) - w).square().sum(dim=1))
-    return best[0], best[1]
+    return (sigmas * w.std(dim=1, correction=0) / qmax).clamp_min(FP16_TINY).half()
 
 
 def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
     return torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
 
 
-def keep_better_rows(best: tuple | None, q: Tensor, scale: Tensor, err: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Per row, whichever of best = (q, scale, err) and the candidate has the smaller err."""
-    if best is None:
-        return q, scale, err
-    better = err < best[2]
-    return torch.where(better[:, None], q, best[0]), torch.where(better, scale, best[1]), torch.minimum(err, best[2])
+def quantize_rows(w: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
+    """SDClip round to nearest: integers q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (float32) and the fp16
+    row scale; rounding uses the fp16-rounded scale. The fake-quantized forward and the export both call
+    this, so they agree bit for bit. Any device."""
+    w = w.detach().float()
+    scale = sdclip_scale(w, bits, sigmas)
+    return round_rows(w, scale, 2 ** (bits - 1) - 1), scale
 
 
 def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
@@ -1353,32 +1706,15 @@ def dequantize_ternary(q: Tensor, scale: Tensor) -> Tensor:
     return (padded * scale.float()[..., None]).view(rows, -1)[:, :cols]
 
 
-def hadamard_blocks(w: Tensor) -> Tensor:
-    """w times the orthonormal Hadamard matrix of order TERNARY_GROUP, blockwise along the last
-    dimension (which TERNARY_GROUP must divide): a fast Walsh-Hadamard transform of additions,
-    subtractions and one scaling, so every device computes the same bits. Its own inverse (up to
-    rounding): the Sylvester matrix / sqrt(n) is symmetric and orthogonal (Bonsai's rotation)."""
-    rows, cols = w.shape
-    x = w.reshape(rows * (cols // TERNARY_GROUP), TERNARY_GROUP)
-    h = 1
-    while h < TERNARY_GROUP:
-        x = x.view(x.shape[0], TERNARY_GROUP // (2 * h), 2, h)
-        x = torch.stack((x[:, :, 0] + x[:, :, 1], x[:, :, 0] - x[:, :, 1]), dim=2)
-        h *= 2
-    return x.reshape(rows, cols) * (1.0 / math.sqrt(TERNARY_GROUP))
-
-
-def fake_quantize(w: Tensor, scheme: str) -> Tensor:
-    """The weights export will store for `scheme` (ternary, ternary_h: ternary in the Hadamard basis,
-    or int<b>_row), as a tensor whose gradient flows straight through to w. Exactly the dequantized
-    values: deq + (w - w) adds an exact zero."""
+def fake_quantize(w: Tensor, scheme: str, sigmas: float = 0.0) -> Tensor:
+    """The weights export will store for `scheme` (ternary, or int<b>_row with SDClip k = sigmas), as a
+    tensor whose gradient flows straight through to w.
+    Exactly the dequantized values: deq + (w - w) adds an exact zero."""
     with torch.no_grad():
         if scheme == "ternary":
             deq = dequantize_ternary(*quantize_ternary(w))
-        elif scheme == "ternary_h":
-            deq = hadamard_blocks(dequantize_ternary(*quantize_ternary(hadamard_blocks(w.float()))))
         else:
-            deq = dequantize_rows(*quantize_rows(w, int(scheme[3])))
+            deq = dequantize_rows(*quantize_rows(w, int(scheme[3]), sigmas))
     return deq.to(w.dtype) + (w - w.detach())
 
 
@@ -1386,17 +1722,13 @@ def ternary_patterns(hp: Hyperparameters) -> tuple[str, ...]:
     return tuple(p.strip() for p in hp.ternary_patterns.split(",") if p.strip())
 
 
-def choose_scheme(name: str, t: Tensor, bits: dict[str, int], ternary: tuple[str, ...] = (),
-                  hadamard: bool = False) -> str:
-    """Weight matrices of linears: ternary when the name contains a TERNARY_PATTERNS fragment, else
-    int{bits[group]} per row, group "mlp" (MLP weights) or "other". Embedding tables: int8 per row.
-    Vectors and control tensors: fp16."""
+def choose_scheme(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...] = ()) -> str:
+    """Weight matrices: ternary when the name contains a TERNARY_PATTERNS fragment (never the embedding
+    tables), else int<bits of its quant_group>_row. Vectors and control tensors: fp16."""
     if t.ndim == 2 and name.endswith(".weight"):
-        if name in EMBEDDING_TABLES:
-            return "int8_row"
-        if any(fragment in name for fragment in ternary):
-            return "ternary_h" if hadamard else "ternary"
-        return f"int{bits['mlp' if '.mlp.' in name else 'other']}_row"
+        if name not in EMBEDDING_TABLES and any(fragment in name for fragment in ternary):
+            return "ternary"
+        return f"int{spec.bits_of(quant_group(name))}_row"
     return "fp16"
 
 
@@ -1408,44 +1740,147 @@ def weight_group(name: str) -> str:
     return "other"
 
 
-def precision_ladder(matrix_bits: int) -> list[dict[str, int]]:
-    """Bit widths tried in order until the artifact fits: all at QUANT_MATRIX_BITS, then the MLP
-    matrices (the largest group) one bit lower, then everything one bit lower (never below 5)."""
-    low = max(5, matrix_bits - 1)
-    ladder = [dict(mlp=matrix_bits, other=matrix_bits), dict(mlp=low, other=matrix_bits), dict(mlp=low, other=low)]
-    return [b for i, b in enumerate(ladder) if b not in ladder[:i]]
+def precision_ladder(spec: QuantSpec) -> list[QuantSpec]:
+    """Last resort of the budget fit, rung by rung: as set, then the MLP matrices one bit lower, then every
+    matrix one bit lower (never below 5 bits)."""
+    matrix = spec.bits_of("mlp")
+    low = max(5, matrix - 1)
+    ladder = [spec, spec.with_bits(mlp=low), spec.with_bits(mlp=low, attn=max(5, spec.bits_of("attn") - 1))]
+    return [r for i, r in enumerate(ladder) if r not in ladder[:i]]
 
 
-def set_qat(model: nn.Module, bits: dict[str, int] | None, ternary: tuple[str, ...], hadamard: bool = False,
-            only_ternary: bool = False) -> int:
-    """Point every QuantLinear/QuantEmbedding at the scheme export will give its weight (bits None:
-    all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
+def set_qat(model: nn.Module, spec: QuantSpec | None, ternary: tuple[str, ...], only_ternary: bool = False) -> int:
+    """Point every QuantLinear/QuantEmbedding at the scheme (and SDClip k) export will give its weight
+    (spec None: all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
     on = 0
     for name, module in model.named_modules():
         if not isinstance(module, FakeQuantWeight):
             continue
-        if bits is None:
+        if spec is None:
             module.qat_scheme = None
             continue
-        scheme = choose_scheme(f"{name}.weight", module.weight, bits, ternary, hadamard)
+        weight = f"{name}.weight"
+        scheme = choose_scheme(weight, module.weight, spec, ternary)
         if scheme.startswith("ternary") or not only_ternary:
-            module.qat_scheme = scheme
+            module.qat_scheme, module.qat_sigmas = scheme, spec.sigmas_of(quant_group(weight))
         on += module.qat_scheme is not None
     return on
 
 
-# --- GPTQ (Frantar et al. 2022, arXiv 2210.17323) ------------------------------------------------
-# For an integer matrix W (out x in) with input Hessian H = E[x x^T]: quantize the columns one at a
-# time, in descending order of H's diagonal (act-order), and fold each column's rounding error into
-# the columns not yet quantized through the Cholesky factor of H^-1, one block of GPTQ_BLOCK columns
-# at a time. The per-row scale grid is the round-to-nearest one (each clip of row_clips); per row we
-# keep, among GPTQ and round-to-nearest at every clip, the candidate with the least Hessian-weighted
-# error (w - q s) H (w - q s)^T, so GPTQ never does worse than round-to-nearest on that measure.
+# --- calibration: Hessians of every quantized matrix's input ----------------------------------------
+# H = E[x x^T] over the calibration tokens: of each QuantLinear's input (forward pre-hooks), and of the
+# head's input (the final norm's output) for the tied embedding, which is the head's weight (record
+# 2026-04-05). Accumulated in fp32 outside autocast (bf16 keeps 3 significant digits), summed over
+# ranks. Self-calibration decodes incrementally (DecodeCache) with fake quantization paused; the
+# sampling noise for every sequence comes from one seeded generator, so the text does not depend on
+# how many ranks share the work (each decodes its own rows).
+
+def calibration_rows(rt: Runtime, n_seqs: int) -> range:
+    return range(rt.rank * n_seqs // rt.world_size, (rt.rank + 1) * n_seqs // rt.world_size)
+
+
+@torch.no_grad()
+def generate_calibration(model: GPT, rt: Runtime, n_seqs: int, seq_len: int, temperature: float,
+                         seed: int) -> Tensor:
+    """This rank's share (calibration_rows) of n_seqs sequences of seq_len tokens the model samples itself
+    from BOS (no data is read): Gumbel-max sampling at `temperature`, decoded one token at a time."""
+    rows = calibration_rows(rt, n_seqs)
+    gen = torch.Generator(device=rt.device).manual_seed(seed)
+    x = torch.full((len(rows), 1), BOS_ID, dtype=torch.long, device=rt.device)
+    out, cache = [x], DecodeCache()
+    for _ in range(seq_len - 1):
+        with autocast(rt):
+            logits = model.logits(x, cache)[:, -1].float()
+        uniform = torch.rand(n_seqs, logits.size(-1), generator=gen, device=rt.device)[rows.start:rows.stop]
+        gumbel = -torch.log(-torch.log(uniform.clamp(1e-20, 1.0 - 1e-7)))
+        x = (logits / temperature + gumbel).argmax(dim=-1, keepdim=True)
+        out.append(x)
+    return torch.cat(out, dim=1)
+
+
+def collect_hessians(model: GPT, rt: Runtime, batches: list[Tensor]) -> dict[str, Tensor]:
+    """Mean x x^T (float32) of the input of every QuantLinear and of the head (for tok_emb.weight) over
+    the calibration batches of token ids (B, T) of every rank, keyed by the weight's state-dict name."""
+    sums: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
+    hooks = []
+
+    def record(name: str, x: Tensor) -> None:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.detach().reshape(-1, x.size(-1)).float()
+            sums[name] = sums[name] + x.T @ x if name in sums else x.T @ x
+        counts[name] = counts.get(name, 0) + x.shape[0]
+
+    for name, module in model.named_modules():
+        if isinstance(module, QuantLinear):
+            hooks.append(module.register_forward_pre_hook(lambda m, args, name=f"{name}.weight": record(name, args[0])))
+    hooks.append(model.final_norm.register_forward_hook(lambda m, args, out: record("tok_emb.weight", out)))
+    try:
+        with torch.no_grad(), autocast(rt), qat_paused(model):
+            for x in batches:
+                model.logits(x.to(rt.device))
+    finally:
+        for h in hooks:
+            h.remove()
+    names = sorted(sums)
+    if rt.distributed:     # every rank saw the same modules, so the names agree
+        total = torch.tensor([counts[n] for n in names], dtype=torch.float64, device=rt.device)
+        dist.all_reduce(total)
+        for n in names:
+            dist.all_reduce(sums[n])
+        counts = dict(zip(names, total.tolist()))
+    return {n: sums[n] / counts[n] for n in names}
+
+
+@contextlib.contextmanager
+def qat_paused(model: nn.Module):
+    """Within the block every quantizable module runs on its float weight; schemes restored after."""
+    saved = {m: m.qat_scheme for m in model.modules() if isinstance(m, FakeQuantWeight)}
+    for m in saved:
+        m.qat_scheme = None
+    try:
+        yield
+    finally:
+        for m, scheme in saved.items():
+            m.qat_scheme = scheme
+
+
+# --- GPTQ (Frantar et al. 2022, arXiv 2210.17323) on the SDClip grid -------------------------------
+# For an integer matrix W (out x in) with input Hessian H: quantize the columns one at a time, in
+# descending order of H's diagonal (act-order), and fold each column's rounding error into the columns
+# not yet quantized through the Cholesky factor of H^-1, one block of GPTQ_BLOCK columns at a time. The
+# row scales are SDClip's, fixed from the float weights before any error feedback. Per row we keep
+# whichever of GPTQ and round-to-nearest has the smaller Hessian-weighted error (w - q s) H (w - q s)^T,
+# so GPTQ is never worse than round-to-nearest on the same grid. The factor depends only on H, so it is
+# computed once per matrix and reused by every attempt of the budget fit (gptq_factor).
 
 def hessian_error(w: Tensor, deq: Tensor, hessian: Tensor) -> Tensor:
-    """Per-row (w - deq) H (w - deq)^T."""
+    """Per-row (w - deq) H (w - deq)^T, float64."""
     e = (w - deq).double()
     return ((e @ hessian.double()) * e).sum(dim=1)
+
+
+@dataclass
+class GPTQFactor:
+    order: Tensor      # act-order permutation of the columns
+    back: Tensor       # its inverse
+    u: Tensor | None   # upper Cholesky factor of the damped H^-1 in act-order (None: H hopeless, round to nearest)
+    dead: Tensor       # inputs that were always zero
+
+
+def gptq_factor(hessian: Tensor) -> GPTQFactor:
+    h = hessian.detach().float().clone()
+    dead = h.diagonal() == 0
+    h[dead, dead] = 1.0
+    order = torch.argsort(h.diagonal(), descending=True, stable=True)
+    h = h[order][:, order]
+    eye = torch.eye(h.shape[0], device=h.device)
+    for damp in (GPTQ_DAMP, 10 * GPTQ_DAMP, 100 * GPTQ_DAMP):
+        chol, info = torch.linalg.cholesky_ex(h + damp * h.diagonal().mean() * eye)
+        if info == 0:
+            u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+            return GPTQFactor(order, torch.argsort(order), u, dead)
+    return GPTQFactor(order, torch.argsort(order), None, dead)
 
 
 def _gptq_columns(w: Tensor, u: Tensor, scale: Tensor, qmax: int) -> Tensor:
@@ -1456,7 +1891,7 @@ def _gptq_columns(w: Tensor, u: Tensor, scale: Tensor, qmax: int) -> Tensor:
     n = w.shape[1]
     for i1 in range(0, n, GPTQ_BLOCK):
         i2 = min(i1 + GPTQ_BLOCK, n)
-        block, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1)
+        block, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, device=w.device)
         for i in range(i2 - i1):
             col = block[:, i]
             q[:, i1 + i] = torch.clamp(torch.round(col / s), -qmax, qmax)      # round_rows, one column
@@ -1467,75 +1902,56 @@ def _gptq_columns(w: Tensor, u: Tensor, scale: Tensor, qmax: int) -> Tensor:
     return q
 
 
-def gptq_quantize(w: Tensor, hessian: Tensor, bits: int) -> tuple[Tensor, Tensor]:
-    """GPTQ with act-order and blocks (see above). Returns (q float32 integers, fp16 row scale), the
-    layout quantize_rows returns. hessian: (in, in) float, the mean of x x^T over calibration tokens."""
+def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, sigmas: float,
+                  factor: GPTQFactor | None = None) -> tuple[Tensor, Tensor]:
+    """GPTQ with act-order and blocks on the SDClip grid (see above), on w's device. Returns (q float32
+    integers, fp16 row scale), the layout quantize_rows returns. hessian: (in, in), the mean x x^T."""
     qmax = 2 ** (bits - 1) - 1
-    w = w.detach().float().cpu()
-    hessian = hessian.detach().float().cpu()
-    h = hessian.clone()
-    dead = h.diagonal() == 0                                # inputs that were always zero
-    h[dead, dead] = 1.0
-    order = torch.argsort(h.diagonal(), descending=True, stable=True)
-    back = torch.argsort(order)
-    h = h[order][:, order]
-    eye = torch.eye(h.shape[0])
-    for damp in (GPTQ_DAMP, 10 * GPTQ_DAMP, 100 * GPTQ_DAMP):
-        chol, info = torch.linalg.cholesky_ex(h + damp * h.diagonal().mean() * eye)
-        if info == 0:
-            break
-    else:
-        return quantize_rows(w, bits)                       # H hopeless even damped: round to nearest
-    u = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    w = w.detach().float()
+    factor = factor or gptq_factor(hessian)
+    scale = sdclip_scale(w, bits, sigmas)
+    rtn = round_rows(w, scale, qmax)
+    if factor.u is None:
+        return rtn, scale                                   # H hopeless even damped: round to nearest
     w_ordered = w.clone()
-    w_ordered[:, dead] = 0.0
-    w_ordered = w_ordered[:, order]
-    absmax = w.abs().amax(dim=1)
-    best = None
-    for clip in row_clips(bits):
-        scale = (clip * absmax / qmax).clamp_min(FP16_TINY).half()
-        for q in (round_rows(w, scale, qmax), _gptq_columns(w_ordered, u, scale, qmax)[:, back]):
-            best = keep_better_rows(best, q, scale, hessian_error(w, dequantize_rows(q, scale), hessian))
-    return best[0], best[1]
+    w_ordered[:, factor.dead] = 0.0
+    gptq = _gptq_columns(w_ordered[:, factor.order], factor.u, scale, qmax)[:, factor.back]
+    better = hessian_error(w, dequantize_rows(gptq, scale), hessian) < hessian_error(w, dequantize_rows(rtn, scale), hessian)
+    return torch.where(better[:, None], gptq, rtn), scale
 
 
-def collect_hessians(model: GPT, rt: Runtime, batches: list[Tensor]) -> dict[str, Tensor]:
-    """Mean x x^T of the inputs of every QuantLinear over the calibration batches (token ids,
-    (B, T)), keyed by the weight's state-dict name; float32 on the CPU."""
-    sums, counts, hooks = {}, {}, []
+# --- LQER: low-rank correction of the quantization error (record 2026-04-27) ------------------------
+# E = W - deq(q): its best rank-r approximation A B from the SVD (A = U sqrt(S), B = sqrt(S) V^T, balanced
+# so both factors quantize alike), stored as LQER_BITS-bit integers (A by column, B by row, absmax
+# scales). Every integer matrix gets a candidate, scored by the drop in Hessian-weighted error that the
+# stored (quantized) factors bring; the LQER_TENSORS with the largest drop keep theirs. Loading adds
+# A B to the dequantized weight.
 
-    def hook(name):
-        def record(module, args):
-            x = args[0].detach().reshape(-1, module.in_features).float()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            counts[name] = counts.get(name, 0) + x.shape[0]
-        return record
-
-    for name, module in model.named_modules():
-        if isinstance(module, QuantLinear):
-            hooks.append(module.register_forward_pre_hook(hook(f"{name}.weight")))
-    try:
-        with torch.no_grad(), autocast(rt):
-            for x in batches:
-                model.logits(x.to(rt.device))
-    finally:
-        for h in hooks:
-            h.remove()
-    return {name: (sums[name] / counts[name]).cpu() for name in sums}
+def absmax_rows(t: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    qmax = 2 ** (bits - 1) - 1
+    scale = (t.abs().amax(dim=1) / qmax).clamp_min(FP16_TINY).half()
+    return round_rows(t, scale, qmax), scale
 
 
-@torch.no_grad()
-def generate_calibration(model: GPT, rt: Runtime, n_seqs: int, seq_len: int, temperature: float,
-                         seed: int) -> Tensor:
-    """n_seqs sequences of seq_len tokens the model samples itself from BOS (no data is read)."""
-    gen = torch.Generator(device=rt.device).manual_seed(seed)
-    x = torch.full((n_seqs, 1), BOS_ID, dtype=torch.long, device=rt.device)
-    for _ in range(seq_len - 1):
-        with autocast(rt):
-            logits = model.logits(x)[:, -1]
-        probs = torch.softmax(logits.float() / temperature, dim=-1)
-        x = torch.cat((x, torch.multinomial(probs, 1, generator=gen)), dim=1)
-    return x
+def lqer_candidate(w: Tensor, deq: Tensor, hessian: Tensor | None, rank: int) -> tuple[dict[str, Tensor], float]:
+    """(stored LQER parts, drop in Hessian-weighted error they bring) for one matrix; identity H without one."""
+    u, s, vh = torch.linalg.svd((w.float() - deq).double(), full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    qa, sa = absmax_rows((u[:, :r] * root).T.float(), LQER_BITS)
+    qb, sb = absmax_rows((root[:, None] * vh[:r]).float(), LQER_BITS)
+    parts = dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb)
+    h = hessian if hessian is not None else torch.eye(w.shape[1], device=w.device)
+    before = hessian_error(w.float(), deq, h).sum()
+    return parts, (before - hessian_error(w.float(), deq + lqer_correction(parts), h).sum()).item()
+
+
+def lqer_correction(parts: dict) -> Tensor:
+    """A B from stored LQER parts (tensors or arrays), float32."""
+    t = {k: v if isinstance(v, Tensor) else torch.from_numpy(np.array(v)) for k, v in parts.items()}
+    a = dequantize_rows(t["lqer_a"], t["lqer_a_scale"]).T
+    b = dequantize_rows(t["lqer_b"], t["lqer_b_scale"]).to(a.device)
+    return a @ b
 
 
 # --- ternary packing ------------------------------------------------------------------------------
@@ -1572,14 +1988,20 @@ def lzma_size(arrays: list[np.ndarray], preset: int) -> int:
     return len(lzma.compress(raw, format=lzma.FORMAT_XZ, preset=preset | lzma.PRESET_EXTREME))
 
 
-def quantize_tensor(t: Tensor, scheme: str, hessian: Tensor | None, preset: int) -> tuple[str, dict[str, np.ndarray]]:
-    """(stored scheme, parts) of one tensor. Integer matrices use GPTQ when a Hessian is given; the
-    ternary layout (ternary_base3 or ternary_mask) is whichever compresses smaller."""
+def to_numpy_parts(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """Stored dtypes: integers int8, scales fp16."""
+    return {k: (v.to(torch.int8) if v.dtype == torch.float32 else v).cpu().numpy() for k, v in parts.items()}
+
+
+def quantize_tensor(t: Tensor, scheme: str, sigmas: float, hessian: Tensor | None, preset: int,
+                    factor: GPTQFactor | None = None) -> tuple[str, dict[str, np.ndarray]]:
+    """(stored scheme, parts) of one tensor; `sigmas` is the SDClip k of an integer scheme. Integer
+    matrices use GPTQ when a Hessian is given (on the Hessian's device); the ternary layout (ternary_base3
+    or ternary_mask) is whichever compresses smaller."""
     if scheme == "fp16":
         return scheme, {"w": t.detach().cpu().half().numpy()}
-    if scheme in ("ternary", "ternary_h"):
-        w = t.detach().float().cpu()
-        q, scale = quantize_ternary(hadamard_blocks(w) if scheme == "ternary_h" else w)
+    if scheme == "ternary":
+        q, scale = quantize_ternary(t.detach().float().cpu())
         q = q.to(torch.int8).numpy()
         scale = scale.numpy()
         base3 = {"trits": pack_ternary_base3(q), "scale": scale}
@@ -1588,13 +2010,16 @@ def quantize_tensor(t: Tensor, scheme: str, hessian: Tensor | None, preset: int)
             return f"{scheme}_base3", base3
         return f"{scheme}_mask", mask
     bits = int(scheme[3])
-    w = t.detach().float().cpu()
-    q, scale = gptq_quantize(w, hessian, bits) if hessian is not None else quantize_rows(w, bits)
-    return scheme, {"q": q.to(torch.int8).numpy(), "scale": scale.numpy()}
+    if hessian is not None:
+        q, scale = gptq_quantize(t.to(hessian.device), hessian, bits, sigmas, factor)
+    else:
+        q, scale = quantize_rows(t, bits, sigmas)
+    return scheme, to_numpy_parts(dict(q=q, scale=scale))
 
 
 def dequantize_parts(scheme: str, parts: dict[str, np.ndarray], shape: list[int]) -> Tensor:
-    """Float32 tensor of `shape` from stored parts (the exact inverse of quantize_tensor's layout)."""
+    """Float32 tensor of `shape` from stored parts (the exact inverse of quantize_tensor's layout, plus
+    the LQER correction when its parts are there)."""
     if scheme == "fp16":
         return torch.from_numpy(parts["w"].astype(np.float32)).reshape(shape)
     if scheme.startswith("ternary_"):
@@ -1604,68 +2029,128 @@ def dequantize_parts(scheme: str, parts: dict[str, np.ndarray], shape: list[int]
         else:
             q = unpack_ternary_mask(parts["nonzero"], parts["negative"], n)
         q = torch.from_numpy(q.astype(np.float32)).reshape(shape)
-        deq = dequantize_ternary(q, torch.from_numpy(parts["scale"].astype(np.float16)))
-        return hadamard_blocks(deq) if scheme.startswith("ternary_h_") else deq
-    return dequantize_rows(torch.from_numpy(parts["q"].astype(np.float32)),
-                           torch.from_numpy(parts["scale"].astype(np.float16))).reshape(shape)
+        return dequantize_ternary(q, torch.from_numpy(parts["scale"].astype(np.float16)))
+    deq = dequantize_rows(torch.from_numpy(parts["q"].astype(np.float32)),
+                          torch.from_numpy(parts["scale"].astype(np.float16))).reshape(shape)
+    if "lqer_a" in parts:
+        deq = deq + lqer_correction({k: v for k, v in parts.items() if k.startswith("lqer_")})
+    return deq
 
 
-STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask", "ternary_h_base3", "ternary_h_mask",
+STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask",
                   *(f"int{b}_row" for b in (5, 6, 7, 8))}
 
 
-def quantize_state_dict(state: dict[str, Tensor], bits: dict[str, int], ternary: tuple[str, ...] = (),
-                        hessians: dict[str, Tensor] | None = None, preset: int = 6, hadamard: bool = False) -> list[dict]:
-    """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order; `hessians` (by weight
-    name) turns on GPTQ for the integer matrices that have one (not the embedding tables)."""
-    entries = []
+def quantize_state_dict(state: dict[str, Tensor], spec: QuantSpec, ternary: tuple[str, ...] = (),
+                        hessians: dict[str, Tensor] | None = None, preset: int = 6,
+                        lqer_tensors: int = 0, lqer_rank: int = 4) -> list[dict]:
+    """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order, in one process; `hessians`
+    (by weight name) turns on GPTQ for the integer matrices that have one. The distributed export is
+    quantize_model; this is its one-process form (tests, tools)."""
+    entries, candidates = [], {}
     for name, t in state.items():
-        scheme = choose_scheme(name, t, bits, ternary, hadamard)
-        hessian = (hessians or {}).get(name) if scheme.startswith("int") and name not in EMBEDDING_TABLES else None
-        stored, parts = quantize_tensor(t, scheme, hessian, preset)
+        scheme = choose_scheme(name, t, spec, ternary)
+        hessian = (hessians or {}).get(name) if scheme.startswith("int") else None
+        stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), hessian, preset)
         entries.append(dict(name=name, scheme=stored, shape=list(t.shape), parts=parts))
-    return entries
+        if lqer_tensors and stored.startswith("int"):
+            candidates[name] = lqer_candidate(t.float(), dequantize_parts(stored, parts, list(t.shape)), hessian, lqer_rank)
+    return add_lqer(entries, lqer_tensors, candidates)
 
 
-def prune_cheapest(entries: list[dict], fraction: float, hessians: dict[str, Tensor] | None) -> tuple[list[dict], int]:
-    """Budget fix: zero the given fraction of all +-1 values of the integer matrices, cheapest first.
-    Cost of zeroing q[r, c] = scale[r]^2 * H[c, c] (the Hessian-weighted error it adds, diagonal
-    term; H = identity without calibration). Deterministic (stable sort). Returns (new entries, count)."""
-    costs, where = [], []
-    for i, e in enumerate(entries):
-        if not e["scheme"].startswith("int"):
-            continue
-        q, scale = e["parts"]["q"], e["parts"]["scale"].astype(np.float64)
-        rows, cols = np.nonzero(np.abs(q) == 1)
-        h = hessians.get(e["name"]) if hessians else None
-        diag = h.diagonal().double().numpy() if h is not None else np.ones(q.shape[1])
-        costs.append(scale[rows] ** 2 * diag[cols])
-        where.append(np.stack([np.full(rows.size, i), rows, cols], axis=1))
-    if not costs:
-        return entries, 0
-    costs, where = np.concatenate(costs), np.concatenate(where)
-    chosen = where[np.argsort(costs, kind="stable")[:int(fraction * costs.size)]]
-    out = [dict(e, parts=dict(e["parts"])) for e in entries]
-    for i in np.unique(chosen[:, 0]):
-        q = out[i]["parts"]["q"].copy()
-        sel = chosen[chosen[:, 0] == i]
-        q[sel[:, 1], sel[:, 2]] = 0
-        out[i]["parts"]["q"] = q
-    return out, len(chosen)
+def add_lqer(entries: list[dict], lqer_tensors: int, candidates: dict) -> list[dict]:
+    """Give the lqer_tensors candidates with the largest (positive) error drop their LQER parts."""
+    best = sorted((c for c in candidates.items() if c[1][1] > 0), key=lambda c: -c[1][1])[:lqer_tensors]
+    chosen = {name: parts for name, (parts, _) in best}
+    return [dict(e, parts={**e["parts"], **to_numpy_parts(chosen[e["name"]])}) if e["name"] in chosen else e
+            for e in entries]
+
+
+class DistributedQuantizer:
+    """The export's quantization, on every rank: the integer matrices with Hessians (the expensive GPTQ)
+    are dealt out to the ranks, largest first, each rank quantizing its own on its device and proposing
+    their LQER corrections; rank 0 gathers the results and quantizes the rest (fp16 tensors, ternary,
+    and integer tensors without a Hessian). GPTQ factors are kept between the budget fit's attempts."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, state: dict[str, Tensor], hessians: dict[str, Tensor] | None):
+        self.hp, self.rt, self.state, self.hessians = hp, rt, state, hessians or {}
+        self.ternary = ternary_patterns(hp)
+        spec = QuantSpec.from_settings(hp)
+        gptq_names = [n for n, t in state.items() if n in self.hessians
+                      and choose_scheme(n, t, spec, self.ternary).startswith("int")]
+        gptq_names.sort(key=lambda n: -state[n].numel() * state[n].shape[1])          # cost ~ rows x cols^2
+        self.mine = {n for i, n in enumerate(gptq_names) if i % rt.world_size == rt.rank}
+        self.factors: dict[str, GPTQFactor] = {}
+
+    def quantize(self, spec: QuantSpec) -> list[dict] | None:
+        """Every rank calls this; rank 0 gets the entries in state-dict order, the others None."""
+        hp, mine = self.hp, {}
+        for name in sorted(self.mine):
+            t, h = self.state[name], self.hessians[name].to(self.rt.device)
+            if name not in self.factors:
+                self.factors[name] = gptq_factor(h)
+            scheme = choose_scheme(name, t, spec, self.ternary)
+            stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), h, hp.lzma_preset,
+                                            self.factors[name])
+            lqer = None
+            if hp.lqer_tensors:
+                deq = dequantize_parts(stored, parts, list(t.shape)).to(self.rt.device)
+                lqer = lqer_candidate(t.to(self.rt.device).float(), deq, h, hp.lqer_rank)
+                lqer = ({k: v.cpu() for k, v in lqer[0].items()}, lqer[1])
+            mine[name] = (stored, parts, lqer)
+        done = {}
+        for share in gather_to_main(self.rt, mine):
+            done.update(share)
+        if not self.rt.is_main:
+            return None
+        entries, candidates = [], {}
+        for name, t in self.state.items():
+            if name in done:
+                stored, parts, lqer = done[name]
+                if lqer is not None:
+                    candidates[name] = lqer
+            else:
+                scheme = choose_scheme(name, t, spec, self.ternary)
+                stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), None, hp.lzma_preset)
+                if hp.lqer_tensors and stored.startswith("int"):
+                    candidates[name] = lqer_candidate(t.float().cpu(), dequantize_parts(stored, parts, list(t.shape)),
+                                                      None, hp.lqer_rank)
+            entries.append(dict(name=name, scheme=stored, shape=list(t.shape), parts=parts))
+        return add_lqer(entries, hp.lqer_tensors, candidates)
+
+
+def gather_to_main(rt: Runtime, value) -> list:
+    """Every rank's value (a picklable object) on rank 0, in rank order; [] elsewhere."""
+    if not rt.distributed:
+        return [value]
+    out = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(value, out, dst=0, group=rt.control_group)
+    return out if rt.is_main else []
+
+
+PART_ORDER = ("q", "lqer_a", "lqer_b", "trits", "nonzero", "negative", "scale", "lqer_a_scale", "lqer_b_scale", "w")
 
 
 def pack_artifact(entries: list[dict], preset: int, config: dict) -> bytes:
-    """Serialize quantized entries and the model-shape settings (ARCH_SETTINGS) to the
-    compressed artifact (see the section comment)."""
+    """Serialize quantized entries and the model-shape settings (ARCH_SETTINGS) to the compressed
+    artifact (see the section comment). The payload holds the parts grouped by kind (PART_ORDER: every
+    tensor's integers, then every scale, then the fp16 tensors), which lzma compresses best of the
+    layouts measured (README, "Byte layout")."""
     header, payload, offset = [], io.BytesIO(), 0
-    for e in entries:
-        parts = {}
-        for part, arr in e["parts"].items():
+    parts_of = [{} for _ in entries]
+    for kind in PART_ORDER:
+        for e, placed in zip(entries, parts_of):
+            if kind not in e["parts"]:
+                continue
+            arr = e["parts"][kind]
             raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-            parts[part] = [arr.dtype.newbyteorder("<").str, list(arr.shape), offset, len(raw)]
+            placed[kind] = [arr.dtype.newbyteorder("<").str, list(arr.shape), offset, len(raw)]
             payload.write(raw)
             offset += len(raw)
-        header.append(dict(name=e["name"], scheme=e["scheme"], shape=e["shape"], parts=parts))
+    for e, placed in zip(entries, parts_of):
+        if set(placed) != set(e["parts"]):
+            raise ValueError(f"{e['name']}: parts {sorted(set(e['parts']) - set(placed))} have no place in PART_ORDER")
+        header.append(dict(name=e["name"], scheme=e["scheme"], shape=e["shape"], parts=placed))
     head = json.dumps(dict(config=config, tensors=header), separators=(",", ":")).encode()
     blob = ARTIFACT_MAGIC + len(head).to_bytes(8, "little") + head + payload.getvalue()
     return lzma.compress(blob, format=lzma.FORMAT_XZ, preset=preset | lzma.PRESET_EXTREME)
@@ -1705,6 +2190,145 @@ def state_checksum(state: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
+# --- the byte budget: planner and fit ---------------------------------------------------------------
+
+PLANNER_SAMPLE_VALUES = 262_144     # size of the Gaussian sample each scheme's bits per parameter is measured on
+
+
+@functools.lru_cache(maxsize=None)
+def sampled_bits_per_param(scheme: str, shape: tuple[int, ...], sigmas: float, preset: int) -> float:
+    """Bits per parameter of `scheme` (SDClip k = sigmas for integers) after lzma, measured on a seeded
+    Gaussian matrix with the tensor's row length, at most PLANNER_SAMPLE_VALUES values."""
+    cols = shape[-1] if len(shape) == 2 else 1024
+    rows = max(1, min(shape[0] if len(shape) == 2 else 256, PLANNER_SAMPLE_VALUES // cols))
+    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
+    _, parts = quantize_tensor(w, scheme, sigmas, None, preset)
+    return 8 * lzma_size(list(parts.values()), preset) / w.numel()
+
+
+def plan_artifact(hp: Hyperparameters, spec: QuantSpec) -> list[dict]:
+    """Predicted artifact bytes per (weight_group, scheme) for the configured shape at `spec`, before
+    training: params x sampled_bits_per_param / 8. Builds the model on the meta device (no memory)."""
+    with torch.device("meta"):
+        state = GPT(hp).state_dict()
+    groups: dict[tuple[str, str], list[float]] = {}
+    for name, t in state.items():
+        scheme = choose_scheme(name, t, spec, ternary_patterns(hp))
+        sigmas = spec.sigmas_of(quant_group(name)) if scheme.startswith("int") else 0.0
+        g = groups.setdefault((weight_group(name), scheme), [0, 0.0, 0.0])
+        g[0] += t.numel()
+        g[1] += t.numel() * sampled_bits_per_param(scheme, tuple(t.shape), round(sigmas, 6), hp.lzma_preset) / 8
+        g[2] += t.numel() if scheme.startswith("int") else 0
+    return [dict(name=group, scheme=scheme, params=params, bits_per_param=8 * nbytes / max(params, 1),
+                 bytes=round(nbytes), sdclip_params=int(sd)) for (group, scheme), (params, nbytes, sd) in groups.items()]
+
+
+def next_factor(factor: float, over_bytes: float, sdclip_params: int) -> float:
+    """The factor on the settings' SDClip k that removes over_bytes (negative: spends them): each doubling of
+    k saves one bit per weight (H(q) ~ b - log2 k + c), so factor x 2^(8 over_bytes / params), kept within
+    [1, FIT_MAX_SCALE]: never finer than the settings' k, never coarser than FIT_MAX_SCALE times it."""
+    return min(FIT_MAX_SCALE, max(1.0, factor * 2.0 ** (8.0 * over_bytes / max(sdclip_params, 1))))
+
+
+@dataclass
+class BudgetPlan:
+    spec: QuantSpec          # the spec training's late QAT and the export start from
+    factor: float            # the common factor on every k (1: the settings fit)
+    predicted_bytes: int     # model bytes predicted at `spec`
+    groups: list[dict]       # the planner's table at `spec`
+    floor_bytes: int         # model bytes predicted at the coarsest setting the fit can reach
+    sdclip_params: int       # parameters quantized on an SDClip grid (those a factor on k shrinks)
+
+
+PLANNER_TOLERANCE = 0.1      # the planner's stated error: within 10% on Gaussian and trained CPU weights (tests, README)
+
+
+def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
+    """Before training: the bytes the artifact will take at the configured k, the factor on k the budget
+    fit will need, and whether the run can fit at all. Refuses (PipelineError) when the code alone is over
+    the budget, or the coarsest setting the fit can reach is predicted over it by more than the planner's
+    tolerance."""
+    bytes_code = os.path.getsize(os.path.abspath(__file__))
+    budget = hp.artifact_budget_bytes
+    if bytes_code >= budget:
+        raise PipelineError(f"train_gpt.py alone is {bytes_code} bytes, over ARTIFACT_BUDGET_BYTES={budget}")
+    spec = QuantSpec.from_settings(hp)
+    table = plan_artifact(hp, spec)
+    predicted = sum(g["bytes"] for g in table)
+    sdclip = sum(g["sdclip_params"] for g in table)
+    factor = 1.0
+    for _ in range(FIT_ATTEMPTS):          # the -log2 k rule flattens at coarse steps: a few rounds
+        if predicted + bytes_code <= budget or factor >= FIT_MAX_SCALE:
+            break
+        factor = next_factor(factor, predicted + bytes_code - (budget - FIT_AIM_BYTES), sdclip)
+        spec = QuantSpec.from_settings(hp, factor)
+        table = plan_artifact(hp, spec)
+        predicted = sum(g["bytes"] for g in table)
+    lowest = precision_ladder(QuantSpec.from_settings(hp))[-1].coarser(FIT_MAX_SCALE)
+    floor = sum(g["bytes"] for g in plan_artifact(hp, lowest))
+    for g in table:
+        log(f"plan: {g['name']} {g['scheme']} params:{g['params']} bits/param:{g['bits_per_param']:.3f} bytes:{g['bytes']}")
+    total = predicted + bytes_code
+    verdict = "fits" if total <= budget else f"over by {total - budget} bytes"
+    log(f"plan: {spec.describe()} (k x {factor:.3f} of the settings): predicted model {predicted} + code {bytes_code} "
+        f"= {total} bytes of {budget}: {verdict}")
+    if (floor + bytes_code) * (1 - PLANNER_TOLERANCE) > budget:
+        raise PipelineError(f"ARTIFACT_BUDGET_BYTES={budget} cannot be met: even the coarsest quantization the budget "
+                            f"fit reaches ({lowest.describe()}) is predicted at {floor} model bytes + {bytes_code} code "
+                            f"= {floor + bytes_code} bytes, more than the planner's {PLANNER_TOLERANCE:.0%} error above "
+                            f"the budget; shrink the model or raise the budget")
+    return BudgetPlan(spec, factor, predicted, table, floor, sdclip)
+
+
+def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer, plan: BudgetPlan, config: dict,
+               log: RunLog, stages: "StageTimes") -> tuple[bytes | None, list[dict] | None, QuantSpec, list[str]]:
+    """Quantize and pack until code + model land under ARTIFACT_BUDGET_BYTES, within FIT_SLACK_BYTES of it
+    when k can still move: from the planned factor on the settings' k, each attempt moves every k by
+    next_factor (coarser when over, finer when far under, never finer than the settings); after
+    FIT_ATTEMPTS it keeps the fullest artifact that fitted, or, if none did, tries the next rung of
+    precision_ladder. Every rank takes part (GPTQ is split over them); rank 0 packs and decides.
+    Returns (blob, entries, spec, attempts), blob and entries on rank 0 only; raises PipelineError on
+    every rank, writing nothing, when nothing fits."""
+    bytes_code = os.path.getsize(os.path.abspath(__file__))
+    budget, tried, best = hp.artifact_budget_bytes, [], {}
+
+    def decide(entries: list[dict], spec: QuantSpec, factor: float):
+        """Rank 0: pack; "done", or the factor on the settings' k of the next attempt."""
+        with stages("pack"):
+            blob = pack_artifact(entries, hp.lzma_preset, dict(config, quant_bits=dict(spec.bits),
+                                                               quant_sigmas=dict(spec.sigmas)))
+        total = bytes_code + len(blob)
+        tried.append(f"{len(blob)} at {spec.describe()}")
+        log(f"Serialized model {spec.describe()} +lzma: {len(blob)} bytes; code {bytes_code} bytes; "
+            f"Total submission size: {total} bytes (budget {budget})")
+        if total <= budget and len(blob) > len(best.get("blob", b"")):
+            best.update(blob=blob, entries=entries, spec=spec)
+        if total <= budget and (budget - total <= FIT_SLACK_BYTES or factor <= 1.0):
+            return "done"
+        following = next_factor(factor, total - (budget - FIT_AIM_BYTES), plan.sdclip_params)
+        if abs(following - factor) < 1e-6:
+            return "done" if best else "next rung"
+        log(f"budget_fit: {'over' if total > budget else 'under'} by {abs(total - budget)} bytes; k x "
+            f"{following:.4f} of the settings")
+        return following
+
+    for rung in precision_ladder(plan.spec):
+        factor = plan.factor if rung == plan.spec else 1.0
+        spec = rung.coarser(1.0 / plan.factor).coarser(factor)          # the rung's bits at the settings' k x factor
+        for _ in range(FIT_ATTEMPTS):
+            with stages("gptq"):
+                entries = quantizer.quantize(spec)
+            decision = on_main(rt, lambda: decide(entries, spec, factor))
+            if decision in ("done", "next rung"):
+                break
+            spec, factor = spec.coarser(decision / factor), decision
+        if on_main(rt, lambda: bool(best)):
+            fitted = on_main(rt, lambda: best["spec"])
+            return best.get("blob"), best.get("entries"), fitted, tried
+    raise PipelineError(f"artifact over budget: code {bytes_code} + model > ARTIFACT_BUDGET_BYTES={budget} bytes at "
+                        f"every setting tried (model bytes: {'; '.join(on_main(rt, lambda: tried))})")
+
+
 # -----------------------------------------------------------------------------
 # EVALUATION
 # Windows of EVAL_SEQ_LEN inputs. The first window scores all its targets; each later window
@@ -1725,33 +2349,51 @@ def sliding_windows(n_tokens: int, window: int, stride: int, lo: int = 0, hi: in
 
     Input i predicts target i + 1. Returns (starts, score_from, score_to): window j covers
     inputs [starts[j], starts[j] + W) with W = min(window, n_tokens - 1) and scores the
-    targets of its offsets [score_from[j], score_to[j]).
+    targets of its offsets [score_from[j], score_to[j]). The first window scores up to
+    max(lo + stride, W); each later one the next stride inputs (the last one what is left).
     """
     n_inputs = n_tokens - 1
     hi = n_inputs if hi is None else hi
     w = min(window, n_inputs)
-    starts, score_from, score_to = [], [], []
-    covered = lo
-    while covered < hi:
-        end = min(hi, max(covered + stride, w) if covered == lo else covered + stride)
-        start = max(0, end - w)
-        starts.append(start)
-        score_from.append(covered - start)
-        score_to.append(end - start)
-        covered = end
-    return (np.array(starts, dtype=np.int64), np.array(score_from, dtype=np.int64),
-            np.array(score_to, dtype=np.int64))
+    if lo >= hi:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    first_end = min(hi, max(lo + stride, w))
+    ends = np.minimum(first_end + stride * np.arange(-(-(hi - first_end) // stride) + 1, dtype=np.int64), hi)
+    covered = np.concatenate(([lo], ends[:-1]))
+    starts = np.maximum(0, ends - w)
+    return starts, covered - starts, ends - starts
 
 
 def eval_flops(hp: Hyperparameters, n_tokens: int, window: int, stride: int) -> float:
-    """FLOPs to score a stream of n_tokens: a third of the training FLOPs per token (forward only)
-    for every window position, plus TTT_EPOCHS training passes over the stream when TTT is on."""
+    """FLOPs of the evaluation of a stream of n_tokens: a third of the training FLOPs per token (forward
+    only) for every window position of the final pass and of the plain pass that measures the quantization
+    gap, plus, with TTT, TTT_EPOCHS training steps over every chunk but the last."""
     w = min(window, n_tokens - 1)
     n_windows = len(sliding_windows(n_tokens, window, stride)[0])
-    flops = n_windows * w * flops_per_token(hp, w) / 3.0
+    plain = len(sliding_windows(n_tokens, hp.train_seq_len, hp.train_seq_len)[0]) * min(hp.train_seq_len, n_tokens - 1)
+    flops = n_windows * w * flops_per_token(hp, w) / 3.0 + plain * flops_per_token(hp, hp.train_seq_len) / 3.0
     if hp.ttt_enabled:
-        flops += hp.ttt_epochs * n_tokens * flops_per_token(hp, w)
+        chunks = -(-(n_tokens - 1) // hp.ttt_chunk_tokens)
+        flops += hp.ttt_epochs * (chunks - 1) * hp.ttt_chunk_tokens * flops_per_token(hp, w)
     return flops
+
+
+def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, n_tokens: int, window: int, stride: int) -> int:
+    """Windows per forward on each rank when scoring a stream of n_tokens: VAL_BATCH_SIZE tokens over all
+    ranks, but no more than a rank's share of the stream's windows. Every scoring forward of the stream has
+    exactly this many rows (short batches are padded), so a compiled model sees one shape per geometry."""
+    w = min(window, n_tokens - 1)
+    n_windows = len(sliding_windows(n_tokens, window, stride)[0])
+    return max(1, min(hp.val_batch_size // (rt.world_size * w), -(-n_windows // rt.world_size)))
+
+
+def to_device(a: np.ndarray, device: torch.device) -> Tensor:
+    """One host-to-device copy (pinned and asynchronous on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":  # CUDA-only: a pageable copy would make the host wait
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
 
 
 @dataclass
@@ -1761,12 +2403,57 @@ class EvalResult:
     val_tokens: int      # targets scored (stream length - 1)
     val_bytes: int
     eval_time_ms: float
-    nll: np.ndarray | None = None      # per-target NLL in stream order (rank 0, when collected)
-    ttt_events: list | None = None     # [(event, chunk, fingerprint before, after)] when TTT ran
+    nll: np.ndarray | None = None          # per-target NLL in stream order (rank 0, when collected)
+    evidence: "ScoringEvidence | None" = None   # what the evaluator did, for the audit (EVAL_AUDIT=1)
+
+
+class ScoringEvidence:
+    """What the evaluator did, recorded from the data it used (EVAL_AUDIT=1 only; it costs a little).
+
+    coverage[p]: how many times target position p was scored (this rank; summed over ranks by
+    finish()), taken from the very window table and mask that select the NLL summed for the score.
+    For every TTT update, the target positions it trained on, from the index tensor that built its
+    targets, are checked against the targets scored so far on any rank: C3 from data, not labels.
+    Weights are fingerprinted around every scoring call when TTT runs (scoring must not change them)."""
+
+    def __init__(self, n_tokens: int, rt: Runtime):
+        self.rt = rt
+        self.coverage = torch.zeros(n_tokens, dtype=torch.int32, device=rt.device)
+        self.updates = self.unscored_trained = 0
+        self.scoring_changed_weights = False
+
+    def scored(self, targets: Tensor) -> None:
+        self.coverage.index_add_(0, targets, torch.ones_like(targets, dtype=torch.int32))
+
+    def training_on(self, targets: Tensor) -> None:
+        """Before a TTT update: count its targets (this rank's) that no rank has scored yet."""
+        targets = targets.reshape(-1)
+        everyone = gather_tensors(self.rt, targets)
+        seen = self.coverage[everyone]
+        if self.rt.distributed:
+            dist.all_reduce(seen)
+        unscored = int((seen == 0).sum())              # the same on every rank
+        self.unscored_trained += unscored
+        self.updates += 1
+
+    def finish(self) -> Tensor:
+        """Coverage summed over ranks (every rank gets it)."""
+        if self.rt.distributed:
+            dist.all_reduce(self.coverage)
+        return self.coverage
+
+
+def gather_tensors(rt: Runtime, t: Tensor) -> Tensor:
+    """Every rank's t (same shape on every rank), concatenated in rank order."""
+    if not rt.distributed:
+        return t
+    out = [torch.empty_like(t) for _ in range(rt.world_size)]
+    dist.all_gather(out, t)
+    return torch.cat(out)
 
 
 def weights_fingerprint(model: nn.Module) -> float:
-    """A float64 digest of all weights: changes whenever any weight changes (for the C3 audit)."""
+    """A float64 digest of all weights: changes whenever any weight changes (audit only: host syncs)."""
     with torch.no_grad():
         return float(sum((p.double() * (1.0 + i % 7)).sum().item() + p.double().abs().sum().item()
                          for i, p in enumerate(model.parameters())))
@@ -1780,101 +2467,139 @@ def ttt_schedule(n_chunks: int):
             yield "train", k
 
 
-class TestTimeTrainer:
-    """SGD on the last TTT_LAST_N blocks (the rest frozen), one chunk of scored tokens at a time.
+def ttt_seqs_per_rank(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
+    """Whole sequences of seq_len inputs each rank trains on per chunk (a chunk's sequences dealt out)."""
+    return hp.ttt_chunk_tokens // seq_len // rt.world_size
 
-    Every rank takes an equal share of the chunk's sequences; gradients are averaged over ranks
-    so the weights stay identical everywhere.
-    """
+
+class TestTimeTrainer:
+    """Score-first TTT (records 04-06 and 04-09): after a chunk is scored, TTT_EPOCHS steps of SGD with
+    momentum on it, every parameter trained (TTT_LAST_N=0) or the last TTT_LAST_N blocks only; the
+    learning rate decays over the chunks (cosine from TTT_LR to 0 at the last chunk, or constant);
+    gradients averaged over ranks (one all-reduce) and clipped to TTT_GRAD_CLIP. The optimizer, and so
+    its momentum, lives across chunks. Each rank trains on its own whole sequences of the chunk, all
+    of them in one forward (one shape for a compiled model)."""
 
     def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, seq_len: int):
         self.hp, self.rt, self.run_model, self.seq_len = hp, rt, run_model, seq_len
-        trainable = {id(p) for block in model.blocks[-hp.ttt_last_n:] for p in block.parameters()}
+        self.n_seq = ttt_seqs_per_rank(hp, rt, seq_len)
+        if self.n_seq == 0:
+            raise PipelineError(f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} holds fewer than one sequence of {seq_len} "
+                                f"tokens per rank ({rt.world_size} ranks): raise it")
+        blocks = model.blocks[-hp.ttt_last_n:] if hp.ttt_last_n else [model]
+        trainable = {id(p) for block in blocks for p in block.parameters()}
         self.params = [p for p in model.parameters() if id(p) in trainable]
         for p in model.parameters():
             p.requires_grad_(id(p) in trainable)
         self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
 
-    def adapt(self, chunk: Tensor) -> None:
-        """Train on chunk = tokens[a : b + 1] (inputs a..b-1, targets a+1..b, all already scored)."""
-        n_seq = (chunk.numel() - 1) // self.seq_len // self.rt.world_size
-        if n_seq == 0:
+    def lr(self, k: int, n_chunks: int) -> float:
+        if self.hp.ttt_lr_schedule == "cosine":
+            return self.hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * k / max(1, n_chunks - 1)))
+        return self.hp.ttt_lr
+
+    def adapt(self, tokens: Tensor, a: int, k: int, n_chunks: int, evidence: ScoringEvidence | None) -> None:
+        """Train on chunk k, whose inputs start at stream position a: this rank's n_seq whole sequences
+        of it (targets a + 1 ... at most a + TTT_CHUNK_TOKENS, all already scored)."""
+        n_seq = min(self.n_seq, (tokens.numel() - 1 - a) // (self.seq_len * self.rt.world_size))
+        if n_seq <= 0:                 # only a chunk past the stream's end (the schedule never trains on one)
             return
-        mine = chunk[self.rt.rank * n_seq * self.seq_len:][:n_seq * self.seq_len + 1]
-        x, y = mine[:-1].view(n_seq, self.seq_len), mine[1:].view(n_seq, self.seq_len)
-        batch = max(1, self.hp.val_batch_size // (self.rt.world_size * self.seq_len))
+        rows = self.rt.rank * n_seq + torch.arange(n_seq, device=tokens.device)
+        inputs = a + rows[:, None] * self.seq_len + torch.arange(self.seq_len, device=tokens.device)[None, :]
+        x, y = tokens[inputs], tokens[inputs + 1]
+        if evidence is not None:
+            evidence.training_on(inputs + 1)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr(k, n_chunks)
         self.run_model.train()
         for _ in range(self.hp.ttt_epochs):
-            for b in range(0, n_seq, batch):
-                with autocast(self.rt):
-                    loss = self.run_model(x[b:b + batch], y[b:b + batch]).mean()
-                loss.backward()
-                for p in self.params:
-                    if self.rt.distributed:
-                        dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
-                self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+            with autocast(self.rt):
+                loss = self.run_model(x, y).mean()
+            loss.backward()
+            if self.rt.distributed:
+                grads = [p.grad for p in self.params]
+                flat = torch._utils._flatten_dense_tensors(grads)
+                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+                for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                    g.copy_(avg)
+            if self.hp.ttt_grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
         self.run_model.eval()
 
 
 @torch.no_grad()
 def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: Tensor, starts: np.ndarray,
-                  score_from: np.ndarray, score_to: np.ndarray, w: int, collect: bool) -> tuple[Tensor, Tensor, list]:
-    """This rank's share of the windows: (NLL sum float64, targets scored, per-target NLL pieces)."""
+                  score_from: np.ndarray, score_to: np.ndarray, w: int, batch: int, collect: bool,
+                  evidence: ScoringEvidence | None = None) -> tuple[Tensor, Tensor, list]:
+    """This rank's share of the windows: (NLL sum float64, targets scored, per-target NLL pieces).
+
+    The share is padded to whole batches of `batch` windows (eval_batch_seqs) with windows that score
+    nothing, and its window table is copied to the device once: the loop issues no host-device copy."""
     lo, hi = rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size
-    batch = max(1, min(hp.val_batch_size // (rt.world_size * w), hi - lo))
+    padded = -(-(hi - lo) // batch) * batch
+    table = np.zeros((3, padded), dtype=np.int64)
+    table[1:, :] = w                                      # padding windows score the empty range [w, w)
+    table[:, :hi - lo] = starts[lo:hi], score_from[lo:hi], score_to[lo:hi]
+    s, first, last = to_device(table, rt.device)
     offsets = torch.arange(w + 1, device=rt.device)
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
     pieces = []
-    for b in range(lo, hi, batch):
-        real = np.arange(b, b + batch) < hi
-        idx = np.arange(b, b + batch).clip(max=hi - 1)      # pad the last batch: fixed shapes
-        s = torch.from_numpy(starts[idx]).to(rt.device)
-        first = torch.from_numpy(np.where(real, score_from[idx], w)).to(rt.device)
-        last = torch.from_numpy(np.where(real, score_to[idx], w)).to(rt.device)
-        seq = tokens[s[:, None] + offsets[None, :]]
-        with autocast(rt):
-            nll = run_model(seq[:, :-1], seq[:, 1:])
-        mask = (offsets[None, :w] >= first[:, None]) & (offsets[None, :w] < last[:, None])
+    for b in range(0, padded, batch):
+        positions = s[b:b + batch, None] + offsets[None, :]
+        seq = tokens[positions]
+        with autocast(rt):       # contiguous inputs and targets, as everywhere: one stride for dynamo's guards
+            nll = run_model(seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
+        mask = (offsets[None, :w] >= first[b:b + batch, None]) & (offsets[None, :w] < last[b:b + batch, None])
         nll_sum += (nll.double() * mask).sum()
         scored += mask.sum()
+        if evidence is not None:
+            evidence.scored(positions[:, 1:][mask])
         if collect:
             pieces.append(nll.double()[mask].cpu())
     return nll_sum, scored, pieces
 
 
 def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, tables,
-             window: int, stride: int, ttt: TestTimeTrainer | None = None, collect: bool = False) -> EvalResult:
+             window: int, stride: int, ttt: TestTimeTrainer | None = None, collect: bool = False,
+             audit: bool = False) -> EvalResult:
     """Score every target of `tokens` once (see the section comment). All ranks return the same
-    sums; with collect=True rank 0 also gets the per-target NLL in stream order."""
+    sums; with collect=True rank 0 also gets the per-target NLL in stream order; with audit=True the
+    result carries the ScoringEvidence."""
     t_start = time.perf_counter()
     run_model.eval()
     n_inputs = tokens.size - 1
     w = min(window, n_inputs)
     chunk = hp.ttt_chunk_tokens if ttt is not None else n_inputs
     bounds = [(a, min(a + chunk, n_inputs)) for a in range(0, n_inputs, chunk)]
-    all_tokens = torch.from_numpy(tokens).to(rt.device)
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
+    all_tokens = to_device(tokens, rt.device)
+    evidence = ScoringEvidence(tokens.size, rt) if audit else None
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
-    per_target, events = [], []
+    per_target = []
     for event, k in ttt_schedule(len(bounds)):
         a, b = bounds[k]
-        before = weights_fingerprint(run_model) if ttt is not None else None
         if event == "train":
-            ttt.adapt(all_tokens[a:b + 1])
-        else:
-            windows = sliding_windows(tokens.size, window, stride, a, b)
-            part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, collect)
-            nll_sum += part_sum
-            scored += part_scored
-            if collect:
-                per_target.extend(gather(rt, torch.cat(pieces).numpy() if pieces else np.zeros(0)))
-        if ttt is not None:
-            events.append((event, k, before, weights_fingerprint(run_model)))
+            ttt.adapt(all_tokens, a, k, len(bounds), evidence)
+            continue
+        before = weights_fingerprint(run_model) if evidence is not None and ttt is not None else None
+        windows = sliding_windows(tokens.size, window, stride, a, b)
+        part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
+                                                      evidence)
+        nll_sum += part_sum
+        scored += part_scored
+        if collect:
+            per_target.extend(gather(rt, torch.cat(pieces).numpy() if pieces else np.zeros(0)))
+        if before is not None:
+            evidence.scoring_changed_weights |= weights_fingerprint(run_model) != before
     if rt.distributed:
         dist.all_reduce(nll_sum)
         dist.all_reduce(scored)
+    if evidence is not None:
+        evidence.finish()
     run_model.train()
     if int(scored.item()) != n_inputs:
         raise RuntimeError(f"evaluation scored {int(scored.item())} targets, expected {n_inputs}")
@@ -1884,95 +2609,142 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
     loss = nll_sum.item() / n_inputs
     bpb = nll_sum.item() / (math.log(2) * total_bytes)
     return EvalResult(loss, bpb, n_inputs, total_bytes, 1e3 * (time.perf_counter() - t_start),
-                      np.concatenate(per_target) if collect else None, events if ttt is not None else None)
+                      np.concatenate(per_target) if collect else None, evidence)
 
 
 # -----------------------------------------------------------------------------
 # SELF-AUDIT (EVAL_AUDIT=1)
 # Checks, on the weights being scored, the four rules of ../shared/RULES.md "What evaluation
-# may do": C1 causal, C2 normalized, C3 score before update, C4 one pass. Each check works on
-# the model's own forward (the function the evaluator calls), not on its internals.
+# may do": C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 and C2 run the
+# evaluator's own forward (same batch shape) on several windows of the schedule, the first, a middle
+# one and the last, every position of each (the scored tail included); C3 and C4 read the
+# ScoringEvidence the evaluator recorded from the data it used.
 # -----------------------------------------------------------------------------
 
 CAUSALITY_TOLERANCE = 1e-4       # max |delta NLL| of earlier targets when later tokens change
 NORMALIZATION_TOLERANCE = 1e-4   # max |sum_v p(v) - 1|
 
 
+def audit_windows(tokens: np.ndarray, window: int, stride: int) -> list[int]:
+    """Start positions of the windows the audit checks: the schedule's first, middle and last."""
+    starts = sliding_windows(tokens.size, window, stride)[0]
+    return sorted({int(starts[0]), int(starts[len(starts) // 2]), int(starts[-1])})
+
+
 @torch.no_grad()
-def audit_causality(rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int, seed: int) -> dict:
-    """C1: the NLL at every position before a cut is unchanged when every input and every target
-    from the cut on is replaced by a different random token. Inputs and targets are replaced
+def forward_rows(rt: Runtime, run_model: nn.Module, x: Tensor, y: Tensor, batch: int) -> Tensor:
+    """NLL (float64) of rows of inputs x and targets y (N, w), in batches of the evaluator's shape."""
+    out = []
+    for b in range(0, x.size(0), batch):
+        xb, yb = x[b:b + batch], y[b:b + batch]
+        pad = batch - xb.size(0)
+        with autocast(rt):
+            nll = run_model(F.pad(xb, (0, 0, 0, pad)), F.pad(yb, (0, 0, 0, pad)))
+        out.append(nll[:batch - pad].double())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
+                    stride: int) -> dict:
+    """C1: in each audited window, the NLL at every position before a cut is unchanged when every input
+    and every target from the cut on is replaced by a different random token; cuts at a quarter, a half,
+    inside the last stride (the scored tail) and at the last position. Inputs and targets are replaced
     independently, so a model that reads position t's own target through input t + 1 fails too."""
     w = min(window, tokens.size - 1)
-    seq = torch.from_numpy(tokens[:w + 1]).to(rt.device)[None]
-    x, y = seq[:, :-1], seq[:, 1:]
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(hp.seed)
     vocab = max(2, int(tokens.max()) + 1)
+    cuts = sorted({max(1, w // 4), max(1, w // 2), max(1, w - max(1, min(stride, w) // 2)), max(1, w - 1)})
+    xs, ys = [], []
+    for start in audit_windows(tokens, window, stride):
+        seq = torch.from_numpy(tokens[start:start + w + 1])
+        xs.append(seq[:-1])
+        ys.append(seq[1:])
+        for cut in cuts:
+            x2, y2 = seq[:-1].clone(), seq[1:].clone()
+            for t in (x2, y2):        # shift by 1..vocab-1 (mod vocab): every replaced token differs
+                t[cut:] = (t[cut:] + torch.randint(1, vocab, (w - cut,), generator=gen)) % vocab
+            xs.append(x2)
+            ys.append(y2)
     run_model.eval()
-    with autocast(rt):
-        base = run_model(x, y).float()
-    worst = 0.0
-    for cut in sorted({max(1, w // 4), max(1, w // 2), max(1, w - 1)}):
-        x2, y2 = x.clone(), y.clone()
-        for t in (x2, y2):        # shift by 1..vocab-1 (mod vocab): every replaced token differs
-            t[0, cut:] = (t[0, cut:] + torch.randint(1, vocab, (w - cut,), generator=gen).to(rt.device)) % vocab
-        with autocast(rt):
-            other = run_model(x2, y2).float()
-        worst = max(worst, (base[0, :cut] - other[0, :cut]).abs().max().item())
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
+    nll = forward_rows(rt, run_model, torch.stack(xs).to(rt.device), torch.stack(ys).to(rt.device), batch)
     run_model.train()
-    return dict(causality_ok=worst <= CAUSALITY_TOLERANCE, causality_max_abs_dnll=worst)
+    worst, per = 0.0, 1 + len(cuts)
+    for i in range(0, nll.size(0), per):
+        for j, cut in enumerate(cuts):
+            worst = max(worst, (nll[i, :cut] - nll[i + 1 + j, :cut]).abs().max().item())
+    return dict(causality_ok=worst <= CAUSALITY_TOLERANCE, causality_max_abs_dnll=worst,
+                causality_windows=len(nll) // per, causality_cuts=cuts)
 
 
 @torch.no_grad()
-def audit_normalization(rt: Runtime, run_model: nn.Module, tokens: np.ndarray, vocab_size: int,
-                        positions: int = 16) -> dict:
-    """C2: exp(-NLL) the evaluator's forward gives each of the vocab_size possible next tokens
-    sums to 1 at each of the first `positions` positions."""
-    p = min(positions, tokens.size - 1)
-    x = torch.from_numpy(tokens[:p]).to(rt.device)[None]
-    total = torch.zeros(p, dtype=torch.float64, device=rt.device)
+def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
+                        stride: int, vocab_size: int) -> dict:
+    """C2: in each audited window, exp(-NLL) the evaluator's forward gives each of the vocab_size possible
+    next tokens sums to 1 at every position (the scored tail included). Candidate tokens are dealt out to
+    the ranks in batches of the evaluator's shape; the sums are added up over ranks."""
+    w = min(window, tokens.size - 1)
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
+    worst, n_windows = 0.0, 0
     run_model.eval()
-    for v0 in range(0, vocab_size, 512):                 # 512 candidate next tokens per forward
-        y = torch.arange(v0, min(v0 + 512, vocab_size), device=rt.device)[:, None].expand(-1, p)
-        with autocast(rt):
-            nll = run_model(x.expand(y.size(0), p).contiguous(), y.contiguous()).double()
-        total += torch.exp(-nll).sum(dim=0)
+    for start in audit_windows(tokens, window, stride):
+        x = torch.from_numpy(tokens[start:start + w]).to(rt.device)[None]
+        total = torch.zeros(w, dtype=torch.float64, device=rt.device)
+        for i, v0 in enumerate(range(0, vocab_size, batch)):
+            if i % rt.world_size != rt.rank:
+                continue
+            v = torch.arange(v0, min(v0 + batch, vocab_size), device=rt.device)
+            nll = forward_rows(rt, run_model, x.expand(v.numel(), w), v[:, None].expand(-1, w), batch)
+            total += torch.exp(-nll).sum(dim=0)
+        if rt.distributed:
+            dist.all_reduce(total)
+        worst = max(worst, (total - 1.0).abs().max().item())
+        n_windows += 1
     run_model.train()
-    worst = (total - 1.0).abs().max().item()
-    return dict(normalization_ok=worst <= NORMALIZATION_TOLERANCE, normalization_max_abs_dev=worst)
+    return dict(normalization_ok=worst <= NORMALIZATION_TOLERANCE, normalization_max_abs_dev=worst,
+                normalization_windows=n_windows)
 
 
-def audit_score_before_update(events: list | None) -> dict:
-    """C3 from the events TTT recorded, (event, chunk, fingerprint before, fingerprint after):
-    scoring never changes the weights, no chunk is scored after training on it or on a later
-    chunk, and no chunk is trained on before it was scored."""
-    if events is None:
-        return dict(score_before_update_ok=True, ttt_chunks=0)
-    ok, scored, trained = True, set(), set()
-    for event, k, before, after in events:
-        if event == "score":
-            ok &= before == after and not any(c >= k for c in trained)
-            scored.add(k)
-        else:
-            ok &= k in scored
-            trained.add(k)
-    return dict(score_before_update_ok=bool(ok), ttt_chunks=len(scored))
+def audit_score_before_update(evidence: ScoringEvidence, ttt_on: bool) -> dict:
+    """C3 from the evidence: no TTT update trained on a target no rank had scored yet, and scoring never
+    changed the weights."""
+    ok = evidence.unscored_trained == 0 and not evidence.scoring_changed_weights
+    return dict(score_before_update_ok=bool(ok), ttt_updates=evidence.updates if ttt_on else 0,
+                ttt_unscored_targets_trained=evidence.unscored_trained,
+                scoring_changed_weights=evidence.scoring_changed_weights)
+
+
+def audit_one_pass(evidence: ScoringEvidence) -> dict:
+    """C4 from the coverage count summed over ranks: every target position 1 .. T-1 scored exactly
+    once, position 0 (never a target) not at all."""
+    coverage = evidence.coverage
+    counts = torch.bincount(coverage[1:].long().clamp(max=2), minlength=3).tolist()
+    ok = int(coverage[0]) == 0 and counts[0] == 0 and counts[2] == 0
+    return dict(one_pass_ok=bool(ok), targets_scored_once=counts[1], targets_never_scored=counts[0],
+                targets_scored_twice_or_more=counts[2], targets_expected=int(coverage.numel() - 1))
 
 
 # -----------------------------------------------------------------------------
 # PIPELINE
-# main() reads as the pipeline, one call per stage. Rank 0 alone writes files; every rank
-# loads the written artifact back and scores it.
+# run_pipeline() reads as the pipeline, one call per stage. Rank 0 alone writes files; every rank
+# takes part in calibration and GPTQ, loads the written artifact back and scores it. Evaluation time
+# runs from the artifact's load to the final score, every pass in between counted.
 # -----------------------------------------------------------------------------
 
 def on_main(rt: Runtime, fn):
-    """Run fn() on rank 0 and hand its result to every rank; a PipelineError there is raised on all."""
+    """Run fn() on rank 0 and hand its result to every rank. Whatever fn raises there is raised on every
+    rank as a PipelineError (anything but a PipelineError after its traceback is printed), so no rank is
+    left waiting in a collective for a rank 0 that has failed."""
     box = [None, None]
     if rt.is_main:
         try:
             box[0] = fn()
         except PipelineError as e:
             box[1] = str(e)
+        except Exception as e:
+            traceback.print_exc()
+            box[1] = f"internal error on rank 0: {type(e).__name__}: {e}"
     if rt.distributed:
         dist.broadcast_object_list(box, src=0, group=rt.control_group)
     if box[1] is not None:
@@ -1989,62 +2761,41 @@ def gather(rt: Runtime, value) -> list:
     return out
 
 
+class StageTimes:
+    """Wall time of each stage of the run in ms (summary `stage_ms`), the device synchronised at both
+    ends of a stage so its work is counted in it. A stage entered twice adds up."""
+
+    def __init__(self, rt: Runtime):
+        self.rt, self.ms = rt, {}
+
+    def sync(self) -> None:
+        if self.rt.device.type == "cuda":  # CUDA-only
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self.sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.sync()
+            self.ms[name] = self.ms.get(name, 0.0) + 1e3 * (time.perf_counter() - start)
+
+
 def log_eval(log: RunLog, label: str, r: EvalResult) -> None:
     log(f"{label} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} eval_time:{r.eval_time_ms:.0f}ms "
         f"val_tokens:{r.val_tokens} val_bytes:{r.val_bytes} tok/s:{r.val_tokens / max(r.eval_time_ms, 1e-9) * 1e3:.0f}")
 
 
-def export_artifact(hp: Hyperparameters, model: GPT, path: str, log: RunLog,
-                    hessians: dict[str, Tensor] | None = None) -> dict:
-    """Quantize, pack and write the artifact (rank 0). Budget fix, until code + model fit
-    ARTIFACT_BUDGET_BYTES: at each rung of precision_ladder(), prune the cheapest +-1 integer values
-    (PRUNE_FRACTIONS in turn), then go down a rung. Returns the summary's artifact keys and its
-    `quant` record (groups with their bytes, bits per parameter, values pruned).
-
-    Raises PipelineError, writing nothing, when nothing fits.
-    """
-    config = {name: hp.values[name] for name in ARCH_SETTINGS}
-    config["recurrence_on"] = model.recurrence_on          # the exported network, as trained
-    config["ternary_patterns"] = hp.ternary_patterns
-    bytes_code = os.path.getsize(os.path.abspath(__file__))
-    budget = hp.artifact_budget_bytes
-    state, tried, ternary = model.state_dict(), [], ternary_patterns(hp)
-    fitted = None
-    for rung, bits in enumerate(precision_ladder(hp.quant_matrix_bits)):
-        config["quant_bits"] = bits
-        entries = quantize_state_dict(state, bits, ternary, hessians, hp.lzma_preset, bool(hp.ternary_hadamard))
-        for fraction in (0.0, *PRUNE_FRACTIONS):
-            candidate, pruned = prune_cheapest(entries, fraction, hessians) if fraction else (entries, 0)
-            blob = pack_artifact(candidate, hp.lzma_preset, config)
-            total = bytes_code + len(blob)
-            tried.append(f"{len(blob)} at {bits} with {pruned} pruned")
-            log(f"Serialized model int{bits['other']}/mlp-int{bits['mlp']}+lzma: {len(blob)} bytes; code {bytes_code} bytes; "
-                f"Total submission size: {total} bytes (budget {budget})" + (f" after pruning {pruned} values" if pruned else ""))
-            if total <= budget:
-                fitted = candidate
-                break
-            log(f"budget_fit: over budget by {total - budget} bytes; "
-                + ("pruning the cheapest +-1 values" if fraction != PRUNE_FRACTIONS[-1] else "stepping precision down"))
-        if fitted is not None:
-            break
-    else:
-        raise PipelineError(f"artifact over budget: code {bytes_code} + model {len(blob)} = {total} bytes "
-                            f"> ARTIFACT_BUDGET_BYTES={budget} (model bytes tried: {'; '.join(tried)})")
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    try:
-        with open(path, "xb") as f:
-            f.write(blob)
-    except FileExistsError:
-        raise PipelineError(f"{path} already exists; choose another RUN_ID") from None
-    n_params = sum(int(np.prod(e["shape"])) for e in fitted)
-    quant = dict(groups=group_bytes(fitted, hp.lzma_preset), bits_per_param=8 * len(blob) / max(n_params, 1),
-                 pruned=pruned, bits=bits)
-    return dict(bytes_model=len(blob), bytes_code=bytes_code, bytes_total=total, artifact_path=path,
-                artifact_sha256=hashlib.sha256(blob).hexdigest(), quant_budget_fit_steps=len(tried) - 1, quant=quant)
+def scheme_label(bits: dict, ternary: str) -> str:
+    """final_<label>_roundtrip: e.g. int6_emb7_lzma, int6_mlp5_emb7_lzma, int6_emb7_ternary_lzma."""
+    label = f"int{bits['attn']}" + (f"_mlp{bits['mlp']}" if bits["mlp"] != bits["attn"] else "") + f"_emb{bits['embed']}"
+    return label + ("_ternary_lzma" if ternary else "_lzma")
 
 
 def scheme_family(scheme: str) -> str:
-    """A stored ternary layout's scheme (ternary_h_base3 -> ternary_h); other schemes unchanged."""
+    """A stored ternary layout's scheme (ternary_base3 -> ternary); other schemes unchanged."""
     return scheme.rsplit("_", 1)[0] if scheme.endswith(("_base3", "_mask")) else scheme
 
 
@@ -2060,50 +2811,42 @@ def group_bytes(entries: list[dict], preset: int) -> list[dict]:
             for (g, scheme), members in groups.items()]
 
 
-PLANNER_SAMPLE_VALUES = 262_144     # size of the Gaussian sample each scheme's bits per parameter is measured on
+def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, path: str, plan: BudgetPlan,
+                    hessians: dict[str, Tensor] | None, log: RunLog, stages: StageTimes) -> dict:
+    """Quantize (every rank), fit the budget, write the artifact (rank 0; never over an existing file).
+    Returns the summary's artifact keys and its `quant` record on every rank."""
+    config = {name: hp.values[name] for name in ARCH_SETTINGS}
+    config.update(recurrence_on=model.recurrence_on, ternary_patterns=hp.ternary_patterns)
+    quantizer = DistributedQuantizer(hp, rt, model.state_dict(), hessians)
+    blob, entries, spec, tried = fit_budget(hp, rt, quantizer, plan, config, log, stages)
 
+    def write() -> dict:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        try:
+            with open(path, "xb") as f:
+                f.write(blob)
+        except FileExistsError:
+            raise PipelineError(f"{path} already exists; choose another RUN_ID") from None
+        bytes_code = os.path.getsize(os.path.abspath(__file__))
+        n_params = sum(int(np.prod(e["shape"])) for e in entries)
+        with stages("report"):
+            groups = group_bytes(entries, hp.lzma_preset)
+        predicted = {(g["name"], g["scheme"]): g["bytes"] for g in plan.groups}
+        for g in groups:
+            g["predicted_bytes"] = predicted.get((g["name"], g["scheme"]))
+            log(f"plan_vs_actual: {g['name']} {g['scheme']} predicted:{g['predicted_bytes']} actual:{g['bytes']} "
+                f"bits/param:{8 * g['bytes'] / g['params']:.3f} (compressed alone)")
+        log(f"plan_vs_actual: model predicted:{plan.predicted_bytes} actual:{len(blob)} "
+            f"ratio:{len(blob) / max(plan.predicted_bytes, 1):.3f}")
+        lqer = [e["name"] for e in entries if "lqer_a" in e["parts"]]
+        quant = dict(groups=groups, bits_per_param=8 * len(blob) / max(n_params, 1), bits=dict(spec.bits),
+                     sigmas=dict(spec.sigmas), fit_factor=spec.sigmas_of("mlp") / hp.quant_clip_sigmas_mlp,
+                     planned_fit_factor=plan.factor, attempts=len(tried), lqer_tensors=lqer,
+                     predicted_bytes_model=plan.predicted_bytes)
+        return dict(bytes_model=len(blob), bytes_code=bytes_code, bytes_total=bytes_code + len(blob), artifact_path=path,
+                    artifact_sha256=hashlib.sha256(blob).hexdigest(), quant=quant)
 
-@functools.lru_cache(maxsize=None)
-def sampled_bits_per_param(scheme: str, shape: tuple[int, ...], preset: int) -> float:
-    """Bits per parameter of `scheme` after lzma, measured on a seeded Gaussian matrix with the
-    tensor's row length (a row's max |w|, hence its scale, depends on it), at most
-    PLANNER_SAMPLE_VALUES values."""
-    cols = shape[-1] if len(shape) == 2 else 1024
-    rows = max(1, min(shape[0] if len(shape) == 2 else 256, PLANNER_SAMPLE_VALUES // cols))
-    w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
-    _, parts = quantize_tensor(w, scheme, None, preset)
-    return 8 * lzma_size(list(parts.values()), preset) / w.numel()
-
-
-def plan_artifact(hp: Hyperparameters) -> list[dict]:
-    """Predicted artifact bytes per (weight_group, scheme) for the configured shape, before training:
-    params x sampled_bits_per_param / 8. Builds the model on the meta device (no memory, no time)."""
-    with torch.device("meta"):
-        state = GPT(hp).state_dict()
-    bits = dict(mlp=hp.quant_matrix_bits, other=hp.quant_matrix_bits)
-    groups: dict[tuple[str, str], list[float]] = {}
-    for name, t in state.items():
-        scheme = choose_scheme(name, t, bits, ternary_patterns(hp), bool(hp.ternary_hadamard))
-        if scheme == "ternary_h" and t.shape[1] % TERNARY_GROUP:
-            raise PipelineError(f"TERNARY_HADAMARD=1: {name} has {t.shape[1]} inputs, not a multiple of the "
-                                f"Hadamard block {TERNARY_GROUP}; drop it from TERNARY_PATTERNS or set TERNARY_HADAMARD=0")
-        g = groups.setdefault((weight_group(name), scheme), [0, 0.0])
-        g[0] += t.numel()
-        g[1] += t.numel() * sampled_bits_per_param(scheme, tuple(t.shape), hp.lzma_preset) / 8
-    return [dict(name=group, scheme=scheme, params=params, bits_per_param=8 * nbytes / max(params, 1), bytes=round(nbytes))
-            for (group, scheme), (params, nbytes) in groups.items()]
-
-
-def log_plan(hp: Hyperparameters, plan: list[dict], log: RunLog) -> int:
-    """Log the planner's table and whether it fits; returns the predicted model bytes."""
-    bytes_code = os.path.getsize(os.path.abspath(__file__))
-    predicted = sum(g["bytes"] for g in plan)
-    for g in plan:
-        log(f"plan: {g['name']} {g['scheme']} params:{g['params']} bits/param:{g['bits_per_param']:.3f} bytes:{g['bytes']}")
-    total = predicted + bytes_code
-    verdict = "fits" if total <= hp.artifact_budget_bytes else f"over by {total - hp.artifact_budget_bytes} bytes"
-    log(f"plan: predicted model {predicted} + code {bytes_code} = {total} bytes of {hp.artifact_budget_bytes}: {verdict}")
-    return predicted
+    return on_main(rt, write)
 
 
 def read_artifact(path: str) -> tuple[bytes, dict[str, Tensor], dict]:
@@ -2179,13 +2922,24 @@ def main() -> None:
     log = opened.get("log") or RunLog(rt, run_id)   # ranks other than 0 get a silent log
     try:
         run_pipeline(hp, rt, run_id, warnings, log)
+    except Exception as e:
+        log(f"error: {type(e).__name__}: {e}", console=False)
+        raise
     finally:
         log.close()
 
 
+def training_deadline_ms(hp: Hyperparameters) -> float:
+    """The last moment training data may be read, on the training clock: the run's own cap or the
+    challenge's 600 s, whichever comes first."""
+    cap = hp.max_wallclock_seconds or CHALLENGE_TRAIN_SECONDS
+    return 1e3 * min(cap, CHALLENGE_TRAIN_SECONDS)
+
+
 def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, run_model: nn.Module,
-                     val_tokens: np.ndarray, tables, log: RunLog) -> dict:
-    """Train, score the trained weights, write the artifact. Returns the summary's training keys."""
+                     val_tokens: np.ndarray, tables, plan: BudgetPlan, log: RunLog, stages: StageTimes) -> dict:
+    """Train, calibrate, score the trained weights (a diagnostic), write the artifact. Returns the
+    summary's training and artifact keys."""
     stream = TokenStream(find_shards(hp.data_path, "train"), hp.vocab_size)
     accum = grad_accum_steps(hp, rt.world_size)
     loader = DistributedTokenLoader(stream, hp.train_batch_tokens, hp.train_seq_len, rt.world_size, accum,
@@ -2198,67 +2952,61 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
         log(f"step:{step}/{hp.iterations} val_loss:{r.val_loss:.4f} val_bpb:{r.val_bpb:.4f} "
             f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
-    result = train(hp, rt, model, run_model, loader, log, validate)
-    if rt.device.type == "cuda":  # CUDA-only
-        log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB")
-    # rank 0 alone calibrates and exports (the Hessians never leave it)
-    hessians, calibration_end_ms = calibrate(hp, rt, model, stream, result, log) if rt.is_main else (None, None)
-    calibration_end_ms = on_main(rt, lambda: calibration_end_ms)
+    t_train = time.perf_counter()
+    result = train(hp, rt, model, run_model, loader, log, validate, plan.spec, val_tokens.size)
+    stages.ms["compile"] = result.compile_ms
+    stages.ms["train"] = 1e3 * (time.perf_counter() - t_train) - result.compile_ms
+    peak = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else None  # CUDA-only
+    if peak is not None:
+        log(f"peak memory allocated: {peak} MiB")
+    with stages("calibration"):
+        hessians, calibration_end_ms = calibrate(hp, rt, model, stream, result.clock, log)
     last_read_ms = result.train_data_last_read_ms
     if hp.gptq_calibration == "train":
         last_read_ms = max(last_read_ms, calibration_end_ms)
-    with qat_paused(model):      # pre-quant: the float (EMA) weights, not their fake-quantized values
-        pre = evaluate(hp, rt, run_model, val_tokens, tables, *eval_geometry(hp))
-    log_eval(log, "pre_quant", pre)
-    artifact_path = os.path.join("artifacts", f"{run_id}.pgolf.xz")
-    artifact = on_main(rt, lambda: export_artifact(hp, model, artifact_path, log, hessians))
-    if rt.distributed:
-        dist.barrier()
+    with stages("pre_quant_eval"), qat_paused(model):   # the float (EMA) weights, plain windows: a diagnostic
+        pre = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
+    log_eval(log, "pre_quant (plain windows)", pre)
+    artifact = export_artifact(hp, rt, model, os.path.join("artifacts", f"{run_id}.pgolf.xz"), plan, hessians,
+                               log, stages)
     artifact["quant"].update(calibration=hp.gptq_calibration, calibration_end_ms=calibration_end_ms,
                              late_qat_step=result.late_qat_step, ternary_qat_step=result.ternary_qat_step)
-    cap_ms = 1e3 * hp.max_wallclock_seconds
+    deadline_ms = training_deadline_ms(hp)
     return dict(
         steps=result.steps, train_time_ms=result.train_time_ms,
         step_avg_ms=result.train_time_ms / max(result.steps, 1),
         tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9), stopped_early=result.stopped_early,
         pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb, **artifact,
-        train_data_last_read_ms=last_read_ms, train_deadline_ms=cap_ms or None,
-        train_data_read_after_deadline=bool(cap_ms and last_read_ms > cap_ms))
+        train_data_last_read_ms=last_read_ms, train_deadline_ms=deadline_ms,
+        train_data_read_after_deadline=bool(last_read_ms > deadline_ms), peak_memory_mib=peak,
+        compile=dict(graphs_in_warm_up=result.graphs_compiled, recompiles_in_clock=result.recompiles_in_clock))
 
 
-@contextlib.contextmanager
-def qat_paused(model: nn.Module):
-    """Within the block every quantizable module runs on its float weight; schemes restored after."""
-    saved = {m: m.qat_scheme for m in model.modules() if isinstance(m, FakeQuantWeight)}
-    for m in saved:
-        m.qat_scheme = None
-    try:
-        yield
-    finally:
-        for m, scheme in saved.items():
-            m.qat_scheme = scheme
-
-
-def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream, result: TrainResult,
+def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream, clock: StepClock,
               log: RunLog) -> tuple[dict[str, Tensor] | None, float | None]:
-    """GPTQ calibration on rank 0, straight after training: Hessians of every linear's inputs over
-    GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN tokens, self-generated or read from the training stream.
-    Returns (hessians, calibration end on the training clock in ms); (None, None) when GPTQ is off.
-    Training-data calibration runs inside the wallclock: the loop stopped GPTQ_RESERVE_SECONDS early."""
+    """GPTQ calibration on every rank, straight after training: Hessians of every quantized matrix's
+    inputs over GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN tokens (each rank its share), self-generated or read
+    from the training stream. Training-data calibration runs on the training clock (the loop stopped
+    GPTQ_RESERVE_SECONDS early). Returns (hessians, when calibration ended on the training clock in ms,
+    the slowest rank's); (None, None) when GPTQ is off."""
     if hp.gptq_calibration == "none":
         return None, None
+    rows = calibration_rows(rt, hp.gptq_calib_seqs)
     model.eval()
+    clock.resume()
     if hp.gptq_calibration == "train":
-        tokens = stream.read(0, hp.gptq_calib_seqs * hp.gptq_calib_len).astype(np.int64)
-        batch = torch.from_numpy(tokens).view(hp.gptq_calib_seqs, hp.gptq_calib_len).to(rt.device)
+        tokens = stream.read(rows.start * hp.gptq_calib_len, len(rows) * hp.gptq_calib_len).astype(np.int64)
+        batch = torch.from_numpy(tokens).view(len(rows), hp.gptq_calib_len).to(rt.device)
     else:
-        batch = generate_calibration(model, rt, hp.gptq_calib_seqs, hp.gptq_calib_len, hp.gptq_calib_temp, hp.seed)
+        with qat_paused(model):
+            batch = generate_calibration(model, rt, hp.gptq_calib_seqs, hp.gptq_calib_len, hp.gptq_calib_temp, hp.seed)
     hessians = collect_hessians(model, rt, list(batch.split(max(1, 65536 // hp.gptq_calib_len))))
+    clock.pause()
     model.train()
-    end_ms = result.train_time_ms + 1e3 * (time.perf_counter() - result.clock_resumed_at)
-    cap = f"cap {1e3 * hp.max_wallclock_seconds:.0f}ms" if hp.max_wallclock_seconds else "no cap"
+    end_ms = agree_max(rt, [clock.train_ms])[0]
     log(f"gptq_calibration: {hp.gptq_calibration} {hp.gptq_calib_seqs}x{hp.gptq_calib_len} tokens, "
-        f"{len(hessians)} Hessians, ended at {end_ms:.0f}ms of the training clock ({cap})")
+        f"{len(hessians)} Hessians, ended at {end_ms:.0f}ms of the training clock "
+        f"(training-data deadline {training_deadline_ms(hp):.0f}ms)")
     return hessians, end_ms
 
 
@@ -2277,11 +3025,13 @@ def saved_artifact_keys(hp: Hyperparameters) -> dict:
                 pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
                 bytes_total=len(data) + bytes_code, artifact_path=hp.eval_only,
                 artifact_sha256=hashlib.sha256(data).hexdigest(), train_data_last_read_ms=None,
-                train_deadline_ms=None, train_data_read_after_deadline=False, quant_budget_fit_steps=None, quant=None)
+                train_deadline_ms=None, train_data_read_after_deadline=False, quant=None, peak_memory_mib=None,
+                compile=None)
 
 
 def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[str], log: RunLog) -> None:
     t_run = time.perf_counter()
+    stages = StageTimes(rt)
     for line in environment_report(rt):
         log(line, console=False)
     log(f"run_id:{run_id} preset:{hp.preset} seed:{hp.seed}" + (f" eval_only:{hp.eval_only}" if hp.eval_only else ""))
@@ -2290,23 +3040,24 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         log(f"warning: {w}")
 
     # data for evaluation (training data is read only inside train_and_export)
-    val_tokens = load_validation_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
-    full_val_size = sum(read_shard_header(f) for f in find_shards(hp.data_path, "val"))   # for the projection
+    val_tokens, split_tokens = load_validation_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
     tables = build_bpb_tables(hp.tokenizer_path, hp.vocab_size)
-    log(f"val_stream_tokens:{val_tokens.size} (of {full_val_size})")
+    log(f"val_stream_tokens:{val_tokens.size} (of {split_tokens}" + (", partial validation)" if val_tokens.size < split_tokens else ")"))
+    if hp.gptq_calibration != "none" and hp.gptq_calib_seqs < rt.world_size:
+        raise PipelineError(f"GPTQ_CALIB_SEQS={hp.gptq_calib_seqs} is fewer than the {rt.world_size} ranks that share it")
 
     # model, and the projections that can refuse a run before it spends any time
     model = build_model(hp, rt)
     n_params = count_parameters(model)
     fpt = flops_per_token(hp, hp.train_seq_len)
     projected_ms = projected_h100_step_ms(fpt, hp.train_batch_tokens)
-    log(f"model_params:{n_params} matmul_params:{matmul_params(hp)} layers_run:{effective_layers(hp)} flops_per_token:{fpt:.4e} projected_8xH100_step:{projected_ms:.3g}ms "
-        f"(at {ASSUMED_MFU:.0%} MFU of {H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16) "
-        f"projected_steps_in_600s:{600e3 / projected_ms:.0f}")
+    log(f"model_params:{n_params} matmul_params:{matmul_params(hp)} layers_run:{effective_layers(hp)} "
+        f"flops_per_token:{fpt:.4e} projected_8xH100_step:{projected_ms:.3g}ms (at {ASSUMED_MFU:.0%} MFU of "
+        f"{H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16; recurrence on) "
+        f"projected_steps_in_600s:{projected_steps(hp, projected_ms):.0f}")
     window, stride = eval_geometry(hp)
-    projected_eval_s = check_eval_budget(hp, full_val_size, window, stride, log)
-    plan = plan_artifact(hp) if not hp.eval_only else None
-    predicted_model_bytes = log_plan(hp, plan, log) if plan else None
+    projected_eval_s = check_eval_budget(hp, split_tokens, window, stride, log)
+    plan = plan_budget(hp, log) if not hp.eval_only else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = compile_model(model) if use_compile else model
 
@@ -2314,80 +3065,90 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     if hp.eval_only:
         run = saved_artifact_keys(hp)
     else:
-        run = train_and_export(hp, rt, run_id, model, run_model, val_tokens, tables, log)
-        run["quant"]["predicted_bytes_model"] = predicted_model_bytes
-        predicted = {(g["name"], g["scheme"]): g["bytes"] for g in plan}
-        for g in run["quant"]["groups"]:
-            g["predicted_bytes"] = predicted.get((g["name"], g["scheme"]))
-            log(f"plan_vs_actual: {g['name']} {g['scheme']} predicted:{g['predicted_bytes']} actual:{g['bytes']} "
-                f"(compressed alone)")
-        log(f"plan_vs_actual: model predicted:{predicted_model_bytes} actual:{run['bytes_model']} "
-            f"ratio:{run['bytes_model'] / max(predicted_model_bytes, 1):.3f}")
+        run = train_and_export(hp, rt, run_id, model, run_model, val_tokens, tables, plan, log, stages)
+    graphs_before_eval = compiled_graphs()
 
-    # every rank loads the artifact from disk; audit and score the loaded weights
-    evidence = load_artifact_everywhere(rt, model, run["artifact_path"],
-                                        val_tokens[:min(val_tokens.size, hp.train_seq_len + 1)])
+    # evaluation, from loading the artifact to the final score: every rank loads it from disk, the
+    # audit checks the loaded weights, a plain pass measures the quantization gap, the final pass scores
+    t_eval = time.perf_counter()
+    with stages("load"):
+        evidence = load_artifact_everywhere(rt, model, run["artifact_path"],
+                                            val_tokens[:min(val_tokens.size, hp.train_seq_len + 1)])
     compliance = {}
     if hp.eval_audit:
-        compliance.update(audit_causality(rt, run_model, val_tokens, window, hp.seed))
-        compliance.update(audit_normalization(rt, run_model, val_tokens, hp.vocab_size))
-    collect = bool(hp.nll_dump)
-    rt_eval = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, collect=collect and not hp.ttt_enabled)
-    bits = evidence["quant_bits"]
-    scheme = f"int{bits['other']}" if bits["mlp"] == bits["other"] else f"int{bits['other']}_mlp_int{bits['mlp']}"
-    scheme += "_ternary_lzma" if evidence["quant_ternary"] else "_lzma"
-    log_eval(log, f"final_{scheme}_roundtrip", rt_eval)
-    final, ttt_keys = rt_eval, {}
-    if hp.ttt_enabled:
-        ttt = TestTimeTrainer(hp, rt, model, run_model, window)
-        final = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, ttt=ttt, collect=collect)
-        log_eval(log, f"final_{scheme}_ttt", final)
-        ttt_keys = dict(ttt_val_loss=final.val_loss, ttt_val_bpb=final.val_bpb, ttt_eval_time_ms=final.eval_time_ms,
-                        ttt_gain_bpb=rt_eval.val_bpb - final.val_bpb)
-    log(f"final_{scheme}{'_ttt' if hp.ttt_enabled else ''}_roundtrip_exact "
-        f"val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
+        with stages("audit"):
+            compliance.update(audit_causality(hp, rt, run_model, val_tokens, window, stride))
+            compliance.update(audit_normalization(hp, rt, run_model, val_tokens, window, stride, hp.vocab_size))
+    with stages("roundtrip_plain_eval"):
+        plain = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
+    log_eval(log, "roundtrip (plain windows)", plain)
+    ttt = TestTimeTrainer(hp, rt, model, run_model, window) if hp.ttt_enabled else None
+    with stages("eval"):
+        final = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, ttt=ttt, collect=bool(hp.nll_dump),
+                         audit=bool(hp.eval_audit))
+    eval_time_ms = 1e3 * (time.perf_counter() - t_eval)
+    label = f"final_{scheme_label(evidence['quant_bits'], evidence['quant_ternary'])}" + ("_ttt" if ttt else "")
+    log_eval(log, label, final)
+    log(f"{label}_roundtrip_exact val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
+    log(f"eval_time: {eval_time_ms:.0f}ms from the artifact's load to the final score (every pass counted)")
     if hp.eval_audit:
-        compliance.update(audit_score_before_update(final.ttt_events))
-        compliance.update(one_pass_ok=final.val_tokens == val_tokens.size - 1, targets_scored=final.val_tokens,
-                          targets_expected=int(val_tokens.size - 1),
-                          no_train_data_after_deadline=not run["train_data_read_after_deadline"])
+        compliance.update(audit_score_before_update(final.evidence, ttt is not None))
+        compliance.update(audit_one_pass(final.evidence))
+        compliance.update(no_train_data_after_deadline=not run["train_data_read_after_deadline"])
         compliance["all_ok"] = all(v for k, v in compliance.items() if k.endswith("_ok") or k.startswith("no_"))
         log("compliance: " + json.dumps(compliance, sort_keys=True))
-    if collect and rt.is_main:
+    if hp.nll_dump and rt.is_main:
         with open(hp.nll_dump, "xb") as f:        # exactly this path (np.savez would add .npz), never overwritten
             np.savez(f, target=val_tokens[1:], nll=final.nll,
                      bytes=target_bytes(val_tokens[:-1], val_tokens[1:], tables))
         log(f"nll_dump: {hp.nll_dump}")
 
+    if run["compile"] is not None:
+        run["compile"].update(recompiles_after_warm_up=run["compile"]["recompiles_in_clock"] + compiled_graphs()
+                              - graphs_before_eval, graph_breaks=graph_breaks())
     summary = dict(
         run_id=run_id, seed=hp.seed, preset=hp.preset, world_size=rt.world_size, device=rt.device.type,
         hardware=(torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or platform.machine()),
-        torch_version=torch.__version__, cuda_version=torch.version.cuda, eval_only=bool(hp.eval_only), **run,
+        torch_version=torch.__version__, cuda_version=torch.version.cuda, eval_only=bool(hp.eval_only),
+        attention=attention_backend(rt.device, rt.autocast_dtype), compute_dtype=str(rt.autocast_dtype or torch.float32),
+        **run,
         val_loss=final.val_loss, val_bpb=final.val_bpb, val_tokens=final.val_tokens, val_bytes=final.val_bytes,
-        roundtrip_val_loss=rt_eval.val_loss, roundtrip_val_bpb=rt_eval.val_bpb, **ttt_keys,
-        eval_seq_len=window, eval_stride=stride, eval_time_ms=final.eval_time_ms,
-        projected_h100_eval_s=projected_eval_s, quant_scheme=scheme,
-        model_params=n_params, flops_per_token=fpt, projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU,
-        compliance=compliance or None, nll_dump=hp.nll_dump or None,
-        wall_time_s=time.perf_counter() - t_run, hyperparameters=hp.as_dict(), **evidence,
+        val_split_tokens=split_tokens, val_full_split=val_tokens.size == split_tokens, ttt=ttt is not None,
+        quant_scheme=scheme_label(evidence["quant_bits"], evidence["quant_ternary"]),
+        roundtrip_plain_val_loss=plain.val_loss, roundtrip_plain_val_bpb=plain.val_bpb,
+        quant_gap_bpb=plain.val_bpb - run["pre_quant_val_bpb"] if run["pre_quant_val_bpb"] is not None else None,
+        eval_seq_len=window, eval_stride=stride, eval_time_ms=eval_time_ms,
+        projected_h100_eval_s=projected_eval_s, model_params=n_params, flops_per_token=fpt,
+        projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU, compliance=compliance or None,
+        nll_dump=hp.nll_dump or None, stage_ms={k: round(v, 1) for k, v in stages.ms.items()},
+        wall_ms=1e3 * (time.perf_counter() - t_run), hyperparameters=hp.as_dict(), **evidence,
     )
     log.write_summary(summary)
     log(f"summary: {log.json_path}")
 
 
 def entry_point() -> int:
-    """Run main(); a PipelineError becomes one clean line on stderr and exit status 2."""
+    """Run main(). A PipelineError becomes one clean line on stderr and exit status 2; anything else its
+    traceback and exit status 1. A failed rank of a distributed run exits at once, without shutting the
+    process group down: its peers may sit in a collective that will never complete (NCCL's shutdown
+    would wait on them), and torchrun ends every other rank when one exits with an error."""
+    prefix = f"[rank {os.environ.get('RANK', '0')}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
     try:
         main()
+        status = 0
     except PipelineError as e:
-        rank = int(os.environ.get("RANK", "0"))
-        prefix = f"[rank {rank}] " if int(os.environ.get("WORLD_SIZE", "1")) > 1 else ""
         print(f"{prefix}train_gpt.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
+        status = 2
+    except Exception:
+        traceback.print_exc()
+        print(f"{prefix}train_gpt.py: internal error (traceback above)", file=sys.stderr, flush=True)
+        status = 1
+    if status and dist.is_initialized() and dist.get_world_size() > 1:
+        sys.stdout.flush()
+        os._exit(status)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return status
 
 
 if __name__ == "__main__":

@@ -11,8 +11,8 @@ import torch
 import train_gpt
 
 TINY = {"NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "64",
-        "TRAIN_SEQ_LEN": "16", "MLP_MULT": "2", "EVAL_STRIDE": "8", "RECUR_LAYERS": "1-1", "BIGRAM_VOCAB": "64",
-        "ROPE_DIMS": "4", "BIGRAM_DIM": "16"}
+        "TRAIN_SEQ_LEN": "16", "MLP_MULT": "2", "EVAL_STRIDE": "8", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1",
+        "BIGRAM_VOCAB": "64", "ROPE_DIMS": "4", "BIGRAM_DIM": "16", "ATTN_GATE_DIMS": "12", "SMEAR_GATE_DIMS": "12"}
 
 
 def tiny_hp(**overrides) -> train_gpt.Hyperparameters:

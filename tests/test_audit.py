@@ -1,8 +1,11 @@
 """Self-audit (EVAL_AUDIT=1): each check passes on the real model and evaluator, and FAILS on one broken
 the way the check guards against: C1 causality (a non-causal attention, a one-step leak, a model that
-reads its own target through the next input), C2 normalization (scores that are not -log softmax over
-the whole vocabulary), C3 score before update (train-then-score TTT, re-scoring, weights changed while
-scoring), C4 one pass (targets dropped or scored twice), and the training-data deadline."""
+reads its own target through the next input, a leak only in the scored tail, a leak only past the first
+window), C2 normalization (scores that are not -log softmax over the whole vocabulary, anywhere in a
+window, in any audited window), C3 score before update (from the positions TTT actually trained on:
+train-then-score, a trainer that reads the next chunk, weights changed while scoring), C4 one pass (from
+a per-position count: targets dropped, scored twice, or one swapped for another), and the
+training-data deadline (the challenge's 600 s, not the run's own cap)."""
 
 import time
 
@@ -17,18 +20,27 @@ from _helpers import cpu_runtime, random_gpt, tiny_hp, train_then_score
 
 VOCAB = 64
 WINDOW = 16
+STRIDE = 8
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, 200).astype(np.int64)
 TABLES = (np.ones(VOCAB, dtype=np.int64), np.zeros(VOCAB, dtype=bool), np.zeros(VOCAB, dtype=bool))
 
 
 @pytest.fixture(scope="module")
 def hp():
-    return tiny_hp()
+    return tiny_hp(VAL_BATCH_SIZE=64)
 
 
 @pytest.fixture(scope="module")
 def model(hp):
     return random_gpt(hp, seed=1)
+
+
+def causality(hp, model, tokens=TOKENS):
+    return train_gpt.audit_causality(hp, cpu_runtime(), model, tokens, WINDOW, STRIDE)
+
+
+def normalization(hp, model, tokens=TOKENS, vocab=VOCAB):
+    return train_gpt.audit_normalization(hp, cpu_runtime(), model, tokens, WINDOW, STRIDE, vocab)
 
 
 def per_token_nll(logits, target_ids):
@@ -43,10 +55,17 @@ def copy_of(cls, hp, model):
 
 # --- C1 causality -----------------------------------------------------------------------------
 
-def test_causality_passes_on_the_real_model(model):
-    r = train_gpt.audit_causality(cpu_runtime(), model, TOKENS, WINDOW, seed=0)
+def test_causality_passes_on_the_real_model(hp, model):
+    r = causality(hp, model)
     assert r["causality_ok"] is True and r["causality_max_abs_dnll"] <= train_gpt.CAUSALITY_TOLERANCE
+    assert r["causality_windows"] == 3 and r["causality_cuts"] == [4, 8, 12, 15]   # the tail: inside the last stride
     assert model.training                                   # handed back in training mode
+
+
+def test_audited_windows_are_the_first_a_middle_and_the_last():
+    starts = train_gpt.sliding_windows(TOKENS.size, WINDOW, STRIDE)[0]
+    assert train_gpt.audit_windows(TOKENS, WINDOW, STRIDE) == [0, int(starts[len(starts) // 2]), int(starts[-1])]
+    assert starts[-1] == TOKENS.size - 1 - WINDOW                                  # the stream's last window
 
 
 def leaky_attention(diagonal):
@@ -61,13 +80,34 @@ def leaky_attention(diagonal):
 
 
 class PeeksAtItsTarget(train_gpt.GPT):
-    """Position t's logits get a bonus for input t + 1: in a real stream, its own target."""
+    """Position t's logits get a bonus for input t + 1 (in a real stream, its own target) at the positions
+    in `where` (default: all but the last)."""
+    where = slice(0, -1)
 
     def forward(self, input_ids, target_ids):
         logits = self.logits(input_ids)
         bonus = torch.zeros_like(logits)
         bonus[:, :-1] = 3.0 * F.one_hot(input_ids[:, 1:], logits.size(-1)).float()
-        return per_token_nll(logits + bonus, target_ids)
+        keep = torch.zeros(logits.size(1), dtype=torch.bool)
+        keep[self.where] = True
+        return per_token_nll(logits + bonus * keep[None, :, None], target_ids)
+
+
+class PeeksInTheTail(PeeksAtItsTarget):
+    """Peeks only inside the scored tail of a window, and not at its last two positions: the first
+    window's cuts at a quarter, a half and the last position (the old audit) never see it."""
+    where = slice(WINDOW - STRIDE, WINDOW - 2)
+
+
+class PeeksPastTheFirstWindow(PeeksAtItsTarget):
+    """Peeks only when the window does not start where the stream does (the old audit looked at the
+    stream's first window alone)."""
+
+    def forward(self, input_ids, target_ids):
+        honest = train_gpt.GPT.forward(self, input_ids, target_ids)
+        peeking = super().forward(input_ids, target_ids)
+        first = (input_ids[:, :4] == torch.from_numpy(TOKENS[:4])).all(dim=1)
+        return torch.where(first[:, None], honest, peeking)
 
 
 class ReadsALaterTarget(train_gpt.GPT):
@@ -81,7 +121,7 @@ class ReadsALaterTarget(train_gpt.GPT):
 
 
 @pytest.mark.parametrize("leak", ["no_mask", "one_step_mask_one_layer", "peeks_at_its_target",
-                                  "reads_a_later_target"])
+                                  "reads_a_later_target", "peeks_in_the_tail", "peeks_past_the_first_window"])
 def test_causality_fails_on_a_leaky_model(monkeypatch, hp, model, leak):
     if leak == "no_mask":
         monkeypatch.setattr(train_gpt, "causal_attention", leaky_attention(WINDOW))
@@ -89,55 +129,68 @@ def test_causality_fails_on_a_leaky_model(monkeypatch, hp, model, leak):
     elif leak == "one_step_mask_one_layer":
         # one layer, one step: position t sees input t + 1 (its own target) and nothing further
         monkeypatch.setattr(train_gpt, "causal_attention", leaky_attention(1))
-        broken = random_gpt(tiny_hp(NUM_LAYERS=1, RECUR_LAYERS=""), seed=3)
-    elif leak == "peeks_at_its_target":
-        broken = copy_of(PeeksAtItsTarget, hp, model)
+        broken = random_gpt(tiny_hp(NUM_LAYERS=1, RECUR_LAYERS="", VAL_BATCH_SIZE=64), seed=3)
     else:
-        broken = copy_of(ReadsALaterTarget, hp, model)
-    r = train_gpt.audit_causality(cpu_runtime(), broken, TOKENS, WINDOW, seed=0)
+        cls = {"peeks_at_its_target": PeeksAtItsTarget, "reads_a_later_target": ReadsALaterTarget,
+               "peeks_in_the_tail": PeeksInTheTail, "peeks_past_the_first_window": PeeksPastTheFirstWindow}[leak]
+        broken = copy_of(cls, hp, model)
+    r = causality(hp, broken)
     assert r["causality_ok"] is False and r["causality_max_abs_dnll"] > 100 * train_gpt.CAUSALITY_TOLERANCE
 
 
 def test_a_target_peeking_model_is_normalized_and_scores_better(hp, model):
     """Why C1 must catch the peek: it is a proper distribution (C2 passes) and it lowers the score."""
     broken = copy_of(PeeksAtItsTarget, hp, model)
-    assert train_gpt.audit_normalization(cpu_runtime(), broken, TOKENS, VOCAB)["normalization_ok"] is True
-    honest = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, 8).val_loss
-    assert train_gpt.evaluate(hp, cpu_runtime(), broken, TOKENS, TABLES, WINDOW, 8).val_loss < honest - 0.5
+    assert normalization(hp, broken)["normalization_ok"] is True
+    honest = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, STRIDE).val_loss
+    assert train_gpt.evaluate(hp, cpu_runtime(), broken, TOKENS, TABLES, WINDOW, STRIDE).val_loss < honest - 0.5
 
 
 # --- C2 normalization -------------------------------------------------------------------------
 
-def test_normalization_passes_on_the_real_model(model):
-    r = train_gpt.audit_normalization(cpu_runtime(), model, TOKENS, VOCAB)
+def test_normalization_passes_on_the_real_model(hp, model):
+    r = normalization(hp, model)
     assert r["normalization_ok"] is True and r["normalization_max_abs_dev"] <= 1e-5
+    assert r["normalization_windows"] == 3
     assert model.training
 
 
 class Unnormalized(train_gpt.GPT):
     kind = ""
+    where = slice(None)
 
     def forward(self, input_ids, target_ids):
         logits = self.logits(input_ids)
         nll = per_token_nll(logits, target_ids)
         if self.kind == "plus_0.1":
-            return nll + 0.1
-        if self.kind == "scaled":
-            return 0.9 * nll
-        if self.kind == "raw_logit":                            # -logit[target]: no normalizer at all
-            return -logits.gather(-1, target_ids[..., None])[..., 0]
-        if self.kind == "target_temperature":                  # the target's logit sharpened, the rest not
-            return torch.logsumexp(logits, -1) - 1.5 * logits.gather(-1, target_ids[..., None])[..., 0]
-        raise ValueError(self.kind)
+            bad = nll + 0.1
+        elif self.kind == "scaled":
+            bad = 0.9 * nll
+        elif self.kind == "raw_logit":                            # -logit[target]: no normalizer at all
+            bad = -logits.gather(-1, target_ids[..., None])[..., 0]
+        elif self.kind == "target_temperature":                  # the target's logit sharpened, the rest not
+            bad = torch.logsumexp(logits, -1) - 1.5 * logits.gather(-1, target_ids[..., None])[..., 0]
+        else:
+            raise ValueError(self.kind)
+        keep = torch.zeros(nll.size(1), dtype=torch.bool)
+        keep[self.where] = True
+        return torch.where(keep[None, :], bad, nll)
 
 
 @pytest.mark.parametrize("kind", ["plus_0.1", "scaled", "raw_logit", "target_temperature"])
 def test_normalization_fails_on_an_unnormalized_score(hp, model, kind):
     broken = copy_of(type(kind, (Unnormalized,), {"kind": kind}), hp, model)
-    r = train_gpt.audit_normalization(cpu_runtime(), broken, TOKENS, VOCAB)
+    r = normalization(hp, broken)
     assert r["normalization_ok"] is False and r["normalization_max_abs_dev"] > 100 * train_gpt.NORMALIZATION_TOLERANCE
     # the causality check does not see it (it is causal): C2 is the check that must
-    assert train_gpt.audit_causality(cpu_runtime(), broken, TOKENS, WINDOW, seed=0)["causality_ok"] is True
+    assert causality(hp, broken)["causality_ok"] is True
+
+
+def test_normalization_is_checked_in_the_scored_tail(hp, model):
+    """Unnormalized only past the window's first 16 positions... here, in its last stride: the old audit
+    looked at the first 16 positions of one window only."""
+    broken = copy_of(type("tail", (Unnormalized,), {"kind": "plus_0.1", "where": slice(WINDOW - STRIDE, None)}), hp, model)
+    assert normalization(hp, broken)["normalization_ok"] is False
 
 
 class ExtraMassPastIdx512(train_gpt.GPT):
@@ -149,41 +202,62 @@ class ExtraMassPastIdx512(train_gpt.GPT):
 
 
 def test_normalization_covers_the_whole_vocabulary():
-    """Vocab 600 is scored in blocks of 512 candidates: the second block counts too."""
-    hp = tiny_hp(VOCAB_SIZE=600)
+    """Vocab 600, scored in batches of candidates: the last batch counts too."""
+    hp = tiny_hp(VOCAB_SIZE=600, VAL_BATCH_SIZE=64)
     model = random_gpt(hp, seed=4)
     tokens = np.random.default_rng(1).integers(0, 600, 100).astype(np.int64)
-    assert train_gpt.audit_normalization(cpu_runtime(), model, tokens, 600)["normalization_ok"] is True
+    assert normalization(hp, model, tokens, 600)["normalization_ok"] is True
     broken = copy_of(ExtraMassPastIdx512, hp, model)
-    assert train_gpt.audit_normalization(cpu_runtime(), broken, tokens, 600)["normalization_ok"] is False
+    assert normalization(hp, broken, tokens, 600)["normalization_ok"] is False
 
 
-# --- C3 score before update ---------------------------------------------------------------------
+# --- C3 score before update: from the data each update trained on ---------------------------------
 
 def ttt_setup(**overrides):
-    settings = dict(TTT_ENABLED=1, TTT_CHUNK_TOKENS=40, TTT_EPOCHS=1, TTT_LR=0.05, TTT_LAST_N=1)
+    settings = dict(TTT_ENABLED=1, TTT_CHUNK_TOKENS=40, TTT_EPOCHS=1, TTT_LR=0.05, TTT_LAST_N=1, VAL_BATCH_SIZE=64)
     settings.update(overrides)
     hp = tiny_hp(**settings)
     model = random_gpt(hp, seed=1)
     return hp, model, train_gpt.TestTimeTrainer(hp, cpu_runtime(), model, model, WINDOW)
 
 
+def audited(hp, model, ttt, run_model=None):
+    r = train_gpt.evaluate(hp, cpu_runtime(), run_model or model, TOKENS, TABLES, WINDOW, STRIDE, ttt=ttt, audit=True)
+    return r, train_gpt.audit_score_before_update(r.evidence, ttt is not None), train_gpt.audit_one_pass(r.evidence)
+
+
 def test_score_before_update_passes_on_real_ttt():
     hp, model, ttt = ttt_setup()
-    r = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, 8, ttt=ttt)
-    audit = train_gpt.audit_score_before_update(r.ttt_events)
-    assert audit == {"score_before_update_ok": True, "ttt_chunks": 5}          # 199 targets / 40
-    assert any(before != after for event, _, before, after in r.ttt_events if event == "train")
-    assert train_gpt.audit_score_before_update(None) == {"score_before_update_ok": True, "ttt_chunks": 0}
+    before = [p.detach().clone() for p in model.parameters()]
+    r, c3, c4 = audited(hp, model, ttt)
+    assert c3 == {"score_before_update_ok": True, "ttt_updates": 4, "ttt_unscored_targets_trained": 0,
+                  "scoring_changed_weights": False}                           # 5 chunks of 40: 4 trained on
+    assert c4["one_pass_ok"] is True
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))   # TTT did train
 
 
 def test_score_before_update_fails_on_train_then_score_ttt(monkeypatch):
     monkeypatch.setattr(train_gpt, "ttt_schedule", train_then_score)
     hp, model, ttt = ttt_setup()
-    r = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, 8, ttt=ttt)
-    assert r.val_tokens == TOKENS.size - 1                     # every target scored once: C4 cannot see it
-    assert [e[:2] for e in r.ttt_events][:3] == [("train", 0), ("score", 0), ("train", 1)]
-    assert train_gpt.audit_score_before_update(r.ttt_events)["score_before_update_ok"] is False
+    r, c3, c4 = audited(hp, model, ttt)
+    assert r.val_tokens == TOKENS.size - 1 and c4["one_pass_ok"] is True       # C4 cannot see it
+    assert c3["score_before_update_ok"] is False and c3["ttt_unscored_targets_trained"] > 0
+
+
+class TrainsOnTheNextChunk(train_gpt.TestTimeTrainer):
+    """Trains after scoring chunk k, as the schedule says, but on chunk k+1's tokens: the event labels
+    are right, the data is not (the old audit read the labels and passed it)."""
+
+    def adapt(self, tokens, a, k, n_chunks, evidence):
+        super().adapt(tokens, a + self.hp.ttt_chunk_tokens, k, n_chunks, evidence)
+
+
+def test_score_before_update_fails_on_a_trainer_that_reads_the_next_chunk():
+    hp, model, _ = ttt_setup()
+    ttt = TrainsOnTheNextChunk(hp, cpu_runtime(), model, model, WINDOW)
+    _, c3, c4 = audited(hp, model, ttt)
+    assert c3["score_before_update_ok"] is False and c3["ttt_unscored_targets_trained"] > 0
+    assert c4["one_pass_ok"] is True
 
 
 class NudgesWhileScoring(nn.Module):
@@ -204,31 +278,53 @@ def test_score_before_update_fails_when_scoring_changes_the_weights():
     hp, model, _ = ttt_setup()
     wrapped = NudgesWhileScoring(model)
     ttt = train_gpt.TestTimeTrainer(hp, cpu_runtime(), model, wrapped, WINDOW)
-    r = train_gpt.evaluate(hp, cpu_runtime(), wrapped, TOKENS, TABLES, WINDOW, 8, ttt=ttt)
-    assert train_gpt.audit_score_before_update(r.ttt_events)["score_before_update_ok"] is False
+    _, c3, _ = audited(hp, model, ttt, wrapped)
+    assert c3["score_before_update_ok"] is False and c3["scoring_changed_weights"] is True
 
 
-@pytest.mark.parametrize("events,ok", [
-    ([("score", 0, 1.0, 1.0), ("train", 0, 1.0, 2.0), ("score", 1, 2.0, 2.0)], True),
-    ([("train", 0, 1.0, 2.0), ("score", 0, 2.0, 2.0)], False),                           # trained before scored
-    ([("score", 0, 1.0, 1.0), ("train", 1, 1.0, 2.0), ("score", 1, 2.0, 2.0)], False),  # a later chunk first
-    ([("score", 0, 1.0, 1.0), ("train", 0, 1.0, 2.0), ("score", 0, 2.0, 2.0)], False),  # re-scored after training
-    ([("score", 0, 1.0, 1.0), ("score", 1, 1.0, 1.5)], False),                           # scoring moved the weights
-    ([("score", 0, 1.0, 1.0), ("train", 1, 1.0, 2.0)], False),                           # a chunk never scored
-])
-def test_score_before_update_on_hand_made_event_lists(events, ok):
-    assert train_gpt.audit_score_before_update(events)["score_before_update_ok"] is ok
+def test_no_fingerprints_without_the_audit(monkeypatch):
+    """Weight fingerprints (a host sync per weight) are audit work: none when the audit is off."""
+    calls = []
+    monkeypatch.setattr(train_gpt, "weights_fingerprint", lambda m: calls.append(1) or 0.0)
+    hp, model, ttt = ttt_setup()
+    r = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, STRIDE, ttt=ttt)
+    assert calls == [] and r.evidence is None
+    audited(hp, model, ttt)
+    assert len(calls) == 2 * 5                                # before and after each of the 5 scoring calls
 
 
-# --- C4 one pass --------------------------------------------------------------------------------
+# --- C4 one pass: a per-position count ------------------------------------------------------------
 
 def test_one_pass_holds_on_the_real_evaluator(hp, model):
-    r = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, 8, collect=True)
+    r = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, STRIDE, collect=True, audit=True)
     assert r.val_tokens == TOKENS.size - 1 and r.nll.shape == (TOKENS.size - 1,)
+    assert train_gpt.audit_one_pass(r.evidence) == {
+        "one_pass_ok": True, "targets_scored_once": TOKENS.size - 1, "targets_never_scored": 0,
+        "targets_scored_twice_or_more": 0, "targets_expected": TOKENS.size - 1}
+
+
+def test_one_pass_fails_when_one_target_is_scored_twice_and_another_dropped(monkeypatch, hp, model):
+    """The last window shifted back by one: it re-scores the target before its range and drops the
+    stream's last target. The count of scored targets stays right (the runtime check passes)."""
+    real = train_gpt.sliding_windows
+
+    def swapped(*args, **kwargs):
+        starts, score_from, score_to = real(*args, **kwargs)
+        score_from, score_to = score_from.copy(), score_to.copy()
+        score_from[-1] -= 1
+        score_to[-1] -= 1
+        return starts, score_from, score_to
+
+    monkeypatch.setattr(train_gpt, "sliding_windows", swapped)
+    r = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, STRIDE, audit=True)
+    assert r.val_tokens == TOKENS.size - 1
+    c4 = train_gpt.audit_one_pass(r.evidence)
+    assert c4["one_pass_ok"] is False
+    assert c4["targets_never_scored"] == 1 and c4["targets_scored_twice_or_more"] == 1
 
 
 @pytest.mark.parametrize("how", ["drop_the_tail", "drop_the_first", "score_one_twice"])
-def test_one_pass_fails_when_targets_are_dropped_or_rescored(monkeypatch, hp, model, how):
+def test_a_wrong_count_of_targets_stops_the_evaluation(monkeypatch, hp, model, how):
     real = train_gpt.sliding_windows
 
     def broken(*args, **kwargs):
@@ -242,7 +338,7 @@ def test_one_pass_fails_when_targets_are_dropped_or_rescored(monkeypatch, hp, mo
 
     monkeypatch.setattr(train_gpt, "sliding_windows", broken)
     with pytest.raises(RuntimeError, match=rf"scored \d+ targets, expected {TOKENS.size - 1}"):
-        train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, 8)
+        train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, STRIDE)
 
 
 # --- no training data after the deadline ----------------------------------------------------------
@@ -277,7 +373,7 @@ def run_train(hp, delay):
 def test_last_training_read_is_timed():
     """train_data_last_read_ms is the training clock right after the last batch was read and used:
     no earlier than the last read, no later than the end of training."""
-    hp = tiny_hp(ITERATIONS=4, MAX_WALLCLOCK_SECONDS=0, COMPILE_WARMUP_STEPS=0, VAL_LOSS_EVERY=0)
+    hp = tiny_hp(ITERATIONS=4, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0)
     result, loader, seen = run_train(hp, delay=0.05)
     assert result.steps == 4 and result.train_time_ms >= 4 * 50
     assert 0 < result.train_data_last_read_ms <= result.train_time_ms == seen["train_ms"]
@@ -286,32 +382,54 @@ def test_last_training_read_is_timed():
     assert result.train_data_last_read_ms >= 4 * 50 - 1.0       # after all four 50 ms reads
 
 
+def test_the_deadline_is_the_challenges_600_s_when_the_cap_is_later():
+    assert train_gpt.training_deadline_ms(tiny_hp(MAX_WALLCLOCK_SECONDS=609)) == 600e3
+    assert train_gpt.training_deadline_ms(tiny_hp(MAX_WALLCLOCK_SECONDS=300)) == 300e3
+    assert train_gpt.training_deadline_ms(tiny_hp(MAX_WALLCLOCK_SECONDS=0)) == 600e3
+
+
+def export_run(demo_data, name, monkeypatch, delay=0.0, **settings):
+    vocab = demo_data["vocab"]
+    common = dict(VOCAB_SIZE=vocab, DATA_PATH=demo_data["dir"], TOKENIZER_PATH=demo_data["tokenizer"],
+                  TRAIN_BATCH_TOKENS=8 * 32, TRAIN_SEQ_LEN=32, EVAL_STRIDE=16, ITERATIONS=3, VAL_BATCH_SIZE=512,
+                  VAL_LOSS_EVERY=0, LZMA_PRESET=0, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=16)
+    hp = tiny_hp(**{**common, **settings})
+    val, _ = train_gpt.load_validation_tokens(str(demo_data["dir"]), vocab, 300)
+    tables = train_gpt.build_bpb_tables(str(demo_data["tokenizer"]), vocab)
+    real_batch = train_gpt.DistributedTokenLoader.batch
+
+    def slow_batch(self, step, micro):
+        time.sleep(delay)
+        return real_batch(self, step, micro)
+
+    monkeypatch.setattr(train_gpt.DistributedTokenLoader, "batch", slow_batch)
+    model = random_gpt(hp, seed=0)
+    log = lambda *a, **k: None                     # noqa: E731
+    rt = cpu_runtime()
+    plan = train_gpt.plan_budget(hp, log)
+    return train_gpt.train_and_export(hp, rt, name, model, model, val, tables, plan, log, train_gpt.StageTimes(rt))
+
+
 def test_a_read_past_the_deadline_is_flagged(demo_data, tmp_path, monkeypatch):
     """A step whose read takes longer than the whole cap: the loop stops, and the summary keys say
     training data was read after the deadline; with a cap that is not reached they say it was not."""
     monkeypatch.chdir(tmp_path)
-    vocab = demo_data["vocab"]
-    common = dict(VOCAB_SIZE=vocab, DATA_PATH=demo_data["dir"], TOKENIZER_PATH=demo_data["tokenizer"],
-                  TRAIN_BATCH_TOKENS=8 * 32, TRAIN_SEQ_LEN=32, EVAL_STRIDE=16, ITERATIONS=3, COMPILE_WARMUP_STEPS=0,
-                  VAL_LOSS_EVERY=0, LZMA_PRESET=0, GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=16)
-    val = train_gpt.load_validation_tokens(str(demo_data["dir"]), vocab, 300)
-    tables = train_gpt.build_bpb_tables(str(demo_data["tokenizer"]), vocab)
-    real_batch = train_gpt.DistributedTokenLoader.batch
-    out = {}
-    for name, cap, delay in (("late", 0.2, 0.5), ("in_time", 300.0, 0.0)):
-        hp = tiny_hp(MAX_WALLCLOCK_SECONDS=cap, **common)
-
-        def slow_batch(self, step, micro, delay=delay):
-            time.sleep(delay)
-            return real_batch(self, step, micro)
-
-        monkeypatch.setattr(train_gpt.DistributedTokenLoader, "batch", slow_batch)
-        model = random_gpt(hp, seed=0)
-        out[name] = train_gpt.train_and_export(hp, cpu_runtime(), name, model, model, val, tables,
-                                               lambda *a, **k: None)
-    late, in_time = out["late"], out["in_time"]
+    late = export_run(demo_data, "late", monkeypatch, delay=0.5, MAX_WALLCLOCK_SECONDS=0.2)
+    in_time = export_run(demo_data, "in_time", monkeypatch, MAX_WALLCLOCK_SECONDS=300)
     assert late["stopped_early"] and late["steps"] == 1
     assert late["train_deadline_ms"] == 200.0 and late["train_data_last_read_ms"] > 500.0
     assert late["train_data_read_after_deadline"] is True
     assert in_time["train_deadline_ms"] == 300e3 and in_time["steps"] == 3
     assert 0 < in_time["train_data_last_read_ms"] < 300e3 and in_time["train_data_read_after_deadline"] is False
+
+
+def test_calibration_on_training_data_past_the_challenge_deadline_is_flagged(demo_data, tmp_path, monkeypatch):
+    """GPTQ_CALIBRATION=train with MAX_WALLCLOCK_SECONDS above the challenge's 600 s (here, scaled down:
+    the challenge's deadline 0.5 s, the run's cap 1.2 s, reserve 0.4 s): training stops near 0.8 s and
+    calibration reads training data after 0.5 s. The old code compared it with the run's own cap."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_gpt, "CHALLENGE_TRAIN_SECONDS", 0.5)
+    run = export_run(demo_data, "late_calibration", monkeypatch, delay=0.05, MAX_WALLCLOCK_SECONDS=1.2,
+                     GPTQ_CALIBRATION="train", GPTQ_RESERVE_SECONDS=0.4, ITERATIONS=1000)
+    assert run["train_deadline_ms"] == 500.0
+    assert run["train_data_last_read_ms"] > 500.0 and run["train_data_read_after_deadline"] is True

@@ -108,7 +108,15 @@ def test_token_stream_errors(shards, tmp_path):
     with pytest.raises(PipelineError) as err:
         train_gpt.TokenStream([files[1]], vocab_size=1024)  # only the empty shard
     assert files[1] in str(err.value)
-    stream = train_gpt.TokenStream(files, vocab_size=20)   # tokens 20..24 live in the 4th shard
+    with pytest.raises(PipelineError) as err:              # tokens 20..24 live in the 4th shard: at start-up
+        train_gpt.TokenStream(files, vocab_size=20)
+    assert files[3] in str(err.value) and "VOCAB_SIZE=20" in str(err.value)
+
+
+def test_token_stream_checks_every_read_past_the_start_up_sample(shards, monkeypatch):
+    files, _ = shards
+    monkeypatch.setattr(train_gpt, "TRAIN_SHARD_CHECK_TOKENS", 0)   # no start-up check: the reads still check
+    stream = train_gpt.TokenStream(files, vocab_size=20)
     stream.read(0, 20)
     with pytest.raises(PipelineError) as err:
         stream.read(15, 10)
@@ -118,9 +126,10 @@ def test_token_stream_errors(shards, tmp_path):
 def test_validation_tokens(tmp_path):
     harness.write_shard(tmp_path / "fineweb_val_000000.bin", [1, 5, 6, 7])
     harness.write_shard(tmp_path / "fineweb_val_000001.bin", [1, 8, 9])
-    val = train_gpt.load_validation_tokens(str(tmp_path), 1024, 0)
-    assert val.tolist() == [1, 5, 6, 7, 1, 8, 9]
-    assert train_gpt.load_validation_tokens(str(tmp_path), 1024, 5).tolist() == [1, 5, 6, 7, 1]
+    val, split = train_gpt.load_validation_tokens(str(tmp_path), 1024, 0)
+    assert val.tolist() == [1, 5, 6, 7, 1, 8, 9] and split == 7
+    val, split = train_gpt.load_validation_tokens(str(tmp_path), 1024, 5)
+    assert val.tolist() == [1, 5, 6, 7, 1] and split == 7             # the split's length, for val_full_split
     with pytest.raises(PipelineError) as err:
         train_gpt.load_validation_tokens(str(tmp_path), 1024, 1)
     assert "fineweb_val_000000.bin" in str(err.value)

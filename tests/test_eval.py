@@ -174,7 +174,7 @@ def test_collect_is_off_by_default(setup):
     hp, model, tables = setup
     tokens = np.random.default_rng(2).integers(0, VOCAB, 50).astype(np.int64)
     r = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, 16, 8)
-    assert r.nll is None and r.ttt_events is None
+    assert r.nll is None and r.evidence is None
 
 
 def test_stride_equal_window_is_plain_chunked_evaluation(setup):
@@ -233,20 +233,21 @@ def test_ttt_with_zero_learning_rate_equals_brute_force(setup, chunk):
     _, model, tables = setup
     n, window, stride = 90, 16, 5
     hp = tiny_hp(TTT_ENABLED=1, TTT_CHUNK_TOKENS=window, TTT_LR=0, TTT_EPOCHS=1, VAL_BATCH_SIZE=3 * 16)
-    hp.ttt_chunk_tokens = chunk                 # below the window read_settings insists on (TTT would not train)
     tokens = np.random.default_rng(11).integers(0, VOCAB, n).astype(np.int64)
     fresh = random_gpt(hp, seed=1)
     before = train_gpt.state_checksum(fresh.state_dict())
     ttt = train_gpt.TestTimeTrainer(hp, cpu_runtime(), fresh, fresh, window)
+    hp.ttt_chunk_tokens = chunk                 # below the window read_settings insists on (TTT would not train)
+    trained = []
+    real_adapt = ttt.adapt
+    ttt.adapt = lambda tokens, a, k, n_chunks, evidence: trained.append(k) or real_adapt(tokens, a, k, n_chunks, evidence)
     r = train_gpt.evaluate(hp, cpu_runtime(), fresh, tokens, tables, window, stride, ttt=ttt, collect=True)
     assert train_gpt.state_checksum(fresh.state_dict()) == before
     nll, nbytes = brute_force(model, tokens, tables, chunked_context_starts(n, window, stride, chunk))
     assert r.val_tokens == n - 1 and r.val_bytes == int(nbytes.sum())
     np.testing.assert_allclose(r.nll, nll, rtol=1e-5, atol=1e-5)
     assert r.val_loss == pytest.approx(nll.mean(), rel=1e-5)
-    n_chunks = math.ceil((n - 1) / chunk)
-    assert [e[:2] for e in r.ttt_events] == [(event, k) for k in range(n_chunks)
-                                            for event in ("score", "train")][:-1]
+    assert trained == list(range(math.ceil((n - 1) / chunk) - 1))          # every chunk but the last
 
 
 def _distributed_eval(rank, world_size, n, window, stride, val_batch):
@@ -270,9 +271,10 @@ def test_evaluate_on_three_ranks_equals_one_rank():
     assert n_tok == 100
     for (other, _single, _nll, _) in results:
         assert other == (loss, bpb, n_tok, n_bytes)
-    assert loss == pytest.approx(single_loss, rel=1e-9) and bpb == pytest.approx(single_bpb, rel=1e-9)
+    # to float rounding: each rank's forwards hold fewer windows than the single process's
+    assert loss == pytest.approx(single_loss, rel=1e-6) and bpb == pytest.approx(single_bpb, rel=1e-6)
     assert nll.shape == (100,)
-    np.testing.assert_allclose(nll, single_nll, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(nll, single_nll, rtol=1e-6, atol=1e-9)
 
 
 # --- projected 8xH100 evaluation time -------------------------------------------------------------
@@ -281,20 +283,22 @@ H100_SECONDS_PER_FLOP = 1 / (8 * 989e12 * 0.28)
 
 
 def test_projected_eval_time_and_the_limit():
-    hp = tiny_hp(EVAL_TIME_LIMIT_SECONDS=0)
+    hp = tiny_hp(EVAL_TIME_LIMIT_SECONDS=0, TTT_ENABLED=0)
     n, w, stride = 1001, 16, 4
     windows = 1 + math.ceil((n - 1 - w) / stride)                         # 247
-    layers = train_gpt.effective_layers(hp)                               # forward only: 2 N + 2 L W d per position
-    flops = windows * w * (2 * train_gpt.matmul_params(hp) + 2 * layers * w * hp.model_dim)
+    plain = math.ceil((n - 1) / hp.train_seq_len) * hp.train_seq_len     # the plain pass (quantization gap)
+    forward = lambda T: 2 * train_gpt.matmul_params(hp) + 2 * train_gpt.effective_layers(hp) * T * hp.model_dim  # noqa: E731
+    flops = windows * w * forward(w) + plain * forward(hp.train_seq_len)
     assert train_gpt.eval_flops(hp, n, w, stride) == pytest.approx(flops, rel=1e-12)
     lines = []
     seconds = train_gpt.check_eval_budget(hp, n, w, stride, lines.append)
     assert seconds == pytest.approx(flops * H100_SECONDS_PER_FLOP, rel=1e-12)
     assert len(lines) == 1 and lines[0].startswith("projected_8xH100_eval:")
-    # TTT adds TTT_EPOCHS training passes over the stream
-    ttt = tiny_hp(TTT_ENABLED=1, TTT_EPOCHS=3)
+    # TTT adds TTT_EPOCHS training steps over every chunk but the last
+    ttt = tiny_hp(TTT_ENABLED=1, TTT_EPOCHS=3, TTT_CHUNK_TOKENS=64)
+    chunks = math.ceil((n - 1) / 64)                                    # 16: 15 trained on
     assert train_gpt.eval_flops(ttt, n, w, stride) == pytest.approx(
-        flops + 3 * n * train_gpt.flops_per_token(ttt, w), rel=1e-12)
+        flops + 3 * (chunks - 1) * 64 * train_gpt.flops_per_token(ttt, w), rel=1e-12)
     # the limit: refused just below the projection, accepted at or above it, never checked at 0
     for limit, refused in ((seconds * 0.999, True), (seconds * 1.001, False), (0.0, False)):
         hp.eval_time_limit_seconds = limit
@@ -305,13 +309,16 @@ def test_projected_eval_time_and_the_limit():
             assert train_gpt.check_eval_budget(hp, n, w, stride, lines.append) == seconds
 
 
-@pytest.mark.parametrize("env,window,low,high", [({}, 2048, 60, 200), ({"TTT_ENABLED": "1"}, 2048, 80, 250),
-                                                 ({"PRESET": "baseline"}, 1024, 10, 40)])
-def test_default_configuration_fits_the_default_limit(env, window, low, high):
-    """The default stack (window 2048) or the baseline (window 1024), sp1024's 62,021,632 validation
-    tokens, stride 64 (and the default TTT): projected inside the 600 s evaluation budget, so the
-    defaults are not refused."""
+@pytest.mark.parametrize("env,val_tokens,window,low,high", [
+    ({}, 40_540_160, 2048, 80, 200),                                   # frontier, sp8192, with TTT
+    ({"TTT_ENABLED": "0"}, 40_540_160, 2048, 60, 150),
+    ({"PRESET": "stack1024"}, 62_021_632, 2048, 50, 150),
+    ({"PRESET": "baseline"}, 62_021_632, 1024, 10, 40)])
+def test_default_configuration_fits_the_default_limit(env, val_tokens, window, low, high):
+    """The default (frontier: sp8192's 40,540,160 validation tokens, window 2048, stride 64, TTT on), the
+    March stack and the baseline (sp1024's 62,021,632): projected well inside the 600 s evaluation budget,
+    every pass counted, so the defaults are not refused."""
     hp, _ = train_gpt.read_settings(env)
     assert (*train_gpt.eval_geometry(hp), hp.eval_time_limit_seconds) == (window, 64, 600.0)
-    seconds = train_gpt.check_eval_budget(hp, 62_021_632, window, 64, lambda line: None)
+    seconds = train_gpt.check_eval_budget(hp, val_tokens, window, 64, lambda line: None)
     assert low < seconds < high

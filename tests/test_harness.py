@@ -161,21 +161,25 @@ def test_margin_bpb():
 # -----------------------------------------------------------------------------
 
 def fake_summary(run_id, seed, val_bpb, **overrides):
-    """A run summary with the keys train_gpt.py writes; val_loss consistent with val_bpb."""
+    """A run summary with the keys train_gpt.py writes; val_loss consistent with val_bpb. Its artifact
+    (write_runs puts it on disk) is `bytes_model` bytes, its sha256 that of fake_artifact()."""
     hp = {"PRESET": "baseline", "ARTIFACT_BUDGET_BYTES": 16_000_000, "MAX_WALLCLOCK_SECONDS": 600.0,
           "ITERATIONS": 20000, "NUM_LAYERS": 9, "MODEL_DIM": 512, "NUM_HEADS": 8, "NUM_KV_HEADS": 4, "MLP_MULT": 2,
           "VOCAB_SIZE": 1024, "TRAIN_SEQ_LEN": 1024, "TRAIN_BATCH_TOKENS": 524288, "EVAL_AUDIT": 1, "TTT_ENABLED": 0,
           "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
           "LZMA_PRESET": 9, "SEED": seed, "RUN_ID": run_id}
+    bytes_model = overrides.pop("bytes_model", 2_000 + seed)
     s = dict(run_id=run_id, seed=seed, preset="baseline", world_size=2, device="cpu", hardware="x86_64",
              torch_version="2.13.0+cpu", cuda_version=None, eval_only=False, steps=1000 + seed,
              train_time_ms=590_000.0 + seed, step_avg_ms=590.0, tokens_per_s=1.0, stopped_early=True,
-             pre_quant_val_loss=None, pre_quant_val_bpb=val_bpb - 0.01, bytes_model=15_000_000 + 1000 * seed,
-             bytes_code=len(FAKE_CODE), artifact_path=f"artifacts/{run_id}.pgolf.xz", artifact_sha256="ab" * 32,
+             pre_quant_val_loss=None, pre_quant_val_bpb=val_bpb - 0.01, bytes_model=bytes_model,
+             bytes_code=len(FAKE_CODE), artifact_path=f"artifacts/{run_id}.pgolf.xz",
+             artifact_sha256=hashlib.sha256(fake_artifact(run_id, bytes_model)).hexdigest(),
              train_data_last_read_ms=589_000.0, train_deadline_ms=600_000.0, train_data_read_after_deadline=False,
              val_loss=val_bpb * math.log(2) * VAL_BYTES / VAL_TOKENS, val_bpb=val_bpb, val_tokens=VAL_TOKENS,
-             val_bytes=VAL_BYTES, eval_seq_len=1024, eval_stride=64, eval_time_ms=80_000.0 + seed,
-             quant_scheme="int8_lzma", model_params=17_059_912,
+             val_bytes=VAL_BYTES, val_split_tokens=VAL_TOKENS + 1, val_full_split=True, eval_seq_len=1024,
+             eval_stride=64, eval_time_ms=80_000.0 + seed, quant_scheme="int8_lzma", model_params=17_059_912,
+             quant=dict(calibration="self", calibration_end_ms=589_500.0),
              compliance=dict(causality_ok=True, normalization_ok=True, score_before_update_ok=True, one_pass_ok=True,
                              no_train_data_after_deadline=True, all_ok=True),
              nll_dump=None, wall_time_s=700.0, hyperparameters=hp)
@@ -188,12 +192,19 @@ def fake_summary(run_id, seed, val_bpb, **overrides):
     return s
 
 
+def fake_artifact(run_id, size):
+    seed = run_id.encode()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
 BPBS = {1: 1.0501, 2: 1.0523, 3: 1.0512}
 
 
 def write_runs(root, seeds=(1, 2, 3), prefix="pg", summaries=None, code=FAKE_CODE, **overrides):
-    """logs/<prefix>_seed<N>.{json,txt} for each seed under `root`; returns the run ids."""
+    """logs/<prefix>_seed<N>.{json,txt} and artifacts/<prefix>_seed<N>.pgolf.xz for each seed under `root`
+    (the artifact as its summary describes it); returns the run ids."""
     (root / "logs").mkdir(exist_ok=True)
+    (root / "artifacts").mkdir(exist_ok=True)
     ids = []
     for i, seed in enumerate(seeds):
         run_id = f"{prefix}_seed{seed}" if f"{prefix}_seed{seed}" not in ids else f"{prefix}_seed{seed}_{i}"
@@ -201,6 +212,7 @@ def write_runs(root, seeds=(1, 2, 3), prefix="pg", summaries=None, code=FAKE_COD
         (root / "logs" / f"{run_id}.json").write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
         (root / "logs" / f"{run_id}.txt").write_bytes(code + harness.LOG_SOURCE_END.encode()
                                                       + f"run_id:{run_id} seed:{seed}\n".encode())
+        (root / s["artifact_path"]).write_bytes(fake_artifact(s["run_id"], s["bytes_model"]))
         ids.append(run_id)
     return ids
 
@@ -287,15 +299,22 @@ def test_dry_run_writes_nothing(entry, capsys):
 
 
 REFUSALS = {
-    "over the byte cap": dict(runs=dict(summaries={0: fake_summary("pg_seed1", 1, 1.05, bytes_total=16_000_001,
+    "over the byte cap": dict(runs=dict(summaries={0: fake_summary("pg_seed1", 1, 1.05, bytes_model=16_000_001,
                                                                    hyperparameters={"ARTIFACT_BUDGET_BYTES": 20_000_000})},
                                         hyperparameters={"ARTIFACT_BUDGET_BYTES": 20_000_000})),
-    "ARTIFACT_BUDGET_BYTES=15,000,000": dict(runs=dict(hyperparameters={"ARTIFACT_BUDGET_BYTES": 15_000_000})),
+    "ARTIFACT_BUDGET_BYTES=1,000": dict(runs=dict(hyperparameters={"ARTIFACT_BUDGET_BYTES": 1_000})),
     "past its wallclock cap": dict(runs=dict(summaries={1: fake_summary("pg_seed2", 2, 1.05, train_time_ms=600_000.5)})),
     "past the challenge's 600 s": dict(runs=dict(train_time_ms=650_000.0,
                                                  hyperparameters={"MAX_WALLCLOCK_SECONDS": 0.0})),
-    "read training data after the deadline": dict(
+    "says it read training data after its deadline": dict(
         runs=dict(summaries={2: fake_summary("pg_seed3", 3, 1.05, train_data_read_after_deadline=True)})),
+    # a run that trusted its own cap (609 s) and said "not after the deadline": the harness checks the times
+    "read training data after the deadline: train_data_last_read_ms = 600500.0": dict(runs=dict(summaries={
+        0: fake_summary("pg_seed1", 1, 1.05, train_data_last_read_ms=600_500.0, train_time_ms=598_000.0,
+                        hyperparameters={"MAX_WALLCLOCK_SECONDS": 609.0})})),
+    "read training data after the deadline: quant.calibration_end_ms = 607000.0": dict(runs=dict(summaries={
+        1: fake_summary("pg_seed2", 2, 1.05, quant=dict(calibration="train", calibration_end_ms=607_000.0),
+                        hyperparameters={"MAX_WALLCLOCK_SECONDS": 609.0, "GPTQ_CALIBRATION": "train"})})),
     "no compliance audit": dict(runs=dict(summaries={0: fake_summary("pg_seed1", 1, 1.05, compliance=None)})),
     "failed the compliance audit: causality_ok": dict(runs=dict(summaries={1: fake_summary(
         "pg_seed2", 2, 1.05, compliance=dict(causality_ok=False, normalization_ok=True, all_ok=False))})),
@@ -314,8 +333,11 @@ REFUSALS = {
     "logs/pg_seed2.json is missing": dict(after=lambda root: (root / "logs" / "pg_seed2.json").unlink()),
     "logs/pg_seed3.txt (the train log) is missing": dict(after=lambda root: (root / "logs" / "pg_seed3.txt").unlink()),
     "requirements.txt is missing": dict(after=lambda root: (root / "requirements.txt").unlink()),
-    "not the abababab": dict(after=lambda root: (root / "artifacts").mkdir() or
-                             (root / "artifacts" / "pg_seed1.pgolf.xz").write_bytes(b"not the artifact")),
+    "has sha256": dict(after=lambda root: (root / "artifacts" / "pg_seed1.pgolf.xz").write_bytes(
+        b"x" + fake_artifact("pg_seed1", 2_001)[1:])),
+    "is not on disk": dict(after=lambda root: (root / "artifacts" / "pg_seed2.pgolf.xz").unlink()),
+    "is 1,999 bytes, not the 2003": dict(after=lambda root: (root / "artifacts" / "pg_seed3.pgolf.xz").write_bytes(
+        fake_artifact("pg_seed3", 1_999))),
 }
 
 
@@ -332,20 +354,22 @@ def test_refusals_say_why_exit_1_and_write_nothing(entry, capsys, reason):
     assert [p.name for p in entry.iterdir() if p.name.startswith(".")] == []
 
 
-def test_a_matching_artifact_passes_the_sha256_check(entry):
-    ids = write_runs(entry)
-    (entry / "artifacts").mkdir()
-    blob = b"model bytes"
-    s = json.loads((entry / "logs" / f"{ids[0]}.json").read_text())
-    s["artifact_sha256"] = hashlib.sha256(blob).hexdigest()
-    (entry / "logs" / f"{ids[0]}.json").write_text(json.dumps(s))
-    (entry / "artifacts" / f"{ids[0]}.pgolf.xz").write_bytes(blob)
-    assert submit(*ids, "--record-dir", "rec") == 0
+def test_the_artifact_is_measured_not_trusted(entry):
+    """bytes_total in the summary says nothing the harness believes: it measures the artifact on disk, so a
+    summary under-reporting a 16,000,001-byte model is refused, and one whose sizes are right is accepted."""
+    big = 16_000_001 - len(FAKE_CODE)
+    s = fake_summary("pg_seed1", 1, 1.05, bytes_model=big)
+    s["bytes_model"], s["bytes_total"] = 1_000, 1_000 + len(FAKE_CODE)      # the lie
+    ids = write_runs(entry, seeds=(1,), summaries={0: s})
+    (entry / "artifacts" / "pg_seed1.pgolf.xz").write_bytes(fake_artifact("pg_seed1", big))
+    assert submit(*ids, "--record-dir", "rec") == 1
+    honest = write_runs(entry, seeds=(2,), prefix="ok")
+    assert submit(*honest, "--record-dir", "rec2") == 0
 
 
 def test_every_reason_is_reported_at_once(entry, capsys):
     ids = write_runs(entry, summaries={0: fake_summary("pg_seed1", 1, 1.05, compliance=None),
-                                       1: fake_summary("pg_seed2", 2, 1.05, bytes_total=17_000_000)})
+                                       1: fake_summary("pg_seed2", 2, 1.05, bytes_model=17_000_000)})
     assert submit(*ids, "--record-dir", "rec") == 1
     err = capsys.readouterr().err
     assert "seed 1 (pg_seed1) has no compliance audit" in err and "seed 2 (pg_seed2) is over the byte cap" in err
@@ -385,6 +409,23 @@ def test_8xh100_runs_go_to_records_and_update_the_top_level_submission(entry):
     assert submit(*worse, "--date", "2026-04-02") == 0
     assert (entry / "records" / "track_10min_16mb" / "2026-04-02_baseline_9x512_int8_lzma").is_dir()
     assert json.loads((entry / "submission.json").read_text()) == sub
+
+
+def test_partial_validation_is_never_a_record(entry, capsys):
+    """8xH100 runs that scored only part of the validation split (VAL_MAX_TOKENS): refused under records/,
+    assembled as a practice record that says so, and the top-level submission.json left alone."""
+    partial = dict(H100, val_full_split=False, val_tokens=99_999, val_split_tokens=40_540_160)
+    ids = write_runs(entry, **partial)
+    before = (entry / "submission.json").read_bytes()
+    assert submit(*ids, "--record-dir", "records/track_10min_16mb/x") == 1
+    assert "scored part of it (VAL_MAX_TOKENS)" in capsys.readouterr().err
+    assert submit(*ids, "--date", "2026-04-01") == 0
+    rec = entry / "logs" / "pg_record"
+    sub = json.loads((rec / "submission.json").read_text())
+    assert sub["val_full_split"] is False and "Partial validation: scored the first 100,000 of" in sub["blurb"]
+    assert "**Partial validation.**" in (rec / "README.md").read_text()
+    assert not (entry / "records").exists() and (entry / "submission.json").read_bytes() == before
+    assert "partial validation: a practice record" in capsys.readouterr().out
 
 
 def test_one_gpu_is_not_the_track(entry):
@@ -462,11 +503,12 @@ def test_settings_defaults_read_from_the_source_match_train_gpt():
 
 def test_explicit_settings_reproduce_the_resolved_settings():
     train_gpt = pytest.importorskip("train_gpt")
-    env = {"NUM_LAYERS": "3", "RECUR_LAYERS": "1-2", "MATRIX_LR": "0.031", "DATA_PATH": "/d a/x", "EVAL_STRIDE": "0", "SEED": "5",
-           "RUN_ID": "r", "EVAL_AUDIT": "1", "ADAM_EPS": "1e-09"}
+    env = {"NUM_LAYERS": "3", "RECUR_LAYERS": "0-1", "PARALLEL_LAST_N": "1", "MATRIX_LR": "0.031", "DATA_PATH": "/d a/x",
+           "EVAL_STRIDE": "0", "SEED": "5", "RUN_ID": "r", "EVAL_AUDIT": "1", "ADAM_EPS": "1e-09"}
     hp = train_gpt.read_settings(env)[0].as_dict()
     explicit = harness.explicit_settings(hp, harness.settings_defaults((REPO_ROOT / "train_gpt.py").read_text()))
-    assert set(explicit) == {"NUM_LAYERS", "RECUR_LAYERS", "MATRIX_LR", "DATA_PATH", "EVAL_STRIDE", "ADAM_EPS"}
+    assert set(explicit) == {"NUM_LAYERS", "RECUR_LAYERS", "PARALLEL_LAST_N", "MATRIX_LR", "DATA_PATH", "EVAL_STRIDE",
+                             "ADAM_EPS"}
     import shlex
     parsed = dict(word.split("=", 1) for word in shlex.split(harness._env_line(explicit)))
     again = train_gpt.read_settings(dict(parsed, SEED="5", RUN_ID="r", EVAL_AUDIT="1"))[0].as_dict()

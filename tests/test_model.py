@@ -43,8 +43,10 @@ def test_flops_per_token_matches_flop_counter(monkeypatch, T):
     measured through the explicit stand-in, whose T x T score matmuls count the masked (future)
     half too: the counter sees 12 L T d where a causal kernel does 6 L T d, the formula's term;
     (2) N counts the weights of matmuls only (not the BigramHash table, a lookup), with the layers
-    that depth recurrence repeats counted once per pass (recurrence is on here: order 0, 1, 1, 1)."""
-    hp = tiny_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=T, RECUR_PASSES=3)
+    that depth recurrence repeats counted once per pass (recurrence is on here: order 0, 0, 0, 1; layer 1 is a
+    two-lane parallel block)."""
+    hp = tiny_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=T, RECUR_PASSES=3,
+                 SMEAR_GATE_DIMS=0)               # SmearGate's 12-weight gate: left out of the formula on purpose
     model = train_gpt.GPT(hp)
     model.recurrence_on = True
     passes = {i: model.layer_order().count(i) for i in range(hp.num_layers)}

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -20,15 +21,17 @@ import torch
 import train_gpt
 
 TRAIN_GPT = Path(__file__).resolve().parents[1] / "train_gpt.py"
-TINY_RUN = {"NUM_LAYERS": "2", "RECUR_LAYERS": "1-1", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
-            "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
-            "EVAL_STRIDE": "32", "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32"}
+TINY_RUN = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "MODEL_DIM": "64", "NUM_HEADS": "4",
+            "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8",
+            "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "VAL_BATCH_SIZE": "8192", "EVAL_STRIDE": "32",
+            "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32", "TTT_ENABLED": "0"}
 REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_ms", "step_avg_ms", "tokens_per_s",
-                 "stopped_early", "val_loss", "val_bpb", "val_tokens", "val_bytes", "pre_quant_val_loss",
-                 "pre_quant_val_bpb", "roundtrip_val_loss", "roundtrip_val_bpb", "bytes_model", "bytes_code",
-                 "bytes_total", "artifact_path", "artifact_sha256", "eval_time_ms", "hyperparameters",
-                 "compliance", "eval_only", "projected_h100_eval_s", "train_data_last_read_ms", "train_deadline_ms",
-                 "train_data_read_after_deadline", "nll_dump", "eval_seq_len", "eval_stride"]
+                 "stopped_early", "val_loss", "val_bpb", "val_tokens", "val_bytes", "val_split_tokens", "val_full_split",
+                 "pre_quant_val_loss", "pre_quant_val_bpb", "roundtrip_plain_val_loss", "roundtrip_plain_val_bpb",
+                 "quant_gap_bpb", "ttt", "bytes_model", "bytes_code", "bytes_total", "artifact_path", "artifact_sha256",
+                 "eval_time_ms", "hyperparameters", "compliance", "eval_only", "projected_h100_eval_s",
+                 "train_data_last_read_ms", "train_deadline_ms", "train_data_read_after_deadline", "nll_dump",
+                 "eval_seq_len", "eval_stride", "stage_ms", "wall_ms", "compile", "peak_memory_mib", "quant"]
 COMPLIANCE_CHECKS = ["causality_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
                      "no_train_data_after_deadline"]
 TTT_RUN = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
@@ -134,6 +137,16 @@ def test_distributed_run_summary(dist_run, demo_data):
     assert s["train_time_ms"] > 0 and s["eval_time_ms"] > 0 and s["tokens_per_s"] > 0
     assert s["step_avg_ms"] == pytest.approx(s["train_time_ms"] / s["steps"])
     assert s["tokens_per_s"] == pytest.approx(8 * 4096 / (s["train_time_ms"] / 1e3), rel=1e-9)
+    # every stage timed; evaluation = load + audit + the plain pass + the final pass, each counted
+    for stage in ("train", "pre_quant_eval", "calibration", "gptq", "pack", "load", "audit", "roundtrip_plain_eval", "eval"):
+        assert s["stage_ms"][stage] > 0, stage
+    assert s["stage_ms"]["compile"] == pytest.approx(0, abs=1.0)          # CPU: not compiled, nothing to warm
+    eval_stages = sum(s["stage_ms"][k] for k in ("load", "audit", "roundtrip_plain_eval", "eval"))
+    assert eval_stages <= s["eval_time_ms"] <= eval_stages + 1000
+    assert s["wall_ms"] >= sum(s["stage_ms"].values())
+    assert s["compile"] == {"graphs_in_warm_up": 0, "recompiles_in_clock": 0, "recompiles_after_warm_up": 0,
+                            "graph_breaks": 0}
+    assert s["val_full_split"] is True and s["val_split_tokens"] == s["val_tokens"] + 1
 
 
 def test_both_ranks_loaded_the_same_weights(dist_run):
@@ -166,8 +179,10 @@ def test_val_tokens_bytes_and_bpb(dist_run, demo_data):
     assert s["val_bpb"] == pytest.approx(s["val_loss"] * s["val_tokens"] / (math.log(2) * s["val_bytes"]), rel=1e-12)
     assert s["pre_quant_val_bpb"] == pytest.approx(
         s["pre_quant_val_loss"] * s["val_tokens"] / (math.log(2) * s["val_bytes"]), rel=1e-12)
-    assert (s["roundtrip_val_loss"], s["roundtrip_val_bpb"]) == (s["val_loss"], s["val_bpb"])
-    assert s["val_loss"] == pytest.approx(s["pre_quant_val_loss"], rel=1e-2)     # int8 costs little
+    # the quantization gap: plain windows before and after the round trip
+    assert s["quant_gap_bpb"] == pytest.approx(s["roundtrip_plain_val_bpb"] - s["pre_quant_val_bpb"], abs=1e-12)
+    assert abs(s["quant_gap_bpb"]) < 0.02 * s["pre_quant_val_bpb"]            # int6/int7 SDClip costs little
+    assert s["val_loss"] < s["roundtrip_plain_val_loss"]                      # the sliding window sees more context
     assert s["val_loss"] < math.log(demo_data["vocab"])                           # it learned something
 
 
@@ -175,15 +190,18 @@ def test_text_log(dist_run):
     cwd, proc, s = dist_run
     text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
     assert text.startswith(TRAIN_GPT.read_text(encoding="utf-8"))
-    lines = re.findall(r"^final_int6_lzma_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
+    lines = re.findall(r"^final_int6_emb7_lzma_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
     assert len(lines) == 1
     assert abs(float(lines[0][0]) - s["val_loss"]) <= 1e-8 and abs(float(lines[0][1]) - s["val_bpb"]) <= 1e-8
     assert re.search(r"^step:8/8 train_loss:\S+ train_time:", text, re.M)
     assert f"Total submission size: {s['bytes_total']} bytes" in text
-    assert s["quant_bits"] == {"mlp": 6, "other": 6} and s["quant_budget_fit_steps"] == 0
+    assert s["quant_bits"] == {"embed": 7, "mlp": 6, "attn": 6} and s["quant"]["attempts"] == 1
+    assert s["quant"]["sigmas"] == {"embed": 15.0, "mlp": 12.0, "attn": 13.0} and s["quant"]["fit_factor"] == 1.0
+    assert len(s["quant"]["lqer_tensors"]) == 3
     warning = "warning: NUM_LAYER is not a setting; did you mean NUM_LAYERS?"
     assert warning in text and warning in proc.stdout
-    assert proc.stdout.count("final_int6_lzma_roundtrip_exact") == 1             # rank 0 alone prints
+    assert proc.stdout.count("final_int6_emb7_lzma_roundtrip_exact") == 1        # rank 0 alone prints
+    assert "clock_start:" in text and text.index("clock_start:") < text.index("step:1/8 train_loss")
 
 
 def test_world_size_does_not_change_the_result(dist_run, single_runs):
@@ -204,13 +222,25 @@ def test_identical_runs_give_identical_artifacts(single_runs):
     assert (s1["val_loss"], s1["val_bpb"]) == (s2["val_loss"], s2["val_bpb"])
 
 
-def test_over_budget_fails_cleanly_and_writes_no_artifact(demo_data, single_runs, tmp_path):
-    bytes_model = single_runs[0][2]["bytes_model"]             # the same model, packed by a successful run
-    proc = run_train(tmp_path, demo_data, RUN_ID="budget", ARTIFACT_BUDGET_BYTES=1000)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert str(TRAIN_GPT.stat().st_size) in proc.stderr and str(bytes_model) in proc.stderr
-    assert "ARTIFACT_BUDGET_BYTES" in proc.stderr
+@pytest.mark.parametrize("over", ["code_alone", "coarsest_plan", "above_the_cap"])
+def test_an_impossible_budget_fails_in_seconds_before_training(demo_data, tmp_path, over):
+    """Refused before any training step, naming the numbers: a budget the code alone exceeds; one that
+    even the coarsest quantization the budget fit can reach is planned over (beyond the planner's
+    tolerance); one above the challenge's cap. Nothing written but the log's head."""
+    code = TRAIN_GPT.stat().st_size
+    budget = {"code_alone": 1000, "coarsest_plan": code + 100, "above_the_cap": 16_000_001}[over]
+    start = time.monotonic()
+    proc = run_train(tmp_path, demo_data, RUN_ID="budget", ARTIFACT_BUDGET_BYTES=budget)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert time.monotonic() - start < 60
+    assert f"ARTIFACT_BUDGET_BYTES={budget}" in proc.stderr
+    if over == "code_alone":
+        assert f"train_gpt.py alone is {code} bytes" in proc.stderr
+    elif over == "coarsest_plan":
+        assert "cannot be met" in proc.stderr and f"+ {code} code" in proc.stderr
+    else:
+        assert "16000000" in proc.stderr
+    assert not re.search(r"^step:", proc.stdout, re.M)
     assert not list(tmp_path.glob("artifacts/*"))
     assert not (tmp_path / "logs" / "budget.json").exists()
 
@@ -244,13 +274,15 @@ def test_rerun_with_existing_run_id_changes_nothing(demo_data, single_runs):
 
 # --- self-audit, NLL dump, projection ---------------------------------------------------------------
 
-def check_compliance(s, ttt_chunks=0):
+def check_compliance(s, ttt_updates=0):
     c = s["compliance"]
     assert c is not None
     for key in COMPLIANCE_CHECKS + ["all_ok"]:
         assert c[key] is True, key
-    assert c["targets_scored"] == c["targets_expected"] == s["val_tokens"]
-    assert c["ttt_chunks"] == ttt_chunks
+    assert c["targets_scored_once"] == c["targets_expected"] == s["val_tokens"]
+    assert c["targets_never_scored"] == c["targets_scored_twice_or_more"] == 0
+    assert c["ttt_updates"] == ttt_updates and c["ttt_unscored_targets_trained"] == 0
+    assert c["causality_windows"] == c["normalization_windows"] == 3
     assert 0 <= c["causality_max_abs_dnll"] <= train_gpt.CAUSALITY_TOLERANCE
     assert 0 <= c["normalization_max_abs_dev"] <= train_gpt.NORMALIZATION_TOLERANCE
 
@@ -261,7 +293,7 @@ def test_audited_run_is_compliant(dist_run):
     text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
     logged = re.findall(r"^compliance: (.*)$", text, re.M)
     assert len(logged) == 1 and json.loads(logged[0]) == s["compliance"]
-    assert s["train_deadline_ms"] is None and s["train_data_read_after_deadline"] is False  # no cap in this run
+    assert s["train_deadline_ms"] == 600e3 and s["train_data_read_after_deadline"] is False  # no cap: the challenge's
     assert 0 < s["train_data_last_read_ms"] <= s["train_time_ms"]
 
 
@@ -311,16 +343,17 @@ def test_nll_dump_reproduces_the_headline(dist_run, demo_data):
 
 
 def test_projected_eval_time(dist_run, demo_data):
-    """projected_h100_eval_s = windows x W x (2 N + 2 L W d) FLOPs over the full validation split
-    (N the matmul weights, L the blocks run with recurrence on: 2 layers, layer 1 three times),
-    at ASSUMED_MFU of 8 x 989 TFLOP/s; logged too."""
+    """projected_h100_eval_s = (windows x W + the plain pass's inputs) x (2 N + 2 L W d) FLOPs over the
+    full validation split (N the matmul weights, L the blocks run with recurrence on: 2 layers, layer 0
+    three times), at ASSUMED_MFU of 8 x 989 TFLOP/s; logged too."""
     cwd, _, s = dist_run
     n, w, stride = demo_data["val_tokens"], 64, 32
     assert (s["eval_seq_len"], s["eval_stride"]) == (w, stride)
     windows = 1 + math.ceil((n - 1 - w) / stride)
+    plain = math.ceil((n - 1) / w) * w                        # TRAIN_SEQ_LEN = the window here
     hp = train_gpt.Hyperparameters(s["hyperparameters"])
     assert train_gpt.effective_layers(hp) == 4
-    flops = windows * w * (2 * train_gpt.matmul_params(hp) + 2 * 4 * w * 64)
+    flops = (windows * w + plain) * (2 * train_gpt.matmul_params(hp) + 2 * 4 * w * 64)
     assert s["projected_h100_eval_s"] == pytest.approx(flops / (8 * 989e12 * 0.28), rel=1e-9)
     text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
     assert re.search(r"^projected_8xH100_eval:\S+s \(window 64, stride 32, ttt 0, " + str(n) + " val tokens", text, re.M)
@@ -391,19 +424,19 @@ def test_existing_nll_dump_is_refused_and_left_alone(demo_data, tmp_path):
 def test_ttt_run(ttt_run, eval_only_run, demo_data):
     cwd, proc, s = ttt_run
     _, _, plain = eval_only_run
-    assert s["hyperparameters"]["TTT_ENABLED"] == 1
-    assert abs(s["roundtrip_val_bpb"] - plain["val_bpb"]) <= 1e-9           # before TTT: the plain score
-    assert (s["ttt_val_loss"], s["ttt_val_bpb"]) == (s["val_loss"], s["val_bpb"])   # the headline is TTT's
-    assert s["ttt_gain_bpb"] == pytest.approx(s["roundtrip_val_bpb"] - s["val_bpb"], abs=1e-12)
-    assert s["ttt_eval_time_ms"] == s["eval_time_ms"] > 0
-    assert s["val_bpb"] != s["roundtrip_val_bpb"]                            # TTT changed the weights
-    check_compliance(s, ttt_chunks=math.ceil(s["val_tokens"] / 2048))
+    assert s["hyperparameters"]["TTT_ENABLED"] == 1 and s["ttt"] is True
+    # the round trip's plain windows are TTT-free, the same as without TTT; the headline is TTT's
+    assert s["roundtrip_plain_val_bpb"] == pytest.approx(plain["roundtrip_plain_val_bpb"], rel=1e-9)
+    assert s["val_bpb"] != plain["val_bpb"]                                     # TTT changed the weights
+    assert s["eval_time_ms"] > s["stage_ms"]["eval"] > 0                         # every pass counted
+    n_chunks = math.ceil(s["val_tokens"] / 2048)
+    check_compliance(s, ttt_updates=n_chunks - 1)
     dump = load_dump(Path(cwd) / "dump.npz")
     check_dump(dump, s, demo_data)
     before = load_dump(Path(eval_only_run[0]) / "dump.npz")["nll"]
     np.testing.assert_allclose(dump["nll"][:2048], before[:2048], rtol=1e-5, atol=1e-6)   # chunk 0: before any update
     assert not np.allclose(dump["nll"][2048:], before[2048:], rtol=1e-5, atol=1e-6)
     text = (Path(cwd) / "logs" / "ttt.txt").read_text(encoding="utf-8")
-    lines = re.findall(r"^final_int6_lzma_ttt_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
+    lines = re.findall(r"^final_int6_emb7_lzma_ttt_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
     assert len(lines) == 1 and abs(float(lines[0][1]) - s["val_bpb"]) <= 1e-8
     assert re.search(r"^projected_8xH100_eval:\S+s \(window 64, stride 32, ttt 1, ", text, re.M)

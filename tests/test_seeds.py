@@ -28,9 +28,11 @@ from test_harness import t_cdf_by_integration
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_FILES = ["train_gpt.py", "run_8xh100.sh", "requirements.txt", "submission.json", "tools/__init__.py",
                "tools/harness.py"]
-TINY = {"NUM_LAYERS": "2", "RECUR_LAYERS": "1-1", "MODEL_DIM": "64", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64",
-        "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8", "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0",
-        "EVAL_STRIDE": "32", "VAL_MAX_TOKENS": "4096", "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32"}
+TINY = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "MODEL_DIM": "64", "NUM_HEADS": "4",
+        "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8",
+        "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "32", "VAL_MAX_TOKENS": "4096",
+        "VAL_BATCH_SIZE": "8192", "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32",
+        "TTT_CHUNK_TOKENS": "1024", "TTT_EPOCHS": "1"}
 KNOBS = {"AUTHOR": "Test Author", "GITHUB_ID": "test-id", "SUBMISSION_NAME": "Tiny three seeds",
          "REFERENCE_BPB": "3.70 3.72 3.71"}
 SEEDS = (1, 2, 3)
@@ -108,6 +110,7 @@ def test_each_seed_ran_with_the_audit_and_its_own_seed(three_seeds):
         assert (s["seed"], s["run_id"], s["world_size"], s["eval_only"]) == (seed, f"e2e_seed{seed}", 2, False)
         assert s["hyperparameters"]["EVAL_AUDIT"] == 1 and s["compliance"]["all_ok"] is True
         assert s["hyperparameters"]["NUM_LAYERS"] == 2 and s["val_tokens"] == 4095
+        assert s["ttt"] is True and s["compliance"]["ttt_updates"] == 3        # the default: TTT on
     assert len({s["val_bpb"] for s in three_seeds["summaries"]}) == 3   # different seeds, different models
 
 
@@ -158,6 +161,9 @@ def test_submission_fields(three_seeds):
     assert sub["pytorch_version"] == s0["torch_version"] and sub["cuda_version"] == s0["cuda_version"]
     assert sub["on_track_hardware"] is False and "practice record" in sub["blurb"]
     assert "2 layers x 64" in sub["technique_summary"] and "stride 32" in sub["technique_summary"]
+    # VAL_MAX_TOKENS: a partial validation, which the record says (and records/ would refuse)
+    assert sub["val_full_split"] is False and "Partial validation: scored the first 4,096 of" in sub["blurb"]
+    assert "**Partial validation.**" in three_seeds["readme"]
 
 
 def test_nothing_written_outside_the_record(three_seeds):

@@ -119,7 +119,19 @@ def test_unrelated_variables_do_not_warn(name):
     ({"TTT_CHUNK_TOKENS": "0"}, ["TTT_CHUNK_TOKENS"]),
     ({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "1023"}, ["TTT_CHUNK_TOKENS"]),   # < the window: would never train
     ({"TTT_EPOCHS": "0"}, ["TTT_EPOCHS"]),
-    ({"TTT_LAST_N": "0"}, ["TTT_LAST_N"]),
+    ({"TTT_LAST_N": "-1"}, ["TTT_LAST_N"]),
+    ({"TTT_LR_SCHEDULE": "linear"}, ["TTT_LR_SCHEDULE"]),
+    ({"TTT_GRAD_CLIP": "-1"}, ["TTT_GRAD_CLIP"]),
+    ({"MUON_NS_COEFFS": "cubic"}, ["MUON_NS_COEFFS"]),
+    ({"PARALLEL_LANES": "3"}, ["PARALLEL_LANES"]),
+    ({"RECUR_LAYERS": "8-9"}, ["RECUR_LAYERS", "PARALLEL_LAST_N"]),        # into the two-lane blocks 8-10
+    ({"ATTN_GATE_DIMS": "513"}, ["ATTN_GATE_DIMS", "MODEL_DIM"]),
+    ({"SMEAR_GATE_DIMS": "-1"}, ["SMEAR_GATE_DIMS"]),
+    ({"QUANT_EMBED_BITS": "9"}, ["QUANT_EMBED_BITS"]),
+    ({"QUANT_CLIP_SIGMAS_MLP": "0"}, ["QUANT_CLIP_SIGMAS_MLP"]),
+    ({"LQER_TENSORS": "-1"}, ["LQER_TENSORS"]),
+    ({"LQER_RANK": "0"}, ["LQER_RANK"]),
+    ({"ARTIFACT_BUDGET_BYTES": "16000001"}, ["ARTIFACT_BUDGET_BYTES", "16000000"]),   # above the challenge's cap
     ({"TTT_LR": "-0.1"}, ["TTT_LR"]),
     ({"TTT_MOMENTUM": "-1"}, ["TTT_MOMENTUM"]),
     ({"EVAL_TIME_LIMIT_SECONDS": "-1"}, ["EVAL_TIME_LIMIT_SECONDS"]),
@@ -147,11 +159,13 @@ def test_boundary_values_are_accepted():
     assert train_gpt.eval_geometry(hp) == (32, 32)
     hp, _ = read_settings({"TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "128"})            # stride 64 <= window 128
     assert train_gpt.eval_geometry(hp) == (128, 64)
-    hp, _ = read_settings({"NUM_LAYERS": "1", "RECUR_LAYERS": ""})   # TTT_LAST_N=2 > 1 layer is fine while TTT is off
-    assert hp.num_layers == 1 and hp.ttt_enabled == 0
+    hp, _ = read_settings({"NUM_LAYERS": "1", "RECUR_LAYERS": ""})   # TTT_LAST_N=0: every parameter
+    assert hp.num_layers == 1 and hp.ttt_last_n == 0
+    hp, _ = read_settings({"ARTIFACT_BUDGET_BYTES": "16000000"})   # the challenge's cap itself
+    assert hp.artifact_budget_bytes == 16_000_000
     hp, _ = read_settings({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048"})   # one window per chunk: allowed
     assert hp.ttt_chunk_tokens == 2048
-    hp, _ = read_settings({"TTT_CHUNK_TOKENS": "10"})   # short chunks are fine while TTT is off
+    hp, _ = read_settings({"TTT_CHUNK_TOKENS": "10", "TTT_ENABLED": "0"})   # short chunks are fine while TTT is off
     assert hp.ttt_chunk_tokens == 10
 
 
@@ -195,7 +209,7 @@ def saved_artifact(tmp_path):
     hp, _ = read_settings({**ARTIFACT_VALID, "NUM_LAYERS": "1", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2",
                            "VOCAB_SIZE": "64", "MLP_MULT": "3", "ROPE_BASE": "500", "LOGIT_SOFTCAP": "15"})
     model = train_gpt.GPT(hp)
-    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict(), dict(mlp=6, other=6)), 6,
+    blob = train_gpt.pack_artifact(train_gpt.quantize_state_dict(model.state_dict(), train_gpt.QuantSpec.from_settings(hp)), 6,
                                    {name: hp.values[name] for name in train_gpt.ARCH_SETTINGS})
     path = tmp_path / "saved.pgolf.xz"
     path.write_bytes(blob)
@@ -218,7 +232,7 @@ def test_eval_only_takes_the_model_shape_from_the_artifact(saved_artifact):
     ({"MODEL_DIM": "64"}, ["MODEL_DIM"]),
     ({"VOCAB_SIZE": "1024"}, ["VOCAB_SIZE"]),
     ({"LOGIT_SOFTCAP": "30"}, ["LOGIT_SOFTCAP"]),
-    ({"TTT_ENABLED": "1"}, ["TTT_LAST_N", "NUM_LAYERS"]),   # default TTT_LAST_N=2 > the artifact's 1 layer
+    ({"TTT_LAST_N": "2"}, ["TTT_LAST_N", "NUM_LAYERS"]),   # TTT_LAST_N=2 > the artifact's 1 layer
 ])
 def test_eval_only_conflicts_name_the_setting(saved_artifact, env, names):
     path, _ = saved_artifact

@@ -5,7 +5,6 @@ distributed training equals single-process training."""
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 import pytest
@@ -21,13 +20,18 @@ SWITCHES = {
     "ROPE_DIMS": ({"ROPE_DIMS": "4"}, {"ROPE_DIMS": "0"}),
     "XSA_LAST_N": ({"XSA_LAST_N": "2"}, {"XSA_LAST_N": "0"}),
     "ATTN_GATE": ({"ATTN_GATE": "1"}, {"ATTN_GATE": "0"}),
+    "ATTN_GATE_DIMS": ({"ATTN_GATE": "1", "ATTN_GATE_DIMS": "12"}, {"ATTN_GATE": "1", "ATTN_GATE_DIMS": "0"}),
     "BIGRAM_VOCAB": ({"BIGRAM_VOCAB": "32"}, {"BIGRAM_VOCAB": "0"}),
     "SMEAR_GATE": ({"SMEAR_GATE": "1"}, {"SMEAR_GATE": "0"}),
+    "SMEAR_GATE_DIMS": ({"SMEAR_GATE": "1", "SMEAR_GATE_DIMS": "12"}, {"SMEAR_GATE": "1", "SMEAR_GATE_DIMS": "0"}),
     "LN_SCALE": ({"LN_SCALE": "1"}, {"LN_SCALE": "0"}),
     "PARALLEL_LAST_N": ({"PARALLEL_LAST_N": "1"}, {"PARALLEL_LAST_N": "0"}),
+    "PARALLEL_LANES": ({"PARALLEL_LAST_N": "1", "PARALLEL_LANES": "2"}, {"PARALLEL_LAST_N": "1", "PARALLEL_LANES": "1"}),
     "RECUR_LAYERS": ({"RECUR_LAYERS": "1-1"}, {"RECUR_LAYERS": ""}),
 }
-ALL_OFF = {k: v for _, off in SWITCHES.values() for k, v in off.items()}
+ALL_OFF = {"MLP_ACT": "relu2", "ROPE_DIMS": "0", "XSA_LAST_N": "0", "ATTN_GATE": "0", "ATTN_GATE_DIMS": "0",
+           "BIGRAM_VOCAB": "0", "SMEAR_GATE": "0", "SMEAR_GATE_DIMS": "0", "LN_SCALE": "0", "PARALLEL_LAST_N": "0",
+           "PARALLEL_LANES": "1", "RECUR_LAYERS": ""}
 
 
 def pattern_batch(vocab: int, n: int = 8, t: int = 16, seed: int = 0) -> torch.Tensor:
@@ -149,7 +153,11 @@ def test_ln_scale_and_parallel_lanes_are_per_layer():
     model = train_gpt.GPT(hp)
     assert [b.norm_scale for b in model.blocks] == [1.0, 1 / math.sqrt(2)]
     assert [b.parallel for b in model.blocks] == [False, True]
+    assert [b.lanes for b in model.blocks] == [1, 1]
     assert [b.attn.xsa for b in model.blocks] == [False, True]
+    two = train_gpt.GPT(tiny_hp(**{**ALL_OFF, "NUM_LAYERS": "4", "PARALLEL_LAST_N": "2", "PARALLEL_LANES": "2"}))
+    assert [b.lanes for b in two.blocks] == [1, 1, 2, 2]
+    assert not hasattr(two.blocks[1], "lane_post") and two.blocks[2].lane_post.shape == (2, 2)
 
 
 def test_recurrence_layer_order_and_skips():
@@ -171,11 +179,14 @@ def test_flops_per_token_counts_recurrence():
     assert added == pytest.approx(4 * (6 * per_block + 6 * 16 * d))
 
 
-def test_matmul_params_match_the_model():
-    """matmul_params counts exactly the 2-D weights used in matmuls (not the BigramHash table)."""
-    hp = tiny_hp(**{**ALL_OFF, "BIGRAM_VOCAB": "32", "ATTN_GATE": "1"})
+@pytest.mark.parametrize("gates", [{"ATTN_GATE": "1"}, {"ATTN_GATE": "1", "ATTN_GATE_DIMS": "12", "SMEAR_GATE": "1",
+                                                           "SMEAR_GATE_DIMS": "12"}])
+def test_matmul_params_match_the_model(gates):
+    """matmul_params counts exactly the 2-D weights used in matmuls (not the BigramHash table, a lookup),
+    but SmearGate's gate (12 weights; left out on purpose)."""
+    hp = tiny_hp(**{**ALL_OFF, "BIGRAM_VOCAB": "32", **gates})
     model = train_gpt.GPT(hp)
-    counted = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    counted = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m.out_features > 1)
     assert train_gpt.matmul_params(hp) == counted + model.tok_emb.weight.numel()
 
 
@@ -212,14 +223,30 @@ def test_lr_floor_and_warmdown():
 
 
 def test_presets():
-    stack, _ = train_gpt.read_settings({})
+    """frontier (the default: the April records' model and optimizer), stack1024 (the March stack on sp1024,
+    the default before) and baseline (the official recipe); a preset only sets defaults."""
+    frontier, _ = train_gpt.read_settings({})
+    assert frontier.preset == "frontier" and frontier.vocab_size == 8192 and "sp8192" in frontier.data_path
+    assert (frontier.num_layers, frontier.model_dim, frontier.mlp_mult, frontier.train_seq_len, frontier.bigram_vocab,
+            frontier.recur_layers, frontier.recur_passes, frontier.recur_start_frac) == (11, 512, 4, 2048, 0, "3-5", 3, 0.35)
+    assert (frontier.parallel_last_n, frontier.parallel_lanes, frontier.qk_gain_init) == (3, 2, 5.0)   # from layer 8
+    assert (frontier.attn_gate, frontier.attn_gate_dims, frontier.smear_gate, frontier.smear_gate_dims) == (1, 12, 1, 12)
+    assert (frontier.muon_momentum, frontier.muon_wd, frontier.embed_wd, frontier.matrix_lr, frontier.beta2,
+            frontier.warmdown_frac, frontier.lr_floor, frontier.muon_ns_coeffs) == (0.97, 0.095, 0.085, 0.026, 0.99,
+                                                                                   0.85, 0.1, "polar")
+    assert (frontier.ttt_enabled, frontier.ttt_lr, frontier.ttt_lr_schedule, frontier.ttt_momentum,
+            frontier.ttt_grad_clip, frontier.ttt_last_n) == (1, 0.005, "cosine", 0.9, 1.0, 0)
+    stack, _ = train_gpt.read_settings({"PRESET": "stack1024"})
+    assert (stack.vocab_size, stack.mlp_mult, stack.bigram_vocab, stack.recur_layers, stack.parallel_last_n,
+            stack.attn_gate, stack.muon_ns_coeffs, stack.ttt_enabled, stack.qk_gain_init) == (
+            1024, 3, 3072, "", 0, 0, "quintic", 0, 1.5)
     base, _ = train_gpt.read_settings({"PRESET": "baseline"})
-    assert (stack.num_layers, stack.mlp_mult, stack.train_seq_len, stack.xsa_last_n) == (11, 3, 2048, 11)
-    assert stack.recur_layers == "" and (stack.recur_passes, stack.recur_start_frac) == (3, 0.35)   # off by evidence
     assert (base.num_layers, base.mlp_mult, base.mlp_act, base.bigram_vocab, base.recur_layers,
-            base.ema_horizon_frac, base.matrix_lr) == (9, 2, "relu2", 0, "", 0.0, 0.04)
+            base.ema_horizon_frac, base.matrix_lr, base.vocab_size) == (9, 2, "relu2", 0, "", 0.0, 0.04, 1024)
     mine, _ = train_gpt.read_settings({"PRESET": "baseline", "NUM_LAYERS": "4"})
     assert mine.num_layers == 4 and mine.mlp_mult == 2
+    for name in train_gpt.PRESETS:
+        assert train_gpt.read_settings({"PRESET": name})[0].preset == name     # every preset is valid as is
 
 
 # --- scheduled switches and distributed equivalence, through the real training loop --------------
@@ -292,94 +319,15 @@ def test_two_gloo_ranks_train_like_one_process(tmp_path):
         assert torch.allclose(single[k], ranks[0][k], atol=2e-5, rtol=1e-4), k
 
 
-# --- export at the stack's default precision, and the budget fit -----------------------------------
-
-def gaussian_model(hp, seed=0):
-    torch.manual_seed(seed)
-    model = train_gpt.GPT(hp)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.ndim == 2:
-                p.normal_(0, 0.02)
-    return model
-
-
-def test_every_weight_matrix_is_quantized_and_control_tensors_are_not():
-    hp = tiny_hp(**{**ALL_OFF, "BIGRAM_VOCAB": "32", "ATTN_GATE": "1"})
-    entries = train_gpt.quantize_state_dict(gaussian_model(hp).state_dict(), dict(mlp=5, other=6))
-    schemes = {e["name"]: e["scheme"] for e in entries}
-    assert schemes["tok_emb.weight"] == schemes["bigram.table.weight"] == "int8_row"
-    assert schemes["blocks.0.mlp.fc.weight"] == schemes["blocks.1.mlp.proj.weight"] == "int5_row"
-    assert schemes["blocks.0.attn.c_q.weight"] == schemes["bigram.proj.weight"] == "int6_row"
-    assert schemes["blocks.0.attn.gate.weight"] == "int6_row"
-    for name in ("skip_weights", "blocks.0.resid_mix", "blocks.0.attn.q_gain", "blocks.0.attn_scale"):
-        assert schemes[name] == "fp16", name
-
-
-@pytest.mark.parametrize("bits", [5, 6, 7, 8])
-def test_per_row_quantization_range_and_clip_search(bits):
-    torch.manual_seed(0)
-    w = torch.randn(32, 1024) * 0.02                   # Gaussian rows: trimming the tails pays below 8 bits
-    scheme, parts = train_gpt.quantize_tensor(w, f"int{bits}_row", None, 6)
-    qmax = 2 ** (bits - 1) - 1
-    assert scheme == f"int{bits}_row"
-    assert parts["q"].dtype == np.int8 and np.abs(parts["q"]).max() <= qmax
-    assert parts["scale"].dtype == np.float16
-    err = (train_gpt.dequantize_parts(scheme, parts, [32, 1024]) - w).square().sum(dim=1)
-    # no clipping, by hand: scale = fp16(row max / qmax), round to nearest
-    scale = (w.abs().amax(dim=1) / qmax).half().float()[:, None]
-    plain_err = ((w / scale).round().clamp(-qmax, qmax) * scale - w).square().sum(dim=1)
-    assert torch.all(err <= plain_err + 1e-12)         # the search never does worse than no clipping
-    if bits < 8:
-        assert err.sum() < plain_err.sum()
-
-
-def test_budget_fit_prunes_then_steps_down_until_it_fits(tmp_path):
-    hp = tiny_hp(**{**ALL_OFF, "MODEL_DIM": "64", "LZMA_PRESET": "6", "GPTQ_CALIBRATION": "none"})
-    model = gaussian_model(hp)
-    code = os.path.getsize(train_gpt.__file__)
-    config = {**{n: hp.values[n] for n in train_gpt.ARCH_SETTINGS}, "recurrence_on": False, "ternary_patterns": ""}
-
-    def size(bits, fraction=0.0):
-        entries = train_gpt.quantize_state_dict(model.state_dict(), bits, preset=6)
-        entries, _ = train_gpt.prune_cheapest(entries, fraction, None)
-        return len(train_gpt.pack_artifact(entries, 6, {**config, "quant_bits": bits}))
-
-    ladder = train_gpt.precision_ladder(6)
-    sizes = [size(b) for b in ladder]
-    assert sizes[0] > sizes[1] > sizes[2]
-    pruned = [size(ladder[0], f) for f in train_gpt.PRUNE_FRACTIONS]
-    assert sizes[0] > pruned[0] > pruned[1] > pruned[2]           # each pruning step saves bytes
-    # a budget the first pruning step meets: rung 0, pruned, one budget_fit line
-    log = ListLog()
-    fitted = train_gpt.export_artifact(hp.replace(ARTIFACT_BUDGET_BYTES=code + pruned[0]), model,
-                                       str(tmp_path / "a.xz"), log)
-    assert fitted["bytes_model"] == pruned[0] and fitted["quant"]["pruned"] > 0
-    assert fitted["quant"]["bits"] == ladder[0] and fitted["quant_budget_fit_steps"] == 1
-    assert sum(l.startswith("budget_fit:") for l in log.lines) == 1
-    # a budget only the next rung meets: every pruning step of rung 0 is tried first, then rung 1 fits unpruned
-    assert sizes[1] < pruned[2]            # on Gaussian weights int6 holds few +-1 values: pruning saves little
-    fitted = train_gpt.export_artifact(hp.replace(ARTIFACT_BUDGET_BYTES=code + sizes[1]), model,
-                                       str(tmp_path / "b.xz"), ListLog())
-    assert fitted["quant"]["bits"] == ladder[1] and fitted["quant"]["pruned"] == 0
-    assert fitted["quant_budget_fit_steps"] == len(train_gpt.PRUNE_FRACTIONS) + 1
-    _, _, config = train_gpt.read_artifact(str(tmp_path / "b.xz"))
-    assert config["quant_bits"] == dict(mlp=5, other=6)
-    # nothing fits: an error with the numbers, nothing written
-    smallest = size(ladder[-1], train_gpt.PRUNE_FRACTIONS[-1])
-    with pytest.raises(train_gpt.PipelineError, match=str(code + smallest)):
-        train_gpt.export_artifact(hp.replace(ARTIFACT_BUDGET_BYTES=code + smallest - 1), model,
-                                  str(tmp_path / "c.xz"), ListLog())
-    assert not (tmp_path / "c.xz").exists()
-
-
-@pytest.mark.parametrize("name,value", [("ADAM_WD", "0.5"), ("MUON_WD", "0.5"), ("GRAD_CLIP_NORM", "0.01"),
-                                        ("MUON_ROW_NORM", "1"), ("LR_FLOOR", "0.5")])
+@pytest.mark.parametrize("name,value", [("ADAM_WD", "0.5"), ("MUON_WD", "0.5"), ("EMBED_WD", "0.5"),
+                                        ("GRAD_CLIP_NORM", "0.01"), ("MUON_ROW_NORM", "1"), ("LR_FLOOR", "0.5"),
+                                        ("MUON_NS_COEFFS", "polar"), ("BETA2", "0.5")])
 def test_optimizer_switch_changes_the_trained_weights(tmp_path, name, value):
     """Through the real training loop: the same run with the switch on ends with other weights."""
     data = make_shards(tmp_path)
-    base = {"ADAM_WD": "0", "MUON_WD": "0", "GRAD_CLIP_NORM": "0", "MUON_ROW_NORM": "0", "LR_FLOOR": "0",
-            "ITERATIONS": "6", "WARMDOWN_FRAC": "0.5", "LATE_QAT_THRESHOLD": "0"}
+    base = {"ADAM_WD": "0", "MUON_WD": "0", "EMBED_WD": "0", "GRAD_CLIP_NORM": "0", "MUON_ROW_NORM": "0",
+            "LR_FLOOR": "0", "MUON_NS_COEFFS": "quintic", "BETA2": "0.99", "ITERATIONS": "6", "WARMDOWN_FRAC": "0.5",
+            "LATE_QAT_THRESHOLD": "0"}
     off, _ = run_training(data, base)
     on, _ = run_training(data, {**base, name: value})
     assert any(not torch.allclose(off[k], on[k], atol=1e-7) for k in off), name

@@ -102,7 +102,8 @@ def run_ttt(monkeypatch, hp, trainer_cls=train_gpt.TestTimeTrainer, tokens=TOKEN
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     recorder = Recorder(model, trace)
     ttt = trainer_cls(hp, cpu_runtime(), model, recorder, WINDOW)
-    r = train_gpt.evaluate(hp, cpu_runtime(), recorder, tokens, TABLES, WINDOW, STRIDE, ttt=ttt, collect=True)
+    r = train_gpt.evaluate(hp, cpu_runtime(), recorder, tokens, TABLES, WINDOW, STRIDE, ttt=ttt, collect=True,
+                           audit=True)
     return r, trace, model, before
 
 
@@ -116,7 +117,7 @@ def test_ttt_trains_only_on_scored_tokens_of_the_chunk_just_scored(monkeypatch, 
         assert len(targets) == epochs * n_seq * WINDOW
         assert set(targets.tolist()) == set(range(k * chunk + 1, k * chunk + n_seq * WINDOW + 1))
     assert r.val_tokens == TOKENS.size - 1
-    assert train_gpt.audit_score_before_update(r.ttt_events)["score_before_update_ok"] is True
+    assert train_gpt.audit_score_before_update(r.evidence, True)["score_before_update_ok"] is True
 
 
 def test_first_chunk_is_scored_before_any_update_and_later_chunks_after(monkeypatch):
@@ -124,9 +125,40 @@ def test_first_chunk_is_scored_before_any_update_and_later_chunks_after(monkeypa
     r, _, _, _ = run_ttt(monkeypatch, hp)
     plain = train_gpt.evaluate(hp, cpu_runtime(), random_gpt(hp, seed=1), TOKENS, TABLES, WINDOW, STRIDE,
                                collect=True)
-    np.testing.assert_array_equal(r.nll[:32], plain.nll[:32])         # chunk 0: the loaded weights
+    # chunk 0: the loaded weights (to float rounding: TTT's frozen/unfrozen flags change CPU kernel paths)
+    np.testing.assert_allclose(r.nll[:32], plain.nll[:32], rtol=1e-6, atol=0)
     for k in range(1, 7):                                             # later chunks: adapted weights
         assert not np.allclose(r.nll[32 * k:32 * (k + 1)], plain.nll[32 * k:32 * (k + 1)], rtol=1e-6, atol=0)
+
+
+def test_every_parameter_trains_by_default(monkeypatch):
+    """TTT_LAST_N=0 (the default, records 04-06 on): every block unfrozen, the embedding and the control
+    tensors too; and still only on scored targets of the chunk just scored."""
+    hp = ttt_hp(TTT_LAST_N=0)
+    r, trace, model, before = run_ttt(monkeypatch, hp)
+    check_trace(trace, TOKENS, 32)
+    changed = {name for name, p in model.named_parameters() if not torch.equal(p, before[name])}
+    assert all(p.requires_grad for p in model.parameters())
+    for prefix in ("tok_emb.", "blocks.0.", "blocks.1.", "blocks.2.", "skip_weights", "smear"):
+        assert any(name.startswith(prefix) for name in changed), prefix
+
+
+def test_cosine_learning_rate_over_the_chunks():
+    hp = ttt_hp(TTT_LR=0.1)
+    ttt = train_gpt.TestTimeTrainer(hp, cpu_runtime(), random_gpt(hp), random_gpt(hp), WINDOW)
+    assert [ttt.lr(k, 5) for k in range(5)] == pytest.approx([0.1, 0.1 * (1 + math.cos(math.pi / 4)) / 2, 0.05,
+                                                              0.1 * (1 + math.cos(3 * math.pi / 4)) / 2, 0.0])
+    hp.ttt_lr_schedule = "constant"
+    assert [ttt.lr(k, 5) for k in range(5)] == [0.1] * 5
+
+
+@pytest.mark.parametrize("setting,value", [("TTT_LR_SCHEDULE", "constant"), ("TTT_GRAD_CLIP", "0.01"),
+                                           ("TTT_LAST_N", "1"), ("TTT_MOMENTUM", "0")])
+def test_each_ttt_setting_changes_the_update(monkeypatch, setting, value):
+    base, _, model_a, _ = run_ttt(monkeypatch, ttt_hp(TTT_LAST_N=0))
+    other, _, model_b, _ = run_ttt(monkeypatch, ttt_hp(**{"TTT_LAST_N": 0, setting: value}))
+    assert train_gpt.state_checksum(model_a.state_dict()) != train_gpt.state_checksum(model_b.state_dict())
+    assert base.val_loss != other.val_loss
 
 
 def test_only_the_last_blocks_change(monkeypatch):
@@ -169,22 +201,17 @@ class ReachesAhead(train_gpt.TestTimeTrainer):
     belong to chunk k + 1 (shift 1: an off-by-one at the boundary)."""
     shift = 1
 
-    def __init__(self, *args):
-        super().__init__(*args)
-        self.k, self.stream = 0, torch.from_numpy(TOKENS)
-
-    def adapt(self, chunk):
-        a = self.k * self.hp.ttt_chunk_tokens + self.shift
-        self.k += 1
-        super().adapt(self.stream[a:a + chunk.numel()])
+    def adapt(self, tokens, a, k, n_chunks, evidence):
+        super().adapt(tokens, a + self.shift, k, n_chunks, evidence)
 
 
 @pytest.mark.parametrize("shift", [1, 32])
 def test_checker_fails_when_training_reaches_into_the_next_chunk(monkeypatch, shift):
     cls = type("Shifted", (ReachesAhead,), {"shift": shift})
-    _, trace, _, _ = run_ttt(monkeypatch, ttt_hp(), trainer_cls=cls)
+    r, trace, _, _ = run_ttt(monkeypatch, ttt_hp(), trainer_cls=cls)
     with pytest.raises(AssertionError, match="not yet scored"):
         check_trace(trace, TOKENS, 32)
+    assert train_gpt.audit_score_before_update(r.evidence, True)["score_before_update_ok"] is False   # C3 sees it too
 
 
 # --- two ranks ---------------------------------------------------------------------------------------
@@ -205,9 +232,10 @@ def _ttt_on_ranks(rank, world_size):
     recorder = Recorder(model, trace)
     rt = cpu_runtime(rank=rank, world_size=world_size, distributed=True)
     ttt = train_gpt.TestTimeTrainer(hp, rt, model, recorder, WINDOW)
-    r = train_gpt.evaluate(hp, rt, recorder, TOKENS, TABLES, WINDOW, STRIDE, ttt=ttt)
+    r = train_gpt.evaluate(hp, rt, recorder, TOKENS, TABLES, WINDOW, STRIDE, ttt=ttt, audit=True)
     return dict(initial=initial, final=train_gpt.state_checksum(model.state_dict()), val_bpb=r.val_bpb,
-                val_tokens=r.val_tokens, trace=trace, audit=train_gpt.audit_score_before_update(r.ttt_events))
+                val_tokens=r.val_tokens, trace=trace, audit=train_gpt.audit_score_before_update(r.evidence, True),
+                one_pass=train_gpt.audit_one_pass(r.evidence))
 
 
 @pytest.mark.slow
@@ -218,6 +246,7 @@ def test_two_ranks_stay_bit_identical_and_train_only_on_scored_tokens():
     assert a["final"] != a["initial"]                                            # and TTT did train
     assert a["val_bpb"] == b["val_bpb"] and a["val_tokens"] == b["val_tokens"] == TOKENS.size - 1
     assert a["audit"]["score_before_update_ok"] is True and b["audit"] == a["audit"]
+    assert a["one_pass"]["one_pass_ok"] is True and b["one_pass"] == a["one_pass"]   # coverage summed over ranks
     trained = [check_trace(r["trace"], TOKENS, 32) for r in results]
     for k in trained[0]:                                   # each rank its own sequence of the chunk
         assert not set(trained[0][k].tolist()) & set(trained[1][k].tolist())
