@@ -10,10 +10,11 @@
 #   SEEDS="1337 42 2025" bash run_8xh100.sh          # on an 8xH100 box with FineWeb shards
 #   bash run_8xh100.sh                                # anywhere: see "demo" below
 #
-# Demo: when DATA_PATH is unset and ./data/datasets/fineweb10B_sp1024 holds no shards, a small
-# real-text set is built from the Python standard library's docstrings (tools/harness.py
-# demo-data, no network) and a small CPU-sized configuration is used, each knob only where
-# you did not set it yourself. Without a GPU, NPROC defaults to 2 (CPU, gloo).
+# Demo: when DATA_PATH is unset and the preset's default data folder (./data/datasets/fineweb10B_sp8192
+# for the default PRESET=frontier) holds no shards, a small real-text set is built from the Python
+# standard library's docstrings (tools/harness.py demo-data, no network) and a small CPU-sized
+# configuration of the same stack is used, each knob only where you did not set it yourself.
+# Without a GPU, NPROC defaults to 2 (CPU, gloo).
 #
 # Where the record goes is decided by the harness from what the runs recorded: runs on 8xH100
 # go to records/track_10min_16mb/<date>_<name>/ (and may update ./submission.json); any other
@@ -30,7 +31,9 @@ else
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 fi
 
-official_data=./data/datasets/fineweb10B_sp1024
+# the preset's default data folder (train_gpt.py's settings, read the way the run will read them)
+official_data=$(python3 -c 'import os, train_gpt; print(train_gpt.read_settings(dict(os.environ))[0].data_path)' 2>/dev/null \
+  || echo ./data/datasets/fineweb10B_sp8192)
 if [ -z "${DATA_PATH:-}" ] && ! ls "$official_data"/fineweb_train_*.bin >/dev/null 2>&1; then
   demo=./data/demo
   if ! ls "$demo"/fineweb_train_*.bin >/dev/null 2>&1; then
@@ -38,9 +41,10 @@ if [ -z "${DATA_PATH:-}" ] && ! ls "$official_data"/fineweb_train_*.bin >/dev/nu
     python3 tools/harness.py demo-data "$demo"
   fi
   export DATA_PATH=$demo
-  export TOKENIZER_PATH=${TOKENIZER_PATH:-$demo/tokenizer/demo_1024_bpe.model}
+  export TOKENIZER_PATH=${TOKENIZER_PATH:-$demo/tokenizer/demo_1024_bpe.model} VOCAB_SIZE=${VOCAB_SIZE:-1024}
   export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
-  export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-16384}
+  export RECUR_LAYERS=${RECUR_LAYERS-1-2} PARALLEL_LAST_N=${PARALLEL_LAST_N:-1}
+  export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-16384} VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-65536}
   export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-120} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0}
   export TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25} GPTQ_CALIB_SEQS=${GPTQ_CALIB_SEQS:-8} GPTQ_CALIB_LEN=${GPTQ_CALIB_LEN:-256}
   SEEDS=${SEEDS:-1337}

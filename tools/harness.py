@@ -452,8 +452,9 @@ CHALLENGE_EVAL_MS = 600_000           # ... and 600 s of evaluation
 LOG_SOURCE_END = "=" * 100 + "\n"     # train_gpt.py's log: its own source, this line, then the run
 SUMMARY_KEYS = ("run_id", "seed", "device", "world_size", "hardware", "torch_version", "cuda_version", "eval_only",
                 "steps", "train_time_ms", "step_avg_ms", "val_loss", "val_bpb", "val_tokens", "val_bytes",
-                "bytes_model", "bytes_code", "bytes_total", "artifact_path", "artifact_sha256", "eval_time_ms",
-                "train_data_read_after_deadline", "compliance", "hyperparameters")
+                "val_split_tokens", "val_full_split", "bytes_model", "bytes_code", "bytes_total", "artifact_path",
+                "artifact_sha256", "eval_time_ms", "train_data_last_read_ms", "train_data_read_after_deadline",
+                "quant", "compliance", "hyperparameters")
 # Settings that may differ between the seeds of one record, and that the reproduction command
 # leaves out (the launcher sets them: SEED from SEEDS, RUN_ID per seed, EVAL_AUDIT=1).
 PER_RUN_SETTINGS = ("SEED", "RUN_ID", "NLL_DUMP", "EVAL_ONLY")
@@ -507,22 +508,37 @@ def _number(value) -> bool:
 
 
 def check_run(run: SeedRun) -> list[str]:
-    """The reasons one seed's run cannot be part of a submission (empty: it can)."""
+    """The reasons one seed's run cannot be part of a submission (empty: it can). Nothing the run says
+    about itself is taken on trust where it can be checked: the artifact must be on disk, and its size
+    and sha256 are measured here; the training-data deadline is the challenge's, checked against the
+    times the run recorded, not against its own flag alone."""
     s, hp, reasons = run.summary, run.hp, []
     who = run.label
     if s["eval_only"]:
         return [f"{who} is an EVAL_ONLY re-score, not a training run"]
     for key in ("val_bpb", "val_loss", "bytes_total", "bytes_code", "train_time_ms", "eval_time_ms", "val_tokens",
-                "val_bytes"):
+                "val_bytes", "train_data_last_read_ms"):
         if not _number(s[key]):
             reasons.append(f"{who} has no {key} ({s[key]!r})")
     if reasons:
         return reasons
+    artifact = Path(s["artifact_path"]) if s["artifact_path"] else None
+    if artifact is None or not artifact.is_file():
+        reasons.append(f"{who}: its artifact {s['artifact_path']} is not on disk: its size and sha256 cannot be checked")
+        return reasons
+    data = artifact.read_bytes()
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != s["artifact_sha256"]:
+        reasons.append(f"{who}: {artifact} has sha256 {digest}, not the {s['artifact_sha256']} its run wrote")
+    if len(data) != s["bytes_model"]:
+        reasons.append(f"{who}: {artifact} is {len(data):,} bytes, not the {s['bytes_model']} its run reported")
+    total = s["bytes_code"] + len(data)
     budget = hp.get("ARTIFACT_BUDGET_BYTES")
-    if s["bytes_total"] > CHALLENGE_CAP_BYTES:
-        reasons.append(f"{who} is over the byte cap: bytes_total {s['bytes_total']:,} > {CHALLENGE_CAP_BYTES:,}")
-    elif _number(budget) and s["bytes_total"] > budget:
-        reasons.append(f"{who} is over its budget: bytes_total {s['bytes_total']:,} > ARTIFACT_BUDGET_BYTES={budget:,}")
+    if total > CHALLENGE_CAP_BYTES:
+        reasons.append(f"{who} is over the byte cap: code {s['bytes_code']:,} + artifact {len(data):,} = {total:,} "
+                       f"> {CHALLENGE_CAP_BYTES:,}")
+    elif _number(budget) and total > budget:
+        reasons.append(f"{who} is over its budget: {total:,} bytes > ARTIFACT_BUDGET_BYTES={budget:,}")
     cap_s = hp.get("MAX_WALLCLOCK_SECONDS")
     if _number(cap_s) and cap_s > 0 and s["train_time_ms"] > 1e3 * cap_s:
         reasons.append(f"{who} trained past its wallclock cap: train_time_ms {s['train_time_ms']:.0f} > "
@@ -530,10 +546,18 @@ def check_run(run: SeedRun) -> list[str]:
     if s["train_time_ms"] > CHALLENGE_TRAIN_MS:
         reasons.append(f"{who} trained past the challenge's 600 s: train_time_ms {s['train_time_ms']:.0f} > "
                        f"{CHALLENGE_TRAIN_MS}")
+    calibration = s["quant"] or {}
+    reads = {"train_data_last_read_ms": s["train_data_last_read_ms"]}
+    if calibration.get("calibration") == "train":
+        reads["quant.calibration_end_ms"] = calibration.get("calibration_end_ms")
+    deadline = min(CHALLENGE_TRAIN_MS, 1e3 * cap_s) if _number(cap_s) and cap_s > 0 else CHALLENGE_TRAIN_MS
+    for key, ms in reads.items():
+        if not _number(ms) or ms > deadline:
+            reasons.append(f"{who} read training data after the deadline: {key} = {ms} ms > {deadline:.0f} ms "
+                           "(the earlier of its cap and the challenge's 600 s)")
     if s["train_data_read_after_deadline"] is not False:
-        reasons.append(f"{who} read training data after the deadline (train_data_read_after_deadline="
-                       f"{s['train_data_read_after_deadline']}, last read at {s.get('train_data_last_read_ms')} ms, "
-                       f"deadline {s.get('train_deadline_ms')} ms)")
+        reasons.append(f"{who} says it read training data after its deadline (train_data_read_after_deadline="
+                       f"{s['train_data_read_after_deadline']})")
     compliance = s["compliance"]
     if not isinstance(compliance, dict):
         reasons.append(f"{who} has no compliance audit (compliance is null: run it with EVAL_AUDIT=1)")
@@ -543,12 +567,12 @@ def check_run(run: SeedRun) -> list[str]:
         reasons.append(f"{who} failed the compliance audit: {', '.join(failed) or 'all_ok is not true'}")
     if s["eval_time_ms"] > CHALLENGE_EVAL_MS:
         reasons.append(f"{who} evaluated for longer than the challenge's 600 s: eval_time_ms {s['eval_time_ms']:.0f}")
-    artifact = Path(s["artifact_path"]) if s["artifact_path"] else None
-    if artifact is not None and artifact.is_file():
-        digest = hashlib.sha256(artifact.read_bytes()).hexdigest()
-        if digest != s["artifact_sha256"]:
-            reasons.append(f"{who}: {artifact} has sha256 {digest}, not the {s['artifact_sha256']} its run wrote")
     return reasons
+
+
+def full_validation(runs: Sequence[SeedRun]) -> bool:
+    """Every seed scored every target of the whole validation split (no VAL_MAX_TOKENS)."""
+    return all(r.summary["val_full_split"] is True for r in runs)
 
 
 def check_runs(runs: Sequence[SeedRun], code: bytes | None, code_path: str) -> list[str]:
@@ -568,6 +592,8 @@ def check_runs(runs: Sequence[SeedRun], code: bytes | None, code_path: str) -> l
     else:
         source_end = code + LOG_SOURCE_END.encode()
         for run in runs:
+            if run.summary["bytes_code"] != len(code):
+                reasons.append(f"{run.label} counted {run.summary['bytes_code']} code bytes; {code_path} is {len(code)}")
             if not run.txt_bytes.startswith(source_end):
                 reasons.append(f"{run.label}: its log records a train_gpt.py different from {code_path} "
                                f"({len(code)} bytes; the run counted {run.summary['bytes_code']}): "
@@ -630,20 +656,28 @@ def _hp(run: SeedRun, name: str, fmt: str = "") -> str:
 
 
 def technique_summary(run: SeedRun) -> str:
-    """One line on what the configuration is, from the run's resolved settings."""
-    s = run.summary
-    ttt = (f"score-first TTT ({_hp(run, 'TTT_EPOCHS')} epochs per {_hp(run, 'TTT_CHUNK_TOKENS')}-token chunk, "
-           f"last {_hp(run, 'TTT_LAST_N')} blocks, lr {_hp(run, 'TTT_LR')})" if run.hp.get("TTT_ENABLED") else "no TTT")
+    """One line on what the configuration is, from the run's resolved settings and its quant record."""
+    s, hp = run.summary, run.hp
+    ttt = "no TTT"
+    if hp.get("TTT_ENABLED"):
+        trained = "every parameter" if not hp.get("TTT_LAST_N") else f"last {_hp(run, 'TTT_LAST_N')} blocks"
+        ttt = (f"score-first TTT ({_hp(run, 'TTT_EPOCHS')} SGD steps per {_hp(run, 'TTT_CHUNK_TOKENS')}-token chunk, "
+               f"{trained}, lr {_hp(run, 'TTT_LR')} {_hp(run, 'TTT_LR_SCHEDULE')})")
+    shape = f"{_hp(run, 'NUM_LAYERS')} layers x {_hp(run, 'MODEL_DIM')}"
+    if hp.get("RECUR_LAYERS"):
+        shape += f" (layers {_hp(run, 'RECUR_LAYERS')} x{_hp(run, 'RECUR_PASSES')} from {_hp(run, 'RECUR_START_FRAC')} of the run)"
+    if hp.get("PARALLEL_LAST_N"):
+        shape += f", last {_hp(run, 'PARALLEL_LAST_N')} blocks parallel ({_hp(run, 'PARALLEL_LANES')} lanes)"
     q = s.get("quant") or {}
     quant = s.get("quant_scheme") or "?"
     if q:
-        quant += (f" (GPTQ calibration: {q.get('calibration')}, late QAT from step {q.get('late_qat_step')}, "
-                  f"{q.get('pruned')} values pruned)")
-    return (f"PRESET={_hp(run, 'PRESET')}: {_hp(run, 'NUM_LAYERS')} layers x {_hp(run, 'MODEL_DIM')}, "
-            f"{_hp(run, 'NUM_HEADS')} heads / {_hp(run, 'NUM_KV_HEADS')} KV heads, MLP {_hp(run, 'MLP_MULT')}x, "
-            f"vocab {_hp(run, 'VOCAB_SIZE')}, tied embeddings; Muon + Adam, {_hp(run, 'TRAIN_BATCH_TOKENS')} tokens/step "
-            f"at seq {_hp(run, 'TRAIN_SEQ_LEN')}; {quant} artifact loaded back on every rank; "
-            f"eval window {s.get('eval_seq_len')} stride {s.get('eval_stride')}; {ttt}")
+        sigmas = ", ".join(f"{g} {k:.2f}" for g, k in (q.get("sigmas") or {}).items())
+        quant += (f" (SDClip k: {sigmas}; GPTQ calibration: {q.get('calibration')}; LQER on "
+                  f"{len(q.get('lqer_tensors') or [])} tensors; late QAT from step {q.get('late_qat_step')})")
+    return (f"PRESET={_hp(run, 'PRESET')}: {shape}, {_hp(run, 'NUM_HEADS')} heads / {_hp(run, 'NUM_KV_HEADS')} KV heads, "
+            f"MLP {_hp(run, 'MLP_MULT')}x, vocab {_hp(run, 'VOCAB_SIZE')}, tied embeddings; Muon + Adam, "
+            f"{_hp(run, 'TRAIN_BATCH_TOKENS')} tokens/step at seq {_hp(run, 'TRAIN_SEQ_LEN')}; {quant} artifact loaded "
+            f"back on every rank; eval window {s.get('eval_seq_len')} stride {s.get('eval_stride')}; {ttt}")
 
 
 def default_name(run: SeedRun) -> str:
@@ -670,9 +704,12 @@ def build_submission(runs: Sequence[SeedRun], stats: dict, *, name: str, author:
     verdict = ("" if stats["p_value"] is None else
                f"; one-sided Welch p = {stats['p_value']:.3g} for beating the reference by "
                f"{MARGIN_NATS} nats ({stats['margin_bpb']:.5f} bpb)")
+    partial = "" if full_validation(runs) else (
+        f" Partial validation: scored the first {first.summary['val_tokens'] + 1:,} of the split's "
+        f"{first.summary['val_split_tokens']:,} tokens (VAL_MAX_TOKENS).")
     blurb = (f"{technique_summary(first)}. Mean val_bpb {stats['val_bpb_mean']:.5f} "
              f"(sample std {fmt(stats['val_bpb_std'])}) over {len(runs)} seed(s){verdict}."
-             + ("" if on_track else " Not run on 8xH100: a practice record, not a leaderboard submission."))
+             + ("" if on_track else " Not run on 8xH100: a practice record, not a leaderboard submission.") + partial)
     return {
         "author": author, "github_id": github_id, "name": name, "blurb": blurb, "date": date,
         "val_loss": stats["val_loss_mean"], "val_bpb": stats["val_bpb_mean"],
@@ -693,6 +730,7 @@ def build_submission(runs: Sequence[SeedRun], stats: dict, *, name: str, author:
         "reference_val_bpb": stats["reference_val_bpb"],
         "cuda_version": _one_value([r.summary["cuda_version"] for r in runs]),
         "on_track_hardware": on_track,
+        "val_full_split": full_validation(runs),
     }
 
 
@@ -703,8 +741,8 @@ _BINARY_OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mul
 
 
 def _literal(node: ast.AST, names: dict) -> object:
-    """Evaluate a literal expression: constants, +/- and arithmetic, tuples/lists/dicts, names bound
-    earlier to literals; `int`/`float`/`str`/`bool` become their names. ValueError otherwise."""
+    """Evaluate a literal expression: constants, +/- and arithmetic, tuples/lists/dicts (with ** spreads),
+    names bound earlier to literals; `int`/`float`/`str`/`bool` become their names. ValueError otherwise."""
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):
@@ -720,8 +758,11 @@ def _literal(node: ast.AST, names: dict) -> object:
         return _BINARY_OPS[type(node.op)](_literal(node.left, names), _literal(node.right, names))
     if isinstance(node, (ast.Tuple, ast.List)):
         return [_literal(e, names) for e in node.elts]
-    if isinstance(node, ast.Dict) and None not in node.keys:
-        return {_literal(k, names): _literal(v, names) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Dict):                        # a None key is a **mapping spread into the dict
+        out = {}
+        for k, v in zip(node.keys, node.values):
+            out.update(_literal(v, names) if k is None else {_literal(k, names): _literal(v, names)})
+        return out
     raise ValueError(f"not a literal: {type(node).__name__}")
 
 
@@ -796,6 +837,10 @@ def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: P
     if not on_track:
         lines += ["**Practice record.** These runs were not made on the track's hardware (8xH100): the figures "
                   "below are not leaderboard figures, and this folder is not a submission.", ""]
+    if not sub["val_full_split"]:
+        lines += [f"**Partial validation.** The runs scored only the first {s['val_tokens'] + 1:,} of the validation "
+                  f"split's {s['val_split_tokens']:,} tokens (`VAL_MAX_TOKENS`): not a score on the challenge's "
+                  "validation set, and never a record.", ""]
     lines += [sub["blurb"], "",
               f"**val_bpb {sub['val_bpb']:.8f}** (mean of {len(runs)} seed(s), sample std "
               f"{_fmt(sub['val_bpb_std'], '.8f')}), val_loss {sub['val_loss']:.8f} nats per token; largest artifact "
@@ -852,8 +897,9 @@ def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: P
         lines.append(f"| {r.seed} | " + " | ".join(str(c.get(k)) for k in COMPLIANCE_CHECKS) + " |")
     lines += ["", "## Reproduce", "",
               "On an 8xH100 box, in the directory the runs ran in (it holds `run_8xh100.sh`, `tools/`, "
-              "`requirements.txt`, and the FineWeb shards under `./data` from openai/parameter-golf's "
-              "`python3 data/cached_challenge_fineweb.py --variant sp1024`), the one command:",
+              "`requirements.txt`, and the FineWeb shards under `./data` from openai/parameter-golf's downloader: "
+              "`MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant "
+              "sp8192 --train-shards 128` for sp8192, `--variant sp1024` for sp1024), the one command:",
               "", "```bash", "pip install -r requirements.txt",
               " ".join(filter(None, [f'SEEDS="{seeds}"', f"NPROC={nproc}" if nproc != 8 else "",
                                      _env_line(explicit), "bash run_8xh100.sh"])), "```", "",
@@ -973,24 +1019,31 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
     stats = seed_statistics(runs, reference) if numbers_ok else None
     print_summary(runs, stats)
     on_track = all(on_track_hardware(r.summary) for r in runs)
+    record_grade = on_track and full_validation(runs)        # only these may go under records/
     date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
     name = name or default_name(runs[0])
     if record_dir is None:
-        record_dir = (RECORDS_DIR / f"{date}_{safe_dir_name(name)}" if on_track
+        record_dir = (RECORDS_DIR / f"{date}_{safe_dir_name(name)}" if record_grade
                       else Path(log_dir) / f"{run_prefix(run_ids)}_record")
     record_dir = Path(record_dir)
     if record_dir.exists():
         reasons.append(f"{record_dir} already exists: a record is never overwritten (set RECORD_DIR elsewhere)")
-    if not on_track and Path(os.path.abspath(record_dir)).is_relative_to(os.path.abspath(RECORDS_DIR.parent)):
+    under_records = Path(os.path.abspath(record_dir)).is_relative_to(os.path.abspath(RECORDS_DIR.parent))
+    if not on_track and under_records:
         reasons.append(f"{record_dir} is under records/, which holds only runs on the track's hardware (8xH100); "
                        "these ran on " + str(_one_value([hardware_line(r.summary) for r in runs])))
+    if not full_validation(runs) and under_records:
+        reasons.append(f"{record_dir} is under records/, which holds only runs scored on the whole validation split; "
+                       "these scored part of it (VAL_MAX_TOKENS): " + ", ".join(
+                           f"{r.label}: {r.summary['val_tokens'] + 1:,} of {r.summary['val_split_tokens']:,} tokens"
+                           for r in runs if r.summary["val_full_split"] is not True))
     if reasons or stats is None:
         for reason in reasons or ["the seeds' scores are not numbers"]:
             print(f"submit: refusing to assemble: {reason}", file=sys.stderr)
         return 1, None
     sub = build_submission(runs, stats, name=name, author=author, github_id=github_id, date=date)
     if dry_run:
-        print(f"submit: dry run: would write {record_dir}" + ("" if on_track else " (not on 8xH100: a practice record)"))
+        print(f"submit: dry run: would write {record_dir}" + ("" if record_grade else " (a practice record)"))
         return 0, sub
     files = {"README.md": record_readme(runs, sub, stats, record_dir, code).encode(),
              "submission.json": _json_bytes(sub), "train_gpt.py": code,
@@ -999,10 +1052,11 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
         files[f"{r.run_id}.txt"], files[f"{r.run_id}.json"] = r.txt_bytes, r.json_bytes
     write_record(record_dir, files)
     print(f"submit: wrote {record_dir}/ ({', '.join(files)})")
-    if on_track:
+    if record_grade:
         print(f"submit: {update_top_level(Path(top_level), sub)}")
     else:
-        print(f"submit: not on 8xH100 ({sub['hardware']}): a practice record; records/ and {top_level} untouched")
+        why = f"not on 8xH100 ({sub['hardware']})" if not on_track else "partial validation"
+        print(f"submit: {why}: a practice record; records/ and {top_level} untouched")
     return 0, sub
 
 
@@ -1123,12 +1177,66 @@ def _add_submit_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_submit)
 
 
+# --- the one-GPU rehearsal's report (tools/gpu_rehearsal.sh) ------------------------------------------
+
+H100_BF16_DENSE_FLOPS = 989e12      # per GPU, dense bf16: the MFU reference (train_gpt.py's constant)
+TRACK_GPUS = 8
+
+
+def rehearsal_report(summary: dict) -> dict:
+    """What a one-GPU rehearsal run measured, and the 8xH100 step time it implies. On one GPU every step
+    runs the 8 micro-batches that 8 GPUs run side by side (GRAD_ACCUM_STEPS defaults to 8 // world), so the
+    implied 8xH100 step is the measured step / 8, before the gradient all-reduce (not measured here)."""
+    hp, stages = summary["hyperparameters"], summary.get("stage_ms") or {}
+    step_ms, tokens_per_s = summary["step_avg_ms"], summary["tokens_per_s"]
+    flops_per_s = summary["flops_per_token"] * tokens_per_s
+    gpus = summary["world_size"]
+    implied = step_ms * gpus / TRACK_GPUS if _number(step_ms) else None
+    return {
+        "run_id": summary["run_id"], "hardware": hardware_line(summary), "torch_version": summary["torch_version"],
+        "attention": summary.get("attention"), "compute_dtype": summary.get("compute_dtype"), "shape": f"{hp.get('NUM_LAYERS')}L x {hp.get('MODEL_DIM')}, MLP "
+        f"{hp.get('MLP_MULT')}x, vocab {hp.get('VOCAB_SIZE')}, seq {hp.get('TRAIN_SEQ_LEN')}, "
+        f"{hp.get('TRAIN_BATCH_TOKENS')} tokens/step", "steps": summary["steps"], "step_ms": step_ms,
+        "tokens_per_s": tokens_per_s, "flops_per_token": summary["flops_per_token"],
+        "mfu": flops_per_s / (gpus * H100_BF16_DENSE_FLOPS) if _number(flops_per_s) else None,
+        "peak_memory_mib": summary.get("peak_memory_mib"), "compile_s": stages.get("compile", 0) / 1e3,
+        "compile": summary.get("compile"), "stage_s": {k: round(v / 1e3, 2) for k, v in stages.items()},
+        "wall_s": summary["wall_ms"] / 1e3, "eval_time_s": summary["eval_time_ms"] / 1e3,
+        "implied_8xh100_step_ms": implied,
+        "implied_8xh100_steps_in_600s": 600e3 / implied if implied else None,
+        "projected_8xh100_step_ms": summary.get("projected_h100_step_ms"),
+        "bytes_total": summary["bytes_total"], "val_bpb": summary["val_bpb"],
+        "pre_quant_val_bpb": summary.get("pre_quant_val_bpb"), "quant_gap_bpb": summary.get("quant_gap_bpb"),
+        "compliance_all_ok": (summary.get("compliance") or {}).get("all_ok"),
+    }
+
+
+def _run_rehearsal_report(args: argparse.Namespace) -> int:
+    try:
+        summary = json.loads(Path(args.summary).read_text())
+    except (OSError, ValueError) as exc:
+        print(f"rehearsal-report: cannot read {args.summary}: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(rehearsal_report(summary), indent=2))
+    return 0
+
+
+def _add_rehearsal_report_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("rehearsal-report", help="one JSON of what a one-GPU rehearsal run measured",
+                              description="Read a run summary logs/<RUN_ID>.json (tools/gpu_rehearsal.sh) and print "
+                              "step time, tokens/s, MFU, peak memory, compile time and recompiles, each stage's "
+                              "time and the 8xH100 step time it implies, as one JSON.")
+    p.add_argument("summary", help="logs/<RUN_ID>.json")
+    p.set_defaults(func=_run_rehearsal_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="harness.py", description=__doc__.splitlines()[0])
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_data_command(subparsers)
     _add_submit_command(subparsers)
+    _add_rehearsal_report_command(subparsers)
     return parser
 
 
