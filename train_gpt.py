@@ -1296,6 +1296,7 @@ class TrainResult:
     compile_ms: float                # warm-up: every graph compiled before the clock started
     graphs_compiled: int             # graphs torch.compile built in the warm-up (0 without compile)
     recompiles_in_clock: int         # graphs it built while the training clock ran (should be 0)
+    train_loss: float | None         # mean training loss since the log line before the last (ranks averaged)
 
 
 class QATSwitch:
@@ -1510,10 +1511,11 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
     cap_ms = 1e3 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq_calibration == "train" else 0.0))
     tokens_per_step = hp.train_batch_tokens
     loss_sum = torch.zeros((), device=rt.device)
-    loss_count, step, last_read_ms, prev_progress = 0, 0, 0.0, 0.0
+    loss_count, step, last_read_ms, prev_progress, mean_loss = 0, 0, 0.0, 0.0, None
     stopped_early = False
     log(f"clock_start: warm-up compiled {graphs} graphs in {compile_ms:.0f}ms ({hp.compile_warmup_steps} step(s) in "
-        f"each of {len(run_states(hp))} training state(s), and the evaluation forwards); the training clock starts now")
+        f"each of {len(run_states(hp))} training state(s), and the evaluation forwards); the training clock starts now"
+        if run_model is not model else "clock_start: not compiled, no warm-up; the training clock starts now")
     graphs_at_start = compiled_graphs()
     clock = StepClock(rt, cap_ms)
     while True:
@@ -1585,7 +1587,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
         ema.copy_to_model()
         log(f"ema: the exported weights are the EMA (horizon {hp.ema_horizon_frac} of the run)")
     return TrainResult(step, clock.train_ms, stopped_early, step * tokens_per_step, last_read_ms, clock,
-                       qat.late_step, qat.ternary_step, compile_ms, graphs, recompiles)
+                       qat.late_step, qat.ternary_step, compile_ms, graphs, recompiles, mean_loss)
 
 
 # -----------------------------------------------------------------------------
@@ -2976,7 +2978,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
         steps=result.steps, train_time_ms=result.train_time_ms,
         step_avg_ms=result.train_time_ms / max(result.steps, 1),
         tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9), stopped_early=result.stopped_early,
-        pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb, **artifact,
+        train_loss=result.train_loss, pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb, **artifact,
         train_data_last_read_ms=last_read_ms, train_deadline_ms=deadline_ms,
         train_data_read_after_deadline=bool(last_read_ms > deadline_ms), peak_memory_mib=peak,
         compile=dict(graphs_in_warm_up=result.graphs_compiled, recompiles_in_clock=result.recompiles_in_clock))
@@ -3022,7 +3024,7 @@ def saved_artifact_keys(hp: Hyperparameters) -> dict:
         data = f.read()
     bytes_code = os.path.getsize(os.path.abspath(__file__))
     return dict(steps=None, train_time_ms=None, step_avg_ms=None, tokens_per_s=None, stopped_early=None,
-                pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
+                train_loss=None, pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
                 bytes_total=len(data) + bytes_code, artifact_path=hp.eval_only,
                 artifact_sha256=hashlib.sha256(data).hexdigest(), train_data_last_read_ms=None,
                 train_deadline_ms=None, train_data_read_after_deadline=False, quant=None, peak_memory_mib=None,

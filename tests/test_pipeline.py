@@ -26,7 +26,7 @@ TINY_RUN = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "M
             "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "VAL_BATCH_SIZE": "8192", "EVAL_STRIDE": "32",
             "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32", "TTT_ENABLED": "0"}
 REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_ms", "step_avg_ms", "tokens_per_s",
-                 "stopped_early", "val_loss", "val_bpb", "val_tokens", "val_bytes", "val_split_tokens", "val_full_split",
+                 "stopped_early", "train_loss", "val_loss", "val_bpb", "val_tokens", "val_bytes", "val_split_tokens", "val_full_split",
                  "pre_quant_val_loss", "pre_quant_val_bpb", "roundtrip_plain_val_loss", "roundtrip_plain_val_bpb",
                  "quant_gap_bpb", "ttt", "bytes_model", "bytes_code", "bytes_total", "artifact_path", "artifact_sha256",
                  "eval_time_ms", "hyperparameters", "compliance", "eval_only", "projected_h100_eval_s",
