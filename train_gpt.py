@@ -72,7 +72,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "TOKENIZER_PATH": (str, "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model for val_bpb bytes"),
     "VOCAB_SIZE": (int, 8192, "embedding rows; must hold every tokenizer id"),
     "RUN_ID": (str, "", "names logs/<RUN_ID>.{txt,json} and artifacts/<RUN_ID>.pgolf.xz (default: a fresh uuid)"),
-    "SEED": (int, 1337, "seed for initialisation and data order"),
+    "SEED": (int, 1337, "seed of the initialisation, self-calibration sampling and audit draws (training data is read in stream order)"),
     "ITERATIONS": (int, 20000, "maximum optimizer steps"),
     "MAX_WALLCLOCK_SECONDS": (float, 600.0, "training time cap in seconds; 0 = no cap (schedules then follow ITERATIONS)"),
     "TRAIN_BATCH_TOKENS": (int, 786432, "tokens per optimizer step, over all ranks and micro-steps"),
@@ -190,6 +190,7 @@ PRESETS: dict[str, dict[str, object]] = {
         "WARMDOWN_FRAC": 0.087, "LR_FLOOR": 0.0, "EMA_HORIZON_FRAC": 0.0,          # warmdown 1,200 of 13,780
         "QUANT_MATRIX_BITS": 8, "QUANT_CLIP_SIGMAS_MLP": 20.0, "QUANT_CLIP_SIGMAS_ATTN": 20.0,
         "LATE_QAT_THRESHOLD": 0.0, "GPTQ_CALIBRATION": "none", "QK_GAIN_INIT": 1.5,
+        "EVAL_STRIDE": 0,                                                           # plain windows, as it scored
     },
 }
 
@@ -341,6 +342,9 @@ def validate_settings(hp: Hyperparameters) -> None:
     if recur and hp.recur_passes < 2:
         raise PipelineError(f"RECUR_PASSES={hp.recur_passes} must be >= 2 when RECUR_LAYERS is set")
     first_parallel = max(0, hp.num_layers - hp.parallel_last_n)
+    if hp.parallel_last_n and hp.parallel_lanes == 2 and first_parallel < hp.num_layers // 2:
+        raise PipelineError(f"PARALLEL_LAST_N={hp.parallel_last_n} puts two-lane blocks in the encoder half (layers "
+                            f"< {hp.num_layers // 2} of NUM_LAYERS={hp.num_layers}), whose U-Net skips they would not feed")
     if recur and hp.parallel_last_n and hp.parallel_lanes == 2 and recur[1] >= first_parallel:
         raise PipelineError(f"RECUR_LAYERS={hp.recur_layers!r} reaches the two-lane parallel blocks (from layer "
                             f"{first_parallel}, PARALLEL_LAST_N={hp.parallel_last_n}): recurrence must stay below them")
@@ -372,6 +376,9 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} must be -1 (with late QAT) or a step >= 0")
     if hp.ternary_from_step >= 0 and not hp.ternary_patterns:
         raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} needs TERNARY_PATTERNS (no matrix is ternary)")
+    if hp.ternary_patterns and hp.ternary_from_step < 0 and not hp.late_qat_threshold:
+        raise PipelineError(f"TERNARY_PATTERNS={hp.ternary_patterns!r} would export matrices ternary that never trained "
+                            "ternary: set TERNARY_FROM_STEP or LATE_QAT_THRESHOLD")
     if any(not fragment.strip() for fragment in hp.ternary_patterns.split(",")) and hp.ternary_patterns:
         raise PipelineError(f"TERNARY_PATTERNS={hp.ternary_patterns!r} has an empty fragment")
     if not 0 <= hp.lzma_preset <= 9:
@@ -417,8 +424,8 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
     if torch.cuda.is_available():  # CUDA-only
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_tf32 = False    # fp32 matmuls (Hessians, GPTQ, LQER) stay fp32;
+        torch.backends.cudnn.allow_tf32 = False          # training runs in bf16 autocast anyway
     else:
         device = torch.device("cpu")
     control_group = None
@@ -838,8 +845,8 @@ class CausalSelfAttention(nn.Module):
         else:
             y = cached_attention(q, *cache.extend(slot, k, v), offset)
         if self.xsa:
-            vn = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2), dim=-1)
-            y = y - (y * vn).sum(dim=-1, keepdim=True) * vn
+            vn = F.normalize(v.repeat_interleave(self.num_heads // self.num_kv_heads, dim=2), dim=-1).to(y.dtype)
+            y = y - (y * vn).sum(dim=-1, keepdim=True) * vn     # (autocast runs normalize in fp32)
         if self.gate is not None:
             y = y * (2.0 * torch.sigmoid(self.gate(x[..., :self.gate_dims])))[..., None]
         return self.proj(y.reshape(B, T, -1))
@@ -1580,7 +1587,8 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
             if cap_ms:
                 left = min(left, cap_ms - now_ms)
             log(f"step:{step}/{hp.iterations} train_loss:{mean_loss:.4f} train_time:{now_ms:.0f}ms "
-                f"step_avg:{avg:.2f}ms tok/s:{tokens_per_step * step / (now_ms / 1e3):.0f} eta:{max(0.0, left) / 1e3:.0f}s")
+                f"step_avg:{avg:.2f}ms tok/s:{tokens_per_step * step / max(now_ms / 1e3, 1e-9):.0f} "
+                f"eta:{max(0.0, left) / 1e3:.0f}s")
             qat.log_ternary(step)
     recompiles = compiled_graphs() - graphs_at_start
     if ema is not None:
@@ -2043,21 +2051,31 @@ STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask",
                   *(f"int{b}_row" for b in (5, 6, 7, 8))}
 
 
+def quantize_entry(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...], hessian: Tensor | None,
+                   preset: int, lqer_rank: int = 0, factor: GPTQFactor | None = None) -> tuple[dict, tuple | None]:
+    """One tensor: ({name, scheme, shape, parts}, its LQER candidate (parts, error drop) or None when
+    lqer_rank is 0 or the tensor is not an integer matrix). GPTQ on the Hessian's device when one is given."""
+    scheme = choose_scheme(name, t, spec, ternary)
+    hessian = hessian if scheme.startswith("int") else None
+    stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), hessian, preset, factor)
+    entry = dict(name=name, scheme=stored, shape=list(t.shape), parts=parts)
+    if not lqer_rank or not stored.startswith("int"):
+        return entry, None
+    device = hessian.device if hessian is not None else t.device
+    deq = dequantize_parts(stored, parts, list(t.shape)).to(device)
+    lqer, drop = lqer_candidate(t.to(device).float(), deq, hessian, lqer_rank)
+    return entry, ({k: v.cpu() for k, v in lqer.items()}, drop)
+
+
 def quantize_state_dict(state: dict[str, Tensor], spec: QuantSpec, ternary: tuple[str, ...] = (),
                         hessians: dict[str, Tensor] | None = None, preset: int = 6,
                         lqer_tensors: int = 0, lqer_rank: int = 4) -> list[dict]:
     """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order, in one process; `hessians`
-    (by weight name) turns on GPTQ for the integer matrices that have one. The distributed export is
-    quantize_model; this is its one-process form (tests, tools)."""
-    entries, candidates = [], {}
-    for name, t in state.items():
-        scheme = choose_scheme(name, t, spec, ternary)
-        hessian = (hessians or {}).get(name) if scheme.startswith("int") else None
-        stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), hessian, preset)
-        entries.append(dict(name=name, scheme=stored, shape=list(t.shape), parts=parts))
-        if lqer_tensors and stored.startswith("int"):
-            candidates[name] = lqer_candidate(t.float(), dequantize_parts(stored, parts, list(t.shape)), hessian, lqer_rank)
-    return add_lqer(entries, lqer_tensors, candidates)
+    (by weight name) turns on GPTQ for the integer matrices that have one. The export's distributed form
+    is DistributedQuantizer; this one serves tests and tools."""
+    done = [quantize_entry(n, t, spec, ternary, (hessians or {}).get(n), preset, lqer_rank if lqer_tensors else 0)
+            for n, t in state.items()]
+    return add_lqer([e for e, _ in done], lqer_tensors, {e["name"]: c for e, c in done if c})
 
 
 def add_lqer(entries: list[dict], lqer_tensors: int, candidates: dict) -> list[dict]:
@@ -2087,38 +2105,21 @@ class DistributedQuantizer:
     def quantize(self, spec: QuantSpec) -> list[dict] | None:
         """Every rank calls this; rank 0 gets the entries in state-dict order, the others None."""
         hp, mine = self.hp, {}
+        lqer_rank = hp.lqer_rank if hp.lqer_tensors else 0
         for name in sorted(self.mine):
-            t, h = self.state[name], self.hessians[name].to(self.rt.device)
+            h = self.hessians[name].to(self.rt.device)
             if name not in self.factors:
                 self.factors[name] = gptq_factor(h)
-            scheme = choose_scheme(name, t, spec, self.ternary)
-            stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), h, hp.lzma_preset,
-                                            self.factors[name])
-            lqer = None
-            if hp.lqer_tensors:
-                deq = dequantize_parts(stored, parts, list(t.shape)).to(self.rt.device)
-                lqer = lqer_candidate(t.to(self.rt.device).float(), deq, h, hp.lqer_rank)
-                lqer = ({k: v.cpu() for k, v in lqer[0].items()}, lqer[1])
-            mine[name] = (stored, parts, lqer)
+            mine[name] = quantize_entry(name, self.state[name], spec, self.ternary, h, hp.lzma_preset, lqer_rank,
+                                        self.factors[name])
         done = {}
         for share in gather_to_main(self.rt, mine):
             done.update(share)
         if not self.rt.is_main:
             return None
-        entries, candidates = [], {}
-        for name, t in self.state.items():
-            if name in done:
-                stored, parts, lqer = done[name]
-                if lqer is not None:
-                    candidates[name] = lqer
-            else:
-                scheme = choose_scheme(name, t, spec, self.ternary)
-                stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), None, hp.lzma_preset)
-                if hp.lqer_tensors and stored.startswith("int"):
-                    candidates[name] = lqer_candidate(t.float().cpu(), dequantize_parts(stored, parts, list(t.shape)),
-                                                      None, hp.lqer_rank)
-            entries.append(dict(name=name, scheme=stored, shape=list(t.shape), parts=parts))
-        return add_lqer(entries, hp.lqer_tensors, candidates)
+        results = [done.get(n) or quantize_entry(n, t, spec, self.ternary, None, hp.lzma_preset, lqer_rank)
+                   for n, t in self.state.items()]
+        return add_lqer([e for e, _ in results], hp.lqer_tensors, {e["name"]: c for e, c in results if c})
 
 
 def gather_to_main(rt: Runtime, value) -> list:
@@ -2315,15 +2316,16 @@ def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer
         return following
 
     for rung in precision_ladder(plan.spec):
+        bits = dict(rung.bits)
         factor = plan.factor if rung == plan.spec else 1.0
-        spec = rung.coarser(1.0 / plan.factor).coarser(factor)          # the rung's bits at the settings' k x factor
+        spec = QuantSpec.from_settings(hp, factor).with_bits(**bits)     # == plan.spec on the first rung: QAT's grid
         for _ in range(FIT_ATTEMPTS):
             with stages("gptq"):
                 entries = quantizer.quantize(spec)
             decision = on_main(rt, lambda: decide(entries, spec, factor))
             if decision in ("done", "next rung"):
                 break
-            spec, factor = spec.coarser(decision / factor), decision
+            spec, factor = QuantSpec.from_settings(hp, decision).with_bits(**bits), decision
         if on_main(rt, lambda: bool(best)):
             fitted = on_main(rt, lambda: best["spec"])
             return best.get("blob"), best.get("entries"), fitted, tried
@@ -2422,6 +2424,7 @@ class ScoringEvidence:
         self.rt = rt
         self.coverage = torch.zeros(n_tokens, dtype=torch.int32, device=rt.device)
         self.updates = self.unscored_trained = 0
+        self.weights_moved = torch.zeros((), dtype=torch.bool, device=rt.device)   # by a scoring call
         self.scoring_changed_weights = False
 
     def scored(self, targets: Tensor) -> None:
@@ -2439,9 +2442,10 @@ class ScoringEvidence:
         self.updates += 1
 
     def finish(self) -> Tensor:
-        """Coverage summed over ranks (every rank gets it)."""
+        """Coverage summed over ranks (every rank gets it); whether any scoring call moved a weight."""
         if self.rt.distributed:
             dist.all_reduce(self.coverage)
+        self.scoring_changed_weights = bool(agree_max(self.rt, [float(self.weights_moved.item())])[0])
         return self.coverage
 
 
@@ -2454,11 +2458,12 @@ def gather_tensors(rt: Runtime, t: Tensor) -> Tensor:
     return torch.cat(out)
 
 
-def weights_fingerprint(model: nn.Module) -> float:
-    """A float64 digest of all weights: changes whenever any weight changes (audit only: host syncs)."""
+def weights_fingerprint(model: nn.Module) -> Tensor:
+    """A digest of all weights on the device (their L1 and L2 norms, by multi-tensor kernels, no host
+    sync): any change of a weight changes it (audit only)."""
     with torch.no_grad():
-        return float(sum((p.double() * (1.0 + i % 7)).sum().item() + p.double().abs().sum().item()
-                         for i, p in enumerate(model.parameters())))
+        params = [p.detach() for p in model.parameters()]
+        return torch.stack(torch._foreach_norm(params, 1) + torch._foreach_norm(params, 2))
 
 
 def ttt_schedule(n_chunks: int):
@@ -2490,9 +2495,9 @@ class TestTimeTrainer:
                                 f"tokens per rank ({rt.world_size} ranks): raise it")
         blocks = model.blocks[-hp.ttt_last_n:] if hp.ttt_last_n else [model]
         trainable = {id(p) for block in blocks for p in block.parameters()}
+        # frozen weights keep requires_grad (the compiled graphs were built so); their gradients are dropped
         self.params = [p for p in model.parameters() if id(p) in trainable]
-        for p in model.parameters():
-            p.requires_grad_(id(p) in trainable)
+        self.frozen = [p for p in model.parameters() if id(p) not in trainable]
         self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
 
     def lr(self, k: int, n_chunks: int) -> float:
@@ -2518,6 +2523,8 @@ class TestTimeTrainer:
             with autocast(self.rt):
                 loss = self.run_model(x, y).mean()
             loss.backward()
+            for p in self.frozen:
+                p.grad = None
             if self.rt.distributed:
                 grads = [p.grad for p in self.params]
                 flat = torch._utils._flatten_dense_tensors(grads)
@@ -2587,7 +2594,7 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
         if event == "train":
             ttt.adapt(all_tokens, a, k, len(bounds), evidence)
             continue
-        before = weights_fingerprint(run_model) if evidence is not None and ttt is not None else None
+        before = weights_fingerprint(run_model) if evidence is not None else None
         windows = sliding_windows(tokens.size, window, stride, a, b)
         part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
                                                       evidence)
@@ -2596,7 +2603,7 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
         if collect:
             per_target.extend(gather(rt, torch.cat(pieces).numpy() if pieces else np.zeros(0)))
         if before is not None:
-            evidence.scoring_changed_weights |= weights_fingerprint(run_model) != before
+            evidence.weights_moved |= (weights_fingerprint(run_model) != before).any()
     if rt.distributed:
         dist.all_reduce(nll_sum)
         dist.all_reduce(scored)
@@ -2963,7 +2970,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
         log(f"peak memory allocated: {peak} MiB")
     with stages("calibration"):
         hessians, calibration_end_ms = calibrate(hp, rt, model, stream, result.clock, log)
-    last_read_ms = result.train_data_last_read_ms
+    last_read_ms = agree_max(rt, [result.train_data_last_read_ms])[0]       # the slowest rank's
     if hp.gptq_calibration == "train":
         last_read_ms = max(last_read_ms, calibration_end_ms)
     with stages("pre_quant_eval"), qat_paused(model):   # the float (EMA) weights, plain windows: a diagnostic
@@ -2995,20 +3002,23 @@ def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream,
         return None, None
     rows = calibration_rows(rt, hp.gptq_calib_seqs)
     model.eval()
-    clock.resume()
-    if hp.gptq_calibration == "train":
+    reads_data = hp.gptq_calibration == "train"
+    if reads_data:               # on the training clock: it reads training data
+        clock.resume()
         tokens = stream.read(rows.start * hp.gptq_calib_len, len(rows) * hp.gptq_calib_len).astype(np.int64)
         batch = torch.from_numpy(tokens).view(len(rows), hp.gptq_calib_len).to(rt.device)
     else:
         with qat_paused(model):
             batch = generate_calibration(model, rt, hp.gptq_calib_seqs, hp.gptq_calib_len, hp.gptq_calib_temp, hp.seed)
     hessians = collect_hessians(model, rt, list(batch.split(max(1, 65536 // hp.gptq_calib_len))))
-    clock.pause()
     model.train()
-    end_ms = agree_max(rt, [clock.train_ms])[0]
-    log(f"gptq_calibration: {hp.gptq_calibration} {hp.gptq_calib_seqs}x{hp.gptq_calib_len} tokens, "
-        f"{len(hessians)} Hessians, ended at {end_ms:.0f}ms of the training clock "
-        f"(training-data deadline {training_deadline_ms(hp):.0f}ms)")
+    end_ms = None
+    if reads_data:
+        clock.pause()
+        end_ms = agree_max(rt, [clock.train_ms])[0]
+    log(f"gptq_calibration: {hp.gptq_calibration} {hp.gptq_calib_seqs}x{hp.gptq_calib_len} tokens, {len(hessians)} "
+        "Hessians, " + (f"ended at {end_ms:.0f}ms of the training clock (training-data deadline "
+                        f"{training_deadline_ms(hp):.0f}ms)" if reads_data else "no training data read"))
     return hessians, end_ms
 
 
@@ -3047,6 +3057,9 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     log(f"val_stream_tokens:{val_tokens.size} (of {split_tokens}" + (", partial validation)" if val_tokens.size < split_tokens else ")"))
     if hp.gptq_calibration != "none" and hp.gptq_calib_seqs < rt.world_size:
         raise PipelineError(f"GPTQ_CALIB_SEQS={hp.gptq_calib_seqs} is fewer than the {rt.world_size} ranks that share it")
+    if hp.ttt_enabled and ttt_seqs_per_rank(hp, rt, eval_geometry(hp)[0]) == 0:
+        raise PipelineError(f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} holds fewer than one evaluation window of "
+                            f"{eval_geometry(hp)[0]} tokens per rank ({rt.world_size} ranks): TTT would never train; raise it")
 
     # model, and the projections that can refuse a run before it spends any time
     model = build_model(hp, rt)
@@ -3096,7 +3109,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     if hp.eval_audit:
         compliance.update(audit_score_before_update(final.evidence, ttt is not None))
         compliance.update(audit_one_pass(final.evidence))
-        compliance.update(no_train_data_after_deadline=not run["train_data_read_after_deadline"])
+        if not hp.eval_only:     # a re-score trained nothing: there is no training-data read to check
+            compliance.update(no_train_data_after_deadline=not run["train_data_read_after_deadline"])
         compliance["all_ok"] = all(v for k, v in compliance.items() if k.endswith("_ok") or k.startswith("no_"))
         log("compliance: " + json.dumps(compliance, sort_keys=True))
     if hp.nll_dump and rt.is_main:

@@ -274,23 +274,29 @@ class NudgesWhileScoring(nn.Module):
         return self.model(input_ids, target_ids)
 
 
-def test_score_before_update_fails_when_scoring_changes_the_weights():
+@pytest.mark.parametrize("with_ttt", [True, False])
+def test_score_before_update_fails_when_scoring_changes_the_weights(with_ttt):
+    """A scorer that learns while it scores breaks the rule with TTT off too (a cache fed by scoring)."""
     hp, model, _ = ttt_setup()
     wrapped = NudgesWhileScoring(model)
-    ttt = train_gpt.TestTimeTrainer(hp, cpu_runtime(), model, wrapped, WINDOW)
+    ttt = train_gpt.TestTimeTrainer(hp, cpu_runtime(), model, wrapped, WINDOW) if with_ttt else None
     _, c3, _ = audited(hp, model, ttt, wrapped)
     assert c3["score_before_update_ok"] is False and c3["scoring_changed_weights"] is True
 
 
 def test_no_fingerprints_without_the_audit(monkeypatch):
-    """Weight fingerprints (a host sync per weight) are audit work: none when the audit is off."""
+    """Weight fingerprints are audit work: none when the audit is off; with it, one before and one after each
+    scoring call (TTT or not)."""
     calls = []
-    monkeypatch.setattr(train_gpt, "weights_fingerprint", lambda m: calls.append(1) or 0.0)
+    monkeypatch.setattr(train_gpt, "weights_fingerprint", lambda m: calls.append(1) or torch.zeros(1))
     hp, model, ttt = ttt_setup()
     r = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, STRIDE, ttt=ttt)
     assert calls == [] and r.evidence is None
     audited(hp, model, ttt)
     assert len(calls) == 2 * 5                                # before and after each of the 5 scoring calls
+    calls.clear()
+    train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, STRIDE, audit=True)
+    assert len(calls) == 2                                    # without TTT: one scoring call
 
 
 # --- C4 one pass: a per-position count ------------------------------------------------------------
@@ -388,7 +394,13 @@ def test_the_deadline_is_the_challenges_600_s_when_the_cap_is_later():
     assert train_gpt.training_deadline_ms(tiny_hp(MAX_WALLCLOCK_SECONDS=0)) == 600e3
 
 
-def export_run(demo_data, name, monkeypatch, delay=0.0, **settings):
+def export_run(demo_data, name, monkeypatch, delay=0.0, calibration_s=0.0, **settings):
+    """train_and_export on the demo data, on a clock only reads move: each training read takes `delay`
+    seconds of it, the Hessian collection `calibration_s`; nothing else takes any time (machine load cannot
+    move the outcome)."""
+    from test_cuda_hazards import FakeTime
+    fake = FakeTime()
+    monkeypatch.setattr(train_gpt, "time", fake)
     vocab = demo_data["vocab"]
     common = dict(VOCAB_SIZE=vocab, DATA_PATH=demo_data["dir"], TOKENIZER_PATH=demo_data["tokenizer"],
                   TRAIN_BATCH_TOKENS=8 * 32, TRAIN_SEQ_LEN=32, EVAL_STRIDE=16, ITERATIONS=3, VAL_BATCH_SIZE=512,
@@ -396,13 +408,18 @@ def export_run(demo_data, name, monkeypatch, delay=0.0, **settings):
     hp = tiny_hp(**{**common, **settings})
     val, _ = train_gpt.load_validation_tokens(str(demo_data["dir"]), vocab, 300)
     tables = train_gpt.build_bpb_tables(str(demo_data["tokenizer"]), vocab)
-    real_batch = train_gpt.DistributedTokenLoader.batch
+    real_batch, real_collect = train_gpt.DistributedTokenLoader.batch, train_gpt.collect_hessians
 
     def slow_batch(self, step, micro):
-        time.sleep(delay)
+        fake.now += delay
         return real_batch(self, step, micro)
 
+    def slow_collect(*args):
+        fake.now += calibration_s
+        return real_collect(*args)
+
     monkeypatch.setattr(train_gpt.DistributedTokenLoader, "batch", slow_batch)
+    monkeypatch.setattr(train_gpt, "collect_hessians", slow_collect)
     model = random_gpt(hp, seed=0)
     log = lambda *a, **k: None                     # noqa: E731
     rt = cpu_runtime()
@@ -412,10 +429,11 @@ def export_run(demo_data, name, monkeypatch, delay=0.0, **settings):
 
 def test_a_read_past_the_deadline_is_flagged(demo_data, tmp_path, monkeypatch):
     """A step whose read takes longer than the whole cap: the loop stops, and the summary keys say
-    training data was read after the deadline; with a cap that is not reached they say it was not."""
+    training data was read after the deadline; with a cap that is not reached they say it was not
+    (on a clock only the reads move: 0.5 s and 0.01 s a read)."""
     monkeypatch.chdir(tmp_path)
     late = export_run(demo_data, "late", monkeypatch, delay=0.5, MAX_WALLCLOCK_SECONDS=0.2)
-    in_time = export_run(demo_data, "in_time", monkeypatch, MAX_WALLCLOCK_SECONDS=300)
+    in_time = export_run(demo_data, "in_time", monkeypatch, delay=0.01, MAX_WALLCLOCK_SECONDS=300)
     assert late["stopped_early"] and late["steps"] == 1
     assert late["train_deadline_ms"] == 200.0 and late["train_data_last_read_ms"] > 500.0
     assert late["train_data_read_after_deadline"] is True
@@ -429,7 +447,7 @@ def test_calibration_on_training_data_past_the_challenge_deadline_is_flagged(dem
     calibration reads training data after 0.5 s. The old code compared it with the run's own cap."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train_gpt, "CHALLENGE_TRAIN_SECONDS", 0.5)
-    run = export_run(demo_data, "late_calibration", monkeypatch, delay=0.05, MAX_WALLCLOCK_SECONDS=1.2,
-                     GPTQ_CALIBRATION="train", GPTQ_RESERVE_SECONDS=0.4, ITERATIONS=1000)
-    assert run["train_deadline_ms"] == 500.0
+    run = export_run(demo_data, "late_calibration", monkeypatch, delay=0.05, calibration_s=0.3,
+                     MAX_WALLCLOCK_SECONDS=1.2, GPTQ_CALIBRATION="train", GPTQ_RESERVE_SECONDS=0.4, ITERATIONS=1000)
+    assert run["train_deadline_ms"] == 500.0 and run["train_time_ms"] <= 800.0
     assert run["train_data_last_read_ms"] > 500.0 and run["train_data_read_after_deadline"] is True

@@ -360,45 +360,35 @@ def test_calibration_text_does_not_depend_on_how_ranks_share_it():
     assert torch.equal(torch.cat(shares), whole)
 
 
-def test_training_calibration_stops_the_loop_by_the_reserve(tmp_path):
-    data = make_shards(tmp_path)
-    _, lines = run_training(data, {"ITERATIONS": "100000", "MAX_WALLCLOCK_SECONDS": "3", "GPTQ_CALIBRATION": "train",
-                                   "GPTQ_RESERVE_SECONDS": "2"})
-    stop = [l for l in lines if l.startswith("stopping_early")]
-    assert len(stop) == 1
-    stopped_ms = int(stop[0].split("train_time:")[1].split("ms")[0])
-    assert 700 <= stopped_ms < 2000        # near the 3 s cap less the 2 s reserve, far from the 3 s cap itself
+def test_training_calibration_stops_the_loop_by_the_reserve(monkeypatch):
+    """GPTQ_CALIBRATION=train: the loop's cap is MAX_WALLCLOCK_SECONDS less GPTQ_RESERVE_SECONDS (3 s - 2 s),
+    on a clock only the (stand-in) loader moves, 50 ms a step."""
+    from test_cuda_hazards import FakeTime, StepLoader
+    hp = tiny_hp(ITERATIONS=100_000, MAX_WALLCLOCK_SECONDS=3, GPTQ_CALIBRATION="train", GPTQ_RESERVE_SECONDS=2,
+                 VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=100_000)
+    fake = FakeTime()
+    monkeypatch.setattr(train_gpt, "time", fake)
+    lines = ListLog()
+    model = random_gpt(hp)
+    result = train_gpt.train(hp, cpu_runtime(), model, model, StepLoader(hp, fake, 0.05, 1000.0), lines, lambda *a: None)
+    stop = [l for l in lines.lines if l.startswith("stopping_early")]
+    assert len(stop) == 1 and result.stopped_early
+    assert 800 < result.train_time_ms <= 1000             # under the 1 s left of the 3 s cap by the 2 s reserve
 
 
 def test_training_calibration_counts_as_a_training_read(demo_data, tmp_path, monkeypatch):
     """GPTQ_CALIBRATION=train: calibration's end is the last training-data read; if it ends past the
-    cap (here: Hessian collection made slow), the run is flagged as having read data after the deadline."""
+    cap (here its Hessian collection takes 3.5 s of a clock nothing else moves), the run is flagged."""
+    from test_audit import export_run
     monkeypatch.chdir(tmp_path)
-    vocab = demo_data["vocab"]
-    common = dict(VOCAB_SIZE=vocab, DATA_PATH=demo_data["dir"], TOKENIZER_PATH=demo_data["tokenizer"],
-                  TRAIN_BATCH_TOKENS=8 * 32, TRAIN_SEQ_LEN=32, EVAL_STRIDE=16, ITERATIONS=3, VAL_BATCH_SIZE=512,
-                  VAL_LOSS_EVERY=0, LZMA_PRESET=0, GPTQ_CALIBRATION="train", GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32,
-                  MAX_WALLCLOCK_SECONDS=3, GPTQ_RESERVE_SECONDS=1)
-    val, _ = train_gpt.load_validation_tokens(str(demo_data["dir"]), vocab, 300)
-    tables = train_gpt.build_bpb_tables(str(demo_data["tokenizer"]), vocab)
-    real = train_gpt.collect_hessians
-    out = {}
-    for name, delay in (("in_time", 0.0), ("late", 3.5)):
-        def collect(*args, delay=delay):
-            time.sleep(delay)
-            return real(*args)
-        monkeypatch.setattr(train_gpt, "collect_hessians", collect)
-        hp = tiny_hp(**common)
-        model = random_gpt(hp, seed=0)
-        log, rt = ListLog(), cpu_runtime()
-        plan = train_gpt.plan_budget(hp, log)
-        out[name] = train_gpt.train_and_export(hp, rt, name, model, model, val, tables, plan, log, train_gpt.StageTimes(rt))
-        assert any(l.startswith("gptq_calibration: train 2x32 tokens") for l in log.lines)
-    in_time, late = out["in_time"], out["late"]
+    common = dict(GPTQ_CALIBRATION="train", GPTQ_CALIB_SEQS=2, GPTQ_CALIB_LEN=32, MAX_WALLCLOCK_SECONDS=3,
+                  GPTQ_RESERVE_SECONDS=1)
+    in_time = export_run(demo_data, "in_time", monkeypatch, calibration_s=0.5, **common)
+    late = export_run(demo_data, "late", monkeypatch, calibration_s=3.5, **common)
     assert in_time["quant"]["calibration"] == "train"
-    assert in_time["train_time_ms"] < in_time["quant"]["calibration_end_ms"] == in_time["train_data_last_read_ms"] < 3e3
+    assert in_time["quant"]["calibration_end_ms"] == in_time["train_data_last_read_ms"] == 500.0
     assert in_time["train_data_read_after_deadline"] is False
-    assert late["quant"]["calibration_end_ms"] > 3e3 and late["train_data_read_after_deadline"] is True
+    assert late["quant"]["calibration_end_ms"] == 3500.0 and late["train_data_read_after_deadline"] is True
 
 
 # --- the budget fit moves k ------------------------------------------------------------------------

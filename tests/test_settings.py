@@ -124,6 +124,8 @@ def test_unrelated_variables_do_not_warn(name):
     ({"TTT_GRAD_CLIP": "-1"}, ["TTT_GRAD_CLIP"]),
     ({"MUON_NS_COEFFS": "cubic"}, ["MUON_NS_COEFFS"]),
     ({"PARALLEL_LANES": "3"}, ["PARALLEL_LANES"]),
+    ({"PARALLEL_LAST_N": "7"}, ["PARALLEL_LAST_N", "encoder half"]),          # two lanes would starve the skips
+    ({"TERNARY_PATTERNS": ".mlp.", "LATE_QAT_THRESHOLD": "0"}, ["TERNARY_PATTERNS", "never trained"]),
     ({"RECUR_LAYERS": "8-9"}, ["RECUR_LAYERS", "PARALLEL_LAST_N"]),        # into the two-lane blocks 8-10
     ({"ATTN_GATE_DIMS": "513"}, ["ATTN_GATE_DIMS", "MODEL_DIM"]),
     ({"SMEAR_GATE_DIMS": "-1"}, ["SMEAR_GATE_DIMS"]),
@@ -151,7 +153,7 @@ def test_boundary_values_are_accepted():
                            "LR_WARMUP_FRAC": "0.5", "WARMDOWN_FRAC": "0.5", "MAX_WALLCLOCK_SECONDS": "0",
                            "LZMA_PRESET": "0", "COMPILE": "0", "COMPUTE_DTYPE": "bf16"})
     assert hp.vocab_size == 65536 and hp.eval_stride == 128
-    hp, _ = read_settings({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "64", "TTT_ENABLED": "1", "NUM_LAYERS": "2", "RECUR_LAYERS": "",
+    hp, _ = read_settings({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "64", "TTT_ENABLED": "1", "NUM_LAYERS": "2", "RECUR_LAYERS": "", "PARALLEL_LAST_N": "1",
                            "TTT_LAST_N": "2", "TTT_LR": "0", "TTT_MOMENTUM": "0", "EVAL_TIME_LIMIT_SECONDS": "0",
                            "EVAL_AUDIT": "1"})
     assert (hp.eval_stride, hp.ttt_last_n, hp.ttt_lr, hp.eval_time_limit_seconds) == (64, 2, 0.0, 0.0)
@@ -159,7 +161,7 @@ def test_boundary_values_are_accepted():
     assert train_gpt.eval_geometry(hp) == (32, 32)
     hp, _ = read_settings({"TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "128"})            # stride 64 <= window 128
     assert train_gpt.eval_geometry(hp) == (128, 64)
-    hp, _ = read_settings({"NUM_LAYERS": "1", "RECUR_LAYERS": ""})   # TTT_LAST_N=0: every parameter
+    hp, _ = read_settings({"NUM_LAYERS": "1", "RECUR_LAYERS": "", "PARALLEL_LAST_N": "0"})   # TTT_LAST_N=0: every parameter
     assert hp.num_layers == 1 and hp.ttt_last_n == 0
     hp, _ = read_settings({"ARTIFACT_BUDGET_BYTES": "16000000"})   # the challenge's cap itself
     assert hp.artifact_budget_bytes == 16_000_000
@@ -200,7 +202,7 @@ def test_eval_only_path_must_be_a_file(tmp_path):
 
 # settings that keep a 1-layer, head-dim-8 model valid (no recurrence, RoPE on 4 dims); explicit in
 # EVAL_ONLY environments below too, equal to the artifact's, so they never conflict with it
-ARTIFACT_VALID = {"RECUR_LAYERS": "", "ROPE_DIMS": "4"}
+ARTIFACT_VALID = {"RECUR_LAYERS": "", "ROPE_DIMS": "4", "PARALLEL_LAST_N": "0"}
 
 
 @pytest.fixture

@@ -166,7 +166,7 @@ def test_only_the_last_blocks_change(monkeypatch):
     _, _, model, before = run_ttt(monkeypatch, hp)
     for name, p in model.named_parameters():
         trainable = name.startswith(("blocks.1.", "blocks.2."))
-        assert p.requires_grad is trainable, name
+        assert p.requires_grad, name          # frozen by dropping gradients: compiled graphs keep their guards
         if trainable:
             assert not torch.equal(p, before[name]), f"{name} did not train"
         else:
