@@ -4,7 +4,6 @@ round-to-nearest on real activations (the tied embedding with the head's input H
 budget fit moving k, the planner against real artifacts (Gaussian and trained weights), and the
 training-loop switches (late QAT, ternary from a step, telemetry, the calibration reserve)."""
 
-import time
 
 import numpy as np
 import pytest

@@ -61,24 +61,31 @@ def clip_search_rows(w, bits, hessian=None):
 
 
 def export_entries(state, hessians, scheme):
-    """Entries as quantize_state_dict makes them, under one of the schemes compared here."""
-    if scheme["kind"] == "sdclip":
-        spec = tg.QuantSpec((("embed", scheme["embed_bits"]), ("mlp", scheme["bits"]), ("attn", scheme["bits"])),
-                            (("embed", scheme["embed_k"]), ("mlp", scheme["mlp_k"]), ("attn", scheme["attn_k"])))
-        return tg.quantize_state_dict(state, spec, hessians=hessians, preset=9, lqer_tensors=scheme.get("lqer", 0),
-                                      lqer_rank=4)
-    entries = []
+    """Entries like quantize_state_dict's, under one of the schemes compared here: scheme["matrices"] is
+    ("clip", bits) or ("sdclip", bits, mlp_k, attn_k); scheme["embed"] is ("clip", bits) or
+    ("sdclip", bits, k, gptq); scheme["lqer"] the number of LQER tensors (rank 4)."""
+    entries, candidates = [], {}
     for name, t in state.items():
-        if t.ndim == 2 and name.endswith(".weight"):
-            bits = scheme["embed_bits"] if name in tg.EMBEDDING_TABLES else scheme["bits"]
-            hessian = hessians.get(name) if name not in tg.EMBEDDING_TABLES else None   # the old export: no emb GPTQ
-            q, scale = clip_search_rows(t, bits, hessian)
-            # int4 values are stored under int5_row: dequantization is q * scale whatever the width
-            entries.append(dict(name=name, scheme=f"int{max(bits, 5)}_row", shape=list(t.shape),
-                                parts=tg.to_numpy_parts(dict(q=q, scale=scale))))
-        else:
+        if not (t.ndim == 2 and name.endswith(".weight")):
             entries.append(dict(name=name, scheme="fp16", shape=list(t.shape), parts={"w": t.detach().half().numpy()}))
-    return entries
+            continue
+        embedding = name in tg.EMBEDDING_TABLES
+        how = scheme["embed"] if embedding else scheme["matrices"]
+        hessian = hessians.get(name)
+        if how[0] == "clip":                                   # the old export: no GPTQ for the embedding
+            q, scale = clip_search_rows(t, how[1], None if embedding else hessian)
+        else:
+            k = how[2] if embedding else (how[2] if ".mlp." in name else how[3])
+            gptq = (how[3] if embedding else True) and hessian is not None
+            q, scale = tg.gptq_quantize(t, hessian, how[1], k) if gptq else tg.quantize_rows(t, how[1], k)
+        # int4 values are stored under int5_row: dequantization is q * scale whatever the width
+        entry = dict(name=name, scheme=f"int{max(how[1], 5)}_row", shape=list(t.shape),
+                     parts=tg.to_numpy_parts(dict(q=q, scale=scale)))
+        entries.append(entry)
+        if scheme.get("lqer"):
+            deq = tg.dequantize_rows(q, scale)
+            candidates[name] = tg.lqer_candidate(t.float(), deq, hessian, 4)
+    return tg.add_lqer(entries, scheme.get("lqer", 0), candidates)
 
 
 def layouts(entries):
@@ -126,6 +133,7 @@ def main() -> int:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--val-tokens", type=int, default=100_000)
     ap.add_argument("--seed", type=int, default=1337)
+    ap.add_argument("--cache", default="", help="save the trained model and Hessians here, or load them if it exists")
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     env = dict(DATA_PATH=args.data, TOKENIZER_PATH=args.tokenizer, VOCAB_SIZE=str(args.vocab), NUM_LAYERS=str(args.layers),
@@ -136,18 +144,28 @@ def main() -> int:
     hp, _ = tg.read_settings(env)
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, None, None)
     model = tg.build_model(hp, rt)
-    stream = tg.TokenStream(tg.find_shards(hp.data_path, "train"), hp.vocab_size)
-    loader = tg.DistributedTokenLoader(stream, hp.train_batch_tokens, hp.train_seq_len, 1, 1, 0, rt.device)
-    t0 = time.time()
-    tg.train(hp, rt, model, model, loader, print, lambda *a: None)
-    train_s = time.time() - t0
+    train_s = None
+    if args.cache and os.path.exists(args.cache):          # the trained model and its Hessians, from an earlier run
+        saved = torch.load(args.cache, weights_only=False)
+        model.load_state_dict(saved["state"])
+        model.recurrence_on, hessians, train_s = saved["recurrence_on"], saved["hessians"], saved["train_seconds"]
+    else:
+        stream = tg.TokenStream(tg.find_shards(hp.data_path, "train"), hp.vocab_size)
+        loader = tg.DistributedTokenLoader(stream, hp.train_batch_tokens, hp.train_seq_len, 1, 1, 0, rt.device)
+        t0 = time.time()
+        tg.train(hp, rt, model, model, loader, print, lambda *a: None)
+        train_s = time.time() - t0
+        model.eval()
+        calibration = tg.generate_calibration(model, rt, hp.gptq_calib_seqs, hp.gptq_calib_len, hp.gptq_calib_temp,
+                                              hp.seed)
+        hessians = tg.collect_hessians(model, rt, list(calibration.split(8)))
+        if args.cache:
+            torch.save(dict(state=model.state_dict(), recurrence_on=model.recurrence_on, hessians=hessians,
+                            train_seconds=train_s, settings=env), args.cache)
     val, _ = tg.load_validation_tokens(hp.data_path, hp.vocab_size, args.val_tokens)
     tables = tg.build_bpb_tables(hp.tokenizer_path, hp.vocab_size)
     score = lambda m: tg.evaluate(hp, rt, m, val, tables, hp.train_seq_len, hp.train_seq_len).val_bpb  # noqa: E731
     float_bpb = score(model)
-    model.eval()
-    calibration = tg.generate_calibration(model, rt, hp.gptq_calib_seqs, hp.gptq_calib_len, hp.gptq_calib_temp, hp.seed)
-    hessians = tg.collect_hessians(model, rt, list(calibration.split(8)))
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     n_params = sum(t.numel() for t in state.values())
 
@@ -166,35 +184,34 @@ def main() -> int:
         return row, entries
 
     rows = []
-    old = lambda bits, emb: dict(kind="clip_search", bits=bits, embed_bits=emb)  # noqa: E731
-    new = lambda bits, mlp, attn, emb_bits, emb, lqer=0: dict(kind="sdclip", bits=bits, mlp_k=mlp, attn_k=attn,  # noqa: E731
-                                                             embed_bits=emb_bits, embed_k=emb, lqer=lqer)
-    for name, scheme in [("clip search int6, int8 embeddings (the old default)", old(6, 8)),
-                         ("clip search int5, int8 embeddings", old(5, 8)),
-                         ("clip search int4, int8 embeddings", old(4, 8)),
-                         ("clip search int4, int6 embeddings", old(4, 6)),
-                         ("SDClip int6 k=8, int7 embeddings k=15", new(6, 8, 8, 7, 15)),
-                         ("SDClip int6 k=10, int7 embeddings k=15", new(6, 10, 10, 7, 15)),
-                         ("SDClip int6 k=12.85, int7 embeddings k=15", new(6, 12.85, 12.85, 7, 15)),
-                         ("SDClip int6 k=16, int7 embeddings k=15", new(6, 16, 16, 7, 15)),
-                         ("SDClip int6 MLP 12 / attn 13, int7 embeddings k=15 (default)", new(6, 12, 13, 7, 15)),
-                         ("SDClip default + LQER on 3 tensors", new(6, 12, 13, 7, 15, lqer=3)),
-                         ("SDClip int6 k=20, int8 embeddings k=20", new(6, 20, 20, 8, 20))]:
-        row, entries = measure(name, scheme)
+    old_emb, default_emb = ("clip", 8), ("sdclip", 7, 15.0, True)
+    default = ("sdclip", 6, 12.0, 13.0)
+    # 1. the matrices' quantizer, the embedding held at the old int8 (max |w| scale, nearest)
+    for name, matrices in [("clip search int6 (the old default)", ("clip", 6)), ("clip search int5", ("clip", 5)),
+                           ("clip search int4", ("clip", 4)), ("SDClip int6 k=8", ("sdclip", 6, 8.0, 8.0)),
+                           ("SDClip int6 k=10", ("sdclip", 6, 10.0, 10.0)), ("SDClip int6 k=12.85", ("sdclip", 6, 12.85, 12.85)),
+                           ("SDClip int6 MLP 12 / attn 13", default), ("SDClip int6 k=16", ("sdclip", 6, 16.0, 16.0)),
+                           ("SDClip int6 k=20", ("sdclip", 6, 20.0, 20.0))]:
+        rows.append(measure(f"matrices: {name}; embedding: old int8", dict(matrices=matrices, embed=old_emb))[0])
+    # 2. the embedding's quantizer, the matrices held at the SDClip default
+    for name, embed in [("old int8 (max |w|, nearest)", old_emb), ("SDClip int7 k=15, nearest", ("sdclip", 7, 15.0, False)),
+                        ("SDClip int7 k=12, GPTQ (head Hessian)", ("sdclip", 7, 12.0, True)),
+                        ("SDClip int7 k=15, GPTQ (head Hessian): the default", default_emb),
+                        ("SDClip int7 k=18, GPTQ (head Hessian)", ("sdclip", 7, 18.0, True))]:
+        row, entries = measure(f"matrices: SDClip default; embedding: {name}", dict(matrices=default, embed=embed))
         rows.append(row)
-        if scheme.get("kind") == "sdclip" and scheme["mlp_k"] == 12 and not scheme.get("lqer"):
-            default_entries = entries
-    # LQER at equal bytes: coarsen k until the LQER artifact is no larger than the default's
-    target = next(r["bytes"] for r in rows if r["name"].endswith("(default)"))
+        if embed == default_emb:
+            default_entries, target = entries, row["bytes"]
+    # 3. LQER on 3 tensors, with k coarsened until it costs no more bytes than the default
+    rows.append(measure("the default + LQER on 3 tensors", dict(matrices=default, embed=default_emb, lqer=3))[0])
     factor = 1.0
     for _ in range(8):
-        scheme = new(6, 12 * factor, 13 * factor, 7, 15 * factor, lqer=3)
+        scheme = dict(matrices=("sdclip", 6, 12 * factor, 13 * factor), embed=("sdclip", 7, 15 * factor, True), lqer=3)
         size = len(tg.pack_artifact(export_entries(state, hessians, scheme), 9, {}))
         if size <= target:
             break
         factor *= 2 ** (8 * (size - target) / (n_params - 25_000))
-    row, _ = measure(f"SDClip default k x {factor:.4f} + LQER on 3 tensors (equal bytes)", scheme)
-    rows.append(row)
+    rows.append(measure(f"the default with k x {factor:.4f} + LQER on 3 tensors (equal bytes)", scheme)[0])
     # byte layouts of the default export
     header = len(json.dumps([e["name"] for e in default_entries]))
     layout_rows = {}
@@ -209,7 +226,7 @@ def main() -> int:
     q = np.concatenate([e["parts"]["q"].reshape(-1) for e in default_entries if "q" in e["parts"]])
     p = np.bincount(q.astype(np.int64) - q.min()) / q.size
     entropy_bytes = -(p[p > 0] * np.log2(p[p > 0])).sum() * q.size / 8
-    result = dict(settings=env, train_seconds=train_s, float_val_bpb=float_bpb, n_params=n_params,
+    result = dict(settings=env, cache=args.cache, train_seconds=train_s, float_val_bpb=float_bpb, n_params=n_params,
                   val_tokens=int(val.size), rows=rows, layouts=layout_rows, header_bytes=header,
                   integer_values=int(q.size), integer_order0_entropy_bytes=entropy_bytes,
                   integer_lzma_bytes=lzma_bytes(q.astype(np.int8).tobytes()))
