@@ -3163,6 +3163,7 @@ def entry_point() -> int:
         sys.stdout.flush()
         os._exit(status)
     if dist.is_initialized():
+        dist.barrier()     # gloo aborts a rank whose peer leaves while its last send is in flight
         dist.destroy_process_group()
     return status
 

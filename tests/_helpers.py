@@ -53,6 +53,9 @@ def _worker(rank: int, world_size: int, init_file: str, fn, args, out_dir: str) 
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
         result = fn(rank, world_size, *args)
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+        # gloo aborts a process ("terminate called without an active exception") when its peer tears the
+        # group down while a send is still in flight: every rank finishes its traffic before anyone leaves
+        dist.barrier()
     except BaseException:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())

@@ -277,7 +277,10 @@ def test_rerun_with_existing_run_id_changes_nothing(demo_data, single_runs):
 def check_compliance(s, ttt_updates=0):
     c = s["compliance"]
     assert c is not None
-    for key in COMPLIANCE_CHECKS + ["all_ok"]:
+    # a re-score (EVAL_ONLY) trained nothing, so it has no training-data read to check
+    checks = [k for k in COMPLIANCE_CHECKS if not (s["eval_only"] and k == "no_train_data_after_deadline")]
+    assert ("no_train_data_after_deadline" in c) == (not s["eval_only"])
+    for key in checks + ["all_ok"]:
         assert c[key] is True, key
     assert c["targets_scored_once"] == c["targets_expected"] == s["val_tokens"]
     assert c["targets_never_scored"] == c["targets_scored_twice_or_more"] == 0
