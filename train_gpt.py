@@ -48,6 +48,8 @@ BOS_ID = 1                       # every document starts with BOS; no EOS
 CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed model bytes
 CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
+with open(__file__, "rb") as _src:   # the code that runs: logged, counted in bytes_code (an edit mid-run changes neither)
+    SOURCE = _src.read()
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
@@ -466,8 +468,7 @@ class RunLog:
                     raise PipelineError(f"{path} already exists; choose another RUN_ID")
             os.makedirs(log_dir, exist_ok=True)
             self.file = open(self.txt_path, "x", encoding="utf-8")
-            with open(__file__, encoding="utf-8") as src:
-                self.file.write(src.read())
+            self.file.write(SOURCE.decode("utf-8"))
             self.file.write("=" * 100 + "\n")
 
     def __call__(self, line: str, console: bool = True) -> None:
@@ -2251,7 +2252,7 @@ def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
     fit will need, and whether the run can fit at all. Refuses (PipelineError) when the code alone is over
     the budget, or the coarsest setting the fit can reach is predicted over it by more than the planner's
     tolerance."""
-    bytes_code = os.path.getsize(os.path.abspath(__file__))
+    bytes_code = len(SOURCE)
     budget = hp.artifact_budget_bytes
     if bytes_code >= budget:
         raise PipelineError(f"train_gpt.py alone is {bytes_code} bytes, over ARTIFACT_BUDGET_BYTES={budget}")
@@ -2292,7 +2293,7 @@ def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer
     precision_ladder. Every rank takes part (GPTQ is split over them); rank 0 packs and decides.
     Returns (blob, entries, spec, attempts), blob and entries on rank 0 only; raises PipelineError on
     every rank, writing nothing, when nothing fits."""
-    bytes_code = os.path.getsize(os.path.abspath(__file__))
+    bytes_code = len(SOURCE)
     budget, tried, best = hp.artifact_budget_bytes, [], {}
 
     def decide(entries: list[dict], spec: QuantSpec, factor: float):
@@ -2836,7 +2837,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, path: str, pla
                 f.write(blob)
         except FileExistsError:
             raise PipelineError(f"{path} already exists; choose another RUN_ID") from None
-        bytes_code = os.path.getsize(os.path.abspath(__file__))
+        bytes_code = len(SOURCE)
         n_params = sum(int(np.prod(e["shape"])) for e in entries)
         with stages("report"):
             groups = group_bytes(entries, hp.lzma_preset)
@@ -2845,8 +2846,9 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, path: str, pla
             g["predicted_bytes"] = predicted.get((g["name"], g["scheme"]))
             log(f"plan_vs_actual: {g['name']} {g['scheme']} predicted:{g['predicted_bytes']} actual:{g['bytes']} "
                 f"bits/param:{8 * g['bytes'] / g['params']:.3f} (compressed alone)")
-        log(f"plan_vs_actual: model predicted:{plan.predicted_bytes} actual:{len(blob)} "
-            f"ratio:{len(blob) / max(plan.predicted_bytes, 1):.3f}")
+        log(f"plan_vs_actual: model predicted:{plan.predicted_bytes} (k x {plan.factor:.4f}) actual:{len(blob)} "
+            f"(k x {spec.sigmas_of('mlp') / hp.quant_clip_sigmas_mlp:.4f}) ratio:{len(blob) / max(plan.predicted_bytes, 1):.3f}"
+            + ("" if len(tried) == 1 else f"; the first attempt, at the planned k: {tried[0]}"))
         lqer = [e["name"] for e in entries if "lqer_a" in e["parts"]]
         quant = dict(groups=groups, bits_per_param=8 * len(blob) / max(n_params, 1), bits=dict(spec.bits),
                      sigmas=dict(spec.sigmas), fit_factor=spec.sigmas_of("mlp") / hp.quant_clip_sigmas_mlp,
@@ -2965,9 +2967,8 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
     result = train(hp, rt, model, run_model, loader, log, validate, plan.spec, val_tokens.size)
     stages.ms["compile"] = result.compile_ms
     stages.ms["train"] = 1e3 * (time.perf_counter() - t_train) - result.compile_ms
-    peak = torch.cuda.max_memory_allocated() // 2**20 if rt.device.type == "cuda" else None  # CUDA-only
-    if peak is not None:
-        log(f"peak memory allocated: {peak} MiB")
+    if rt.device.type == "cuda":   # the summary's peak_memory_mib is the whole run's (run_pipeline)
+        log(f"peak memory allocated in training: {torch.cuda.max_memory_allocated(rt.device) // 2**20} MiB")
     with stages("calibration"):
         hessians, calibration_end_ms = calibrate(hp, rt, model, stream, result.clock, log)
     last_read_ms = agree_max(rt, [result.train_data_last_read_ms])[0]       # the slowest rank's
@@ -2987,7 +2988,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
         tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9), stopped_early=result.stopped_early,
         train_loss=result.train_loss, pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb, **artifact,
         train_data_last_read_ms=last_read_ms, train_deadline_ms=deadline_ms,
-        train_data_read_after_deadline=bool(last_read_ms > deadline_ms), peak_memory_mib=peak,
+        train_data_read_after_deadline=bool(last_read_ms > deadline_ms), peak_memory_mib=None,
         compile=dict(graphs_in_warm_up=result.graphs_compiled, recompiles_in_clock=result.recompiles_in_clock))
 
 
@@ -3032,7 +3033,7 @@ def saved_artifact_keys(hp: Hyperparameters) -> dict:
     """EVAL_ONLY: the summary's artifact keys, for the artifact given; no training keys."""
     with open(hp.eval_only, "rb") as f:
         data = f.read()
-    bytes_code = os.path.getsize(os.path.abspath(__file__))
+    bytes_code = len(SOURCE)
     return dict(steps=None, train_time_ms=None, step_avg_ms=None, tokens_per_s=None, stopped_early=None,
                 train_loss=None, pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
                 bytes_total=len(data) + bytes_code, artifact_path=hp.eval_only,
@@ -3122,6 +3123,9 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     if run["compile"] is not None:
         run["compile"].update(recompiles_after_warm_up=run["compile"]["recompiles_in_clock"] + compiled_graphs()
                               - graphs_before_eval, graph_breaks=graph_breaks())
+    if rt.device.type == "cuda":     # the whole run's peak: training, calibration, GPTQ, evaluation and TTT
+        run["peak_memory_mib"] = torch.cuda.max_memory_allocated(rt.device) // 2**20
+        log(f"peak memory allocated: {run['peak_memory_mib']} MiB (the whole run)")
     summary = dict(
         run_id=run_id, seed=hp.seed, preset=hp.preset, world_size=rt.world_size, device=rt.device.type,
         hardware=(torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or platform.machine()),

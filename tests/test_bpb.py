@@ -11,8 +11,10 @@ import sentencepiece as spm
 import train_gpt
 from train_gpt import PipelineError
 
-OFFICIAL_TOKENIZER = Path("/work/shared/tokenizers/fineweb_1024_bpe.model")
-DEV_VAL_SHARD = Path("/work/shared/data/sp1024_dev/fineweb_val_000000.bin")
+SHARED = Path(__file__).resolve().parents[2] / "shared"          # ../shared next to the repository, if present
+# the official tokenizers and held-out shards of the same export; sp8192 is the default vocabulary
+OFFICIAL = {"sp1024": (SHARED / "tokenizers" / "fineweb_1024_bpe.model", SHARED / "data" / "sp1024_dev" / "fineweb_val_000000.bin"),
+            "sp8192": (SHARED / "tokenizers" / "fineweb_8192_bpe.model", SHARED / "data" / "sp8192_dev" / "fineweb_val_000000.bin")}
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 # No text starts with whitespace: by the official rule a document's first "▁" (after BOS) counts
 # 0 bytes, which equals the decoded text only when documents do not start with a space (true of the
@@ -28,11 +30,15 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=sorted(OFFICIAL))
 def tokenizer_path(request):
-    """The official sp1024 tokenizer when /work/shared has it, else the demo tokenizer."""
-    if OFFICIAL_TOKENIZER.is_file():
-        return str(OFFICIAL_TOKENIZER)
+    """Each official tokenizer when ../shared has it; without ../shared, the demo tokenizer stands in
+    for sp1024 and sp8192 is skipped."""
+    path, _ = OFFICIAL[request.param]
+    if path.is_file():
+        return str(path)
+    if request.param == "sp8192":
+        pytest.skip(f"{path} is absent")
     return str(request.getfixturevalue("demo_data")["tokenizer"])
 
 
@@ -120,8 +126,9 @@ def split_documents(tokens, bos):
 
 def test_whole_documents_bytes_equal_decoded_utf8(sp, tokenizer_path):
     docs = [np.array(sp.encode(text), dtype=np.int64) for text in TEXTS]
-    if DEV_VAL_SHARD.is_file() and tokenizer_path == str(OFFICIAL_TOKENIZER):
-        val = train_gpt.load_shard(str(DEV_VAL_SHARD))[:200_000].astype(np.int64)
+    shards = [shard for tok, shard in OFFICIAL.values() if str(tok) == tokenizer_path and shard.is_file()]
+    if shards:
+        val = train_gpt.load_shard(str(shards[0]))[:200_000].astype(np.int64)
         docs += split_documents(val, sp.bos_id())[:-1]    # whole documents only (the last may be cut)
     stream = np.concatenate([np.concatenate([[sp.bos_id()], d]) for d in docs])
     tables = train_gpt.build_bpb_tables(tokenizer_path, sp.vocab_size())
