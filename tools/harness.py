@@ -673,7 +673,9 @@ def technique_summary(run: SeedRun) -> str:
     if q:
         sigmas = ", ".join(f"{g} {k:.2f}" for g, k in (q.get("sigmas") or {}).items())
         quant += (f" (SDClip k: {sigmas}; GPTQ calibration: {q.get('calibration')}; LQER on "
-                  f"{len(q.get('lqer_tensors') or [])} tensors; late QAT from step {q.get('late_qat_step')})")
+                  f"{len(q.get('lqer_tensors') or [])} tensors; "
+                  + (f"late QAT from step {q['late_qat_step']})" if q.get("late_qat_step") is not None
+                     else "late QAT never switched on)"))
     return (f"PRESET={_hp(run, 'PRESET')}: {shape}, {_hp(run, 'NUM_HEADS')} heads / {_hp(run, 'NUM_KV_HEADS')} KV heads, "
             f"MLP {_hp(run, 'MLP_MULT')}x, vocab {_hp(run, 'VOCAB_SIZE')}, tied embeddings; Muon + Adam, "
             f"{_hp(run, 'TRAIN_BATCH_TOKENS')} tokens/step at seq {_hp(run, 'TRAIN_SEQ_LEN')}; {quant} artifact loaded "
