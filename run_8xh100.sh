@@ -47,7 +47,7 @@ if [ -z "${DATA_PATH:-}" ] && ! ls "$official_data"/fineweb_train_*.bin >/dev/nu
   export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-16384} VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-65536}
   export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-120} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0}
   export TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25} GPTQ_CALIB_SEQS=${GPTQ_CALIB_SEQS:-8} GPTQ_CALIB_LEN=${GPTQ_CALIB_LEN:-256}
-  # the demo's ~30k validation tokens would be one 32,768-token TTT chunk, which is scored and never trained on
+  # the demo's ~35k validation tokens make two 32,768-token TTT chunks: TTT would train on the first only
   export TTT_CHUNK_TOKENS=${TTT_CHUNK_TOKENS:-4096}
   SEEDS=${SEEDS:-1337}
 fi

@@ -450,20 +450,25 @@ def agree_max(rt: Runtime, values: list[float]) -> list[float]:
     return t.tolist()
 
 
+def artifact_path(run_id: str) -> str:
+    return os.path.join("artifacts", f"{run_id}.pgolf.xz")
+
+
 class RunLog:
     """logs/<RUN_ID>.txt, written by rank 0: the source first, then every line printed.
 
-    Refuses to start if the log or summary of this RUN_ID already exists, so a rerun never
-    overwrites what an earlier run wrote.
+    Refuses to start if the log or summary of this RUN_ID, or another file the run will write
+    (`outputs`: its artifact), already exists, so a rerun never overwrites what an earlier run wrote
+    and finds out before training, not after.
     """
 
-    def __init__(self, rt: Runtime, run_id: str, log_dir: str = "logs"):
+    def __init__(self, rt: Runtime, run_id: str, log_dir: str = "logs", outputs: tuple[str, ...] = ()):
         self.rt = rt
         self.txt_path = os.path.join(log_dir, f"{run_id}.txt")
         self.json_path = os.path.join(log_dir, f"{run_id}.json")
         self.file = None
         if rt.is_main:
-            for path in (self.txt_path, self.json_path):
+            for path in (self.txt_path, self.json_path, *outputs):
                 if os.path.exists(path):
                     raise PipelineError(f"{path} already exists; choose another RUN_ID")
             os.makedirs(log_dir, exist_ok=True)
@@ -2928,8 +2933,8 @@ def main() -> None:
         hp = settings_for_artifact(hp, hp.eval_only)
     rt = init_runtime(hp)
     run_id = on_main(rt, lambda: hp.run_id or str(uuid.uuid4()))
-    opened = {}
-    on_main(rt, lambda: opened.setdefault("log", RunLog(rt, run_id)) and None)
+    opened, outputs = {}, () if hp.eval_only else (artifact_path(run_id),)
+    on_main(rt, lambda: opened.setdefault("log", RunLog(rt, run_id, outputs=outputs)) and None)
     log = opened.get("log") or RunLog(rt, run_id)   # ranks other than 0 get a silent log
     try:
         run_pipeline(hp, rt, run_id, warnings, log)
@@ -2977,7 +2982,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
     with stages("pre_quant_eval"), qat_paused(model):   # the float (EMA) weights, plain windows: a diagnostic
         pre = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
     log_eval(log, "pre_quant (plain windows)", pre)
-    artifact = export_artifact(hp, rt, model, os.path.join("artifacts", f"{run_id}.pgolf.xz"), plan, hessians,
+    artifact = export_artifact(hp, rt, model, artifact_path(run_id), plan, hessians,
                                log, stages)
     artifact["quant"].update(calibration=hp.gptq_calibration, calibration_end_ms=calibration_end_ms,
                              late_qat_step=result.late_qat_step, ternary_qat_step=result.ternary_qat_step)

@@ -272,6 +272,19 @@ def test_rerun_with_existing_run_id_changes_nothing(demo_data, single_runs):
     assert digests(cwd) == before
 
 
+def test_an_existing_artifact_is_refused_before_training(demo_data, tmp_path):
+    """The artifact path is known at start: a leftover artifacts/<RUN_ID>.pgolf.xz (its logs moved away) is
+    refused in seconds, before training, and left as it was (it used to be found only at export)."""
+    (tmp_path / "artifacts").mkdir()
+    leftover = tmp_path / "artifacts" / "again.pgolf.xz"
+    leftover.write_bytes(b"an earlier run's artifact")
+    proc = run_train(tmp_path, demo_data, RUN_ID="again", ITERATIONS=1000)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "again.pgolf.xz already exists" in proc.stderr
+    assert "step:1/" not in proc.stdout + proc.stderr                      # nothing trained
+    assert leftover.read_bytes() == b"an earlier run's artifact"
+
+
 # --- self-audit, NLL dump, projection ---------------------------------------------------------------
 
 def check_compliance(s, ttt_updates=0):

@@ -28,7 +28,7 @@ if [ -z "${DATA_PATH:-}" ]; then
   fi
   # the demo tokenizer has 1024 pieces; VOCAB_SIZE keeps the default (8192) rows: the full shape
   export DATA_PATH=$demo TOKENIZER_PATH=${TOKENIZER_PATH:-$demo/tokenizer/demo_1024_bpe.model}
-  # its ~30k validation tokens would be one 32,768-token TTT chunk, scored and never trained on
+  # its ~35k validation tokens make two 32,768-token TTT chunks: TTT would train on the first only
   export TTT_CHUNK_TOKENS=${TTT_CHUNK_TOKENS:-8192}
 fi
 run_id=${RUN_ID:-rehearsal_$(date -u +%Y%m%d_%H%M%S)}
