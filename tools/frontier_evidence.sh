@@ -46,7 +46,7 @@ run mlp_3x "${s8[@]}" MLP_MULT=3
 run no_late_qat "${s8[@]}" LATE_QAT_THRESHOLD=0
 # the same documents under both tokenizers: the default (sp8192) against the March stack (sp1024)
 run default_same_docs "${SP8192_SAME_DOCS:?}" "$TOK8192" 8192
-run stack1024_same_docs "${SP1024:?}" "${TOK1024:?}" 1024 PRESET=stack1024
+run stack1024_same_docs "${SP1024:?}" "${TOK1024:?}" 1024 PRESET=stack1024 RECUR_LAYERS= PARALLEL_LAST_N=0   # the shape above sets both
 # score-first TTT: the default's artifact re-scored with TTT on, every pass counted in eval_time_ms
 artifact=artifacts/fe_default.pgolf.xz
 run ttt_on "${s8[@]}" EVAL_ONLY=$artifact TTT_ENABLED=1 EVAL_AUDIT=1
