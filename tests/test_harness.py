@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,8 +26,14 @@ RULES_FIELDS = ["author", "github_id", "name", "blurb", "date", "val_loss", "val
                 "track", "seeds", "seed_results", "val_bpb_std", "hardware", "pytorch_version", "t_statistic",
                 "welch_df", "p_value", "technique_summary"]
 SEED_FIELDS = ["val_loss", "val_bpb", "artifact_bytes", "steps", "step_avg_ms", "eval_time_s"]
+SP1024_SHA = "4f5e8adb109c66b4886963bc75a7befd73bda36d27fd7102df8e9e66503b0e2a"
+SP8192_SHA = "4e979c92754cc9d7bdebd9dfe5edf3fc0b41b38714b394e4297fa851e3afd516"
+CASEOPS_SHA = "97754754561f20def5edd99765ca0668f880bd94e67316d54aa10ab25f45cc4d"
+SP1024_SPLIT, SP8192_SPLIT = 62_021_632, 40_540_160
+# An 8xH100 run on the official sp1024 data: hardware, the data pair, the whole split (~2.44 bytes per token)
 H100 = dict(device="cuda", world_size=8, hardware="NVIDIA H100 80GB HBM3", torch_version="2.13.0+cu128",
-            cuda_version="12.8")
+            cuda_version="12.8", tokenizer_sha256=SP1024_SHA, val_shards_sha256="ab" * 32,
+            val_split_tokens=SP1024_SPLIT, val_tokens=SP1024_SPLIT - 1, val_bytes=151_280_000)
 
 
 # -----------------------------------------------------------------------------
@@ -189,7 +196,18 @@ def fake_summary(run_id, seed, val_bpb, **overrides):
             s["hyperparameters"] = dict(hp, **value)
         else:
             s[key] = value
+    s.setdefault("roundtrip_sha256_per_rank", [s["artifact_sha256"]] * s["world_size"])
     return s
+
+
+def log_tail(s):
+    """The lines train_gpt.py logs after the source that the harness checks the summary against."""
+    lines = [f"run_id:{s['run_id']} seed:{s['seed']}",
+             f"final_{s['quant_scheme']}_roundtrip_exact val_loss:{s['val_loss']:.8f} val_bpb:{s['val_bpb']:.8f}",
+             f"eval_time: {s['eval_time_ms']:.0f}ms from the artifact's load to the final score (every pass counted)"]
+    if s["compliance"] is not None:
+        lines.append("compliance: " + json.dumps(s["compliance"], sort_keys=True))
+    return "".join(line + "\n" for line in lines).encode()
 
 
 def fake_artifact(run_id, size):
@@ -200,9 +218,10 @@ def fake_artifact(run_id, size):
 BPBS = {1: 1.0501, 2: 1.0523, 3: 1.0512}
 
 
-def write_runs(root, seeds=(1, 2, 3), prefix="pg", summaries=None, code=FAKE_CODE, **overrides):
+def write_runs(root, seeds=(1, 2, 3), prefix="pg", summaries=None, code=FAKE_CODE, manifest=True, **overrides):
     """logs/<prefix>_seed<N>.{json,txt} and artifacts/<prefix>_seed<N>.pgolf.xz for each seed under `root`
-    (the artifact as its summary describes it); returns the run ids."""
+    (the artifact as its summary describes it, the log ending in the lines the summary says), and the
+    sweep's manifest logs/<prefix>.sweep.json (unless manifest=False); returns the run ids."""
     (root / "logs").mkdir(exist_ok=True)
     (root / "artifacts").mkdir(exist_ok=True)
     ids = []
@@ -210,11 +229,22 @@ def write_runs(root, seeds=(1, 2, 3), prefix="pg", summaries=None, code=FAKE_COD
         run_id = f"{prefix}_seed{seed}" if f"{prefix}_seed{seed}" not in ids else f"{prefix}_seed{seed}_{i}"
         s = (summaries or {}).get(i) or fake_summary(run_id, seed, BPBS.get(seed, 1.05), **overrides)
         (root / "logs" / f"{run_id}.json").write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
-        (root / "logs" / f"{run_id}.txt").write_bytes(code + harness.LOG_SOURCE_END.encode()
-                                                      + f"run_id:{run_id} seed:{seed}\n".encode())
+        (root / "logs" / f"{run_id}.txt").write_bytes(code + harness.LOG_SOURCE_END.encode() + log_tail(s))
         (root / s["artifact_path"]).write_bytes(fake_artifact(s["run_id"], s["bytes_model"]))
         ids.append(run_id)
+    if manifest:
+        (root / "logs" / f"{prefix}.sweep.json").write_text(json.dumps(dict(
+            prefix=prefix, seeds=[str(s) for s in seeds], run_ids=ids, code_sha256=hashlib.sha256(code).hexdigest(),
+            settings={}, practice=False)))
     return ids
+
+
+def edit_summary(root, run_id, **changes):
+    """Change fields of logs/<run_id>.json after its log was written (what a hand edit does)."""
+    path = root / "logs" / f"{run_id}.json"
+    s = json.loads(path.read_text())
+    s.update(changes)
+    path.write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
 
 
 @pytest.fixture
@@ -243,8 +273,8 @@ def test_assembles_a_record_with_every_file_and_statistic(entry, capsys):
     ids = write_runs(entry)
     assert submit(*ids, "--record-dir", "rec", "--date", "2026-04-01") == 0
     rec = entry / "rec"
-    assert sorted(os.listdir(rec)) == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt"]
-                                             + [f"{i}.{ext}" for i in ids for ext in ("txt", "json")])
+    assert sorted(os.listdir(rec)) == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt",
+                                              "pg.sweep.json"] + [f"{i}.{ext}" for i in ids for ext in ("txt", "json")])
     assert (rec / "train_gpt.py").read_bytes() == FAKE_CODE
     assert (rec / "requirements.txt").read_bytes() == (entry / "requirements.txt").read_bytes()
     for i in ids:
@@ -363,7 +393,7 @@ def test_the_artifact_is_measured_not_trusted(entry):
     ids = write_runs(entry, seeds=(1,), summaries={0: s})
     (entry / "artifacts" / "pg_seed1.pgolf.xz").write_bytes(fake_artifact("pg_seed1", big))
     assert submit(*ids, "--record-dir", "rec") == 1
-    honest = write_runs(entry, seeds=(2,), prefix="ok")
+    honest = write_runs(entry, seeds=(2,), prefix="ok", hyperparameters={"ITERATIONS": 20001})   # another sweep
     assert submit(*honest, "--record-dir", "rec2") == 0
 
 
@@ -382,7 +412,7 @@ def test_cpu_runs_default_to_a_practice_record_under_logs(entry, capsys):
     assert (entry / "logs" / "pg_20260401_120000_record" / "submission.json").is_file()
     assert not (entry / "records").exists()
     assert (entry / "submission.json").read_bytes() == before
-    assert "records/ and submission.json untouched" in capsys.readouterr().out
+    assert "a practice record, not a record (not run on the track's hardware" in capsys.readouterr().out
 
 
 def test_cpu_runs_may_not_write_under_records(entry, capsys):
@@ -403,18 +433,19 @@ def test_8xh100_runs_go_to_records_and_update_the_top_level_submission(entry):
     assert json.loads((entry / "submission.json").read_text()) == sub
     assert "Practice record" not in (rec / "README.md").read_text()
 
-    # a worse record is assembled, but the top-level submission keeps the better one
-    worse = write_runs(entry, prefix="pg2", summaries={i: fake_summary(f"pg2_seed{s}", s, 1.2, **H100)
+    # a worse sweep (another configuration) is no record: a non-record submission; the top level keeps the record
+    worse = write_runs(entry, prefix="pg2", summaries={i: fake_summary(f"pg2_seed{s}", s, 1.2, **H100,
+                                                                       hyperparameters={"ITERATIONS": 9})
                                                        for i, s in enumerate((1, 2, 3))})
     assert submit(*worse, "--date", "2026-04-02") == 0
-    assert (entry / "records" / "track_10min_16mb" / "2026-04-02_baseline_9x512_int8_lzma").is_dir()
+    assert (entry / "records" / "track_non_record_16mb" / "2026-04-02_baseline_9x512_int8_lzma").is_dir()
     assert json.loads((entry / "submission.json").read_text()) == sub
 
 
 def test_partial_validation_is_never_a_record(entry, capsys):
     """8xH100 runs that scored only part of the validation split (VAL_MAX_TOKENS): refused under records/,
     assembled as a practice record that says so, and the top-level submission.json left alone."""
-    partial = dict(H100, val_full_split=False, val_tokens=99_999, val_split_tokens=40_540_160)
+    partial = dict(H100, val_full_split=False, val_tokens=99_999)
     ids = write_runs(entry, **partial)
     before = (entry / "submission.json").read_bytes()
     assert submit(*ids, "--record-dir", "records/track_10min_16mb/x") == 1
@@ -425,7 +456,7 @@ def test_partial_validation_is_never_a_record(entry, capsys):
     assert sub["val_full_split"] is False and "Partial validation: scored the first 100,000 of" in sub["blurb"]
     assert "**Partial validation.**" in (rec / "README.md").read_text()
     assert not (entry / "records").exists() and (entry / "submission.json").read_bytes() == before
-    assert "partial validation: a practice record" in capsys.readouterr().out
+    assert "a practice record, not a record (partial validation" in capsys.readouterr().out
 
 
 def test_one_gpu_is_not_the_track(entry):
@@ -515,3 +546,302 @@ def test_explicit_settings_reproduce_the_resolved_settings():
     assert again == hp
     # unknown defaults: every setting but the launcher's is named
     assert set(harness.explicit_settings(hp, None)) == set(hp) - set(harness.LAUNCHER_SETTINGS)
+
+
+# -----------------------------------------------------------------------------
+# What the runs make: a record, a non-record submission, or a practice record
+# -----------------------------------------------------------------------------
+
+RECORD_DIR = Path("records") / "track_10min_16mb"
+NON_RECORD_DIR = Path("records") / "track_non_record_16mb"
+OFFICIAL_TOKENIZERS = Path("/work/shared/tokenizers")
+
+
+@pytest.mark.parametrize("data, known", [
+    (dict(tokenizer_sha256=SP1024_SHA), "sp1024 fineweb_1024_bpe.model"),
+    (dict(tokenizer_sha256=SP8192_SHA, val_split_tokens=SP8192_SPLIT, val_tokens=SP8192_SPLIT - 1), "sp8192 "
+     "fineweb_8192_bpe.model"),
+    (dict(tokenizer_sha256=SP8192_SHA), None),                            # sp8192's tokenizer, sp1024's split
+    (dict(tokenizer_sha256=CASEOPS_SHA), None),                           # CaseOps: not known yet
+    (dict(tokenizer_sha256=hashlib.sha256(b"demo").hexdigest()), None),   # the demo tokenizer
+    (dict(tokenizer_sha256=None), None),                                  # a summary from before the contract
+])
+def test_only_a_known_fineweb_data_pair_makes_a_record(entry, capsys, data, known):
+    """Item 1: 8xH100, whole split, 3 significant seeds: a record only on a known tokenizer + split pair."""
+    ids = write_runs(entry, **dict(H100, **data))
+    before = (entry / "submission.json").read_bytes()
+    assert submit(*ids, "--date", "2026-04-01") == 0
+    out = capsys.readouterr().out
+    folder = entry / (RECORD_DIR if known else Path("logs")) / ("2026-04-01_baseline_9x512_int8_lzma" if known
+                                                                 else "pg_record")
+    sub = json.loads((folder / "submission.json").read_text())
+    readme = (folder / "README.md").read_text()
+    assert sub["known_data_pair"] == known
+    assert sub["tokenizer_sha256"] == dict(H100, **data)["tokenizer_sha256"] and sub["val_shards_sha256"] == "ab" * 32
+    assert f"tokenizer sha256 `{sub['tokenizer_sha256']}`, validation shards sha256 `{'ab' * 32}`" in readme
+    if known:
+        assert sub["kind"] == "record" and sub["not_a_record_because"] == [] and "**Record.**" in readme
+        assert f"the known FineWeb pair {known}." in readme
+        assert json.loads((entry / "submission.json").read_text()) == sub
+    else:
+        assert sub["kind"] == "practice record" and "not a known FineWeb pair." in readme
+        assert sub["not_a_record_because"][0].startswith("not a known FineWeb tokenizer and validation split")
+        assert "**Practice record.**" in readme and "not a known FineWeb tokenizer" in out
+        assert not (entry / "records").exists() and (entry / "submission.json").read_bytes() == before
+
+
+def test_a_tokenizer_file_that_contradicts_the_summary_is_refused(entry, capsys):
+    """Item 1: where the run's tokenizer is on disk, its sha256 is measured, not taken from the summary."""
+    (entry / "demo.model").write_bytes(b"the demo tokenizer")
+    ids = write_runs(entry, **H100, hyperparameters={"TOKENIZER_PATH": "demo.model"})
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    err = capsys.readouterr().err
+    assert (f"says tokenizer_sha256 {SP1024_SHA}, but its files here measure "
+            f"{hashlib.sha256(b'the demo tokenizer').hexdigest()}") in err
+    assert not (entry / "records").exists()
+
+
+@pytest.mark.skipif(not (OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model").is_file(), reason="no official tokenizer")
+def test_the_official_tokenizer_on_disk_measures_as_known(entry):
+    ids = write_runs(entry, **H100, hyperparameters={"TOKENIZER_PATH": str(OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model")})
+    assert submit(*ids, "--date", "2026-04-01") == 0
+    assert (entry / RECORD_DIR / "2026-04-01_baseline_9x512_int8_lzma").is_dir()
+
+
+def test_validation_shards_are_measured_where_present(entry, capsys):
+    """Item 1: shards on disk: their sha256 (sorted names, bytes concatenated) and header token counts."""
+    data = entry / "shards"
+    harness.write_shard(data / "fineweb_val_000001.bin", [1, 5, 6])
+    harness.write_shard(data / "fineweb_val_000000.bin", [1, 2, 3, 4])
+    digest = hashlib.sha256((data / "fineweb_val_000000.bin").read_bytes()
+                            + (data / "fineweb_val_000001.bin").read_bytes()).hexdigest()
+    assert harness.measure_data(None, str(data)) == dict(tokenizer_sha256=None, val_shards_sha256=digest,
+                                                         val_split_tokens=7)
+    ids = write_runs(entry, **H100, hyperparameters={"DATA_PATH": str(data)})
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    err = capsys.readouterr().err
+    assert f"says val_shards_sha256 {'ab' * 32}, but its files here measure {digest}" in err
+    assert f"says val_split_tokens {SP1024_SPLIT}, but its files here measure 7" in err
+
+
+@pytest.mark.parametrize("seeds, bpb, why", [
+    ((1,), {}, "1 seed(s): a record needs at least 3"),                    # one seed: no test
+    ((1, 2), {}, "2 seed(s): a record needs at least 3"),
+    ((1, 2, 3), {1: 1.2, 2: 1.21, 3: 1.19}, "not significant: p = 0.99"),   # worse than the reference
+])
+def test_runs_without_significance_are_a_non_record_submission(entry, capsys, seeds, bpb, why):
+    """Item 3: on-track, whole split, known data, but no significance: records/track_non_record_16mb/, never the
+    top-level submission.json."""
+    ids = write_runs(entry, seeds=seeds, summaries={i: fake_summary(f"pg_seed{s}", s, bpb.get(s, BPBS[s]), **H100)
+                                                    for i, s in enumerate(seeds)})
+    before = (entry / "submission.json").read_bytes()
+    assert submit(*ids, "--date", "2026-04-01") == 0
+    folder = entry / NON_RECORD_DIR / "2026-04-01_baseline_9x512_int8_lzma"
+    sub = json.loads((folder / "submission.json").read_text())
+    assert sub["kind"] == "non-record" and why in sub["not_a_record_because"][0] and why in sub["blurb"]
+    readme = (folder / "README.md").read_text()
+    assert "**Non-record submission.**" in readme and f"- {sub['not_a_record_because'][0]}" in readme
+    assert not (entry / RECORD_DIR).exists() and (entry / "submission.json").read_bytes() == before
+    assert f"a non-record, not a record ({why}" in capsys.readouterr().out
+
+
+def test_a_non_record_may_not_go_where_records_go(entry, capsys):
+    ids = write_runs(entry, seeds=(1,), **H100)
+    assert submit(*ids, "--record-dir", str(RECORD_DIR / "x")) == 1
+    err = capsys.readouterr().err
+    assert "is under records/" in err and "a non-record may not go" in err and "1 seed(s): a record needs" in err
+    assert not (entry / "records").exists()
+
+
+def test_practice_flag_forces_a_practice_record(entry, capsys):
+    """Item 2: run_8xh100.sh's demo passes --practice: whatever the summaries say, never a record."""
+    ids = write_runs(entry, **H100)
+    assert submit(*ids, "--practice", "--date", "2026-04-01") == 0
+    sub = json.loads((entry / "logs" / "pg_record" / "submission.json").read_text())
+    assert sub["kind"] == "practice record" and sub["not_a_record_because"][0].startswith("a practice sweep")
+    assert not (entry / "records").exists()
+
+
+def test_a_practice_sweep_manifest_forces_a_practice_record(entry):
+    ids = write_runs(entry, **H100)
+    path = entry / "logs" / "pg.sweep.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), practice=True)))
+    assert submit(*ids, "--date", "2026-04-01") == 0
+    assert not (entry / "records").exists() and (entry / "logs" / "pg_record").is_dir()
+
+
+# -----------------------------------------------------------------------------
+# The sweep: every seed, or none
+# -----------------------------------------------------------------------------
+
+def test_a_seed_left_out_of_the_sweep_is_named(entry, capsys):
+    """Item 4: four seeds ran, three are submitted: refused, naming the fourth."""
+    ids = write_runs(entry, seeds=(1, 2, 3, 4), **H100)
+    assert submit(*ids[:3], "--date", "2026-04-01") == 1
+    assert "run(s) pg_seed4 of sweep logs/pg.sweep.json are left out" in capsys.readouterr().err
+    assert not (entry / "records").exists()
+
+
+def test_a_run_of_the_same_code_and_settings_outside_the_sweep_is_named(entry, capsys):
+    """Item 4: the manifest rewritten to three seeds: the fourth run's log still names it."""
+    ids = write_runs(entry, seeds=(1, 2, 3, 4), **H100)
+    path = entry / "logs" / "pg.sweep.json"
+    path.write_text(json.dumps(dict(json.loads(path.read_text()), seeds=["1", "2", "3"], run_ids=ids[:3])))
+    assert submit(*ids[:3], "--date", "2026-04-01") == 1
+    err = capsys.readouterr().err
+    assert "logs/pg_seed4.txt ran the same train_gpt.py and settings but is not in sweep logs/pg.sweep.json" in err
+    (entry / "logs" / "pg_seed4.json").unlink()          # its summary gone: the log's hyperparameters line is read
+    (entry / "logs" / "pg_seed4.txt").write_bytes(FAKE_CODE + harness.LOG_SOURCE_END.encode() + b"hyperparameters:"
+                                                  + json.dumps(fake_summary("pg_seed4", 4, 1.0)["hyperparameters"])
+                                                  .encode() + b"\n")
+    assert submit(*ids[:3], "--date", "2026-04-01") == 1
+    assert "logs/pg_seed4.txt ran the same train_gpt.py and settings" in capsys.readouterr().err
+
+
+def test_a_crashed_seed_is_reported(entry, capsys):
+    """Item 4: a seed of the sweep without a summary is named, not dropped; so is an audit-failed one."""
+    ids = write_runs(entry, seeds=(1, 2, 3, 4), **H100)
+    (entry / "logs" / "pg_seed4.json").unlink()
+    assert submit("--sweep", "logs/pg.sweep.json") == 1
+    assert "logs/pg_seed4.json is missing: run pg_seed4 did not finish" in capsys.readouterr().err
+    write_runs(entry, seeds=(1, 2, 3, 4), summaries={3: fake_summary("pg_seed4", 4, 1.05, **dict(H100, compliance=dict(
+        causality_ok=True, normalization_ok=True, score_before_update_ok=True, one_pass_ok=False,
+        no_train_data_after_deadline=True, all_ok=False)))}, **H100)
+    assert submit(*ids) == 1
+    assert "seed 4 (pg_seed4) failed the compliance audit: one_pass_ok, all_ok" in capsys.readouterr().err
+
+
+def test_the_sweep_manifest_is_required(entry, capsys):
+    ids = write_runs(entry, manifest=False, **H100)
+    assert submit(*ids) == 1
+    assert "logs/pg.sweep.json (the sweep manifest run_8xh100.sh writes before the first seed) is missing" in \
+        capsys.readouterr().err
+
+
+def test_submit_takes_every_run_of_the_sweep_manifest(entry):
+    write_runs(entry, **H100)
+    assert submit("--sweep", "logs/pg.sweep.json", "--date", "2026-04-01") == 0
+    sub = json.loads((entry / RECORD_DIR / "2026-04-01_baseline_9x512_int8_lzma" / "submission.json").read_text())
+    assert sub["seeds"] == [1, 2, 3] and sub["sweep"]["run_ids"] == ["pg_seed1", "pg_seed2", "pg_seed3"]
+
+
+def test_the_sweep_command_writes_the_manifest_once(entry, monkeypatch, capsys):
+    (entry / "train_gpt.py").write_bytes((REPO_ROOT / "train_gpt.py").read_bytes())
+    monkeypatch.setenv("NUM_LAYERS", "3")
+    monkeypatch.setenv("SEED", "9")
+    assert harness.main(["sweep", "s1", "1", "2", "--practice"]) == 0
+    m = json.loads((entry / "logs" / "s1.sweep.json").read_text())
+    assert m["run_ids"] == ["s1_seed1", "s1_seed2"] and m["seeds"] == ["1", "2"] and m["practice"] is True
+    assert m["code_sha256"] == hashlib.sha256((REPO_ROOT / "train_gpt.py").read_bytes()).hexdigest()
+    assert m["settings"]["NUM_LAYERS"] == "3" and "SEED" not in m["settings"]
+    assert harness.main(["sweep", "s1", "1"]) == 2
+    assert "already exists" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# The summary against its log and its artifact
+# -----------------------------------------------------------------------------
+
+EDITS = {
+    "its log's headline says val_loss:": dict(val_bpb=1.0),
+    "roundtrip_sha256_per_rank": dict(roundtrip_sha256_per_rank=["0" * 64] * 8),
+    "is not 8 (world_size) copies": dict(roundtrip_sha256_per_rank=[None]),
+    "its log's compliance line": dict(compliance=dict(causality_ok=True, normalization_ok=True,
+                                                      score_before_update_ok=True, one_pass_ok=True,
+                                                      no_train_data_after_deadline=True, all_ok=True, extra=1)),
+    "its log's eval_time (80001 ms) is not the summary's eval_time_ms 70000": dict(eval_time_ms=70_000.0),
+}
+
+
+@pytest.mark.parametrize("reason", list(EDITS))
+def test_an_edited_summary_is_refused(entry, capsys, reason):
+    """Item 6: the summary's headline, audit and eval time against its log, its per-rank sha256 against the artifact."""
+    ids = write_runs(entry, **H100)
+    edit_summary(entry, ids[0], **EDITS[reason])
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    err = capsys.readouterr().err
+    assert f"seed 1 (pg_seed1)" in err and reason in err, err
+    assert not (entry / "records").exists()
+
+
+@pytest.mark.parametrize("missing", harness.COMPLIANCE_CHECKS[:-1])
+def test_every_compliance_check_is_required_by_name(entry, capsys, missing):
+    compliance = {k: True for k in harness.COMPLIANCE_CHECKS if k != missing}
+    ids = write_runs(entry, **dict(H100, compliance=compliance))
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    assert f"failed the compliance audit: {missing} (missing)" in capsys.readouterr().err
+
+
+def test_a_full_split_claim_must_count_the_whole_split(entry, capsys):
+    ids = write_runs(entry, **dict(H100, val_tokens=4095))
+    assert submit(*ids) == 1
+    assert "says it scored the whole split, but val_tokens 4,095 + 1 is not its val_split_tokens" in capsys.readouterr().err
+
+
+# -----------------------------------------------------------------------------
+# records/ is the repository's, through any path
+# -----------------------------------------------------------------------------
+
+def test_a_symlink_into_records_is_seen_through(entry, capsys):
+    """Item 7: RECORD_DIR=logs/link/x with logs/link -> records/track_10min_16mb: the real path decides."""
+    ids = write_runs(entry, **dict(H100, val_full_split=False, val_tokens=99_999))
+    (entry / RECORD_DIR).mkdir(parents=True)
+    os.symlink(entry / RECORD_DIR, entry / "logs" / "link")
+    assert submit(*ids, "--record-dir", "logs/link/x") == 1
+    err = capsys.readouterr().err
+    assert "logs/link/x is under records/" in err and "a practice record may not go" in err and "partial validation" in err
+    assert list((entry / RECORD_DIR).iterdir()) == []
+
+
+def test_records_is_anchored_to_the_code_not_the_working_directory(entry, capsys, monkeypatch):
+    """Item 7: run from elsewhere, --record-dir into the repository's records/ is still records/."""
+    ids = write_runs(entry, **dict(H100, world_size=1))
+    for i in ids:
+        edit_summary(entry, i, artifact_path=str(entry / "artifacts" / f"{i}.pgolf.xz"))
+    elsewhere = entry / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert submit(*ids, "--logs", str(entry / "logs"), "--code", str(entry / "train_gpt.py"), "--requirements",
+                  str(entry / "requirements.txt"), "--record-dir", str(entry / RECORD_DIR / "x")) == 1
+    assert "is under records/" in capsys.readouterr().err
+    assert not (entry / "records").exists()
+    assert submit(*ids, "--logs", str(entry / "logs"), "--code", str(entry / "train_gpt.py"), "--requirements",
+                  str(entry / "requirements.txt"), "--date", "2026-04-01") == 0       # a practice record, under logs/
+    assert (entry / "logs" / "pg_record").is_dir() and not (entry / "records").exists()
+
+
+# -----------------------------------------------------------------------------
+# The rehearsal's MFU
+# -----------------------------------------------------------------------------
+
+def rehearsal_summary(**overrides):
+    s = fake_summary("r", 1, 1.05, world_size=1, device="cuda", hardware="NVIDIA H100 80GB HBM3", tokens_per_s=1e6,
+                     flops_per_token=3e9, train_time_ms=120_000.0, wall_ms=200_000.0, step_avg_ms=500.0,
+                     stage_ms={"train": 120_000.0}, train_flops=2.5e17)
+    s.update(overrides)
+    return s
+
+
+def test_rehearsal_mfu_counts_the_flops_the_steps_ran():
+    """Item 11: train_flops / (train seconds x GPUs x 989e12), not flops_per_token (recurrence on) x tokens."""
+    s = rehearsal_summary()
+    report = harness.rehearsal_report(s)
+    assert report["mfu"] == pytest.approx(2.5e17 / (120.0 * 1 * 989e12), rel=1e-12)
+    assert report["mfu"] != pytest.approx(3e9 * 1e6 / 989e12, rel=1e-3)
+    assert harness.rehearsal_report(dict(s, world_size=8, train_flops=8 * 2.5e17))["mfu"] == pytest.approx(
+        report["mfu"], rel=1e-12)
+    assert harness.rehearsal_report(dict(s, train_flops=None))["mfu"] is None
+    assert harness.rehearsal_report({k: v for k, v in s.items() if k != "train_flops"})["mfu"] is None
+
+
+# -----------------------------------------------------------------------------
+# requirements.txt
+# -----------------------------------------------------------------------------
+
+def test_requirements_have_floors_not_pins():
+    """Item 8: `pip install -r` must not replace a GPU box's torch (its flash-attn wheel is built for it)."""
+    lines = [line.split("#")[0].strip() for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()]
+    reqs = {re.split(r"[<>=!~ \[]", line)[0]: line for line in lines if line}
+    assert set(reqs) >= {"torch", "numpy", "sentencepiece"}
+    assert all("==" not in line for line in reqs.values()), reqs
+    assert re.fullmatch(r"torch>=2\.(\d+)", reqs["torch"]) and int(reqs["torch"].split(".")[1]) >= 5

@@ -5,18 +5,22 @@ network and no FineWeb download: it builds a small real-English dataset from the
 Python's own standard library, trains a SentencePiece BPE tokenizer on it, and writes shards in
 the challenge's binary format, so `train_gpt.py` can read them exactly like the official shards.
 
-`submit` turns the seeds' runs into a submission: it reads each `logs/<RUN_ID>.json` (the run
+`sweep` writes the manifest of a seed sweep (`logs/<prefix>.sweep.json`) before its first seed trains.
+`submit` turns every run of one sweep into a submission: it reads each `logs/<RUN_ID>.json` (the run
 summary `train_gpt.py` writes) and `logs/<RUN_ID>.txt`, refuses runs that break a rule (byte cap,
-wallclock, training data read after the deadline, failed or missing compliance audit, seeds that
-ran different code or settings, an existing record folder), reports the mean and sample std of
-val_bpb and val_loss and a one-sided Welch t-test against the current best, and writes the record
-folder (README.md, submission.json, train_gpt.py, requirements.txt, the logs). `run_8xh100.sh`
-calls it after the last seed. It needs only the standard library and numpy.
+wallclock, training data read after the deadline, failed or missing compliance audit, a summary its
+log contradicts, seeds that ran different code or settings, seeds left out of the sweep, an existing
+record folder), reports the mean and sample std of val_bpb and val_loss and a one-sided Welch t-test
+against the current best, decides whether the runs make a record, a non-record submission or a
+practice record, and writes that folder (README.md, submission.json, train_gpt.py, requirements.txt,
+the manifest, the logs). `run_8xh100.sh` calls both. It needs only the standard library and numpy.
 
 Usage:
     python3 tools/harness.py demo-data OUT_DIR [--vocab-size 1024]
         [--max-chars N] [--seed 0] [--shard-tokens N]
-    python3 tools/harness.py submit RUN_ID [RUN_ID ...] [--record-dir DIR] [--reference-bpb "A B C"]
+    python3 tools/harness.py sweep PREFIX SEED [SEED ...] [--practice]
+    python3 tools/harness.py submit [RUN_ID ...] [--sweep logs/PREFIX.sweep.json] [--practice]
+        [--record-dir DIR] [--reference-bpb "A B C"]
         [--name NAME] [--author A] [--github-id G] [--date YYYY-MM-DD] [--dry-run]
         (environment defaults: RECORD_DIR, REFERENCE_BPB, SUBMISSION_NAME, AUTHOR, GITHUB_ID)
 
@@ -311,27 +315,40 @@ def build_demo_data(
     seed: int = 0,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
 ) -> dict:
-    """Build the stdlib-docstring demo dataset in `out_dir`.
+    """Build the stdlib-docstring demo dataset in `out_dir`, all at once.
 
-    Raises OutputExistsError (before doing any work) if `out_dir` already has
-    shards or this vocab's tokenizer.  Writes the tokenizer, then the val and
-    train shards.  Output: a dict with `tokenizer` (Path), `val_shards` and
-    `train_shards` ([(Path, n_tokens)]), `train_docs`, `val_docs`,
-    `train_tokens`, `val_tokens`, `train_bytes`, `val_bytes` (UTF-8 bytes of
-    the document text, i.e. what the non-BOS tokens encode).
+    Raises OutputExistsError (before doing any work) if `out_dir` already has shards or this vocab's
+    tokenizer, or holds anything else: the set is built in a hidden sibling folder that is renamed to
+    `out_dir` only when complete, so an interrupted build (an exception, a kill) never leaves a half
+    set there (a killed build may leave its hidden `.<name>.*.tmp` sibling; an exception removes it).
+    Output: a dict with `tokenizer` (Path), `val_shards` and `train_shards` ([(Path, n_tokens)]),
+    `train_docs`, `val_docs`, `train_tokens`, `val_tokens`, `train_bytes`, `val_bytes` (UTF-8 bytes
+    of the document text, i.e. what the non-BOS tokens encode); the paths are under `out_dir`.
     """
-    clash = existing_outputs(out_dir, vocab_size)
-    if clash:
-        raise OutputExistsError(f"{out_dir} already contains {', '.join(map(str, clash))}")
-    train_docs, val_docs = split_train_val(collect_docstrings(max_chars, seed))
-    model_path = tokenizer_path(out_dir, vocab_size)
-    sp = train_tokenizer(train_docs, vocab_size, model_path)
-    result = {"tokenizer": model_path, "train_docs": len(train_docs), "val_docs": len(val_docs)}
-    for split, docs in (("val", val_docs), ("train", train_docs)):
-        tokens = encode_documents(sp, docs)
-        result[f"{split}_shards"] = write_split(out_dir, split, tokens, shard_tokens)
-        result[f"{split}_tokens"] = len(tokens)
-        result[f"{split}_bytes"] = sum(len(doc.encode("utf-8")) for doc in docs)
+    out_dir = Path(out_dir)
+    clash = existing_outputs(out_dir, vocab_size) or (sorted(out_dir.iterdir()) if out_dir.is_dir() else [])
+    if clash or (out_dir.exists() and not out_dir.is_dir()):
+        raise OutputExistsError(f"{out_dir} already contains {', '.join(map(str, clash)) or 'a file of that name'}")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        train_docs, val_docs = split_train_val(collect_docstrings(max_chars, seed))
+        sp = train_tokenizer(train_docs, vocab_size, tokenizer_path(tmp, vocab_size))
+        result = {"tokenizer": tokenizer_path(out_dir, vocab_size), "train_docs": len(train_docs),
+                  "val_docs": len(val_docs)}
+        for split, docs in (("val", val_docs), ("train", train_docs)):
+            tokens = encode_documents(sp, docs)
+            written = write_split(tmp, split, tokens, shard_tokens)
+            result[f"{split}_shards"] = [(out_dir / path.name, n) for path, n in written]
+            result[f"{split}_tokens"] = len(tokens)
+            result[f"{split}_bytes"] = sum(len(doc.encode("utf-8")) for doc in docs)
+        if out_dir.is_dir():
+            out_dir.rmdir()              # the empty folder it may be (OSError if something appeared meanwhile)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return result
 
 
@@ -445,7 +462,20 @@ def welch_one_sided(ours: Sequence[float], reference: Sequence[float], margin: f
 # ----------------------------------------------------------------------------
 
 TRACK = "10min_16mb"
-RECORDS_DIR = Path("records") / f"track_{TRACK}"
+NON_RECORD_TRACK = "non_record_16mb"
+RECORDS = "records"                   # under the repository root: the folder of the submitted code
+RECORD_TRACK_DIR = Path(RECORDS) / f"track_{TRACK}"                  # records (they may beat the best)
+NON_RECORD_TRACK_DIR = Path(RECORDS) / f"track_{NON_RECORD_TRACK}"   # on-track runs that miss the bar
+MIN_RECORD_SEEDS = 3                  # a record's significance needs at least 3 seeds
+# The (tokenizer, validation split) pairs a record may be scored on: the sha256 of the tokenizer
+# file -> (its name, the validation split's token count). The CaseOps export
+# (fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model) is not known yet: add its row when its
+# validation split's token count is.
+KNOWN_DATA_PAIRS = {
+    "4f5e8adb109c66b4886963bc75a7befd73bda36d27fd7102df8e9e66503b0e2a": ("sp1024 fineweb_1024_bpe.model", 62_021_632),
+    "4e979c92754cc9d7bdebd9dfe5edf3fc0b41b38714b394e4297fa851e3afd516": ("sp8192 fineweb_8192_bpe.model", 40_540_160),
+}
+RECORD, NON_RECORD, PRACTICE = "record", "non-record", "practice record"
 CHALLENGE_CAP_BYTES = 16_000_000      # decimal: code bytes + compressed model bytes
 CHALLENGE_TRAIN_MS = 600_000          # 600 s of training on 8xH100 ...
 CHALLENGE_EVAL_MS = 600_000           # ... and 600 s of evaluation
@@ -454,7 +484,10 @@ SUMMARY_KEYS = ("run_id", "seed", "device", "world_size", "hardware", "torch_ver
                 "steps", "train_time_ms", "step_avg_ms", "val_loss", "val_bpb", "val_tokens", "val_bytes",
                 "val_split_tokens", "val_full_split", "bytes_model", "bytes_code", "bytes_total", "artifact_path",
                 "artifact_sha256", "eval_time_ms", "train_data_last_read_ms", "train_data_read_after_deadline",
-                "quant", "compliance", "hyperparameters")
+                "quant", "compliance", "roundtrip_sha256_per_rank", "hyperparameters")
+# Keys train_gpt.py writes from the data-pair contract on; a summary without them is read as unknown data.
+DATA_KEYS = ("tokenizer_sha256", "val_shards_sha256")
+SWEEP_SUFFIX = ".sweep.json"          # run_8xh100.sh's manifest: logs/<prefix>.sweep.json
 # Settings that may differ between the seeds of one record, and that the reproduction command
 # leaves out (the launcher sets them: SEED from SEEDS, RUN_ID per seed, EVAL_AUDIT=1).
 PER_RUN_SETTINGS = ("SEED", "RUN_ID", "NLL_DUMP", "EVAL_ONLY")
@@ -532,6 +565,10 @@ def check_run(run: SeedRun) -> list[str]:
         reasons.append(f"{who}: {artifact} has sha256 {digest}, not the {s['artifact_sha256']} its run wrote")
     if len(data) != s["bytes_model"]:
         reasons.append(f"{who}: {artifact} is {len(data):,} bytes, not the {s['bytes_model']} its run reported")
+    per_rank = s["roundtrip_sha256_per_rank"]
+    if not isinstance(per_rank, list) or len(per_rank) != s["world_size"] or any(h != digest for h in per_rank):
+        reasons.append(f"{who}: roundtrip_sha256_per_rank {per_rank!r} is not {s['world_size']} (world_size) copies of "
+                       f"the artifact's measured sha256 {digest}")
     total = s["bytes_code"] + len(data)
     budget = hp.get("ARTIFACT_BUDGET_BYTES")
     if total > CHALLENGE_CAP_BYTES:
@@ -561,12 +598,49 @@ def check_run(run: SeedRun) -> list[str]:
     compliance = s["compliance"]
     if not isinstance(compliance, dict):
         reasons.append(f"{who} has no compliance audit (compliance is null: run it with EVAL_AUDIT=1)")
-    elif compliance.get("all_ok") is not True:
-        failed = [k for k, v in sorted(compliance.items())
-                  if (k.endswith("_ok") or k.startswith("no_")) and k != "all_ok" and v is not True]
-        reasons.append(f"{who} failed the compliance audit: {', '.join(failed) or 'all_ok is not true'}")
+    else:
+        failed = [k if k in compliance else f"{k} (missing)" for k in COMPLIANCE_CHECKS if compliance.get(k) is not True]
+        if failed:
+            reasons.append(f"{who} failed the compliance audit: {', '.join(failed)}")
     if s["eval_time_ms"] > CHALLENGE_EVAL_MS:
         reasons.append(f"{who} evaluated for longer than the challenge's 600 s: eval_time_ms {s['eval_time_ms']:.0f}")
+    if s["val_full_split"] is True and s["val_tokens"] + 1 != s["val_split_tokens"]:
+        reasons.append(f"{who} says it scored the whole split, but val_tokens {s['val_tokens']:,} + 1 is not its "
+                       f"val_split_tokens {s['val_split_tokens']!r}")
+    return reasons + check_log(run)
+
+
+_HEADLINE = re.compile(r"^final_\S+_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", re.M)
+_COMPLIANCE_LINE = re.compile(r"^compliance: (.*)$", re.M)
+_EVAL_TIME_LINE = re.compile(r"^eval_time: (\d+)ms", re.M)
+
+
+def check_log(run: SeedRun) -> list[str]:
+    """The summary against the lines its run logged after the source (the last of each kind): the
+    headline `final_<scheme>_roundtrip_exact val_loss:%.8f val_bpb:%.8f` must print the summary's
+    val_loss and val_bpb, `compliance: {json}` must equal its compliance dict, and `eval_time: <N>ms`
+    its eval_time_ms to 1 ms. Output: the reasons they disagree (empty: they agree)."""
+    s, who, reasons = run.summary, run.label, []
+    text = run.txt_bytes.decode("utf-8", errors="replace")
+    end = text.find("\n" + LOG_SOURCE_END)
+    text = text[end + 1 + len(LOG_SOURCE_END):] if end >= 0 else text
+    headlines, lines, times = (rx.findall(text) for rx in (_HEADLINE, _COMPLIANCE_LINE, _EVAL_TIME_LINE))
+    printed = (format(s["val_loss"], ".8f"), format(s["val_bpb"], ".8f"))
+    if not headlines:
+        reasons.append(f"{who}: its log has no final_<scheme>_roundtrip_exact line: the headline cannot be checked")
+    elif headlines[-1] != printed:
+        reasons.append(f"{who}: its log's headline says val_loss:{headlines[-1][0]} val_bpb:{headlines[-1][1]}; "
+                       f"the summary says {printed[0]} / {printed[1]}")
+    try:
+        logged = json.loads(lines[-1]) if lines else None
+    except ValueError:
+        logged = None
+    if logged != s["compliance"]:
+        reasons.append(f"{who}: its log's compliance line ({'absent' if not lines else lines[-1][:200]}) is not the "
+                       "summary's compliance dict")
+    if not times or abs(int(times[-1]) - s["eval_time_ms"]) > 1:
+        reasons.append(f"{who}: its log's eval_time ({times[-1] + ' ms' if times else 'absent'}) is not the summary's "
+                       f"eval_time_ms {s['eval_time_ms']:.0f}")
     return reasons
 
 
@@ -598,10 +672,18 @@ def check_runs(runs: Sequence[SeedRun], code: bytes | None, code_path: str) -> l
                 reasons.append(f"{run.label}: its log records a train_gpt.py different from {code_path} "
                                f"({len(code)} bytes; the run counted {run.summary['bytes_code']}): "
                                "the record's copy would not be the code that ran")
-    for key in ("val_tokens", "val_bytes"):
-        if len({run.summary[key] for run in runs}) > 1:
+    for key in ("val_tokens", "val_bytes", "val_split_tokens") + DATA_KEYS:
+        if len({run.summary.get(key) for run in runs}) > 1:
             reasons.append(f"the seeds scored different validation sets ({key}: "
-                           + ", ".join(f"{r.label}: {r.summary[key]}" for r in runs) + ")")
+                           + ", ".join(f"{r.label}: {r.summary.get(key)}" for r in runs) + ")")
+    measured = {}
+    for run in runs:
+        paths = (run.hp.get("TOKENIZER_PATH"), run.hp.get("DATA_PATH"))
+        measured[paths] = measured.get(paths) or measure_data(*paths)
+        for key, value in measured[paths].items():
+            claimed = run.summary.get(key)
+            if value is not None and claimed is not None and claimed != value:
+                reasons.append(f"{run.label} says {key} {claimed}, but its files here measure {value}")
     if runs:
         first = runs[0]
         for run in runs[1:]:
@@ -613,9 +695,75 @@ def check_runs(runs: Sequence[SeedRun], code: bytes | None, code_path: str) -> l
     return reasons
 
 
+def measure_data(tokenizer: str | None, data_path: str | None) -> dict:
+    """What the run's data files measure here (paths as the run recorded them, relative to where it ran):
+    `tokenizer_sha256` of the TOKENIZER_PATH file, `val_shards_sha256` of the validation shards' bytes
+    concatenated in sorted filename order, `val_split_tokens` from their headers. Each is None when
+    its files are not on disk here (then only the run's word is left)."""
+    out = dict(tokenizer_sha256=None, val_shards_sha256=None, val_split_tokens=None)
+    if tokenizer and Path(tokenizer).is_file():
+        out["tokenizer_sha256"] = hashlib.sha256(Path(tokenizer).read_bytes()).hexdigest()
+    shards = sorted(Path(data_path).glob("fineweb_val_*.bin")) if data_path and Path(data_path).is_dir() else []
+    if shards:
+        digest, tokens = hashlib.sha256(), 0
+        for shard in shards:
+            data = shard.read_bytes()
+            digest.update(data)
+            tokens += int(np.frombuffer(data[:4 * SHARD_HEADER_INTS], dtype="<i4")[2])
+        out["val_shards_sha256"], out["val_split_tokens"] = digest.hexdigest(), tokens
+    return out
+
+
+def known_data_pair(runs: Sequence[SeedRun]) -> tuple[str | None, str]:
+    """(the known FineWeb pair's name, '') when every seed's tokenizer_sha256 is in KNOWN_DATA_PAIRS and its
+    val_split_tokens is that pair's; otherwise (None, why not)."""
+    shas = {r.summary.get("tokenizer_sha256") for r in runs}
+    splits = {r.summary["val_split_tokens"] for r in runs}
+    if len(shas) != 1 or len(splits) != 1:
+        return None, "the seeds disagree on their data"
+    sha, split = shas.pop(), splits.pop()
+    if sha not in KNOWN_DATA_PAIRS:
+        return None, (f"tokenizer sha256 {sha} is not a known FineWeb tokenizer" if sha else
+                      "the summaries carry no tokenizer_sha256")
+    name, tokens = KNOWN_DATA_PAIRS[sha]
+    if split != tokens:
+        return None, f"the {name} validation split has {tokens:,} tokens, these runs' has {split!r}"
+    return name, ""
+
+
 def on_track_hardware(summary: dict) -> bool:
     """True for a run on the track's machine: CUDA, 8 processes, H100 GPUs (as the run recorded)."""
     return summary["device"] == "cuda" and summary["world_size"] == 8 and "H100" in str(summary["hardware"])
+
+
+def classify(runs: Sequence[SeedRun], stats: dict, practice: bool = False) -> tuple[str, list[str]]:
+    """What the runs make, and why not more: (RECORD, []) for >= MIN_RECORD_SEEDS seeds on 8xH100 that
+    scored the whole validation split of a known FineWeb data pair and beat the reference by MARGIN_NATS at
+    p < P_THRESHOLD; (NON_RECORD, the significance conditions unmet) for such runs that miss the bar;
+    (PRACTICE_RECORD, the track conditions unmet) for anything else, and always with `practice` (the demo)."""
+    unmet = []
+    if practice:
+        unmet.append("a practice sweep (the demo set: run_8xh100.sh without FineWeb shards)")
+    if not all(on_track_hardware(r.summary) for r in runs):
+        unmet.append(f"not run on the track's hardware (8xH100): these ran on "
+                     f"{_one_value([hardware_line(r.summary) for r in runs])}")
+    if not full_validation(runs):
+        unmet.append("partial validation: these scored part of it (VAL_MAX_TOKENS): " + ", ".join(
+            f"{r.label}: {r.summary['val_tokens'] + 1:,} of {r.summary['val_split_tokens']:,} tokens"
+            for r in runs if r.summary["val_full_split"] is not True))
+    name, why = known_data_pair(runs)
+    if name is None:
+        unmet.append(f"not a known FineWeb tokenizer and validation split: {why}")
+    if unmet:
+        return PRACTICE, unmet
+    if len(runs) < MIN_RECORD_SEEDS:
+        unmet.append(f"{len(runs)} seed(s): a record needs at least {MIN_RECORD_SEEDS}")
+    if stats["p_value"] is None:
+        unmet.append("no significance test (it needs at least 2 seeds on each side with some spread)")
+    elif not stats["p_value"] < P_THRESHOLD:
+        unmet.append(f"not significant: p = {stats['p_value']:.3g} for beating the reference by {MARGIN_NATS} nats "
+                     f"(needs p < {P_THRESHOLD})")
+    return (NON_RECORD, unmet) if unmet else (RECORD, [])
 
 
 def hardware_line(summary: dict) -> str | None:
@@ -691,15 +839,128 @@ def safe_dir_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("._") or "submission"
 
 
-def run_prefix(run_ids: Sequence[str]) -> str:
+def sweep_prefix(run_ids: Sequence[str]) -> str:
     """The common part of the seeds' RUN_IDs (run_8xh100.sh names them <prefix>_seed<SEED>)."""
     common = os.path.commonprefix(list(run_ids))
-    return safe_dir_name(re.sub(r"_?(seed\d*)?$", "", common) or common)
+    return re.sub(r"_?(seed\d*)?$", "", common) or common
 
 
-def build_submission(runs: Sequence[SeedRun], stats: dict, *, name: str, author: str | None,
-                     github_id: str | None, date: str) -> dict:
-    """submission.json: RULES.md's fields in its order, then the test's inputs and versions."""
+def run_prefix(run_ids: Sequence[str]) -> str:
+    """sweep_prefix as a folder name."""
+    return safe_dir_name(sweep_prefix(run_ids))
+
+
+# --- the sweep: every run of one launch is submitted, crashed or audit-failed seeds included ---------
+
+def setting_names(source: str) -> set[str]:
+    """The names of train_gpt.py's settings (its SETTINGS literal), read with `ast`; empty if unreadable."""
+    defaults = settings_defaults(source) or {}
+    return {name for preset in defaults.values() for name in preset}
+
+
+def write_sweep(log_dir: str | os.PathLike, prefix: str, seeds: Sequence[str], code_path: str | os.PathLike,
+                env: dict, practice: bool) -> Path:
+    """Write <log_dir>/<prefix>.sweep.json before the sweep's first seed trains: its seeds and run ids
+    (<prefix>_seed<SEED>), the sha256 of the code, the settings set in `env` (less the per-run ones), and
+    whether it is a practice sweep (the demo). Raises OutputExistsError if that manifest exists."""
+    code = Path(code_path).read_bytes()
+    names = setting_names(code.decode("utf-8", errors="replace")) - set(LAUNCHER_SETTINGS)
+    manifest = dict(prefix=prefix, seeds=list(seeds), run_ids=[f"{prefix}_seed{seed}" for seed in seeds],
+                    code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
+                    settings={k: env[k] for k in sorted(names) if k in env}, practice=practice,
+                    created_utc=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    path = Path(log_dir) / f"{prefix}{SWEEP_SUFFIX}"
+    if path.exists():
+        raise OutputExistsError(f"{path} already exists: a sweep's manifest is never overwritten (set another RUN_ID)")
+    with _atomic_writer(path) as f:
+        f.write(_json_bytes(manifest))
+    return path
+
+
+def read_sweep(path: Path, run_ids: Sequence[str]) -> tuple[dict | None, list[str], list[str]]:
+    """The sweep manifest at `path` and the runs to submit: all of the manifest's. Output: (manifest,
+    run ids, reasons it cannot go on): a missing or unreadable manifest, or `run_ids` (when given) other
+    than the manifest's, every run left out or foreign named."""
+    try:
+        manifest = json.loads(path.read_text())
+        listed = [str(r) for r in manifest["run_ids"]]
+    except OSError:
+        return None, list(run_ids), [f"{path} (the sweep manifest run_8xh100.sh writes before the first seed) is "
+                                     "missing: every run of a sweep is submitted, so the sweep must be known"]
+    except (ValueError, KeyError, TypeError) as exc:
+        return None, list(run_ids), [f"{path} is not a sweep manifest ({exc!r})"]
+    reasons = []
+    if run_ids:
+        left_out = [r for r in listed if r not in run_ids]
+        foreign = [r for r in run_ids if r not in listed]
+        if left_out:
+            reasons.append(f"run(s) {', '.join(left_out)} of sweep {path} are left out: every seed of a sweep is "
+                           "submitted, a crashed or failed one too")
+        if foreign:
+            reasons.append(f"run(s) {', '.join(foreign)} are not in sweep {path}")
+    return manifest, listed, reasons
+
+
+def check_sweep(manifest: dict, path: Path, runs: Sequence[SeedRun], code: bytes | None, log_dir: str | os.PathLike
+                ) -> list[str]:
+    """The runs against their sweep: the manifest's code and seeds, and no other run in `log_dir` of the same
+    code and settings (apart from the per-run ones) left out of it. Output: the reasons (empty: none)."""
+    reasons = []
+    if code is not None and manifest.get("code_sha256") != hashlib.sha256(code).hexdigest():
+        reasons.append(f"sweep {path} ran code with sha256 {manifest.get('code_sha256')}, not the train_gpt.py "
+                       "the record would hold")
+    seeds = dict(zip(manifest["run_ids"], manifest.get("seeds") or []))
+    for run in runs:
+        if str(seeds.get(run.run_id)) != str(run.seed):
+            reasons.append(f"{run.label}: sweep {path} launched {run.run_id} with seed {seeds.get(run.run_id)}")
+    if code is None or not runs:
+        return reasons
+    shared = lambda hp: {k: v for k, v in hp.items() if k not in PER_RUN_SETTINGS}  # noqa: E731
+    ours, ids = shared(runs[0].hp), {run.run_id for run in runs}
+    source_end = code + LOG_SOURCE_END.encode()
+    for txt in sorted(Path(log_dir).glob("*.txt")):
+        if txt.stem in ids:
+            continue
+        with open(txt, "rb") as f:
+            if f.read(len(source_end)) != source_end:
+                continue
+        hp = other_run_settings(txt)
+        if hp is not None and (hp.get("EVAL_ONLY") or shared(hp) != ours):
+            continue                                    # a re-score, or another configuration
+        reasons.append(f"{txt} ran the same train_gpt.py and "
+                       + ("settings" if hp is not None else "unknown settings (no summary, no hyperparameters line)")
+                       + f" but is not in sweep {path}: seeds are never picked (move unrelated runs out of {log_dir})")
+    return reasons
+
+
+def other_run_settings(txt: Path) -> dict | None:
+    """Another run's resolved settings: from its summary next to its log, else its log's `hyperparameters:`
+    line; None when neither can be read."""
+    try:
+        hp = json.loads(txt.with_suffix(".json").read_text())["hyperparameters"]
+        if isinstance(hp, dict):
+            return hp
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    match = re.search(r"^hyperparameters:(\{.*\})$", txt.read_text(errors="replace"), re.M)
+    try:
+        return json.loads(match.group(1)) if match else None
+    except ValueError:
+        return None
+
+
+KIND_LINES = {RECORD: "A record: it meets every condition of the track and beats the reference.",
+              NON_RECORD: "A non-record submission (on the track, on the whole FineWeb validation split), not a "
+                          "record: {why}.",
+              PRACTICE: "Not run on 8xH100 with FineWeb as the track runs: a practice record, not a leaderboard "
+                        "submission: {why}."}
+
+
+def build_submission(runs: Sequence[SeedRun], stats: dict, *, kind: str, unmet: Sequence[str], sweep: dict,
+                     name: str, author: str | None, github_id: str | None, date: str) -> dict:
+    """submission.json: RULES.md's fields in its order, then the test's inputs and versions, then what the
+    runs make (`kind`: record, non-record or practice record) and the conditions they do not meet, the
+    data pair, and the sweep."""
     first = runs[0]
     fmt = lambda v: "n/a" if v is None else f"{v:.5f}"  # noqa: E731
     on_track = all(on_track_hardware(r.summary) for r in runs)
@@ -711,7 +972,7 @@ def build_submission(runs: Sequence[SeedRun], stats: dict, *, name: str, author:
         f"{first.summary['val_split_tokens']:,} tokens (VAL_MAX_TOKENS).")
     blurb = (f"{technique_summary(first)}. Mean val_bpb {stats['val_bpb_mean']:.5f} "
              f"(sample std {fmt(stats['val_bpb_std'])}) over {len(runs)} seed(s){verdict}."
-             + ("" if on_track else " Not run on 8xH100: a practice record, not a leaderboard submission.") + partial)
+             + " " + KIND_LINES[kind].format(why="; ".join(unmet)) + partial)
     return {
         "author": author, "github_id": github_id, "name": name, "blurb": blurb, "date": date,
         "val_loss": stats["val_loss_mean"], "val_bpb": stats["val_bpb_mean"],
@@ -733,6 +994,12 @@ def build_submission(runs: Sequence[SeedRun], stats: dict, *, name: str, author:
         "cuda_version": _one_value([r.summary["cuda_version"] for r in runs]),
         "on_track_hardware": on_track,
         "val_full_split": full_validation(runs),
+        "kind": kind, "not_a_record_because": list(unmet),
+        "tokenizer_sha256": _one_value([r.summary.get("tokenizer_sha256") for r in runs]),
+        "val_shards_sha256": _one_value([r.summary.get("val_shards_sha256") for r in runs]),
+        "val_split_tokens": _one_value([r.summary["val_split_tokens"] for r in runs]),
+        "known_data_pair": known_data_pair(runs)[0],
+        "sweep": {k: sweep.get(k) for k in ("prefix", "seeds", "run_ids", "code_sha256", "practice")},
     }
 
 
@@ -834,11 +1101,20 @@ def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: P
     in_folder = dict(explicit, **data)
     torchrun = f"torchrun --standalone --nproc_per_node={nproc} train_gpt.py"
     seeds = " ".join(str(r.seed) for r in runs)
-    on_track = sub["on_track_hardware"]
     lines = [f"# {sub['name']}", ""]
-    if not on_track:
-        lines += ["**Practice record.** These runs were not made on the track's hardware (8xH100): the figures "
-                  "below are not leaderboard figures, and this folder is not a submission.", ""]
+    why = "".join(f"\n- {reason}" for reason in sub["not_a_record_because"])
+    lines += [{RECORD: "**Record.** Every condition of a record is met: at least 3 seeds on 8xH100, the whole "
+                       "validation split of a known FineWeb tokenizer and split, and the significance bar.",
+               NON_RECORD: "**Non-record submission.** On the track's hardware and the whole FineWeb validation "
+                           "split, but not a record:" + why,
+               PRACTICE: "**Practice record.** The figures below are not leaderboard figures, and this folder is "
+                         "not a submission:" + why}[sub["kind"]], "",
+              f"Data: tokenizer sha256 `{sub['tokenizer_sha256']}`, validation shards sha256 "
+              f"`{sub['val_shards_sha256']}` ({sub['val_split_tokens']:,} tokens): "
+              + (f"the known FineWeb pair {sub['known_data_pair']}." if sub["known_data_pair"] else
+                 "not a known FineWeb pair."), "",
+              f"Sweep `{sub['sweep']['prefix']}`: seeds {', '.join(map(str, sub['sweep']['seeds']))}, every one of "
+              "them below (its manifest is in this folder).", ""]
     if not sub["val_full_split"]:
         lines += [f"**Partial validation.** The runs scored only the first {s['val_tokens'] + 1:,} of the validation "
                   f"split's {s['val_split_tokens']:,} tokens (`VAL_MAX_TOKENS`): not a score on the challenge's "
@@ -996,69 +1272,76 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
            requirements_path: str | os.PathLike = "requirements.txt", record_dir: str | os.PathLike | None = None,
            reference: Sequence[float] = DEFAULT_REFERENCE_BPB, name: str | None = None, author: str | None = None,
            github_id: str | None = None, date: str | None = None, top_level: str | os.PathLike = "submission.json",
-           dry_run: bool = False) -> tuple[int, dict | None]:
-    """Check, summarize and assemble the seeds' runs into a record folder (paths relative to the
+           sweep: str | os.PathLike | None = None, practice: bool = False, dry_run: bool = False
+           ) -> tuple[int, dict | None]:
+    """Check, summarize and assemble one sweep's runs into a record folder (paths relative to the
     directory the runs ran in). Output: (exit status, submission dict or None).
 
-    0: assembled (or, with dry_run, would be); 1: refused, every reason printed, nothing written.
-    Runs on the track's hardware (8xH100) default to records/track_10min_16mb/<date>_<name>/ and may
-    update the top-level submission.json; any other run defaults to <log_dir>/<prefix>_record/ and may
-    not write under records/ or the top-level submission.json.
+    The runs are every run of the sweep manifest `sweep` (default <log_dir>/<prefix of run_ids>.sweep.json);
+    `run_ids`, when given, must be exactly those. 0: assembled (or, with dry_run, would be); 1: refused,
+    every reason printed, nothing written. What the runs make (`classify`) decides where they go: a record
+    to <repo>/records/track_10min_16mb/<date>_<name>/, and only a record may update the top-level
+    submission.json; a non-record to <repo>/records/track_non_record_16mb/<date>_<name>/; a practice
+    record (always with `practice`) to <log_dir>/<prefix>_record/. <repo> is the folder of `code_path`;
+    a record_dir whose real path is under <repo>/records/ must be in its kind's folder there.
     """
-    runs, reasons = load_runs(log_dir, run_ids)
-    if reasons:
+    sweep_path = Path(sweep) if sweep else Path(log_dir) / f"{sweep_prefix(run_ids)}{SWEEP_SUFFIX}"
+    manifest, run_ids, reasons = read_sweep(sweep_path, run_ids) if run_ids or sweep else (None, [], [
+        "no runs: name a sweep manifest (--sweep) or its RUN_IDs"])
+    runs, load_reasons = load_runs(log_dir, run_ids) if not reasons else ([], [])
+    if reasons or load_reasons:
         if runs:
             print_summary(runs, None)
-        for reason in reasons:
+        for reason in reasons + load_reasons:
             print(f"submit: refusing to assemble: {reason}", file=sys.stderr)
         return 1, None
     code_path, requirements_path = Path(code_path), Path(requirements_path)
     code = code_path.read_bytes() if code_path.is_file() else None
-    reasons = check_runs(runs, code, str(code_path))
+    reasons = check_runs(runs, code, str(code_path)) + check_sweep(manifest, sweep_path, runs, code, log_dir)
     if not requirements_path.is_file():
         reasons.append(f"{requirements_path} is missing: the record needs it")
     numbers_ok = all(_number(r.summary[k]) for r in runs for k in ("val_bpb", "val_loss", "val_tokens", "val_bytes"))
     stats = seed_statistics(runs, reference) if numbers_ok else None
     print_summary(runs, stats)
-    on_track = all(on_track_hardware(r.summary) for r in runs)
-    record_grade = on_track and full_validation(runs)        # only these may go under records/
+    if stats is None:
+        reasons.append("the seeds' scores are not numbers")
+        kind, unmet = PRACTICE, []
+    else:
+        kind, unmet = classify(runs, stats, practice=practice or manifest.get("practice") is True)
     date = date or _dt.datetime.now(_dt.timezone.utc).date().isoformat()
     name = name or default_name(runs[0])
+    repo = Path(os.path.realpath(code_path)).parent
     if record_dir is None:
-        record_dir = (RECORDS_DIR / f"{date}_{safe_dir_name(name)}" if record_grade
-                      else Path(log_dir) / f"{run_prefix(run_ids)}_record")
+        record_dir = ({RECORD: repo / RECORD_TRACK_DIR, NON_RECORD: repo / NON_RECORD_TRACK_DIR}[kind]
+                      / f"{date}_{safe_dir_name(name)}" if kind != PRACTICE else Path(log_dir) / f"{run_prefix(run_ids)}_record")
     record_dir = Path(record_dir)
-    if record_dir.exists():
+    if os.path.lexists(record_dir):
         reasons.append(f"{record_dir} already exists: a record is never overwritten (set RECORD_DIR elsewhere)")
-    under_records = Path(os.path.abspath(record_dir)).is_relative_to(os.path.abspath(RECORDS_DIR.parent))
-    if not on_track and under_records:
-        reasons.append(f"{record_dir} is under records/, which holds only runs on the track's hardware (8xH100); "
-                       "these ran on " + str(_one_value([hardware_line(r.summary) for r in runs])))
-    if not full_validation(runs) and under_records:
-        reasons.append(f"{record_dir} is under records/, which holds only runs scored on the whole validation split; "
-                       "these scored part of it (VAL_MAX_TOKENS): " + ", ".join(
-                           f"{r.label}: {r.summary['val_tokens'] + 1:,} of {r.summary['val_split_tokens']:,} tokens"
-                           for r in runs if r.summary["val_full_split"] is not True))
-    if reasons or stats is None:
-        for reason in reasons or ["the seeds' scores are not numbers"]:
+    real, allowed = Path(os.path.realpath(record_dir)), {RECORD: RECORD_TRACK_DIR, NON_RECORD: NON_RECORD_TRACK_DIR}
+    if real.is_relative_to(repo / RECORDS) and not (kind in allowed and real.is_relative_to(repo / allowed[kind])):
+        reasons.append(f"{record_dir} is under records/ ({real}), where a {kind} may not go"
+                       + (f" (its folder is {repo / allowed[kind]})" if kind in allowed else "") + ": "
+                       + "; ".join(unmet))
+    if reasons:
+        for reason in reasons:
             print(f"submit: refusing to assemble: {reason}", file=sys.stderr)
         return 1, None
-    sub = build_submission(runs, stats, name=name, author=author, github_id=github_id, date=date)
+    sub = build_submission(runs, stats, kind=kind, unmet=unmet, sweep=manifest, name=name, author=author,
+                           github_id=github_id, date=date)
     if dry_run:
-        print(f"submit: dry run: would write {record_dir}" + ("" if record_grade else " (a practice record)"))
+        print(f"submit: dry run: would write {record_dir} (a {kind})")
         return 0, sub
     files = {"README.md": record_readme(runs, sub, stats, record_dir, code).encode(),
              "submission.json": _json_bytes(sub), "train_gpt.py": code,
-             "requirements.txt": requirements_path.read_bytes()}
+             "requirements.txt": requirements_path.read_bytes(), sweep_path.name: _json_bytes(manifest)}
     for r in runs:
         files[f"{r.run_id}.txt"], files[f"{r.run_id}.json"] = r.txt_bytes, r.json_bytes
     write_record(record_dir, files)
     print(f"submit: wrote {record_dir}/ ({', '.join(files)})")
-    if record_grade:
+    if kind == RECORD:
         print(f"submit: {update_top_level(Path(top_level), sub)}")
     else:
-        why = f"not on 8xH100 ({sub['hardware']})" if not on_track else "partial validation"
-        print(f"submit: {why}: a practice record; records/ and {top_level} untouched")
+        print(f"submit: a {kind}, not a record ({'; '.join(unmet)}): {top_level} untouched")
     return 0, sub
 
 
@@ -1143,8 +1426,34 @@ def _run_submit(args: argparse.Namespace) -> int:
     """Run `submit`: check, summarize, and (unless --dry-run) assemble the record."""
     status, _ = submit(args.run_ids, log_dir=args.logs, code_path=args.code, requirements_path=args.requirements,
                        record_dir=args.record_dir, reference=args.reference_bpb, name=args.name, author=args.author,
-                       github_id=args.github_id, date=args.date, top_level=args.top_level, dry_run=args.dry_run)
+                       github_id=args.github_id, date=args.date, top_level=args.top_level, sweep=args.sweep,
+                       practice=args.practice, dry_run=args.dry_run)
     return status
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    """Run `sweep`: write the manifest of a sweep about to start."""
+    try:
+        path = write_sweep(args.logs, args.prefix, args.seeds, args.code, dict(os.environ), args.practice)
+    except OutputExistsError as exc:
+        print(f"sweep: {exc}", file=sys.stderr)
+        return 2
+    print(f"sweep: wrote {path}")
+    return 0
+
+
+def _add_sweep_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `sweep` subcommand (run_8xh100.sh calls it before the first seed trains)."""
+    p = subparsers.add_parser("sweep", help="write the manifest of a sweep before its first seed trains",
+                              description="Write <logs>/<PREFIX>.sweep.json: the seeds, their run ids "
+                              "<PREFIX>_seed<SEED>, the code's sha256, the settings set in the environment, and "
+                              "whether it is a practice sweep. `submit` takes every run it lists.")
+    p.add_argument("prefix", help="the sweep's RUN_ID prefix")
+    p.add_argument("seeds", nargs="+", metavar="SEED")
+    p.add_argument("--logs", default="logs", help="folder of the runs' logs (default logs)")
+    p.add_argument("--code", default="train_gpt.py", help="the script the seeds will run")
+    p.add_argument("--practice", action="store_true", help="a practice sweep (the demo): never a record")
+    p.set_defaults(func=_run_sweep)
 
 
 def _add_submit_command(subparsers: argparse._SubParsersAction) -> None:
@@ -1158,13 +1467,19 @@ def _add_submit_command(subparsers: argparse._SubParsersAction) -> None:
         "Welch test against the reference, then write the record folder: README.md, submission.json, "
         "train_gpt.py, requirements.txt and the logs.",
     )
-    p.add_argument("run_ids", nargs="+", metavar="RUN_ID", help="one run per seed (run_8xh100.sh: <prefix>_seed<SEED>)")
+    p.add_argument("run_ids", nargs="*", metavar="RUN_ID",
+                   help="one run per seed (run_8xh100.sh: <prefix>_seed<SEED>); default: every run of --sweep")
+    p.add_argument("--sweep", default=None,
+                   help="the sweep manifest (default <logs>/<prefix of the RUN_IDs>.sweep.json); every run it lists "
+                   "is submitted")
+    p.add_argument("--practice", action="store_true", help="a practice record whatever the runs (run_8xh100.sh's demo)")
     p.add_argument("--logs", default="logs", help="folder of the runs' logs (default logs)")
     p.add_argument("--code", default="train_gpt.py", help="the script to copy; must be the one the logs recorded")
     p.add_argument("--requirements", default="requirements.txt", help="requirements file to copy")
     p.add_argument("--record-dir", default=env.get("RECORD_DIR") or None,
                    help="record folder to create (env RECORD_DIR); default records/track_10min_16mb/<date>_<name> for "
-                   "8xH100 runs, <logs>/<prefix>_record otherwise")
+                   "a record, records/track_non_record_16mb/<date>_<name> for a non-record, <logs>/<prefix>_record for "
+                   "a practice record")
     p.add_argument("--reference-bpb", type=_reference_values, default=env.get("REFERENCE_BPB") or DEFAULT_REFERENCE_BPB,
                    help="per-seed val_bpb of the current best (env REFERENCE_BPB; default "
                    + " ".join(map(str, DEFAULT_REFERENCE_BPB)) + ")")
@@ -1174,7 +1489,7 @@ def _add_submit_command(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--github-id", default=env.get("GITHUB_ID") or None, help="GitHub id (env GITHUB_ID; default null)")
     p.add_argument("--date", type=_iso_date, default=None, help="submission date YYYY-MM-DD (default: today, UTC)")
     p.add_argument("--top-level", default="submission.json",
-                   help="the entry's submission.json, updated by 8xH100 records that beat it (default submission.json)")
+                   help="the entry's submission.json, updated only by records that beat it (default submission.json)")
     p.add_argument("--dry-run", action="store_true", help="check and summarize only; write nothing")
     p.set_defaults(func=_run_submit)
 
@@ -1188,11 +1503,12 @@ TRACK_GPUS = 8
 def rehearsal_report(summary: dict) -> dict:
     """What a one-GPU rehearsal run measured, and the 8xH100 step time it implies. On one GPU every step
     runs the 8 micro-batches that 8 GPUs run side by side (GRAD_ACCUM_STEPS defaults to 8 // world), so the
-    implied 8xH100 step is the measured step / 8, before the gradient all-reduce (not measured here)."""
+    implied 8xH100 step is the measured step / 8, before the gradient all-reduce (not measured here).
+    MFU = the run's train_flops (every training step at its own FLOPs per token, recurrence on or off,
+    all ranks) / (train_time_ms / 1e3 * world_size * H100_BF16_DENSE_FLOPS); None without train_flops."""
     hp, stages = summary["hyperparameters"], summary.get("stage_ms") or {}
     step_ms, tokens_per_s = summary["step_avg_ms"], summary["tokens_per_s"]
-    flops_per_s = summary["flops_per_token"] * tokens_per_s
-    gpus = summary["world_size"]
+    gpus, train_flops, train_ms = summary["world_size"], summary.get("train_flops"), summary["train_time_ms"]
     implied = step_ms * gpus / TRACK_GPUS if _number(step_ms) else None
     return {
         "run_id": summary["run_id"], "hardware": hardware_line(summary), "torch_version": summary["torch_version"],
@@ -1200,7 +1516,8 @@ def rehearsal_report(summary: dict) -> dict:
         f"{hp.get('MLP_MULT')}x, vocab {hp.get('VOCAB_SIZE')}, seq {hp.get('TRAIN_SEQ_LEN')}, "
         f"{hp.get('TRAIN_BATCH_TOKENS')} tokens/step", "steps": summary["steps"], "step_ms": step_ms,
         "tokens_per_s": tokens_per_s, "flops_per_token": summary["flops_per_token"],
-        "mfu": flops_per_s / (gpus * H100_BF16_DENSE_FLOPS) if _number(flops_per_s) else None,
+        "mfu": (train_flops / (train_ms / 1e3 * gpus * H100_BF16_DENSE_FLOPS)
+                if _number(train_flops) and _number(train_ms) and train_ms > 0 else None),
         "peak_memory_mib": summary.get("peak_memory_mib"), "compile_s": stages.get("compile", 0) / 1e3,
         "compile": summary.get("compile"), "stage_s": {k: round(v / 1e3, 2) for k, v in stages.items()},
         "wall_s": summary["wall_ms"] / 1e3, "eval_time_s": summary["eval_time_ms"] / 1e3,
@@ -1238,6 +1555,7 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_demo_data_command(subparsers)
     _add_submit_command(subparsers)
+    _add_sweep_command(subparsers)
     _add_rehearsal_report_command(subparsers)
     return parser
 
