@@ -14,17 +14,24 @@
 # for the default PRESET=frontier) holds no shards, a small real-text set is built from the Python
 # standard library's docstrings (tools/harness.py demo-data, no network) and a small CPU-sized
 # configuration of the same stack is used, each knob only where you did not set it yourself.
-# Without a GPU, NPROC defaults to 2 (CPU, gloo).
+# Without a GPU this is automatic and NPROC defaults to 2 (CPU, gloo); on a GPU only with DEMO=1
+# (without it, missing shards are an error: exit 2). A demo sweep is a practice sweep: never a record.
 #
-# Where the record goes is decided by the harness from what the runs recorded: runs on 8xH100
-# go to records/track_10min_16mb/<date>_<name>/ (and may update ./submission.json); any other
-# run (the demo, a CPU or 1-GPU run) goes to logs/<prefix>_record/ and never touches records/
-# or ./submission.json. RECORD_DIR overrides the folder; an existing folder is never overwritten.
+# Before the first seed trains, logs/<prefix>.sweep.json records the sweep (seeds, run ids, the code's
+# sha256, the settings): the harness submits every run it lists or none. Where the record goes is
+# decided by the harness from what the runs recorded: a record (3+ seeds on 8xH100, the whole
+# validation split of a known FineWeb data pair, significant) goes to records/track_10min_16mb/
+# and may update ./submission.json; an on-track run that misses the significance bar goes to
+# records/track_non_record_16mb/; any other run (the demo, a CPU or 1-GPU run) goes to
+# logs/<prefix>_record/. RECORD_DIR overrides the folder; an existing folder is never overwritten.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 TORCHRUN=${TORCHRUN:-torchrun}
+case ${DEMO:-0} in 0|1) ;; *) echo "run_8xh100.sh: DEMO must be 0 or 1, got '$DEMO'" >&2; exit 2 ;; esac
+cuda=0
 if python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
+  cuda=1
   NPROC=${NPROC:-8}
 else
   NPROC=${NPROC:-2}
@@ -34,7 +41,13 @@ fi
 # the preset's default data folder (train_gpt.py's settings, read the way the run will read them)
 official_data=$(python3 -c 'import os, train_gpt; print(train_gpt.read_settings(dict(os.environ))[0].data_path)' 2>/dev/null \
   || echo ./data/datasets/fineweb10B_sp8192)
+practice=()
 if [ -z "${DATA_PATH:-}" ] && ! ls "$official_data"/fineweb_train_*.bin >/dev/null 2>&1; then
+  if [ "$cuda" = 1 ] && [ "${DEMO:-0}" != 1 ]; then
+    echo "run_8xh100.sh: no shards in $official_data/fineweb_train_*.bin and DATA_PATH is unset: download FineWeb (README) or set DATA_PATH; DEMO=1 runs the demo set instead (never a record)" >&2
+    exit 2
+  fi
+  practice=(--practice)
   demo=./data/demo
   if ! ls "$demo"/fineweb_train_*.bin >/dev/null 2>&1; then
     echo "run_8xh100.sh: no shards in $official_data; building the demo set in $demo"
@@ -61,6 +74,9 @@ if [ -n "${RECORD_DIR:-}" ] && [ -e "$RECORD_DIR" ]; then   # fail now, not afte
   exit 1
 fi
 run_prefix=${RUN_ID:-pg_$(date -u +%Y%m%d_%H%M%S)}
+# the sweep's manifest, before any seed trains: submit takes every run it lists, or none
+# shellcheck disable=SC2086  # SEEDS is a list of words
+python3 tools/harness.py sweep "$run_prefix" $SEEDS ${practice[@]+"${practice[@]}"}
 
 run_ids=()
 for seed in $SEEDS; do
@@ -71,9 +87,10 @@ for seed in $SEEDS; do
       $TORCHRUN --standalone --nproc_per_node="$NPROC" train_gpt.py; then
     echo "run_8xh100.sh: seed $seed failed; last lines of logs/$run_id.txt:" >&2
     tail -n 20 "logs/$run_id.txt" >&2 2>/dev/null || echo "(no log was written)" >&2
+    echo "run_8xh100.sh: sweep logs/$run_prefix.sweep.json is incomplete: submit refuses it without seed $seed" >&2
     exit 1
   fi
   run_ids+=("$run_id")
 done
 echo "run_8xh100.sh: all seeds done; summaries in logs/${run_prefix}_seed*.json"
-python3 tools/harness.py submit "${run_ids[@]}"
+python3 tools/harness.py submit --sweep "logs/$run_prefix.sweep.json" ${practice[@]+"${practice[@]}"} "${run_ids[@]}"

@@ -172,3 +172,46 @@ def test_shard_constants_mirror_train_gpt():
     assert (harness.SHARD_MAGIC, harness.SHARD_VERSION, harness.SHARD_HEADER_INTS) == (
         train_gpt.SHARD_MAGIC, train_gpt.SHARD_VERSION, train_gpt.SHARD_HEADER_INTS)
     assert harness.BOS_ID == train_gpt.BOS_ID
+
+
+def test_an_interrupted_build_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkeypatch):
+    """Item 9: the set is built in a hidden sibling and renamed into place: a build that fails midway (after
+    the tokenizer and the val shard, while encoding train) leaves no half set to make every rerun refuse."""
+    out_dir = tmp_path / "demo"
+    real_encode = harness.encode_documents
+    calls = []
+
+    def encode_then_fail(sp, docs):
+        calls.append(len(docs))
+        if len(calls) == 2:                      # val is written; train is next
+            raise KeyboardInterrupt("interrupted midway")
+        return real_encode(sp, docs)
+
+    monkeypatch.setattr(harness, "encode_documents", encode_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        harness.build_demo_data(out_dir, vocab_size=VOCAB, max_chars=MAX_CHARS // 4, seed=SEED)
+    assert calls and list(tmp_path.iterdir()) == []          # no out_dir, no hidden temporary folder
+    monkeypatch.setattr(harness, "encode_documents", real_encode)
+    info = harness.build_demo_data(out_dir, vocab_size=VOCAB, max_chars=MAX_CHARS // 4, seed=SEED)
+    assert sorted(p.name for p in out_dir.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
+                                                          "tokenizer"]
+    assert info["tokenizer"] == out_dir / "tokenizer" / f"demo_{VOCAB}_bpe.model" and info["tokenizer"].is_file()
+    assert [p for p, _ in info["train_shards"] + info["val_shards"]] == [
+        out_dir / "fineweb_train_000000.bin", out_dir / "fineweb_val_000000.bin"]
+    assert [p.name for p in tmp_path.iterdir()] == ["demo"]
+
+
+def test_a_killed_build_does_not_block_the_next(tmp_path):
+    """What a killed build leaves (its hidden temporary sibling, half full) is not the set: a rerun builds it."""
+    stale = tmp_path / ".demo.12345.deadbeef.tmp"
+    harness.write_shard(stale / "fineweb_val_000000.bin", [1, 2, 3])
+    proc = run_cli("demo-data", tmp_path / "demo", "--vocab-size", VOCAB, "--max-chars", MAX_CHARS // 4)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "demo" / "fineweb_train_000000.bin").is_file()
+
+
+def test_a_folder_with_other_files_is_refused(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(harness.OutputExistsError, match="notes.txt"):
+        harness.build_demo_data(tmp_path, vocab_size=VOCAB, max_chars=MAX_CHARS // 4, seed=SEED)
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]

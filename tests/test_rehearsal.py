@@ -25,18 +25,39 @@ def rehearsal_env(**extra):
     return env
 
 
+def copy_rehearsal(dest: Path) -> Path:
+    """The files the rehearsal needs, copied to `dest` (it writes data/, logs/ and artifacts/ there)."""
+    for rel in ("train_gpt.py", "tools/__init__.py", "tools/harness.py", "tools/gpu_rehearsal.sh"):
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / rel, dest / rel)
+    return dest
+
+
 def test_without_a_gpu_the_rehearsal_refuses_in_seconds(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_rehearsal.sh")], cwd=tmp_path, env=rehearsal_env(),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and proc.stdout == ""
 
 
+def test_a_missing_package_is_one_line_before_anything_runs(tmp_path):
+    """Item 9: on a box with torch but not sentencepiece the rehearsal says so in one line (exit 2) before it
+    builds data or trains; a `sitecustomize` on PYTHONPATH hides sentencepiece from every python3 it starts."""
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    (hide / "sitecustomize.py").write_text("import sys\nsys.modules['sentencepiece'] = None   # import fails\n")
+    entry = copy_rehearsal(tmp_path / "entry")
+    proc = subprocess.run(["bash", "tools/gpu_rehearsal.sh"], cwd=entry, capture_output=True, text=True, timeout=120,
+                          env=rehearsal_env(PYTHONPATH=str(hide), REHEARSAL_ALLOW_CPU="1"))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "gpu_rehearsal.sh: missing Python package(s) sentencepiece: pip install sentencepiece"]
+    assert not (entry / "data").exists() and not (entry / "logs").exists()
+
+
 @pytest.mark.slow
 def test_the_rehearsal_runs_the_pipeline_and_reports_one_json(demo_data, tmp_path):
     """At a tiny shape on 1 CPU process, in a copy of the entry: the report's figures are the run summary's."""
-    for rel in ("train_gpt.py", "tools/__init__.py", "tools/harness.py", "tools/gpu_rehearsal.sh"):
-        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(REPO / rel, tmp_path / rel)
+    copy_rehearsal(tmp_path)
     run_id = "plumbing"
     settings = dict(TINY_RUN, DATA_PATH=str(demo_data["dir"]), TOKENIZER_PATH=str(demo_data["tokenizer"]),
                     VOCAB_SIZE=str(demo_data["vocab"]), RUN_ID=run_id)
@@ -48,6 +69,8 @@ def test_the_rehearsal_runs_the_pipeline_and_reports_one_json(demo_data, tmp_pat
     assert REPORT_KEYS <= set(report)
     assert summary["hyperparameters"]["EVAL_AUDIT"] == 1 and summary["world_size"] == 1
     assert report["step_ms"] == summary["step_avg_ms"] and report["implied_8xh100_step_ms"] == summary["step_avg_ms"] / 8
-    assert report["mfu"] == summary["flops_per_token"] * summary["tokens_per_s"] / 989e12
+    # MFU from the FLOPs the training steps ran (train_gpt.py's train_flops), null in a summary without them
+    assert report["mfu"] == (summary["train_flops"] / (summary["train_time_ms"] / 1e3 * 989e12)
+                             if summary.get("train_flops") is not None else None)
     assert report["stage_s"]["train"] == round(summary["stage_ms"]["train"] / 1e3, 2)
     assert report["compliance_all_ok"] is True and report["attention"] == "sdpa"

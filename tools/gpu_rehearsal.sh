@@ -4,7 +4,8 @@
 # wallclock, then calibration, export, load, audit and evaluation of a validation slice, as the real
 # run does them. Prints one JSON (tools/harness.py rehearsal-report): step time, tokens/s, MFU, peak
 # memory, compile time, recompiles after warm-up, graph breaks, each stage's time, and the 8xH100 step
-# time this implies. No network: on the shards in DATA_PATH, else on the demo set it builds itself.
+# time this implies. No network: on the shards in DATA_PATH, else on the demo set it builds itself
+# (whole or not at all: an interrupted build leaves nothing that blocks the next try).
 #
 #   bash tools/gpu_rehearsal.sh                                  # on the demo set, 120 s of training
 #   DATA_PATH=./data/datasets/fineweb10B_sp8192 TOKENIZER_PATH=./data/tokenizers/fineweb_8192_bpe.model \
@@ -14,6 +15,19 @@
 # test does, at a tiny shape).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# what the run needs, checked first: one line naming what is missing and how to install it (exit 2)
+python3 - <<'EOF' || exit 2
+import sys
+missing = []
+for name in ("torch", "numpy", "sentencepiece"):
+    try:
+        __import__(name)
+    except ImportError:
+        missing.append(name)
+if missing:
+    sys.exit(f"gpu_rehearsal.sh: missing Python package(s) {', '.join(missing)}: pip install {' '.join(missing)}")
+EOF
 
 if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   if [ "${REHEARSAL_ALLOW_CPU:-0}" != 1 ]; then
