@@ -338,3 +338,77 @@ def test_a_compiled_run_compiles_nothing_after_its_warm_up(demo_data, tmp_path):
     for stage in ("compile", "train", "pre_quant_eval", "calibration", "gptq", "pack", "load", "audit", "eval"):
         assert s["stage_ms"][stage] > 0, stage
     assert s["wall_ms"] > sum(s["stage_ms"].values()) * 0.9
+    # the evaluation graphs compiled in the warm-up count in the evaluation's time, not in neither budget
+    assert 0 < s["eval_compile_ms"] < s["stage_ms"]["compile"]
+    assert s["eval_time_ms"] == pytest.approx(s["eval_measured_ms"] + s["eval_compile_ms"])
+    assert f"eval_time: {s['eval_time_ms']:.0f}ms = {s['eval_measured_ms']:.0f}ms from the artifact's load" in log
+
+
+# --- the attention kernel: never slower without a word --------------------------------------------------
+
+def test_cuda_without_flash_attn_is_an_error_unless_sdpa_is_allowed(monkeypatch):
+    """A torch reinstalled under a flash-attn wheel built for another torch stops flash-attn importing;
+    the old code then trained with SDPA, said so only in the log file, and every step was slower."""
+    from _helpers import tiny_hp
+    cuda = torch.device("cuda", 0)          # a device object only: nothing runs on it
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", None)
+    with pytest.raises(train_gpt.PipelineError, match="ALLOW_SDPA=1"):
+        train_gpt.check_attention_backend(tiny_hp(), cuda, train_gpt.attention_backend(cuda, torch.bfloat16))
+    line = train_gpt.check_attention_backend(tiny_hp(ALLOW_SDPA=1), cuda, "sdpa")
+    assert line.startswith("attention: sdpa") and "ALLOW_SDPA=1" in line
+    assert train_gpt.check_attention_backend(tiny_hp(), torch.device("cpu"), "sdpa").startswith("attention: sdpa")
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", lambda *a, **k: None)
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn_interface 3.0.0b1")
+    assert train_gpt.attention_backend(cuda, torch.bfloat16) == "flash"
+    assert train_gpt.check_attention_backend(tiny_hp(), cuda, "flash") == "attention: flash (flash_attn_interface 3.0.0b1)"
+
+
+def test_the_attention_kernel_is_named_on_the_console(demo_data, tmp_path):
+    from test_pipeline import run_train
+    proc = run_train(tmp_path, demo_data, RUN_ID="console", ITERATIONS=1, EVAL_STRIDE=0, GPTQ_CALIBRATION="none")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "attention: sdpa (PyTorch scaled_dot_product_attention; on the CPU)" in proc.stdout.splitlines()
+
+
+def untraceable_flash(q, k, v, causal=True):
+    """A flash-attn build dynamo cannot trace (a kernel called through an opaque extension): a graph break."""
+    torch._dynamo.graph_break()
+    y = torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                                         is_causal=causal, enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def test_a_flash_attn_that_torch_compile_cannot_trace_is_reported_at_warm_up(monkeypatch):
+    """fullgraph=True makes the graph break an error at the warm-up, before the clock; the report names the
+    kernel and what to install instead of a dynamo traceback."""
+    from _helpers import cpu_runtime, tiny_hp
+    from test_liveness import FixedBatches
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", untraceable_flash)
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn 2.0.0")
+    hp = tiny_hp(ITERATIONS=2, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE_WARMUP_STEPS=1)
+    model = train_gpt.GPT(hp)
+    model.set_attention_backend("flash")
+    torch._dynamo.reset()
+    with pytest.raises(train_gpt.PipelineError) as err:
+        train_gpt.train(hp, cpu_runtime(), model, train_gpt.compile_model(model), FixedBatches(hp),
+                        lambda *a, **k: None, lambda *a: None)
+    torch._dynamo.reset()
+    assert "torch.compile cannot trace the flash-attn kernel flash_attn 2.0.0" in str(err.value)
+    assert "install a flash-attn build made for this torch" in str(err.value)
+
+
+def test_ddp_graphs_are_not_split_by_default():
+    """Every April record turned dynamo's DDPOptimizer off (it split each training graph in 6-7 pieces);
+    COMPILE_OPTIMIZE_DDP=1 turns it back on."""
+    import torch._dynamo.config as dynamo_config
+    from _helpers import tiny_hp
+    saved = dynamo_config.optimize_ddp
+    try:
+        dynamo_config.optimize_ddp = True                     # torch's own default
+        assert tiny_hp().compile_optimize_ddp == 0
+        train_gpt.compile_model(torch.nn.Identity(), bool(tiny_hp().compile_optimize_ddp))
+        assert dynamo_config.optimize_ddp is False
+        train_gpt.compile_model(torch.nn.Identity(), bool(tiny_hp(COMPILE_OPTIMIZE_DDP=1).compile_optimize_ddp))
+        assert dynamo_config.optimize_ddp is True
+    finally:
+        dynamo_config.optimize_ddp = saved

@@ -31,7 +31,9 @@ REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_
                  "quant_gap_bpb", "ttt", "bytes_model", "bytes_code", "bytes_total", "artifact_path", "artifact_sha256",
                  "eval_time_ms", "hyperparameters", "compliance", "eval_only", "projected_h100_eval_s",
                  "train_data_last_read_ms", "train_deadline_ms", "train_data_read_after_deadline", "nll_dump",
-                 "eval_seq_len", "eval_stride", "stage_ms", "wall_ms", "compile", "peak_memory_mib", "quant"]
+                 "eval_seq_len", "eval_stride", "stage_ms", "wall_ms", "compile", "peak_memory_mib", "quant",
+                 "tokenizer_sha256", "val_shards_sha256", "tokenizer_check_docs", "eval_measured_ms", "eval_compile_ms",
+                 "train_flops"]
 COMPLIANCE_CHECKS = ["causality_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
                      "no_train_data_after_deadline"]
 TTT_RUN = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
@@ -142,11 +144,31 @@ def test_distributed_run_summary(dist_run, demo_data):
         assert s["stage_ms"][stage] > 0, stage
     assert s["stage_ms"]["compile"] == pytest.approx(0, abs=1.0)          # CPU: not compiled, nothing to warm
     eval_stages = sum(s["stage_ms"][k] for k in ("load", "audit", "roundtrip_plain_eval", "eval"))
-    assert eval_stages <= s["eval_time_ms"] <= eval_stages + 1000
+    assert eval_stages <= s["eval_measured_ms"] <= eval_stages + 1000
+    assert s["eval_compile_ms"] == 0.0 and s["eval_time_ms"] == s["eval_measured_ms"]   # not compiled
     assert s["wall_ms"] >= sum(s["stage_ms"].values())
     assert s["compile"] == {"graphs_in_warm_up": 0, "recompiles_in_clock": 0, "recompiles_after_warm_up": 0,
                             "graph_breaks": 0}
     assert s["val_full_split"] is True and s["val_split_tokens"] == s["val_tokens"] + 1
+
+
+def test_the_summary_pins_the_tokenizer_and_the_validation_shards(dist_run, demo_data):
+    _, _, s = dist_run
+    assert s["tokenizer_sha256"] == hashlib.sha256(Path(demo_data["tokenizer"]).read_bytes()).hexdigest()
+    shards = sorted(Path(demo_data["dir"]).glob("fineweb_val_*.bin"))
+    assert s["val_shards_sha256"] == hashlib.sha256(b"".join(p.read_bytes() for p in shards)).hexdigest()
+    assert s["tokenizer_check_docs"] == train_gpt.TOKENIZER_CHECK_DOCS
+
+
+def test_training_flops_count_each_step_in_its_own_state(dist_run):
+    """Steps before depth recurrence switches on run fewer layers: each is counted at its own FLOPs."""
+    cwd, _, s = dist_run
+    text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
+    on_from = int(re.search(r"^recurrence: on from step (\d+)", text, re.M).group(1))
+    hp = train_gpt.Hyperparameters(s["hyperparameters"])
+    per_step = {on: train_gpt.flops_per_token(hp, hp.train_seq_len, on) * hp.train_batch_tokens for on in (False, True)}
+    assert 0 < on_from < s["steps"] and per_step[False] < per_step[True]
+    assert s["train_flops"] == pytest.approx(on_from * per_step[False] + (s["steps"] - on_from) * per_step[True])
 
 
 def test_both_ranks_loaded_the_same_weights(dist_run):
