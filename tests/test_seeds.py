@@ -23,7 +23,8 @@ import numpy as np
 import pytest
 
 import train_gpt
-from test_harness import t_cdf_by_integration
+from test_harness import SP1024_SHA, SP1024_SPLIT, t_cdf_by_integration
+from tools import harness
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_FILES = ["train_gpt.py", "run_8xh100.sh", "requirements.txt", "submission.json", "tools/__init__.py",
@@ -94,7 +95,8 @@ def three_seeds(demo_data, tmp_path_factory):
 def test_every_file_of_the_record(three_seeds):
     root, files = three_seeds["root"], three_seeds["files"]
     logs = [f"e2e_seed{s}.{ext}" for s in SEEDS for ext in ("txt", "json")]
-    assert sorted(files) == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt"] + logs)
+    assert sorted(files) == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt",
+                                    "e2e.sweep.json"] + logs)
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
     assert files["train_gpt.py"] == sha(root / "train_gpt.py")
     assert files["requirements.txt"] == sha(root / "requirements.txt")
@@ -229,3 +231,164 @@ def test_an_existing_record_dir_is_refused_before_any_training(demo_data, tmp_pa
     proc = launch(root, demo_data, timeout=60, SEEDS="1", RECORD_DIR=str(tmp_path / "record"))
     assert proc.returncode == 1 and "already exists; a record is never overwritten" in proc.stderr
     assert not (root / "logs").exists()
+
+
+# -----------------------------------------------------------------------------
+# The demo on a GPU box: only with DEMO=1, and then never a record
+# -----------------------------------------------------------------------------
+
+def fake_cuda(tmp_path: Path) -> str:
+    """A PATH whose python3 answers run_8xh100.sh's CUDA probe (`torch.cuda.is_available()`) with yes and
+    runs everything else with this interpreter."""
+    shim = tmp_path / "fake_cuda_bin"
+    shim.mkdir()
+    (shim / "python3").write_text(f"""#!/usr/bin/env bash
+if [ "${{1:-}}" = -c ] && [[ "${{2:-}}" == *torch.cuda.is_available* ]]; then exit 0; fi
+exec {sys.executable} "$@"
+""")
+    (shim / "python3").chmod(0o755)
+    return f"{shim}{os.pathsep}{os.environ['PATH']}"
+
+
+def demo_launch(root, **extra):
+    """run_8xh100.sh with no DATA_PATH (so no shards: the demo branch), a launcher that fails at once, and the
+    demo set already in ./data/demo (no build)."""
+    (root / "data").mkdir()
+    env = clean_env(TORCHRUN="false", RUN_ID="demo", **extra)
+    return subprocess.run(["bash", "run_8xh100.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_on_a_gpu_without_shards_the_demo_needs_demo_1(demo_data, tmp_path):
+    """Item 2: CUDA, no shards, no DEMO=1: exit 2 with one line saying where it looked; nothing built or run."""
+    root = copy_entry(tmp_path / "entry")
+    proc = demo_launch(root, PATH=fake_cuda(tmp_path))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "run_8xh100.sh: no shards in ./data/datasets/fineweb10B_sp8192/fineweb_train_*.bin and DATA_PATH is unset: "
+        "download FineWeb (README) or set DATA_PATH; DEMO=1 runs the demo set instead (never a record)"]
+    assert list((root / "data").iterdir()) == [] and not (root / "logs").exists()
+
+
+@pytest.mark.parametrize("gpu", [True, False])
+def test_a_demo_sweep_is_a_practice_sweep(demo_data, tmp_path, gpu):
+    """Item 2: with DEMO=1 on a GPU (and automatically on the CPU) the demo runs, and its sweep manifest, written
+    before the first seed, says practice: submit never makes it a record."""
+    root = copy_entry(tmp_path / "entry")
+    (root / "data").mkdir()
+    os.symlink(demo_data["dir"], root / "data" / "demo")
+    extra = dict(PATH=fake_cuda(tmp_path), DEMO="1") if gpu else {}
+    proc = subprocess.run(["bash", "run_8xh100.sh"], cwd=root, capture_output=True, text=True, timeout=120,
+                          env=clean_env(TORCHRUN="false", RUN_ID="demo", **extra))
+    assert proc.returncode == 1 and "run_8xh100.sh: seed 1337 failed" in proc.stderr     # the launcher is `false`
+    assert f"seed 1337 -> logs/demo_seed1337.txt ({8 if gpu else 2} processes)" in proc.stdout
+    manifest = json.loads((root / "logs" / "demo.sweep.json").read_text())
+    assert manifest["practice"] is True and manifest["run_ids"] == ["demo_seed1337"]
+    assert manifest["settings"]["DATA_PATH"] == "./data/demo"
+
+
+def test_demo_must_be_0_or_1(tmp_path):
+    root = copy_entry(tmp_path / "entry")
+    proc = subprocess.run(["bash", "run_8xh100.sh"], cwd=root, capture_output=True, text=True, timeout=60,
+                          env=clean_env(DEMO="yes"))
+    assert proc.returncode == 2 and proc.stderr == "run_8xh100.sh: DEMO must be 0 or 1, got 'yes'\n"
+
+
+# -----------------------------------------------------------------------------
+# The real runs' summaries as an 8xH100 run would write them: the harness's verdicts
+# -----------------------------------------------------------------------------
+
+def as_gpu_sweep(three_seeds, dest: Path, edits: dict | None = None) -> Path:
+    """A copy of the three-seed sweep (code, logs, artifacts, manifest) whose summaries carry what an 8xH100
+    run on the official sp1024 data would set (`edits`: {seed: fields} to change after): CUDA, 8 ranks, H100, the whole split, the
+    data pair's sha256s and paths, one round-trip sha256 per rank. Scores, logs and artifacts stay as run."""
+    root = three_seeds["root"]
+    for rel in ("train_gpt.py", "requirements.txt", "submission.json"):
+        shutil.copy2(root / rel, dest / rel)
+    shutil.copytree(root / "artifacts", dest / "artifacts")
+    (dest / "logs").mkdir()
+    for path in (root / "logs").glob("e2e*"):
+        shutil.copy2(path, dest / "logs" / path.name)
+    for seed in SEEDS:
+        path = dest / "logs" / f"e2e_seed{seed}.json"
+        s = json.loads(path.read_text())
+        bytes_per_token = s["val_bytes"] / s["val_tokens"]         # the whole split, at the runs' bytes per token
+        s.update(device="cuda", world_size=8, hardware="NVIDIA H100 80GB HBM3", torch_version="2.13.0+cu128",
+                 cuda_version="12.8", val_split_tokens=SP1024_SPLIT, val_tokens=SP1024_SPLIT - 1,
+                 val_bytes=round((SP1024_SPLIT - 1) * bytes_per_token), val_full_split=True,
+                 tokenizer_sha256=SP1024_SHA, val_shards_sha256="cd" * 32,
+                 roundtrip_sha256_per_rank=[s["artifact_sha256"]] * 8)
+        s["hyperparameters"].update(DATA_PATH="./data/datasets/fineweb10B_sp1024",
+                                    TOKENIZER_PATH="./data/tokenizers/fineweb_1024_bpe.model")
+        s.update((edits or {}).get(seed, {}))
+        path.write_text(json.dumps(s, indent=2))
+    return dest
+
+
+@pytest.fixture
+def gpu_sweep(three_seeds, tmp_path, monkeypatch):
+    for var in ("RECORD_DIR", "REFERENCE_BPB", "SUBMISSION_NAME", "AUTHOR", "GITHUB_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    return lambda edits=None: as_gpu_sweep(three_seeds, tmp_path, edits)
+
+
+def reference_beaten_by(three_seeds, nats=0.05):
+    """Per-seed reference val_bpb that the real runs beat by about `nats` per token, with some spread."""
+    bpb = np.mean([s["val_bpb"] for s in three_seeds["summaries"]])
+    return [f"{bpb + d + nats / math.log(2) / 2.4:.6f}" for d in (-0.002, 0.0, 0.002)]
+
+
+def test_real_runs_on_8xh100_and_sp1024_make_a_record(three_seeds, gpu_sweep, capsys):
+    root = gpu_sweep()
+    ref = " ".join(reference_beaten_by(three_seeds, nats=2.0))
+    assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json", "--date", "2026-04-01", "--name", "real",
+                         "--reference-bpb", ref]) == 0
+    sub = json.loads((root / "records" / "track_10min_16mb" / "2026-04-01_real" / "submission.json").read_text())
+    assert sub["kind"] == "record" and sub["known_data_pair"] == "sp1024 fineweb_1024_bpe.model"
+    assert sub["p_value"] < 0.01 and sub["tokenizer_sha256"] == SP1024_SHA
+    assert json.loads((root / "submission.json").read_text()) == sub
+
+
+def test_real_runs_on_the_demo_tokenizer_are_a_practice_record(three_seeds, gpu_sweep, demo_data):
+    """Items 1 and 2: everything else as on the track, but the tokenizer the demo data has: no record."""
+    demo_sha = hashlib.sha256(Path(demo_data["tokenizer"]).read_bytes()).hexdigest()
+    root = gpu_sweep({seed: dict(tokenizer_sha256=demo_sha) for seed in SEEDS})
+    before = (root / "submission.json").read_bytes()
+    ref = " ".join(reference_beaten_by(three_seeds, nats=2.0))
+    assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json", "--reference-bpb", ref]) == 0
+    sub = json.loads((root / "logs" / "e2e_record" / "submission.json").read_text())
+    assert sub["kind"] == "practice record" and sub["known_data_pair"] is None
+    assert sub["not_a_record_because"] == [f"not a known FineWeb tokenizer and validation split: tokenizer sha256 "
+                                           f"{demo_sha} is not a known FineWeb tokenizer"]
+    assert not (root / "records").exists() and (root / "submission.json").read_bytes() == before
+
+
+def test_real_runs_that_miss_the_bar_are_a_non_record(gpu_sweep):
+    """Item 3: against the default reference (~1.06 bpb) the tiny runs (~3.7) are far worse: p near 1."""
+    root = gpu_sweep()
+    before = (root / "submission.json").read_bytes()
+    assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json", "--date", "2026-04-01", "--name", "real"]) == 0
+    sub = json.loads((root / "records" / "track_non_record_16mb" / "2026-04-01_real" / "submission.json").read_text())
+    assert sub["kind"] == "non-record" and sub["not_a_record_because"][0].startswith("not significant: p = 1")
+    assert not (root / "records" / "track_10min_16mb").exists() and (root / "submission.json").read_bytes() == before
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (dict(val_bpb=1.0), "its log's headline says val_loss:"),
+    (dict(roundtrip_sha256_per_rank=["0" * 64] * 8), "roundtrip_sha256_per_rank"),
+])
+def test_a_real_summary_edited_is_refused(gpu_sweep, capsys, edit, reason):
+    """Item 6: a real summary whose headline or per-rank sha256 was edited is refused against its log/artifact."""
+    root = gpu_sweep({2: edit})
+    assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json"]) == 1
+    err = capsys.readouterr().err
+    assert "seed 2 (e2e_seed2)" in err and reason in err, err
+    assert not (root / "records").exists()
+
+
+def test_real_runs_cherry_picked_are_refused(gpu_sweep, capsys):
+    """Item 4: two of the sweep's three seeds submitted: refused, naming the third."""
+    root = gpu_sweep()
+    assert harness.main(["submit", "e2e_seed1", "e2e_seed2"]) == 1
+    assert "run(s) e2e_seed3 of sweep logs/e2e.sweep.json are left out" in capsys.readouterr().err
+    assert not (root / "records").exists()
