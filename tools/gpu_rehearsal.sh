@@ -46,6 +46,8 @@ if [ -z "${DATA_PATH:-}" ]; then
   export TTT_CHUNK_TOKENS=${TTT_CHUNK_TOKENS:-8192}
 fi
 run_id=${RUN_ID:-rehearsal_$(date -u +%Y%m%d_%H%M%S)}
+# a rehearsal measures the box it has: without flash-attn it runs SDPA (the report names the kernel)
+export ALLOW_SDPA=${ALLOW_SDPA:-1}
 MAX_WALLCLOCK_SECONDS=${REHEARSAL_TRAIN_SECONDS:-120} VAL_MAX_TOKENS=${VAL_MAX_TOKENS:-1048576} \
   VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0} EVAL_AUDIT=1 RUN_ID=$run_id \
   ${TORCHRUN:-torchrun} --standalone --nproc_per_node=1 train_gpt.py >&2
