@@ -487,14 +487,16 @@ class RunLog:
         self.file.flush()
 
     def write_summary(self, summary: dict) -> None:
-        """Write logs/<RUN_ID>.json atomically (rank 0)."""
+        """Write logs/<RUN_ID>.json atomically (rank 0), and end the log with its path and sha256, so the
+        summary cannot be edited apart from the log that vouches for it."""
         if not self.rt.is_main:
             return
+        data = (json.dumps(summary, indent=2, sort_keys=True) + "\n").encode("utf-8")
         tmp = self.json_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2, sort_keys=True)
-            f.write("\n")
+        with open(tmp, "wb") as f:
+            f.write(data)
         os.replace(tmp, self.json_path)
+        self(f"summary: {self.json_path} sha256 {hashlib.sha256(data).hexdigest()}")
 
     def close(self) -> None:
         if self.file is not None:
@@ -2730,7 +2732,8 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
 
 CAUSALITY_TOLERANCE = 1e-4       # max |delta NLL| of earlier targets when later tokens change ...
 NORMALIZATION_TOLERANCE = 1e-4   # max |sum_v p(v) - 1| ...
-NOISE_TOLERANCE_FACTOR = 2.0     # ... each plus this many times the noise between identical rows of the same run
+NOISE_TOLERANCE_FACTOR = 2.0     # ... each plus this many times the noise between identical rows of the same run,
+NOISE_CEILING_NATS = 0.01        # which may be at most this: above it the audit cannot certify, it fails
 
 
 def audit_windows(tokens: np.ndarray, window: int, stride: int) -> list[int]:
@@ -2764,8 +2767,10 @@ def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, toke
     Each variant is scored in the batch row its original was scored in, in a batch of the same shape:
     on a GPU the rounding of a row can depend on where it sits (split-K bf16 GEMMs), which would fail
     an honest model if the two were compared across rows. The tolerance is set from the noise between
-    identical rows of this run (the originals scored again in the same rows, and in other rows), and
-    logged beside the check."""
+    identical rows of this run in the same places (the originals scored twice), at most
+    NOISE_CEILING_NATS, and logged beside the check with the noise between identical rows in other
+    places (for the reader: the comparisons never cross rows, so a model cannot widen the tolerance
+    by rounding rows differently on purpose)."""
     w = min(window, tokens.size - 1)
     gen = torch.Generator().manual_seed(hp.seed)
     vocab = max(2, int(tokens.max()) + 1)
@@ -2786,8 +2791,8 @@ def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, toke
         worst = max(worst, (score(x, y)[:, :cut] - base[:, :cut]).abs().max().item())
     run_model.train()
     worst, same_rows, other_rows = agree_max(rt, [worst, same_rows, other_rows])
-    tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * max(same_rows, other_rows)
-    return dict(causality_ok=worst <= tolerance, causality_max_abs_dnll=worst, causality_windows=seqs.size(0),
+    tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * same_rows
+    return dict(causality_ok=worst <= tolerance and same_rows <= NOISE_CEILING_NATS, causality_max_abs_dnll=worst, causality_windows=seqs.size(0),
                 causality_cuts=cuts, causality_tolerance=tolerance, causality_noise_same_rows=same_rows,
                 causality_noise_other_rows=other_rows)
 
@@ -2802,7 +2807,9 @@ def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, 
     Each candidate sits in its own row, and on a GPU a row's rounding can depend on where it sits, which
     moves each p(v) by a factor of up to exp(noise) and their sum by up to expm1(noise). The noise is
     measured in this run: each rank's first batch of candidates is scored again with every candidate in
-    another row; the tolerance adds NOISE_TOLERANCE_FACTOR x expm1(largest |delta NLL|), logged beside it."""
+    another row; the tolerance adds NOISE_TOLERANCE_FACTOR x expm1(largest |delta NLL|), logged beside it.
+    A noise above NOISE_CEILING_NATS fails the check: a model that rounds rows differently on purpose
+    could otherwise widen the tolerance until an unnormalized score passed."""
     w = min(window, tokens.size - 1)
     batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
     worst, n_windows, noise = 0.0, 0, 0.0
@@ -2826,8 +2833,43 @@ def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, 
     run_model.train()
     noise = agree_max(rt, [noise])[0]
     tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(noise)
-    return dict(normalization_ok=worst <= tolerance, normalization_max_abs_dev=worst, normalization_windows=n_windows,
+    return dict(normalization_ok=worst <= tolerance and noise <= NOISE_CEILING_NATS,
+                normalization_max_abs_dev=worst, normalization_windows=n_windows,
                 normalization_tolerance=tolerance, normalization_noise_nll=noise)
+
+
+@torch.no_grad()
+def audit_row_independence(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
+                           stride: int, tolerance: float) -> dict:
+    """C1 across the rows of a batch: the final evaluation scores consecutive windows side by side, and
+    with a stride below the window a later row holds an earlier row's future, so a forward that read
+    another row would leak it while C1's windows, scored apart, saw nothing. A batch of consecutive
+    windows from the middle of the stream is scored as the evaluator scores it; then rows 0, 1, the middle
+    one and the last are each scored again in the same row with every other row replaced by random
+    tokens. Their NLLs must not move (C1's tolerance)."""
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
+    w = min(window, tokens.size - 1)
+    starts = sliding_windows(tokens.size, window, stride)[0]
+    first = max(0, min(len(starts) // 2, len(starts) - batch))
+    picked = starts[first:first + batch]
+    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in picked]).to(rt.device)
+    x0, y0 = seqs[:, :-1], seqs[:, 1:]
+    score = functools.partial(forward_rows, rt, run_model, batch=batch)
+    run_model.eval()
+    base = score(x0, y0)
+    gen = torch.Generator().manual_seed(hp.seed + 1)
+    vocab = max(2, int(tokens.max()) + 1)
+    rows = sorted({0, min(1, len(picked) - 1), len(picked) // 2, len(picked) - 1})
+    worst = 0.0
+    for r in rows:
+        x = torch.randint(0, vocab, x0.shape, generator=gen).to(rt.device)
+        y = torch.randint(0, vocab, y0.shape, generator=gen).to(rt.device)
+        x[r], y[r] = x0[r], y0[r]
+        worst = max(worst, (score(x, y)[r] - base[r]).abs().max().item())
+    run_model.train()
+    worst = agree_max(rt, [worst])[0]
+    return dict(rows_independent_ok=worst <= tolerance, rows_independent_max_abs_dnll=worst,
+                rows_independent_batch=len(picked), rows_independent_rows=rows)
 
 
 def audit_score_before_update(evidence: ScoringEvidence, ttt_on: bool) -> dict:
@@ -3218,6 +3260,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     if hp.eval_audit:
         with stages("audit"):
             compliance.update(audit_causality(hp, rt, run_model, val_tokens, window, stride))
+            compliance.update(audit_row_independence(hp, rt, run_model, val_tokens, window, stride,
+                                                     compliance["causality_tolerance"]))
             compliance.update(audit_normalization(hp, rt, run_model, val_tokens, window, stride, hp.vocab_size))
     with stages("roundtrip_plain_eval"):
         plain = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
@@ -3270,7 +3314,6 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         wall_ms=1e3 * (time.perf_counter() - t_run), hyperparameters=hp.as_dict(), **evidence,
     )
     log.write_summary(summary)
-    log(f"summary: {log.json_path}")
 
 
 def entry_point() -> int:

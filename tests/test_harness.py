@@ -189,7 +189,8 @@ def fake_summary(run_id, seed, val_bpb, **overrides):
              quant=dict(calibration="self", calibration_end_ms=589_500.0),
              compliance=dict(causality_ok=True, normalization_ok=True, score_before_update_ok=True, one_pass_ok=True,
                              no_train_data_after_deadline=True, all_ok=True),
-             nll_dump=None, wall_time_s=700.0, hyperparameters=hp)
+             nll_dump=None, wall_time_s=700.0, hyperparameters=hp, tokenizer_sha256="ef" * 32,
+             val_shards_sha256="ab" * 32)
     s["bytes_total"] = s["bytes_model"] + s["bytes_code"]
     for key, value in overrides.items():
         if key == "hyperparameters":
@@ -200,13 +201,27 @@ def fake_summary(run_id, seed, val_bpb, **overrides):
     return s
 
 
+def summary_bytes(s):
+    """logs/<RUN_ID>.json as train_gpt.py writes it."""
+    return (json.dumps(s, indent=2, sort_keys=True) + "\n").encode()
+
+
 def log_tail(s):
-    """The lines train_gpt.py logs after the source that the harness checks the summary against."""
-    lines = [f"run_id:{s['run_id']} seed:{s['seed']}",
+    """The lines train_gpt.py logs after the source that the harness checks the summary against, ending
+    with the summary's path and sha256."""
+    lines = [f"world_size:{s['world_size']} device:{s['device']} compute_dtype:torch.float32 attention:sdpa",
+             *([f"gpu:{s['hardware']} x{s['world_size']}"] if s["device"] == "cuda" else []),
+             f"run_id:{s['run_id']} seed:{s['seed']}",
+             "hyperparameters:" + json.dumps(s["hyperparameters"], sort_keys=True),
+             f"val_stream_tokens:{s['val_tokens'] + 1} (of {s['val_split_tokens']}"
+             + (")" if s["val_full_split"] else ", partial validation)"),
+             f"data: tokenizer sha256 {s.get('tokenizer_sha256') or '0' * 64} re-encodes the first 16 validation "
+             f"documents to the same ids; 1 validation shard(s) sha256 {s.get('val_shards_sha256') or '0' * 64}",
              f"final_{s['quant_scheme']}_roundtrip_exact val_loss:{s['val_loss']:.8f} val_bpb:{s['val_bpb']:.8f}",
              f"eval_time: {s['eval_time_ms']:.0f}ms from the artifact's load to the final score (every pass counted)"]
     if s["compliance"] is not None:
         lines.append("compliance: " + json.dumps(s["compliance"], sort_keys=True))
+    lines.append(f"summary: logs/{s['run_id']}.json sha256 {hashlib.sha256(summary_bytes(s)).hexdigest()}")
     return "".join(line + "\n" for line in lines).encode()
 
 
@@ -228,7 +243,7 @@ def write_runs(root, seeds=(1, 2, 3), prefix="pg", summaries=None, code=FAKE_COD
     for i, seed in enumerate(seeds):
         run_id = f"{prefix}_seed{seed}" if f"{prefix}_seed{seed}" not in ids else f"{prefix}_seed{seed}_{i}"
         s = (summaries or {}).get(i) or fake_summary(run_id, seed, BPBS.get(seed, 1.05), **overrides)
-        (root / "logs" / f"{run_id}.json").write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
+        (root / "logs" / f"{run_id}.json").write_bytes(summary_bytes(s))
         (root / "logs" / f"{run_id}.txt").write_bytes(code + harness.LOG_SOURCE_END.encode() + log_tail(s))
         (root / s["artifact_path"]).write_bytes(fake_artifact(s["run_id"], s["bytes_model"]))
         ids.append(run_id)
@@ -239,12 +254,19 @@ def write_runs(root, seeds=(1, 2, 3), prefix="pg", summaries=None, code=FAKE_COD
     return ids
 
 
-def edit_summary(root, run_id, **changes):
-    """Change fields of logs/<run_id>.json after its log was written (what a hand edit does)."""
+def edit_summary(root, run_id, as_run=False, **changes):
+    """Change fields of logs/<run_id>.json after its log was written (what a hand edit does); with as_run,
+    the log's last line vouches for the new summary, as if the run had written these values."""
     path = root / "logs" / f"{run_id}.json"
     s = json.loads(path.read_text())
     s.update(changes)
-    path.write_text(json.dumps(s, indent=2, sort_keys=True) + "\n")
+    path.write_bytes(summary_bytes(s))
+    if as_run:
+        log = root / "logs" / f"{run_id}.txt"
+        text = log.read_bytes()
+        head = text[:text.rstrip(b"\n").rfind(b"\n") + 1]
+        log.write_bytes(head + f"summary: logs/{run_id}.json sha256 {hashlib.sha256(summary_bytes(s)).hexdigest()}\n"
+                        .encode())
 
 
 @pytest.fixture
@@ -394,7 +416,7 @@ def test_the_artifact_is_measured_not_trusted(entry):
     (entry / "artifacts" / "pg_seed1.pgolf.xz").write_bytes(fake_artifact("pg_seed1", big))
     assert submit(*ids, "--record-dir", "rec") == 1
     honest = write_runs(entry, seeds=(2,), prefix="ok", hyperparameters={"ITERATIONS": 20001})   # another sweep
-    assert submit(*honest, "--record-dir", "rec2") == 0
+    assert submit(*honest, "--record-dir", "rec2", "--exclude", "pg_seed1=refused: its artifact is over the cap") == 0
 
 
 def test_every_reason_is_reported_at_once(entry, capsys):
@@ -437,8 +459,11 @@ def test_8xh100_runs_go_to_records_and_update_the_top_level_submission(entry):
     worse = write_runs(entry, prefix="pg2", summaries={i: fake_summary(f"pg2_seed{s}", s, 1.2, **H100,
                                                                        hyperparameters={"ITERATIONS": 9})
                                                        for i, s in enumerate((1, 2, 3))})
-    assert submit(*worse, "--date", "2026-04-02") == 0
-    assert (entry / "records" / "track_non_record_16mb" / "2026-04-02_baseline_9x512_int8_lzma").is_dir()
+    assert submit(*worse, "--date", "2026-04-02") == 1         # the first sweep's runs are of the same code
+    assert submit(*worse, "--date", "2026-04-02", *[f"--exclude={i}=the record before" for i in ids]) == 0
+    nonrec = entry / "records" / "track_non_record_16mb" / "2026-04-02_baseline_9x512_int8_lzma"
+    assert json.loads((nonrec / "submission.json").read_text())["excluded_runs"] == {i: "the record before" for i in ids}
+    assert "left out by the submitter with these reasons: `pg_seed1`: the record before" in (nonrec / "README.md").read_text()
     assert json.loads((entry / "submission.json").read_text()) == sub
 
 
@@ -557,6 +582,15 @@ NON_RECORD_DIR = Path("records") / "track_non_record_16mb"
 OFFICIAL_TOKENIZERS = Path("/work/shared/tokenizers")
 
 
+def test_a_summary_without_the_data_pair_is_refused(entry, capsys):
+    """A summary from before the data contract (no tokenizer sha256): its log vouches for no data pair."""
+    ids = write_runs(entry, **dict(H100, tokenizer_sha256=None))
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    assert "its log's data line" in capsys.readouterr().err
+    assert harness.known_data_pair([harness.SeedRun("x", dict(fake_summary("x", 1, 1.0), tokenizer_sha256=None),
+                                                    b"", b"")])[0] is None
+
+
 @pytest.mark.parametrize("data, known", [
     (dict(tokenizer_sha256=SP1024_SHA), "sp1024 fineweb_1024_bpe.model"),
     (dict(tokenizer_sha256=SP8192_SHA, val_split_tokens=SP8192_SPLIT, val_tokens=SP8192_SPLIT - 1), "sp8192 "
@@ -564,7 +598,6 @@ OFFICIAL_TOKENIZERS = Path("/work/shared/tokenizers")
     (dict(tokenizer_sha256=SP8192_SHA), None),                            # sp8192's tokenizer, sp1024's split
     (dict(tokenizer_sha256=CASEOPS_SHA), None),                           # CaseOps: not known yet
     (dict(tokenizer_sha256=hashlib.sha256(b"demo").hexdigest()), None),   # the demo tokenizer
-    (dict(tokenizer_sha256=None), None),                                  # a summary from before the contract
 ])
 def test_only_a_known_fineweb_data_pair_makes_a_record(entry, capsys, data, known):
     """Item 1: 8xH100, whole split, 3 significant seeds: a record only on a known tokenizer + split pair."""
@@ -682,20 +715,32 @@ def test_a_seed_left_out_of_the_sweep_is_named(entry, capsys):
     assert not (entry / "records").exists()
 
 
-def test_a_run_of_the_same_code_and_settings_outside_the_sweep_is_named(entry, capsys):
-    """Item 4: the manifest rewritten to three seeds: the fourth run's log still names it."""
+def test_a_run_of_the_same_code_outside_the_sweep_is_named(entry, capsys):
+    """Item 4: the manifest rewritten to three seeds: the fourth run's log still names it. And the review's
+    sweep shopping: its settings changed in a knob that changes nothing (TRAIN_LOG_EVERY), it is still a run
+    of the same code; its summary edited into a re-score is read from its log. Only --exclude with a
+    reason, written into the submission, lets it stay out."""
     ids = write_runs(entry, seeds=(1, 2, 3, 4), **H100)
     path = entry / "logs" / "pg.sweep.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), seeds=["1", "2", "3"], run_ids=ids[:3])))
     assert submit(*ids[:3], "--date", "2026-04-01") == 1
-    err = capsys.readouterr().err
-    assert "logs/pg_seed4.txt ran the same train_gpt.py and settings but is not in sweep logs/pg.sweep.json" in err
-    (entry / "logs" / "pg_seed4.json").unlink()          # its summary gone: the log's hyperparameters line is read
-    (entry / "logs" / "pg_seed4.txt").write_bytes(FAKE_CODE + harness.LOG_SOURCE_END.encode() + b"hyperparameters:"
-                                                  + json.dumps(fake_summary("pg_seed4", 4, 1.0)["hyperparameters"])
-                                                  .encode() + b"\n")
+    reason = "logs/pg_seed4.txt is a run of the same train_gpt.py that is not in sweep logs/pg.sweep.json"
+    assert reason in capsys.readouterr().err
+    other = fake_summary("pg_seed4", 4, 1.0, **H100, hyperparameters={"TRAIN_LOG_EVERY": 7})
+    (entry / "logs" / "pg_seed4.txt").write_bytes(FAKE_CODE + harness.LOG_SOURCE_END.encode() + log_tail(other))
+    edit_summary(entry, "pg_seed4", hyperparameters=dict(other["hyperparameters"], EVAL_ONLY="x.pgolf.xz"))
     assert submit(*ids[:3], "--date", "2026-04-01") == 1
-    assert "logs/pg_seed4.txt ran the same train_gpt.py and settings" in capsys.readouterr().err
+    assert reason in capsys.readouterr().err
+    assert submit(*ids[:3], "--date", "2026-04-01", "--exclude", "pg_seed4=a smoke test", "--dry-run") == 0
+    assert submit(*ids[:3], "--exclude", "pg_seed1=one of them", "--dry-run") == 1
+    assert "--exclude pg_seed1: it is a run of sweep logs/pg.sweep.json" in capsys.readouterr().err
+
+
+def test_a_rescore_of_the_same_code_is_not_a_run_of_a_sweep(entry):
+    ids = write_runs(entry, **H100)
+    rescore = fake_summary("rescore", 9, 1.0, **H100, hyperparameters={"EVAL_ONLY": "artifacts/pg_seed1.pgolf.xz"})
+    (entry / "logs" / "rescore.txt").write_bytes(FAKE_CODE + harness.LOG_SOURCE_END.encode() + log_tail(rescore))
+    assert submit(*ids, "--dry-run") == 0
 
 
 def test_a_crashed_seed_is_reported(entry, capsys):
@@ -757,11 +802,67 @@ EDITS = {
 def test_an_edited_summary_is_refused(entry, capsys, reason):
     """Item 6: the summary's headline, audit and eval time against its log, its per-rank sha256 against the artifact."""
     ids = write_runs(entry, **H100)
-    edit_summary(entry, ids[0], **EDITS[reason])
+    edit_summary(entry, ids[0], as_run=True, **EDITS[reason])    # even with a log that vouches for the edit
     assert submit(*ids, "--date", "2026-04-01") == 1
     err = capsys.readouterr().err
     assert f"seed 1 (pg_seed1)" in err and reason in err, err
     assert not (entry / "records").exists()
+
+
+def test_a_summary_edited_after_its_run_is_refused(entry, capsys):
+    """The log's last line holds the summary's sha256: an edit of a field the log prints nowhere (the byte
+    count that sets the significance margin) no longer matches it."""
+    ids = write_runs(entry, **H100)
+    edit_summary(entry, ids[1], val_bytes=H100["val_bytes"] // 2)
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    assert "seed 2 (pg_seed2): its log vouches for a summary with sha256" in capsys.readouterr().err
+    assert not (entry / "records").exists()
+
+
+def test_lines_appended_to_a_log_are_refused(entry, capsys):
+    """The review's probe: forged headline, eval_time, compliance and summary lines appended to each log,
+    for summaries edited 0.2 bpb lower. The check read the last line of each kind; now each must be one."""
+    ids = write_runs(entry, **H100)
+    for run_id in ids:
+        s = json.loads((entry / "logs" / f"{run_id}.json").read_text())
+        s["val_bpb"] -= 0.2
+        s["val_loss"] = s["val_bpb"] * math.log(2) * s["val_bytes"] / s["val_tokens"]
+        (entry / "logs" / f"{run_id}.json").write_bytes(summary_bytes(s))
+        forged = log_tail(s).decode().splitlines()
+        with open(entry / "logs" / f"{run_id}.txt", "a") as f:
+            f.write("".join(line + "\n" for line in forged if line.startswith(("final_", "eval_time", "compliance",
+                                                                               "summary"))))
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    err = capsys.readouterr().err
+    assert "its log has 2 final_<scheme>_roundtrip_exact lines, not one" in err
+    assert "its log has 2 'summary: <path> sha256 <hex>' lines, not one" in err
+    assert not (entry / "records").exists()
+
+
+@pytest.mark.parametrize("reason, log_as", [
+    ("its log scored", dict(val_tokens=999_999, val_full_split=False)),                # partial validation disguised
+    ("its log ran 2 process(es) on cpu; the summary says 8 on cuda", dict(device="cpu", world_size=2)),
+    ("its log ran on NVIDIA H100 PCIe; the summary says NVIDIA H100 80GB HBM3", dict(hardware="NVIDIA H100 PCIe")),
+    ("its log's data line", dict(tokenizer_sha256="ef" * 32)),                         # another tokenizer in the log
+])
+def test_a_summary_that_its_log_contradicts_is_refused(entry, capsys, reason, log_as):
+    """The review's probes: a run whose log says partial validation, a CPU run, a PCIe card or another
+    tokenizer, with a summary (vouched for by the log's last line) that says the whole split on 8xH100 SXM
+    with the official sp1024 tokenizer."""
+    ids = write_runs(entry, **dict(H100, **log_as))
+    says = dict(H100, val_full_split=True, roundtrip_sha256_per_rank=None)
+    for run_id in ids:
+        sha = json.loads((entry / "logs" / f"{run_id}.json").read_text())["artifact_sha256"]
+        edit_summary(entry, run_id, as_run=True, **dict(says, roundtrip_sha256_per_rank=[sha] * 8))
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    assert reason in capsys.readouterr().err
+    assert not (entry / "records").exists()
+
+
+def test_pcie_and_nvl_cards_are_not_the_track(entry):
+    assert harness.on_track_hardware(dict(H100, hardware="NVIDIA H100 80GB HBM3"))
+    for card in ("NVIDIA H100 PCIe", "NVIDIA H100 NVL"):
+        assert not harness.on_track_hardware(dict(H100, hardware=card))
 
 
 @pytest.mark.parametrize("missing", harness.COMPLIANCE_CHECKS[:-1])
@@ -793,11 +894,51 @@ def test_a_symlink_into_records_is_seen_through(entry, capsys):
     assert list((entry / RECORD_DIR).iterdir()) == []
 
 
+def test_records_itself_a_symlink_is_seen_through(entry, capsys, tmp_path_factory):
+    """The review's probe E: records/ a link to a folder elsewhere, RECORD_DIR into it by the link's target:
+    a partial-validation practice record was written into track_10min_16mb/."""
+    ids = write_runs(entry, **dict(H100, val_full_split=False, val_tokens=99_999))
+    target = tmp_path_factory.mktemp("real_records")
+    (target / "track_10min_16mb").mkdir()
+    os.symlink(target, entry / "records")
+    assert submit(*ids, "--record-dir", str(target / "track_10min_16mb" / "x")) == 1
+    assert "where a practice record may not go" in capsys.readouterr().err
+    assert list((target / "track_10min_16mb").iterdir()) == []
+
+
+def test_a_copy_of_the_code_elsewhere_does_not_move_records(entry, capsys, tmp_path_factory):
+    """The review's probe D: --code pointing at a copy outside the repository moved the anchor with it, and
+    a 1xH100 practice record was written into the repository's records/track_10min_16mb/."""
+    ids = write_runs(entry, **dict(H100, world_size=1, roundtrip_sha256_per_rank=None))
+    for i in ids:
+        sha = json.loads((entry / "logs" / f"{i}.json").read_text())["artifact_sha256"]
+        edit_summary(entry, i, as_run=True, roundtrip_sha256_per_rank=[sha])
+    elsewhere = tmp_path_factory.mktemp("copy")
+    (elsewhere / "train_gpt.py").write_bytes(FAKE_CODE)
+    assert submit(*ids, "--code", str(elsewhere / "train_gpt.py"), "--record-dir", str(entry / RECORD_DIR / "x")) == 1
+    assert "where a practice record may not go" in capsys.readouterr().err
+    assert not (entry / "records").exists()
+
+
+def test_a_weaker_reference_cannot_make_a_record(entry, capsys):
+    """The review's probe 3: seeds ~0.02 bpb worse than the current best were written as a record, and made
+    top level, with REFERENCE_BPB set to a weaker reference. A reference may only raise the bar."""
+    ids = write_runs(entry, **H100)      # ~1.051 bpb against the default ~1.061: a record
+    assert submit(*ids, "--dry-run") == 0 and "(a record)" in capsys.readouterr().out
+    before = (entry / "submission.json").read_bytes()
+    assert submit(*ids, "--reference-bpb", "1.2 1.21 1.22", "--date", "2026-04-01") == 0
+    sub = json.loads((entry / NON_RECORD_DIR / "2026-04-01_baseline_9x512_int8_lzma" / "submission.json").read_text())
+    assert sub["kind"] == "non-record" and "REFERENCE_BPB may only raise the bar" in sub["not_a_record_because"][0]
+    assert (entry / "submission.json").read_bytes() == before
+    assert submit(*ids, "--reference-bpb", "1.05 1.051 1.052", "--dry-run") == 0     # a stricter one may
+    assert "(a non-record)" in capsys.readouterr().out                                 # (and this one is not beaten)
+
+
 def test_records_is_anchored_to_the_code_not_the_working_directory(entry, capsys, monkeypatch):
     """Item 7: run from elsewhere, --record-dir into the repository's records/ is still records/."""
     ids = write_runs(entry, **dict(H100, world_size=1))
     for i in ids:
-        edit_summary(entry, i, artifact_path=str(entry / "artifacts" / f"{i}.pgolf.xz"))
+        edit_summary(entry, i, as_run=True, artifact_path=str(entry / "artifacts" / f"{i}.pgolf.xz"))
     elsewhere = entry / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)

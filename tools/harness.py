@@ -613,34 +613,77 @@ def check_run(run: SeedRun) -> list[str]:
 _HEADLINE = re.compile(r"^final_\S+_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", re.M)
 _COMPLIANCE_LINE = re.compile(r"^compliance: (.*)$", re.M)
 _EVAL_TIME_LINE = re.compile(r"^eval_time: (\d+)ms", re.M)
+_SUMMARY_LINE = re.compile(r"^summary: (.*) sha256 ([0-9a-f]{64})$", re.M)
+_VAL_STREAM_LINE = re.compile(r"^val_stream_tokens:(\d+) \(of (\d+)(, partial validation)?\)$", re.M)
+_DATA_LINE = re.compile(r"^data: tokenizer sha256 ([0-9a-f]{64}) .* validation shard\(s\) sha256 ([0-9a-f]{64})$", re.M)
+_RUNTIME_LINE = re.compile(r"^world_size:(\d+) device:(\S+) ", re.M)
+_GPU_LINE = re.compile(r"^gpu:(.*) x(\d+)$", re.M)
 
 
 def check_log(run: SeedRun) -> list[str]:
-    """The summary against the lines its run logged after the source (the last of each kind): the
-    headline `final_<scheme>_roundtrip_exact val_loss:%.8f val_bpb:%.8f` must print the summary's
-    val_loss and val_bpb, `compliance: {json}` must equal its compliance dict, and `eval_time: <N>ms`
-    its eval_time_ms to 1 ms. Output: the reasons they disagree (empty: they agree)."""
+    """The summary against the lines its run logged after the source. Each of these lines appears
+    exactly once (an appended copy is refused, not read): the last, `summary: <path> sha256 <hex>`, must
+    name the summary's own sha256 (an edited summary no longer matches the log that vouches for it); the
+    headline `final_<scheme>_roundtrip_exact val_loss:%.8f val_bpb:%.8f` must print the summary's val_loss
+    and val_bpb; `compliance: {json}` must equal its compliance dict; `eval_time: <N>ms` its eval_time_ms
+    to 1 ms; `val_stream_tokens:N (of M[, partial validation])` its val_tokens + 1, val_split_tokens and
+    val_full_split; `data: tokenizer sha256 ...` its tokenizer_sha256 and val_shards_sha256; the runtime
+    line its world_size and device, and on CUDA the `gpu:` line its hardware. Someone who rewrites both
+    files consistently is not stopped here: the artifact, the data and the code are checked elsewhere.
+    Output: the reasons they disagree (empty: they agree)."""
     s, who, reasons = run.summary, run.label, []
     text = run.txt_bytes.decode("utf-8", errors="replace")
     end = text.find("\n" + LOG_SOURCE_END)
     text = text[end + 1 + len(LOG_SOURCE_END):] if end >= 0 else text
-    headlines, lines, times = (rx.findall(text) for rx in (_HEADLINE, _COMPLIANCE_LINE, _EVAL_TIME_LINE))
+
+    def one(rx: re.Pattern, what: str):
+        found = rx.findall(text)
+        if len(found) != 1:
+            reasons.append(f"{who}: its log has {len(found)} {what} lines, not one")
+            return None
+        return found[0]
+
+    summary_line = one(_SUMMARY_LINE, "'summary: <path> sha256 <hex>'")
+    if summary_line is not None:
+        digest = hashlib.sha256(run.json_bytes).hexdigest()
+        if summary_line[1] != digest:
+            reasons.append(f"{who}: its log vouches for a summary with sha256 {summary_line[1]}; its summary has {digest}")
+        if not text.rstrip("\n").endswith(f"summary: {summary_line[0]} sha256 {summary_line[1]}"):
+            reasons.append(f"{who}: its log goes on after the summary line")
+    headline = one(_HEADLINE, "final_<scheme>_roundtrip_exact")
     printed = (format(s["val_loss"], ".8f"), format(s["val_bpb"], ".8f"))
-    if not headlines:
-        reasons.append(f"{who}: its log has no final_<scheme>_roundtrip_exact line: the headline cannot be checked")
-    elif headlines[-1] != printed:
-        reasons.append(f"{who}: its log's headline says val_loss:{headlines[-1][0]} val_bpb:{headlines[-1][1]}; "
+    if headline is not None and headline != printed:
+        reasons.append(f"{who}: its log's headline says val_loss:{headline[0]} val_bpb:{headline[1]}; "
                        f"the summary says {printed[0]} / {printed[1]}")
+    line = one(_COMPLIANCE_LINE, "compliance")
     try:
-        logged = json.loads(lines[-1]) if lines else None
+        logged = json.loads(line) if line is not None else None
     except ValueError:
         logged = None
-    if logged != s["compliance"]:
-        reasons.append(f"{who}: its log's compliance line ({'absent' if not lines else lines[-1][:200]}) is not the "
-                       "summary's compliance dict")
-    if not times or abs(int(times[-1]) - s["eval_time_ms"]) > 1:
-        reasons.append(f"{who}: its log's eval_time ({times[-1] + ' ms' if times else 'absent'}) is not the summary's "
-                       f"eval_time_ms {s['eval_time_ms']:.0f}")
+    if line is not None and logged != s["compliance"]:
+        reasons.append(f"{who}: its log's compliance line ({line[:200]}) is not the summary's compliance dict")
+    eval_time = one(_EVAL_TIME_LINE, "eval_time")
+    if eval_time is not None and abs(int(eval_time) - s["eval_time_ms"]) > 1:
+        reasons.append(f"{who}: its log's eval_time ({eval_time} ms) is not the summary's eval_time_ms "
+                       f"{s['eval_time_ms']:.0f}")
+    stream = one(_VAL_STREAM_LINE, "val_stream_tokens")
+    if stream is not None and (int(stream[0]) != s["val_tokens"] + 1 or int(stream[1]) != s["val_split_tokens"]
+                               or (not stream[2]) != (s["val_full_split"] is True)):
+        reasons.append(f"{who}: its log scored {stream[0]} of {stream[1]} validation tokens{stream[2]}; the summary "
+                       f"says val_tokens {s['val_tokens']} (+1), val_split_tokens {s['val_split_tokens']}, "
+                       f"val_full_split {s['val_full_split']}")
+    data = one(_DATA_LINE, "data")
+    if data is not None and data != (s.get("tokenizer_sha256"), s.get("val_shards_sha256")):
+        reasons.append(f"{who}: its log's data line (tokenizer {data[0]}, validation shards {data[1]}) is not the "
+                       "summary's tokenizer_sha256 / val_shards_sha256")
+    runtime = one(_RUNTIME_LINE, "world_size/device")
+    if runtime is not None and runtime != (str(s["world_size"]), s["device"]):
+        reasons.append(f"{who}: its log ran {runtime[0]} process(es) on {runtime[1]}; the summary says "
+                       f"{s['world_size']} on {s['device']}")
+    if s["device"] == "cuda":
+        gpu = one(_GPU_LINE, "gpu")
+        if gpu is not None and gpu[0] != s["hardware"]:
+            reasons.append(f"{who}: its log ran on {gpu[0]}; the summary says {s['hardware']}")
     return reasons
 
 
@@ -732,8 +775,11 @@ def known_data_pair(runs: Sequence[SeedRun]) -> tuple[str | None, str]:
 
 
 def on_track_hardware(summary: dict) -> bool:
-    """True for a run on the track's machine: CUDA, 8 processes, H100 GPUs (as the run recorded)."""
-    return summary["device"] == "cuda" and summary["world_size"] == 8 and "H100" in str(summary["hardware"])
+    """True for a run on the track's machine: CUDA, 8 processes, H100 SXM GPUs (as the run recorded; the
+    PCIe and NVL cards also carry 'H100' in their names, e.g. 'NVIDIA H100 PCIe')."""
+    name = str(summary["hardware"])
+    return (summary["device"] == "cuda" and summary["world_size"] == 8 and "H100" in name
+            and not any(other in name for other in ("PCIe", "NVL")))
 
 
 def classify(runs: Sequence[SeedRun], stats: dict, practice: bool = False) -> tuple[str, list[str]]:
@@ -758,6 +804,9 @@ def classify(runs: Sequence[SeedRun], stats: dict, practice: bool = False) -> tu
         return PRACTICE, unmet
     if len(runs) < MIN_RECORD_SEEDS:
         unmet.append(f"{len(runs)} seed(s): a record needs at least {MIN_RECORD_SEEDS}")
+    if stats["reference_mean"] > float(np.mean(DEFAULT_REFERENCE_BPB)):
+        unmet.append(f"the reference (mean {stats['reference_mean']:.5f} bpb) is weaker than the current best "
+                     f"(mean {float(np.mean(DEFAULT_REFERENCE_BPB)):.5f}): REFERENCE_BPB may only raise the bar")
     if stats["p_value"] is None:
         unmet.append("no significance test (it needs at least 2 seeds on each side with some spread)")
     elif not stats["p_value"] < P_THRESHOLD:
@@ -901,11 +950,30 @@ def read_sweep(path: Path, run_ids: Sequence[str]) -> tuple[dict | None, list[st
     return manifest, listed, reasons
 
 
-def check_sweep(manifest: dict, path: Path, runs: Sequence[SeedRun], code: bytes | None, log_dir: str | os.PathLike
-                ) -> list[str]:
-    """The runs against their sweep: the manifest's code and seeds, and no other run in `log_dir` of the same
-    code and settings (apart from the per-run ones) left out of it. Output: the reasons (empty: none)."""
-    reasons = []
+def check_record_dir(record_dir: Path, kind: str, unmet: Sequence[str], repo: Path) -> list[str]:
+    """Where the runs may go: a record only into <repo>/records/track_10min_16mb/, a non-record only into
+    <repo>/records/track_non_record_16mb/, a practice record under no records/ at all. Real paths on both
+    sides (a symlinked folder, or records/ itself a link, is seen through), and any `records/track_*`
+    folder on the resolved path counts, whatever repository the code was copied from."""
+    real = Path(os.path.realpath(record_dir))
+    allowed = {RECORD: RECORD_TRACK_DIR, NON_RECORD: NON_RECORD_TRACK_DIR}
+    home = Path(os.path.realpath(repo / allowed[kind])) if kind in allowed else None
+    tracks = [part for above, part in zip(real.parts, real.parts[1:]) if above == RECORDS and part.startswith("track_")]
+    inside = real.is_relative_to(Path(os.path.realpath(repo / RECORDS))) or tracks
+    if not inside or (home is not None and real.is_relative_to(home) and tracks == [allowed[kind].name]):
+        return []
+    return [f"{record_dir} is under records/ ({real}), where a {kind} may not go"
+            + (f" (its folder is {home})" if home is not None else "") + (": " + "; ".join(unmet) if unmet else "")]
+
+
+def check_sweep(manifest: dict, path: Path, runs: Sequence[SeedRun], code: bytes | None, log_dir: str | os.PathLike,
+                excluded: dict[str, str] | None = None) -> list[str]:
+    """The runs against their sweep: the manifest's code and seeds, and no training run of the same code in
+    `log_dir` left out of it, whatever its settings (two sweeps that differ in a setting that changes
+    nothing would otherwise be two draws to choose from), unless `excluded` names it with a reason (written
+    into the submission). A run's settings are read from its log, which a summary edit does not change;
+    re-scores (EVAL_ONLY) train nothing and are not runs of a sweep. Output: the reasons (empty: none)."""
+    reasons, excluded = [], excluded or {}
     if code is not None and manifest.get("code_sha256") != hashlib.sha256(code).hexdigest():
         reasons.append(f"sweep {path} ran code with sha256 {manifest.get('code_sha256')}, not the train_gpt.py "
                        "the record would hold")
@@ -913,35 +981,28 @@ def check_sweep(manifest: dict, path: Path, runs: Sequence[SeedRun], code: bytes
     for run in runs:
         if str(seeds.get(run.run_id)) != str(run.seed):
             reasons.append(f"{run.label}: sweep {path} launched {run.run_id} with seed {seeds.get(run.run_id)}")
+    ids = {run.run_id for run in runs}
+    for run_id in sorted(set(excluded) & ids):
+        reasons.append(f"--exclude {run_id}: it is a run of sweep {path}, which is submitted whole")
     if code is None or not runs:
         return reasons
-    shared = lambda hp: {k: v for k, v in hp.items() if k not in PER_RUN_SETTINGS}  # noqa: E731
-    ours, ids = shared(runs[0].hp), {run.run_id for run in runs}
     source_end = code + LOG_SOURCE_END.encode()
     for txt in sorted(Path(log_dir).glob("*.txt")):
-        if txt.stem in ids:
+        if txt.stem in ids or txt.stem in excluded:
             continue
         with open(txt, "rb") as f:
             if f.read(len(source_end)) != source_end:
                 continue
-        hp = other_run_settings(txt)
-        if hp is not None and (hp.get("EVAL_ONLY") or shared(hp) != ours):
-            continue                                    # a re-score, or another configuration
-        reasons.append(f"{txt} ran the same train_gpt.py and "
-                       + ("settings" if hp is not None else "unknown settings (no summary, no hyperparameters line)")
-                       + f" but is not in sweep {path}: seeds are never picked (move unrelated runs out of {log_dir})")
+        hp = logged_settings(txt)
+        if hp is not None and hp.get("EVAL_ONLY"):
+            continue                                    # a re-score: it trained nothing
+        reasons.append(f"{txt} is a run of the same train_gpt.py that is not in sweep {path}: seeds are never picked; "
+                       f"name it with --exclude {txt.stem}=REASON (the submission lists it) or move it out of {log_dir}")
     return reasons
 
 
-def other_run_settings(txt: Path) -> dict | None:
-    """Another run's resolved settings: from its summary next to its log, else its log's `hyperparameters:`
-    line; None when neither can be read."""
-    try:
-        hp = json.loads(txt.with_suffix(".json").read_text())["hyperparameters"]
-        if isinstance(hp, dict):
-            return hp
-    except (OSError, ValueError, KeyError, TypeError):
-        pass
+def logged_settings(txt: Path) -> dict | None:
+    """A run's resolved settings from its log's `hyperparameters:` line; None when it has none."""
     match = re.search(r"^hyperparameters:(\{.*\})$", txt.read_text(errors="replace"), re.M)
     try:
         return json.loads(match.group(1)) if match else None
@@ -1115,6 +1176,9 @@ def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: P
                  "not a known FineWeb pair."), "",
               f"Sweep `{sub['sweep']['prefix']}`: seeds {', '.join(map(str, sub['sweep']['seeds']))}, every one of "
               "them below (its manifest is in this folder).", ""]
+    if sub.get("excluded_runs"):
+        lines += ["Other runs of the same code, left out by the submitter with these reasons: " + "; ".join(
+            f"`{run_id}`: {why}" for run_id, why in sub["excluded_runs"].items()) + ".", ""]
     if not sub["val_full_split"]:
         lines += [f"**Partial validation.** The runs scored only the first {s['val_tokens'] + 1:,} of the validation "
                   f"split's {s['val_split_tokens']:,} tokens (`VAL_MAX_TOKENS`): not a score on the challenge's "
@@ -1272,8 +1336,8 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
            requirements_path: str | os.PathLike = "requirements.txt", record_dir: str | os.PathLike | None = None,
            reference: Sequence[float] = DEFAULT_REFERENCE_BPB, name: str | None = None, author: str | None = None,
            github_id: str | None = None, date: str | None = None, top_level: str | os.PathLike = "submission.json",
-           sweep: str | os.PathLike | None = None, practice: bool = False, dry_run: bool = False
-           ) -> tuple[int, dict | None]:
+           sweep: str | os.PathLike | None = None, practice: bool = False, exclude: dict[str, str] | None = None,
+           dry_run: bool = False) -> tuple[int, dict | None]:
     """Check, summarize and assemble one sweep's runs into a record folder (paths relative to the
     directory the runs ran in). Output: (exit status, submission dict or None).
 
@@ -1297,7 +1361,7 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
         return 1, None
     code_path, requirements_path = Path(code_path), Path(requirements_path)
     code = code_path.read_bytes() if code_path.is_file() else None
-    reasons = check_runs(runs, code, str(code_path)) + check_sweep(manifest, sweep_path, runs, code, log_dir)
+    reasons = check_runs(runs, code, str(code_path)) + check_sweep(manifest, sweep_path, runs, code, log_dir, exclude)
     if not requirements_path.is_file():
         reasons.append(f"{requirements_path} is missing: the record needs it")
     numbers_ok = all(_number(r.summary[k]) for r in runs for k in ("val_bpb", "val_loss", "val_tokens", "val_bytes"))
@@ -1317,17 +1381,14 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
     record_dir = Path(record_dir)
     if os.path.lexists(record_dir):
         reasons.append(f"{record_dir} already exists: a record is never overwritten (set RECORD_DIR elsewhere)")
-    real, allowed = Path(os.path.realpath(record_dir)), {RECORD: RECORD_TRACK_DIR, NON_RECORD: NON_RECORD_TRACK_DIR}
-    if real.is_relative_to(repo / RECORDS) and not (kind in allowed and real.is_relative_to(repo / allowed[kind])):
-        reasons.append(f"{record_dir} is under records/ ({real}), where a {kind} may not go"
-                       + (f" (its folder is {repo / allowed[kind]})" if kind in allowed else "") + ": "
-                       + "; ".join(unmet))
+    reasons += check_record_dir(record_dir, kind, unmet, repo)
     if reasons:
         for reason in reasons:
             print(f"submit: refusing to assemble: {reason}", file=sys.stderr)
         return 1, None
     sub = build_submission(runs, stats, kind=kind, unmet=unmet, sweep=manifest, name=name, author=author,
                            github_id=github_id, date=date)
+    sub["excluded_runs"] = dict(sorted((exclude or {}).items()))
     if dry_run:
         print(f"submit: dry run: would write {record_dir} (a {kind})")
         return 0, sub
@@ -1415,6 +1476,13 @@ def _reference_values(text: str) -> tuple[float, ...]:
     return values
 
 
+def _exclusion(text: str) -> tuple[str, str]:
+    run_id, _, why = text.partition("=")
+    if not run_id.strip() or not why.strip():
+        raise argparse.ArgumentTypeError(f"must be RUN_ID=REASON, got {text!r}")
+    return run_id.strip(), why.strip()
+
+
 def _iso_date(text: str) -> str:
     try:
         return _dt.date.fromisoformat(text).isoformat()
@@ -1427,7 +1495,7 @@ def _run_submit(args: argparse.Namespace) -> int:
     status, _ = submit(args.run_ids, log_dir=args.logs, code_path=args.code, requirements_path=args.requirements,
                        record_dir=args.record_dir, reference=args.reference_bpb, name=args.name, author=args.author,
                        github_id=args.github_id, date=args.date, top_level=args.top_level, sweep=args.sweep,
-                       practice=args.practice, dry_run=args.dry_run)
+                       practice=args.practice, exclude=dict(args.exclude), dry_run=args.dry_run)
     return status
 
 
@@ -1473,6 +1541,9 @@ def _add_submit_command(subparsers: argparse._SubParsersAction) -> None:
                    help="the sweep manifest (default <logs>/<prefix of the RUN_IDs>.sweep.json); every run it lists "
                    "is submitted")
     p.add_argument("--practice", action="store_true", help="a practice record whatever the runs (run_8xh100.sh's demo)")
+    p.add_argument("--exclude", type=_exclusion, action="append", default=[], metavar="RUN_ID=REASON",
+                   help="another run of the same code in --logs that is not part of the sweep, and why; written into "
+                   "submission.json and the README (repeatable)")
     p.add_argument("--logs", default="logs", help="folder of the runs' logs (default logs)")
     p.add_argument("--code", default="train_gpt.py", help="the script to copy; must be the one the logs recorded")
     p.add_argument("--requirements", default="requirements.txt", help="requirements file to copy")
