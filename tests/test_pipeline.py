@@ -34,7 +34,7 @@ REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_
                  "eval_seq_len", "eval_stride", "stage_ms", "wall_ms", "compile", "peak_memory_mib", "quant",
                  "tokenizer_sha256", "val_shards_sha256", "tokenizer_check_docs", "eval_measured_ms", "eval_compile_ms",
                  "train_flops"]
-COMPLIANCE_CHECKS = ["causality_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
+COMPLIANCE_CHECKS = ["causality_ok", "rows_independent_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
                      "no_train_data_after_deadline"]
 TTT_RUN = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
