@@ -90,6 +90,10 @@ for seed in $SEEDS; do
     echo "run_8xh100.sh: sweep logs/$run_prefix.sweep.json is incomplete: submit refuses it without seed $seed" >&2
     exit 1
   fi
+  if ! python3 tools/harness.py check "$run_id"; then   # e.g. evaluation past 600 s: every seed would be
+    echo "run_8xh100.sh: submit would refuse seed $seed (reasons above): the sweep stops before the next seed" >&2
+    exit 1
+  fi
   run_ids+=("$run_id")
 done
 echo "run_8xh100.sh: all seeds done; summaries in logs/${run_prefix}_seed*.json"

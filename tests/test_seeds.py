@@ -226,6 +226,37 @@ def test_a_failed_seed_stops_the_script_with_its_log(demo_data, tmp_path):
     assert not list((root / "logs").glob("fail_seed2*")) and not (tmp_path / "record").exists()
 
 
+FAKE_TORCHRUN = """
+import os, sys
+sys.path[:0] = [os.getcwd(), {tests!r}]
+from test_harness import fake_artifact, fake_summary, log_tail, summary_bytes
+run_id, seed = os.environ["RUN_ID"], int(os.environ["SEED"])
+code = open("train_gpt.py", "rb").read()
+s = fake_summary(run_id, seed, 1.05, compliance=None, bytes_code=len(code))     # a seed run without the audit
+s["bytes_total"] = s["bytes_model"] + len(code)
+os.makedirs("artifacts", exist_ok=True)
+open(f"logs/{{run_id}}.json", "wb").write(summary_bytes(s))
+open(f"logs/{{run_id}}.txt", "wb").write(code + b"=" * 100 + b"\\n" + log_tail(s))
+open(s["artifact_path"], "wb").write(fake_artifact(run_id, s["bytes_model"]))
+"""
+
+
+def test_a_seed_the_harness_would_refuse_stops_the_sweep(demo_data, tmp_path):
+    """A seed that finished but that submit would refuse (here: no audit; on a GPU, e.g. an evaluation past
+    600 s) stops the sweep before the next seed spends its 10 minutes."""
+    root = copy_entry(tmp_path / "entry")
+    script = tmp_path / "fake_torchrun.py"
+    script.write_text(FAKE_TORCHRUN.format(tests=str(REPO_ROOT / "tests")))
+    env = clean_env(**TINY, DATA_PATH=str(demo_data["dir"]), TOKENIZER_PATH=str(demo_data["tokenizer"]),
+                    VOCAB_SIZE=str(demo_data["vocab"]), NPROC="2", TORCHRUN=f"{sys.executable} {script}",
+                    SEEDS="1 2", RUN_ID="refused", RECORD_DIR=str(tmp_path / "record"))
+    proc = subprocess.run(["bash", "run_8xh100.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "check: seed 1 (refused_seed1) has no compliance audit" in proc.stderr
+    assert "submit would refuse seed 1 (reasons above): the sweep stops before the next seed" in proc.stderr
+    assert not list((root / "logs").glob("refused_seed2*")) and not (tmp_path / "record").exists()
+
+
 def test_an_existing_record_dir_is_refused_before_any_training(demo_data, tmp_path):
     root = copy_entry(tmp_path / "entry")
     (tmp_path / "record").mkdir()

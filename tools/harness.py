@@ -1490,6 +1490,28 @@ def _iso_date(text: str) -> str:
         raise argparse.ArgumentTypeError(f"must be a date YYYY-MM-DD, got {text!r}") from None
 
 
+def _run_check(args: argparse.Namespace) -> int:
+    """Run `check`: one finished seed against every check `submit` makes of a seed alone."""
+    runs, reasons = load_runs(args.logs, [args.run_id])
+    reasons += [reason for run in runs for reason in check_run(run)]
+    for reason in reasons:
+        print(f"check: {reason}", file=sys.stderr)
+    if not reasons:
+        print(f"check: {args.run_id} passes every check of a seed")
+    return 1 if reasons else 0
+
+
+def _add_check_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `check` subcommand (run_8xh100.sh runs it after each seed, before the next one trains)."""
+    p = subparsers.add_parser("check", help="check one finished seed as submit would, before the sweep goes on",
+                              description="Read logs/<RUN_ID>.json and .txt and run every check submit makes of a seed "
+                              "alone (artifact, byte cap, clocks, audit, summary against its log); exit 1 with the "
+                              "reasons if submit would refuse it.")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--logs", default="logs", help="folder of the runs' logs (default logs)")
+    p.set_defaults(func=_run_check)
+
+
 def _run_submit(args: argparse.Namespace) -> int:
     """Run `submit`: check, summarize, and (unless --dry-run) assemble the record."""
     status, _ = submit(args.run_ids, log_dir=args.logs, code_path=args.code, requirements_path=args.requirements,
@@ -1627,6 +1649,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo_data_command(subparsers)
     _add_submit_command(subparsers)
     _add_sweep_command(subparsers)
+    _add_check_command(subparsers)
     _add_rehearsal_report_command(subparsers)
     return parser
 
