@@ -19,13 +19,16 @@ import glob
 import hashlib
 import io
 import json
+import linecache
 import lzma
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+import tokenize
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -48,8 +51,6 @@ BOS_ID = 1                       # every document starts with BOS; no EOS
 CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed model bytes
 CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
-with open(__file__, "rb") as _src:   # the code that runs: logged, counted in bytes_code (an edit mid-run changes neither)
-    SOURCE = _src.read()
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
@@ -57,6 +58,70 @@ ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack
 
 class PipelineError(Exception):
     """A user-facing error: bad setting, bad file, budget overrun. Printed without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# THE SHIPPED CODE
+# This file is the readable source. What a record ships as train_gpt.py, and what bytes_code counts, is a
+# small self-extracting wrapper around its comment-free form (ship_code; tools/ship_code.py writes it):
+# comments removed, every line kept, so the code that runs has this file's AST and its line numbers
+# (tracebacks point at the same lines here). The compressed bytes sit in a latin-1 string literal, one
+# character per byte with five escaped, about 1.5% over the raw bytes (base85 would add 25%).
+# Shipping the code compressed: the 04-05 record (#1394, lzma + base85) and #1855 (brotli + base85).
+# -----------------------------------------------------------------------------
+
+SHIPPED_FILENAME = "<train_gpt.py without comments>"    # the shipped code's name in tracebacks
+SHIP_FILTERS = [dict(id=lzma.FILTER_LZMA2, preset=9 | lzma.PRESET_EXTREME, lc=3, lp=0, pb=0)]
+
+
+def strip_comments(source: bytes) -> bytes:
+    """`source` (UTF-8 Python) without its comments and the spaces before them; every line kept, so
+    the AST and every line number are unchanged."""
+    lines = source.decode("utf-8").split("\n")
+    for tok in tokenize.tokenize(io.BytesIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start
+            lines[row - 1] = lines[row - 1][:col].rstrip()
+    return "\n".join(lines).encode("utf-8")
+
+
+def latin1_literal(data: bytes) -> bytes:
+    """`data` as the body of a '-quoted str literal of a latin-1 source file: each byte its own character,
+    except backslash, quote, LF, CR and NUL, which a literal cannot hold raw and are escaped."""
+    for raw, escaped in ((b"\\", b"\\\\"), (b"'", b"\\'"), (b"\n", b"\\n"), (b"\r", b"\\r")):
+        data = data.replace(raw, escaped)
+    return re.sub(rb"\x00(?![0-7])", rb"\\0", data).replace(b"\x00", b"\\x00")
+
+
+def ship_code(source: bytes) -> bytes:
+    """The train_gpt.py a record ships for the readable `source`: a latin-1 file that sets READABLE_SHA256,
+    READABLE_BYTES and SHIPPED_SOURCE (the comment-free code, xz-compressed with SHIP_FILTERS) and
+    executes SHIPPED_SOURCE as itself. Deterministic: the same source gives the same bytes."""
+    packed = lzma.compress(strip_comments(source), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, filters=SHIP_FILTERS)
+    return (b"# coding: latin-1\n"
+            + b"import lzma;READABLE_SHA256='%s';READABLE_BYTES=%d\n" % (hashlib.sha256(source).hexdigest().encode(), len(source))
+            + b"SHIPPED_SOURCE=lzma.decompress('" + latin1_literal(packed) + b"'.encode('latin-1'))\n"
+            + b"exec(compile(SHIPPED_SOURCE,'%s','exec'))\n" % SHIPPED_FILENAME.encode())
+
+
+with open(__file__, "rb") as _src:     # read once at start: an edit during a run changes neither what is logged nor counted
+    _ON_DISK = _src.read()
+if "SHIPPED_SOURCE" in globals():      # run from the shipped wrapper, which set these before executing this code
+    SOURCE, SOURCE_SHA256, SOURCE_BYTES = SHIPPED_SOURCE, READABLE_SHA256, READABLE_BYTES   # noqa: F821
+    linecache.cache[SHIPPED_FILENAME] = (len(SOURCE), None, [line + "\n" for line in SOURCE.decode("utf-8").split("\n")],
+                                         SHIPPED_FILENAME)      # for tracebacks; mtime None: never re-read from disk
+else:
+    SOURCE, SOURCE_SHA256, SOURCE_BYTES = _ON_DISK, hashlib.sha256(_ON_DISK).hexdigest(), len(_ON_DISK)
+
+
+def code_shipped() -> bool:
+    return "SHIPPED_SOURCE" in globals()
+
+
+@functools.cache
+def code_bytes() -> int:
+    """bytes_code: the size of what ships, the wrapper running now or the one ship_code makes of this file."""
+    return len(_ON_DISK) if code_shipped() else len(ship_code(SOURCE))
 
 
 # -----------------------------------------------------------------------------
@@ -2349,7 +2414,7 @@ def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
     fit will need, and whether the run can fit at all. Refuses (PipelineError) when the code alone is over
     the budget, or the coarsest setting the fit can reach is predicted over it by more than the planner's
     tolerance."""
-    bytes_code = len(SOURCE)
+    bytes_code = code_bytes()
     budget = hp.artifact_budget_bytes
     if bytes_code >= budget:
         raise PipelineError(f"train_gpt.py alone is {bytes_code} bytes, over ARTIFACT_BUDGET_BYTES={budget}")
@@ -2390,7 +2455,7 @@ def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer
     precision_ladder. Every rank takes part (GPTQ is split over them); rank 0 packs and decides.
     Returns (blob, entries, spec, attempts), blob and entries on rank 0 only; raises PipelineError on
     every rank, writing nothing, when nothing fits."""
-    bytes_code = len(SOURCE)
+    bytes_code = code_bytes()
     budget, tried, best = hp.artifact_budget_bytes, [], {}
 
     def decide(entries: list[dict], spec: QuantSpec, factor: float):
@@ -2951,7 +3016,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, path: str, pla
                 f.write(blob)
         except FileExistsError:
             raise PipelineError(f"{path} already exists; choose another RUN_ID") from None
-        bytes_code = len(SOURCE)
+        bytes_code = code_bytes()
         n_params = sum(int(np.prod(e["shape"])) for e in entries)
         with stages("report"):
             groups = group_bytes(entries, hp.lzma_preset)
@@ -3148,7 +3213,7 @@ def saved_artifact_keys(hp: Hyperparameters) -> dict:
     """EVAL_ONLY: the summary's artifact keys, for the artifact given; no training keys."""
     with open(hp.eval_only, "rb") as f:
         data = f.read()
-    bytes_code = len(SOURCE)
+    bytes_code = code_bytes()
     return dict(steps=None, train_time_ms=None, step_avg_ms=None, tokens_per_s=None, stopped_early=None,
                 train_flops=None, eval_compile_ms=0.0,     # a re-score compiles inside its own evaluation time
                 train_loss=None, pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
@@ -3164,6 +3229,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     for line in environment_report(rt):
         log(line, console=False)
     log(f"run_id:{run_id} preset:{hp.preset} seed:{hp.seed}" + (f" eval_only:{hp.eval_only}" if hp.eval_only else ""))
+    log(f"code: {'shipped' if code_shipped() else 'readable'} train_gpt.py; the readable source is {SOURCE_BYTES} bytes, "
+        f"sha256 {SOURCE_SHA256}; bytes_code {code_bytes()} (its shipped form, tools/ship_code.py)")
     log("hyperparameters:" + json.dumps(hp.as_dict(), sort_keys=True), console=False)
     for w in warnings:
         log(f"warning: {w}")
@@ -3266,7 +3333,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         eval_seq_len=window, eval_stride=stride, eval_time_ms=eval_time_ms, eval_measured_ms=eval_measured_ms,
         projected_h100_eval_s=projected_eval_s, model_params=n_params, flops_per_token=fpt,
         projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU, compliance=compliance or None,
-        nll_dump=hp.nll_dump or None, stage_ms={k: round(v, 1) for k, v in stages.ms.items()},
+        nll_dump=hp.nll_dump or None, code_shipped=code_shipped(), code_readable_bytes=SOURCE_BYTES,
+        code_readable_sha256=SOURCE_SHA256, stage_ms={k: round(v, 1) for k, v in stages.ms.items()},
         wall_ms=1e3 * (time.perf_counter() - t_run), hyperparameters=hp.as_dict(), **evidence,
     )
     log.write_summary(summary)

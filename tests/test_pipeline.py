@@ -33,7 +33,7 @@ REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_
                  "train_data_last_read_ms", "train_deadline_ms", "train_data_read_after_deadline", "nll_dump",
                  "eval_seq_len", "eval_stride", "stage_ms", "wall_ms", "compile", "peak_memory_mib", "quant",
                  "tokenizer_sha256", "val_shards_sha256", "tokenizer_check_docs", "eval_measured_ms", "eval_compile_ms",
-                 "train_flops"]
+                 "train_flops", "code_shipped", "code_readable_bytes", "code_readable_sha256"]
 COMPLIANCE_CHECKS = ["causality_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
                      "no_train_data_after_deadline"]
 TTT_RUN = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
@@ -182,7 +182,10 @@ def test_both_ranks_loaded_the_same_weights(dist_run):
 def test_bytes_and_artifact(dist_run):
     cwd, _, s = dist_run
     artifact = Path(cwd) / s["artifact_path"]
-    assert s["bytes_code"] == TRAIN_GPT.stat().st_size
+    readable = TRAIN_GPT.read_bytes()
+    assert s["bytes_code"] == len(train_gpt.ship_code(readable)) <= 50_000          # what ships: the wrapper
+    assert not s["code_shipped"] and s["code_readable_bytes"] == len(readable)
+    assert s["code_readable_sha256"] == hashlib.sha256(readable).hexdigest()
     assert s["bytes_model"] == artifact.stat().st_size
     assert s["bytes_total"] == s["bytes_model"] + s["bytes_code"]
     assert s["artifact_sha256"] == hashlib.sha256(artifact.read_bytes()).hexdigest()
