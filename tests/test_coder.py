@@ -141,3 +141,51 @@ def test_column_classes_follow_the_columns_scale():
     assert cols[4] == train_gpt.CODER_COL_CLASSES - 1 and cols[1] >= cols[2] > cols[0]
     assert set(cols) <= set(range(train_gpt.CODER_COL_CLASSES)) and set(rows) <= set(range(train_gpt.CODER_ROW_CLASSES))
     assert train_gpt.coding_family("blocks.10.mlp.fc.weight") == "blocks.*.mlp.fc.weight"
+
+
+# --- function-preserving permutations (tools/codec_evidence.py) ----------------------------------------------
+
+def random_tiny_model():
+    from _helpers import tiny_hp
+    hp = tiny_hp(NUM_HEADS="4", NUM_KV_HEADS="2", ATTN_GATE="1")
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.3)
+    return hp, model.eval()
+
+
+def logits_of(model, state, ids):
+    model.load_state_dict(state)
+    with torch.no_grad():
+        return model.logits(ids)
+
+
+def test_similarity_permutations_leave_the_model_function_unchanged():
+    from tools import codec_evidence
+    hp, model = random_tiny_model()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    hessians = {k: torch.eye(v.shape[1]) + 0.1 * torch.ones(v.shape[1], v.shape[1]) for k, v in state.items() if v.ndim == 2}
+    permuted, permuted_hessians = codec_evidence.similarity_permuted(state, hessians, hp)
+    moved = [k for k in state if not torch.equal(state[k], permuted[k])]
+    assert any(".mlp.fc." in k for k in moved) and any(".mlp.proj." in k for k in moved)
+    assert any(".attn.c_q." in k for k in moved) and any("q_gain" in k for k in moved)
+    ids = torch.randint(0, hp.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(logits_of(model, permuted, ids), logits_of(model, state, ids), atol=1e-5, rtol=1e-5)
+    # the broken case: the up projection's rows moved without the down projection's columns
+    fc = next(k for k in moved if k.endswith(".mlp.fc.weight"))
+    half = dict(state, **{fc: permuted[fc]})
+    assert not torch.allclose(logits_of(model, half, ids), logits_of(model, state, ids), atol=1e-3)
+
+
+def test_head_permutations_stay_in_their_key_value_group():
+    from tools import codec_evidence
+    hp, model = random_tiny_model()
+    state = dict(model.state_dict())
+    with pytest.raises(ValueError, match="key-value group"):
+        codec_evidence.permute_heads(state, "blocks.0.attn.", np.array([2, 1, 0, 3]), 4, 2)
+    ids = torch.randint(0, hp.vocab_size, (1, 16), generator=torch.Generator().manual_seed(2))
+    swapped = dict(state)
+    codec_evidence.permute_heads(swapped, "blocks.0.attn.", np.array([1, 0, 3, 2]), 4, 2)
+    torch.testing.assert_close(logits_of(model, swapped, ids), logits_of(model, state, ids), atol=1e-5, rtol=1e-5)
