@@ -12,6 +12,7 @@ bf16 autocast, torch.compile); the few CUDA-only lines say so.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import functools
@@ -63,25 +64,39 @@ class PipelineError(Exception):
 # -----------------------------------------------------------------------------
 # THE SHIPPED CODE
 # This file is the readable source. What a record ships as train_gpt.py, and what bytes_code counts, is a
-# small self-extracting wrapper around its comment-free form (ship_code; tools/ship_code.py writes it):
-# comments removed, every line kept, so the code that runs has this file's AST and its line numbers
-# (tracebacks point at the same lines here). The compressed bytes sit in a latin-1 string literal, one
-# character per byte with five escaped, about 1.5% over the raw bytes (base85 would add 25%).
+# small self-extracting wrapper around its comment- and docstring-free form (ship_code; tools/ship_code.py
+# writes it): every line kept, so the code that runs has this file's AST less its docstrings and its line
+# numbers (tracebacks point at the same lines here); the full text would not fit in 50 kB compressed.
+# The compressed bytes sit in a latin-1 string literal, one character per byte with five escaped, about
+# 1.5% over the raw bytes (base85 would add 25%).
 # Shipping the code compressed: the 04-05 record (#1394, lzma + base85) and #1855 (brotli + base85).
 # -----------------------------------------------------------------------------
 
-SHIPPED_FILENAME = "<train_gpt.py without comments>"    # the shipped code's name in tracebacks
+SHIPPED_FILENAME = "<train_gpt.py without comments and docstrings>"    # the shipped code's name in tracebacks
 SHIP_FILTERS = [dict(id=lzma.FILTER_LZMA2, preset=9 | lzma.PRESET_EXTREME, lc=3, lp=0, pb=0)]
 
 
-def strip_comments(source: bytes) -> bytes:
-    """`source` (UTF-8 Python) without its comments and the spaces before them; every line kept, so
-    the AST and every line number are unchanged."""
+def shipped_form(source: bytes) -> bytes:
+    """`source` (UTF-8 Python) without its comments and docstrings, every line kept (a docstring's lines go
+    blank; one that was its body's only statement leaves `pass`), so every line number is unchanged and
+    the AST is the source's with its docstrings removed."""
     lines = source.decode("utf-8").split("\n")
     for tok in tokenize.tokenize(io.BytesIO(source).readline):
         if tok.type == tokenize.COMMENT:
             row, col = tok.start
             lines[row - 1] = lines[row - 1][:col].rstrip()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            doc = body[0]
+            if lines[doc.lineno - 1][:doc.col_offset].strip() or lines[doc.end_lineno - 1][doc.end_col_offset:].strip():
+                raise ValueError(f"line {doc.lineno}: a docstring shares its lines with other code")
+            for row in range(doc.lineno, doc.end_lineno + 1):
+                lines[row - 1] = ""
+            if len(body) == 1:
+                lines[doc.lineno - 1] = " " * doc.col_offset + "pass"
     return "\n".join(lines).encode("utf-8")
 
 
@@ -95,9 +110,9 @@ def latin1_literal(data: bytes) -> bytes:
 
 def ship_code(source: bytes) -> bytes:
     """The train_gpt.py a record ships for the readable `source`: a latin-1 file that sets READABLE_SHA256,
-    READABLE_BYTES and SHIPPED_SOURCE (the comment-free code, xz-compressed with SHIP_FILTERS) and
+    READABLE_BYTES and SHIPPED_SOURCE (shipped_form(source), xz-compressed with SHIP_FILTERS) and
     executes SHIPPED_SOURCE as itself. Deterministic: the same source gives the same bytes."""
-    packed = lzma.compress(strip_comments(source), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, filters=SHIP_FILTERS)
+    packed = lzma.compress(shipped_form(source), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, filters=SHIP_FILTERS)
     return (b"# coding: latin-1\n"
             + b"import lzma;READABLE_SHA256='%s';READABLE_BYTES=%d\n" % (hashlib.sha256(source).hexdigest().encode(), len(source))
             + b"SHIPPED_SOURCE=lzma.decompress('" + latin1_literal(packed) + b"'.encode('latin-1'))\n"

@@ -42,13 +42,18 @@ def test_verify_accepts_the_shipped_form(shipped, capsys):
     assert capsys.readouterr().out.startswith("OK:")
 
 
-def test_strip_comments_keeps_ast_and_lines():
+def test_shipped_form_keeps_the_code_and_every_line_number():
     source = READABLE.read_bytes()
-    stripped = train_gpt.strip_comments(source)
-    assert ast.dump(ast.parse(stripped)) == ast.dump(ast.parse(source))
-    assert stripped.count(b"\n") == source.count(b"\n")
-    assert not [t for t in tokenize.tokenize(io.BytesIO(stripped).readline) if t.type == tokenize.COMMENT]
-    assert len(stripped) < len(source)
+    shipped = train_gpt.shipped_form(source)
+    assert ast.dump(ast.parse(shipped)) == ship_code.without_docstrings(source) != ast.dump(ast.parse(source))
+    assert shipped.count(b"\n") == source.count(b"\n")
+    assert not [t for t in tokenize.tokenize(io.BytesIO(shipped).readline) if t.type == tokenize.COMMENT]
+    assert ast.get_docstring(ast.parse(shipped)) is None and len(shipped) < 0.8 * len(source)
+    # a body that was only a docstring keeps a `pass` on the docstring's line
+    small = b'class E(Exception):\n    """Doc\n    more."""\n\n\ndef f():  # note\n    """Doc."""\n    return 1\n'
+    assert train_gpt.shipped_form(small) == b"class E(Exception):\n    pass\n\n\n\ndef f():\n\n    return 1\n"
+    with pytest.raises(ValueError, match="shares its lines"):
+        train_gpt.shipped_form(b'def f():\n    """Doc."""; return 1\n')
 
 
 @pytest.mark.parametrize("data", [bytes(range(256)), b"\x001\x00\x00a\\'\r\n\x007\\\\", b""])
@@ -117,7 +122,7 @@ def test_the_shipped_file_runs_counts_itself_and_shows_readable_tracebacks(shipp
     summary, filename, lineno, line = out.stdout.strip().split("\n")
     readable = READABLE.read_bytes()
     assert summary.split() == ["True", str(shipped.stat().st_size), hashlib.sha256(readable).hexdigest(),
-                               str(len(readable)), str(len(train_gpt.strip_comments(readable)))]
+                               str(len(readable)), str(len(train_gpt.shipped_form(readable)))]
     assert filename == train_gpt.SHIPPED_FILENAME
     readable_line = readable.decode().split("\n")[int(lineno) - 1]
     assert line == readable_line.strip() and '".mlp." in name' in line       # the readable file's line, same number
