@@ -41,18 +41,18 @@ TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID"}
 
 
-def run_train(cwd, demo, extra=None, nproc=1, **settings):
-    """Run train_gpt.py in `cwd` on the demo data with the tiny config (+ settings); CompletedProcess."""
+def run_train(cwd, demo, extra=None, nproc=1, script=TRAIN_GPT, **settings):
+    """Run train_gpt.py (or `script`) in `cwd` on the demo data with the tiny config (+ settings); CompletedProcess."""
     env = {k: v for k, v in os.environ.items()
            if k not in train_gpt.SETTINGS and k not in train_gpt.REPLACED_SETTINGS and k not in TORCHRUN_VARS}
     env.update(TINY_RUN, DATA_PATH=str(demo["dir"]), TOKENIZER_PATH=str(demo["tokenizer"]), VOCAB_SIZE=str(demo["vocab"]))
     env.update({k: str(v) for k, v in settings.items()})
     env.update(extra or {})
     if nproc == 1:
-        cmd = [sys.executable, str(TRAIN_GPT)]
+        cmd = [sys.executable, str(script)]
     else:
         env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(TRAIN_GPT)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
     Path(cwd).mkdir(parents=True, exist_ok=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
 
@@ -193,6 +193,23 @@ def test_bytes_and_artifact(dist_run):
     assert [p.name for p in (Path(cwd) / "artifacts").iterdir()] == [artifact.name]
 
 
+def test_the_shipped_file_runs_and_counts_itself(demo_data, tmp_path):
+    """The self-extracting train_gpt.py (tools/ship_code.py) under torchrun on 2 ranks: the run counts the
+    shipped file's bytes, records the readable source's size and sha256, and logs the code that ran."""
+    readable = TRAIN_GPT.read_bytes()
+    shipped = tmp_path / "record" / "train_gpt.py"
+    shipped.parent.mkdir()
+    shipped.write_bytes(train_gpt.ship_code(readable))
+    proc = succeeded(run_train(tmp_path / "run", demo_data, nproc=2, script=shipped, RUN_ID="shipped"))
+    s = summary(tmp_path / "run", "shipped")
+    assert s["bytes_code"] == shipped.stat().st_size <= 50_000 and s["code_shipped"] is True
+    assert s["code_readable_bytes"] == len(readable) and s["code_readable_sha256"] == hashlib.sha256(readable).hexdigest()
+    assert s["bytes_total"] == s["bytes_model"] + s["bytes_code"] and math.isfinite(s["val_bpb"])
+    text = (tmp_path / "run" / "logs" / "shipped.txt").read_text(encoding="utf-8")
+    assert text.startswith(train_gpt.shipped_form(readable).decode() + "=" * 100 + "\n")
+    assert f"code: shipped train_gpt.py; the readable source is {len(readable)} bytes" in proc.stdout
+
+
 def test_val_tokens_bytes_and_bpb(dist_run, demo_data):
     _, _, s = dist_run
     tokens = val_stream(demo_data)
@@ -252,7 +269,7 @@ def test_an_impossible_budget_fails_in_seconds_before_training(demo_data, tmp_pa
     """Refused before any training step, naming the numbers: a budget the code alone exceeds; one that
     even the coarsest quantization the budget fit can reach is planned over (beyond the planner's
     tolerance); one above the challenge's cap. Nothing written but the log's head."""
-    code = TRAIN_GPT.stat().st_size
+    code = len(train_gpt.ship_code(TRAIN_GPT.read_bytes()))          # what ships
     budget = {"code_alone": 1000, "coarsest_plan": code + 100, "above_the_cap": 16_000_001}[over]
     start = time.monotonic()
     proc = run_train(tmp_path, demo_data, RUN_ID="budget", ARTIFACT_BUDGET_BYTES=budget)
