@@ -71,7 +71,7 @@ def test_frequencies_cover_every_symbol_and_fit_16_bits():
         train_gpt.rans_encode(np.array([1]), np.array([0]), freqs)
 
 
-@pytest.mark.parametrize("how", ["flip_word", "flip_state", "drop_word", "extra_word", "lanes"])
+@pytest.mark.parametrize("how", ["flip_word", "flip_last_word", "flip_state", "drop_word", "extra_word", "lanes"])
 def test_rans_fails_loudly_on_corrupt_input(how):
     symbols, ctx = laplace_symbols(100_000, 4)
     _, freqs = tables(symbols, ctx, 4)
@@ -79,6 +79,8 @@ def test_rans_fails_loudly_on_corrupt_input(how):
     states, words = states.copy(), words.copy()
     if how == "flip_word":
         words[words.size // 2] ^= 1
+    elif how == "flip_last_word":                     # read last: only the final states can tell
+        words[-1] ^= 1
     elif how == "flip_state":
         states[3] ^= 1 << 20
     elif how == "drop_word":
