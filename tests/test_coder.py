@@ -80,7 +80,7 @@ def test_rans_fails_loudly_on_corrupt_input(how):
     if how == "flip_word":
         words[words.size // 2] ^= 1
     elif how == "flip_last_word":                     # read last: only the final states can tell
-        words[-1] ^= 1
+        words[-1] ^= 1 << 15
     elif how == "flip_state":
         states[3] ^= 1 << 20
     elif how == "drop_word":
