@@ -257,6 +257,10 @@ def main() -> int:
         print(f"artifact {coder}: {artifact[coder]}", flush=True)
     result["artifact"] = artifact
     result["artifact_same_weights"] = artifact["rans"]["state"] == artifact["lzma"]["state"]
+    predicted = sum(g["bytes"] for g in tg.plan_artifact(hp, spec))        # the planner (no LQER factors in it)
+    result["planner"] = dict(predicted_bytes=predicted, actual_bytes=artifact["rans"]["bytes"],
+                             actual_over_predicted=artifact["rans"]["bytes"] / predicted, tolerance=tg.PLANNER_TOLERANCE)
+    print(f"planner: {result['planner']}", flush=True)
     val, _ = tg.load_validation_tokens(hp.data_path, hp.vocab_size, args.val_tokens)
     tables = tg.build_bpb_tables(hp.tokenizer_path, hp.vocab_size)
     score = lambda m: tg.evaluate(hp, rt, m, val, tables, hp.train_seq_len, hp.train_seq_len).val_bpb  # noqa: E731
