@@ -36,7 +36,7 @@ SETTINGS = dict(DATA_PATH="../shared/data/sp8192_dev", TOKENIZER_PATH="../shared
                 PARALLEL_LAST_N="1", TRAIN_SEQ_LEN="256", TRAIN_BATCH_TOKENS="8192", MAX_WALLCLOCK_SECONDS="0",
                 LATE_QAT_THRESHOLD="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="25", SEED="1337", VAL_BATCH_SIZE="32768",
                 GPTQ_CALIB_SEQS="8", GPTQ_CALIB_LEN="256")
-FILTER_GRID = [dict(lc=lc, lp=lp, pb=pb) for lc in (0, 1, 2, 3, 4) for lp, pb in ((0, 0), (0, 2), (1, 1))]
+FILTER_GRID = [dict(lc=lc, lp=lp, pb=pb) for lc in (0, 1, 2, 3, 4) for lp, pb in ((0, 0), (0, 2), (1, 1)) if lc + lp <= 4]
 
 
 # --- function-preserving permutations ---------------------------------------------------------------------
