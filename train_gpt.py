@@ -2339,8 +2339,8 @@ RANS_LOW = 1 << 16           # states live in [2^16, 2^32); renormalization move
 RANS_STEPS = 2048            # lanes = symbols / RANS_STEPS, within [RANS_MIN_LANES, RANS_MAX_LANES]: the state
 RANS_MIN_LANES = 32          #   overhead (4 bytes a lane) stays under ~0.2% and decoding takes a few thousand
 RANS_MAX_LANES = 8192        #   numpy steps whatever the size
-CODER_COL_CLASSES = 4        # column classes per tensor ...
-CODER_ROW_CLASSES = 2        # ... and row classes: CODER_COL_CLASSES x CODER_ROW_CLASSES tables per family
+CODER_COL_CLASSES = 4        # column classes per tensor ... (1 row x 4 columns coded smallest of those measured,
+CODER_ROW_CLASSES = 1        # ... and row classes     1x1, 1x4, 2x4, 4x4, 2x8: docs/compression.md)
 
 
 def rans_frequencies(counts: np.ndarray) -> np.ndarray:
