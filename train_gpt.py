@@ -12,6 +12,7 @@ bf16 autocast, torch.compile); the few CUDA-only lines say so.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import difflib
 import functools
@@ -19,13 +20,16 @@ import glob
 import hashlib
 import io
 import json
+import linecache
 import lzma
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
+import tokenize
 import traceback
 import uuid
 from dataclasses import dataclass
@@ -48,8 +52,6 @@ BOS_ID = 1                       # every document starts with BOS; no EOS
 CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed model bytes
 CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
-with open(__file__, "rb") as _src:   # the code that runs: logged, counted in bytes_code (an edit mid-run changes neither)
-    SOURCE = _src.read()
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
@@ -57,6 +59,84 @@ ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack
 
 class PipelineError(Exception):
     """A user-facing error: bad setting, bad file, budget overrun. Printed without a traceback."""
+
+
+# -----------------------------------------------------------------------------
+# THE SHIPPED CODE
+# This file is the readable source. What a record ships as train_gpt.py, and what bytes_code counts, is a
+# small self-extracting wrapper around its comment- and docstring-free form (ship_code; tools/ship_code.py
+# writes it): every line kept, so the code that runs has this file's AST less its docstrings and its line
+# numbers (tracebacks point at the same lines here); the full text would not fit in 50 kB compressed.
+# The compressed bytes sit in a latin-1 string literal, one character per byte with five escaped, about
+# 1.5% over the raw bytes (base85 would add 25%).
+# Shipping the code compressed: the 04-05 record (#1394, lzma + base85) and #1855 (brotli + base85).
+# -----------------------------------------------------------------------------
+
+SHIPPED_FILENAME = "<train_gpt.py without comments and docstrings>"    # the shipped code's name in tracebacks
+SHIP_FILTERS = [dict(id=lzma.FILTER_LZMA2, preset=9 | lzma.PRESET_EXTREME, lc=3, lp=0, pb=0)]
+
+
+def shipped_form(source: bytes) -> bytes:
+    """`source` (UTF-8 Python) without its comments and docstrings, every line kept (a docstring's lines go
+    blank; one that was its body's only statement leaves `pass`), so every line number is unchanged and
+    the AST is the source's with its docstrings removed."""
+    lines = source.decode("utf-8").split("\n")
+    for tok in tokenize.tokenize(io.BytesIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            row, col = tok.start
+            lines[row - 1] = lines[row - 1][:col].rstrip()
+    for node in ast.walk(ast.parse(source)):
+        body = getattr(node, "body", None)
+        if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                and isinstance(body[0].value.value, str)):
+            doc = body[0]
+            if lines[doc.lineno - 1][:doc.col_offset].strip() or lines[doc.end_lineno - 1][doc.end_col_offset:].strip():
+                raise ValueError(f"line {doc.lineno}: a docstring shares its lines with other code")
+            for row in range(doc.lineno, doc.end_lineno + 1):
+                lines[row - 1] = ""
+            if len(body) == 1:
+                lines[doc.lineno - 1] = " " * doc.col_offset + "pass"
+    return "\n".join(lines).encode("utf-8")
+
+
+def latin1_literal(data: bytes) -> bytes:
+    """`data` as the body of a '-quoted str literal of a latin-1 source file: each byte its own character,
+    except backslash, quote, LF, CR and NUL, which a literal cannot hold raw and are escaped."""
+    for raw, escaped in ((b"\\", b"\\\\"), (b"'", b"\\'"), (b"\n", b"\\n"), (b"\r", b"\\r")):
+        data = data.replace(raw, escaped)
+    return re.sub(rb"\x00(?![0-7])", rb"\\0", data).replace(b"\x00", b"\\x00")
+
+
+def ship_code(source: bytes) -> bytes:
+    """The train_gpt.py a record ships for the readable `source`: a latin-1 file that sets READABLE_SHA256,
+    READABLE_BYTES and SHIPPED_SOURCE (shipped_form(source), xz-compressed with SHIP_FILTERS) and
+    executes SHIPPED_SOURCE as itself. Deterministic: the same source gives the same bytes."""
+    packed = lzma.compress(shipped_form(source), format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC64, filters=SHIP_FILTERS)
+    return (b"# coding: latin-1\n"
+            + b"import lzma;READABLE_SHA256='%s';READABLE_BYTES=%d\n" % (hashlib.sha256(source).hexdigest().encode(), len(source))
+            + b"SHIPPED_SOURCE=lzma.decompress('" + latin1_literal(packed) + b"'.encode('latin-1'))\n"
+            + b"exec(compile(SHIPPED_SOURCE,'%s','exec'))\n" % SHIPPED_FILENAME.encode())
+
+
+with open(__file__, "rb") as _src:     # read once at start: an edit during a run changes neither what is logged nor counted
+    _ON_DISK = _src.read()
+if "SHIPPED_SOURCE" in globals():      # run from the shipped wrapper, which set these before executing this code
+    SOURCE, SOURCE_SHA256, SOURCE_BYTES = SHIPPED_SOURCE, READABLE_SHA256, READABLE_BYTES   # noqa: F821
+    linecache.cache[SHIPPED_FILENAME] = (len(SOURCE), None, [line + "\n" for line in SOURCE.decode("utf-8").split("\n")],
+                                         SHIPPED_FILENAME)      # for tracebacks; mtime None: never re-read from disk
+else:
+    SOURCE, SOURCE_SHA256, SOURCE_BYTES = _ON_DISK, hashlib.sha256(_ON_DISK).hexdigest(), len(_ON_DISK)
+
+
+def code_shipped() -> bool:
+    return "SHIPPED_SOURCE" in globals()
+
+
+@functools.cache
+def code_bytes() -> int:
+    """bytes_code: the size of what ships, the wrapper running now or the one ship_code makes of this file."""
+    return len(_ON_DISK) if code_shipped() else len(ship_code(SOURCE))
 
 
 # -----------------------------------------------------------------------------
@@ -2098,6 +2178,21 @@ def lzma_size(arrays: list[np.ndarray], preset: int) -> int:
     return len(lzma.compress(raw, format=lzma.FORMAT_XZ, preset=preset | lzma.PRESET_EXTREME))
 
 
+def coded_bytes(entries: list[dict], preset: int) -> int:
+    """The bytes these entries' arrays take coded as the artifact codes them, on their own: the integer
+    matrices rANS-coded (stream, states, and the lzma-compressed tables and classes), everything else lzma."""
+    coded = [i for i, e in enumerate(entries) if e["scheme"].startswith("int") and "q" in e["parts"]]
+    rest = [a for i, e in enumerate(entries) for k, a in e["parts"].items() if not (k == "q" and i in coded)]
+    if not coded:
+        return lzma_size(rest, preset)
+    names = list(dict.fromkeys(coding_family(entries[i]["name"]) for i in coded))
+    arrays = rans_code_matrices([entries[i]["parts"]["q"] for i in coded],
+                                [names.index(coding_family(entries[i]["name"])) for i in coded], len(names),
+                                max(2 ** (int(entries[i]["scheme"][3]) - 1) - 1 for i in coded))
+    stream = arrays.pop("states").nbytes + arrays.pop("words").nbytes
+    return lzma_size(rest + list(arrays.values()), preset) + stream
+
+
 def to_numpy_parts(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:
     """Stored dtypes: integers int8, scales fp16."""
     return {k: (v.to(torch.int8) if v.dtype == torch.float32 else v).cpu().numpy() for k, v in parts.items()}
@@ -2231,36 +2326,207 @@ def gather_to_main(rt: Runtime, value) -> list:
     return out if rt.is_main else []
 
 
+# --- entropy coding of the integer matrices -----------------------------------------------------------
+# lzma codes the integers about 2% above their entropy; an rANS coder with static tables codes them at it.
+# Each integer matrix's symbols (q + qmax) are coded under a context: its family (the tensor's name without
+# the layer index: blocks.*.mlp.fc.weight ...) x the class of its column x the class of its row, classes by
+# quantiles of the mean |q| of the column (row) within the tensor (column and row scales differ in trained
+# weights; one table per context turns that into bits). The classes are stored per tensor (one byte per row
+# and column), the tables per context. RANS_LANES interleaved states are coded in lock step, one numpy
+# operation per step for all of them, so a 16 MB artifact decodes in seconds.
+# rANS: J. Duda, "Asymmetric numeral systems" (2013); interleaving after F. Giesen's ryg_rans (2014).
+
+RANS_PROB_BITS = 16          # frequencies sum to 2^16 in every context
+RANS_LOW = 1 << 16           # states live in [2^16, 2^32); renormalization moves 16 bits at a time
+RANS_STEPS = 2048            # lanes = symbols / RANS_STEPS, within [RANS_MIN_LANES, RANS_MAX_LANES]: the state
+RANS_MIN_LANES = 32          #   overhead (4 bytes a lane) stays under ~0.2% and decoding takes a few thousand
+RANS_MAX_LANES = 8192        #   numpy steps whatever the size
+CODER_COL_CLASSES = 4        # column classes per tensor ... (1 row x 4 columns coded smallest of those measured,
+CODER_ROW_CLASSES = 1        # ... and row classes     1x1, 1x4, 2x4, 4x4, 2x8: docs/compression.md)
+
+
+def rans_frequencies(counts: np.ndarray) -> np.ndarray:
+    """Per row of counts (contexts x symbols): integer frequencies summing to 2^RANS_PROB_BITS, at least 1
+    for every symbol that occurs, 0 for the others (a context with no symbols gets all zeros); each below
+    2^16, so they store as uint16."""
+    total = 1 << RANS_PROB_BITS
+    freqs = np.zeros(counts.shape, dtype=np.int64)
+    for i, c in enumerate(counts.astype(np.int64)):
+        if c.sum() == 0:
+            continue
+        f = np.where(c > 0, np.maximum(1, np.round(c * (total / c.sum()))), 0).astype(np.int64)
+        order = np.argsort(-c, kind="stable")
+        while f.sum() != total:          # put the rounding's remainder on the most frequent symbols
+            step = np.sign(total - f.sum())
+            for k in order[:abs(total - int(f.sum()))]:
+                if f[k] + step >= 1:
+                    f[k] += step
+        if f.max() == total:             # one symbol: leave room for a neighbour so every frequency fits 16 bits
+            f[np.argmax(f)] -= 1
+            f[(np.argmax(f) + 1) % f.size] += 1
+        freqs[i] = f
+    return freqs
+
+
+def rans_lanes(n: int) -> int:
+    return int(min(RANS_MAX_LANES, max(RANS_MIN_LANES, n // RANS_STEPS)))
+
+
+def rans_encode(symbols: np.ndarray, contexts: np.ndarray, freqs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Code symbols[i] under the table freqs[contexts[i]]: (final lane states uint32, 16-bit words uint16).
+    Symbol i goes to lane i % lanes; the last step is padded with certain (cost-free) symbols."""
+    n, lanes = symbols.size, rans_lanes(symbols.size)
+    steps, total = -(-n // lanes), 1 << RANS_PROB_BITS
+    cum = np.cumsum(freqs, axis=1) - freqs
+    if np.any(freqs[contexts, symbols] == 0):
+        raise ValueError("rans_encode: a symbol has frequency 0 in its context")
+    pad = steps * lanes - n
+    f = np.concatenate([freqs[contexts, symbols], np.full(pad, total)]).astype(np.uint64).reshape(steps, lanes)
+    c = np.concatenate([cum[contexts, symbols], np.zeros(pad, np.int64)]).astype(np.uint64).reshape(steps, lanes)
+    x = np.full(lanes, RANS_LOW, dtype=np.uint64)
+    bits, low16, out = np.uint64(RANS_PROB_BITS), np.uint64(0xFFFF), []
+    for t in range(steps - 1, -1, -1):                    # rANS codes backwards; the decoder reads forwards
+        full = x >= (f[t] << np.uint64(32 - RANS_PROB_BITS))
+        out.append((x[full] & low16).astype(np.uint16))
+        x[full] >>= np.uint64(16)
+        x = ((x // f[t]) << bits) + x % f[t] + c[t]
+    words = np.concatenate(out[::-1]) if out else np.zeros(0, dtype=np.uint16)
+    return x.astype(np.uint32), words
+
+
+def rans_decode(states: np.ndarray, words: np.ndarray, contexts: np.ndarray, freqs: np.ndarray) -> np.ndarray:
+    """The symbols rans_encode coded (int64, len(contexts) of them). Raises ValueError when the stream is
+    not what rans_encode wrote for these tables: words left over or missing, or final states off RANS_LOW."""
+    n, lanes = contexts.size, states.size
+    if lanes != rans_lanes(n):
+        raise ValueError(f"rans_decode: {lanes} lane states for {n} symbols (expected {rans_lanes(n)})")
+    steps, total = -(-n // lanes), 1 << RANS_PROB_BITS
+    cum = np.cumsum(freqs, axis=1) - freqs
+    lookup = np.zeros((len(freqs), total), dtype=np.int16)          # slot -> symbol, per context
+    for i, f in enumerate(freqs):
+        if f.sum():
+            lookup[i] = np.repeat(np.arange(f.size), f)
+    pad = steps * lanes - n
+    ctx = np.concatenate([contexts, np.zeros(pad, dtype=contexts.dtype)]).reshape(steps, lanes)
+    real = np.concatenate([np.ones(n, dtype=bool), np.zeros(pad, dtype=bool)]).reshape(steps, lanes)
+    x, w, pos = states.astype(np.int64), words.astype(np.int64), 0
+    out = np.empty((steps, lanes), dtype=np.int64)
+    for t in range(steps):
+        slot = x & (total - 1)
+        s = lookup[ctx[t], slot].astype(np.int64)
+        x = np.where(real[t], freqs[ctx[t], s] * (x >> RANS_PROB_BITS) + slot - cum[ctx[t], s], x)
+        low = np.flatnonzero(x < RANS_LOW)
+        if pos + low.size > w.size:
+            raise ValueError("rans_decode: the stream ends early")
+        x[low] = (x[low] << 16) | w[pos:pos + low.size]
+        pos += low.size
+        out[t] = s
+    if pos != w.size or np.any(x != RANS_LOW):
+        raise ValueError("rans_decode: corrupt stream (the states do not return to their start)")
+    return out.reshape(-1)[:n]
+
+
+def coding_family(name: str) -> str:
+    """The family whose tables code a tensor's integers: its name with layer indices as '*'."""
+    return ".".join("*" if part.isdigit() else part for part in name.split("."))
+
+
+def rank_classes(values: np.ndarray, classes: int) -> np.ndarray:
+    """Equal-count classes 0 .. classes-1 of `values` by rank (ties by position), uint8."""
+    rank = np.empty(values.size, dtype=np.int64)
+    rank[np.argsort(values, kind="stable")] = np.arange(values.size)
+    return (rank * classes // max(values.size, 1)).astype(np.uint8)
+
+
+def coding_classes(q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(row classes, column classes) of an integer matrix: ranks of the rows' (columns') mean |q|."""
+    a = np.abs(q.astype(np.int16))
+    return rank_classes(a.mean(axis=1), CODER_ROW_CLASSES), rank_classes(a.mean(axis=0), CODER_COL_CLASSES)
+
+
+def coding_contexts(family: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """The context of every integer of a matrix, row-major (int32)."""
+    per_family = CODER_ROW_CLASSES * CODER_COL_CLASSES
+    return (family * per_family + rows.astype(np.int32)[:, None] * CODER_COL_CLASSES + cols.astype(np.int32)[None, :]).reshape(-1)
+
+
+def rans_code_matrices(qs: list[np.ndarray], families: list[int], n_families: int, offset: int) -> dict[str, np.ndarray]:
+    """Entropy-code integer matrices (see the section comment): their classes, the context tables and the rANS
+    stream, as arrays: rows_i / cols_i (uint8 classes of matrix i), freqs (contexts x symbols,
+    uint16), states (uint32) and words (uint16)."""
+    classes = [coding_classes(q) for q in qs]
+    contexts = np.concatenate([coding_contexts(f, r, c) for f, (r, c) in zip(families, classes)])
+    symbols = np.concatenate([q.reshape(-1).astype(np.int64) + offset for q in qs])
+    counts = np.zeros((n_families * CODER_ROW_CLASSES * CODER_COL_CLASSES, 2 * offset + 1), dtype=np.int64)
+    np.add.at(counts, (contexts, symbols), 1)
+    freqs = rans_frequencies(counts)
+    states, words = rans_encode(symbols, contexts, freqs)
+    out = {f"rows_{i}": r for i, (r, _) in enumerate(classes)} | {f"cols_{i}": c for i, (_, c) in enumerate(classes)}
+    return out | dict(freqs=freqs.astype(np.uint16), states=states, words=words)
+
+
+def rans_decode_matrices(coded: dict[str, np.ndarray], shapes: list[list[int]], families: list[int],
+                         offset: int) -> list[np.ndarray]:
+    """The int8 matrices rans_code_matrices coded (ValueError when the stream is corrupt)."""
+    freqs = coded["freqs"].astype(np.int64)
+    contexts = np.concatenate([coding_contexts(f, coded[f"rows_{i}"], coded[f"cols_{i}"]) for i, f in enumerate(families)])
+    if contexts.size and (contexts.max() >= len(freqs) or np.any(freqs.sum(axis=1)[np.unique(contexts)] != 1 << RANS_PROB_BITS)):
+        raise ValueError("rANS tables do not cover the coded contexts")
+    symbols = rans_decode(coded["states"], coded["words"], contexts, freqs)
+    out, pos = [], 0
+    for shape in shapes:
+        n = int(np.prod(shape))
+        out.append((symbols[pos:pos + n] - offset).astype(np.int8).reshape(shape))
+        pos += n
+    return out
+
+
 PART_ORDER = ("q", "lqer_a", "lqer_b", "trits", "nonzero", "negative", "scale", "lqer_a_scale", "lqer_b_scale", "w")
+INT_CODERS = ("rans", "lzma")     # how the integer matrices are stored: rANS-coded (the default) or in the lzma stream
 
 
-def pack_artifact(entries: list[dict], preset: int, config: dict) -> bytes:
+def pack_artifact(entries: list[dict], preset: int, config: dict, coder: str = "rans") -> bytes:
     """Serialize quantized entries and the model-shape settings (ARCH_SETTINGS) to the compressed
-    artifact (see the section comment). The payload holds the parts grouped by kind (PART_ORDER: every
-    tensor's integers, then every scale, then the fp16 tensors), which lzma compresses best of the
-    layouts measured (README, "Byte layout")."""
-    header, payload, offset = [], io.BytesIO(), 0
+    artifact (see the section comment), one xz stream. The payload holds the parts grouped by kind
+    (PART_ORDER: every tensor's integers, then every scale, then the fp16 tensors), which lzma compresses
+    best of the layouts measured (README, "Byte layout"). With coder "rans" the integer matrices ("q" of
+    the int*_row entries) are entropy-coded instead (rans_code_matrices): their arrays go in the payload
+    under "rans" in the header, the entries' "q" is marked coded. Deterministic."""
+    if coder not in INT_CODERS:
+        raise ValueError(f"coder {coder!r} is not one of {INT_CODERS}")
+    coded = [i for i, e in enumerate(entries) if coder == "rans" and e["scheme"].startswith("int") and "q" in e["parts"]]
+    names = list(dict.fromkeys(coding_family(entries[i]["name"]) for i in coded))
+    families = [names.index(coding_family(entries[i]["name"])) for i in coded]
+    offset = max((2 ** (int(entries[i]["scheme"][3]) - 1) - 1 for i in coded), default=0)
+    header, payload, offset_bytes = [], io.BytesIO(), 0
+
+    def place(arr: np.ndarray) -> list:
+        nonlocal offset_bytes
+        raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        payload.write(raw)
+        offset_bytes += len(raw)
+        return [arr.dtype.newbyteorder("<").str, list(arr.shape), offset_bytes - len(raw), len(raw)]
+
     parts_of = [{} for _ in entries]
     for kind in PART_ORDER:
-        for e, placed in zip(entries, parts_of):
-            if kind not in e["parts"]:
-                continue
-            arr = e["parts"][kind]
-            raw = np.ascontiguousarray(arr).astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
-            placed[kind] = [arr.dtype.newbyteorder("<").str, list(arr.shape), offset, len(raw)]
-            payload.write(raw)
-            offset += len(raw)
+        for i, (e, placed) in enumerate(zip(entries, parts_of)):
+            if kind in e["parts"]:
+                placed[kind] = "rans" if kind == "q" and i in coded else place(e["parts"][kind])
+    rans = {}
+    if coded:
+        arrays = rans_code_matrices([entries[i]["parts"]["q"] for i in coded], families, len(names), offset)
+        rans = dict(families=names, offset=offset, arrays={k: place(a) for k, a in arrays.items()})
     for e, placed in zip(entries, parts_of):
         if set(placed) != set(e["parts"]):
             raise ValueError(f"{e['name']}: parts {sorted(set(e['parts']) - set(placed))} have no place in PART_ORDER")
         header.append(dict(name=e["name"], scheme=e["scheme"], shape=e["shape"], parts=placed))
-    head = json.dumps(dict(config=config, tensors=header), separators=(",", ":")).encode()
+    head = json.dumps(dict(config=config, tensors=header, **({"rans": rans} if rans else {})), separators=(",", ":")).encode()
     blob = ARTIFACT_MAGIC + len(head).to_bytes(8, "little") + head + payload.getvalue()
     return lzma.compress(blob, format=lzma.FORMAT_XZ, preset=preset | lzma.PRESET_EXTREME)
 
 
 def unpack_artifact(data: bytes, source: str) -> tuple[dict[str, Tensor], dict]:
-    """Decompress and dequantize an artifact: (float32 state dict, model-shape settings)."""
+    """Decompress, decode and dequantize an artifact: (float32 state dict, model-shape settings)."""
     try:
         blob = lzma.decompress(data)
     except lzma.LZMAError as e:
@@ -2273,11 +2539,23 @@ def unpack_artifact(data: bytes, source: str) -> tuple[dict[str, Tensor], dict]:
         body = pos + 8 + head_len
         state, header = {}, json.loads(blob[pos + 8:body])
         config = header["config"]
-        for e in header["tensors"]:
+
+        def array(dt, shape, off, _):
+            return np.frombuffer(blob, dtype=np.dtype(dt), count=int(np.prod(shape)), offset=body + off).reshape(shape)
+
+        parts_of = [{part: (placed if placed == "rans" else array(*placed)) for part, placed in e["parts"].items()}
+                    for e in header["tensors"]]
+        coded = [i for i, parts in enumerate(parts_of) if isinstance(parts.get("q"), str)]
+        if coded:
+            rans = header["rans"]
+            families = [rans["families"].index(coding_family(header["tensors"][i]["name"])) for i in coded]
+            arrays = {k: array(*placed) for k, placed in rans["arrays"].items()}
+            qs = rans_decode_matrices(arrays, [header["tensors"][i]["shape"] for i in coded], families, rans["offset"])
+            for i, q in zip(coded, qs):
+                parts_of[i]["q"] = q
+        for e, parts in zip(header["tensors"], parts_of):
             if e["scheme"] not in STORED_SCHEMES:
                 raise PipelineError(f"{source}: tensor {e['name']} has unknown scheme {e['scheme']!r}")
-            parts = {part: np.frombuffer(blob, dtype=np.dtype(dt), count=int(np.prod(shape)), offset=body + off).reshape(shape)
-                     for part, (dt, shape, off, _) in e["parts"].items()}
             state[e["name"]] = dequantize_parts(e["scheme"], parts, e["shape"])
     except (ValueError, KeyError, TypeError, IndexError) as e:
         raise PipelineError(f"{source}: malformed artifact ({type(e).__name__}: {e})") from None
@@ -2300,13 +2578,13 @@ PLANNER_SAMPLE_VALUES = 262_144     # size of the Gaussian sample each scheme's 
 
 @functools.lru_cache(maxsize=None)
 def sampled_bits_per_param(scheme: str, shape: tuple[int, ...], sigmas: float, preset: int) -> float:
-    """Bits per parameter of `scheme` (SDClip k = sigmas for integers) after lzma, measured on a seeded
-    Gaussian matrix with the tensor's row length, at most PLANNER_SAMPLE_VALUES values."""
+    """Bits per parameter of `scheme` (SDClip k = sigmas for integers) as the artifact codes it (coded_bytes),
+    measured on a seeded Gaussian matrix with the tensor's row length, at most PLANNER_SAMPLE_VALUES values."""
     cols = shape[-1] if len(shape) == 2 else 1024
     rows = max(1, min(shape[0] if len(shape) == 2 else 256, PLANNER_SAMPLE_VALUES // cols))
     w = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
-    _, parts = quantize_tensor(w, scheme, sigmas, None, preset)
-    return 8 * lzma_size(list(parts.values()), preset) / w.numel()
+    stored, parts = quantize_tensor(w, scheme, sigmas, None, preset)
+    return 8 * coded_bytes([dict(name="sample.weight", scheme=stored, parts=parts)], preset) / w.numel()
 
 
 def plan_artifact(hp: Hyperparameters, spec: QuantSpec) -> list[dict]:
@@ -2351,7 +2629,7 @@ def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
     fit will need, and whether the run can fit at all. Refuses (PipelineError) when the code alone is over
     the budget, or the coarsest setting the fit can reach is predicted over it by more than the planner's
     tolerance."""
-    bytes_code = len(SOURCE)
+    bytes_code = code_bytes()
     budget = hp.artifact_budget_bytes
     if bytes_code >= budget:
         raise PipelineError(f"train_gpt.py alone is {bytes_code} bytes, over ARTIFACT_BUDGET_BYTES={budget}")
@@ -2392,7 +2670,7 @@ def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer
     precision_ladder. Every rank takes part (GPTQ is split over them); rank 0 packs and decides.
     Returns (blob, entries, spec, attempts), blob and entries on rank 0 only; raises PipelineError on
     every rank, writing nothing, when nothing fits."""
-    bytes_code = len(SOURCE)
+    bytes_code = code_bytes()
     budget, tried, best = hp.artifact_budget_bytes, [], {}
 
     def decide(entries: list[dict], spec: QuantSpec, factor: float):
@@ -2967,13 +3245,13 @@ def scheme_family(scheme: str) -> str:
 
 def group_bytes(entries: list[dict], preset: int) -> list[dict]:
     """Per (weight_group, scheme) of the exported entries: params and the bytes of their arrays
-    compressed on their own (lzma, the artifact's preset). The groups' bytes add up to about the
+    coded on their own (coded_bytes: rANS for the integer matrices, lzma at the artifact's preset). The groups' bytes add up to about the
     artifact's, which compresses them in one stream with the header."""
     groups: dict[tuple[str, str], list[dict]] = {}
     for e in entries:
         groups.setdefault((weight_group(e["name"]), scheme_family(e["scheme"])), []).append(e)
     return [dict(name=g, scheme=scheme, params=sum(int(np.prod(e["shape"])) for e in members),
-                 bytes=lzma_size([a for e in members for a in e["parts"].values()], preset))
+                 bytes=coded_bytes(members, preset))
             for (g, scheme), members in groups.items()]
 
 
@@ -2993,7 +3271,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, path: str, pla
                 f.write(blob)
         except FileExistsError:
             raise PipelineError(f"{path} already exists; choose another RUN_ID") from None
-        bytes_code = len(SOURCE)
+        bytes_code = code_bytes()
         n_params = sum(int(np.prod(e["shape"])) for e in entries)
         with stages("report"):
             groups = group_bytes(entries, hp.lzma_preset)
@@ -3190,7 +3468,7 @@ def saved_artifact_keys(hp: Hyperparameters) -> dict:
     """EVAL_ONLY: the summary's artifact keys, for the artifact given; no training keys."""
     with open(hp.eval_only, "rb") as f:
         data = f.read()
-    bytes_code = len(SOURCE)
+    bytes_code = code_bytes()
     return dict(steps=None, train_time_ms=None, step_avg_ms=None, tokens_per_s=None, stopped_early=None,
                 train_flops=None, eval_compile_ms=0.0,     # a re-score compiles inside its own evaluation time
                 train_loss=None, pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
@@ -3206,6 +3484,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     for line in environment_report(rt):
         log(line, console=False)
     log(f"run_id:{run_id} preset:{hp.preset} seed:{hp.seed}" + (f" eval_only:{hp.eval_only}" if hp.eval_only else ""))
+    log(f"code: {'shipped' if code_shipped() else 'readable'} train_gpt.py; the readable source is {SOURCE_BYTES} bytes, "
+        f"sha256 {SOURCE_SHA256}; bytes_code {code_bytes()} (its shipped form, tools/ship_code.py)")
     log("hyperparameters:" + json.dumps(hp.as_dict(), sort_keys=True), console=False)
     for w in warnings:
         log(f"warning: {w}")
@@ -3310,7 +3590,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         eval_seq_len=window, eval_stride=stride, eval_time_ms=eval_time_ms, eval_measured_ms=eval_measured_ms,
         projected_h100_eval_s=projected_eval_s, model_params=n_params, flops_per_token=fpt,
         projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU, compliance=compliance or None,
-        nll_dump=hp.nll_dump or None, stage_ms={k: round(v, 1) for k, v in stages.ms.items()},
+        nll_dump=hp.nll_dump or None, code_shipped=code_shipped(), code_readable_bytes=SOURCE_BYTES,
+        code_readable_sha256=SOURCE_SHA256, stage_ms={k: round(v, 1) for k, v in stages.ms.items()},
         wall_ms=1e3 * (time.perf_counter() - t_run), hyperparameters=hp.as_dict(), **evidence,
     )
     log.write_summary(summary)

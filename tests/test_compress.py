@@ -410,7 +410,7 @@ FIT_HP = {**ALL_OFF, "MODEL_DIM": "128", "NUM_LAYERS": "3", "VOCAB_SIZE": "512",
 def test_the_budget_fit_lands_just_under_a_cap_by_moving_k(monkeypatch):
     hp = tiny_hp(**FIT_HP)
     model = gaussian_model(hp)
-    code = len(open(train_gpt.__file__, "rb").read())
+    code = train_gpt.code_bytes()
     blob, fitted, tried, _ = fit(hp, model, 16_000_000)
     assert len(tried) == 1 and fitted == train_gpt.QuantSpec.from_settings(hp)         # fits as set
     natural = len(blob)
@@ -443,7 +443,7 @@ def test_the_budget_fit_steps_bits_down_only_past_the_reach_of_k_and_refuses_wha
     hp = tiny_hp(**{**ALL_OFF, "MODEL_DIM": "64", "LZMA_PRESET": str(PRESET), "GPTQ_CALIBRATION": "none",
                     "LQER_TENSORS": "0"})
     model = gaussian_model(hp)
-    code = len(open(train_gpt.__file__, "rb").read())
+    code = train_gpt.code_bytes()
     coarsest = train_gpt.precision_ladder(train_gpt.QuantSpec.from_settings(hp))[-1].coarser(train_gpt.FIT_MAX_SCALE)
     entries = train_gpt.quantize_state_dict(model.state_dict(), coarsest, preset=PRESET)
     floor = len(train_gpt.pack_artifact(entries, PRESET, {}))
@@ -494,7 +494,7 @@ def test_planner_predicts_the_factor_on_k_a_shape_needs():
     """A budget the settings' k overshoot: the plan coarsens k by the factor the -log2 k rule gives,
     and its table at that k fits."""
     hp = tiny_hp(**{**ALL_OFF, "MODEL_DIM": "128", "NUM_LAYERS": "3", "VOCAB_SIZE": "512", "LZMA_PRESET": str(PRESET)})
-    code = len(open(train_gpt.__file__, "rb").read())
+    code = train_gpt.code_bytes()
     at_settings = train_gpt.plan_budget(hp, ListLog())
     assert at_settings.factor == 1.0
     budget = code + int(0.85 * at_settings.predicted_bytes)

@@ -33,7 +33,7 @@ REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_
                  "train_data_last_read_ms", "train_deadline_ms", "train_data_read_after_deadline", "nll_dump",
                  "eval_seq_len", "eval_stride", "stage_ms", "wall_ms", "compile", "peak_memory_mib", "quant",
                  "tokenizer_sha256", "val_shards_sha256", "tokenizer_check_docs", "eval_measured_ms", "eval_compile_ms",
-                 "train_flops"]
+                 "train_flops", "code_shipped", "code_readable_bytes", "code_readable_sha256"]
 COMPLIANCE_CHECKS = ["causality_ok", "rows_independent_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
                      "no_train_data_after_deadline"]
 TTT_RUN = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
@@ -46,18 +46,18 @@ TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 RUN_TIMEOUT_S = 1200
 
 
-def run_train(cwd, demo, extra=None, nproc=1, **settings):
-    """Run train_gpt.py in `cwd` on the demo data with the tiny config (+ settings); CompletedProcess."""
+def run_train(cwd, demo, extra=None, nproc=1, script=TRAIN_GPT, **settings):
+    """Run train_gpt.py (or `script`) in `cwd` on the demo data with the tiny config (+ settings); CompletedProcess."""
     env = {k: v for k, v in os.environ.items()
            if k not in train_gpt.SETTINGS and k not in train_gpt.REPLACED_SETTINGS and k not in TORCHRUN_VARS}
     env.update(TINY_RUN, DATA_PATH=str(demo["dir"]), TOKENIZER_PATH=str(demo["tokenizer"]), VOCAB_SIZE=str(demo["vocab"]))
     env.update({k: str(v) for k, v in settings.items()})
     env.update(extra or {})
     if nproc == 1:
-        cmd = [sys.executable, str(TRAIN_GPT)]
+        cmd = [sys.executable, str(script)]
     else:
         env["OMP_NUM_THREADS"] = "1"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(TRAIN_GPT)]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(script)]
     Path(cwd).mkdir(parents=True, exist_ok=True)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
 
@@ -187,12 +187,32 @@ def test_both_ranks_loaded_the_same_weights(dist_run):
 def test_bytes_and_artifact(dist_run):
     cwd, _, s = dist_run
     artifact = Path(cwd) / s["artifact_path"]
-    assert s["bytes_code"] == TRAIN_GPT.stat().st_size
+    readable = TRAIN_GPT.read_bytes()
+    assert s["bytes_code"] == len(train_gpt.ship_code(readable)) <= 50_000          # what ships: the wrapper
+    assert not s["code_shipped"] and s["code_readable_bytes"] == len(readable)
+    assert s["code_readable_sha256"] == hashlib.sha256(readable).hexdigest()
     assert s["bytes_model"] == artifact.stat().st_size
     assert s["bytes_total"] == s["bytes_model"] + s["bytes_code"]
     assert s["artifact_sha256"] == hashlib.sha256(artifact.read_bytes()).hexdigest()
     assert artifact.read_bytes()[:6] == b"\xfd7zXZ\x00"                            # an xz stream
     assert [p.name for p in (Path(cwd) / "artifacts").iterdir()] == [artifact.name]
+
+
+def test_the_shipped_file_runs_and_counts_itself(demo_data, tmp_path):
+    """The self-extracting train_gpt.py (tools/ship_code.py) under torchrun on 2 ranks: the run counts the
+    shipped file's bytes, records the readable source's size and sha256, and logs the code that ran."""
+    readable = TRAIN_GPT.read_bytes()
+    shipped = tmp_path / "record" / "train_gpt.py"
+    shipped.parent.mkdir()
+    shipped.write_bytes(train_gpt.ship_code(readable))
+    proc = succeeded(run_train(tmp_path / "run", demo_data, nproc=2, script=shipped, RUN_ID="shipped"))
+    s = summary(tmp_path / "run", "shipped")
+    assert s["bytes_code"] == shipped.stat().st_size <= 50_000 and s["code_shipped"] is True
+    assert s["code_readable_bytes"] == len(readable) and s["code_readable_sha256"] == hashlib.sha256(readable).hexdigest()
+    assert s["bytes_total"] == s["bytes_model"] + s["bytes_code"] and math.isfinite(s["val_bpb"])
+    text = (tmp_path / "run" / "logs" / "shipped.txt").read_text(encoding="utf-8")
+    assert text.startswith(train_gpt.shipped_form(readable).decode() + "=" * 100 + "\n")
+    assert f"code: shipped train_gpt.py; the readable source is {len(readable)} bytes" in proc.stdout
 
 
 def test_val_tokens_bytes_and_bpb(dist_run, demo_data):
@@ -254,7 +274,7 @@ def test_an_impossible_budget_fails_in_seconds_before_training(demo_data, tmp_pa
     """Refused before any training step, naming the numbers: a budget the code alone exceeds; one that
     even the coarsest quantization the budget fit can reach is planned over (beyond the planner's
     tolerance); one above the challenge's cap. Nothing written but the log's head."""
-    code = TRAIN_GPT.stat().st_size
+    code = len(train_gpt.ship_code(TRAIN_GPT.read_bytes()))          # what ships
     budget = {"code_alone": 1000, "coarsest_plan": code + 100, "above_the_cap": 16_000_001}[over]
     start = time.monotonic()
     proc = run_train(tmp_path, demo_data, RUN_ID="budget", ARTIFACT_BUDGET_BYTES=budget)

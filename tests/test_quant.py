@@ -93,22 +93,33 @@ def test_artifact_is_not_a_pickle():
     pos = len(ARTIFACT_MAGIC)
     head_len = int.from_bytes(raw[pos:pos + 8], "little")
     head = json.loads(raw[pos + 8:pos + 8 + head_len])
-    assert set(head) == {"config", "tensors"} and head["config"] == CONFIG
+    assert set(head) == {"config", "tensors", "rans"} and head["config"] == CONFIG
     header = head["tensors"]
     body = raw[pos + 8 + head_len:]
     assert [e["name"] for e in header] == list(state)
-    # the parts are laid out grouped by kind (every tensor's integers, then every scale, then fp16 values),
-    # tensor after tensor within a kind, back to back
-    placed = sorted(((offset, nbytes, part) for e in header for part, (dtype, shape, offset, nbytes) in e["parts"].items()))
+    # the integer matrices are rANS-coded: their "q" says so, and the coder's arrays follow every other part
+    coded = [e for e in header if e["scheme"].startswith("int")]
+    assert coded and all(e["parts"]["q"] == "rans" for e in coded)
+    rans = head["rans"]
+    assert rans["offset"] == 127 and rans["families"] == list(dict.fromkeys(
+        train_gpt.coding_family(e["name"]) for e in coded))
+    # the other parts are laid out grouped by kind (every scale, then fp16 values), tensor after tensor
+    # within a kind, back to back, then the coder's arrays
+    placed = sorted(((offset, nbytes, part) for e in header for part, p in e["parts"].items() if p != "rans"
+                     for (dtype, shape, offset, nbytes) in [p]))
+    coder = sorted((offset, nbytes, "rans:" + k) for k, (dtype, shape, offset, nbytes) in rans["arrays"].items())
     end = 0
-    for offset, nbytes, _ in placed:
+    for offset, nbytes, _ in placed + coder:
         assert offset == end
         end += nbytes
     kinds = [part for _, _, part in placed]
     assert kinds == sorted(kinds, key=train_gpt.PART_ORDER.index)
+    assert [k for _, _, k in coder][-3:] == ["rans:freqs", "rans:states", "rans:words"]
     for e in header:
-        for dtype, shape, offset, nbytes in e["parts"].values():
-            assert nbytes == np.dtype(dtype).itemsize * int(np.prod(shape))
+        for p in e["parts"].values():
+            if p != "rans":
+                dtype, shape, offset, nbytes = p
+                assert nbytes == np.dtype(dtype).itemsize * int(np.prod(shape))
         if e["scheme"] == "fp16":
             dtype, shape, offset, nbytes = e["parts"]["w"]
             w = np.frombuffer(body, dtype=dtype, count=int(np.prod(shape)), offset=offset).reshape(shape)
