@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import train_gpt
 from tools import harness
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 FAKE_CODE = b'"""A stand-in train_gpt.py: the harness copies it and compares it with the logs, never runs it."""\n'
+SHIPPED = train_gpt.ship_code(FAKE_CODE)      # what the record holds and each run counted as bytes_code
 VAL_TOKENS, VAL_BYTES = 9553, 16217
 RULES_FIELDS = ["author", "github_id", "name", "blurb", "date", "val_loss", "val_bpb", "bytes_total", "bytes_code",
                 "track", "seeds", "seed_results", "val_bpb_std", "hardware", "pytorch_version", "t_statistic",
@@ -180,7 +182,8 @@ def fake_summary(run_id, seed, val_bpb, **overrides):
              torch_version="2.13.0+cpu", cuda_version=None, eval_only=False, steps=1000 + seed,
              train_time_ms=590_000.0 + seed, step_avg_ms=590.0, tokens_per_s=1.0, stopped_early=True,
              pre_quant_val_loss=None, pre_quant_val_bpb=val_bpb - 0.01, bytes_model=bytes_model,
-             bytes_code=len(FAKE_CODE), artifact_path=f"artifacts/{run_id}.pgolf.xz",
+             bytes_code=len(SHIPPED), code_readable_sha256=hashlib.sha256(FAKE_CODE).hexdigest(),
+             artifact_path=f"artifacts/{run_id}.pgolf.xz",
              artifact_sha256=hashlib.sha256(fake_artifact(run_id, bytes_model)).hexdigest(),
              train_data_last_read_ms=589_000.0, train_deadline_ms=600_000.0, train_data_read_after_deadline=False,
              val_loss=val_bpb * math.log(2) * VAL_BYTES / VAL_TOKENS, val_bpb=val_bpb, val_tokens=VAL_TOKENS,
@@ -291,13 +294,27 @@ def submit(*args):
     return harness.main(["submit", *args])
 
 
+@pytest.fixture(autouse=True)
+def shipped_in_this_process(monkeypatch, tmp_path_factory):
+    """submit makes the record's train_gpt.py with train_gpt.py's own ship_code in a subprocess of the code
+    it submits (tests/test_seeds.py runs that on real runs); the stand-in code here has no ship_code, so
+    its shipped form is made in this process with the same function and checked by the same verify."""
+    def shipped(code_path):
+        out = tmp_path_factory.mktemp("shipped") / "train_gpt.py"
+        out.write_bytes(train_gpt.ship_code(Path(code_path).read_bytes()))
+        reasons = harness._ship_code_module().verify_shipped(str(out), str(code_path))
+        return (None, reasons) if reasons else (out.read_bytes(), [])
+    monkeypatch.setattr(harness, "shipped_code", shipped)
+
+
 def test_assembles_a_record_with_every_file_and_statistic(entry, capsys):
     ids = write_runs(entry)
     assert submit(*ids, "--record-dir", "rec", "--date", "2026-04-01") == 0
     rec = entry / "rec"
     assert sorted(os.listdir(rec)) == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt",
                                               "pg.sweep.json"] + [f"{i}.{ext}" for i in ids for ext in ("txt", "json")])
-    assert (rec / "train_gpt.py").read_bytes() == FAKE_CODE
+    assert (rec / "train_gpt.py").read_bytes() == SHIPPED       # the shipped form, whose size the runs counted
+    assert harness._ship_code_module().verify_shipped(str(rec / "train_gpt.py"), str(entry / "train_gpt.py")) == []
     assert (rec / "requirements.txt").read_bytes() == (entry / "requirements.txt").read_bytes()
     for i in ids:
         for ext in ("txt", "json"):
@@ -319,7 +336,7 @@ def test_assembles_a_record_with_every_file_and_statistic(entry, capsys):
     assert sub["p_value"] == pytest.approx(p, abs=1e-8)
     assert sub["reference_val_bpb"] == [1.05989, 1.06125, 1.06209]
     assert sub["bytes_total"] == max(s["bytes_total"] for s in summaries) == summaries[2]["bytes_total"]
-    assert sub["bytes_code"] == len(FAKE_CODE)
+    assert sub["bytes_code"] == len(SHIPPED)
     assert sub["seeds"] == [1, 2, 3] and sub["track"] == "10min_16mb" and sub["date"] == "2026-04-01"
     assert sub["author"] is None and sub["github_id"] is None and sub["name"] == "baseline_9x512_int8_lzma"
     assert sub["hardware"] == "x86_64 (cpu, 2 processes)" and sub["pytorch_version"] == "2.13.0+cpu"
@@ -371,7 +388,7 @@ REFUSALS = {
     "failed the compliance audit: causality_ok": dict(runs=dict(summaries={1: fake_summary(
         "pg_seed2", 2, 1.05, compliance=dict(causality_ok=False, normalization_ok=True, all_ok=False))})),
     "disagree on code bytes": dict(runs=dict(summaries={1: fake_summary("pg_seed2", 2, 1.05,
-                                                                        bytes_code=len(FAKE_CODE) + 1)})),
+                                                                        bytes_code=len(SHIPPED) + 1)})),
     "records a train_gpt.py different from train_gpt.py": dict(after=lambda root: (root / "train_gpt.py").write_bytes(
         FAKE_CODE + b"# edited after the runs\n")),
     "already exists: a record is never overwritten": dict(after=lambda root: (root / "rec").mkdir()),
@@ -409,9 +426,9 @@ def test_refusals_say_why_exit_1_and_write_nothing(entry, capsys, reason):
 def test_the_artifact_is_measured_not_trusted(entry):
     """bytes_total in the summary says nothing the harness believes: it measures the artifact on disk, so a
     summary under-reporting a 16,000,001-byte model is refused, and one whose sizes are right is accepted."""
-    big = 16_000_001 - len(FAKE_CODE)
+    big = 16_000_001 - len(SHIPPED)
     s = fake_summary("pg_seed1", 1, 1.05, bytes_model=big)
-    s["bytes_model"], s["bytes_total"] = 1_000, 1_000 + len(FAKE_CODE)      # the lie
+    s["bytes_model"], s["bytes_total"] = 1_000, 1_000 + len(SHIPPED)      # the lie
     ids = write_runs(entry, seeds=(1,), summaries={0: s})
     (entry / "artifacts" / "pg_seed1.pgolf.xz").write_bytes(fake_artifact("pg_seed1", big))
     assert submit(*ids, "--record-dir", "rec") == 1
@@ -986,3 +1003,24 @@ def test_requirements_have_floors_not_pins():
     assert set(reqs) >= {"torch", "numpy", "sentencepiece"}
     assert all("==" not in line for line in reqs.values()), reqs
     assert re.fullmatch(r"torch>=2\.(\d+)", reqs["torch"]) and int(reqs["torch"].split(".")[1]) >= 5
+
+
+def test_a_run_of_other_readable_code_or_another_shipped_size_is_refused(entry, capsys):
+    """The record holds the shipped form of the readable train_gpt.py: a run that counted other code bytes,
+    or recorded another readable source, did not run it."""
+    ids = write_runs(entry, summaries={0: fake_summary("pg_seed1", 1, 1.05, code_readable_sha256="0" * 64),
+                                       1: fake_summary("pg_seed2", 2, 1.05, bytes_code=len(FAKE_CODE))})
+    assert submit(*ids, "--record-dir", "rec") == 1
+    err = capsys.readouterr().err
+    assert f"seed 1 (pg_seed1) ran a readable source of sha256 {'0' * 64}, not train_gpt.py's" in err
+    assert f"seed 2 (pg_seed2) counted {len(FAKE_CODE)} code bytes; the shipped form of train_gpt.py is {len(SHIPPED)}" in err
+
+
+def test_a_log_of_the_shipped_code_is_a_log_of_this_code(entry):
+    """A run started from the shipped file logs the code it unpacks to (comments and docstrings gone)."""
+    ids = write_runs(entry)
+    unpacked = harness._ship_code_module().unpack_shipped(SHIPPED)[0]
+    for i in ids:
+        log = entry / "logs" / f"{i}.txt"
+        log.write_bytes(unpacked + log.read_bytes()[len(FAKE_CODE):])
+    assert submit(*ids, "--record-dir", "rec") == 0

@@ -27,7 +27,7 @@ def rehearsal_env(**extra):
 
 def copy_rehearsal(dest: Path) -> Path:
     """The files the rehearsal needs, copied to `dest` (it writes data/, logs/ and artifacts/ there)."""
-    for rel in ("train_gpt.py", "tools/__init__.py", "tools/harness.py", "tools/gpu_rehearsal.sh"):
+    for rel in ("train_gpt.py", "tools/__init__.py", "tools/harness.py", "tools/ship_code.py", "tools/gpu_rehearsal.sh"):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / rel, dest / rel)
     return dest

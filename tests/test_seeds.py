@@ -29,7 +29,7 @@ from tools import harness
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ENTRY_FILES = ["train_gpt.py", "run_8xh100.sh", "requirements.txt", "submission.json", "tools/__init__.py",
-               "tools/harness.py"]
+               "tools/harness.py", "tools/ship_code.py"]
 TINY = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "MODEL_DIM": "64", "NUM_HEADS": "4",
         "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8",
         "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "32", "VAL_MAX_TOKENS": "4096",
@@ -99,12 +99,13 @@ def test_every_file_of_the_record(three_seeds):
     assert sorted(files) == sorted(["README.md", "submission.json", "train_gpt.py", "requirements.txt",
                                     "e2e.sweep.json"] + logs)
     sha = lambda p: hashlib.sha256(Path(p).read_bytes()).hexdigest()  # noqa: E731
-    assert files["train_gpt.py"] == sha(root / "train_gpt.py")
+    shipped = train_gpt.ship_code((root / "train_gpt.py").read_bytes())   # the record ships the compressed form
+    assert files["train_gpt.py"] == hashlib.sha256(shipped).hexdigest()
     assert files["requirements.txt"] == sha(root / "requirements.txt")
     for name in logs:
         assert files[name] == sha(root / "logs" / name)
     code = (root / "train_gpt.py").read_text()
-    for s in SEEDS:  # the copy is the source each run logged
+    for s in SEEDS:  # the readable source each run logged
         assert (root / "logs" / f"e2e_seed{s}.txt").read_text().startswith(code + "=" * 100 + "\n")
 
 
@@ -143,7 +144,8 @@ def test_every_statistic_recomputed_from_the_summaries(three_seeds):
     assert sub["p_value"] == pytest.approx(t_cdf_by_integration(t, df), abs=1e-8)
     assert sub["reference_val_bpb"] == list(ref)
     assert sub["bytes_total"] == max(s["bytes_total"] for s in summaries)
-    assert sub["bytes_code"] == summaries[0]["bytes_code"] == (three_seeds["root"] / "train_gpt.py").stat().st_size
+    assert sub["bytes_code"] == summaries[0]["bytes_code"] == len(train_gpt.ship_code((three_seeds["root"] / "train_gpt.py")
+                                                                                       .read_bytes()))
     assert sub["seeds"] == list(SEEDS)
     for s in summaries:
         assert sub["seed_results"][str(s["seed"])] == dict(

@@ -46,7 +46,9 @@ import re
 import secrets
 import shlex
 import shutil
+import subprocess
 import sys
+import tempfile
 import sysconfig
 import warnings
 from pathlib import Path
@@ -692,9 +694,38 @@ def full_validation(runs: Sequence[SeedRun]) -> bool:
     return all(r.summary["val_full_split"] is True for r in runs)
 
 
-def check_runs(runs: Sequence[SeedRun], code: bytes | None, code_path: str) -> list[str]:
+@functools.cache
+def _ship_code_module():
+    """tools/ship_code.py (standard library only), beside this file, however the harness was started."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("ship_code", Path(__file__).with_name("ship_code.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def shipped_code(code_path: Path) -> tuple[bytes | None, list[str]]:
+    """The train_gpt.py a record ships for the readable source at code_path: its shipped form, made by
+    tools/ship_code.py in a subprocess (train_gpt.py's own ship_code(), which imports torch; the harness
+    does not) and checked by tools/ship_code.verify_shipped (same AST and line numbers, the readable
+    source's sha256). Output: (the shipped bytes, []) or (None, the reasons)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "train_gpt.py"
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("ship_code.py")), "write", str(out),
+                               "--source", str(code_path)], capture_output=True, text=True)
+        if proc.returncode:
+            return None, [f"cannot make the shipped form of {code_path}: "
+                          + ((proc.stderr or proc.stdout).strip().splitlines() or ["no output"])[-1]]
+        reasons = _ship_code_module().verify_shipped(str(out), str(code_path))
+        return (None, reasons) if reasons else (out.read_bytes(), [])
+
+
+def check_runs(runs: Sequence[SeedRun], code: bytes | None, code_path: str, shipped: bytes | None = None) -> list[str]:
     """Every reason the runs cannot be assembled into one submission: each seed's own, then the
-    seeds against each other and against the train_gpt.py (`code`) the record would hold."""
+    seeds against each other and against the train_gpt.py the record would hold: `shipped`, the
+    shipped form of the readable source `code` (each run counted its size as bytes_code, recorded
+    the readable source's sha256, and logged the readable source or, run from the shipped file, the
+    code it unpacks to)."""
     reasons = [r for run in runs for r in check_run(run)]
     seeds = [run.seed for run in runs]
     repeated = sorted({s for s in seeds if seeds.count(s) > 1}, key=str)
@@ -706,15 +737,18 @@ def check_runs(runs: Sequence[SeedRun], code: bytes | None, code_path: str) -> l
                                                                        for r in runs) + "): they ran different train_gpt.py")
     if code is None:
         reasons.append(f"{code_path} is missing: the record needs the script that ran")
-    else:
-        source_end = code + LOG_SOURCE_END.encode()
+    elif shipped is not None:
+        digest = hashlib.sha256(code).hexdigest()
         for run in runs:
-            if run.summary["bytes_code"] != len(code):
-                reasons.append(f"{run.label} counted {run.summary['bytes_code']} code bytes; {code_path} is {len(code)}")
-            if not run.txt_bytes.startswith(source_end):
-                reasons.append(f"{run.label}: its log records a train_gpt.py different from {code_path} "
-                               f"({len(code)} bytes; the run counted {run.summary['bytes_code']}): "
-                               "the record's copy would not be the code that ran")
+            if run.summary["bytes_code"] != len(shipped):
+                reasons.append(f"{run.label} counted {run.summary['bytes_code']} code bytes; the shipped form of "
+                               f"{code_path} is {len(shipped)}")
+            if run.summary.get("code_readable_sha256") != digest:
+                reasons.append(f"{run.label} ran a readable source of sha256 {run.summary.get('code_readable_sha256')}, "
+                               f"not {code_path}'s {digest}")
+            if not any(run.txt_bytes.startswith(source + LOG_SOURCE_END.encode()) for source in logged_sources(code, shipped)):
+                reasons.append(f"{run.label}: its log records a train_gpt.py different from {code_path} and from its "
+                               "shipped form: the record's copy would not be the code that ran")
     for key in ("val_tokens", "val_bytes", "val_split_tokens") + DATA_KEYS:
         if len({run.summary.get(key) for run in runs}) > 1:
             reasons.append(f"the seeds scored different validation sets ({key}: "
@@ -950,6 +984,12 @@ def read_sweep(path: Path, run_ids: Sequence[str]) -> tuple[dict | None, list[st
     return manifest, listed, reasons
 
 
+def logged_sources(code: bytes, shipped: bytes | None) -> tuple[bytes, ...]:
+    """What a run of this code logs as its source: the readable file, or (run from the shipped file) the
+    code the shipped file unpacks to."""
+    return (code,) if shipped is None else (code, _ship_code_module().unpack_shipped(shipped)[0])
+
+
 def check_record_dir(record_dir: Path, kind: str, unmet: Sequence[str], repo: Path) -> list[str]:
     """Where the runs may go: a record only into <repo>/records/track_10min_16mb/, a non-record only into
     <repo>/records/track_non_record_16mb/, a practice record under no records/ at all. Real paths on both
@@ -967,7 +1007,7 @@ def check_record_dir(record_dir: Path, kind: str, unmet: Sequence[str], repo: Pa
 
 
 def check_sweep(manifest: dict, path: Path, runs: Sequence[SeedRun], code: bytes | None, log_dir: str | os.PathLike,
-                excluded: dict[str, str] | None = None) -> list[str]:
+                excluded: dict[str, str] | None = None, shipped: bytes | None = None) -> list[str]:
     """The runs against their sweep: the manifest's code and seeds, and no training run of the same code in
     `log_dir` left out of it, whatever its settings (two sweeps that differ in a setting that changes
     nothing would otherwise be two draws to choose from), unless `excluded` names it with a reason (written
@@ -986,13 +1026,14 @@ def check_sweep(manifest: dict, path: Path, runs: Sequence[SeedRun], code: bytes
         reasons.append(f"--exclude {run_id}: it is a run of sweep {path}, which is submitted whole")
     if code is None or not runs:
         return reasons
-    source_end = code + LOG_SOURCE_END.encode()
+    heads = [source + LOG_SOURCE_END.encode() for source in logged_sources(code, shipped)]
     for txt in sorted(Path(log_dir).glob("*.txt")):
         if txt.stem in ids or txt.stem in excluded:
             continue
         with open(txt, "rb") as f:
-            if f.read(len(source_end)) != source_end:
-                continue
+            start = f.read(max(map(len, heads)))
+        if not any(start.startswith(head) for head in heads):
+            continue
         hp = logged_settings(txt)
         if hp is not None and hp.get("EVAL_ONLY"):
             continue                                    # a re-score: it trained nothing
@@ -1245,6 +1286,11 @@ def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: P
               "", "```bash", "pip install -r requirements.txt",
               " ".join(filter(None, [f'SEEDS="{seeds}"', f"NPROC={nproc}" if nproc != 8 else "",
                                      _env_line(explicit), "bash run_8xh100.sh"])), "```", "",
+              f"This folder's `train_gpt.py` is the shipped form of the readable source (sha256 "
+              f"`{s.get('code_readable_sha256')}`, the source every log begins with): {s['bytes_code']:,} bytes, the "
+              "`bytes_code` each run counted, which unpacks to the same code with comments and docstrings removed "
+              "(same AST and line numbers); `python3 tools/ship_code.py verify train_gpt.py --source <readable "
+              "train_gpt.py>` checks it, `python3 tools/ship_code.py unpack train_gpt.py code.py` shows it.", "",
               f"Settings not named are `train_gpt.py`'s defaults for `PRESET={_hp(first, 'PRESET')}`; every resolved "
               "setting is in each log's `hyperparameters:` line and in the `.json` summaries. This folder's "
               "`train_gpt.py` also runs on its own, from inside this folder (one seed; it writes `logs/` and "
@@ -1361,7 +1407,9 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
         return 1, None
     code_path, requirements_path = Path(code_path), Path(requirements_path)
     code = code_path.read_bytes() if code_path.is_file() else None
-    reasons = check_runs(runs, code, str(code_path)) + check_sweep(manifest, sweep_path, runs, code, log_dir, exclude)
+    shipped, reasons = shipped_code(code_path) if code is not None else (None, [])
+    reasons += (check_runs(runs, code, str(code_path), shipped)
+                + check_sweep(manifest, sweep_path, runs, code, log_dir, exclude, shipped))
     if not requirements_path.is_file():
         reasons.append(f"{requirements_path} is missing: the record needs it")
     numbers_ok = all(_number(r.summary[k]) for r in runs for k in ("val_bpb", "val_loss", "val_tokens", "val_bytes"))
@@ -1393,7 +1441,7 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
         print(f"submit: dry run: would write {record_dir} (a {kind})")
         return 0, sub
     files = {"README.md": record_readme(runs, sub, stats, record_dir, code).encode(),
-             "submission.json": _json_bytes(sub), "train_gpt.py": code,
+             "submission.json": _json_bytes(sub), "train_gpt.py": shipped,
              "requirements.txt": requirements_path.read_bytes(), sweep_path.name: _json_bytes(manifest)}
     for r in runs:
         files[f"{r.run_id}.txt"], files[f"{r.run_id}.json"] = r.txt_bytes, r.json_bytes
