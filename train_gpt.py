@@ -23,6 +23,7 @@ import lzma
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -557,7 +558,8 @@ def load_shard(path: str) -> np.ndarray:
 
 def find_shards(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    prefix = len(f"fineweb_{split}_")       # numbered shards only: fineweb_val_bytes_* is the byte sidecar
+    files = sorted(f for f in glob.glob(pattern) if os.path.basename(f)[prefix:-len(".bin")].isdigit())
     if not files:
         raise PipelineError(f"no {split} shards: nothing matches {pattern} (set DATA_PATH)")
     return files
@@ -681,10 +683,108 @@ def build_bpb_tables(tokenizer_path: str, vocab_size: int) -> tuple[np.ndarray, 
     return base_bytes, has_leading_space, is_boundary
 
 
+class ByteSidecar:
+    """Bytes per position of the validation stream, read from its sidecar (load_byte_sidecar): it replaces
+    the tables wherever the stream's bytes are counted (target_bytes)."""
+
+    def __init__(self, tokens: np.ndarray, nbytes: np.ndarray):
+        self.tokens, self.nbytes = tokens, nbytes
+
+
 def target_bytes(prev: np.ndarray, target: np.ndarray, tables) -> np.ndarray:
-    """UTF-8 bytes each target token stands for, given the token before it (int64)."""
+    """UTF-8 bytes each target token stands for, given the token before it (int64). With a ByteSidecar the
+    targets must be the validation stream's own, from its second token on."""
+    if isinstance(tables, ByteSidecar):
+        n = target.size
+        if not np.array_equal(target, tables.tokens[1:n + 1]):
+            raise PipelineError("the byte sidecar counts the validation stream; these targets are not its own")
+        return tables.nbytes[1:n + 1]
     base_bytes, has_leading_space, is_boundary = tables
     return base_bytes[target] + (has_leading_space[target] & ~is_boundary[prev])
+
+
+# --- CaseOps: case moved out of the text into operator symbols (records #1729 and #1855) ------------------
+# The CaseOps tokenizer (TOKENIZER_PATH ..._lossless_caps_caseops_v1_reserved.model) was trained on text where
+# every maximal run of ASCII letters is written in lower case after at most these operators: TITLE before a
+# word whose first letter was upper case, ALLCAPS before a word of 2+ letters all upper case, CAPNEXT before
+# each further upper-case letter of a mixed-case word; ESC before a literal operator character of the input.
+# The operators are the tokenizer's user-defined pieces. The map is a bijection from all strings onto its
+# image: caseops_decode(caseops_encode(x)) == x for every x, and a text t is a CaseOps text exactly when
+# caseops_encode(caseops_decode(t)) == t.
+CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+CASEOPS_OPERATORS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
+_CASEOPS_WORD = re.compile("[A-Za-z]+|[\ue001-\ue004]")
+_CASEOPS_CODE = re.compile("\ue004([\ue001-\ue004])|\ue002([a-z]+)|[\ue001\ue003]([a-z])|[\ue001-\ue004]")
+
+
+class CaseOpsError(ValueError):
+    """A text that no input maps to (an operator without what must follow it)."""
+
+
+def _caseops_word(m: re.Match) -> str:
+    word = m.group()
+    if word in CASEOPS_OPERATORS:
+        return CASEOPS_ESC + word
+    lower = word.lower()
+    if word == lower:
+        return word
+    if len(word) >= 2 and word.isupper():
+        return CASEOPS_ALLCAPS + lower
+    head = (CASEOPS_TITLE if word[0].isupper() else "") + lower[0]
+    return head + "".join(CASEOPS_CAPNEXT + low if ch.isupper() else low for ch, low in zip(word[1:], lower[1:]))
+
+
+def caseops_encode(text: str) -> str:
+    """The CaseOps text of `text` (any string)."""
+    return _CASEOPS_WORD.sub(_caseops_word, text)
+
+
+def _caseops_undo(m: re.Match) -> str:
+    literal, allcaps, capital = m.groups()
+    if literal is not None:
+        return literal
+    if allcaps is not None:
+        return allcaps.upper()
+    if capital is not None:
+        return capital.upper()
+    raise CaseOpsError(f"operator U+{ord(m.group()):04X} at character {m.start()} is not followed by what it needs")
+
+
+def caseops_decode(text: str) -> str:
+    """The original of a CaseOps text; CaseOpsError when an operator is left dangling."""
+    return _CASEOPS_CODE.sub(_caseops_undo, text)
+
+
+def caseops_operator_ids(sp) -> dict[str, int] | None:
+    """{operator: id} when the tokenizer `sp` has the four operators as pieces (a CaseOps tokenizer), else None."""
+    ids = {op: sp.piece_to_id(op) for op in CASEOPS_OPERATORS}
+    found = [op for op, i in ids.items() if sp.id_to_piece(i) == op]
+    if found and len(found) < len(CASEOPS_OPERATORS):
+        raise PipelineError(f"the tokenizer has only {len(found)} of the 4 CaseOps operators as pieces")
+    return ids if found else None
+
+
+def stream_bytes(tokens: np.ndarray, tables, operator_ids: dict[str, int] | None = None) -> np.ndarray:
+    """UTF-8 bytes of the ORIGINAL text that each position of the token stream stands for (int64; position 0,
+    never a target, gets 0): target_bytes's count, except that on a CaseOps stream an operator stands for
+    no byte, and an operator character that ESC made literal stands for its own UTF-8 bytes. Over any
+    document this is the count the plain sp8192 tables give the same document (tests/test_caseops.py)."""
+    out = np.zeros(tokens.size, dtype=np.int64)
+    out[1:] = target_bytes(tokens[:-1], tokens[1:], tables)
+    if operator_ids is None:
+        return out
+    op_of = {i: op for op, i in operator_ids.items()}
+    out[np.isin(tokens, list(op_of))] = 0
+    esc = operator_ids[CASEOPS_ESC]
+    escaped = set()
+    for p in np.flatnonzero(tokens == esc).tolist():     # literal operators are rare: a short Python loop
+        if p in escaped:                                 # this ESC is itself the literal one
+            continue
+        if p + 1 >= tokens.size or int(tokens[p + 1]) not in op_of:
+            raise PipelineError(f"CaseOps stream: the ESC at position {p} is not followed by an operator")
+        escaped.add(p + 1)
+        out[p + 1] = len(op_of[int(tokens[p + 1])].encode("utf-8"))
+    return out
 
 
 TOKENIZER_CHECK_DOCS = 16           # validation documents decoded and re-encoded at start-up ...
@@ -703,13 +803,61 @@ def check_tokenizer_matches_shards(tokenizer_path: str, data_path: str, tokens: 
     if not docs:
         raise PipelineError(f"DATA_PATH={data_path}: the validation stream holds no complete document (each starts "
                             f"with BOS id {BOS_ID}), so TOKENIZER_PATH={tokenizer_path} cannot be checked against it")
+    not_caseops = [] if caseops_operator_ids(sp) is not None else None
     for i, doc in enumerate(docs):
         ids = doc.tolist()
-        if max(ids, default=0) >= sp.vocab_size() or sp.encode(sp.decode(ids)) != ids:
+        if max(ids, default=0) >= sp.vocab_size() or sp.encode(text := sp.decode(ids)) != ids:
             raise PipelineError(f"TOKENIZER_PATH={tokenizer_path} did not write the shards in DATA_PATH={data_path}: "
                                 f"validation document {i} decodes and re-encodes to other ids (bytes would be "
                                 "counted with the wrong tables); point both at one tokenization")
+        if not_caseops is not None and not is_caseops_text(text):
+            not_caseops.append(i)
+    if not_caseops and len(not_caseops) > len(docs) // 4:
+        raise PipelineError(f"TOKENIZER_PATH={tokenizer_path} is a CaseOps tokenizer but validation documents {not_caseops} "
+                            f"of {len(docs)} in DATA_PATH={data_path} are not CaseOps text (the transform was not "
+                            "applied, or another one was): build the data with tools/caseops.py")
     return len(docs)
+
+
+def is_caseops_text(text: str) -> bool:
+    """Whether `text` is the CaseOps transform of some string. The tokenizer's NFKC normalization breaks this
+    for a few documents (fullwidth capitals become ASCII ones; "A" + combining ring becomes TITLE "å"), so
+    check_tokenizer_matches_shards refuses only when more than a quarter of the documents fail."""
+    try:
+        return caseops_encode(caseops_decode(text)) == text
+    except CaseOpsError:
+        return False
+
+
+def load_byte_sidecar(tokenizer_path: str, data_path: str, tokens: np.ndarray, tables):
+    """The byte count of the validation stream `tokens` (VAL_MAX_TOKENS may have cut it): a ByteSidecar when
+    fineweb_val_bytes_XXXXXX.bin files sit beside the validation shards (record #1729's layout: shard headers,
+    then one uint16 per token, parallel to fineweb_val_XXXXXX.bin), else the tables. A CaseOps tokenizer needs
+    one: its tables alone would count the operators' UTF-8 bytes. The sidecar must hold exactly the bytes
+    stream_bytes derives from the ids, the sp8192 tables' count of the same documents (tools/caseops.py writes
+    it; the record's own export counts each piece's raw span, whitespace the tokenizer collapsed included, and
+    is refused: docs/caseops.md)."""
+    operator_ids = caseops_operator_ids(open_tokenizer(tokenizer_path))
+    files = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_[0-9]*.bin")))
+    if not files:
+        if operator_ids is not None:
+            raise PipelineError(f"TOKENIZER_PATH={tokenizer_path} is a CaseOps tokenizer but DATA_PATH={data_path} has no "
+                                "fineweb_val_bytes_*.bin sidecar to count the original bytes (tools/caseops.py sidecar)")
+        return tables
+    shards = find_shards(data_path, "val")
+    if [os.path.basename(f).replace("_bytes", "") for f in files] != [os.path.basename(f) for f in shards]:
+        raise PipelineError(f"DATA_PATH={data_path}: the byte sidecar files {files} do not pair with the validation shards")
+    for f, shard in zip(files, shards):
+        if read_shard_header(f) != read_shard_header(shard):
+            raise PipelineError(f"{f}: {read_shard_header(f)} entries for the {read_shard_header(shard)} tokens of {shard}")
+    nbytes = np.concatenate([np.asarray(load_shard(f)) for f in files])[:tokens.size].astype(np.int64)
+    expected = stream_bytes(tokens, tables, operator_ids)
+    if not np.array_equal(nbytes[1:], expected[1:]):
+        first = int(np.flatnonzero(nbytes[1:] != expected[1:])[0]) + 1
+        raise PipelineError(f"DATA_PATH={data_path}: the byte sidecar counts {int(nbytes[1:].sum())} bytes, the tokens stand for "
+                            f"{int(expected[1:].sum())} (first difference at position {first}: {int(nbytes[first])} vs "
+                            f"{int(expected[first])}); rewrite it with tools/caseops.py sidecar")
+    return ByteSidecar(tokens, nbytes)
 
 
 def file_sha256(paths: list[str]) -> str:
@@ -3175,6 +3323,10 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     val_files = find_shards(hp.data_path, "val")
     docs_checked = check_tokenizer_matches_shards(hp.tokenizer_path, hp.data_path,
                                                   load_shard(val_files[0])[:TOKENIZER_CHECK_TOKENS])
+    tables = load_byte_sidecar(hp.tokenizer_path, hp.data_path, val_tokens, tables)
+    if isinstance(tables, ByteSidecar):
+        log(f"val bytes: from the sidecar fineweb_val_bytes_*.bin ({int(tables.nbytes[1:].sum())} bytes, equal to the "
+            "count derived from the ids)")
     data = dict(tokenizer_sha256=file_sha256([hp.tokenizer_path]), val_shards_sha256=file_sha256(val_files),
                 tokenizer_check_docs=docs_checked)
     log(f"val_stream_tokens:{val_tokens.size} (of {split_tokens}" + (", partial validation)" if val_tokens.size < split_tokens else ")"))
