@@ -1,6 +1,7 @@
 """CaseOps data: challenge-format shards of case-transformed text plus the validation byte sidecar.
 
     python3 tools/caseops.py build --docs DOCS.jsonl --out DIR --tokenizer CASEOPS.model --val-docs N
+    python3 tools/caseops.py build --plain --docs DOCS.jsonl --out DIR --tokenizer SP.model --val-docs N
     python3 tools/caseops.py sidecar --data DIR --tokenizer CASEOPS.model
     python3 tools/caseops.py docs --data DIR --tokenizer SP.model --out DOCS.jsonl
 
@@ -10,7 +11,8 @@ tokenized as [BOS] + ids and written as fineweb_{val,train}_XXXXXX.bin; beside t
 fineweb_val_bytes_XXXXXX.bin (same header, one uint16 per token) holds the bytes of the ORIGINAL text each
 token stands for: train_gpt.stream_bytes, equal over every document to the plain sp8192 tables' count.
 sidecar: (re)writes that sidecar from the validation shards' ids (e.g. over a downloaded CaseOps export,
-whose own sidecar counts other bytes: docs/caseops.md).
+whose own sidecar counts other bytes: docs/caseops.md). build --plain: the same split of the same documents with
+a plain tokenizer, no transform and no sidecar (the control of a CaseOps comparison).
 docs: decodes a shard folder back into a documents file, refusing any document whose text does not
 re-encode to the same ids (the development shards become input for build).
 """
@@ -57,22 +59,28 @@ def write_sidecar(out_dir: str, tokens: np.ndarray, tokenizer: str, shard_tokens
     return int(nbytes.sum())
 
 
-def build(docs_path: str, out_dir: str, tokenizer: str, val_docs: int, shard_tokens: int = SHARD_TOKENS) -> dict:
-    """Write the CaseOps shards and the sidecar of `docs_path` into the new folder `out_dir`."""
+def build(docs_path: str, out_dir: str, tokenizer: str, val_docs: int, shard_tokens: int = SHARD_TOKENS,
+          plain: bool = False) -> dict:
+    """Write the CaseOps shards and the sidecar of `docs_path` into the new folder `out_dir` (plain: the
+    documents as they are, with a tokenizer that is not CaseOps, and no sidecar)."""
     import sentencepiece as spm
     docs = read_docs(docs_path)
     if not 0 < val_docs < len(docs):
         raise train_gpt.PipelineError(f"--val-docs {val_docs}: need 1 to {len(docs) - 1} of the {len(docs)} documents")
     sp = spm.SentencePieceProcessor(model_file=tokenizer)
-    if train_gpt.caseops_operator_ids(sp) is None:
-        raise train_gpt.PipelineError(f"{tokenizer} has no CaseOps operator pieces")
+    if (train_gpt.caseops_operator_ids(sp) is None) != plain:
+        raise train_gpt.PipelineError(f"{tokenizer} " + ("is a CaseOps tokenizer: drop --plain" if plain else
+                                                         "has no CaseOps operator pieces (--plain builds without them)"))
+    transform = (lambda d: d) if plain else train_gpt.caseops_encode
     os.makedirs(out_dir, exist_ok=False)
-    val = harness.encode_documents(sp, [train_gpt.caseops_encode(d) for d in docs[:val_docs]])
-    train = harness.encode_documents(sp, [train_gpt.caseops_encode(d) for d in docs[val_docs:]])
+    val = harness.encode_documents(sp, [transform(d) for d in docs[:val_docs]])
+    train = harness.encode_documents(sp, [transform(d) for d in docs[val_docs:]])
     harness.write_split(out_dir, "val", val, shard_tokens)
     harness.write_split(out_dir, "train", train, shard_tokens)
-    return dict(val_docs=val_docs, train_docs=len(docs) - val_docs, val_tokens=int(val.size),
-                train_tokens=int(train.size), val_bytes=write_sidecar(out_dir, val, tokenizer, shard_tokens))
+    info = dict(val_docs=val_docs, train_docs=len(docs) - val_docs, val_tokens=int(val.size), train_tokens=int(train.size))
+    if not plain:
+        info["val_bytes"] = write_sidecar(out_dir, val, tokenizer, shard_tokens)
+    return info
 
 
 def rewrite_sidecar(data_dir: str, tokenizer: str) -> int:
@@ -123,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tokenizer", required=True)
     b.add_argument("--val-docs", type=int, required=True, help="the first N documents are validation (FineWeb: 50000)")
     b.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
+    b.add_argument("--plain", action="store_true", help="no transform, no sidecar: a plain tokenizer's control set")
     s = sub.add_parser("sidecar")
     s.add_argument("--data", required=True)
     s.add_argument("--tokenizer", required=True)
@@ -133,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.command == "build":
-            print(json.dumps(build(args.docs, args.out, args.tokenizer, args.val_docs, args.shard_tokens)))
+            print(json.dumps(build(args.docs, args.out, args.tokenizer, args.val_docs, args.shard_tokens, args.plain)))
         elif args.command == "sidecar":
             print(f"val_bytes:{rewrite_sidecar(args.data, args.tokenizer)}")
         else:
