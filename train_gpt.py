@@ -113,6 +113,8 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "BIGRAM_DIM": (int, 112, "BigramHash embedding width (projected to MODEL_DIM)"),
     "SMEAR_GATE": (int, 1, "1 = SmearGate: mix the previous token's embedding in (never into a BOS)"),
     "SMEAR_GATE_DIMS": (int, 12, "SmearGate's gate is 2 sigmoid(w . x_t[:N]) of the current token's first N dims; 0 = a constant gate"),
+    "SKIP_GATES": (int, 1, "U-Net skips: 1 = over the visiting positions of the layer order (the looped stack's repeats included), each x <- lerp(w skip, x, sigmoid(g)) (record #1855); 0 = additive skips between physical layers on their first visit"),
+    "INIT_ORTHOGONAL": (int, 1, "1 = orthogonal initialisation of the Q, K, V and MLP-up matrices (record #1855); 0 = PyTorch's default"),
     "LN_SCALE": (int, 1, "1 = scale each block's normalized inputs by 1/sqrt(layer + 1)"),
     "RECUR_LAYERS": (str, "3-5", "depth recurrence: contiguous layers 'a-b' re-run in a row; empty = off"),
     "RECUR_PASSES": (int, 3, "passes through RECUR_LAYERS once recurrence is on"),
@@ -126,6 +128,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "MATRIX_LR": (float, 0.026, "Muon learning rate for matrices"),
     "SCALAR_LR": (float, 0.02, "Adam learning rate for vectors and scalars"),
     "TIED_EMBED_LR": (float, 0.03, "Adam learning rate for the tied embedding and the BigramHash table"),
+    "GATES_IN_ADAM": (int, 1, "1 = the attention and SmearGate gate matrices train with AdamW, as record #1855 (Muon only on the weight matrices); 0 = with Muon"),
     "MUON_MOMENTUM": (float, 0.97, "Muon momentum after warm-up"),
     "MUON_MOMENTUM_WARMUP_START": (float, 0.92, "Muon momentum at the start of training"),
     "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.3, "fraction of the run over which Muon momentum warms up"),
@@ -140,8 +143,9 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "ADAM_EPS": (float, 1e-8, "Adam epsilon"),
     "GRAD_CLIP_NORM": (float, 0.3, "clip the global gradient norm; 0 = off"),
     "LR_WARMUP_FRAC": (float, 0.0, "fraction of the run with a linear learning-rate warm-up"),
-    "WARMDOWN_FRAC": (float, 0.85, "final fraction of the run with a linear decay to LR_FLOOR"),
+    "WARMDOWN_FRAC": (float, 0.85, "final fraction of the run with the learning-rate warmdown (WARMDOWN_SHAPE, ending at LR_FLOOR)"),
     "LR_FLOOR": (float, 0.1, "learning-rate scale the warmdown ends at"),
+    "WARMDOWN_SHAPE": (str, "clamp", "warmdown of the LR scale: clamp = max(remaining, LR_FLOOR), linear to 0 cut at the floor (record #1855); lerp = LR_FLOOR + (1 - LR_FLOOR) remaining"),
     "EMA_HORIZON_FRAC": (float, 0.058, "EMA of the weights with this time constant, as a fraction of the run; exported; 0 = off"),
     "COMPILE": (int, -1, "torch.compile the model: 1 on, 0 off, -1 = on for CUDA, off for CPU"),
     "COMPILE_OPTIMIZE_DDP": (int, 0, "1 = dynamo's DDPOptimizer splits each compiled training graph at DDP's gradient buckets; 0 = one graph, as every April record ran it"),
@@ -151,10 +155,10 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "ARTIFACT_BUDGET_BYTES": (int, CHALLENGE_CAP_BYTES, "cap on raw code bytes + compressed model bytes (at most the challenge's 16,000,000)"),
     "LZMA_PRESET": (int, 9, "lzma preset for the artifact (0-9)"),
     "QUANT_MATRIX_BITS": (int, 6, "bits per weight of the large matrices (5-8, per-row scale)"),
-    "QUANT_CLIP_SIGMAS_MLP": (float, 12.0, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use"),
+    "QUANT_CLIP_SIGMAS_MLP": (float, 11.5, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use"),
     "QUANT_CLIP_SIGMAS_ATTN": (float, 13.0, "SDClip k of the attention (and every other) matrix"),
     "QUANT_EMBED_BITS": (int, 7, "bits per weight of the embedding tables (5-8, per-row scale)"),
-    "QUANT_CLIP_SIGMAS_EMBED": (float, 15.0, "SDClip k of the embedding tables"),
+    "QUANT_CLIP_SIGMAS_EMBED": (float, 14.0, "SDClip k of the embedding tables"),
     "LQER_TENSORS": (int, 3, "LQER: a low-rank correction of the quantization error for this many tensors (largest error first); 0 = off"),
     "LQER_RANK": (int, 4, "rank of each LQER correction"),
     "TERNARY_PATTERNS": (str, "", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none"),
@@ -176,6 +180,7 @@ STACK1024 = {
     "MUON_WD": 0.04, "EMBED_WD": 0.04, "ADAM_WD": 0.04, "BETA2": 0.95, "WARMDOWN_FRAC": 0.5, "EMA_HORIZON_FRAC": 0.048,
     "LATE_QAT_THRESHOLD": 0.25, "QUANT_EMBED_BITS": 8, "QUANT_CLIP_SIGMAS_EMBED": 20.0, "LQER_TENSORS": 0,
     "TTT_ENABLED": 0, "TTT_LR": 0.002, "TTT_LR_SCHEDULE": "constant", "TTT_GRAD_CLIP": 0.0, "TTT_LAST_N": 2,
+    "SKIP_GATES": 0, "INIT_ORTHOGONAL": 0, "GATES_IN_ADAM": 0, "WARMDOWN_SHAPE": "lerp", "QUANT_CLIP_SIGMAS_MLP": 12.0,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -314,7 +319,7 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
     if hp.eval_only and not os.path.isfile(hp.eval_only):
         raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
-    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM"]:
+    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM", "SKIP_GATES", "INIT_ORTHOGONAL", "GATES_IN_ADAM"]:
         if hp.values[name] not in (0, 1):
             raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
     for name in ["ATTN_GATE_DIMS", "SMEAR_GATE_DIMS"]:
@@ -322,7 +327,8 @@ def validate_settings(hp: Hyperparameters) -> None:
             raise PipelineError(f"{name}={hp.values[name]} exceeds MODEL_DIM={hp.model_dim}")
     if hp.parallel_lanes not in (1, 2):
         raise PipelineError(f"PARALLEL_LANES={hp.parallel_lanes} must be 1 or 2")
-    for name, choices in (("MUON_NS_COEFFS", NEWTON_SCHULZ_COEFFS), ("TTT_LR_SCHEDULE", ("cosine", "constant"))):
+    for name, choices in (("MUON_NS_COEFFS", NEWTON_SCHULZ_COEFFS), ("TTT_LR_SCHEDULE", ("cosine", "constant")),
+                          ("WARMDOWN_SHAPE", ("clamp", "lerp"))):
         if hp.values[name] not in choices:
             raise PipelineError(f"{name}={hp.values[name]!r} must be one of {', '.join(choices)}")
     if hp.mlp_act not in ("relu2", "leaky_relu2"):
@@ -1181,19 +1187,30 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(hp, i) for i in range(hp.num_layers)])
         self.final_norm = RMSNorm()
         self.num_encoder = hp.num_layers // 2
-        self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
         self.recur_range = parse_layer_range(hp.recur_layers)
         self.recur_passes = hp.recur_passes
         self.recurrence_on = False
+        # SKIP_GATES=1 (record #1855): the skips pair visiting positions of layer_order(), the first half's
+        # outputs feeding the second half last in, first out; skip k: x <- lerp(w_k skip, x, sigmoid(g_k)), g = 0
+        # at the start (half and half). The parameters of skip k serve both layer orders (recurrence off, on).
+        self.skip_gated = bool(hp.skip_gates)
+        positions = len(self.layer_order(recurrence=True)) if self.skip_gated else hp.num_layers
+        self.num_skips = min(positions // 2, positions - positions // 2)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, hp.model_dim)) if self.skip_gated else None
+        if hp.init_orthogonal:      # record #1855: orthogonal Q, K, V and MLP-up (the output projections stay 0)
+            for b in self.blocks:
+                for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
+                    nn.init.orthogonal_(lin.weight)
 
     def set_attention_backend(self, backend: str) -> None:
         for block in self.blocks:
             block.attn.backend = backend
 
-    def layer_order(self) -> list[int]:
+    def layer_order(self, recurrence: bool | None = None) -> list[int]:
+        """The blocks in the order they run (RECUR_LAYERS repeated when recurrence is on, or when asked)."""
         order = list(range(len(self.blocks)))
-        if self.recurrence_on and self.recur_range:
+        if (self.recurrence_on if recurrence is None else recurrence) and self.recur_range:
             lo, hi = self.recur_range
             order = order[:hi + 1] + list(range(lo, hi + 1)) * (self.recur_passes - 1) + order[hi + 1:]
         return order
@@ -1220,21 +1237,27 @@ class GPT(nn.Module):
         """The final norm's input (B, T, d)."""
         x = self.embed(input_ids, cache)
         x0, skips, seen, lanes = x, [], set(), None
-        for slot, i in enumerate(self.layer_order()):
+        order = self.layer_order()
+        half = len(order) // 2
+        for slot, i in enumerate(order):
             first = i not in seen
             seen.add(i)
-            if first and i >= self.num_encoder and skips:
-                skip = self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-                if lanes is None:
-                    x = x + skip
+            k = slot - half if self.skip_gated else i - self.num_encoder     # which skip this position takes
+            if skips and k >= 0 and (self.skip_gated or first):
+                skip = self.skip_weights[k].to(x.dtype) * skips.pop()
+                stream = x if lanes is None else lanes[0]
+                if self.skip_gated:
+                    stream = torch.lerp(skip, stream, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
                 else:
-                    lanes = (lanes[0] + skip, lanes[1])
+                    stream = stream + skip
+                x, lanes = (stream, None) if lanes is None else (x, (stream, lanes[1]))
             block = self.blocks[i]
             if block.lanes == 2:
                 lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot)
             else:
                 x = block(x, x0, cache, slot)
-            if first and i < self.num_encoder:
+            encoder = slot < half if self.skip_gated else (first and i < self.num_encoder)
+            if encoder:
                 skips.append(x)
         if cache is not None:
             cache.pos += input_ids.size(1)
@@ -1421,10 +1444,17 @@ class Muon(torch.optim.Optimizer):
                     p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
+def gate_weights(model: GPT) -> list[Tensor]:
+    """The attention output gates' and the SmearGate's matrices (a few dims in, one value per head out)."""
+    gates = [b.attn.gate for b in model.blocks] + [model.smear_gate]
+    return [g.weight for g in gates if g is not None]
+
+
 def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for every linear weight; AdamW for the embedding tables (EMBED_WD) and everything else
-    (ADAM_WD)."""
-    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    """Muon for every linear weight (but the gates with GATES_IN_ADAM=1, as record #1855); AdamW for the
+    embedding tables (EMBED_WD) and everything else (ADAM_WD)."""
+    in_adam = {id(w) for w in gate_weights(model)} if hp.gates_in_adam else set()
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in in_adam]
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     taken = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in taken]
@@ -1452,11 +1482,14 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
 # -----------------------------------------------------------------------------
 
 def lr_scale(progress: float, hp: Hyperparameters) -> float:
-    """Linear warm-up over LR_WARMUP_FRAC, flat, then linear decay to LR_FLOOR over the last WARMDOWN_FRAC."""
+    """Linear warm-up over LR_WARMUP_FRAC, flat, then over the last WARMDOWN_FRAC a linear decay that ends at
+    LR_FLOOR (WARMDOWN_SHAPE=lerp) or falls towards 0 and is held at LR_FLOOR (clamp)."""
     if hp.lr_warmup_frac > 0 and progress < hp.lr_warmup_frac:
         return progress / hp.lr_warmup_frac
     if hp.warmdown_frac > 0 and progress > 1.0 - hp.warmdown_frac:
         remaining = max(0.0, (1.0 - progress) / hp.warmdown_frac)
+        if hp.warmdown_shape == "clamp":          # record #1855 (from #1787's MIN_LR)
+            return max(remaining, hp.lr_floor)
         return hp.lr_floor + (1.0 - hp.lr_floor) * remaining
     return 1.0
 

@@ -23,6 +23,7 @@ TRAINING_SETTINGS = [
     ("MUON_WD", "0"), ("EMBED_WD", "0"), ("ADAM_WD", "0"), ("MATRIX_LR", "0.05"), ("SCALAR_LR", "0.05"),
     ("TIED_EMBED_LR", "0.05"), ("BETA2", "0.95"), ("WARMDOWN_FRAC", "0.3"), ("LR_FLOOR", "0"),
     ("EMA_HORIZON_FRAC", "0"), ("LATE_QAT_THRESHOLD", "0"),
+    ("SKIP_GATES", "0"), ("INIT_ORTHOGONAL", "0"), ("GATES_IN_ADAM", "0"), ("WARMDOWN_SHAPE", "lerp"),
 ]
 
 
