@@ -161,6 +161,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "QUANT_CLIP_SIGMAS_EMBED": (float, 14.0, "SDClip k of the embedding tables"),
     "LQER_TENSORS": (int, 3, "LQER: a low-rank correction of the quantization error for this many tensors (largest error first); 0 = off"),
     "LQER_RANK": (int, 4, "rank of each LQER correction"),
+    "LQER_FACTORS": (str, "asym4", "LQER factor storage: asym4 = A = U S as int2 in [-2, 1] with one scale, B = V^T as int4 in [-8, 7] in groups of 64 (record #1855); row6 = balanced U sqrt(S), sqrt(S) V^T as 6-bit absmax per row"),
     "TERNARY_PATTERNS": (str, "", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none"),
     "TERNARY_FROM_STEP": (int, -1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on"),
     "LATE_QAT_THRESHOLD": (float, 0.2, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off"),
@@ -328,7 +329,8 @@ def validate_settings(hp: Hyperparameters) -> None:
     if hp.parallel_lanes not in (1, 2):
         raise PipelineError(f"PARALLEL_LANES={hp.parallel_lanes} must be 1 or 2")
     for name, choices in (("MUON_NS_COEFFS", NEWTON_SCHULZ_COEFFS), ("TTT_LR_SCHEDULE", ("cosine", "constant")),
-                          ("WARMDOWN_SHAPE", ("clamp", "lerp"))):
+                          ("WARMDOWN_SHAPE", ("clamp", "lerp")),
+                          ("LQER_FACTORS", LQER_FORMATS)):
         if hp.values[name] not in choices:
             raise PipelineError(f"{name}={hp.values[name]!r} must be one of {', '.join(choices)}")
     if hp.mlp_act not in ("relu2", "leaky_relu2"):
@@ -1909,7 +1911,9 @@ TERNARY_GROUP = 128        # ternary weights share one scale per 128 inputs (Bon
 FP16_TINY = torch.finfo(torch.float16).tiny
 GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal is added to the diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
-LQER_BITS = 6              # LQER factors: per-row absmax integers of this many bits, fp16 scales
+LQER_BITS = 6              # LQER_FACTORS=row6: per-row absmax integers of this many bits, fp16 scales
+LQER_GROUP = 64            # LQER_FACTORS=asym4: B's int4 scale groups (record #1855's LQER_ASYM_GROUP)
+LQER_FORMATS = ("asym4", "row6")
 FIT_MAX_SCALE = 4.0        # the budget fit coarsens k at most this much (about 2 bits per weight) per rung
 FIT_ATTEMPTS = 6           # quantize-and-pack attempts per rung of the precision ladder
 FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
@@ -2214,7 +2218,10 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, sigmas: float,
 # so both factors quantize alike), stored as LQER_BITS-bit integers (A by column, B by row, absmax
 # scales). Every integer matrix gets a candidate, scored by the drop in Hessian-weighted error that the
 # stored (quantized) factors bring; the LQER_TENSORS with the largest drop keep theirs. Loading adds
-# A B to the dequantized weight.
+# A B to the dequantized weight. LQER_FACTORS=asym4 (record #1855) stores instead A = U S (all of the
+# singular values) as int2 in [-2, 1] with one fp16 scale max|A| / 1.5, and B = V^T (orthonormal rows) as int4
+# in [-8, 7] with an fp16 scale max|g| / 7.5 per group g of LQER_GROUP consecutive values of a row (a row
+# whose length is no multiple of it is one group). Its lqer_b_scale is 2-D (rank, groups), row6's 1-D.
 
 def absmax_rows(t: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     qmax = 2 ** (bits - 1) - 1
@@ -2222,14 +2229,30 @@ def absmax_rows(t: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return round_rows(t, scale, qmax), scale
 
 
-def lqer_candidate(w: Tensor, deq: Tensor, hessian: Tensor | None, rank: int) -> tuple[dict[str, Tensor], float]:
+def lqer_asym4(a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """Stored parts of A (m x r, = U S) and B (r x n, = V^T) in the asym4 format."""
+    sa = (a.abs().amax() / 1.5).clamp_min(FP16_TINY).half().reshape(1)
+    qa = torch.clamp(torch.round(a.T / sa.float()), -2, 1)
+    r, n = b.shape
+    group = LQER_GROUP if n % LQER_GROUP == 0 else n
+    bg = b.reshape(r, n // group, group)
+    sb = (bg.abs().amax(dim=2) / 7.5).clamp_min(FP16_TINY).half()
+    qb = torch.clamp(torch.round(bg / sb.float()[..., None]), -8, 7).reshape(r, n)
+    return dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb)
+
+
+def lqer_candidate(w: Tensor, deq: Tensor, hessian: Tensor | None, rank: int,
+                   factors: str = "asym4") -> tuple[dict[str, Tensor], float]:
     """(stored LQER parts, drop in Hessian-weighted error they bring) for one matrix; identity H without one."""
     u, s, vh = torch.linalg.svd((w.float() - deq).double(), full_matrices=False)
     r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    qa, sa = absmax_rows((u[:, :r] * root).T.float(), LQER_BITS)
-    qb, sb = absmax_rows((root[:, None] * vh[:r]).float(), LQER_BITS)
-    parts = dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb)
+    if factors == "asym4":
+        parts = lqer_asym4((u[:, :r] * s[:r]).float(), vh[:r].float())
+    else:
+        root = s[:r].sqrt()
+        qa, sa = absmax_rows((u[:, :r] * root).T.float(), LQER_BITS)
+        qb, sb = absmax_rows((root[:, None] * vh[:r]).float(), LQER_BITS)
+        parts = dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb)
     h = hessian if hessian is not None else torch.eye(w.shape[1], device=w.device)
     before = hessian_error(w.float(), deq, h).sum()
     return parts, (before - hessian_error(w.float(), deq + lqer_correction(parts), h).sum()).item()
@@ -2238,6 +2261,11 @@ def lqer_candidate(w: Tensor, deq: Tensor, hessian: Tensor | None, rank: int) ->
 def lqer_correction(parts: dict) -> Tensor:
     """A B from stored LQER parts (tensors or arrays), float32."""
     t = {k: v if isinstance(v, Tensor) else torch.from_numpy(np.array(v)) for k, v in parts.items()}
+    if t["lqer_b_scale"].ndim == 2:            # asym4
+        qb, sb = t["lqer_b"].float(), t["lqer_b_scale"].float()
+        a = (t["lqer_a"].float() * t["lqer_a_scale"].float()).T
+        b = (qb.reshape(qb.shape[0], sb.shape[1], -1) * sb[..., None]).reshape(qb.shape).to(a.device)
+        return a @ b
     a = dequantize_rows(t["lqer_a"], t["lqer_a_scale"]).T
     b = dequantize_rows(t["lqer_b"], t["lqer_b_scale"]).to(a.device)
     return a @ b
@@ -2331,7 +2359,8 @@ STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask",
 
 
 def quantize_entry(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...], hessian: Tensor | None,
-                   preset: int, lqer_rank: int = 0, factor: GPTQFactor | None = None) -> tuple[dict, tuple | None]:
+                   preset: int, lqer_rank: int = 0, factor: GPTQFactor | None = None,
+                   lqer_factors: str = "asym4") -> tuple[dict, tuple | None]:
     """One tensor: ({name, scheme, shape, parts}, its LQER candidate (parts, error drop) or None when
     lqer_rank is 0 or the tensor is not an integer matrix). GPTQ on the Hessian's device when one is given."""
     scheme = choose_scheme(name, t, spec, ternary)
@@ -2342,18 +2371,18 @@ def quantize_entry(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ..
         return entry, None
     device = hessian.device if hessian is not None else t.device
     deq = dequantize_parts(stored, parts, list(t.shape)).to(device)
-    lqer, drop = lqer_candidate(t.to(device).float(), deq, hessian, lqer_rank)
+    lqer, drop = lqer_candidate(t.to(device).float(), deq, hessian, lqer_rank, lqer_factors)
     return entry, ({k: v.cpu() for k, v in lqer.items()}, drop)
 
 
 def quantize_state_dict(state: dict[str, Tensor], spec: QuantSpec, ternary: tuple[str, ...] = (),
                         hessians: dict[str, Tensor] | None = None, preset: int = 6,
-                        lqer_tensors: int = 0, lqer_rank: int = 4) -> list[dict]:
+                        lqer_tensors: int = 0, lqer_rank: int = 4, lqer_factors: str = "asym4") -> list[dict]:
     """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order, in one process; `hessians`
     (by weight name) turns on GPTQ for the integer matrices that have one. The export's distributed form
     is DistributedQuantizer; this one serves tests and tools."""
-    done = [quantize_entry(n, t, spec, ternary, (hessians or {}).get(n), preset, lqer_rank if lqer_tensors else 0)
-            for n, t in state.items()]
+    done = [quantize_entry(n, t, spec, ternary, (hessians or {}).get(n), preset, lqer_rank if lqer_tensors else 0,
+                           lqer_factors=lqer_factors) for n, t in state.items()]
     return add_lqer([e for e, _ in done], lqer_tensors, {e["name"]: c for e, c in done if c})
 
 
@@ -2390,13 +2419,14 @@ class DistributedQuantizer:
             if name not in self.factors:
                 self.factors[name] = gptq_factor(h)
             mine[name] = quantize_entry(name, self.state[name], spec, self.ternary, h, hp.lzma_preset, lqer_rank,
-                                        self.factors[name])
+                                        self.factors[name], hp.lqer_factors)
         done = {}
         for share in gather_to_main(self.rt, mine):
             done.update(share)
         if not self.rt.is_main:
             return None
-        results = [done.get(n) or quantize_entry(n, t, spec, self.ternary, None, hp.lzma_preset, lqer_rank)
+        results = [done.get(n) or quantize_entry(n, t, spec, self.ternary, None, hp.lzma_preset, lqer_rank,
+                                                 lqer_factors=hp.lqer_factors)
                    for n, t in self.state.items()]
         return add_lqer([e for e, _ in results], hp.lqer_tensors, {e["name"]: c for e, c in results if c})
 

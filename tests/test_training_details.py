@@ -61,3 +61,43 @@ def test_gates_train_with_adamw_not_muon():
 def test_clip_k_defaults_are_the_records():
     spec = train_gpt.QuantSpec.from_settings(train_gpt.read_settings({})[0])
     assert (spec.sigmas_of("mlp"), spec.sigmas_of("attn"), spec.sigmas_of("embed")) == (11.5, 13.0, 14.0)
+
+
+def asym4_by_hand(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Record #1855's LQER factor storage written as loops: A (m x r) int2 in [-2, 1] on one scale max|A| / 1.5;
+    B (r x n) int4 in [-8, 7], one scale max|g| / 7.5 per 64 consecutive values of a row. Returns the
+    dequantized (A, B), the scales rounded to fp16 as stored."""
+    sa = float(torch.tensor(float(a.abs().max()) / 1.5).half())
+    qa = torch.tensor([[min(1.0, max(-2.0, round(float(a[i, j]) / sa))) for j in range(a.shape[1])]
+                       for i in range(a.shape[0])])
+    out_b = torch.zeros_like(b)
+    for row in range(b.shape[0]):
+        for g0 in range(0, b.shape[1], 64):
+            g = b[row, g0:g0 + 64]
+            sb = float(torch.tensor(float(g.abs().max()) / 7.5).half())
+            out_b[row, g0:g0 + 64] = torch.tensor([min(7.0, max(-8.0, round(float(v) / sb))) * sb for v in g])
+    return qa * sa, out_b
+
+
+def test_lqer_asym4_factors_against_a_hand_written_quantizer():
+    torch.manual_seed(0)
+    w = torch.randn(96, 128)
+    deq = train_gpt.dequantize_rows(*train_gpt.quantize_rows(w, 5, 3.0))
+    parts, drop = train_gpt.lqer_candidate(w, deq, None, rank=4)           # asym4 is the default
+    assert parts["lqer_b_scale"].shape == (4, 2) and parts["lqer_a_scale"].shape == (1,)
+    u, s, vh = torch.linalg.svd((w - deq).double(), full_matrices=False)
+    a, b = asym4_by_hand((u[:, :4] * s[:4]).float(), vh[:4].float())
+    torch.testing.assert_close(train_gpt.lqer_correction(parts), a @ b, rtol=1e-5, atol=1e-6)
+    corrected = deq + a @ b
+    eye = torch.eye(128)
+    before, after = (train_gpt.hessian_error(w, x, eye).sum().item() for x in (deq, corrected))
+    assert drop == pytest.approx(before - after, rel=1e-5) and after < before
+    # stored in the artifact and loaded back: the corrected weight
+    q, scale = train_gpt.quantize_rows(w, 5, 3.0)
+    entry = dict(name="m.weight", scheme="int5_row", shape=[96, 128],
+                 parts=train_gpt.to_numpy_parts(dict(q=q, scale=scale, **parts)))
+    blob = train_gpt.pack_artifact([entry], 6, {})
+    torch.testing.assert_close(train_gpt.unpack_artifact(blob, "t")[0]["m.weight"], corrected, rtol=1e-5, atol=1e-5)
+    # row6 stays available and is told apart on load by its 1-D lqer_b_scale
+    row6, _ = train_gpt.lqer_candidate(w, deq, None, rank=4, factors="row6")
+    assert row6["lqer_b_scale"].ndim == 1 and row6["lqer_a"].abs().max() > 1
