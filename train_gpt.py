@@ -786,9 +786,9 @@ def stream_bytes(tokens: np.ndarray, tables, operator_ids: dict[str, int] | None
     esc = operator_ids[CASEOPS_ESC]
     escaped = set()
     for p in np.flatnonzero(tokens == esc).tolist():     # literal operators are rare: a short Python loop
-        if p in escaped:                                 # this ESC is itself the literal one
+        if p in escaped or p + 1 == tokens.size:         # itself the literal one; or the stream was cut after it
             continue
-        if p + 1 >= tokens.size or int(tokens[p + 1]) not in op_of:
+        if int(tokens[p + 1]) not in op_of:
             raise PipelineError(f"CaseOps stream: the ESC at position {p} is not followed by an operator")
         escaped.add(p + 1)
         out[p + 1] = len(op_of[int(tokens[p + 1])].encode("utf-8"))

@@ -128,6 +128,17 @@ def test_operators_are_the_record_tokenizers_user_symbols():
     assert train_gpt.caseops_operator_ids(spm.SentencePieceProcessor(model_file=str(SP8192))) is None
 
 
+def test_stream_bytes_escape_runs_by_hand():
+    """ESC ESC TITLE: a literal ESC (3 bytes) then a real TITLE (0), which no (previous, target) table can tell
+    from ESC TITLE (a literal TITLE, 3 bytes); an ESC the stream was cut after counts 0."""
+    tables = (np.full(16, 2, dtype=np.int64), np.zeros(16, dtype=bool), np.arange(16) < 2)
+    ops = {T: 4, A: 5, C: 6, E: 7}
+    stream = np.array([1, 9, 7, 7, 4, 9, 7, 4, 5, 9, 7])
+    assert train_gpt.stream_bytes(stream, tables, ops).tolist() == [0, 2, 0, 3, 0, 2, 0, 3, 0, 2, 0]
+    with pytest.raises(train_gpt.PipelineError, match="ESC at position 1 is not followed by an operator"):
+        train_gpt.stream_bytes(np.array([1, 7, 9]), tables, ops)
+
+
 def documents() -> list[str]:
     """Held-out-like text that does not survive encode -> decode (newlines, indentation, runs of spaces):
     stdlib docstrings, plus the adversarial strings."""
