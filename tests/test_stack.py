@@ -166,8 +166,13 @@ def test_recurrence_layer_order_and_skips():
     assert model.layer_order() == [0, 1, 2, 3, 4, 5]
     model.recurrence_on = True
     assert model.layer_order() == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
-    # repeated passes reuse the same weights: no new parameters
-    assert train_gpt.count_parameters(model) == train_gpt.count_parameters(train_gpt.GPT(tiny_hp(**{**ALL_OFF, "NUM_LAYERS": "6"})))
+    # repeated passes reuse the same weights: no new block parameters; with SKIP_GATES=1 (the default) the 10
+    # visiting positions take 5 skips instead of 3: two more (weight, gate) pairs of model_dim each
+    plain = train_gpt.count_parameters(train_gpt.GPT(tiny_hp(**{**ALL_OFF, "NUM_LAYERS": "6"})))
+    assert train_gpt.count_parameters(model) == plain + 2 * 2 * hp.model_dim
+    additive = {**ALL_OFF, "NUM_LAYERS": "6", "SKIP_GATES": "0"}
+    assert train_gpt.count_parameters(train_gpt.GPT(tiny_hp(**{**additive, "RECUR_LAYERS": "2-3"}))) == \
+        train_gpt.count_parameters(train_gpt.GPT(tiny_hp(**additive)))
 
 
 def test_flops_per_token_counts_recurrence():
