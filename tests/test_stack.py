@@ -220,10 +220,12 @@ def test_muon_weight_decay_is_decoupled():
 
 
 def test_lr_floor_and_warmdown():
-    hp = tiny_hp(WARMDOWN_FRAC="0.5", LR_FLOOR="0.1", LR_WARMUP_FRAC="0")
+    hp = tiny_hp(WARMDOWN_FRAC="0.5", LR_FLOOR="0.1", LR_WARMUP_FRAC="0", WARMDOWN_SHAPE="lerp")
     assert train_gpt.lr_scale(0.25, hp) == 1.0
     assert train_gpt.lr_scale(0.75, hp) == pytest.approx(0.1 + 0.9 * 0.5)
     assert train_gpt.lr_scale(1.0, hp) == pytest.approx(0.1)
+    clamp = hp.replace(warmdown_shape="clamp")      # the default (record #1855): 0.5 at 0.75, the floor from 0.95
+    assert [train_gpt.lr_scale(p, clamp) for p in (0.75, 0.94, 0.96)] == pytest.approx([0.5, 0.12, 0.1])
     assert train_gpt.lr_scale(1.0, tiny_hp(WARMDOWN_FRAC="0.5", LR_FLOOR="0")) == 0.0
 
 
