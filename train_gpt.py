@@ -192,6 +192,8 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "BIGRAM_DIM": (int, 112, "BigramHash embedding width (projected to MODEL_DIM)"),
     "SMEAR_GATE": (int, 1, "1 = SmearGate: mix the previous token's embedding in (never into a BOS)"),
     "SMEAR_GATE_DIMS": (int, 12, "SmearGate's gate is 2 sigmoid(w . x_t[:N]) of the current token's first N dims; 0 = a constant gate"),
+    "SKIP_GATES": (int, 1, "U-Net skips: 1 = over the visiting positions of the layer order (the looped stack's repeats included), each x <- lerp(w skip, x, sigmoid(g)) (record #1855); 0 = additive skips between physical layers on their first visit"),
+    "INIT_ORTHOGONAL": (int, 1, "1 = orthogonal initialisation of the Q, K, V and MLP-up matrices (record #1855); 0 = PyTorch's default"),
     "LN_SCALE": (int, 1, "1 = scale each block's normalized inputs by 1/sqrt(layer + 1)"),
     "RECUR_LAYERS": (str, "3-5", "depth recurrence: contiguous layers 'a-b' re-run in a row; empty = off"),
     "RECUR_PASSES": (int, 3, "passes through RECUR_LAYERS once recurrence is on"),
@@ -205,6 +207,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "MATRIX_LR": (float, 0.026, "Muon learning rate for matrices"),
     "SCALAR_LR": (float, 0.02, "Adam learning rate for vectors and scalars"),
     "TIED_EMBED_LR": (float, 0.03, "Adam learning rate for the tied embedding and the BigramHash table"),
+    "GATES_IN_ADAM": (int, 1, "1 = the attention and SmearGate gate matrices train with AdamW, as record #1855 (Muon only on the weight matrices); 0 = with Muon"),
     "MUON_MOMENTUM": (float, 0.97, "Muon momentum after warm-up"),
     "MUON_MOMENTUM_WARMUP_START": (float, 0.92, "Muon momentum at the start of training"),
     "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.3, "fraction of the run over which Muon momentum warms up"),
@@ -219,8 +222,9 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "ADAM_EPS": (float, 1e-8, "Adam epsilon"),
     "GRAD_CLIP_NORM": (float, 0.3, "clip the global gradient norm; 0 = off"),
     "LR_WARMUP_FRAC": (float, 0.0, "fraction of the run with a linear learning-rate warm-up"),
-    "WARMDOWN_FRAC": (float, 0.85, "final fraction of the run with a linear decay to LR_FLOOR"),
+    "WARMDOWN_FRAC": (float, 0.85, "final fraction of the run with the learning-rate warmdown (WARMDOWN_SHAPE, ending at LR_FLOOR)"),
     "LR_FLOOR": (float, 0.1, "learning-rate scale the warmdown ends at"),
+    "WARMDOWN_SHAPE": (str, "clamp", "warmdown of the LR scale: clamp = max(remaining, LR_FLOOR), linear to 0 cut at the floor (record #1855); lerp = LR_FLOOR + (1 - LR_FLOOR) remaining"),
     "EMA_HORIZON_FRAC": (float, 0.058, "EMA of the weights with this time constant, as a fraction of the run; exported; 0 = off"),
     "COMPILE": (int, -1, "torch.compile the model: 1 on, 0 off, -1 = on for CUDA, off for CPU"),
     "COMPILE_OPTIMIZE_DDP": (int, 0, "1 = dynamo's DDPOptimizer splits each compiled training graph at DDP's gradient buckets; 0 = one graph, as every April record ran it"),
@@ -230,12 +234,13 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "ARTIFACT_BUDGET_BYTES": (int, CHALLENGE_CAP_BYTES, "cap on raw code bytes + compressed model bytes (at most the challenge's 16,000,000)"),
     "LZMA_PRESET": (int, 9, "lzma preset for the artifact (0-9)"),
     "QUANT_MATRIX_BITS": (int, 6, "bits per weight of the large matrices (5-8, per-row scale)"),
-    "QUANT_CLIP_SIGMAS_MLP": (float, 12.0, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use"),
+    "QUANT_CLIP_SIGMAS_MLP": (float, 11.5, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use"),
     "QUANT_CLIP_SIGMAS_ATTN": (float, 13.0, "SDClip k of the attention (and every other) matrix"),
     "QUANT_EMBED_BITS": (int, 7, "bits per weight of the embedding tables (5-8, per-row scale)"),
-    "QUANT_CLIP_SIGMAS_EMBED": (float, 15.0, "SDClip k of the embedding tables"),
+    "QUANT_CLIP_SIGMAS_EMBED": (float, 14.0, "SDClip k of the embedding tables"),
     "LQER_TENSORS": (int, 3, "LQER: a low-rank correction of the quantization error for this many tensors (largest error first); 0 = off"),
     "LQER_RANK": (int, 4, "rank of each LQER correction"),
+    "LQER_FACTORS": (str, "asym4", "LQER factor storage: asym4 = A = U S as int2 in [-2, 1] with one scale, B = V^T as int4 in [-8, 7] in groups of 64 (record #1855); row6 = balanced U sqrt(S), sqrt(S) V^T as 6-bit absmax per row"),
     "TERNARY_PATTERNS": (str, "", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none"),
     "TERNARY_FROM_STEP": (int, -1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on"),
     "LATE_QAT_THRESHOLD": (float, 0.2, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off"),
@@ -255,6 +260,7 @@ STACK1024 = {
     "MUON_WD": 0.04, "EMBED_WD": 0.04, "ADAM_WD": 0.04, "BETA2": 0.95, "WARMDOWN_FRAC": 0.5, "EMA_HORIZON_FRAC": 0.048,
     "LATE_QAT_THRESHOLD": 0.25, "QUANT_EMBED_BITS": 8, "QUANT_CLIP_SIGMAS_EMBED": 20.0, "LQER_TENSORS": 0,
     "TTT_ENABLED": 0, "TTT_LR": 0.002, "TTT_LR_SCHEDULE": "constant", "TTT_GRAD_CLIP": 0.0, "TTT_LAST_N": 2,
+    "SKIP_GATES": 0, "INIT_ORTHOGONAL": 0, "GATES_IN_ADAM": 0, "WARMDOWN_SHAPE": "lerp", "QUANT_CLIP_SIGMAS_MLP": 12.0,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -393,7 +399,7 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
     if hp.eval_only and not os.path.isfile(hp.eval_only):
         raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
-    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM"]:
+    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM", "SKIP_GATES", "INIT_ORTHOGONAL", "GATES_IN_ADAM"]:
         if hp.values[name] not in (0, 1):
             raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
     for name in ["ATTN_GATE_DIMS", "SMEAR_GATE_DIMS"]:
@@ -401,7 +407,9 @@ def validate_settings(hp: Hyperparameters) -> None:
             raise PipelineError(f"{name}={hp.values[name]} exceeds MODEL_DIM={hp.model_dim}")
     if hp.parallel_lanes not in (1, 2):
         raise PipelineError(f"PARALLEL_LANES={hp.parallel_lanes} must be 1 or 2")
-    for name, choices in (("MUON_NS_COEFFS", NEWTON_SCHULZ_COEFFS), ("TTT_LR_SCHEDULE", ("cosine", "constant"))):
+    for name, choices in (("MUON_NS_COEFFS", NEWTON_SCHULZ_COEFFS), ("TTT_LR_SCHEDULE", ("cosine", "constant")),
+                          ("WARMDOWN_SHAPE", ("clamp", "lerp")),
+                          ("LQER_FACTORS", LQER_FORMATS)):
         if hp.values[name] not in choices:
             raise PipelineError(f"{name}={hp.values[name]!r} must be one of {', '.join(choices)}")
     if hp.mlp_act not in ("relu2", "leaky_relu2"):
@@ -639,7 +647,8 @@ def load_shard(path: str) -> np.ndarray:
 
 def find_shards(data_path: str, split: str) -> list[str]:
     pattern = os.path.join(data_path, f"fineweb_{split}_*.bin")
-    files = sorted(glob.glob(pattern))
+    prefix = len(f"fineweb_{split}_")       # numbered shards only: fineweb_val_bytes_* is the byte sidecar
+    files = sorted(f for f in glob.glob(pattern) if os.path.basename(f)[prefix:-len(".bin")].isdigit())
     if not files:
         raise PipelineError(f"no {split} shards: nothing matches {pattern} (set DATA_PATH)")
     return files
@@ -763,10 +772,108 @@ def build_bpb_tables(tokenizer_path: str, vocab_size: int) -> tuple[np.ndarray, 
     return base_bytes, has_leading_space, is_boundary
 
 
+class ByteSidecar:
+    """Bytes per position of the validation stream, read from its sidecar (load_byte_sidecar): it replaces
+    the tables wherever the stream's bytes are counted (target_bytes)."""
+
+    def __init__(self, tokens: np.ndarray, nbytes: np.ndarray):
+        self.tokens, self.nbytes = tokens, nbytes
+
+
 def target_bytes(prev: np.ndarray, target: np.ndarray, tables) -> np.ndarray:
-    """UTF-8 bytes each target token stands for, given the token before it (int64)."""
+    """UTF-8 bytes each target token stands for, given the token before it (int64). With a ByteSidecar the
+    targets must be the validation stream's own, from its second token on."""
+    if isinstance(tables, ByteSidecar):
+        n = target.size
+        if not np.array_equal(target, tables.tokens[1:n + 1]):
+            raise PipelineError("the byte sidecar counts the validation stream; these targets are not its own")
+        return tables.nbytes[1:n + 1]
     base_bytes, has_leading_space, is_boundary = tables
     return base_bytes[target] + (has_leading_space[target] & ~is_boundary[prev])
+
+
+# --- CaseOps: case moved out of the text into operator symbols (records #1729 and #1855) ------------------
+# The CaseOps tokenizer (TOKENIZER_PATH ..._lossless_caps_caseops_v1_reserved.model) was trained on text where
+# every maximal run of ASCII letters is written in lower case after at most these operators: TITLE before a
+# word whose first letter was upper case, ALLCAPS before a word of 2+ letters all upper case, CAPNEXT before
+# each further upper-case letter of a mixed-case word; ESC before a literal operator character of the input.
+# The operators are the tokenizer's user-defined pieces. The map is a bijection from all strings onto its
+# image: caseops_decode(caseops_encode(x)) == x for every x, and a text t is a CaseOps text exactly when
+# caseops_encode(caseops_decode(t)) == t.
+CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC = "\ue001", "\ue002", "\ue003", "\ue004"
+CASEOPS_OPERATORS = (CASEOPS_TITLE, CASEOPS_ALLCAPS, CASEOPS_CAPNEXT, CASEOPS_ESC)
+_CASEOPS_WORD = re.compile("[A-Za-z]+|[\ue001-\ue004]")
+_CASEOPS_CODE = re.compile("\ue004([\ue001-\ue004])|\ue002([a-z]+)|[\ue001\ue003]([a-z])|[\ue001-\ue004]")
+
+
+class CaseOpsError(ValueError):
+    """A text that no input maps to (an operator without what must follow it)."""
+
+
+def _caseops_word(m: re.Match) -> str:
+    word = m.group()
+    if word in CASEOPS_OPERATORS:
+        return CASEOPS_ESC + word
+    lower = word.lower()
+    if word == lower:
+        return word
+    if len(word) >= 2 and word.isupper():
+        return CASEOPS_ALLCAPS + lower
+    head = (CASEOPS_TITLE if word[0].isupper() else "") + lower[0]
+    return head + "".join(CASEOPS_CAPNEXT + low if ch.isupper() else low for ch, low in zip(word[1:], lower[1:]))
+
+
+def caseops_encode(text: str) -> str:
+    """The CaseOps text of `text` (any string)."""
+    return _CASEOPS_WORD.sub(_caseops_word, text)
+
+
+def _caseops_undo(m: re.Match) -> str:
+    literal, allcaps, capital = m.groups()
+    if literal is not None:
+        return literal
+    if allcaps is not None:
+        return allcaps.upper()
+    if capital is not None:
+        return capital.upper()
+    raise CaseOpsError(f"operator U+{ord(m.group()):04X} at character {m.start()} is not followed by what it needs")
+
+
+def caseops_decode(text: str) -> str:
+    """The original of a CaseOps text; CaseOpsError when an operator is left dangling."""
+    return _CASEOPS_CODE.sub(_caseops_undo, text)
+
+
+def caseops_operator_ids(sp) -> dict[str, int] | None:
+    """{operator: id} when the tokenizer `sp` has the four operators as pieces (a CaseOps tokenizer), else None."""
+    ids = {op: sp.piece_to_id(op) for op in CASEOPS_OPERATORS}
+    found = [op for op, i in ids.items() if sp.id_to_piece(i) == op]
+    if found and len(found) < len(CASEOPS_OPERATORS):
+        raise PipelineError(f"the tokenizer has only {len(found)} of the 4 CaseOps operators as pieces")
+    return ids if found else None
+
+
+def stream_bytes(tokens: np.ndarray, tables, operator_ids: dict[str, int] | None = None) -> np.ndarray:
+    """UTF-8 bytes of the ORIGINAL text that each position of the token stream stands for (int64; position 0,
+    never a target, gets 0): target_bytes's count, except that on a CaseOps stream an operator stands for
+    no byte, and an operator character that ESC made literal stands for its own UTF-8 bytes. Over any
+    document this is the count the plain sp8192 tables give the same document (tests/test_caseops.py)."""
+    out = np.zeros(tokens.size, dtype=np.int64)
+    out[1:] = target_bytes(tokens[:-1], tokens[1:], tables)
+    if operator_ids is None:
+        return out
+    op_of = {i: op for op, i in operator_ids.items()}
+    out[np.isin(tokens, list(op_of))] = 0
+    esc = operator_ids[CASEOPS_ESC]
+    escaped = set()
+    for p in np.flatnonzero(tokens == esc).tolist():     # literal operators are rare: a short Python loop
+        if p in escaped or p + 1 == tokens.size:         # itself the literal one; or the stream was cut after it
+            continue
+        if int(tokens[p + 1]) not in op_of:
+            raise PipelineError(f"CaseOps stream: the ESC at position {p} is not followed by an operator")
+        escaped.add(p + 1)
+        out[p + 1] = len(op_of[int(tokens[p + 1])].encode("utf-8"))
+    return out
 
 
 TOKENIZER_CHECK_DOCS = 16           # validation documents decoded and re-encoded at start-up ...
@@ -785,13 +892,61 @@ def check_tokenizer_matches_shards(tokenizer_path: str, data_path: str, tokens: 
     if not docs:
         raise PipelineError(f"DATA_PATH={data_path}: the validation stream holds no complete document (each starts "
                             f"with BOS id {BOS_ID}), so TOKENIZER_PATH={tokenizer_path} cannot be checked against it")
+    not_caseops = [] if caseops_operator_ids(sp) is not None else None
     for i, doc in enumerate(docs):
         ids = doc.tolist()
-        if max(ids, default=0) >= sp.vocab_size() or sp.encode(sp.decode(ids)) != ids:
+        if max(ids, default=0) >= sp.vocab_size() or sp.encode(text := sp.decode(ids)) != ids:
             raise PipelineError(f"TOKENIZER_PATH={tokenizer_path} did not write the shards in DATA_PATH={data_path}: "
                                 f"validation document {i} decodes and re-encodes to other ids (bytes would be "
                                 "counted with the wrong tables); point both at one tokenization")
+        if not_caseops is not None and not is_caseops_text(text):
+            not_caseops.append(i)
+    if not_caseops and len(not_caseops) > len(docs) // 4:
+        raise PipelineError(f"TOKENIZER_PATH={tokenizer_path} is a CaseOps tokenizer but validation documents {not_caseops} "
+                            f"of {len(docs)} in DATA_PATH={data_path} are not CaseOps text (the transform was not "
+                            "applied, or another one was): build the data with tools/caseops.py")
     return len(docs)
+
+
+def is_caseops_text(text: str) -> bool:
+    """Whether `text` is the CaseOps transform of some string. The tokenizer's NFKC normalization breaks this
+    for a few documents (fullwidth capitals become ASCII ones; "A" + combining ring becomes TITLE "å"), so
+    check_tokenizer_matches_shards refuses only when more than a quarter of the documents fail."""
+    try:
+        return caseops_encode(caseops_decode(text)) == text
+    except CaseOpsError:
+        return False
+
+
+def load_byte_sidecar(tokenizer_path: str, data_path: str, tokens: np.ndarray, tables):
+    """The byte count of the validation stream `tokens` (VAL_MAX_TOKENS may have cut it): a ByteSidecar when
+    fineweb_val_bytes_XXXXXX.bin files sit beside the validation shards (record #1729's layout: shard headers,
+    then one uint16 per token, parallel to fineweb_val_XXXXXX.bin), else the tables. A CaseOps tokenizer needs
+    one: its tables alone would count the operators' UTF-8 bytes. The sidecar must hold exactly the bytes
+    stream_bytes derives from the ids, the sp8192 tables' count of the same documents (tools/caseops.py writes
+    it; the record's own export counts each piece's raw span, whitespace the tokenizer collapsed included, and
+    is refused: docs/caseops.md)."""
+    operator_ids = caseops_operator_ids(open_tokenizer(tokenizer_path))
+    files = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_[0-9]*.bin")))
+    if not files:
+        if operator_ids is not None:
+            raise PipelineError(f"TOKENIZER_PATH={tokenizer_path} is a CaseOps tokenizer but DATA_PATH={data_path} has no "
+                                "fineweb_val_bytes_*.bin sidecar to count the original bytes (tools/caseops.py sidecar)")
+        return tables
+    shards = find_shards(data_path, "val")
+    if [os.path.basename(f).replace("_bytes", "") for f in files] != [os.path.basename(f) for f in shards]:
+        raise PipelineError(f"DATA_PATH={data_path}: the byte sidecar files {files} do not pair with the validation shards")
+    for f, shard in zip(files, shards):
+        if read_shard_header(f) != read_shard_header(shard):
+            raise PipelineError(f"{f}: {read_shard_header(f)} entries for the {read_shard_header(shard)} tokens of {shard}")
+    nbytes = np.concatenate([np.asarray(load_shard(f)) for f in files])[:tokens.size].astype(np.int64)
+    expected = stream_bytes(tokens, tables, operator_ids)
+    if not np.array_equal(nbytes[1:], expected[1:]):
+        first = int(np.flatnonzero(nbytes[1:] != expected[1:])[0]) + 1
+        raise PipelineError(f"DATA_PATH={data_path}: the byte sidecar counts {int(nbytes[1:].sum())} bytes, the tokens stand for "
+                            f"{int(expected[1:].sum())} (first difference at position {first}: {int(nbytes[first])} vs "
+                            f"{int(expected[first])}); rewrite it with tools/caseops.py sidecar")
+    return ByteSidecar(tokens, nbytes)
 
 
 def file_sha256(paths: list[str]) -> str:
@@ -1115,19 +1270,30 @@ class GPT(nn.Module):
         self.blocks = nn.ModuleList([Block(hp, i) for i in range(hp.num_layers)])
         self.final_norm = RMSNorm()
         self.num_encoder = hp.num_layers // 2
-        self.num_skips = min(self.num_encoder, hp.num_layers - self.num_encoder)
-        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
         self.recur_range = parse_layer_range(hp.recur_layers)
         self.recur_passes = hp.recur_passes
         self.recurrence_on = False
+        # SKIP_GATES=1 (record #1855): the skips pair visiting positions of layer_order(), the first half's
+        # outputs feeding the second half last in, first out; skip k: x <- lerp(w_k skip, x, sigmoid(g_k)), g = 0
+        # at the start (half and half). The parameters of skip k serve both layer orders (recurrence off, on).
+        self.skip_gated = bool(hp.skip_gates)
+        positions = len(self.layer_order(recurrence=True)) if self.skip_gated else hp.num_layers
+        self.num_skips = min(positions // 2, positions - positions // 2)
+        self.skip_weights = nn.Parameter(torch.ones(self.num_skips, hp.model_dim))
+        self.skip_gates = nn.Parameter(torch.zeros(self.num_skips, hp.model_dim)) if self.skip_gated else None
+        if hp.init_orthogonal:      # record #1855: orthogonal Q, K, V and MLP-up (the output projections stay 0)
+            for b in self.blocks:
+                for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
+                    nn.init.orthogonal_(lin.weight)
 
     def set_attention_backend(self, backend: str) -> None:
         for block in self.blocks:
             block.attn.backend = backend
 
-    def layer_order(self) -> list[int]:
+    def layer_order(self, recurrence: bool | None = None) -> list[int]:
+        """The blocks in the order they run (RECUR_LAYERS repeated when recurrence is on, or when asked)."""
         order = list(range(len(self.blocks)))
-        if self.recurrence_on and self.recur_range:
+        if (self.recurrence_on if recurrence is None else recurrence) and self.recur_range:
             lo, hi = self.recur_range
             order = order[:hi + 1] + list(range(lo, hi + 1)) * (self.recur_passes - 1) + order[hi + 1:]
         return order
@@ -1154,21 +1320,27 @@ class GPT(nn.Module):
         """The final norm's input (B, T, d)."""
         x = self.embed(input_ids, cache)
         x0, skips, seen, lanes = x, [], set(), None
-        for slot, i in enumerate(self.layer_order()):
+        order = self.layer_order()
+        half = len(order) // 2
+        for slot, i in enumerate(order):
             first = i not in seen
             seen.add(i)
-            if first and i >= self.num_encoder and skips:
-                skip = self.skip_weights[i - self.num_encoder].to(x.dtype) * skips.pop()
-                if lanes is None:
-                    x = x + skip
+            k = slot - half if self.skip_gated else i - self.num_encoder     # which skip this position takes
+            if skips and k >= 0 and (self.skip_gated or first):
+                skip = self.skip_weights[k].to(x.dtype) * skips.pop()
+                stream = x if lanes is None else lanes[0]
+                if self.skip_gated:
+                    stream = torch.lerp(skip, stream, torch.sigmoid(self.skip_gates[k].to(x.dtype)))
                 else:
-                    lanes = (lanes[0] + skip, lanes[1])
+                    stream = stream + skip
+                x, lanes = (stream, None) if lanes is None else (x, (stream, lanes[1]))
             block = self.blocks[i]
             if block.lanes == 2:
                 lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot)
             else:
                 x = block(x, x0, cache, slot)
-            if first and i < self.num_encoder:
+            encoder = slot < half if self.skip_gated else (first and i < self.num_encoder)
+            if encoder:
                 skips.append(x)
         if cache is not None:
             cache.pos += input_ids.size(1)
@@ -1355,10 +1527,17 @@ class Muon(torch.optim.Optimizer):
                     p.add_(u.to(p.dtype), alpha=-group["lr"])
 
 
+def gate_weights(model: GPT) -> list[Tensor]:
+    """The attention output gates' and the SmearGate's matrices (a few dims in, one value per head out)."""
+    gates = [b.attn.gate for b in model.blocks] + [model.smear_gate]
+    return [g.weight for g in gates if g is not None]
+
+
 def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
-    """Muon for every linear weight; AdamW for the embedding tables (EMBED_WD) and everything else
-    (ADAM_WD)."""
-    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear)]
+    """Muon for every linear weight (but the gates with GATES_IN_ADAM=1, as record #1855); AdamW for the
+    embedding tables (EMBED_WD) and everything else (ADAM_WD)."""
+    in_adam = {id(w) for w in gate_weights(model)} if hp.gates_in_adam else set()
+    matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in in_adam]
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
     taken = {id(p) for p in matrices + tables}
     scalars = [p for p in model.parameters() if id(p) not in taken]
@@ -1386,11 +1565,14 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
 # -----------------------------------------------------------------------------
 
 def lr_scale(progress: float, hp: Hyperparameters) -> float:
-    """Linear warm-up over LR_WARMUP_FRAC, flat, then linear decay to LR_FLOOR over the last WARMDOWN_FRAC."""
+    """Linear warm-up over LR_WARMUP_FRAC, flat, then over the last WARMDOWN_FRAC a linear decay that ends at
+    LR_FLOOR (WARMDOWN_SHAPE=lerp) or falls towards 0 and is held at LR_FLOOR (clamp)."""
     if hp.lr_warmup_frac > 0 and progress < hp.lr_warmup_frac:
         return progress / hp.lr_warmup_frac
     if hp.warmdown_frac > 0 and progress > 1.0 - hp.warmdown_frac:
         remaining = max(0.0, (1.0 - progress) / hp.warmdown_frac)
+        if hp.warmdown_shape == "clamp":          # record #1855 (from #1787's MIN_LR)
+            return max(remaining, hp.lr_floor)
         return hp.lr_floor + (1.0 - hp.lr_floor) * remaining
     return 1.0
 
@@ -1810,7 +1992,9 @@ TERNARY_GROUP = 128        # ternary weights share one scale per 128 inputs (Bon
 FP16_TINY = torch.finfo(torch.float16).tiny
 GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal is added to the diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
-LQER_BITS = 6              # LQER factors: per-row absmax integers of this many bits, fp16 scales
+LQER_BITS = 6              # LQER_FACTORS=row6: per-row absmax integers of this many bits, fp16 scales
+LQER_GROUP = 64            # LQER_FACTORS=asym4: B's int4 scale groups (record #1855's LQER_ASYM_GROUP)
+LQER_FORMATS = ("asym4", "row6")
 FIT_MAX_SCALE = 4.0        # the budget fit coarsens k at most this much (about 2 bits per weight) per rung
 FIT_ATTEMPTS = 6           # quantize-and-pack attempts per rung of the precision ladder
 FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
@@ -2115,7 +2299,10 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, sigmas: float,
 # so both factors quantize alike), stored as LQER_BITS-bit integers (A by column, B by row, absmax
 # scales). Every integer matrix gets a candidate, scored by the drop in Hessian-weighted error that the
 # stored (quantized) factors bring; the LQER_TENSORS with the largest drop keep theirs. Loading adds
-# A B to the dequantized weight.
+# A B to the dequantized weight. LQER_FACTORS=asym4 (record #1855) stores instead A = U S (all of the
+# singular values) as int2 in [-2, 1] with one fp16 scale max|A| / 1.5, and B = V^T (orthonormal rows) as int4
+# in [-8, 7] with an fp16 scale max|g| / 7.5 per group g of LQER_GROUP consecutive values of a row (a row
+# whose length is no multiple of it is one group). Its lqer_b_scale is 2-D (rank, groups), row6's 1-D.
 
 def absmax_rows(t: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     qmax = 2 ** (bits - 1) - 1
@@ -2123,14 +2310,30 @@ def absmax_rows(t: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     return round_rows(t, scale, qmax), scale
 
 
-def lqer_candidate(w: Tensor, deq: Tensor, hessian: Tensor | None, rank: int) -> tuple[dict[str, Tensor], float]:
+def lqer_asym4(a: Tensor, b: Tensor) -> dict[str, Tensor]:
+    """Stored parts of A (m x r, = U S) and B (r x n, = V^T) in the asym4 format."""
+    sa = (a.abs().amax() / 1.5).clamp_min(FP16_TINY).half().reshape(1)
+    qa = torch.clamp(torch.round(a.T / sa.float()), -2, 1)
+    r, n = b.shape
+    group = LQER_GROUP if n % LQER_GROUP == 0 else n
+    bg = b.reshape(r, n // group, group)
+    sb = (bg.abs().amax(dim=2) / 7.5).clamp_min(FP16_TINY).half()
+    qb = torch.clamp(torch.round(bg / sb.float()[..., None]), -8, 7).reshape(r, n)
+    return dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb)
+
+
+def lqer_candidate(w: Tensor, deq: Tensor, hessian: Tensor | None, rank: int,
+                   factors: str = "asym4") -> tuple[dict[str, Tensor], float]:
     """(stored LQER parts, drop in Hessian-weighted error they bring) for one matrix; identity H without one."""
     u, s, vh = torch.linalg.svd((w.float() - deq).double(), full_matrices=False)
     r = min(rank, s.numel())
-    root = s[:r].sqrt()
-    qa, sa = absmax_rows((u[:, :r] * root).T.float(), LQER_BITS)
-    qb, sb = absmax_rows((root[:, None] * vh[:r]).float(), LQER_BITS)
-    parts = dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb)
+    if factors == "asym4":
+        parts = lqer_asym4((u[:, :r] * s[:r]).float(), vh[:r].float())
+    else:
+        root = s[:r].sqrt()
+        qa, sa = absmax_rows((u[:, :r] * root).T.float(), LQER_BITS)
+        qb, sb = absmax_rows((root[:, None] * vh[:r]).float(), LQER_BITS)
+        parts = dict(lqer_a=qa, lqer_a_scale=sa, lqer_b=qb, lqer_b_scale=sb)
     h = hessian if hessian is not None else torch.eye(w.shape[1], device=w.device)
     before = hessian_error(w.float(), deq, h).sum()
     return parts, (before - hessian_error(w.float(), deq + lqer_correction(parts), h).sum()).item()
@@ -2139,6 +2342,11 @@ def lqer_candidate(w: Tensor, deq: Tensor, hessian: Tensor | None, rank: int) ->
 def lqer_correction(parts: dict) -> Tensor:
     """A B from stored LQER parts (tensors or arrays), float32."""
     t = {k: v if isinstance(v, Tensor) else torch.from_numpy(np.array(v)) for k, v in parts.items()}
+    if t["lqer_b_scale"].ndim == 2:            # asym4
+        qb, sb = t["lqer_b"].float(), t["lqer_b_scale"].float()
+        a = (t["lqer_a"].float() * t["lqer_a_scale"].float()).T
+        b = (qb.reshape(qb.shape[0], sb.shape[1], -1) * sb[..., None]).reshape(qb.shape).to(a.device)
+        return a @ b
     a = dequantize_rows(t["lqer_a"], t["lqer_a_scale"]).T
     b = dequantize_rows(t["lqer_b"], t["lqer_b_scale"]).to(a.device)
     return a @ b
@@ -2247,7 +2455,8 @@ STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask",
 
 
 def quantize_entry(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...], hessian: Tensor | None,
-                   preset: int, lqer_rank: int = 0, factor: GPTQFactor | None = None) -> tuple[dict, tuple | None]:
+                   preset: int, lqer_rank: int = 0, factor: GPTQFactor | None = None,
+                   lqer_factors: str = "asym4") -> tuple[dict, tuple | None]:
     """One tensor: ({name, scheme, shape, parts}, its LQER candidate (parts, error drop) or None when
     lqer_rank is 0 or the tensor is not an integer matrix). GPTQ on the Hessian's device when one is given."""
     scheme = choose_scheme(name, t, spec, ternary)
@@ -2258,18 +2467,18 @@ def quantize_entry(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ..
         return entry, None
     device = hessian.device if hessian is not None else t.device
     deq = dequantize_parts(stored, parts, list(t.shape)).to(device)
-    lqer, drop = lqer_candidate(t.to(device).float(), deq, hessian, lqer_rank)
+    lqer, drop = lqer_candidate(t.to(device).float(), deq, hessian, lqer_rank, lqer_factors)
     return entry, ({k: v.cpu() for k, v in lqer.items()}, drop)
 
 
 def quantize_state_dict(state: dict[str, Tensor], spec: QuantSpec, ternary: tuple[str, ...] = (),
                         hessians: dict[str, Tensor] | None = None, preset: int = 6,
-                        lqer_tensors: int = 0, lqer_rank: int = 4) -> list[dict]:
+                        lqer_tensors: int = 0, lqer_rank: int = 4, lqer_factors: str = "asym4") -> list[dict]:
     """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order, in one process; `hessians`
     (by weight name) turns on GPTQ for the integer matrices that have one. The export's distributed form
     is DistributedQuantizer; this one serves tests and tools."""
-    done = [quantize_entry(n, t, spec, ternary, (hessians or {}).get(n), preset, lqer_rank if lqer_tensors else 0)
-            for n, t in state.items()]
+    done = [quantize_entry(n, t, spec, ternary, (hessians or {}).get(n), preset, lqer_rank if lqer_tensors else 0,
+                           lqer_factors=lqer_factors) for n, t in state.items()]
     return add_lqer([e for e, _ in done], lqer_tensors, {e["name"]: c for e, c in done if c})
 
 
@@ -2306,13 +2515,14 @@ class DistributedQuantizer:
             if name not in self.factors:
                 self.factors[name] = gptq_factor(h)
             mine[name] = quantize_entry(name, self.state[name], spec, self.ternary, h, hp.lzma_preset, lqer_rank,
-                                        self.factors[name])
+                                        self.factors[name], hp.lqer_factors)
         done = {}
         for share in gather_to_main(self.rt, mine):
             done.update(share)
         if not self.rt.is_main:
             return None
-        results = [done.get(n) or quantize_entry(n, t, spec, self.ternary, None, hp.lzma_preset, lqer_rank)
+        results = [done.get(n) or quantize_entry(n, t, spec, self.ternary, None, hp.lzma_preset, lqer_rank,
+                                                 lqer_factors=hp.lqer_factors)
                    for n, t in self.state.items()]
         return add_lqer([e for e, _ in results], hp.lqer_tensors, {e["name"]: c for e, c in results if c})
 
@@ -3497,6 +3707,10 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     val_files = find_shards(hp.data_path, "val")
     docs_checked = check_tokenizer_matches_shards(hp.tokenizer_path, hp.data_path,
                                                   load_shard(val_files[0])[:TOKENIZER_CHECK_TOKENS])
+    tables = load_byte_sidecar(hp.tokenizer_path, hp.data_path, val_tokens, tables)
+    if isinstance(tables, ByteSidecar):
+        log(f"val bytes: from the sidecar fineweb_val_bytes_*.bin ({int(tables.nbytes[1:].sum())} bytes, equal to the "
+            "count derived from the ids)")
     data = dict(tokenizer_sha256=file_sha256([hp.tokenizer_path]), val_shards_sha256=file_sha256(val_files),
                 tokenizer_check_docs=docs_checked)
     log(f"val_stream_tokens:{val_tokens.size} (of {split_tokens}" + (", partial validation)" if val_tokens.size < split_tokens else ")"))

@@ -300,7 +300,7 @@ def test_lqer_factors_reproduce_the_corrected_weight_and_lower_the_error(activat
     w, h = model.state_dict()[name], hessians[name]
     q, scale = train_gpt.gptq_quantize(w, h, 5, 8.0)
     deq = train_gpt.dequantize_rows(q, scale)
-    parts, drop = train_gpt.lqer_candidate(w, deq, h, rank=4)
+    parts, drop = train_gpt.lqer_candidate(w, deq, h, rank=4, factors="row6")
     assert parts["lqer_a"].shape == (4, w.shape[0]) and parts["lqer_b"].shape == (4, w.shape[1])
     qmax = 2 ** (train_gpt.LQER_BITS - 1) - 1
     assert all(parts[k].abs().max() <= qmax and torch.equal(parts[k], parts[k].round()) for k in ("lqer_a", "lqer_b"))

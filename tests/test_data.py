@@ -71,8 +71,10 @@ def test_find_shards_sorted_and_empty(tmp_path):
     for i in (2, 0, 1):
         harness.write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", [1, 2])
     harness.write_shard(tmp_path / "fineweb_val_000000.bin", [1, 2])
+    harness.write_shard(tmp_path / "fineweb_val_bytes_000000.bin", [0, 2])     # a CaseOps byte sidecar
     found = train_gpt.find_shards(str(tmp_path), "train")
     assert [os.path.basename(f) for f in found] == [f"fineweb_train_{i:06d}.bin" for i in range(3)]
+    assert [os.path.basename(f) for f in train_gpt.find_shards(str(tmp_path), "val")] == ["fineweb_val_000000.bin"]
     with pytest.raises(PipelineError) as err:
         train_gpt.find_shards(str(tmp_path / "nothing_here"), "train")
     assert os.path.join(str(tmp_path / "nothing_here"), "fineweb_train_*.bin") in str(err.value)

@@ -55,11 +55,22 @@ def model_ref(model, ids):
             gate = gate * 2 * torch.sigmoid(cur[..., :model.smear_dims] @ model.smear_gate.weight.T)
         x = torch.cat([x[:, :1], cur + model.smear * prev * gate], dim=1)
     x0, skips, seen, lanes = x, [], set(), None
-    for i in model.layer_order():
+    order = model.layer_order()
+    for pos, i in enumerate(order):
         b = model.blocks[i]
         first = i not in seen
         seen.add(i)
-        if first and i >= model.num_encoder and skips:
+        if model.skip_gates is not None:
+            # SKIP_GATES=1 (record #1855): visiting positions, the first half encoders; decoder position d takes
+            # skip d, x -> g x + (1 - g) w skip with g = sigmoid(gate)
+            d = pos - len(order) // 2
+            if d >= 0 and skips:
+                g = torch.sigmoid(model.skip_gates[d])
+                if lanes is None:
+                    x = g * x + (1 - g) * model.skip_weights[d] * skips.pop()
+                else:
+                    lanes = [g * lanes[0] + (1 - g) * model.skip_weights[d] * skips.pop(), lanes[1]]
+        elif first and i >= model.num_encoder and skips:
             skip = model.skip_weights[i - model.num_encoder] * skips.pop()
             if lanes is None:
                 x = x + skip
@@ -76,7 +87,7 @@ def model_ref(model, ids):
             h = mix(x)
             a = attn(h)
             x = h + a + mlp(h if b.parallel else h + a)
-        if first and i < model.num_encoder:
+        if (pos < len(order) // 2) if model.skip_gates is not None else (first and i < model.num_encoder):
             skips.append(x)
     return x if lanes is None else (lanes[0] + lanes[1]) / 2
 
@@ -86,6 +97,8 @@ def model_ref(model, ids):
     {"NUM_LAYERS": "5", "RECUR_LAYERS": "0-1", "PARALLEL_LAST_N": "3"},           # a lane block takes a skip
     {"NUM_LAYERS": "4", "RECUR_LAYERS": "", "PARALLEL_LAST_N": "2", "PARALLEL_LANES": "1"},   # single lane
     {"NUM_LAYERS": "4", "RECUR_LAYERS": "1-1", "PARALLEL_LAST_N": "0", "ATTN_GATE_DIMS": "0"},  # dense gate
+    {"NUM_LAYERS": "6", "RECUR_LAYERS": "1-2", "PARALLEL_LAST_N": "2", "SKIP_GATES": "0"},   # additive skips
+    {"NUM_LAYERS": "5", "RECUR_LAYERS": "0-1", "PARALLEL_LAST_N": "3", "SKIP_GATES": "0"},
 ])
 def test_the_forward_equals_the_hand_written_one(settings):
     hp = tiny_hp(BIGRAM_VOCAB=0, ATTN_GATE=1, XSA_LAST_N=2, **settings)
@@ -97,6 +110,8 @@ def test_the_forward_equals_the_hand_written_one(settings):
                 b.lane_resid.copy_(torch.tensor([0.7, 1.3]))
                 b.lane_post.copy_(torch.tensor([[0.5, -0.4], [1.5, 0.9]]))
         model.smear.normal_()
+        if model.skip_gates is not None:
+            model.skip_gates.normal_()             # gates away from their 0 init (half and half)
     ids = torch.randint(0, hp.vocab_size, (2, 16), generator=torch.Generator().manual_seed(3))
     ids[:, 5] = train_gpt.BOS_ID
     with torch.no_grad():

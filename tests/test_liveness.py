@@ -21,8 +21,9 @@ TRAINING_SETTINGS = [
     ("MLP_MULT", "3"),
     ("MUON_NS_COEFFS", "quintic"), ("MUON_MOMENTUM", "0.9"), ("MUON_MOMENTUM_WARMUP_FRAC", "0.8"),
     ("MUON_WD", "0"), ("EMBED_WD", "0"), ("ADAM_WD", "0"), ("MATRIX_LR", "0.05"), ("SCALAR_LR", "0.05"),
-    ("TIED_EMBED_LR", "0.05"), ("BETA2", "0.95"), ("WARMDOWN_FRAC", "0.3"), ("LR_FLOOR", "0"),
+    ("TIED_EMBED_LR", "0.05"), ("BETA2", "0.95"), ("WARMDOWN_FRAC", "0.3"), ("LR_FLOOR", "0.3"),
     ("EMA_HORIZON_FRAC", "0"), ("LATE_QAT_THRESHOLD", "0"),
+    ("SKIP_GATES", "0"), ("INIT_ORTHOGONAL", "0"), ("GATES_IN_ADAM", "0"), ("WARMDOWN_SHAPE", "lerp"),
 ]
 
 

@@ -166,8 +166,13 @@ def test_recurrence_layer_order_and_skips():
     assert model.layer_order() == [0, 1, 2, 3, 4, 5]
     model.recurrence_on = True
     assert model.layer_order() == [0, 1, 2, 3, 2, 3, 2, 3, 4, 5]
-    # repeated passes reuse the same weights: no new parameters
-    assert train_gpt.count_parameters(model) == train_gpt.count_parameters(train_gpt.GPT(tiny_hp(**{**ALL_OFF, "NUM_LAYERS": "6"})))
+    # repeated passes reuse the same weights: no new block parameters; with SKIP_GATES=1 (the default) the 10
+    # visiting positions take 5 skips instead of 3: two more (weight, gate) pairs of model_dim each
+    plain = train_gpt.count_parameters(train_gpt.GPT(tiny_hp(**{**ALL_OFF, "NUM_LAYERS": "6"})))
+    assert train_gpt.count_parameters(model) == plain + 2 * 2 * hp.model_dim
+    additive = {**ALL_OFF, "NUM_LAYERS": "6", "SKIP_GATES": "0"}
+    assert train_gpt.count_parameters(train_gpt.GPT(tiny_hp(**{**additive, "RECUR_LAYERS": "2-3"}))) == \
+        train_gpt.count_parameters(train_gpt.GPT(tiny_hp(**additive)))
 
 
 def test_flops_per_token_counts_recurrence():
@@ -215,10 +220,12 @@ def test_muon_weight_decay_is_decoupled():
 
 
 def test_lr_floor_and_warmdown():
-    hp = tiny_hp(WARMDOWN_FRAC="0.5", LR_FLOOR="0.1", LR_WARMUP_FRAC="0")
+    hp = tiny_hp(WARMDOWN_FRAC="0.5", LR_FLOOR="0.1", LR_WARMUP_FRAC="0", WARMDOWN_SHAPE="lerp")
     assert train_gpt.lr_scale(0.25, hp) == 1.0
     assert train_gpt.lr_scale(0.75, hp) == pytest.approx(0.1 + 0.9 * 0.5)
     assert train_gpt.lr_scale(1.0, hp) == pytest.approx(0.1)
+    clamp = hp.replace(warmdown_shape="clamp")      # the default (record #1855): 0.5 at 0.75, the floor from 0.95
+    assert [train_gpt.lr_scale(p, clamp) for p in (0.75, 0.94, 0.96)] == pytest.approx([0.5, 0.12, 0.1])
     assert train_gpt.lr_scale(1.0, tiny_hp(WARMDOWN_FRAC="0.5", LR_FLOOR="0")) == 0.0
 
 
