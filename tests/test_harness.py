@@ -613,7 +613,10 @@ def test_a_summary_without_the_data_pair_is_refused(entry, capsys):
     (dict(tokenizer_sha256=SP8192_SHA, val_split_tokens=SP8192_SPLIT, val_tokens=SP8192_SPLIT - 1), "sp8192 "
      "fineweb_8192_bpe.model"),
     (dict(tokenizer_sha256=SP8192_SHA), None),                            # sp8192's tokenizer, sp1024's split
-    (dict(tokenizer_sha256=CASEOPS_SHA), None),                           # CaseOps: not known yet
+    (dict(tokenizer_sha256=CASEOPS_SHA), None),                           # CaseOps tokenizer, sp1024's split
+    (dict(tokenizer_sha256=CASEOPS_SHA, val_split_tokens=47_851_521, val_tokens=47_851_520),
+     "CaseOps sp8192 fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"),   # the range the records' logs allow
+    (dict(tokenizer_sha256=CASEOPS_SHA, val_split_tokens=47_853_569, val_tokens=47_853_568), None),   # past it
     (dict(tokenizer_sha256=hashlib.sha256(b"demo").hexdigest()), None),   # the demo tokenizer
 ])
 def test_only_a_known_fineweb_data_pair_makes_a_record(entry, capsys, data, known):
@@ -663,6 +666,7 @@ def test_validation_shards_are_measured_where_present(entry, capsys):
     data = entry / "shards"
     harness.write_shard(data / "fineweb_val_000001.bin", [1, 5, 6])
     harness.write_shard(data / "fineweb_val_000000.bin", [1, 2, 3, 4])
+    harness.write_shard(data / "fineweb_val_bytes_000000.bin", [0, 1, 1, 1])   # a CaseOps byte sidecar: no shard
     digest = hashlib.sha256((data / "fineweb_val_000000.bin").read_bytes()
                             + (data / "fineweb_val_000001.bin").read_bytes()).hexdigest()
     assert harness.measure_data(None, str(data)) == dict(tokenizer_sha256=None, val_shards_sha256=digest,
