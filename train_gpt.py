@@ -106,6 +106,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "MLP_ACT": (str, "leaky_relu2", "MLP activation: relu2 (relu(x)^2) or leaky_relu2 (leaky_relu(x, 0.5)^2)"),
     "ROPE_DIMS": (int, 16, "head dims that get RoPE (partial RoPE); 0 = all"),
     "XSA_LAST_N": (int, 11, "XSA (subtract the output's component along its own value) in the last N layers; 0 = off"),
+    "ATTN_DOC_ISOLATION": (int, 1, "1 = a token attends only to earlier tokens of its own document (documents start at BOS), in training, evaluation and TTT; 0 = across documents"),
     "ATTN_GATE": (int, 1, "1 = per-head gate 2 sigmoid(W x) on the attention output"),
     "ATTN_GATE_DIMS": (int, 12, "the attention gate reads the first N dims of the block input (sparse gate); 0 = all dims (dense)"),
     "BIGRAM_VOCAB": (int, 0, "BigramHash buckets for the hashed (previous, current) token pair; 0 = off"),
@@ -313,7 +314,7 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
     if hp.eval_only and not os.path.isfile(hp.eval_only):
         raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
-    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM"]:
+    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM", "ATTN_DOC_ISOLATION"]:
         if hp.values[name] not in (0, 1):
             raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
     for name in ["ATTN_GATE_DIMS", "SMEAR_GATE_DIMS"]:
@@ -726,21 +727,25 @@ def file_sha256(paths: list[str]) -> str:
 # MODULES
 # One attention entry point: flash-attn (FA3's flash_attn_interface, else FA2's flash_attn) on
 # CUDA when importable, PyTorch SDPA otherwise. Both take q, k, v as (batch, seq, heads, dim)
-# with fewer k/v heads (GQA), causal.
+# with fewer k/v heads (GQA), causal. With ATTN_DOC_ISOLATION=1 (VarLen attention, records #1530 on)
+# a token also sees only its own document: flash_attn_varlen_func over the flattened batch on CUDA,
+# a block-diagonal causal mask with SDPA; both from the same document ids (document_ids).
 # -----------------------------------------------------------------------------
 
 def _import_flash_attn():
-    """(flash_attn_func, 'module version') of FA3 or FA2, whichever imports first; (None, None) if neither."""
+    """(flash_attn_func, flash_attn_varlen_func or None, 'module version') of FA3 or FA2, whichever imports
+    first; (None, None, None) if neither."""
     for module in ("flash_attn_interface", "flash_attn"):
         try:
             imported = __import__(module)
-            return imported.flash_attn_func, f"{module} {getattr(imported, '__version__', '(no version)')}"
+            return (imported.flash_attn_func, getattr(imported, "flash_attn_varlen_func", None),
+                    f"{module} {getattr(imported, '__version__', '(no version)')}")
         except (ImportError, AttributeError):
             continue
-    return None, None
+    return None, None, None
 
 
-FLASH_ATTN_FUNC, FLASH_ATTN_SOURCE = _import_flash_attn()
+FLASH_ATTN_FUNC, FLASH_VARLEN_FUNC, FLASH_ATTN_SOURCE = _import_flash_attn()
 
 
 FLASH_DTYPE = torch.bfloat16     # FA2/FA3 accept only fp16/bf16, one dtype for q, k and v
@@ -757,8 +762,11 @@ def check_attention_backend(hp: Hyperparameters, device: torch.device, backend: 
     """One line naming the attention kernel the run uses. On CUDA without flash-attn, SDPA would make every
     step slower without a word on the console (a torch reinstalled under a flash-attn wheel built for
     another torch stops it importing): that is an error unless ALLOW_SDPA=1."""
+    if backend == "flash" and hp.attn_doc_isolation and FLASH_VARLEN_FUNC is None:
+        raise PipelineError(f"ATTN_DOC_ISOLATION=1 needs flash_attn_varlen_func, which {FLASH_ATTN_SOURCE} lacks: "
+                            "install a flash-attn build that has it, or set ATTN_DOC_ISOLATION=0")
     if backend == "flash":
-        return f"attention: flash ({FLASH_ATTN_SOURCE})"
+        return f"attention: flash ({FLASH_ATTN_SOURCE})" + (", varlen per document" if hp.attn_doc_isolation else "")
     if device.type == "cuda" and FLASH_ATTN_FUNC is None and not hp.allow_sdpa:
         raise PipelineError(f"flash-attn does not import here (neither flash_attn_interface (FA3) nor flash_attn "
                             f"(FA2)): install the build made for torch {torch.__version__}, or set ALLOW_SDPA=1 to "
@@ -768,14 +776,45 @@ def check_attention_backend(hp: Hyperparameters, device: torch.device, backend: 
     return f"attention: sdpa (PyTorch scaled_dot_product_attention; {why})"
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """q: (B, T, H, D); k, v: (B, T, Hkv, D). Returns (B, T, H, D)."""
+def document_ids(input_ids: Tensor) -> Tensor:
+    """(B, T) -> (B, T): the index of each token's document inside its row (a BOS starts the next one;
+    tokens before a row's first BOS are document 0, the tail of a document begun in an earlier row)."""
+    return (input_ids == BOS_ID).cumsum(dim=1)
+
+
+def varlen_cu_seqlens(docs: Tensor) -> Tensor:
+    """cu_seqlens of flash_attn_varlen_func over the B*T flattened tokens: the start of every segment (a row's
+    first token or a change of document), then B*T. Padded to B*T + 1 entries with B*T (empty segments), so the
+    shape is fixed for torch.compile; int32, as flash-attn wants it."""
+    n, t = docs.numel(), docs.size(1)
+    flat = docs.reshape(-1)
+    pos = torch.arange(n, device=docs.device)
+    starts = (pos % t == 0) | torch.cat((flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]))
+    cu = torch.sort(torch.where(starts, pos, n)).values
+    return torch.cat((cu, cu.new_full((1,), n))).to(torch.int32)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs: Tensor | None = None) -> Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D); docs: (B, T) document ids (document_ids) or None (attention
+    across documents). Returns (B, T, H, D)."""
+    B, T, H, D = q.shape
     if backend == "flash":
         # CUDA autocast runs F.rms_norm in fp32 (torch >= 2.12): q and k arrive fp32 while v is bf16
-        out = FLASH_ATTN_FUNC(q.to(FLASH_DTYPE), k.to(FLASH_DTYPE), v.to(FLASH_DTYPE), causal=True)
-        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+        q, k, v = q.to(FLASH_DTYPE), k.to(FLASH_DTYPE), v.to(FLASH_DTYPE)
+        if docs is None:
+            out = FLASH_ATTN_FUNC(q, k, v, causal=True)
+        else:
+            cu = varlen_cu_seqlens(docs)
+            out = FLASH_VARLEN_FUNC(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                    cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True)
+        out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+        return out.reshape(B, T, H, D)
+    mask = None
+    if docs is not None:       # block-diagonal causal: earlier (or the same) position of the same document
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (causal[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -897,7 +936,7 @@ class CausalSelfAttention(nn.Module):
             nn.init.zeros_(self.gate.weight)           # 2 * sigmoid(0) = 1: starts as the identity
         self.backend = "sdpa"
 
-    def forward(self, x: Tensor, cache: DecodeCache | None = None, slot: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: DecodeCache | None = None, slot: int = 0, docs: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -906,7 +945,7 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if cache is None:
-            y = causal_attention(q, k, v, self.backend)
+            y = causal_attention(q, k, v, self.backend, docs)
         else:
             y = cached_attention(q, *cache.extend(slot, k, v), offset)
         if self.xsa:
@@ -960,20 +999,21 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def attention(self, x: Tensor, cache: DecodeCache | None, slot: int) -> Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cache, slot)
+    def attention(self, x: Tensor, cache: DecodeCache | None, slot: int, docs: Tensor | None) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cache, slot, docs)
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def forward(self, x: Tensor, x0: Tensor, cache: DecodeCache | None = None, slot: int = 0) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cache: DecodeCache | None = None, slot: int = 0,
+                docs: Tensor | None = None) -> Tensor:
         x = self.mix(x, x0)
-        attn_out = self.attention(x, cache, slot)
+        attn_out = self.attention(x, cache, slot, docs)
         return x + attn_out + self.feed_forward(x if self.parallel else x + attn_out)
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, cache: DecodeCache | None = None,
-                      slot: int = 0) -> tuple[Tensor, Tensor]:
-        attn_out = self.attention(self.mix(lanes[0], x0), cache, slot)
+                      slot: int = 0, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        attn_out = self.attention(self.mix(lanes[0], x0), cache, slot, docs)
         mlp_out = self.feed_forward(lanes[1])
         r, p = self.lane_resid.to(attn_out.dtype), self.lane_post.to(attn_out.dtype)
         return r[0] * lanes[0] + p[0, 0] * attn_out + p[1, 0] * mlp_out, r[1] * lanes[1] + p[0, 1] * attn_out + p[1, 1] * mlp_out
@@ -983,7 +1023,8 @@ class BigramHash(nn.Module):
     """Embedding of the hashed (previous, current) token pair, projected to the model width.
 
     The projection starts at zero, so the model starts as if it were absent. Bucket 0 is for the
-    first position of a sequence (no previous token).
+    first position of a sequence (no previous token), and with `bos_first` (ATTN_DOC_ISOLATION=1) for a BOS too,
+    so a document's first token reads nothing of the one before.
     """
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
@@ -994,13 +1035,15 @@ class BigramHash(nn.Module):
         self.proj = QuantLinear(dim, model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, ids: Tensor, prev_ids: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, prev_ids: Tensor | None = None, bos_first: bool = False) -> Tensor:
         """prev_ids: the token before ids[:, 0] (incremental decoding), else none (bucket 0)."""
         first = torch.zeros_like(ids[:, :1]) if prev_ids is None else prev_ids
         prev = torch.cat((first, ids[:, :-1]), dim=1)
         h = (prev * 1_000_003 + ids) % (self.buckets - 1) + 1
         if prev_ids is None:
             h[:, 0] = 0
+        if bos_first:
+            h = torch.where(ids == BOS_ID, 0, h)
         return self.proj(self.table(h))
 
 
@@ -1015,6 +1058,10 @@ class GPT(nn.Module):
 
     forward(input_ids, target_ids) -> per-token NLL in nats, float32, shape (B, T).
     logits(input_ids, cache) with a DecodeCache decodes incrementally: input_ids are the next tokens.
+    With ATTN_DOC_ISOLATION=1 every forward without a cache (training, evaluation, TTT, the audit) keeps each
+    token inside its document: attention (document_ids), SmearGate (never into a BOS) and BigramHash (a BOS
+    hashes alone) read nothing across a BOS, so a row of several documents gives each the NLLs it would get
+    alone (RoPE is relative). Incremental decoding (self-generated GPTQ calibration only) attends across.
     """
 
     def __init__(self, hp: Hyperparameters):
@@ -1038,6 +1085,7 @@ class GPT(nn.Module):
         self.recur_range = parse_layer_range(hp.recur_layers)
         self.recur_passes = hp.recur_passes
         self.recurrence_on = False
+        self.doc_isolation = bool(hp.attn_doc_isolation)
 
     def set_attention_backend(self, backend: str) -> None:
         for block in self.blocks:
@@ -1053,7 +1101,8 @@ class GPT(nn.Module):
     def embed(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
-            x = x + self.bigram(input_ids, cache.prev_ids if cache is not None else None)
+            x = x + self.bigram(input_ids, cache.prev_ids if cache is not None else None,
+                                bos_first=self.doc_isolation and cache is None)
         x = rms_norm(x)
         last = x[:, -1:]
         if self.smear is not None:
@@ -1071,6 +1120,7 @@ class GPT(nn.Module):
     def hidden(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
         """The final norm's input (B, T, d)."""
         x = self.embed(input_ids, cache)
+        docs = document_ids(input_ids) if self.doc_isolation and cache is None else None
         x0, skips, seen, lanes = x, [], set(), None
         for slot, i in enumerate(self.layer_order()):
             first = i not in seen
@@ -1083,9 +1133,9 @@ class GPT(nn.Module):
                     lanes = (lanes[0] + skip, lanes[1])
             block = self.blocks[i]
             if block.lanes == 2:
-                lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot)
+                lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot, docs)
             else:
-                x = block(x, x0, cache, slot)
+                x = block(x, x0, cache, slot, docs)
             if first and i < self.num_encoder:
                 skips.append(x)
         if cache is not None:

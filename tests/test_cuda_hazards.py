@@ -358,9 +358,11 @@ def test_cuda_without_flash_attn_is_an_error_unless_sdpa_is_allowed(monkeypatch)
     assert line.startswith("attention: sdpa") and "ALLOW_SDPA=1" in line
     assert train_gpt.check_attention_backend(tiny_hp(), torch.device("cpu"), "sdpa").startswith("attention: sdpa")
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", lambda *a, **k: None)
+    monkeypatch.setattr(train_gpt, "FLASH_VARLEN_FUNC", lambda *a, **k: None)
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn_interface 3.0.0b1")
     assert train_gpt.attention_backend(cuda, torch.bfloat16) == "flash"
-    assert train_gpt.check_attention_backend(tiny_hp(), cuda, "flash") == "attention: flash (flash_attn_interface 3.0.0b1)"
+    assert train_gpt.check_attention_backend(tiny_hp(), cuda, "flash") == ("attention: flash (flash_attn_interface "
+                                                                           "3.0.0b1), varlen per document")
 
 
 def test_the_attention_kernel_is_named_on_the_console(demo_data, tmp_path):
@@ -385,7 +387,8 @@ def test_a_flash_attn_that_torch_compile_cannot_trace_is_reported_at_warm_up(mon
     from test_liveness import FixedBatches
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", untraceable_flash)
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn 2.0.0")
-    hp = tiny_hp(ITERATIONS=2, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE_WARMUP_STEPS=1)
+    hp = tiny_hp(ITERATIONS=2, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE_WARMUP_STEPS=1,
+                 ATTN_DOC_ISOLATION=0)          # the dense kernel is the untraceable one here
     model = train_gpt.GPT(hp)
     model.set_attention_backend("flash")
     torch._dynamo.reset()
