@@ -322,3 +322,117 @@ def test_default_configuration_fits_the_default_limit(env, val_tokens, window, s
     assert (*train_gpt.eval_geometry(hp), hp.eval_time_limit_seconds) == (window, stride, 600.0)
     seconds = train_gpt.check_eval_budget(hp, val_tokens, window, stride, lambda line: None)
     assert low < seconds < high
+
+
+# --- per-document evaluation (EVAL_MODE=documents) -------------------------------------------------
+
+def stream_of_documents(n: int, seed: int, shortest: int = 2, longest: int = 40) -> np.ndarray:
+    """n tokens: documents of random lengths (some longer than a 16-token window), each [BOS] + tokens
+    that are never BOS; the stream starts with a BOS, as the validation shards do."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, VOCAB, n).astype(np.int64)
+    p = 0
+    while p < n:
+        tokens[p] = train_gpt.BOS_ID
+        p += int(rng.integers(shortest, longest + 1))
+    return tokens
+
+
+def document_context_starts(tokens: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """For each target t = 1 .. n-1 (input p = t - 1), the first token the documented per-document rule lets
+    the model see, enumerated independently: its document's start d (the last BOS at or before p) while p is
+    within the first window of the document; after that, sliding windows inside the document end at
+    d + w + k * stride (or the document's end), and a target is scored by the first one that reaches it."""
+    n_inputs = tokens.size - 1
+    w = min(window, n_inputs)
+    bos = [i for i in range(n_inputs) if tokens[i] == train_gpt.BOS_ID]
+    out = []
+    for p in range(n_inputs):
+        d = max([b for b in bos if b <= p], default=0)
+        q = min([b for b in bos if b > p], default=n_inputs)
+        if p < d + w:
+            out.append(d)
+        else:
+            end = min(q, d + w + math.ceil((p + 1 - d - w) / stride) * stride)
+            out.append(end - w)
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n,window,stride,chunk", [(160, 16, 4, 0), (160, 16, 16, 0), (97, 16, 3, 0),
+                                                   (160, 16, 4, 37), (12, 16, 4, 0)])
+def test_document_windows_cover_every_target_once_from_its_own_document(n, window, stride, chunk):
+    """Every target of each range once; a target within a window of its document's start sees the whole
+    document before it (the window starts at or before the document's start, so on a model that isolates
+    documents it sees exactly that prefix); one later in a long document sees at least window - stride
+    tokens of it and nothing before it; a window never runs past the stream."""
+    tokens = stream_of_documents(n, seed=n + stride)
+    w = min(window, n - 1)
+    ranges = [(a, min(a + chunk, n - 1)) for a in range(0, n - 1, chunk)] if chunk else [(0, n - 1)]
+    coverage = np.zeros(n, dtype=np.int64)
+    bos = np.flatnonzero(tokens[:-1] == train_gpt.BOS_ID)
+    for lo, hi in ranges:
+        starts, first, last = train_gpt.document_windows(tokens, window, stride, lo, hi)
+        assert ((starts >= 0) & (starts + w <= n - 1) & (0 <= first) & (first < last) & (last <= w)).all()
+        for s, f, l in zip(starts, first, last):
+            for p in range(s + f, s + l):
+                assert lo <= p < hi
+                coverage[p + 1] += 1
+                d = bos[bos <= p].max(initial=0)
+                if p < d + w:
+                    assert s <= d or s == n - 1 - w      # (moved back only at the stream's end)
+                else:
+                    assert s >= d and p - s >= w - stride
+    assert coverage[0] == 0 and (coverage[1:] == 1).all()
+
+
+@pytest.mark.parametrize("n,window,stride,val_batch", [(160, 16, 4, 10_000), (160, 16, 4, 2 * 16),
+                                                       (97, 16, 16, 10_000)])
+def test_documents_evaluation_equals_one_document_at_a_time(setup, n, window, stride, val_batch):
+    """EVAL_MODE=documents against the hand-written reference: each target scored from a forward of its own
+    document's tokens alone (document_context_starts), one target at a time; exact bytes; the same count of
+    targets and bytes as the sliding evaluation of the same stream."""
+    hp, model, tables = setup
+    hp.val_batch_size = val_batch
+    tokens = stream_of_documents(n, seed=n)
+    r = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, window, stride, collect=True, mode="documents")
+    nll, nbytes = brute_force(model, tokens, tables, document_context_starts(tokens, window, stride))
+    assert r.val_tokens == n - 1 and r.val_bytes == int(nbytes.sum())
+    np.testing.assert_allclose(r.nll, nll, rtol=1e-5, atol=1e-5)
+    assert r.val_bpb == pytest.approx(nll.sum() / (math.log(2) * nbytes.sum()), rel=1e-5)
+    sliding = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, window, stride, mode="sliding")
+    assert (sliding.val_tokens, sliding.val_bytes) == (r.val_tokens, r.val_bytes)
+    assert abs(sliding.val_loss - r.val_loss) > 1e-4          # a different context: a different score
+
+
+def test_documents_evaluation_of_a_leaky_model_differs_from_the_reference(setup):
+    """The reference can fail: a model that attends across documents (ATTN_DOC_ISOLATION=0) packed by the
+    document schedule sees the documents before it in a window, and its NLLs differ from one document alone."""
+    hp, _, tables = setup
+    leaky = random_gpt(tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding"), seed=1)
+    tokens = stream_of_documents(160, seed=160)
+    r = train_gpt.evaluate(hp, cpu_runtime(), leaky, tokens, tables, 16, 4, collect=True, mode="documents")
+    nll, _ = brute_force(leaky, tokens, tables, document_context_starts(tokens, 16, 4))
+    assert np.abs(r.nll - nll).max() > 1e-2
+
+
+def test_documents_mode_needs_document_isolation():
+    with pytest.raises(train_gpt.PipelineError, match="EVAL_MODE=documents needs ATTN_DOC_ISOLATION=1"):
+        tiny_hp(ATTN_DOC_ISOLATION=0)
+    assert tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding").eval_mode == "sliding"
+    with pytest.raises(train_gpt.PipelineError, match="EVAL_MODE"):
+        tiny_hp(EVAL_MODE="docs")
+
+
+def test_documents_evaluation_with_zero_lr_ttt_equals_without(setup):
+    """Whole-model TTT chunks cut documents: a document continued in the next chunk keeps its context from
+    its own start (the chunk before is already scored). With TTT_LR=0 the per-target NLLs equal the
+    evaluation without TTT. (Documents no longer than the window: inside a longer one, a chunk's edge moves
+    the sliding windows, which changes the context of a few targets, as in the sliding evaluation.)"""
+    hp, model, tables = setup
+    tokens = stream_of_documents(160, seed=5, longest=16)
+    ttt_hp = tiny_hp(TTT_ENABLED=1, TTT_CHUNK_TOKENS=37, TTT_LR=0.0, TTT_EPOCHS=1)
+    ttt = train_gpt.TestTimeTrainer(ttt_hp, cpu_runtime(), model, model, 16)
+    with_ttt = train_gpt.evaluate(ttt_hp, cpu_runtime(), model, tokens, tables, 16, 4, ttt=ttt, collect=True,
+                                  mode="documents")
+    plain = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, tables, 16, 4, collect=True, mode="documents")
+    np.testing.assert_allclose(with_ttt.nll, plain.nll, rtol=1e-5, atol=1e-6)
