@@ -51,6 +51,9 @@ H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
 with open(__file__, "rb") as _src:   # the code that runs: logged, counted in bytes_code (an edit mid-run changes neither)
     SOURCE = _src.read()
 EVAL_MODES = ("documents", "sliding")
+TTT_ASSUMED_MFU = 0.08           # TTT's small steps: #1855's measured 470 s (median) for the work eval_projection counts
+EVAL_LOAD_ASSUMED_S = 5.0        # reading and decompressing the artifact on every rank (assumed, not measured)
+EVAL_COMPILE_ASSUMED_S = 30.0    # compiling the scoring graphs (assumed; the LoRA TTT path runs eagerly)
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
@@ -2606,20 +2609,6 @@ def scoring_windows(mode: str, tokens: np.ndarray, window: int, stride: int, lo:
     return sliding_windows(tokens.size, window, stride, lo, hi)
 
 
-def eval_flops(hp: Hyperparameters, n_tokens: int, window: int, stride: int) -> float:
-    """FLOPs of the evaluation of a stream of n_tokens: a third of the training FLOPs per token (forward
-    only) for every window position of the final pass and of the plain pass that measures the quantization
-    gap, plus, with TTT, TTT_EPOCHS training steps over every chunk but the last."""
-    w = min(window, n_tokens - 1)
-    n_windows = len(sliding_windows(n_tokens, window, stride)[0])
-    plain = len(sliding_windows(n_tokens, hp.train_seq_len, hp.train_seq_len)[0]) * min(hp.train_seq_len, n_tokens - 1)
-    flops = n_windows * w * flops_per_token(hp, w) / 3.0 + plain * flops_per_token(hp, hp.train_seq_len) / 3.0
-    if hp.ttt_enabled:
-        chunks = -(-(n_tokens - 1) // hp.ttt_chunk_tokens)
-        flops += hp.ttt_epochs * (chunks - 1) * hp.ttt_chunk_tokens * flops_per_token(hp, w)
-    return flops
-
-
 def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, n_tokens: int, window: int, stride: int,
                     mode: str = "sliding") -> int:
     """Windows per forward on each rank when scoring a stream of n_tokens: VAL_BATCH_SIZE tokens over all
@@ -3198,17 +3187,15 @@ def audit_windows(tokens: np.ndarray, window: int, stride: int, mode: str = "sli
     return sorted({int(starts[0]), int(starts[len(starts) // 2]), int(starts[-1])})
 
 
-def other_document_rows(tokens: np.ndarray, window: int, stride: int, n_rows: int = 3) -> list[tuple[int, int]]:
-    """(window start, offset b of a BOS inside it) for up to n_rows windows of the document schedule that hold a
-    document beginning after another one (the last BOS at an offset 1 <= b <= w - 1), spread over the stream."""
-    w = min(window, tokens.size - 1)
-    rows = []
-    for start in document_windows(tokens, window, stride)[0].tolist():
-        offsets = np.flatnonzero(tokens[start + 1:start + w] == BOS_ID)
-        if offsets.size:
-            rows.append((start, int(offsets[-1]) + 1))
-    pick = np.unique(np.linspace(0, len(rows) - 1, n_rows).round().astype(int)) if rows else []
-    return [rows[i] for i in pick]
+def other_document_rows(tokens: np.ndarray, window: int, n_rows: int = 3) -> list[tuple[int, int]]:
+    """(window start, offset b of a BOS inside it) for up to n_rows windows of the evaluator's length, each with a
+    document beginning halfway in (after another document), at BOS positions spread over the stream."""
+    n_inputs = tokens.size - 1
+    w = min(window, n_inputs)
+    bos = np.flatnonzero(tokens[1:n_inputs] == BOS_ID) + 1
+    pick = bos[np.unique(np.linspace(0, bos.size - 1, n_rows).round().astype(int))] if bos.size else bos
+    starts = np.clip(pick - w // 2, 0, n_inputs - w)
+    return [(int(s_), int(p - s_)) for s_, p in zip(starts, pick)]
 
 
 @torch.no_grad()
@@ -3239,9 +3226,9 @@ def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, toke
     identical rows of this run (the originals scored again in the same rows, and in other rows), and
     logged beside the check.
 
-    EVAL_MODE=documents adds the other half of "context only from itself": in windows of its schedule that hold
-    a document after another (other_document_rows), every input and target before that document's BOS (another
-    document's tokens) is replaced, and the document's NLLs must not move (causality_other_documents_*)."""
+    EVAL_MODE=documents adds the other half of "context only from itself": in windows that hold a document after
+    another (other_document_rows), every input and target before that document's BOS (another document's tokens)
+    is replaced, and the document's NLLs must not move (causality_other_documents_*)."""
     w = min(window, tokens.size - 1)
     gen = torch.Generator().manual_seed(hp.seed)
     vocab = max(2, int(tokens.max()) + 1)
@@ -3261,7 +3248,7 @@ def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, toke
             t[:, cut:] = (t[:, cut:] + torch.randint(1, vocab, (t.size(0), w - cut), generator=gen).to(rt.device)) % vocab
         worst = max(worst, (score(x, y)[:, :cut] - base[:, :cut]).abs().max().item())
     n_windows = seqs.size(0)
-    docs = other_document_rows(tokens, window, stride) if mode == "documents" else []
+    docs = other_document_rows(tokens, window) if mode == "documents" else []
     worst_docs = 0.0
     if docs:
         seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s, _ in docs])
@@ -3512,18 +3499,69 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
                 roundtrip_probe_nll_per_rank=[e["probe_nll"] for e in per_rank])
 
 
-def check_eval_budget(hp: Hyperparameters, n_val_tokens: int, window: int, stride: int, log: RunLog) -> float:
-    """Project the final evaluation of the full validation split onto 8xH100; refuse it above
-    EVAL_TIME_LIMIT_SECONDS (0 = no check). Returns the projection in seconds."""
-    seconds = eval_flops(hp, n_val_tokens, window, stride) / (
-        PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)
-    log(f"projected_8xH100_eval:{seconds:.1f}s (window {window}, stride {stride}, ttt {hp.ttt_enabled}, "
-        f"{n_val_tokens} val tokens, {ASSUMED_MFU:.0%} MFU)")
-    if hp.eval_time_limit_seconds and seconds > hp.eval_time_limit_seconds:
-        raise PipelineError(f"evaluation projected at {seconds:.0f} s on 8xH100 exceeds EVAL_TIME_LIMIT_SECONDS="
-                            f"{hp.eval_time_limit_seconds:g}; raise EVAL_STRIDE or lower TTT_EPOCHS "
+def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int) -> int:
+    """Tokens LoRATestTimeTrainer runs forward and backward through for documents of these lengths (inputs per
+    document): longest first, TTT_LORA_DOCS at a time, each chunk step over the documents not yet finished, rows as
+    long as the longest window among them needs, rounded up to 64 (per rank; world size does not change it)."""
+    lengths, total, C = np.sort(lengths)[::-1], 0, hp.ttt_lora_chunk
+    for i in range(0, lengths.size, hp.ttt_lora_docs):
+        batch = lengths[i:i + hp.ttt_lora_docs]
+        for c in range(-(-int(batch[0]) // C)):
+            active = batch[batch > c * C]
+            need = int(min(window, int(np.minimum((c + 1) * C, active).max())))
+            total += active.size * min(window, -(-need // 64) * 64)
+    return total
+
+
+def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, window: int, stride: int
+                    ) -> dict[str, float]:
+    """Projected 8xH100 seconds of each part of the evaluation of the full split (split_tokens), from this stream's
+    documents scaled up by split_tokens / tokens.size. Assumptions (docs/evaluation.md): forward-only passes at
+    ASSUMED_MFU, a third of the training FLOPs per token; TTT (LoRA chunk steps, global phases, whole-model
+    chunks) forward + backward at TTT_ASSUMED_MFU, the rate #1855's measured phased-TTT time implies; the audit's
+    C2 (the whole vocabulary on 3 windows) and C1 forwards; EVAL_LOAD_ASSUMED_S and EVAL_COMPILE_ASSUMED_S fixed.
+    'scoring' is what TTT falls back to when the budget cuts it: the part that must fit."""
+    scale = split_tokens / tokens.size
+    w = min(window, tokens.size - 1)
+    fwd = lambda n, t: n * flops_per_token(hp, t) / 3.0 / (PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)  # noqa: E731
+    train = lambda n, t: n * flops_per_token(hp, t) / (PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * TTT_ASSUMED_MFU)  # noqa: E731
+    n_windows = len(scoring_windows(hp.eval_mode, tokens, window, stride)[0])
+    plain = len(sliding_windows(tokens.size, hp.train_seq_len, hp.train_seq_len)[0]) * min(hp.train_seq_len, tokens.size - 1)
+    parts = dict(load=EVAL_LOAD_ASSUMED_S, compile=EVAL_COMPILE_ASSUMED_S,
+                 plain=fwd(plain * scale, hp.train_seq_len), scoring=fwd(n_windows * w * scale, w), ttt=0.0, audit=0.0)
+    if hp.eval_audit:
+        parts["audit"] = fwd(3 * w * (max(hp.vocab_size, 1) + 2 * 7), w)
+    if hp.ttt_enabled and hp.ttt_method == "lora":
+        spans = document_spans(tokens)
+        lengths = spans[:, 1] - spans[:, 0]
+        phased = sum(b / len(spans) for b in phase_boundaries(hp, len(spans))) * (tokens.size - 1)
+        parts["ttt"] = train(lora_tokens_processed(hp, lengths, w) * scale / PROJECTION_GPUS, w) * PROJECTION_GPUS \
+            + train(phased * scale, w)
+    elif hp.ttt_enabled:
+        chunks = -(-(tokens.size - 1) // hp.ttt_chunk_tokens)
+        parts["ttt"] = train(hp.ttt_epochs * (chunks - 1) * hp.ttt_chunk_tokens * scale, w)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_eval_budget(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, window: int, stride: int,
+                      log: RunLog) -> dict[str, float]:
+    """Project the final evaluation of the full validation split onto 8xH100 (eval_projection) and log it. The
+    budget is kept at run time by cutting TTT, so only the passes that cannot be cut and grow with the data (the
+    plain pass, the audit, scoring without TTT) are refused above EVAL_TIME_LIMIT_SECONDS (0 = no check); the fixed
+    load and compile assumptions are logged beside them, and the run's own clock counts the real ones."""
+    parts = eval_projection(hp, tokens, split_tokens, window, stride)
+    must = parts["plain"] + parts["scoring"] + parts["audit"]
+    log("projected_8xH100_eval:" + " ".join(f"{k}:{v:.1f}s" for k, v in parts.items()) +
+        f" (mode {hp.eval_mode}, window {window}, stride {stride}, ttt {hp.ttt_method if hp.ttt_enabled else 'off'}, "
+        f"{split_tokens} val tokens; forward at {ASSUMED_MFU:.0%} MFU, TTT at {TTT_ASSUMED_MFU:.0%})")
+    if hp.eval_time_limit_seconds and must > hp.eval_time_limit_seconds:
+        raise PipelineError(f"evaluation without TTT projected at {must:.0f} s on 8xH100 exceeds "
+                            f"EVAL_TIME_LIMIT_SECONDS={hp.eval_time_limit_seconds:g}; raise EVAL_STRIDE "
                             f"(or set EVAL_TIME_LIMIT_SECONDS=0)")
-    return seconds
+    if hp.eval_time_limit_seconds and parts["total"] > hp.eval_time_limit_seconds:
+        log(f"warning: TTT projected past EVAL_TIME_LIMIT_SECONDS={hp.eval_time_limit_seconds:g}: the budget will cut it")
+    return parts
 
 
 def main() -> None:
@@ -3686,7 +3724,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         f"{H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16; recurrence on) "
         f"projected_steps_in_600s:{projected_steps(hp, projected_ms):.0f}")
     window, stride = eval_geometry(hp)
-    projected_eval_s = check_eval_budget(hp, split_tokens, window, stride, log)
+    projected_eval = check_eval_budget(hp, val_tokens, split_tokens, window, stride, log)
+    projected_eval_s = projected_eval["total"]
     plan = plan_budget(hp, log) if not hp.eval_only else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = compile_model(model, bool(hp.compile_optimize_ddp)) if use_compile else model
@@ -3773,7 +3812,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         roundtrip_plain_val_loss=plain.val_loss, roundtrip_plain_val_bpb=plain.val_bpb,
         quant_gap_bpb=plain.val_bpb - run["pre_quant_val_bpb"] if run["pre_quant_val_bpb"] is not None else None,
         eval_seq_len=window, eval_stride=stride, eval_mode=hp.eval_mode, eval_time_ms=eval_time_ms, eval_measured_ms=eval_measured_ms,
-        projected_h100_eval_s=projected_eval_s, model_params=n_params, flops_per_token=fpt,
+        projected_h100_eval_s=projected_eval_s, projected_h100_eval_parts_s=projected_eval, model_params=n_params, flops_per_token=fpt,
         projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU, compliance=compliance or None,
         nll_dump=hp.nll_dump or None, stage_ms={k: round(v, 1) for k, v in stages.ms.items()},
         wall_ms=1e3 * (time.perf_counter() - t_run), hyperparameters=hp.as_dict(), **evidence,

@@ -529,7 +529,7 @@ def test_documents_mode_c1_to_c4_pass_on_the_real_model_and_evaluator():
 def test_documents_mode_c1_fails_on_a_model_that_reads_other_documents():
     """ATTN_DOC_ISOLATION=0: causal, so the later-token cuts pass, but a document's NLLs move when the document
     before it in the window changes: C1 fails on that half alone."""
-    leaky = random_gpt(tiny_hp(VAL_BATCH_SIZE=64, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding"), seed=1)
+    leaky = random_gpt(tiny_hp(VAL_BATCH_SIZE=64, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole"), seed=1)
     hp = tiny_hp(VAL_BATCH_SIZE=64)
     c1 = train_gpt.audit_causality(hp, cpu_runtime(), leaky, documents_stream(), WINDOW, STRIDE, "documents")
     assert c1["causality_max_abs_dnll"] <= train_gpt.CAUSALITY_TOLERANCE

@@ -388,7 +388,7 @@ def test_a_flash_attn_that_torch_compile_cannot_trace_is_reported_at_warm_up(mon
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", untraceable_flash)
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn 2.0.0")
     hp = tiny_hp(ITERATIONS=2, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE_WARMUP_STEPS=1,
-                 ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding")          # the dense kernel is the untraceable one here
+                 ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")          # the dense kernel is the untraceable one here
     model = train_gpt.GPT(hp)
     model.set_attention_backend("flash")
     torch._dynamo.reset()

@@ -156,3 +156,15 @@ def test_budget_arithmetic():
     assert b.can_afford(10.0, 3000) is False                                 # 50 + 10 + 45 = 105
     b.limit = 0
     assert b.can_afford(1e9, 10**9) is True
+
+
+def test_lora_ttt_settings_are_checked():
+    """Per-document LoRA needs document isolation and the document schedule; bad values are one-line errors."""
+    with pytest.raises(train_gpt.PipelineError, match="TTT_METHOD=lora .* needs ATTN_DOC_ISOLATION=1"):
+        tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding")
+    with pytest.raises(train_gpt.PipelineError, match="TTT_METHOD=lora scores document by document"):
+        tiny_hp(EVAL_MODE="sliding")
+    assert tiny_hp(EVAL_MODE="sliding", TTT_ENABLED=0).ttt_method == "lora"     # TTT off: nothing to check
+    for bad in (dict(TTT_METHOD="both"), dict(TTT_LORA_RANK=0), dict(TTT_PHASE_DOCS_FRAC=1.5), dict(TTT_PHASES=-1)):
+        with pytest.raises(train_gpt.PipelineError, match=next(iter(bad))):
+            tiny_hp(**bad)

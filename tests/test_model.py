@@ -46,7 +46,7 @@ def test_flops_per_token_matches_flop_counter(monkeypatch, T):
     that depth recurrence repeats counted once per pass (recurrence is on here: order 0, 0, 0, 1; layer 1 is a
     two-lane parallel block)."""
     hp = tiny_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=T, RECUR_PASSES=3,
-                 SMEAR_GATE_DIMS=0, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding")               # SmearGate's 12-weight gate: left out of the formula on purpose
+                 SMEAR_GATE_DIMS=0, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")               # SmearGate's 12-weight gate: left out of the formula on purpose
     model = train_gpt.GPT(hp)
     model.recurrence_on = True
     passes = {i: model.layer_order().count(i) for i in range(hp.num_layers)}
@@ -72,7 +72,7 @@ def test_flops_per_token_matches_flop_counter(monkeypatch, T):
 
 @pytest.mark.parametrize("heads,kv_heads,with_lse", [(4, 2, False), (4, 1, False), (4, 4, False), (4, 2, True)])
 def test_flash_call_site_equals_sdpa(monkeypatch, heads, kv_heads, with_lse):
-    hp = tiny_hp(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding")     # the dense kernel
+    hp = tiny_hp(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")     # the dense kernel
     model = random_gpt(hp, seed=2)
     x = torch.randint(0, hp.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), train_gpt.autocast(cpu_runtime(autocast_dtype=torch.bfloat16)):
@@ -131,7 +131,7 @@ def test_flash_path_survives_cuda_autocast_dtypes(monkeypatch):
     """Hazard: with CUDA autocast q and k reach flash_attn_func in fp32 while v is bf16; FA2/FA3 crash at
     the first forward. The strict stand-in, driven under bf16 autocast with fp32 rms_norm, must accept every
     call, forward and backward, and agree with SDPA under the same autocast (the varlen kernel: below)."""
-    hp = tiny_hp(NUM_HEADS=4, NUM_KV_HEADS=2, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding")
+    hp = tiny_hp(NUM_HEADS=4, NUM_KV_HEADS=2, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")
     model = random_gpt(hp, seed=2)
     x = torch.randint(0, hp.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
     rt = cpu_runtime(autocast_dtype=torch.bfloat16)
@@ -188,7 +188,7 @@ def test_document_isolation_equals_one_forward_per_document():
         model = random_gpt(hp, seed=5)
         model.recurrence_on = recurrence
         assert isolation_gap(model, x, segments) < 1e-5
-    leaky = random_gpt(tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding"), seed=5)
+    leaky = random_gpt(tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole"), seed=5)
     assert isolation_gap(leaky, x, segments) > 1e-2
 
 
@@ -197,7 +197,7 @@ def test_document_isolation_in_training_gradients():
     first document's input embeddings (the token embeddings at its positions)."""
     x = torch.tensor([[1, 10, 11, 12, 13, 1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]])
     for isolation, leaks in ((1, False), (0, True)):
-        model = random_gpt(tiny_hp(ATTN_DOC_ISOLATION=isolation, EVAL_MODE="sliding"), seed=6).train()
+        model = random_gpt(tiny_hp(ATTN_DOC_ISOLATION=isolation, EVAL_MODE="sliding", TTT_METHOD="whole"), seed=6).train()
         seen = []
         model.tok_emb.register_forward_hook(lambda m, i, out: seen.append(out) or out.retain_grad())
         nll = model(x[:, :-1], x[:, 1:])
@@ -270,7 +270,7 @@ def test_document_isolation_without_varlen_is_an_error(monkeypatch):
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn 2.0.0")
     with pytest.raises(train_gpt.PipelineError, match="ATTN_DOC_ISOLATION=0"):
         train_gpt.check_attention_backend(tiny_hp(), cuda, "flash")
-    assert train_gpt.check_attention_backend(tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding"), cuda, "flash") == "attention: flash (flash_attn 2.0.0)"
+    assert train_gpt.check_attention_backend(tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole"), cuda, "flash") == "attention: flash (flash_attn 2.0.0)"
 
 
 def test_attention_is_causal():
