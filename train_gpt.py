@@ -2989,7 +2989,7 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
     (EVAL_MODES). All ranks return the same sums; with collect=True rank 0 also gets the per-target NLL in
     stream order; with audit=True the result carries the ScoringEvidence. With TTT and a budget, a chunk is
     trained on only while the budget affords the slowest training step so far (before any: TTT_EPOCHS x
-    PHASE_STEP_COST x the plain rate per target) and the scoring of what is left; after the first refusal no
+    TRAIN_STEP_COST x the plain rate per target) and the scoring of what is left; after the first refusal no
     chunk is trained on (ttt.cut = "chunks")."""
     t_start = time.perf_counter()
     run_model.eval()
@@ -3008,7 +3008,7 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
         a, b = bounds[k]
         if event == "train":
             if budget is not None and not ttt.cut:
-                cost = slowest or hp.ttt_epochs * PHASE_STEP_COST * budget.rate * (b - a)
+                cost = slowest or hp.ttt_epochs * TRAIN_STEP_COST * budget.rate * (b - a)
                 if not budget.can_afford(cost, n_inputs - b):
                     ttt.cut = "chunks"
             if ttt.cut:
@@ -3045,8 +3045,7 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
                       np.concatenate(per_target) if collect else None, evidence)
 
 
-LORA_STEP_COST = 6.0        # a LoRA batch before one is measured: x the plain pass's seconds per target (see docs)
-PHASE_STEP_COST = 3.0       # a global phase: forward + backward of every trained token, x the plain rate
+TRAIN_STEP_COST = 3.0       # TTT before a step is measured: forward + backward of each token it runs, x the plain rate
 SCORE_RESERVE = 1.5         # scoring what is left without TTT: x the plain rate, for the slower document windows
 
 
@@ -3074,8 +3073,10 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTra
                       audit: bool = False) -> EvalResult:
     """EVAL_MODE=documents with TTT_METHOD=lora: documents in global batches (TTT_LORA_DOCS per rank), each
     scored chunk by chunk through its own LoRA (LoRATestTimeTrainer), global SGD phases at phase_boundaries().
-    With a budget, a phase runs only if the budget can afford it (its tokens x PHASE_STEP_COST x the plain rate)
-    and a batch is adapted only if the slowest batch so far (before any: LORA_STEP_COST x the plain rate) fits;
+    With a budget, a phase runs only if the budget can afford it (its tokens x TRAIN_STEP_COST x the plain rate)
+    and a batch is adapted only if the slowest batch so far fits (before any: the tokens its chunk steps run,
+    lora_tokens_processed, x TRAIN_STEP_COST x the plain rate; documents go longest first, so the first batch is
+    the slowest);
     once a batch cannot be, TTT stops and the documents left are scored by document_windows without it. Every
     target is scored once either way; trainer.cut says what was cut."""
     t_start = time.perf_counter()
@@ -3100,14 +3101,14 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTra
     while g * group < n_docs:
         lo = g * group
         batch_targets = int((spans[lo:lo + group, 1] - spans[lo:lo + group, 0]).sum())
-        cost = slowest or LORA_STEP_COST * rate * batch_targets / rt.world_size
+        mine = spans[lo + rt.rank * per_rank:min(lo + (rt.rank + 1) * per_rank, n_docs)]
+        cost = slowest or TRAIN_STEP_COST * rate * lora_tokens_processed(hp, mine[:, 1] - mine[:, 0], window)
         if budget is not None and not budget.can_afford(cost, left - batch_targets):
             trainer.cut = "lora"
             break
         t0 = time.perf_counter()
         for p in base:
             p.requires_grad_(False)
-        mine = spans[lo + rt.rank * per_rank:min(lo + (rt.rank + 1) * per_rank, n_docs)]
         part_sum, part_scored, part = trainer.score_documents(all_tokens, mine, True, evidence)
         for p in base:
             p.requires_grad_(True)
@@ -3121,7 +3122,7 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTra
         done = min(g * group, n_docs)
         while boundaries and boundaries[0] <= done:
             scored_spans = np.sort(spans[:boundaries.pop(0)], axis=0)      # in stream order
-            phase_cost = PHASE_STEP_COST * rate * int((scored_spans[:, 1] - scored_spans[:, 0]).sum())
+            phase_cost = TRAIN_STEP_COST * rate * int((scored_spans[:, 1] - scored_spans[:, 0]).sum())
             if budget is not None and not budget.can_afford(phase_cost + slowest, left):
                 trainer.cut = trainer.cut or "phases"
                 boundaries = []
