@@ -52,6 +52,10 @@ BOS_ID = 1                       # every document starts with BOS; no EOS
 CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed model bytes
 CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
+EVAL_MODES = ("documents", "sliding")
+TTT_ASSUMED_MFU = 0.08           # TTT's small steps: #1855's measured 470 s (median) for the work eval_projection counts
+EVAL_LOAD_ASSUMED_S = 5.0        # reading and decompressing the artifact on every rank (assumed, not measured)
+EVAL_COMPILE_ASSUMED_S = 30.0    # compiling the scoring graphs (assumed; the LoRA TTT path runs eagerly)
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
@@ -165,12 +169,21 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "VAL_MAX_TOKENS": (int, 0, "score only the first N tokens of the validation stream; 0 = all"),
     "TRAIN_LOG_EVERY": (int, 200, "log a train step line every N steps"),
     "EVAL_SEQ_LEN": (int, 0, "evaluation window length; 0 = TRAIN_SEQ_LEN"),
-    "EVAL_STRIDE": (int, 64, "sliding-window stride (new targets scored per window); 0 or EVAL_SEQ_LEN = plain evaluation"),
+    "EVAL_STRIDE": (int, 64, "sliding-window stride (new targets scored per window); 0 or EVAL_SEQ_LEN = plain evaluation; with EVAL_MODE=documents only inside documents longer than the window"),
+    "EVAL_MODE": (str, "documents", "final evaluation: documents (each document scored with context only from itself, whole documents packed into windows; needs ATTN_DOC_ISOLATION=1) or sliding (windows across the stream)"),
     "EVAL_AUDIT": (int, 0, "1 = run the compliance self-audit (causal, normalized, score-before-update, one pass)"),
     "EVAL_ONLY": (str, "", "path of a saved artifact: skip training, load it and score it (model shape from the artifact)"),
     "NLL_DUMP": (str, "", "write per-target arrays target, nll (nats, float64), bytes to this .npz"),
-    "EVAL_TIME_LIMIT_SECONDS": (float, 600.0, "refuse an evaluation projected to take longer on 8xH100; 0 = no check"),
+    "EVAL_TIME_LIMIT_SECONDS": (float, 570.0, "evaluation budget kept at run time, from the artifact's load (and the evaluation compiles) to the final score: TTT adapts less, then not at all, before it would run over; a run whose scoring alone is projected over it on 8xH100 is refused; 0 = none"),
     "TTT_ENABLED": (int, 1, "1 = legal score-first test-time training during the final evaluation"),
+    "TTT_METHOD": (str, "lora", "lora (per-document LoRA, chunk scored then trained, plus global SGD phases; records #1610-#1855) or whole (SGD of the whole model per TTT_CHUNK_TOKENS chunk; records #1413/#1493)"),
+    "TTT_LORA_RANK": (int, 80, "rank of each per-document LoRA (Q, K, V, attention out, both MLP matrices, the head)"),
+    "TTT_LORA_LR": (float, 1e-4, "AdamW learning rate of the per-document LoRA"),
+    "TTT_LORA_CHUNK": (int, 48, "targets per LoRA chunk: scored, then one LoRA step on them"),
+    "TTT_LORA_DOCS": (int, 64, "documents adapted together per rank (one LoRA each, batched)"),
+    "TTT_PHASES": (int, 3, "global SGD phases of TTT_METHOD=lora (whole model, on documents already scored); 0 = none"),
+    "TTT_PHASE_DOCS_FRAC": (float, 0.05, "the phases end at this fraction of the documents, evenly spaced (#1855: 2,500 of 50,000)"),
+    "TTT_PHASE_LR": (float, 0.001, "SGD learning rate of a global phase (one epoch over the scored documents, cosine over its chunks)"),
     "TTT_CHUNK_TOKENS": (int, 32768, "targets per TTT chunk: scored first, then trained on"),
     "TTT_EPOCHS": (int, 3, "SGD steps on each scored chunk (each over all of its sequences)"),
     "TTT_LR": (float, 0.005, "TTT SGD learning rate (at the first chunk)"),
@@ -186,6 +199,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "MLP_ACT": (str, "leaky_relu2", "MLP activation: relu2 (relu(x)^2) or leaky_relu2 (leaky_relu(x, 0.5)^2)"),
     "ROPE_DIMS": (int, 16, "head dims that get RoPE (partial RoPE); 0 = all"),
     "XSA_LAST_N": (int, 11, "XSA (subtract the output's component along its own value) in the last N layers; 0 = off"),
+    "ATTN_DOC_ISOLATION": (int, 1, "1 = a token attends only to earlier tokens of its own document (documents start at BOS), in training, evaluation and TTT; 0 = across documents"),
     "ATTN_GATE": (int, 1, "1 = per-head gate 2 sigmoid(W x) on the attention output"),
     "ATTN_GATE_DIMS": (int, 12, "the attention gate reads the first N dims of the block input (sparse gate); 0 = all dims (dense)"),
     "BIGRAM_VOCAB": (int, 0, "BigramHash buckets for the hashed (previous, current) token pair; 0 = off"),
@@ -360,7 +374,8 @@ def validate_settings(hp: Hyperparameters) -> None:
     """Checks that need no data or devices; each error names the variable at fault."""
     positive = ["VOCAB_SIZE", "ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE",
                 "TRAIN_LOG_EVERY", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-                "MUON_BACKEND_STEPS", "ARTIFACT_BUDGET_BYTES", "TTT_CHUNK_TOKENS", "TTT_EPOCHS",
+                "MUON_BACKEND_STEPS", "ARTIFACT_BUDGET_BYTES", "TTT_CHUNK_TOKENS", "TTT_EPOCHS", "TTT_LORA_RANK",
+                "TTT_LORA_CHUNK", "TTT_LORA_DOCS",
                 "QUANT_CLIP_SIGMAS_MLP", "QUANT_CLIP_SIGMAS_ATTN", "QUANT_CLIP_SIGMAS_EMBED", "LQER_RANK"]
     for name in positive:
         if hp.values[name] <= 0:
@@ -371,7 +386,8 @@ def validate_settings(hp: Hyperparameters) -> None:
     non_negative = ["MAX_WALLCLOCK_SECONDS", "GRAD_ACCUM_STEPS", "VAL_LOSS_EVERY", "VAL_MAX_TOKENS",
                     "EVAL_SEQ_LEN", "EVAL_STRIDE", "GRAD_CLIP_NORM", "COMPILE_WARMUP_STEPS",
                     "EVAL_TIME_LIMIT_SECONDS", "TTT_LR", "TTT_MOMENTUM", "TTT_GRAD_CLIP", "TTT_LAST_N",
-                    "LQER_TENSORS", "ATTN_GATE_DIMS", "SMEAR_GATE_DIMS"]
+                    "LQER_TENSORS", "ATTN_GATE_DIMS", "SMEAR_GATE_DIMS", "TTT_PHASES", "TTT_PHASE_LR",
+                    "TTT_LORA_LR"]
     for name in non_negative:
         if hp.values[name] < 0:
             raise PipelineError(f"{name}={hp.values[name]} must be >= 0")
@@ -399,7 +415,8 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
     if hp.eval_only and not os.path.isfile(hp.eval_only):
         raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
-    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM", "SKIP_GATES", "INIT_ORTHOGONAL", "GATES_IN_ADAM"]:
+    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM", "SKIP_GATES", "INIT_ORTHOGONAL", "GATES_IN_ADAM",
+                 "ATTN_DOC_ISOLATION"]:
         if hp.values[name] not in (0, 1):
             raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
     for name in ["ATTN_GATE_DIMS", "SMEAR_GATE_DIMS"]:
@@ -408,8 +425,8 @@ def validate_settings(hp: Hyperparameters) -> None:
     if hp.parallel_lanes not in (1, 2):
         raise PipelineError(f"PARALLEL_LANES={hp.parallel_lanes} must be 1 or 2")
     for name, choices in (("MUON_NS_COEFFS", NEWTON_SCHULZ_COEFFS), ("TTT_LR_SCHEDULE", ("cosine", "constant")),
-                          ("WARMDOWN_SHAPE", ("clamp", "lerp")),
-                          ("LQER_FACTORS", LQER_FORMATS)):
+                          ("WARMDOWN_SHAPE", ("clamp", "lerp")), ("LQER_FACTORS", LQER_FORMATS),
+                          ("EVAL_MODE", EVAL_MODES), ("TTT_METHOD", ("lora", "whole"))):
         if hp.values[name] not in choices:
             raise PipelineError(f"{name}={hp.values[name]!r} must be one of {', '.join(choices)}")
     if hp.mlp_act not in ("relu2", "leaky_relu2"):
@@ -475,6 +492,17 @@ def validate_settings(hp: Hyperparameters) -> None:
         raise PipelineError(f"TERNARY_PATTERNS={hp.ternary_patterns!r} has an empty fragment")
     if not 0 <= hp.lzma_preset <= 9:
         raise PipelineError(f"LZMA_PRESET={hp.lzma_preset} must be in 0..9")
+    if not 0.0 <= hp.ttt_phase_docs_frac <= 1.0:
+        raise PipelineError(f"TTT_PHASE_DOCS_FRAC={hp.ttt_phase_docs_frac} must be a fraction in [0, 1]")
+    if hp.ttt_enabled and hp.ttt_method == "lora" and not hp.attn_doc_isolation:
+        raise PipelineError("TTT_METHOD=lora adapts one LoRA per document in rows that hold other documents too: it "
+                            "needs ATTN_DOC_ISOLATION=1 (or use TTT_METHOD=whole)")
+    if hp.ttt_enabled and hp.ttt_method == "lora" and hp.eval_mode != "documents":
+        raise PipelineError("TTT_METHOD=lora scores document by document: it needs EVAL_MODE=documents "
+                            "(or use TTT_METHOD=whole)")
+    if hp.eval_mode == "documents" and not hp.attn_doc_isolation:
+        raise PipelineError("EVAL_MODE=documents needs ATTN_DOC_ISOLATION=1 (it packs whole documents into a "
+                            "window); set EVAL_MODE=sliding to score with attention across documents")
     eval_seq_len = hp.eval_seq_len or hp.train_seq_len
     if hp.eval_stride > eval_seq_len:
         raise PipelineError(f"EVAL_STRIDE={hp.eval_stride} exceeds the evaluation window {eval_seq_len}")
@@ -963,21 +991,25 @@ def file_sha256(paths: list[str]) -> str:
 # MODULES
 # One attention entry point: flash-attn (FA3's flash_attn_interface, else FA2's flash_attn) on
 # CUDA when importable, PyTorch SDPA otherwise. Both take q, k, v as (batch, seq, heads, dim)
-# with fewer k/v heads (GQA), causal.
+# with fewer k/v heads (GQA), causal. With ATTN_DOC_ISOLATION=1 (VarLen attention, records #1530 on)
+# a token also sees only its own document: flash_attn_varlen_func over the flattened batch on CUDA,
+# a block-diagonal causal mask with SDPA; both from the same document ids (document_ids).
 # -----------------------------------------------------------------------------
 
 def _import_flash_attn():
-    """(flash_attn_func, 'module version') of FA3 or FA2, whichever imports first; (None, None) if neither."""
+    """(flash_attn_func, flash_attn_varlen_func or None, 'module version') of FA3 or FA2, whichever imports
+    first; (None, None, None) if neither."""
     for module in ("flash_attn_interface", "flash_attn"):
         try:
             imported = __import__(module)
-            return imported.flash_attn_func, f"{module} {getattr(imported, '__version__', '(no version)')}"
+            return (imported.flash_attn_func, getattr(imported, "flash_attn_varlen_func", None),
+                    f"{module} {getattr(imported, '__version__', '(no version)')}")
         except (ImportError, AttributeError):
             continue
-    return None, None
+    return None, None, None
 
 
-FLASH_ATTN_FUNC, FLASH_ATTN_SOURCE = _import_flash_attn()
+FLASH_ATTN_FUNC, FLASH_VARLEN_FUNC, FLASH_ATTN_SOURCE = _import_flash_attn()
 
 
 FLASH_DTYPE = torch.bfloat16     # FA2/FA3 accept only fp16/bf16, one dtype for q, k and v
@@ -994,8 +1026,11 @@ def check_attention_backend(hp: Hyperparameters, device: torch.device, backend: 
     """One line naming the attention kernel the run uses. On CUDA without flash-attn, SDPA would make every
     step slower without a word on the console (a torch reinstalled under a flash-attn wheel built for
     another torch stops it importing): that is an error unless ALLOW_SDPA=1."""
+    if backend == "flash" and hp.attn_doc_isolation and FLASH_VARLEN_FUNC is None:
+        raise PipelineError(f"ATTN_DOC_ISOLATION=1 needs flash_attn_varlen_func, which {FLASH_ATTN_SOURCE} lacks: "
+                            "install a flash-attn build that has it, or set ATTN_DOC_ISOLATION=0")
     if backend == "flash":
-        return f"attention: flash ({FLASH_ATTN_SOURCE})"
+        return f"attention: flash ({FLASH_ATTN_SOURCE})" + (", varlen per document" if hp.attn_doc_isolation else "")
     if device.type == "cuda" and FLASH_ATTN_FUNC is None and not hp.allow_sdpa:
         raise PipelineError(f"flash-attn does not import here (neither flash_attn_interface (FA3) nor flash_attn "
                             f"(FA2)): install the build made for torch {torch.__version__}, or set ALLOW_SDPA=1 to "
@@ -1005,14 +1040,45 @@ def check_attention_backend(hp: Hyperparameters, device: torch.device, backend: 
     return f"attention: sdpa (PyTorch scaled_dot_product_attention; {why})"
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    """q: (B, T, H, D); k, v: (B, T, Hkv, D). Returns (B, T, H, D)."""
+def document_ids(input_ids: Tensor) -> Tensor:
+    """(B, T) -> (B, T): the index of each token's document inside its row (a BOS starts the next one;
+    tokens before a row's first BOS are document 0, the tail of a document begun in an earlier row)."""
+    return (input_ids == BOS_ID).cumsum(dim=1)
+
+
+def varlen_cu_seqlens(docs: Tensor) -> Tensor:
+    """cu_seqlens of flash_attn_varlen_func over the B*T flattened tokens: the start of every segment (a row's
+    first token or a change of document), then B*T. Padded to B*T + 1 entries with B*T (empty segments), so the
+    shape is fixed for torch.compile; int32, as flash-attn wants it."""
+    n, t = docs.numel(), docs.size(1)
+    flat = docs.reshape(-1)
+    pos = torch.arange(n, device=docs.device)
+    starts = (pos % t == 0) | torch.cat((flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]))
+    cu = torch.sort(torch.where(starts, pos, n)).values
+    return torch.cat((cu, cu.new_full((1,), n))).to(torch.int32)
+
+
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs: Tensor | None = None) -> Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D); docs: (B, T) document ids (document_ids) or None (attention
+    across documents). Returns (B, T, H, D)."""
+    B, T, H, D = q.shape
     if backend == "flash":
         # CUDA autocast runs F.rms_norm in fp32 (torch >= 2.12): q and k arrive fp32 while v is bf16
-        out = FLASH_ATTN_FUNC(q.to(FLASH_DTYPE), k.to(FLASH_DTYPE), v.to(FLASH_DTYPE), causal=True)
-        return out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+        q, k, v = q.to(FLASH_DTYPE), k.to(FLASH_DTYPE), v.to(FLASH_DTYPE)
+        if docs is None:
+            out = FLASH_ATTN_FUNC(q, k, v, causal=True)
+        else:
+            cu = varlen_cu_seqlens(docs)
+            out = FLASH_VARLEN_FUNC(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
+                                    cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True)
+        out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+        return out.reshape(B, T, H, D)
+    mask = None
+    if docs is not None:       # block-diagonal causal: earlier (or the same) position of the same document
+        causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+        mask = (causal[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=mask is None, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -1030,8 +1096,12 @@ class FakeQuantWeight:
 
 
 class QuantLinear(FakeQuantWeight, nn.Linear):
+    """`lora`, set only during per-document TTT (TTT_METHOD=lora), adds a per-row low-rank delta."""
+    lora: "BatchedLoRA | None" = None
+
     def forward(self, x: Tensor) -> Tensor:
-        return F.linear(x, self.train_weight())
+        y = F.linear(x, self.train_weight())
+        return y if self.lora is None else y + self.lora(x)
 
 
 class QuantEmbedding(FakeQuantWeight, nn.Embedding):
@@ -1134,7 +1204,7 @@ class CausalSelfAttention(nn.Module):
             nn.init.zeros_(self.gate.weight)           # 2 * sigmoid(0) = 1: starts as the identity
         self.backend = "sdpa"
 
-    def forward(self, x: Tensor, cache: DecodeCache | None = None, slot: int = 0) -> Tensor:
+    def forward(self, x: Tensor, cache: DecodeCache | None = None, slot: int = 0, docs: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
         q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
         k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
@@ -1143,7 +1213,7 @@ class CausalSelfAttention(nn.Module):
         q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if cache is None:
-            y = causal_attention(q, k, v, self.backend)
+            y = causal_attention(q, k, v, self.backend, docs)
         else:
             y = cached_attention(q, *cache.extend(slot, k, v), offset)
         if self.xsa:
@@ -1197,20 +1267,21 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def attention(self, x: Tensor, cache: DecodeCache | None, slot: int) -> Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cache, slot)
+    def attention(self, x: Tensor, cache: DecodeCache | None, slot: int, docs: Tensor | None) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cache, slot, docs)
 
     def feed_forward(self, x: Tensor) -> Tensor:
         return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
 
-    def forward(self, x: Tensor, x0: Tensor, cache: DecodeCache | None = None, slot: int = 0) -> Tensor:
+    def forward(self, x: Tensor, x0: Tensor, cache: DecodeCache | None = None, slot: int = 0,
+                docs: Tensor | None = None) -> Tensor:
         x = self.mix(x, x0)
-        attn_out = self.attention(x, cache, slot)
+        attn_out = self.attention(x, cache, slot, docs)
         return x + attn_out + self.feed_forward(x if self.parallel else x + attn_out)
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, cache: DecodeCache | None = None,
-                      slot: int = 0) -> tuple[Tensor, Tensor]:
-        attn_out = self.attention(self.mix(lanes[0], x0), cache, slot)
+                      slot: int = 0, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        attn_out = self.attention(self.mix(lanes[0], x0), cache, slot, docs)
         mlp_out = self.feed_forward(lanes[1])
         r, p = self.lane_resid.to(attn_out.dtype), self.lane_post.to(attn_out.dtype)
         return r[0] * lanes[0] + p[0, 0] * attn_out + p[1, 0] * mlp_out, r[1] * lanes[1] + p[0, 1] * attn_out + p[1, 1] * mlp_out
@@ -1220,7 +1291,8 @@ class BigramHash(nn.Module):
     """Embedding of the hashed (previous, current) token pair, projected to the model width.
 
     The projection starts at zero, so the model starts as if it were absent. Bucket 0 is for the
-    first position of a sequence (no previous token).
+    first position of a sequence (no previous token), and with `bos_first` (ATTN_DOC_ISOLATION=1) for a BOS too,
+    so a document's first token reads nothing of the one before.
     """
 
     def __init__(self, buckets: int, dim: int, model_dim: int):
@@ -1231,13 +1303,15 @@ class BigramHash(nn.Module):
         self.proj = QuantLinear(dim, model_dim, bias=False)
         nn.init.zeros_(self.proj.weight)
 
-    def forward(self, ids: Tensor, prev_ids: Tensor | None = None) -> Tensor:
+    def forward(self, ids: Tensor, prev_ids: Tensor | None = None, bos_first: bool = False) -> Tensor:
         """prev_ids: the token before ids[:, 0] (incremental decoding), else none (bucket 0)."""
         first = torch.zeros_like(ids[:, :1]) if prev_ids is None else prev_ids
         prev = torch.cat((first, ids[:, :-1]), dim=1)
         h = (prev * 1_000_003 + ids) % (self.buckets - 1) + 1
         if prev_ids is None:
             h[:, 0] = 0
+        if bos_first:
+            h = torch.where(ids == BOS_ID, 0, h)
         return self.proj(self.table(h))
 
 
@@ -1252,6 +1326,10 @@ class GPT(nn.Module):
 
     forward(input_ids, target_ids) -> per-token NLL in nats, float32, shape (B, T).
     logits(input_ids, cache) with a DecodeCache decodes incrementally: input_ids are the next tokens.
+    With ATTN_DOC_ISOLATION=1 every forward without a cache (training, evaluation, TTT, the audit) keeps each
+    token inside its document: attention (document_ids), SmearGate (never into a BOS) and BigramHash (a BOS
+    hashes alone) read nothing across a BOS, so a row of several documents gives each the NLLs it would get
+    alone (RoPE is relative). Incremental decoding (self-generated GPTQ calibration only) attends across.
     """
 
     def __init__(self, hp: Hyperparameters):
@@ -1285,6 +1363,8 @@ class GPT(nn.Module):
             for b in self.blocks:
                 for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
                     nn.init.orthogonal_(lin.weight)
+        self.doc_isolation = bool(hp.attn_doc_isolation)
+        self.head_lora: "BatchedLoRA | None" = None       # per-document TTT only (TTT_METHOD=lora)
 
     def set_attention_backend(self, backend: str) -> None:
         for block in self.blocks:
@@ -1301,7 +1381,8 @@ class GPT(nn.Module):
     def embed(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
         x = self.tok_emb(input_ids)
         if self.bigram is not None:
-            x = x + self.bigram(input_ids, cache.prev_ids if cache is not None else None)
+            x = x + self.bigram(input_ids, cache.prev_ids if cache is not None else None,
+                                bos_first=self.doc_isolation and cache is None)
         x = rms_norm(x)
         last = x[:, -1:]
         if self.smear is not None:
@@ -1319,6 +1400,7 @@ class GPT(nn.Module):
     def hidden(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
         """The final norm's input (B, T, d)."""
         x = self.embed(input_ids, cache)
+        docs = document_ids(input_ids) if self.doc_isolation and cache is None else None
         x0, skips, seen, lanes = x, [], set(), None
         order = self.layer_order()
         half = len(order) // 2
@@ -1336,9 +1418,9 @@ class GPT(nn.Module):
                 x, lanes = (stream, None) if lanes is None else (x, (stream, lanes[1]))
             block = self.blocks[i]
             if block.lanes == 2:
-                lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot)
+                lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot, docs)
             else:
-                x = block(x, x0, cache, slot)
+                x = block(x, x0, cache, slot, docs)
             encoder = slot < half if self.skip_gated else (first and i < self.num_encoder)
             if encoder:
                 skips.append(x)
@@ -1349,7 +1431,10 @@ class GPT(nn.Module):
     def logits(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
         """Softcapped logits, float32, (B, T, vocab)."""
         h = self.final_norm(self.hidden(input_ids, cache))
-        logits = F.linear(h, self.tok_emb.train_weight().to(h.dtype)).float()
+        logits = F.linear(h, self.tok_emb.train_weight().to(h.dtype))
+        if self.head_lora is not None:
+            logits = logits + self.head_lora(h)
+        logits = logits.float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
     def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
@@ -1751,10 +1836,10 @@ def warm_up(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, 
             torch.cuda.synchronize()
         eval_ms[0] += 1e3 * (time.perf_counter() - t0)
 
-    def score_random(window: int, stride: int) -> None:
+    def score_random(window: int, stride: int, mode: str = "sliding") -> None:
         """One forward of the shape evaluate() will use on the validation stream with this geometry."""
         w = min(window, n_val_tokens - 1)
-        batch = eval_batch_seqs(hp, rt, n_val_tokens, window, stride)
+        batch = eval_batch_seqs(hp, rt, n_val_tokens, window, stride, mode)
         windows = (np.arange(batch), np.zeros(batch, dtype=np.int64), np.full(batch, w))
         with timed_as_evaluation():
             score_windows(hp, rt, run_model, rand(w + batch), *windows, w, batch, collect=False)
@@ -1776,7 +1861,7 @@ def warm_up(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, 
         qat.set_level("off")
         score_random(hp.train_seq_len, hp.train_seq_len)     # pre-quant and round-trip plain evaluations
         window, stride = eval_geometry(hp)
-        score_random(window, stride)                         # the final evaluation (and the audit)
+        score_random(window, stride, hp.eval_mode)           # the final evaluation (and the audit)
         if hp.ttt_enabled:
             x, y = rand(ttt_seqs_per_rank(hp, rt, window), window), rand(ttt_seqs_per_rank(hp, rt, window), window)
             with timed_as_evaluation(), autocast(rt):
@@ -2957,26 +3042,74 @@ def sliding_windows(n_tokens: int, window: int, stride: int, lo: int = 0, hi: in
     return starts, covered - starts, ends - starts
 
 
-def eval_flops(hp: Hyperparameters, n_tokens: int, window: int, stride: int) -> float:
-    """FLOPs of the evaluation of a stream of n_tokens: a third of the training FLOPs per token (forward
-    only) for every window position of the final pass and of the plain pass that measures the quantization
-    gap, plus, with TTT, TTT_EPOCHS training steps over every chunk but the last."""
-    w = min(window, n_tokens - 1)
-    n_windows = len(sliding_windows(n_tokens, window, stride)[0])
-    plain = len(sliding_windows(n_tokens, hp.train_seq_len, hp.train_seq_len)[0]) * min(hp.train_seq_len, n_tokens - 1)
-    flops = n_windows * w * flops_per_token(hp, w) / 3.0 + plain * flops_per_token(hp, hp.train_seq_len) / 3.0
-    if hp.ttt_enabled:
-        chunks = -(-(n_tokens - 1) // hp.ttt_chunk_tokens)
-        flops += hp.ttt_epochs * (chunks - 1) * hp.ttt_chunk_tokens * flops_per_token(hp, w)
-    return flops
+def document_windows(tokens: np.ndarray, window: int, stride: int, lo: int = 0, hi: int | None = None,
+                     bos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows scoring the inputs [lo, hi) document by document (EVAL_MODE=documents), in the format of
+    sliding_windows. A document starts at a BOS (or at the stream's start) and its inputs run to the next
+    BOS, which is its last target: the next document's BOS is predicted from the end of the one before (as
+    #1855's document spans do), so every target is scored once and the counts equal the sliding evaluation's.
+
+    The part of a document within `window` of its start is scored from a window that starts at the
+    document's start; consecutive such parts share one window while they fit in it (the model's document
+    isolation keeps them apart), so a stream of short documents costs about one forward per token. The rest
+    of a longer document is scored by sliding windows of `stride` new targets inside it. A window is moved
+    earlier only where the stream ends (never a change: what lies before a document is masked). `bos`: the
+    stream's BOS positions, when the caller has them already."""
+    n_inputs = tokens.size - 1
+    hi = n_inputs if hi is None else hi
+    w = min(window, n_inputs)
+    if lo >= hi:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    bos = np.flatnonzero(tokens[:n_inputs] == BOS_ID) if bos is None else bos
+    cuts = bos[(bos > lo) & (bos < hi)]
+    piece_lo, piece_hi = np.concatenate(([lo], cuts)), np.concatenate((cuts, [hi]))
+    before = np.searchsorted(bos, piece_lo, side="right") - 1
+    doc_start = np.where(before >= 0, bos[np.maximum(before, 0)] if bos.size else 0, 0)
+    starts, froms, tos = [], [], []
+    row = None                                    # [window start, first input scored, end] being filled
+
+    def flush():
+        if row is not None:
+            start = min(row[0], n_inputs - w)
+            starts.append(start), froms.append(row[1] - start), tos.append(row[2] - start)
+
+    for d, p, q in zip(doc_start.tolist(), piece_lo.tolist(), piece_hi.tolist()):
+        head_end = min(q, d + w)
+        if p < head_end:
+            if row is not None and row[2] == p and head_end - row[0] <= w:
+                row[2] = head_end
+            else:
+                flush()
+                row = [d, p, head_end]
+        if head_end < q:
+            flush()
+            row = None
+            s_, f_, t_ = sliding_windows(tokens.size, w, stride, max(p, head_end), q)
+            starts.extend(s_.tolist()), froms.extend(f_.tolist()), tos.extend(t_.tolist())
+    flush()
+    return np.array(starts, dtype=np.int64), np.array(froms, dtype=np.int64), np.array(tos, dtype=np.int64)
 
 
-def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, n_tokens: int, window: int, stride: int) -> int:
+def scoring_windows(mode: str, tokens: np.ndarray, window: int, stride: int, lo: int = 0, hi: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The windows of an evaluation mode (EVAL_MODES) over inputs [lo, hi)."""
+    if mode == "documents":
+        return document_windows(tokens, window, stride, lo, hi)
+    return sliding_windows(tokens.size, window, stride, lo, hi)
+
+
+def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, n_tokens: int, window: int, stride: int,
+                    mode: str = "sliding") -> int:
     """Windows per forward on each rank when scoring a stream of n_tokens: VAL_BATCH_SIZE tokens over all
-    ranks, but no more than a rank's share of the stream's windows. Every scoring forward of the stream has
+    ranks, but no more than a rank's share of the stream's windows (EVAL_MODE=documents: of the fewest it can
+    have, one per window of tokens; the count depends on no data). Every scoring forward of the stream has
     exactly this many rows (short batches are padded), so a compiled model sees one shape per geometry."""
     w = min(window, n_tokens - 1)
-    n_windows = len(sliding_windows(n_tokens, window, stride)[0])
+    if mode == "documents":
+        n_windows = -(-(n_tokens - 1) // w)
+    else:
+        n_windows = len(sliding_windows(n_tokens, window, stride)[0])
     return max(1, min(hp.val_batch_size // (rt.world_size * w), -(-n_windows // rt.world_size)))
 
 
@@ -3012,6 +3145,7 @@ class ScoringEvidence:
         self.rt = rt
         self.coverage = torch.zeros(n_tokens, dtype=torch.int32, device=rt.device)
         self.updates = self.unscored_trained = 0
+        self.local_updates = self.local_unscored = 0
         self.weights_moved = torch.zeros((), dtype=torch.bool, device=rt.device)   # by a scoring call
         self.scoring_changed_weights = False
 
@@ -3029,10 +3163,20 @@ class ScoringEvidence:
         self.unscored_trained += unscored
         self.updates += 1
 
+    def training_on_local(self, targets: Tensor) -> None:
+        """Before a per-document LoRA step (this rank's documents, no collective): count its targets this rank has
+        not scored yet (a document is scored and adapted on one rank). finish() adds the ranks' counts up."""
+        self.local_unscored += int((self.coverage[targets.reshape(-1)] == 0).sum())
+        self.local_updates += 1
+
     def finish(self) -> Tensor:
         """Coverage summed over ranks (every rank gets it); whether any scoring call moved a weight."""
+        local = torch.tensor([self.local_unscored, self.local_updates], dtype=torch.int64, device=self.rt.device)
         if self.rt.distributed:
             dist.all_reduce(self.coverage)
+            dist.all_reduce(local)
+        self.unscored_trained += int(local[0])
+        self.updates += int(local[1])
         self.scoring_changed_weights = bool(agree_max(self.rt, [float(self.weights_moved.item())])[0])
         return self.coverage
 
@@ -3087,6 +3231,7 @@ class TestTimeTrainer:
         self.params = [p for p in model.parameters() if id(p) in trainable]
         self.frozen = [p for p in model.parameters() if id(p) not in trainable]
         self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        self.chunks_trained, self.cut = 0, ""
 
     def lr(self, k: int, n_chunks: int) -> float:
         if self.hp.ttt_lr_schedule == "cosine":
@@ -3111,19 +3256,187 @@ class TestTimeTrainer:
             with autocast(self.rt):
                 loss = self.run_model(x, y).mean()
             loss.backward()
-            for p in self.frozen:
-                p.grad = None
-            if self.rt.distributed:
-                grads = [p.grad for p in self.params]
-                flat = torch._utils._flatten_dense_tensors(grads)
-                dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-                for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                    g.copy_(avg)
-            if self.hp.ttt_grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            self.step()
         self.run_model.eval()
+
+    def step(self) -> None:
+        """Apply the gradients of the last backward: drop the frozen ones, average over ranks, clip, SGD."""
+        for p in self.frozen:
+            p.grad = None
+        if self.rt.distributed:
+            grads = [p.grad for p in self.params]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+            for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(avg)
+        if self.hp.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class BatchedLoRA(nn.Module):
+    """One low-rank adapter per row of a batch (one document each): delta(x) = (x A) B * alpha / r, A (n, in, r)
+    uniform in +-1/sqrt(in), B (n, r, out) zero, so a fresh adapter changes nothing (#1855's BatchedLinearLoRA,
+    alpha = r here). reset() restarts every row's adapter: B to zero, A redrawn."""
+
+    def __init__(self, n: int, d_in: int, d_out: int, rank: int, gen: torch.Generator, device: torch.device):
+        super().__init__()
+        self.gen, self.bound = gen, 1.0 / math.sqrt(d_in)
+        self.A = nn.Parameter(torch.empty(n, d_in, rank, device=device))
+        self.B = nn.Parameter(torch.zeros(n, rank, d_out, device=device))
+        self.rows: Tensor | None = None        # the adapters of the rows in the forward (None: all, in order)
+        self.reset()
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.A.copy_((torch.rand(self.A.shape, generator=self.gen) * 2 - 1) * self.bound)
+            self.B.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
+        return torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype))
+
+
+def lora_targets(model: GPT) -> list[QuantLinear]:
+    """The matrices per-document TTT adapts: Q, K, V and the attention output, both MLP matrices (the head
+    too, through GPT.head_lora)."""
+    return [m for b in model.blocks for m in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+
+
+def set_loras(model: GPT, loras: list[BatchedLoRA] | None) -> None:
+    """Attach (or with None detach) the adapters; set past nn.Module's registry, so they never become model
+    parameters, state or fingerprint."""
+    targets = lora_targets(model)
+    for i, m in enumerate(targets):
+        object.__setattr__(m, "lora", loras[i] if loras else None)
+    object.__setattr__(model, "head_lora", loras[len(targets)] if loras else None)
+
+
+def document_spans(tokens: np.ndarray) -> np.ndarray:
+    """(n_docs, 2) input ranges [d, e) of the stream's documents: d a BOS (or 0), e the next BOS (or the last
+    input + 1). A document's targets are d + 1 .. e: its own tokens and the next document's BOS."""
+    n_inputs = tokens.size - 1
+    starts = np.flatnonzero(tokens[:n_inputs] == BOS_ID)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    return np.stack((starts, np.concatenate((starts[1:], [n_inputs]))), axis=1).astype(np.int64)
+
+
+def phase_boundaries(hp: Hyperparameters, n_docs: int) -> list[int]:
+    """Documents scored before each global SGD phase: TTT_PHASES evenly spaced up to TTT_PHASE_DOCS_FRAC of
+    them (#1855: 833 / 1,666 / 2,500 of 50,000); a phase with no document is dropped."""
+    last = int(round(hp.ttt_phase_docs_frac * n_docs))
+    return sorted({last * (p + 1) // hp.ttt_phases for p in range(hp.ttt_phases)} - {0}) if hp.ttt_phases else []
+
+
+class LoRATestTimeTrainer:
+    """Phased score-first TTT with per-document LoRA (records #1610/#1626 phased TTT, #1855's settings).
+
+    Documents are taken in stream order, TTT_LORA_DOCS per rank at a time (one global batch = that many on every
+    rank). Each document gets a fresh rank-TTT_LORA_RANK LoRA on every block's Q, K, V, attention output and MLP
+    matrices and on the head, trained by its own AdamW (betas (0, 0.999), weight decay 1, as #1855). A document is
+    read in chunks of TTT_LORA_CHUNK targets: each chunk is scored by a forward of its window (the document's
+    last `window` inputs up to the chunk's end) through the current LoRA, and that same forward's loss on the
+    chunk (already scored) then takes one LoRA step, so chunk c + 1 is scored by a LoRA trained on chunks
+    0 .. c only. Documents in one batch are independent rows (document isolation, one adapter per row).
+
+    Global phases: once the documents before a boundary of phase_boundaries() are all scored, the whole model
+    takes one SGD epoch (TTT_PHASE_LR, cosine over its chunks, TTT_MOMENTUM, TTT_GRAD_CLIP, TTT_LAST_N) on the
+    stream up to the end of those documents, in TTT_CHUNK_TOKENS chunks (TestTimeTrainer's step), and later
+    documents are scored by the updated model. `allowed` (the evaluation budget, item 4) may stop phases and
+    LoRA training at any point; every target is still scored once."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, window: int):
+        self.hp, self.rt, self.model, self.run_model, self.window = hp, rt, model, run_model, window
+        self.gen = torch.Generator().manual_seed(hp.seed)
+        dims = [(m.in_features, m.out_features) for m in lora_targets(model)]
+        dims.append((model.tok_emb.embedding_dim, model.tok_emb.num_embeddings))
+        self.loras = [BatchedLoRA(hp.ttt_lora_docs, a, b, hp.ttt_lora_rank, self.gen, rt.device) for a, b in dims]
+        self.params = [p for lora in self.loras for p in lora.parameters()]
+        self.phases_done = self.docs_adapted = 0
+        self.cut = ""
+
+    def score_documents(self, tokens: Tensor, spans: np.ndarray, train: bool, evidence: "ScoringEvidence | None"
+                        ) -> tuple[Tensor, Tensor, list]:
+        """Score (and with `train`, adapt to) up to TTT_LORA_DOCS documents [d, e): (NLL sum, targets, (positions,
+        NLLs) pieces in scoring order). Each chunk step runs only the documents not yet finished, each row as long
+        as the longest window among them needs (rounded up to 64 tokens)."""
+        hp, C, n_inputs, dev = self.hp, self.hp.ttt_lora_chunk, tokens.numel() - 1, self.rt.device
+        for lora in self.loras:
+            lora.reset()
+        opt = torch.optim.AdamW(self.params, lr=hp.ttt_lora_lr, betas=(0.0, 0.999), eps=1e-10, weight_decay=1.0)
+        d_all = torch.from_numpy(spans[:, 0]).to(dev)
+        e_all = torch.from_numpy(spans[:, 1]).to(dev)
+        nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        scored = torch.zeros((), dtype=torch.int64, device=dev)
+        pieces = []
+        set_loras(self.model, self.loras)
+        try:
+            for c in range(int(-(-(spans[:, 1] - spans[:, 0]).max() // C)) if len(spans) else 0):
+                rows = torch.nonzero(d_all + c * C < e_all).flatten()      # documents with a chunk c
+                d, e = d_all[rows], e_all[rows]
+                cs = d + c * C
+                ce = torch.minimum(cs + C, e)
+                need = int((ce - torch.maximum(d, ce - self.window)).max())
+                length = min(self.window, n_inputs, -(-need // 64) * 64)
+                start = torch.clamp(torch.minimum(torch.maximum(d, ce - length), torch.full_like(d, n_inputs - length)),
+                                    min=0)
+                positions = start[:, None] + torch.arange(length + 1, device=dev)[None, :]
+                seq = tokens[positions]
+                offsets = torch.arange(length, device=dev)[None, :]
+                mask = (offsets >= (cs - start)[:, None]) & (offsets < (ce - start)[:, None])
+                learn = train and bool((ce < e).any())
+                for lora in self.loras:
+                    lora.rows = rows
+                with torch.enable_grad() if learn else torch.no_grad(), autocast(self.rt):
+                    nll = self.model(seq[:, :-1], seq[:, 1:])
+                targets = positions[:, 1:][mask]
+                chunk_nll = nll.detach().double()[mask]
+                nll_sum += chunk_nll.sum()
+                scored += mask.sum()
+                pieces.append((targets.cpu(), chunk_nll.cpu()))
+                if evidence is not None:
+                    evidence.scored(targets)
+                if learn:              # the chunk just scored; a document's last chunk is never trained on
+                    keep = mask & (ce < e)[:, None]
+                    if evidence is not None:
+                        evidence.training_on_local(positions[:, 1:][keep])
+                    ((nll * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).sum().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        finally:
+            for lora in self.loras:
+                lora.rows = None
+            set_loras(self.model, None)
+        return nll_sum, scored, pieces
+
+    def global_phase(self, tokens: Tensor, spans: np.ndarray, evidence: "ScoringEvidence | None") -> None:
+        """One SGD epoch of the whole model (or its last TTT_LAST_N blocks) on documents already scored, `spans`
+        in stream order: their inputs laid end to end (document isolation keeps them apart) and cut into rows of
+        `window`, TTT_CHUNK_TOKENS // window rows per rank per step, gradients averaged over ranks, clipped to
+        TTT_GRAD_CLIP, TTT_PHASE_LR on a cosine over the steps, TTT_MOMENTUM. The evidence checks every step's
+        targets (their stream positions) against what every rank has scored."""
+        hp, rt, w = self.hp, self.rt, self.window
+        idx = torch.cat([torch.arange(d, e) for d, e in spans.tolist()]).to(rt.device)
+        n_seq = ttt_seqs_per_rank(hp, rt, w)
+        steps = idx.numel() // (w * n_seq * rt.world_size)
+        if steps == 0:
+            return
+        trainer = TestTimeTrainer(hp, rt, self.model, self.run_model, w)
+        self.model.train()
+        for k in range(steps):
+            rows = (k * rt.world_size + rt.rank) * n_seq + torch.arange(n_seq, device=rt.device)
+            inputs = idx[rows[:, None] * w + torch.arange(w, device=rt.device)[None, :]]
+            if evidence is not None:
+                evidence.training_on(inputs + 1)
+            for group in trainer.opt.param_groups:
+                group["lr"] = hp.ttt_phase_lr * 0.5 * (1.0 + math.cos(math.pi * k / steps))
+            with autocast(rt):
+                loss = self.model(tokens[inputs], tokens[inputs + 1]).mean()
+            loss.backward()
+            trainer.step()
+        self.model.eval()
 
 
 @torch.no_grad()
@@ -3161,29 +3474,42 @@ def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens
 
 def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, tables,
              window: int, stride: int, ttt: TestTimeTrainer | None = None, collect: bool = False,
-             audit: bool = False) -> EvalResult:
-    """Score every target of `tokens` once (see the section comment). All ranks return the same
-    sums; with collect=True rank 0 also gets the per-target NLL in stream order; with audit=True the
-    result carries the ScoringEvidence."""
+             audit: bool = False, mode: str = "sliding", budget: "EvalBudget | None" = None) -> EvalResult:
+    """Score every target of `tokens` once (see the section comment), with the windows of `mode`
+    (EVAL_MODES). All ranks return the same sums; with collect=True rank 0 also gets the per-target NLL in
+    stream order; with audit=True the result carries the ScoringEvidence. With TTT and a budget, a chunk is
+    trained on only while the budget affords the slowest training step so far (before any: TTT_EPOCHS x
+    TRAIN_STEP_COST x the plain rate per target) and the scoring of what is left; after the first refusal no
+    chunk is trained on (ttt.cut = "chunks")."""
     t_start = time.perf_counter()
     run_model.eval()
     n_inputs = tokens.size - 1
     w = min(window, n_inputs)
     chunk = hp.ttt_chunk_tokens if ttt is not None else n_inputs
     bounds = [(a, min(a + chunk, n_inputs)) for a in range(0, n_inputs, chunk)]
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
     all_tokens = to_device(tokens, rt.device)
     evidence = ScoringEvidence(tokens.size, rt) if audit else None
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
     per_target = []
+    slowest = 0.0
     for event, k in ttt_schedule(len(bounds)):
         a, b = bounds[k]
         if event == "train":
+            if budget is not None and not ttt.cut:
+                cost = slowest or hp.ttt_epochs * TRAIN_STEP_COST * budget.rate * (b - a)
+                if not budget.can_afford(cost, n_inputs - b):
+                    ttt.cut = "chunks"
+            if ttt.cut:
+                continue
+            t0 = time.perf_counter()
             ttt.adapt(all_tokens, a, k, len(bounds), evidence)
+            ttt.chunks_trained += 1
+            slowest = max(slowest, time.perf_counter() - t0)
             continue
         before = weights_fingerprint(run_model) if evidence is not None else None
-        windows = sliding_windows(tokens.size, window, stride, a, b)
+        windows = scoring_windows(mode, tokens, window, stride, a, b)
         part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
                                                       evidence)
         nll_sum += part_sum
@@ -3209,6 +3535,129 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
                       np.concatenate(per_target) if collect else None, evidence)
 
 
+TRAIN_STEP_COST = 3.0       # TTT before a step is measured: forward + backward of each token it runs, x the plain rate
+SCORE_RESERVE = 1.5         # scoring what is left without TTT: x the plain rate, for the slower document windows
+
+
+class EvalBudget:
+    """EVAL_TIME_LIMIT_SECONDS kept at run time: seconds since `t0` (the artifact's load: compiles, the audit and
+    the plain pass count) against the limit (0 = none). can_afford(cost, rest) says whether `cost` more seconds
+    of TTT still leave time to score `rest` targets without TTT at the measured plain rate (seconds per target of
+    the plain pass) x SCORE_RESERVE; every rank takes the slowest rank's view, so all decide alike."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, t0: float, plain_s_per_target: float):
+        self.limit, self.rt, self.t0, self.rate = hp.eval_time_limit_seconds, rt, t0, plain_s_per_target
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def can_afford(self, cost: float, rest_targets: int) -> bool:
+        if not self.limit:
+            return True
+        elapsed, cost = agree_max(self.rt, [self.elapsed(), cost])
+        return elapsed + cost + rest_targets * self.rate * SCORE_RESERVE <= self.limit
+
+
+def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTrainer, tokens: np.ndarray, tables,
+                      window: int, stride: int, budget: EvalBudget | None = None, collect: bool = False,
+                      audit: bool = False) -> EvalResult:
+    """EVAL_MODE=documents with TTT_METHOD=lora: documents in global batches (TTT_LORA_DOCS per rank), each
+    scored chunk by chunk through its own LoRA (LoRATestTimeTrainer), global SGD phases at phase_boundaries().
+    With a budget, a phase runs only if the budget can afford it (its tokens x TRAIN_STEP_COST x the plain rate)
+    and a batch is adapted only if the slowest batch so far fits (before any: the tokens its chunk steps run,
+    lora_tokens_processed, x TRAIN_STEP_COST x the plain rate; documents go longest first, so the first batch is
+    the slowest);
+    once a batch cannot be, TTT stops and the documents left are scored by document_windows without it. Every
+    target is scored once either way; trainer.cut says what was cut."""
+    t_start = time.perf_counter()
+    model = trainer.model
+    # longest documents first (#1855's global batches): a batch's documents need about as many chunks each
+    spans = document_spans(tokens)
+    order = np.argsort(-(spans[:, 1] - spans[:, 0]), kind="stable")
+    spans = spans[order]
+    n_docs, n_inputs = len(spans), tokens.size - 1
+    per_rank = hp.ttt_lora_docs
+    group = per_rank * rt.world_size
+    boundaries = phase_boundaries(hp, n_docs)
+    all_tokens = to_device(tokens, rt.device)
+    evidence = ScoringEvidence(tokens.size, rt) if audit else None
+    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    scored = torch.zeros((), dtype=torch.int64, device=rt.device)
+    pieces, slowest, g = [], 0.0, 0
+    rate = budget.rate if budget is not None else 0.0
+    base = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    left = n_inputs                                     # targets not yet scored
+    while g * group < n_docs:
+        lo = g * group
+        batch_targets = int((spans[lo:lo + group, 1] - spans[lo:lo + group, 0]).sum())
+        mine = spans[lo + rt.rank * per_rank:min(lo + (rt.rank + 1) * per_rank, n_docs)]
+        cost = slowest or TRAIN_STEP_COST * rate * lora_tokens_processed(hp, mine[:, 1] - mine[:, 0], window)
+        if budget is not None and not budget.can_afford(cost, left - batch_targets):
+            trainer.cut = "lora"
+            break
+        t0 = time.perf_counter()
+        for p in base:
+            p.requires_grad_(False)
+        part_sum, part_scored, part = trainer.score_documents(all_tokens, mine, True, evidence)
+        for p in base:
+            p.requires_grad_(True)
+        nll_sum += part_sum
+        scored += part_scored
+        pieces.extend(part)
+        trainer.docs_adapted += len(mine)
+        slowest = max(slowest, time.perf_counter() - t0)
+        left -= batch_targets
+        g += 1
+        done = min(g * group, n_docs)
+        while boundaries and boundaries[0] <= done:
+            scored_spans = np.sort(spans[:boundaries.pop(0)], axis=0)      # in stream order
+            phase_cost = TRAIN_STEP_COST * rate * int((scored_spans[:, 1] - scored_spans[:, 0]).sum())
+            if budget is not None and not budget.can_afford(phase_cost + slowest, left):
+                trainer.cut = trainer.cut or "phases"
+                boundaries = []
+                break
+            trainer.global_phase(all_tokens, scored_spans, evidence)
+            trainer.phases_done += 1
+    trainer.docs_adapted = int(sum(gather(rt, trainer.docs_adapted)))
+    if g * group < n_docs:                         # the rest, scored without TTT, document by document
+        rest = np.sort(spans[g * group:], axis=0)
+        joined = np.flatnonzero(rest[1:, 0] != rest[:-1, 1]) + 1          # runs of neighbouring documents
+        runs = zip(rest[np.concatenate(([0], joined)), 0].tolist(), rest[np.concatenate((joined - 1, [-1])), 1].tolist())
+        bos = np.flatnonzero(tokens[:n_inputs] == BOS_ID)
+        windows = [np.concatenate(parts) for parts in zip(*[document_windows(tokens, window, stride, d, e, bos)
+                                                             for d, e in runs])]
+        batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, "documents")
+        part_sum, part_scored, part = score_windows(hp, rt, trainer.run_model, all_tokens, *windows,
+                                                    min(window, n_inputs), batch, collect, evidence)
+        nll_sum += part_sum
+        scored += part_scored
+        rest_nll = torch.cat(part).numpy() if part else np.zeros(0)
+        rest_pos = np.concatenate([np.arange(d + 1, e + 1) for d, e in rest.tolist()])
+    if rt.distributed:
+        dist.all_reduce(nll_sum)
+        dist.all_reduce(scored)
+    if evidence is not None:
+        evidence.finish()
+    model.train()
+    if int(scored.item()) != n_inputs:
+        raise RuntimeError(f"evaluation scored {int(scored.item())} targets, expected {n_inputs}")
+    per_target = None
+    if collect:
+        positions = torch.cat([p for p, _ in pieces]).numpy() if pieces else np.zeros(0, dtype=np.int64)
+        values = torch.cat([v for _, v in pieces]).numpy() if pieces else np.zeros(0)
+        per_target = np.zeros(n_inputs)
+        for pos, val in gather(rt, (positions, values)):
+            per_target[pos - 1] = val
+        if g * group < n_docs:
+            per_target[rest_pos - 1] = np.concatenate(gather(rt, rest_nll))
+    total_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
+    if total_bytes == 0:
+        raise PipelineError("the validation stream's targets stand for 0 bytes; val_bpb is undefined")
+    return EvalResult(nll_sum.item() / n_inputs, nll_sum.item() / (math.log(2) * total_bytes), n_inputs, total_bytes,
+                      1e3 * (time.perf_counter() - t_start), per_target, evidence)
+
+
 # -----------------------------------------------------------------------------
 # SELF-AUDIT (EVAL_AUDIT=1)
 # Checks, on the weights being scored, the four rules of ../shared/RULES.md "What evaluation
@@ -3224,10 +3673,21 @@ NOISE_TOLERANCE_FACTOR = 2.0     # ... each plus this many times the noise betwe
 NOISE_CEILING_NATS = 0.01        # which may be at most this: above it the audit cannot certify, it fails
 
 
-def audit_windows(tokens: np.ndarray, window: int, stride: int) -> list[int]:
+def audit_windows(tokens: np.ndarray, window: int, stride: int, mode: str = "sliding") -> list[int]:
     """Start positions of the windows the audit checks: the schedule's first, middle and last."""
-    starts = sliding_windows(tokens.size, window, stride)[0]
+    starts = scoring_windows(mode, tokens, window, stride)[0]
     return sorted({int(starts[0]), int(starts[len(starts) // 2]), int(starts[-1])})
+
+
+def other_document_rows(tokens: np.ndarray, window: int, n_rows: int = 3) -> list[tuple[int, int]]:
+    """(window start, offset b of a BOS inside it) for up to n_rows windows of the evaluator's length, each with a
+    document beginning halfway in (after another document), at BOS positions spread over the stream."""
+    n_inputs = tokens.size - 1
+    w = min(window, n_inputs)
+    bos = np.flatnonzero(tokens[1:n_inputs] == BOS_ID) + 1
+    pick = bos[np.unique(np.linspace(0, bos.size - 1, n_rows).round().astype(int))] if bos.size else bos
+    starts = np.clip(pick - w // 2, 0, n_inputs - w)
+    return [(int(s_), int(p - s_)) for s_, p in zip(starts, pick)]
 
 
 @torch.no_grad()
@@ -3246,7 +3706,7 @@ def forward_rows(rt: Runtime, run_model: nn.Module, x: Tensor, y: Tensor, batch:
 
 @torch.no_grad()
 def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                    stride: int) -> dict:
+                    stride: int, mode: str = "sliding") -> dict:
     """C1: in each audited window, the NLL at every position before a cut is unchanged when every input
     and every target from the cut on is replaced by a different random token; cuts at a quarter, a half,
     inside the last stride (the scored tail) and at the last position. Inputs and targets are replaced
@@ -3258,14 +3718,18 @@ def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, toke
     identical rows of this run in the same places (the originals scored twice), at most
     NOISE_CEILING_NATS, and logged beside the check with the noise between identical rows in other
     places (for the reader: the comparisons never cross rows, so a model cannot widen the tolerance
-    by rounding rows differently on purpose)."""
+    by rounding rows differently on purpose).
+
+    EVAL_MODE=documents adds the other half of "context only from itself": in windows that hold a document after
+    another (other_document_rows), every input and target before that document's BOS (another document's tokens)
+    is replaced, and the document's NLLs must not move (causality_other_documents_*)."""
     w = min(window, tokens.size - 1)
     gen = torch.Generator().manual_seed(hp.seed)
     vocab = max(2, int(tokens.max()) + 1)
     cuts = sorted({max(1, w // 4), max(1, w // 2), max(1, w - max(1, min(stride, w) // 2)), max(1, w - 1)})
-    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in audit_windows(tokens, window, stride)])
+    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in audit_windows(tokens, window, stride, mode)])
     x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
     run_model.eval()
     score = functools.partial(forward_rows, rt, run_model, batch=batch)
     base = score(x0, y0)
@@ -3277,17 +3741,32 @@ def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, toke
         for t in (x, y):        # shift by 1..vocab-1 (mod vocab): every replaced token differs
             t[:, cut:] = (t[:, cut:] + torch.randint(1, vocab, (t.size(0), w - cut), generator=gen).to(rt.device)) % vocab
         worst = max(worst, (score(x, y)[:, :cut] - base[:, :cut]).abs().max().item())
+    n_windows = seqs.size(0)
+    docs = other_document_rows(tokens, window) if mode == "documents" else []
+    worst_docs = 0.0
+    if docs:
+        seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s, _ in docs])
+        x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
+        base = score(x0, y0)
+        x, y = x0.clone(), y0.clone()
+        for row, (_, b) in enumerate(docs):   # inputs before the BOS at b, and their targets but that BOS
+            for t, n in ((x, b), (y, b - 1)):
+                t[row, :n] = (t[row, :n] + torch.randint(1, vocab, (n,), generator=gen).to(rt.device)) % vocab
+        moved = (score(x, y) - base).abs()
+        worst_docs = max(moved[row, b:].max().item() for row, (_, b) in enumerate(docs))
     run_model.train()
-    worst, same_rows, other_rows = agree_max(rt, [worst, same_rows, other_rows])
+    worst, worst_docs, same_rows, other_rows = agree_max(rt, [worst, worst_docs, same_rows, other_rows])
     tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * same_rows
-    return dict(causality_ok=worst <= tolerance and same_rows <= NOISE_CEILING_NATS, causality_max_abs_dnll=worst, causality_windows=seqs.size(0),
-                causality_cuts=cuts, causality_tolerance=tolerance, causality_noise_same_rows=same_rows,
-                causality_noise_other_rows=other_rows)
+    return dict(causality_ok=worst <= tolerance and worst_docs <= tolerance and same_rows <= NOISE_CEILING_NATS,
+                causality_max_abs_dnll=worst, causality_windows=n_windows, causality_cuts=cuts,
+                causality_tolerance=tolerance, causality_noise_same_rows=same_rows,
+                causality_noise_other_rows=other_rows, causality_other_documents_windows=len(docs),
+                causality_other_documents_max_abs_dnll=worst_docs)
 
 
 @torch.no_grad()
 def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                        stride: int, vocab_size: int) -> dict:
+                        stride: int, vocab_size: int, mode: str = "sliding") -> dict:
     """C2: in each audited window, exp(-NLL) the evaluator's forward gives each of the vocab_size possible
     next tokens sums to 1 at every position (the scored tail included). Candidate tokens are dealt out to
     the ranks in batches of the evaluator's shape; the sums are added up over ranks.
@@ -3299,10 +3778,10 @@ def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, 
     A noise above NOISE_CEILING_NATS fails the check: a model that rounds rows differently on purpose
     could otherwise widen the tolerance until an unnormalized score passed."""
     w = min(window, tokens.size - 1)
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
     worst, n_windows, noise = 0.0, 0, 0.0
     run_model.eval()
-    for start in audit_windows(tokens, window, stride):
+    for start in audit_windows(tokens, window, stride, mode):
         x = torch.from_numpy(tokens[start:start + w]).to(rt.device)[None]
         total = torch.zeros(w, dtype=torch.float64, device=rt.device)
         for i, v0 in enumerate(range(0, vocab_size, batch)):
@@ -3328,14 +3807,15 @@ def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, 
 
 @torch.no_grad()
 def audit_row_independence(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                           stride: int, tolerance: float) -> dict:
+                           stride: int, tolerance: float, mode: str = "sliding") -> dict:
     """C1 across the rows of a batch: the final evaluation scores consecutive windows side by side, and
     with a stride below the window a later row holds an earlier row's future, so a forward that read
     another row would leak it while C1's windows, scored apart, saw nothing. A batch of consecutive
     windows from the middle of the stream is scored as the evaluator scores it; then rows 0, 1, the middle
     one and the last are each scored again in the same row with every other row replaced by random
-    tokens. Their NLLs must not move (C1's tolerance)."""
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride)
+    tokens. Their NLLs must not move (C1's tolerance). The rows have the evaluator's batch shape in either
+    EVAL_MODE (overlapping windows are the harder case: a row's future sits in the next one)."""
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
     w = min(window, tokens.size - 1)
     starts = sliding_windows(tokens.size, window, stride)[0]
     first = max(0, min(len(starts) // 2, len(starts) - batch))
@@ -3552,18 +4032,69 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
                 roundtrip_probe_nll_per_rank=[e["probe_nll"] for e in per_rank])
 
 
-def check_eval_budget(hp: Hyperparameters, n_val_tokens: int, window: int, stride: int, log: RunLog) -> float:
-    """Project the final evaluation of the full validation split onto 8xH100; refuse it above
-    EVAL_TIME_LIMIT_SECONDS (0 = no check). Returns the projection in seconds."""
-    seconds = eval_flops(hp, n_val_tokens, window, stride) / (
-        PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)
-    log(f"projected_8xH100_eval:{seconds:.1f}s (window {window}, stride {stride}, ttt {hp.ttt_enabled}, "
-        f"{n_val_tokens} val tokens, {ASSUMED_MFU:.0%} MFU)")
-    if hp.eval_time_limit_seconds and seconds > hp.eval_time_limit_seconds:
-        raise PipelineError(f"evaluation projected at {seconds:.0f} s on 8xH100 exceeds EVAL_TIME_LIMIT_SECONDS="
-                            f"{hp.eval_time_limit_seconds:g}; raise EVAL_STRIDE or lower TTT_EPOCHS "
+def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int) -> int:
+    """Tokens LoRATestTimeTrainer runs forward and backward through for documents of these lengths (inputs per
+    document): longest first, TTT_LORA_DOCS at a time, each chunk step over the documents not yet finished, rows as
+    long as the longest window among them needs, rounded up to 64 (per rank; world size does not change it)."""
+    lengths, total, C = np.sort(lengths)[::-1], 0, hp.ttt_lora_chunk
+    for i in range(0, lengths.size, hp.ttt_lora_docs):
+        batch = lengths[i:i + hp.ttt_lora_docs]
+        for c in range(-(-int(batch[0]) // C)):
+            active = batch[batch > c * C]
+            need = int(min(window, int(np.minimum((c + 1) * C, active).max())))
+            total += active.size * min(window, -(-need // 64) * 64)
+    return total
+
+
+def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, window: int, stride: int
+                    ) -> dict[str, float]:
+    """Projected 8xH100 seconds of each part of the evaluation of the full split (split_tokens), from this stream's
+    documents scaled up by split_tokens / tokens.size. Assumptions (docs/evaluation.md): forward-only passes at
+    ASSUMED_MFU, a third of the training FLOPs per token; TTT (LoRA chunk steps, global phases, whole-model
+    chunks) forward + backward at TTT_ASSUMED_MFU, the rate #1855's measured phased-TTT time implies; the audit's
+    C2 (the whole vocabulary on 3 windows) and C1 forwards; EVAL_LOAD_ASSUMED_S and EVAL_COMPILE_ASSUMED_S fixed.
+    'scoring' is what TTT falls back to when the budget cuts it: the part that must fit."""
+    scale = split_tokens / tokens.size
+    w = min(window, tokens.size - 1)
+    fwd = lambda n, t: n * flops_per_token(hp, t) / 3.0 / (PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)  # noqa: E731
+    train = lambda n, t: n * flops_per_token(hp, t) / (PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * TTT_ASSUMED_MFU)  # noqa: E731
+    n_windows = len(scoring_windows(hp.eval_mode, tokens, window, stride)[0])
+    plain = len(sliding_windows(tokens.size, hp.train_seq_len, hp.train_seq_len)[0]) * min(hp.train_seq_len, tokens.size - 1)
+    parts = dict(load=EVAL_LOAD_ASSUMED_S, compile=EVAL_COMPILE_ASSUMED_S,
+                 plain=fwd(plain * scale, hp.train_seq_len), scoring=fwd(n_windows * w * scale, w), ttt=0.0, audit=0.0)
+    if hp.eval_audit:
+        parts["audit"] = fwd(3 * w * (max(hp.vocab_size, 1) + 2 * 7), w)
+    if hp.ttt_enabled and hp.ttt_method == "lora":
+        spans = document_spans(tokens)
+        lengths = spans[:, 1] - spans[:, 0]
+        phased = sum(b / len(spans) for b in phase_boundaries(hp, len(spans))) * (tokens.size - 1)
+        parts["ttt"] = train(lora_tokens_processed(hp, lengths, w) * scale / PROJECTION_GPUS, w) * PROJECTION_GPUS \
+            + train(phased * scale, w)
+    elif hp.ttt_enabled:
+        chunks = -(-(tokens.size - 1) // hp.ttt_chunk_tokens)
+        parts["ttt"] = train(hp.ttt_epochs * (chunks - 1) * hp.ttt_chunk_tokens * scale, w)
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def check_eval_budget(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, window: int, stride: int,
+                      log: RunLog) -> dict[str, float]:
+    """Project the final evaluation of the full validation split onto 8xH100 (eval_projection) and log it. The
+    budget is kept at run time by cutting TTT, so only the passes that cannot be cut and grow with the data (the
+    plain pass, the audit, scoring without TTT) are refused above EVAL_TIME_LIMIT_SECONDS (0 = no check); the fixed
+    load and compile assumptions are logged beside them, and the run's own clock counts the real ones."""
+    parts = eval_projection(hp, tokens, split_tokens, window, stride)
+    must = parts["plain"] + parts["scoring"] + parts["audit"]
+    log("projected_8xH100_eval:" + " ".join(f"{k}:{v:.1f}s" for k, v in parts.items()) +
+        f" (mode {hp.eval_mode}, window {window}, stride {stride}, ttt {hp.ttt_method if hp.ttt_enabled else 'off'}, "
+        f"{split_tokens} val tokens; forward at {ASSUMED_MFU:.0%} MFU, TTT at {TTT_ASSUMED_MFU:.0%})")
+    if hp.eval_time_limit_seconds and must > hp.eval_time_limit_seconds:
+        raise PipelineError(f"evaluation without TTT projected at {must:.0f} s on 8xH100 exceeds "
+                            f"EVAL_TIME_LIMIT_SECONDS={hp.eval_time_limit_seconds:g}; raise EVAL_STRIDE "
                             f"(or set EVAL_TIME_LIMIT_SECONDS=0)")
-    return seconds
+    if hp.eval_time_limit_seconds and parts["total"] > hp.eval_time_limit_seconds:
+        log(f"warning: TTT projected past EVAL_TIME_LIMIT_SECONDS={hp.eval_time_limit_seconds:g}: the budget will cut it")
+    return parts
 
 
 def main() -> None:
@@ -3732,7 +4263,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         f"{H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16; recurrence on) "
         f"projected_steps_in_600s:{projected_steps(hp, projected_ms):.0f}")
     window, stride = eval_geometry(hp)
-    projected_eval_s = check_eval_budget(hp, split_tokens, window, stride, log)
+    projected_eval = check_eval_budget(hp, val_tokens, split_tokens, window, stride, log)
+    projected_eval_s = projected_eval["total"]
     plan = plan_budget(hp, log) if not hp.eval_only else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = compile_model(model, bool(hp.compile_optimize_ddp)) if use_compile else model
@@ -3753,17 +4285,36 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     compliance = {}
     if hp.eval_audit:
         with stages("audit"):
-            compliance.update(audit_causality(hp, rt, run_model, val_tokens, window, stride))
+            compliance.update(audit_causality(hp, rt, run_model, val_tokens, window, stride, hp.eval_mode))
             compliance.update(audit_row_independence(hp, rt, run_model, val_tokens, window, stride,
-                                                     compliance["causality_tolerance"]))
-            compliance.update(audit_normalization(hp, rt, run_model, val_tokens, window, stride, hp.vocab_size))
+                                                     compliance["causality_tolerance"], hp.eval_mode))
+            compliance.update(audit_normalization(hp, rt, run_model, val_tokens, window, stride, hp.vocab_size,
+                                                  hp.eval_mode))
     with stages("roundtrip_plain_eval"):
         plain = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
     log_eval(log, "roundtrip (plain windows)", plain)
-    ttt = TestTimeTrainer(hp, rt, model, run_model, window) if hp.ttt_enabled else None
+    lora = hp.ttt_enabled and hp.ttt_method == "lora"
+    ttt = (LoRATestTimeTrainer if lora else TestTimeTrainer)(hp, rt, model, run_model, window) if hp.ttt_enabled else None
+    # the budget counts from the artifact's load, plus the evaluation graphs compiled in the warm-up
+    budget = EvalBudget(hp, rt, t_eval - run["eval_compile_ms"] / 1e3, plain.eval_time_ms / 1e3 / plain.val_tokens)
     with stages("eval"):
-        final = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, ttt=ttt, collect=bool(hp.nll_dump),
-                         audit=bool(hp.eval_audit))
+        if lora:
+            final = evaluate_lora_ttt(hp, rt, ttt, val_tokens, tables, window, stride, budget,
+                                      collect=bool(hp.nll_dump), audit=bool(hp.eval_audit))
+        else:
+            final = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, ttt=ttt, collect=bool(hp.nll_dump),
+                             audit=bool(hp.eval_audit), mode=hp.eval_mode, budget=budget)
+    ttt_summary = None
+    if hp.ttt_enabled:
+        ttt_summary = dict(method=hp.ttt_method, budget_s=hp.eval_time_limit_seconds or None,
+                           plain_s_per_target=budget.rate)
+        if lora:
+            ttt_summary.update(phases_planned=len(phase_boundaries(hp, len(document_spans(val_tokens)))),
+                               phases_done=ttt.phases_done, documents=len(document_spans(val_tokens)),
+                               documents_adapted=ttt.docs_adapted, cut=ttt.cut or None)
+        else:
+            ttt_summary.update(chunks_trained=ttt.chunks_trained, cut=ttt.cut or None)
+        log("ttt: " + json.dumps(ttt_summary, sort_keys=True))
     eval_measured_ms = 1e3 * (time.perf_counter() - t_eval)
     eval_time_ms = eval_measured_ms + run["eval_compile_ms"]
     label = f"final_{scheme_label(evidence['quant_bits'], evidence['quant_ternary'])}" + ("_ttt" if ttt else "")
@@ -3797,12 +4348,12 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         attention=attention_backend(rt.device, rt.autocast_dtype), compute_dtype=str(rt.autocast_dtype or torch.float32),
         **run,
         val_loss=final.val_loss, val_bpb=final.val_bpb, val_tokens=final.val_tokens, val_bytes=final.val_bytes,
-        val_split_tokens=split_tokens, val_full_split=val_tokens.size == split_tokens, **data, ttt=ttt is not None,
+        val_split_tokens=split_tokens, val_full_split=val_tokens.size == split_tokens, **data, ttt=ttt is not None, ttt_summary=ttt_summary,
         quant_scheme=scheme_label(evidence["quant_bits"], evidence["quant_ternary"]),
         roundtrip_plain_val_loss=plain.val_loss, roundtrip_plain_val_bpb=plain.val_bpb,
         quant_gap_bpb=plain.val_bpb - run["pre_quant_val_bpb"] if run["pre_quant_val_bpb"] is not None else None,
-        eval_seq_len=window, eval_stride=stride, eval_time_ms=eval_time_ms, eval_measured_ms=eval_measured_ms,
-        projected_h100_eval_s=projected_eval_s, model_params=n_params, flops_per_token=fpt,
+        eval_seq_len=window, eval_stride=stride, eval_mode=hp.eval_mode, eval_time_ms=eval_time_ms, eval_measured_ms=eval_measured_ms,
+        projected_h100_eval_s=projected_eval_s, projected_h100_eval_parts_s=projected_eval, model_params=n_params, flops_per_token=fpt,
         projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU, compliance=compliance or None,
         nll_dump=hp.nll_dump or None, code_shipped=code_shipped(), code_readable_bytes=SOURCE_BYTES,
         code_readable_sha256=SOURCE_SHA256, stage_ms={k: round(v, 1) for k, v in stages.ms.items()},

@@ -70,7 +70,7 @@ def test_audited_windows_are_the_first_a_middle_and_the_last():
 
 def leaky_attention(diagonal):
     """causal_attention with a mask that lets position i see positions up to i + diagonal."""
-    def attention(q, k, v, backend):
+    def attention(q, k, v, backend, docs=None):       # docs ignored: it leaks across documents too
         T = q.size(1)
         mask = torch.ones(T, T, dtype=torch.bool).tril(diagonal=diagonal)
         y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
@@ -551,3 +551,44 @@ def test_a_forward_that_reads_another_row_of_its_batch_fails(hp, model):
     tables = TABLES
     fair = train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, tables, WINDOW, STRIDE).val_loss
     assert train_gpt.evaluate(hp, cpu_runtime(), peeker, TOKENS, tables, WINDOW, STRIDE).val_loss < fair - 0.5
+
+
+# --- EVAL_MODE=documents: C1 across documents, C2-C4 on the document schedule ----------------------
+
+def documents_stream(n: int = 200, seed: int = 7) -> np.ndarray:
+    """Documents of 3 to 30 tokens (some longer than the 16-token window), BOS first; no other BOS."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, VOCAB, n).astype(np.int64)
+    p = 0
+    while p < n:
+        tokens[p] = train_gpt.BOS_ID
+        p += int(rng.integers(3, 31))
+    return tokens
+
+
+def test_documents_mode_c1_to_c4_pass_on_the_real_model_and_evaluator():
+    """The documents schedule audited: C1 (later tokens, and the other documents of a window), C2, and with
+    whole-model TTT C3 and C4 from the evaluator's own evidence."""
+    hp, model, ttt = ttt_setup()
+    tokens = documents_stream()
+    c1 = train_gpt.audit_causality(hp, cpu_runtime(), model, tokens, WINDOW, STRIDE, "documents")
+    assert c1["causality_ok"] is True and c1["causality_other_documents_windows"] == 3
+    assert c1["causality_other_documents_max_abs_dnll"] <= train_gpt.CAUSALITY_TOLERANCE
+    c2 = train_gpt.audit_normalization(hp, cpu_runtime(), model, tokens, WINDOW, STRIDE, VOCAB, "documents")
+    assert c2["normalization_ok"] is True
+    r = train_gpt.evaluate(hp, cpu_runtime(), model, tokens, TABLES, WINDOW, STRIDE, ttt=ttt, audit=True,
+                           mode="documents")
+    c3, c4 = train_gpt.audit_score_before_update(r.evidence, True), train_gpt.audit_one_pass(r.evidence)
+    assert c3["score_before_update_ok"] is True and c3["ttt_updates"] == 4
+    assert c4["one_pass_ok"] is True and c4["targets_scored_once"] == tokens.size - 1
+
+
+def test_documents_mode_c1_fails_on_a_model_that_reads_other_documents():
+    """ATTN_DOC_ISOLATION=0: causal, so the later-token cuts pass, but a document's NLLs move when the document
+    before it in the window changes: C1 fails on that half alone."""
+    leaky = random_gpt(tiny_hp(VAL_BATCH_SIZE=64, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole"), seed=1)
+    hp = tiny_hp(VAL_BATCH_SIZE=64)
+    c1 = train_gpt.audit_causality(hp, cpu_runtime(), leaky, documents_stream(), WINDOW, STRIDE, "documents")
+    assert c1["causality_max_abs_dnll"] <= train_gpt.CAUSALITY_TOLERANCE
+    assert c1["causality_ok"] is False
+    assert c1["causality_other_documents_max_abs_dnll"] > 100 * train_gpt.CAUSALITY_TOLERANCE

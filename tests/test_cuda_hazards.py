@@ -183,9 +183,10 @@ def test_incremental_decoding_equals_full_prefix_logits_at_every_position(settin
     """Hazard 5: self-calibration recomputed the whole prefix for every new token (~500x the work at
     1024 tokens). Decoding with the DecodeCache (keys/values per block visit, BigramHash's and
     SmearGate's previous token) gives the full forward's logits at every position, a BOS mid-sequence
-    included."""
+    included. Decoding (self-calibration only) attends across documents, so the full forward compared with it
+    does too (ATTN_DOC_ISOLATION=0)."""
     from _helpers import random_gpt, tiny_hp
-    hp = tiny_hp(**settings)
+    hp = tiny_hp(**settings, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")
     model = random_gpt(hp, seed=4)
     model.recurrence_on = True
     x = torch.randint(0, hp.vocab_size, (3, 20), generator=torch.Generator().manual_seed(4))
@@ -314,7 +315,7 @@ COMPILED_RUN = {"COMPILE": "1", "NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARAL
                 "NUM_HEADS": "2", "NUM_KV_HEADS": "1", "ROPE_DIMS": "8", "ATTN_GATE_DIMS": "8", "SMEAR_GATE_DIMS": "8",
                 "TRAIN_SEQ_LEN": "32", "TRAIN_BATCH_TOKENS": "512", "ITERATIONS": "12", "VAL_LOSS_EVERY": "5",
                 "VAL_MAX_TOKENS": "1500", "VAL_BATCH_SIZE": "1024", "EVAL_STRIDE": "16", "TTT_CHUNK_TOKENS": "256",
-                "TTT_EPOCHS": "1", "EVAL_AUDIT": "1", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "16",
+                "TTT_EPOCHS": "1", "EVAL_AUDIT": "1", "EVAL_MODE": "sliding", "TTT_METHOD": "whole", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "16",
                 "COMPILE_WARMUP_STEPS": "1", "LZMA_PRESET": "1", "WARMDOWN_FRAC": "0.5", "LATE_QAT_THRESHOLD": "0.5", "TTT_ENABLED": "1",
                 "LR_FLOOR": "0.1", "RECUR_START_FRAC": "0.3", "MAX_WALLCLOCK_SECONDS": "0"}
 
@@ -358,9 +359,11 @@ def test_cuda_without_flash_attn_is_an_error_unless_sdpa_is_allowed(monkeypatch)
     assert line.startswith("attention: sdpa") and "ALLOW_SDPA=1" in line
     assert train_gpt.check_attention_backend(tiny_hp(), torch.device("cpu"), "sdpa").startswith("attention: sdpa")
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", lambda *a, **k: None)
+    monkeypatch.setattr(train_gpt, "FLASH_VARLEN_FUNC", lambda *a, **k: None)
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn_interface 3.0.0b1")
     assert train_gpt.attention_backend(cuda, torch.bfloat16) == "flash"
-    assert train_gpt.check_attention_backend(tiny_hp(), cuda, "flash") == "attention: flash (flash_attn_interface 3.0.0b1)"
+    assert train_gpt.check_attention_backend(tiny_hp(), cuda, "flash") == ("attention: flash (flash_attn_interface "
+                                                                           "3.0.0b1), varlen per document")
 
 
 def test_the_attention_kernel_is_named_on_the_console(demo_data, tmp_path):
@@ -385,7 +388,8 @@ def test_a_flash_attn_that_torch_compile_cannot_trace_is_reported_at_warm_up(mon
     from test_liveness import FixedBatches
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", untraceable_flash)
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn 2.0.0")
-    hp = tiny_hp(ITERATIONS=2, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE_WARMUP_STEPS=1)
+    hp = tiny_hp(ITERATIONS=2, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, COMPILE_WARMUP_STEPS=1,
+                 ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")          # the dense kernel is the untraceable one here
     model = train_gpt.GPT(hp)
     model.set_attention_backend("flash")
     torch._dynamo.reset()

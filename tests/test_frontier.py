@@ -101,7 +101,8 @@ def model_ref(model, ids):
     {"NUM_LAYERS": "5", "RECUR_LAYERS": "0-1", "PARALLEL_LAST_N": "3", "SKIP_GATES": "0"},
 ])
 def test_the_forward_equals_the_hand_written_one(settings):
-    hp = tiny_hp(BIGRAM_VOCAB=0, ATTN_GATE=1, XSA_LAST_N=2, **settings)
+    hp = tiny_hp(BIGRAM_VOCAB=0, ATTN_GATE=1, XSA_LAST_N=2, **settings,     # the hand-written forward attends
+                 ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")   # across documents (isolation: test_model)
     model = random_gpt(hp, seed=3)
     model.recurrence_on = True
     with torch.no_grad():

@@ -46,7 +46,7 @@ def test_flops_per_token_matches_flop_counter(monkeypatch, T):
     that depth recurrence repeats counted once per pass (recurrence is on here: order 0, 0, 0, 1; layer 1 is a
     two-lane parallel block)."""
     hp = tiny_hp(MODEL_DIM=64, NUM_HEADS=4, NUM_KV_HEADS=2, VOCAB_SIZE=256, TRAIN_SEQ_LEN=T, RECUR_PASSES=3,
-                 SMEAR_GATE_DIMS=0)               # SmearGate's 12-weight gate: left out of the formula on purpose
+                 SMEAR_GATE_DIMS=0, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")               # SmearGate's 12-weight gate: left out of the formula on purpose
     model = train_gpt.GPT(hp)
     model.recurrence_on = True
     passes = {i: model.layer_order().count(i) for i in range(hp.num_layers)}
@@ -72,7 +72,7 @@ def test_flops_per_token_matches_flop_counter(monkeypatch, T):
 
 @pytest.mark.parametrize("heads,kv_heads,with_lse", [(4, 2, False), (4, 1, False), (4, 4, False), (4, 2, True)])
 def test_flash_call_site_equals_sdpa(monkeypatch, heads, kv_heads, with_lse):
-    hp = tiny_hp(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads)
+    hp = tiny_hp(NUM_HEADS=heads, NUM_KV_HEADS=kv_heads, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")     # the dense kernel
     model = random_gpt(hp, seed=2)
     x = torch.randint(0, hp.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), train_gpt.autocast(cpu_runtime(autocast_dtype=torch.bfloat16)):
@@ -130,8 +130,8 @@ def cuda_autocast_rms_norm(monkeypatch):
 def test_flash_path_survives_cuda_autocast_dtypes(monkeypatch):
     """Hazard: with CUDA autocast q and k reach flash_attn_func in fp32 while v is bf16; FA2/FA3 crash at
     the first forward. The strict stand-in, driven under bf16 autocast with fp32 rms_norm, must accept every
-    call, forward and backward, and agree with SDPA under the same autocast."""
-    hp = tiny_hp(NUM_HEADS=4, NUM_KV_HEADS=2)
+    call, forward and backward, and agree with SDPA under the same autocast (the varlen kernel: below)."""
+    hp = tiny_hp(NUM_HEADS=4, NUM_KV_HEADS=2, ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole")
     model = random_gpt(hp, seed=2)
     x = torch.randint(0, hp.vocab_size, (3, 16), generator=torch.Generator().manual_seed(1))
     rt = cpu_runtime(autocast_dtype=torch.bfloat16)
@@ -156,6 +156,121 @@ def test_flash_only_with_a_16_bit_compute_dtype(monkeypatch):
     assert train_gpt.attention_backend(torch.device("cpu"), torch.bfloat16) == "sdpa"
     monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", None)
     assert train_gpt.attention_backend(cuda, torch.bfloat16) == "sdpa"
+
+
+# --- document isolation (ATTN_DOC_ISOLATION) -------------------------------------------------------
+
+def rows_with_documents(vocab: int, seed: int = 4):
+    """Two rows of 16 tokens: row 0 holds documents at 0, 4 and 9 (BOS = 1); row 1 starts mid-document
+    (the tail of one begun earlier) and has a BOS at 7. No other token is a BOS."""
+    x = torch.randint(2, vocab, (2, 16), generator=torch.Generator().manual_seed(seed))
+    x[0, [0, 4, 9]] = train_gpt.BOS_ID
+    x[1, 7] = train_gpt.BOS_ID
+    return x, [(0, 0, 4), (0, 4, 9), (0, 9, 16), (1, 0, 7), (1, 7, 16)]
+
+
+def isolation_gap(model, x, segments) -> float:
+    """Largest |logit difference| between each document's positions in the packed rows and the same document
+    run alone (the hand-written reference: one forward per document)."""
+    with torch.no_grad():
+        packed = model.logits(x)
+        return max((packed[r, a:b] - model.logits(x[r:r + 1, a:b])[0]).abs().max().item() for r, a, b in segments)
+
+
+def test_document_isolation_equals_one_forward_per_document():
+    """Every piece that could read across a BOS is on (BigramHash, SmearGate with its gate, the attention gate,
+    XSA, depth recurrence, a two-lane parallel block): the packed rows give each document the logits it gets
+    alone. The same model with ATTN_DOC_ISOLATION=0 does not (the check can fail)."""
+    hp = tiny_hp()
+    assert hp.attn_doc_isolation == 1 and hp.bigram_vocab and hp.smear_gate
+    x, segments = rows_with_documents(hp.vocab_size)
+    for recurrence in (False, True):
+        model = random_gpt(hp, seed=5)
+        model.recurrence_on = recurrence
+        assert isolation_gap(model, x, segments) < 1e-5
+    leaky = random_gpt(tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole"), seed=5)
+    assert isolation_gap(leaky, x, segments) > 1e-2
+
+
+def test_document_isolation_in_training_gradients():
+    """Training uses the same forward: the loss of the second document's targets has no gradient through the
+    first document's input embeddings (the token embeddings at its positions)."""
+    x = torch.tensor([[1, 10, 11, 12, 13, 1, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29]])
+    for isolation, leaks in ((1, False), (0, True)):
+        model = random_gpt(tiny_hp(ATTN_DOC_ISOLATION=isolation, EVAL_MODE="sliding", TTT_METHOD="whole"), seed=6).train()
+        seen = []
+        model.tok_emb.register_forward_hook(lambda m, i, out: seen.append(out) or out.retain_grad())
+        nll = model(x[:, :-1], x[:, 1:])
+        nll[:, 5:].sum().backward()          # targets of the second document only (inputs 5 ..)
+        grad = seen[0].grad[0, :5].abs().max().item()      # the first document's input positions
+        assert (grad > 1e-6) == leaks, (isolation, grad)
+
+
+def test_document_ids_and_cu_seqlens():
+    x, _ = rows_with_documents(64)
+    docs = train_gpt.document_ids(x)
+    assert docs[0].tolist() == [1] * 4 + [2] * 5 + [3] * 7 and docs[1].tolist() == [0] * 7 + [1] * 9
+    cu = train_gpt.varlen_cu_seqlens(docs)
+    assert cu.dtype == torch.int32 and cu.numel() == 2 * 16 + 1          # a fixed shape: B*T + 1
+    assert cu.tolist() == [0, 4, 9, 16, 23] + [32] * 28                  # segment starts, then empty segments
+
+
+def strict_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
+    """A strict stand-in for flash_attn_varlen_func: refuses what FA2/FA3 refuse (16-bit q, k, v of one dtype as
+    (total, heads, dim); int32 1-D cu_seqlens from 0 to total, non-decreasing; no segment longer than
+    max_seqlen), then runs the reference attention on each segment alone, as varlen does."""
+    total, H, D = q.shape
+    for t in (q, k, v):
+        if t.dtype not in (torch.float16, torch.bfloat16) or t.dtype != q.dtype or t.ndim != 3 or t.stride(-1) != 1:
+            raise RuntimeError(f"varlen needs 16-bit (total, heads, dim) tensors of one dtype, got {t.dtype} {tuple(t.shape)}")
+    if k.shape[0] != total or H % k.shape[1]:
+        raise RuntimeError(f"shapes q {tuple(q.shape)}, k {tuple(k.shape)} do not match")
+    for cu in (cu_seqlens_q, cu_seqlens_k):
+        if cu.dtype != torch.int32 or cu.ndim != 1 or cu[0] != 0 or cu[-1] != total or (cu.diff() < 0).any():
+            raise RuntimeError(f"bad cu_seqlens {cu.tolist()}")
+    if not torch.equal(cu_seqlens_q, cu_seqlens_k) or max(cu_seqlens_q.diff().max().item(), 0) > min(max_seqlen_q, max_seqlen_k):
+        raise RuntimeError("segments longer than max_seqlen, or q and k segmented differently")
+    assert causal is True
+    out = torch.zeros_like(q)
+    for a, b in zip(cu_seqlens_q[:-1].tolist(), cu_seqlens_q[1:].tolist()):
+        if b > a:
+            out[a:b] = reference_attention(q[None, a:b], k[None, a:b], v[None, a:b])[0]
+    return out
+
+
+def test_varlen_call_site_equals_masked_sdpa(monkeypatch):
+    """The CUDA branch (flash_attn_varlen_func over the flattened batch) computes what the SDPA block-diagonal
+    mask computes, forward and backward; a varlen that ignored the segments (one per row) would not."""
+    hp = tiny_hp(BIGRAM_VOCAB=0)
+    model = random_gpt(hp, seed=2)
+    x, _ = rows_with_documents(hp.vocab_size)
+    rt = cpu_runtime(autocast_dtype=torch.bfloat16)
+    cuda_autocast_rms_norm(monkeypatch)
+    with torch.no_grad(), train_gpt.autocast(rt):
+        sdpa = model.logits(x)
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", None)      # the dense kernel must not be called
+    monkeypatch.setattr(train_gpt, "FLASH_VARLEN_FUNC", strict_varlen_func)
+    model.set_attention_backend("flash")
+    with train_gpt.autocast(rt):
+        flash = model.logits(x)
+    flash.mean().backward()
+    assert all(p.grad is not None for p in model.blocks[0].attn.parameters())
+    assert (flash.detach() - sdpa).abs().mean() < 0.03       # bf16 rounding
+    whole_rows = lambda q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal: strict_varlen_func(
+        q, k, v, *[torch.arange(0, q.size(0) + 1, 16, dtype=torch.int32)] * 2, max_seqlen_q, max_seqlen_k, causal)
+    monkeypatch.setattr(train_gpt, "FLASH_VARLEN_FUNC", whole_rows)
+    with torch.no_grad(), train_gpt.autocast(rt):
+        assert (model.logits(x) - sdpa).abs().mean() > 0.1
+
+
+def test_document_isolation_without_varlen_is_an_error(monkeypatch):
+    cuda = torch.device("cuda", 0)          # a device object only: nothing runs on it
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_FUNC", strict_flash_attn_func)
+    monkeypatch.setattr(train_gpt, "FLASH_VARLEN_FUNC", None)
+    monkeypatch.setattr(train_gpt, "FLASH_ATTN_SOURCE", "flash_attn 2.0.0")
+    with pytest.raises(train_gpt.PipelineError, match="ATTN_DOC_ISOLATION=0"):
+        train_gpt.check_attention_backend(tiny_hp(), cuda, "flash")
+    assert train_gpt.check_attention_backend(tiny_hp(ATTN_DOC_ISOLATION=0, EVAL_MODE="sliding", TTT_METHOD="whole"), cuda, "flash") == "attention: flash (flash_attn 2.0.0)"
 
 
 def test_attention_is_causal():

@@ -24,7 +24,8 @@ TRAIN_GPT = Path(__file__).resolve().parents[1] / "train_gpt.py"
 TINY_RUN = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "MODEL_DIM": "64", "NUM_HEADS": "4",
             "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8",
             "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "VAL_BATCH_SIZE": "8192", "EVAL_STRIDE": "32",
-            "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32", "TTT_ENABLED": "0"}
+            "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32", "TTT_ENABLED": "0",
+            "EVAL_MODE": "sliding"}     # the sliding geometry these tests check; EVAL_MODE=documents: below
 REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_ms", "step_avg_ms", "tokens_per_s",
                  "stopped_early", "train_loss", "val_loss", "val_bpb", "val_tokens", "val_bytes", "val_split_tokens", "val_full_split",
                  "pre_quant_val_loss", "pre_quant_val_bpb", "roundtrip_plain_val_loss", "roundtrip_plain_val_bpb",
@@ -36,7 +37,7 @@ REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_
                  "train_flops", "code_shipped", "code_readable_bytes", "code_readable_sha256"]
 COMPLIANCE_CHECKS = ["causality_ok", "rows_independent_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
                      "no_train_data_after_deadline"]
-TTT_RUN = {"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
+TTT_RUN = {"TTT_ENABLED": "1", "TTT_METHOD": "whole", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID"}
 
@@ -406,7 +407,7 @@ def test_nll_dump_reproduces_the_headline(dist_run, demo_data):
 
 
 def test_projected_eval_time(dist_run, demo_data):
-    """projected_h100_eval_s = (windows x W + the plain pass's inputs) x (2 N + 2 L W d) FLOPs over the
+    """Its plain and scoring parts = (windows x W + the plain pass's inputs) x (2 N + 2 L W d) FLOPs over the
     full validation split (N the matmul weights, L the blocks run with recurrence on: 2 layers, layer 0
     three times), at ASSUMED_MFU of 8 x 989 TFLOP/s; logged too."""
     cwd, _, s = dist_run
@@ -417,9 +418,13 @@ def test_projected_eval_time(dist_run, demo_data):
     hp = train_gpt.Hyperparameters(s["hyperparameters"])
     assert train_gpt.effective_layers(hp) == 4
     flops = (windows * w + plain) * (2 * train_gpt.matmul_params(hp) + 2 * 4 * w * 64)
-    assert s["projected_h100_eval_s"] == pytest.approx(flops / (8 * 989e12 * 0.28), rel=1e-9)
+    parts = s["projected_h100_eval_parts_s"]
+    assert parts["plain"] + parts["scoring"] == pytest.approx(flops / (8 * 989e12 * 0.28), rel=1e-9)
+    assert parts["ttt"] == 0 and s["projected_h100_eval_s"] == pytest.approx(
+        parts["plain"] + parts["scoring"] + parts["audit"] + train_gpt.EVAL_LOAD_ASSUMED_S + train_gpt.EVAL_COMPILE_ASSUMED_S)
     text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
-    assert re.search(r"^projected_8xH100_eval:\S+s \(window 64, stride 32, ttt 0, " + str(n) + " val tokens", text, re.M)
+    assert re.search(r"^projected_8xH100_eval:.* \(mode sliding, window 64, stride 32, ttt off, " + str(n) + " val tokens",
+                     text, re.M)
 
 
 # --- EVAL_ONLY ---------------------------------------------------------------------------------------
@@ -502,4 +507,47 @@ def test_ttt_run(ttt_run, eval_only_run, demo_data):
     text = (Path(cwd) / "logs" / "ttt.txt").read_text(encoding="utf-8")
     lines = re.findall(r"^final_int6_emb7_lzma_ttt_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", text, re.M)
     assert len(lines) == 1 and abs(float(lines[0][1]) - s["val_bpb"]) <= 1e-8
-    assert re.search(r"^projected_8xH100_eval:\S+s \(window 64, stride 32, ttt 1, ", text, re.M)
+    assert re.search(r"^projected_8xH100_eval:.* \(mode sliding, window 64, stride 32, ttt whole, ", text, re.M)
+
+
+# --- EVAL_MODE=documents with per-document LoRA TTT and the evaluation budget, end to end -------------------
+
+LORA_RUN = {"EVAL_MODE": "documents", "TTT_ENABLED": "1", "TTT_METHOD": "lora", "TTT_LORA_RANK": "4",
+            "TTT_LORA_CHUNK": "16", "TTT_LORA_DOCS": "8", "TTT_PHASES": "2", "TTT_PHASE_DOCS_FRAC": "0.5",
+            "TTT_CHUNK_TOKENS": "512", "TTT_LORA_LR": "0.001"}
+
+
+def test_documents_lora_ttt_run_is_compliant(demo_data, dist_run, val_only, tmp_path):
+    """The default evaluation (per-document scoring, phased per-document LoRA TTT) on a saved artifact, audited:
+    C1 (other documents included) to C4 hold, the ttt block reports the method, both phases and every document
+    adapted, nothing cut, and the score differs from the same artifact without TTT."""
+    artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
+    proc = succeeded(run_train(tmp_path, demo_data, RUN_ID="lora", EVAL_ONLY=artifact, DATA_PATH=val_only,
+                               EVAL_AUDIT=1, **LORA_RUN))
+    s = summary(tmp_path, "lora")
+    c = s["compliance"]
+    assert c["all_ok"] is True and c["causality_other_documents_windows"] == 3
+    assert c["targets_scored_once"] == s["val_tokens"] and c["ttt_updates"] > 0
+    t = s["ttt_summary"]
+    assert (t["method"], t["phases_planned"], t["phases_done"], t["cut"]) == ("lora", 2, 2, None)
+    assert t["documents_adapted"] == t["documents"] > 8
+    assert s["eval_mode"] == "documents" and "ttt: " in proc.stdout
+    plain = succeeded(run_train(tmp_path / "plain", demo_data, RUN_ID="docs", EVAL_ONLY=artifact, DATA_PATH=val_only,
+                                EVAL_MODE="documents"))
+    assert summary(tmp_path / "plain", "docs")["val_bpb"] != s["val_bpb"]
+    assert summary(tmp_path / "plain", "docs")["val_tokens"] == s["val_tokens"]
+
+
+def test_a_budget_far_too_small_for_ttt_is_kept(demo_data, dist_run, val_only, tmp_path):
+    """LoRA TTT made slow (a step every 2 targets, 2 documents at a time: minutes here) under a 25 s budget: the
+    run cuts TTT, scores every target (the evaluator raises on any other count) and ends inside the budget. No
+    audit here: the budget governs TTT only, and C2's 512-candidate pass alone took ~80 s on the shared CPU."""
+    artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
+    settings = dict(LORA_RUN, TTT_LORA_CHUNK="2", TTT_LORA_DOCS="2", TTT_PHASES="0")
+    succeeded(run_train(tmp_path, demo_data, RUN_ID="budget", EVAL_ONLY=artifact, DATA_PATH=val_only,
+                        EVAL_TIME_LIMIT_SECONDS="25", **settings))
+    s = summary(tmp_path, "budget")
+    t = s["ttt_summary"]
+    assert t["cut"] == "lora" and 0 <= t["documents_adapted"] < t["documents"] and t["budget_s"] == 25
+    assert s["val_tokens"] == s["val_split_tokens"] - 1
+    assert s["eval_time_ms"] < 25_000, (s["eval_time_ms"], s["stage_ms"], t)
