@@ -73,4 +73,9 @@ def test_the_rehearsal_runs_the_pipeline_and_reports_one_json(demo_data, tmp_pat
     assert report["mfu"] == (summary["train_flops"] / (summary["train_time_ms"] / 1e3 * 989e12)
                              if summary.get("train_flops") is not None else None)
     assert report["stage_s"]["train"] == round(summary["stage_ms"]["train"] / 1e3, 2)
+    # the evaluation's time by part, measured, beside the 8xH100 projection by part (the first GPU run replaces it)
+    assert set(report["eval_parts_s"]) == {"compile_in_warm_up", "load", "audit", "roundtrip_plain_eval", "eval"}
+    assert report["eval_parts_s"]["eval"] == round(summary["stage_ms"]["eval"] / 1e3, 2)
+    assert report["projected_8xh100_eval_parts_s"] == summary["projected_h100_eval_parts_s"]
+    assert report["ttt"] == summary["ttt_summary"]
     assert report["compliance_all_ok"] is True and report["attention"] == "sdpa"

@@ -896,7 +896,14 @@ def technique_summary(run: SeedRun) -> str:
     """One line on what the configuration is, from the run's resolved settings and its quant record."""
     s, hp = run.summary, run.hp
     ttt = "no TTT"
-    if hp.get("TTT_ENABLED"):
+    if hp.get("TTT_ENABLED") and hp.get("TTT_METHOD") == "lora":
+        done = s.get("ttt_summary") or {}
+        ttt = (f"score-first per-document LoRA TTT (rank {_hp(run, 'TTT_LORA_RANK')}, {_hp(run, 'TTT_LORA_CHUNK')}-target "
+               f"chunks scored before they train, lr {_hp(run, 'TTT_LORA_LR')}) with {_hp(run, 'TTT_PHASES')} global SGD "
+               f"phases on scored documents (done: {done.get('phases_done', '?')} phases, "
+               f"{done.get('documents_adapted', '?')} of {done.get('documents', '?')} documents adapted"
+               + (f"; cut by the evaluation budget: {done['cut']}" if done.get("cut") else "") + ")")
+    elif hp.get("TTT_ENABLED"):
         trained = "every parameter" if not hp.get("TTT_LAST_N") else f"last {_hp(run, 'TTT_LAST_N')} blocks"
         ttt = (f"score-first TTT ({_hp(run, 'TTT_EPOCHS')} SGD steps per {_hp(run, 'TTT_CHUNK_TOKENS')}-token chunk, "
                f"{trained}, lr {_hp(run, 'TTT_LR')} {_hp(run, 'TTT_LR_SCHEDULE')})")
@@ -1090,7 +1097,7 @@ def build_submission(runs: Sequence[SeedRun], stats: dict, *, kind: str, unmet: 
             "val_loss": r.summary["val_loss"], "val_bpb": r.summary["val_bpb"],
             "artifact_bytes": r.summary["bytes_total"], "steps": r.summary["steps"],
             "step_avg_ms": r.summary["step_avg_ms"], "eval_time_s": r.summary["eval_time_ms"] / 1e3,
-            "train_time_s": r.summary["train_time_ms"] / 1e3, "run_id": r.run_id,
+            "train_time_s": r.summary["train_time_ms"] / 1e3, "run_id": r.run_id, "ttt": r.summary.get("ttt_summary"),
             "artifact_sha256": r.summary["artifact_sha256"]} for r in runs},
         "val_bpb_std": stats["val_bpb_std"],
         "hardware": _one_value([hardware_line(r.summary) for r in runs]),
@@ -1668,6 +1675,10 @@ def rehearsal_report(summary: dict) -> dict:
         "peak_memory_mib": summary.get("peak_memory_mib"), "compile_s": stages.get("compile", 0) / 1e3,
         "compile": summary.get("compile"), "stage_s": {k: round(v / 1e3, 2) for k, v in stages.items()},
         "wall_s": summary["wall_ms"] / 1e3, "eval_time_s": summary["eval_time_ms"] / 1e3,
+        "eval_parts_s": {"compile_in_warm_up": (summary.get("eval_compile_ms") or 0) / 1e3,
+                         **{k: round(stages[k] / 1e3, 2) for k in ("load", "audit", "roundtrip_plain_eval", "eval")
+                            if k in stages}},
+        "projected_8xh100_eval_parts_s": summary.get("projected_h100_eval_parts_s"), "ttt": summary.get("ttt_summary"),
         "implied_8xh100_step_ms": implied,
         "implied_8xh100_steps_in_600s": 600e3 / implied if implied else None,
         "projected_8xh100_step_ms": summary.get("projected_h100_step_ms"),
