@@ -244,7 +244,7 @@ def test_text_log(dist_run):
     assert re.search(r"^step:8/8 train_loss:\S+ train_time:", text, re.M)
     assert f"Total submission size: {s['bytes_total']} bytes" in text
     assert s["quant_bits"] == {"embed": 7, "mlp": 6, "attn": 6} and s["quant"]["attempts"] == 1
-    assert s["quant"]["sigmas"] == {"embed": 15.0, "mlp": 12.0, "attn": 13.0} and s["quant"]["fit_factor"] == 1.0
+    assert s["quant"]["sigmas"] == {"embed": 14.0, "mlp": 11.5, "attn": 13.0} and s["quant"]["fit_factor"] == 1.0
     assert len(s["quant"]["lqer_tensors"]) == 3
     warning = "warning: NUM_LAYER is not a setting; did you mean NUM_LAYERS?"
     assert warning in text and warning in proc.stdout

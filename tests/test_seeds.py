@@ -203,7 +203,7 @@ def test_eval_only_from_inside_the_record_folder_reproduces_val_bpb(three_seeds)
     start = lines.index(f"Seed {s['seed']} (val_bpb {s['val_bpb']:.8f}):")
     block = lines[start + 3:lines.index("```", start + 3)]
     assert block[0].startswith("echo ") and "sha256sum -c" in block[0]
-    assert block[1].startswith("EVAL_ONLY=") and block[1].endswith("torchrun --standalone --nproc_per_node=2 train_gpt.py")
+    assert block[1].startswith(f"SEED={s['seed']} EVAL_ONLY=") and block[1].endswith("torchrun --standalone --nproc_per_node=2 train_gpt.py")
     script = "\n".join(block).replace("torchrun --standalone", f"{TORCHRUN} --standalone")
     proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=record, env=clean_env(),
                           capture_output=True, text=True, timeout=300)

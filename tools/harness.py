@@ -1312,20 +1312,22 @@ def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: P
               "", "## Re-score a saved artifact (EVAL_ONLY) and check the NLL dump", "",
               "The artifacts are not in this folder: each run wrote `artifacts/<RUN_ID>.pgolf.xz` next to its logs. "
               "Check one against the sha256 its summary recorded, score it from inside this folder with `EVAL_ONLY` "
-              "(the model's shape comes from the artifact), then recompute val_bpb from the per-target NLL dump "
+              "(the model's shape comes from the artifact; SEED draws the per-document LoRA adapters as the run did), "
+              "then recompute val_bpb from the per-target NLL dump "
               "(`target`, `nll` in nats as float64, `bytes`): it must equal the seed's val_bpb.", ""]
     for r in runs:
         artifact = _rebase(r.summary["artifact_path"], record_dir)
         npz = f"rescore_{r.run_id}.npz"
         lines += [f"Seed {r.seed} (val_bpb {r.summary['val_bpb']:.8f}):", "", "```bash",
                   f"echo {shlex.quote(r.summary['artifact_sha256'] + '  ' + artifact)} | sha256sum -c -",
-                  f"EVAL_ONLY={shlex.quote(artifact)} RUN_ID=rescore_{r.run_id} NLL_DUMP={npz} EVAL_AUDIT=1 "
+                  f"SEED={r.seed} EVAL_ONLY={shlex.quote(artifact)} RUN_ID=rescore_{r.run_id} NLL_DUMP={npz} EVAL_AUDIT=1 "
                   f"{_env_line(in_folder)} {torchrun}",
                   f"python3 -c \"import math, numpy as np; d = np.load('{npz}'); "
                   f"print('%.8f' % (d['nll'].sum() / (math.log(2) * d['bytes'].sum())))\"", "```", ""]
     lines += ["## Files", "",
               "- `submission.json`: the fields above (`seed_results` per seed; `bytes_total` is the largest over seeds).",
-              "- `train_gpt.py`: the script the runs ran (byte-identical to the source at the top of each log).",
+              "- `train_gpt.py`: the script the runs ran, shipped compressed (it unpacks to the source at the top "
+              "of each log, comments and docstrings removed).",
               "- `requirements.txt`: the packages it needs.",
               "- " + ", ".join(f"`{r.run_id}.txt`" for r in runs) + ": the train logs; "
               + ", ".join(f"`{r.run_id}.json`" for r in runs) + ": the run summaries the figures above come from.",
