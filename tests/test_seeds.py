@@ -152,7 +152,7 @@ def test_every_statistic_recomputed_from_the_summaries(three_seeds):
         assert sub["seed_results"][str(s["seed"])] == dict(
             val_loss=s["val_loss"], val_bpb=s["val_bpb"], artifact_bytes=s["bytes_total"], steps=s["steps"],
             step_avg_ms=s["step_avg_ms"], eval_time_s=s["eval_time_ms"] / 1e3, train_time_s=s["train_time_ms"] / 1e3,
-            run_id=s["run_id"], artifact_sha256=s["artifact_sha256"])
+            run_id=s["run_id"], artifact_sha256=s["artifact_sha256"], ttt=s["ttt_summary"])
 
 
 def test_submission_fields(three_seeds):
