@@ -179,7 +179,7 @@ SETTINGS: dict[str, tuple[type, object, str]] = {
     "TTT_METHOD": (str, "lora", "lora (per-document LoRA, chunk scored then trained, plus global SGD phases; records #1610-#1855) or whole (SGD of the whole model per TTT_CHUNK_TOKENS chunk; records #1413/#1493)"),
     "TTT_LORA_RANK": (int, 80, "rank of each per-document LoRA (Q, K, V, attention out, both MLP matrices, the head)"),
     "TTT_LORA_LR": (float, 1e-4, "AdamW learning rate of the per-document LoRA"),
-    "TTT_LORA_CHUNK": (int, 48, "targets per LoRA chunk: scored, then one LoRA step on them"),
+    "TTT_LORA_CHUNK": (int, 48, "targets per LoRA chunk (at most the evaluation window): scored, then one LoRA step on them"),
     "TTT_LORA_DOCS": (int, 64, "documents adapted together per rank (one LoRA each, batched)"),
     "TTT_PHASES": (int, 3, "global SGD phases of TTT_METHOD=lora (whole model, on documents already scored); 0 = none"),
     "TTT_PHASE_DOCS_FRAC": (float, 0.05, "the phases end at this fraction of the documents, evenly spaced (#1855: 2,500 of 50,000)"),
@@ -3362,7 +3362,9 @@ class LoRATestTimeTrainer:
         """Score (and with `train`, adapt to) up to TTT_LORA_DOCS documents [d, e): (NLL sum, targets, (positions,
         NLLs) pieces in scoring order). Each chunk step runs only the documents not yet finished, each row as long
         as the longest window among them needs (rounded up to 64 tokens)."""
-        hp, C, n_inputs, dev = self.hp, self.hp.ttt_lora_chunk, tokens.numel() - 1, self.rt.device
+        # a chunk is scored by one row of at most the window: longer chunks are cut to it (else their first
+        # targets would be left unscored)
+        hp, C, n_inputs, dev = self.hp, min(self.hp.ttt_lora_chunk, self.window), tokens.numel() - 1, self.rt.device
         for lora in self.loras:
             lora.reset()
         opt = torch.optim.AdamW(self.params, lr=hp.ttt_lora_lr, betas=(0.0, 0.999), eps=1e-10, weight_decay=1.0)
@@ -4036,7 +4038,7 @@ def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int)
     """Tokens LoRATestTimeTrainer runs forward and backward through for documents of these lengths (inputs per
     document): longest first, TTT_LORA_DOCS at a time, each chunk step over the documents not yet finished, rows as
     long as the longest window among them needs, rounded up to 64 (per rank; world size does not change it)."""
-    lengths, total, C = np.sort(lengths)[::-1], 0, hp.ttt_lora_chunk
+    lengths, total, C = np.sort(lengths)[::-1], 0, min(hp.ttt_lora_chunk, window)
     for i in range(0, lengths.size, hp.ttt_lora_docs):
         batch = lengths[i:i + hp.ttt_lora_docs]
         for c in range(-(-int(batch[0]) // C)):

@@ -168,3 +168,16 @@ def test_lora_ttt_settings_are_checked():
     for bad in (dict(TTT_METHOD="both"), dict(TTT_LORA_RANK=0), dict(TTT_PHASE_DOCS_FRAC=1.5), dict(TTT_PHASES=-1)):
         with pytest.raises(train_gpt.PipelineError, match=next(iter(bad))):
             tiny_hp(**bad)
+
+
+def test_a_chunk_longer_than_the_window_still_scores_every_target_once():
+    """TTT_LORA_CHUNK=40 with a window of 16: a chunk is scored by one row, so it is cut to the window. Before,
+    the row covered the chunk's last 16 targets only and the run ended in 'evaluation scored 1044 targets,
+    expected 1499' (a compiled-run check of the default evaluation at TRAIN_SEQ_LEN=32 found it)."""
+    hp, tokens = lora_hp(TTT_LORA_CHUNK=40), stream(longest=60)
+    r, trainer, _ = run_lora(hp, tokens)
+    c3, c4 = train_gpt.audit_score_before_update(r.evidence, True), train_gpt.audit_one_pass(r.evidence)
+    assert c4["one_pass_ok"] is True and c4["targets_scored_once"] == tokens.size - 1
+    assert c3["score_before_update_ok"] is True and c3["ttt_updates"] > 0
+    assert train_gpt.lora_tokens_processed(hp, np.array([60]), WINDOW) == \
+        train_gpt.lora_tokens_processed(lora_hp(TTT_LORA_CHUNK=WINDOW), np.array([60]), WINDOW)
