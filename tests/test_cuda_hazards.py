@@ -321,14 +321,16 @@ COMPILED_RUN = {"COMPILE": "1", "NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARAL
 
 
 @pytest.mark.slow
-def test_a_compiled_run_compiles_nothing_after_its_warm_up(demo_data, tmp_path):
+@pytest.mark.parametrize("evaluation", [dict(EVAL_MODE="sliding", TTT_METHOD="whole"),    # the March-stack form
+                                        dict(EVAL_MODE="documents", TTT_METHOD="lora")])   # the default
+def test_a_compiled_run_compiles_nothing_after_its_warm_up(demo_data, tmp_path, evaluation):
     """Hazard 2: compiled with inductor and fullgraph=True (a graph break is an error), a whole run:
     warm-up, training through recurrence switching on and late QAT, periodic and final validation, the
     pre-quant and round-trip evaluations, the audit and score-first TTT. Dynamo's own count of graphs
     built after the clock started is 0. (The old code recompiled at step 0 (inputs aliased in the
     warm-up), at the first periodic validation and when late QAT switched on.)"""
     from test_pipeline import run_train, succeeded, summary
-    succeeded(run_train(tmp_path, demo_data, RUN_ID="compiled", **COMPILED_RUN))
+    succeeded(run_train(tmp_path, demo_data, RUN_ID="compiled", **dict(COMPILED_RUN, **evaluation)))
     s = summary(tmp_path, "compiled")
     log = (tmp_path / "logs" / "compiled.txt").read_text()
     assert s["compile"]["graphs_in_warm_up"] >= 6 and s["compile"]["graph_breaks"] == 0
