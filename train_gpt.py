@@ -3520,21 +3520,29 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
             per_target.extend(gather(rt, torch.cat(pieces).numpy() if pieces else np.zeros(0)))
         if before is not None:
             evidence.weights_moved |= (weights_fingerprint(run_model) != before).any()
+    run_model.train()
+    return scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start,
+                         np.concatenate(per_target) if collect else None)
+
+
+def scored_result(rt: Runtime, tokens: np.ndarray, tables, nll_sum: Tensor, scored: Tensor,
+                  evidence: "ScoringEvidence | None", t_start: float, per_target: np.ndarray | None) -> EvalResult:
+    """The end of every scoring pass: the NLL sum and the target count added up over ranks, the evidence
+    closed, the count checked against every target of `tokens`, val_loss (nats per target) and val_bpb
+    (bits per byte of the targets)."""
+    n_inputs = tokens.size - 1
     if rt.distributed:
         dist.all_reduce(nll_sum)
         dist.all_reduce(scored)
     if evidence is not None:
         evidence.finish()
-    run_model.train()
     if int(scored.item()) != n_inputs:
         raise RuntimeError(f"evaluation scored {int(scored.item())} targets, expected {n_inputs}")
     total_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
     if total_bytes == 0:
         raise PipelineError("the validation stream's targets stand for 0 bytes; val_bpb is undefined")
-    loss = nll_sum.item() / n_inputs
-    bpb = nll_sum.item() / (math.log(2) * total_bytes)
-    return EvalResult(loss, bpb, n_inputs, total_bytes, 1e3 * (time.perf_counter() - t_start),
-                      np.concatenate(per_target) if collect else None, evidence)
+    return EvalResult(nll_sum.item() / n_inputs, nll_sum.item() / (math.log(2) * total_bytes), n_inputs, total_bytes,
+                      1e3 * (time.perf_counter() - t_start), per_target, evidence)
 
 
 TRAIN_STEP_COST = 3.0       # TTT before a step is measured: forward + backward of each token it runs, x the plain rate
@@ -3636,14 +3644,7 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTra
         scored += part_scored
         rest_nll = torch.cat(part).numpy() if part else np.zeros(0)
         rest_pos = np.concatenate([np.arange(d + 1, e + 1) for d, e in rest.tolist()])
-    if rt.distributed:
-        dist.all_reduce(nll_sum)
-        dist.all_reduce(scored)
-    if evidence is not None:
-        evidence.finish()
     model.train()
-    if int(scored.item()) != n_inputs:
-        raise RuntimeError(f"evaluation scored {int(scored.item())} targets, expected {n_inputs}")
     per_target = None
     if collect:
         positions = torch.cat([p for p, _ in pieces]).numpy() if pieces else np.zeros(0, dtype=np.int64)
@@ -3653,11 +3654,7 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTra
             per_target[pos - 1] = val
         if g * group < n_docs:
             per_target[rest_pos - 1] = np.concatenate(gather(rt, rest_nll))
-    total_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
-    if total_bytes == 0:
-        raise PipelineError("the validation stream's targets stand for 0 bytes; val_bpb is undefined")
-    return EvalResult(nll_sum.item() / n_inputs, nll_sum.item() / (math.log(2) * total_bytes), n_inputs, total_bytes,
-                      1e3 * (time.perf_counter() - t_start), per_target, evidence)
+    return scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start, per_target)
 
 
 # -----------------------------------------------------------------------------
