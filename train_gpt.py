@@ -32,7 +32,9 @@ import time
 import tokenize
 import traceback
 import uuid
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -49,6 +51,7 @@ SHARD_MAGIC = 20240520           # h[0] of every challenge shard
 SHARD_VERSION = 1                # h[1]
 SHARD_HEADER_INTS = 256          # header length in little-endian int32
 BOS_ID = 1                       # every document starts with BOS; no EOS
+MAX_VOCAB_SIZE = 65536           # shards store token ids as uint16
 CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed model bytes
 CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
@@ -151,119 +154,248 @@ def code_bytes() -> int:
 # run and the 600 s 8xH100 run.
 # -----------------------------------------------------------------------------
 
-# name: (type, default, meaning)
-SETTINGS: dict[str, tuple[type, object, str]] = {
-    "PRESET": (str, "frontier", "named set of defaults: frontier (this entry), stack1024 (the March stack on sp1024) or baseline (the official naive baseline's recipe)"),
-    "DATA_PATH": (str, "./data/datasets/fineweb10B_sp8192", "folder holding fineweb_{train,val}_*.bin"),
-    "TOKENIZER_PATH": (str, "./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model for val_bpb bytes"),
-    "VOCAB_SIZE": (int, 8192, "embedding rows; must hold every tokenizer id"),
-    "RUN_ID": (str, "", "names logs/<RUN_ID>.{txt,json} and artifacts/<RUN_ID>.pgolf.xz (default: a fresh uuid)"),
-    "SEED": (int, 1337, "seed of the initialisation, self-calibration sampling and audit draws (training data is read in stream order)"),
-    "ITERATIONS": (int, 20000, "maximum optimizer steps"),
-    "MAX_WALLCLOCK_SECONDS": (float, 600.0, "training time cap in seconds; 0 = no cap (schedules then follow ITERATIONS)"),
-    "TRAIN_BATCH_TOKENS": (int, 786432, "tokens per optimizer step, over all ranks and micro-steps"),
-    "TRAIN_SEQ_LEN": (int, 2048, "training sequence length"),
-    "GRAD_ACCUM_STEPS": (int, 0, "micro-steps per optimizer step; 0 = 8 // world_size (global batch independent of world size)"),
-    "VAL_BATCH_SIZE": (int, 524288, "evaluation tokens per forward pass, over all ranks"),
-    "VAL_LOSS_EVERY": (int, 1000, "validate every N steps during training; 0 = only at the end"),
-    "VAL_MAX_TOKENS": (int, 0, "score only the first N tokens of the validation stream; 0 = all"),
-    "TRAIN_LOG_EVERY": (int, 200, "log a train step line every N steps"),
-    "EVAL_SEQ_LEN": (int, 0, "evaluation window length; 0 = TRAIN_SEQ_LEN"),
-    "EVAL_STRIDE": (int, 64, "sliding-window stride (new targets scored per window); 0 or EVAL_SEQ_LEN = plain evaluation; with EVAL_MODE=documents only inside documents longer than the window"),
-    "EVAL_MODE": (str, "documents", "final evaluation: documents (each document scored with context only from itself, whole documents packed into windows; needs ATTN_DOC_ISOLATION=1) or sliding (windows across the stream)"),
-    "EVAL_AUDIT": (int, 0, "1 = run the compliance self-audit (causal, normalized, score-before-update, one pass)"),
-    "EVAL_ONLY": (str, "", "path of a saved artifact: skip training, load it and score it (model shape from the artifact)"),
-    "NLL_DUMP": (str, "", "write per-target arrays target, nll (nats, float64), bytes to this .npz"),
-    "EVAL_TIME_LIMIT_SECONDS": (float, 570.0, "evaluation budget kept at run time, from the artifact's load (and the evaluation compiles) to the final score: TTT adapts less, then not at all, before it would run over; a run whose scoring alone is projected over it on 8xH100 is refused; 0 = none"),
-    "TTT_ENABLED": (int, 1, "1 = legal score-first test-time training during the final evaluation"),
-    "TTT_METHOD": (str, "lora", "lora (per-document LoRA, chunk scored then trained, plus global SGD phases; records #1610-#1855) or whole (SGD of the whole model per TTT_CHUNK_TOKENS chunk; records #1413/#1493)"),
-    "TTT_LORA_RANK": (int, 80, "rank of each per-document LoRA (Q, K, V, attention out, both MLP matrices, the head)"),
-    "TTT_LORA_LR": (float, 1e-4, "AdamW learning rate of the per-document LoRA"),
-    "TTT_LORA_CHUNK": (int, 48, "targets per LoRA chunk (at most the evaluation window): scored, then one LoRA step on them"),
-    "TTT_LORA_DOCS": (int, 64, "documents adapted together per rank (one LoRA each, batched)"),
-    "TTT_PHASES": (int, 3, "global SGD phases of TTT_METHOD=lora (whole model, on documents already scored); 0 = none"),
-    "TTT_PHASE_DOCS_FRAC": (float, 0.05, "the phases end at this fraction of the documents, evenly spaced (#1855: 2,500 of 50,000)"),
-    "TTT_PHASE_LR": (float, 0.001, "SGD learning rate of a global phase (one epoch over the scored documents, cosine over its chunks)"),
-    "TTT_CHUNK_TOKENS": (int, 32768, "targets per TTT chunk: scored first, then trained on"),
-    "TTT_EPOCHS": (int, 3, "SGD steps on each scored chunk (each over all of its sequences)"),
-    "TTT_LR": (float, 0.005, "TTT SGD learning rate (at the first chunk)"),
-    "TTT_LR_SCHEDULE": (str, "cosine", "TTT learning rate over the chunks: cosine (TTT_LR to 0 at the last chunk) or constant"),
-    "TTT_MOMENTUM": (float, 0.9, "TTT SGD momentum"),
-    "TTT_GRAD_CLIP": (float, 1.0, "clip TTT's gradient norm; 0 = off"),
-    "TTT_LAST_N": (int, 0, "TTT trains only the last N blocks; 0 = every parameter"),
-    "NUM_LAYERS": (int, 11, "transformer blocks"),
-    "MODEL_DIM": (int, 512, "residual width"),
-    "NUM_HEADS": (int, 8, "query heads"),
-    "NUM_KV_HEADS": (int, 4, "key/value heads (GQA)"),
-    "MLP_MULT": (int, 4, "MLP hidden width = MLP_MULT * MODEL_DIM"),
-    "MLP_ACT": (str, "leaky_relu2", "MLP activation: relu2 (relu(x)^2) or leaky_relu2 (leaky_relu(x, 0.5)^2)"),
-    "ROPE_DIMS": (int, 16, "head dims that get RoPE (partial RoPE); 0 = all"),
-    "XSA_LAST_N": (int, 11, "XSA (subtract the output's component along its own value) in the last N layers; 0 = off"),
-    "ATTN_DOC_ISOLATION": (int, 1, "1 = a token attends only to earlier tokens of its own document (documents start at BOS), in training, evaluation and TTT; 0 = across documents"),
-    "ATTN_GATE": (int, 1, "1 = per-head gate 2 sigmoid(W x) on the attention output"),
-    "ATTN_GATE_DIMS": (int, 12, "the attention gate reads the first N dims of the block input (sparse gate); 0 = all dims (dense)"),
-    "BIGRAM_VOCAB": (int, 0, "BigramHash buckets for the hashed (previous, current) token pair; 0 = off"),
-    "BIGRAM_DIM": (int, 112, "BigramHash embedding width (projected to MODEL_DIM)"),
-    "SMEAR_GATE": (int, 1, "1 = SmearGate: mix the previous token's embedding in (never into a BOS)"),
-    "SMEAR_GATE_DIMS": (int, 12, "SmearGate's gate is 2 sigmoid(w . x_t[:N]) of the current token's first N dims; 0 = a constant gate"),
-    "SKIP_GATES": (int, 1, "U-Net skips: 1 = over the visiting positions of the layer order (the looped stack's repeats included), each x <- lerp(w skip, x, sigmoid(g)) (record #1855); 0 = additive skips between physical layers on their first visit"),
-    "INIT_ORTHOGONAL": (int, 1, "1 = orthogonal initialisation of the Q, K, V and MLP-up matrices (record #1855); 0 = PyTorch's default"),
-    "LN_SCALE": (int, 1, "1 = scale each block's normalized inputs by 1/sqrt(layer + 1)"),
-    "RECUR_LAYERS": (str, "3-5", "depth recurrence: contiguous layers 'a-b' re-run in a row; empty = off"),
-    "RECUR_PASSES": (int, 3, "passes through RECUR_LAYERS once recurrence is on"),
-    "RECUR_START_FRAC": (float, 0.35, "fraction of the run after which recurrence is on"),
-    "PARALLEL_LAST_N": (int, 3, "last N blocks are parallel (attention and MLP side by side); 0 = off"),
-    "PARALLEL_LANES": (int, 2, "parallel blocks carry 1 residual lane (both read it) or 2 (attention and MLP each their own, mixed by learned weights)"),
-    "ROPE_BASE": (float, 10000.0, "RoPE frequency base"),
-    "LOGIT_SOFTCAP": (float, 30.0, "logits = c * tanh(logits / c)"),
-    "QK_GAIN_INIT": (float, 5.0, "initial per-head query gain after q/k RMSNorm"),
-    "TIED_EMBED_INIT_STD": (float, 0.005, "std of the tied embedding's initialisation"),
-    "MATRIX_LR": (float, 0.026, "Muon learning rate for matrices"),
-    "SCALAR_LR": (float, 0.02, "Adam learning rate for vectors and scalars"),
-    "TIED_EMBED_LR": (float, 0.03, "Adam learning rate for the tied embedding and the BigramHash table"),
-    "GATES_IN_ADAM": (int, 1, "1 = the attention and SmearGate gate matrices train with AdamW, as record #1855 (Muon only on the weight matrices); 0 = with Muon"),
-    "MUON_MOMENTUM": (float, 0.97, "Muon momentum after warm-up"),
-    "MUON_MOMENTUM_WARMUP_START": (float, 0.92, "Muon momentum at the start of training"),
-    "MUON_MOMENTUM_WARMUP_FRAC": (float, 0.3, "fraction of the run over which Muon momentum warms up"),
-    "MUON_ROW_NORM": (int, 1, "1 = normalize each gradient row before Newton-Schulz"),
-    "MUON_NS_COEFFS": (str, "polar", "Newton-Schulz coefficients: polar (Polar Express, one tuple per iteration) or quintic (3.4445, -4.7750, 2.0315)"),
-    "MUON_WD": (float, 0.095, "Muon decoupled weight decay (p -= lr * wd * p)"),
-    "EMBED_WD": (float, 0.085, "AdamW decoupled weight decay of the embedding tables"),
-    "ADAM_WD": (float, 0.02, "AdamW decoupled weight decay of the vectors and scalars"),
-    "MUON_BACKEND_STEPS": (int, 5, "Newton-Schulz iterations"),
-    "BETA1": (float, 0.9, "Adam beta1"),
-    "BETA2": (float, 0.99, "Adam beta2"),
-    "ADAM_EPS": (float, 1e-8, "Adam epsilon"),
-    "GRAD_CLIP_NORM": (float, 0.3, "clip the global gradient norm; 0 = off"),
-    "LR_WARMUP_FRAC": (float, 0.0, "fraction of the run with a linear learning-rate warm-up"),
-    "WARMDOWN_FRAC": (float, 0.85, "final fraction of the run with the learning-rate warmdown (WARMDOWN_SHAPE, ending at LR_FLOOR)"),
-    "LR_FLOOR": (float, 0.1, "learning-rate scale the warmdown ends at"),
-    "WARMDOWN_SHAPE": (str, "clamp", "warmdown of the LR scale: clamp = max(remaining, LR_FLOOR), linear to 0 cut at the floor (record #1855); lerp = LR_FLOOR + (1 - LR_FLOOR) remaining"),
-    "EMA_HORIZON_FRAC": (float, 0.058, "EMA of the weights with this time constant, as a fraction of the run; exported; 0 = off"),
-    "COMPILE": (int, -1, "torch.compile the model: 1 on, 0 off, -1 = on for CUDA, off for CPU"),
-    "COMPILE_OPTIMIZE_DDP": (int, 0, "1 = dynamo's DDPOptimizer splits each compiled training graph at DDP's gradient buckets; 0 = one graph, as every April record ran it"),
-    "ALLOW_SDPA": (int, 0, "1 = run on CUDA with PyTorch SDPA attention when flash-attn does not import (slower); 0 = that is an error"),
-    "COMPILE_WARMUP_STEPS": (int, 2, "compiled runs: forward/backward passes on random tokens per training state before the clock starts (no update)"),
-    "COMPUTE_DTYPE": (str, "auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32"),
-    "ARTIFACT_BUDGET_BYTES": (int, CHALLENGE_CAP_BYTES, "cap on raw code bytes + compressed model bytes (at most the challenge's 16,000,000)"),
-    "LZMA_PRESET": (int, 9, "lzma preset for the artifact (0-9)"),
-    "QUANT_MATRIX_BITS": (int, 6, "bits per weight of the large matrices (5-8, per-row scale)"),
-    "QUANT_CLIP_SIGMAS_MLP": (float, 11.5, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use"),
-    "QUANT_CLIP_SIGMAS_ATTN": (float, 13.0, "SDClip k of the attention (and every other) matrix"),
-    "QUANT_EMBED_BITS": (int, 7, "bits per weight of the embedding tables (5-8, per-row scale)"),
-    "QUANT_CLIP_SIGMAS_EMBED": (float, 14.0, "SDClip k of the embedding tables"),
-    "LQER_TENSORS": (int, 3, "LQER: a low-rank correction of the quantization error for this many tensors (largest error first); 0 = off"),
-    "LQER_RANK": (int, 4, "rank of each LQER correction"),
-    "LQER_FACTORS": (str, "asym4", "LQER factor storage: asym4 = A = U S as int2 in [-2, 1] with one scale, B = V^T as int4 in [-8, 7] in groups of 64 (record #1855); row6 = balanced U sqrt(S), sqrt(S) V^T as 6-bit absmax per row"),
-    "TERNARY_PATTERNS": (str, "", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none"),
-    "TERNARY_FROM_STEP": (int, -1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on"),
-    "LATE_QAT_THRESHOLD": (float, 0.2, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off"),
-    "GPTQ_CALIBRATION": (str, "self", "GPTQ Hessians from: self (text the model generates, no data), train (training tokens, inside the wallclock), none (round to nearest)"),
-    "GPTQ_CALIB_SEQS": (int, 32, "calibration sequences for GPTQ"),
-    "GPTQ_CALIB_LEN": (int, 1024, "tokens per calibration sequence"),
-    "GPTQ_CALIB_TEMP": (float, 0.8, "sampling temperature of self-generated calibration text"),
-    "GPTQ_RESERVE_SECONDS": (float, 10.0, "GPTQ_CALIBRATION=train: training stops this early so calibration ends inside the deadline"),
-}
+@dataclass(frozen=True)
+class Setting:
+    """One environment variable's declaration: its default, one-line meaning and the rule a value must keep
+    (a range, a list of choices, or a check returning what is wrong); `type` comes from the field's annotation."""
+    default: object
+    meaning: str
+    at_least: float | None = None
+    at_most: float | None = None
+    above: float | None = None
+    choices: tuple | None = None
+    check: Callable[[object], str | None] | None = None
+    type: type = str
+
+    def parse(self, name: str, raw: str) -> object:
+        """The variable's text as a value of its type; PipelineError naming it when it is not one."""
+        try:
+            if self.type is int:
+                return int(raw)
+            if self.type is float:
+                value = float(raw)
+                if not math.isfinite(value):
+                    raise ValueError
+                return value
+            return raw
+        except ValueError:
+            raise PipelineError(f"{name}={raw!r} is not a valid {self.type.__name__}") from None
+
+    def rule(self) -> str:
+        """The rule in words ('' when there is none beyond the type), as errors and README.md's table say it."""
+        if self.choices is not None:
+            shown = [str(c) for c in self.choices]
+            return "must be " + ", ".join(shown[:-1]) + " or " + shown[-1]
+        if self.above == 0:
+            return "must be positive"
+        if (self.at_least, self.at_most) == (0.0, 1.0):
+            return "must be a fraction in [0, 1]"
+        if self.at_least is not None and self.at_most is not None:
+            return f"must be in {self.at_least}..{self.at_most}"
+        if self.at_least == 1 and self.type is int:
+            return "must be positive"
+        return "" if self.at_least is None else f"must be >= {self.at_least}"
+
+    def error(self, name: str, value: object) -> str | None:
+        """What is wrong with this value of the variable, naming it; None when it keeps the rule."""
+        shown = f"{name}={value!r}" if isinstance(value, str) else f"{name}={value}"
+        broken = ((self.choices is not None and value not in self.choices)
+                  or (self.above is not None and not value > self.above)
+                  or (self.at_least is not None and value < self.at_least)
+                  or (self.at_most is not None and value > self.at_most))
+        if broken:
+            return f"{shown} {self.rule()}"
+        problem = self.check(value) if self.check is not None else None
+        return f"{shown} {problem}" if problem else None
+
+
+def setting(default: object, meaning: str, **rule) -> object:
+    """A Hyperparameters field declared as an environment variable (see Setting)."""
+    return field(default=default, metadata={"setting": Setting(default, meaning, **rule)})
+
+
+# Checks a range or a list of choices cannot say: each returns what is wrong with the value, or None.
+def known_preset(name: str) -> str | None:
+    return None if name in PRESETS else f"is unknown; choose one of {sorted(PRESETS)}"
+
+
+def plain_file_name(name: str) -> str | None:
+    return "must be a plain file name" if name and (os.sep in name or name.startswith(".")) else None
+
+
+def existing_file(path: str) -> str | None:
+    return "is not a file" if path and not os.path.isfile(path) else None
+
+
+def new_file_in_existing_folder(path: str) -> str | None:
+    if path and os.path.exists(path):
+        return "already exists; it is never overwritten"
+    if path and not os.path.isdir(os.path.dirname(path) or "."):
+        return f"folder {os.path.dirname(path)} does not exist"
+    return None
+
+
+def layer_range(spec: str) -> str | None:
+    try:
+        parse_layer_range(spec)
+    except ValueError:
+        return "must look like '3-5' (or be empty)"
+    return None
+
+
+def name_fragments(patterns: str) -> str | None:
+    return "has an empty fragment" if patterns and any(not f.strip() for f in patterns.split(",")) else None
+
+
+def not_one(buckets: int) -> str | None:
+    return "must be 0 (off) or >= 2" if buckets == 1 else None
+
+
+def parse_layer_range(spec: str) -> tuple[int, int] | None:
+    """"3-5" -> (3, 5); "" -> None."""
+    if not spec:
+        return None
+    lo, _, hi = spec.partition("-")
+    return int(lo), int(hi or lo)
+
+
+@dataclass
+class Hyperparameters:
+    """Every setting, resolved by read_settings: one field per environment variable, named as the variable in
+    lower case (hp.model_dim is MODEL_DIM), declared with its type, default, rule and meaning (setting(...)).
+    The rules of one variable are kept by validate_settings from these declarations; README.md's table is
+    generated from them (python3 tools/harness.py settings-table --write README.md)."""
+    preset: str = setting("frontier", "named set of defaults: frontier (this entry), stack1024 (the March stack on sp1024) or baseline (the official naive baseline's recipe)", check=known_preset)
+    data_path: str = setting("./data/datasets/fineweb10B_sp8192", "folder holding fineweb_{train,val}_*.bin")
+    tokenizer_path: str = setting("./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model for val_bpb bytes")
+    vocab_size: int = setting(8192, "embedding rows; must hold every tokenizer id", at_least=1, at_most=MAX_VOCAB_SIZE)
+    run_id: str = setting("", "names logs/<RUN_ID>.{txt,json} and artifacts/<RUN_ID>.pgolf.xz (default: a fresh uuid)", check=plain_file_name)
+    seed: int = setting(1337, "seed of the initialisation, self-calibration sampling and audit draws (training data is read in stream order)")
+    iterations: int = setting(20000, "maximum optimizer steps", at_least=1)
+    max_wallclock_seconds: float = setting(600.0, "training time cap in seconds; 0 = no cap (schedules then follow ITERATIONS)", at_least=0)
+    train_batch_tokens: int = setting(786432, "tokens per optimizer step, over all ranks and micro-steps", at_least=1)
+    train_seq_len: int = setting(2048, "training sequence length", at_least=1)
+    grad_accum_steps: int = setting(0, "micro-steps per optimizer step; 0 = 8 // world_size (global batch independent of world size)", at_least=0)
+    val_batch_size: int = setting(524288, "evaluation tokens per forward pass, over all ranks", at_least=1)
+    val_loss_every: int = setting(1000, "validate every N steps during training; 0 = only at the end", at_least=0)
+    val_max_tokens: int = setting(0, "score only the first N tokens of the validation stream; 0 = all", at_least=0)
+    train_log_every: int = setting(200, "log a train step line every N steps", at_least=1)
+    eval_seq_len: int = setting(0, "evaluation window length; 0 = TRAIN_SEQ_LEN", at_least=0)
+    eval_stride: int = setting(64, "sliding-window stride (new targets scored per window); 0 or EVAL_SEQ_LEN = plain evaluation; with EVAL_MODE=documents only inside documents longer than the window", at_least=0)
+    eval_mode: str = setting("documents", "final evaluation: documents (each document scored with context only from itself, whole documents packed into windows; needs ATTN_DOC_ISOLATION=1) or sliding (windows across the stream)", choices=EVAL_MODES)
+    eval_audit: int = setting(0, "1 = run the compliance self-audit (causal, normalized, score-before-update, one pass)", choices=(0, 1))
+    eval_only: str = setting("", "path of a saved artifact: skip training, load it and score it (model shape from the artifact)", check=existing_file)
+    nll_dump: str = setting("", "write per-target arrays target, nll (nats, float64), bytes to this .npz", check=new_file_in_existing_folder)
+    eval_time_limit_seconds: float = setting(570.0, "evaluation budget kept at run time, from the artifact's load (and the evaluation compiles) to the final score: TTT adapts less, then not at all, before it would run over; a run whose scoring alone is projected over it on 8xH100 is refused; 0 = none", at_least=0)
+    ttt_enabled: int = setting(1, "1 = legal score-first test-time training during the final evaluation", choices=(0, 1))
+    ttt_method: str = setting("lora", "lora (per-document LoRA, chunk scored then trained, plus global SGD phases; records #1610-#1855) or whole (SGD of the whole model per TTT_CHUNK_TOKENS chunk; records #1413/#1493)", choices=("lora", "whole"))
+    ttt_lora_rank: int = setting(80, "rank of each per-document LoRA (Q, K, V, attention out, both MLP matrices, the head)", at_least=1)
+    ttt_lora_lr: float = setting(1e-4, "AdamW learning rate of the per-document LoRA", at_least=0)
+    ttt_lora_chunk: int = setting(48, "targets per LoRA chunk (at most the evaluation window): scored, then one LoRA step on them", at_least=1)
+    ttt_lora_docs: int = setting(64, "documents adapted together per rank (one LoRA each, batched)", at_least=1)
+    ttt_phases: int = setting(3, "global SGD phases of TTT_METHOD=lora (whole model, on documents already scored); 0 = none", at_least=0)
+    ttt_phase_docs_frac: float = setting(0.05, "the phases end at this fraction of the documents, evenly spaced (#1855: 2,500 of 50,000)", at_least=0.0, at_most=1.0)
+    ttt_phase_lr: float = setting(0.001, "SGD learning rate of a global phase (one epoch over the scored documents, cosine over its chunks)", at_least=0)
+    ttt_chunk_tokens: int = setting(32768, "targets per TTT chunk: scored first, then trained on", at_least=1)
+    ttt_epochs: int = setting(3, "SGD steps on each scored chunk (each over all of its sequences)", at_least=1)
+    ttt_lr: float = setting(0.005, "TTT SGD learning rate (at the first chunk)", at_least=0)
+    ttt_lr_schedule: str = setting("cosine", "TTT learning rate over the chunks: cosine (TTT_LR to 0 at the last chunk) or constant", choices=("cosine", "constant"))
+    ttt_momentum: float = setting(0.9, "TTT SGD momentum", at_least=0)
+    ttt_grad_clip: float = setting(1.0, "clip TTT's gradient norm; 0 = off", at_least=0)
+    ttt_last_n: int = setting(0, "TTT trains only the last N blocks; 0 = every parameter", at_least=0)
+    num_layers: int = setting(11, "transformer blocks", at_least=1)
+    model_dim: int = setting(512, "residual width", at_least=1)
+    num_heads: int = setting(8, "query heads", at_least=1)
+    num_kv_heads: int = setting(4, "key/value heads (GQA)", at_least=1)
+    mlp_mult: int = setting(4, "MLP hidden width = MLP_MULT * MODEL_DIM", at_least=1)
+    mlp_act: str = setting("leaky_relu2", "MLP activation: relu2 (relu(x)^2) or leaky_relu2 (leaky_relu(x, 0.5)^2)", choices=("relu2", "leaky_relu2"))
+    rope_dims: int = setting(16, "head dims that get RoPE (partial RoPE); 0 = all", at_least=0)
+    xsa_last_n: int = setting(11, "XSA (subtract the output's component along its own value) in the last N layers; 0 = off", at_least=0)
+    attn_doc_isolation: int = setting(1, "1 = a token attends only to earlier tokens of its own document (documents start at BOS), in training, evaluation and TTT; 0 = across documents", choices=(0, 1))
+    attn_gate: int = setting(1, "1 = per-head gate 2 sigmoid(W x) on the attention output", choices=(0, 1))
+    attn_gate_dims: int = setting(12, "the attention gate reads the first N dims of the block input (sparse gate); 0 = all dims (dense)", at_least=0)
+    bigram_vocab: int = setting(0, "BigramHash buckets for the hashed (previous, current) token pair; 0 = off", at_least=0, check=not_one)
+    bigram_dim: int = setting(112, "BigramHash embedding width (projected to MODEL_DIM)", at_least=1)
+    smear_gate: int = setting(1, "1 = SmearGate: mix the previous token's embedding in (never into a BOS)", choices=(0, 1))
+    smear_gate_dims: int = setting(12, "SmearGate's gate is 2 sigmoid(w . x_t[:N]) of the current token's first N dims; 0 = a constant gate", at_least=0)
+    skip_gates: int = setting(1, "U-Net skips: 1 = over the visiting positions of the layer order (the looped stack's repeats included), each x <- lerp(w skip, x, sigmoid(g)) (record #1855); 0 = additive skips between physical layers on their first visit", choices=(0, 1))
+    init_orthogonal: int = setting(1, "1 = orthogonal initialisation of the Q, K, V and MLP-up matrices (record #1855); 0 = PyTorch's default", choices=(0, 1))
+    ln_scale: int = setting(1, "1 = scale each block's normalized inputs by 1/sqrt(layer + 1)", choices=(0, 1))
+    recur_layers: str = setting("3-5", "depth recurrence: contiguous layers 'a-b' re-run in a row; empty = off", check=layer_range)
+    recur_passes: int = setting(3, "passes through RECUR_LAYERS once recurrence is on")
+    recur_start_frac: float = setting(0.35, "fraction of the run after which recurrence is on", at_least=0.0, at_most=1.0)
+    parallel_last_n: int = setting(3, "last N blocks are parallel (attention and MLP side by side); 0 = off", at_least=0)
+    parallel_lanes: int = setting(2, "parallel blocks carry 1 residual lane (both read it) or 2 (attention and MLP each their own, mixed by learned weights)", choices=(1, 2))
+    rope_base: float = setting(10000.0, "RoPE frequency base")
+    logit_softcap: float = setting(30.0, "logits = c * tanh(logits / c)")
+    qk_gain_init: float = setting(5.0, "initial per-head query gain after q/k RMSNorm")
+    tied_embed_init_std: float = setting(0.005, "std of the tied embedding's initialisation")
+    matrix_lr: float = setting(0.026, "Muon learning rate for matrices")
+    scalar_lr: float = setting(0.02, "Adam learning rate for vectors and scalars")
+    tied_embed_lr: float = setting(0.03, "Adam learning rate for the tied embedding and the BigramHash table")
+    gates_in_adam: int = setting(1, "1 = the attention and SmearGate gate matrices train with AdamW, as record #1855 (Muon only on the weight matrices); 0 = with Muon", choices=(0, 1))
+    muon_momentum: float = setting(0.97, "Muon momentum after warm-up")
+    muon_momentum_warmup_start: float = setting(0.92, "Muon momentum at the start of training")
+    muon_momentum_warmup_frac: float = setting(0.3, "fraction of the run over which Muon momentum warms up", at_least=0.0, at_most=1.0)
+    muon_row_norm: int = setting(1, "1 = normalize each gradient row before Newton-Schulz", choices=(0, 1))
+    muon_ns_coeffs: str = setting("polar", "Newton-Schulz coefficients: polar (Polar Express, one tuple per iteration) or quintic (3.4445, -4.7750, 2.0315)", choices=("polar", "quintic"))
+    muon_wd: float = setting(0.095, "Muon decoupled weight decay (p -= lr * wd * p)", at_least=0)
+    embed_wd: float = setting(0.085, "AdamW decoupled weight decay of the embedding tables")
+    adam_wd: float = setting(0.02, "AdamW decoupled weight decay of the vectors and scalars", at_least=0)
+    muon_backend_steps: int = setting(5, "Newton-Schulz iterations", at_least=1)
+    beta1: float = setting(0.9, "Adam beta1")
+    beta2: float = setting(0.99, "Adam beta2")
+    adam_eps: float = setting(1e-8, "Adam epsilon")
+    grad_clip_norm: float = setting(0.3, "clip the global gradient norm; 0 = off", at_least=0)
+    lr_warmup_frac: float = setting(0.0, "fraction of the run with a linear learning-rate warm-up", at_least=0.0, at_most=1.0)
+    warmdown_frac: float = setting(0.85, "final fraction of the run with the learning-rate warmdown (WARMDOWN_SHAPE, ending at LR_FLOOR)", at_least=0.0, at_most=1.0)
+    lr_floor: float = setting(0.1, "learning-rate scale the warmdown ends at", at_least=0.0, at_most=1.0)
+    warmdown_shape: str = setting("clamp", "warmdown of the LR scale: clamp = max(remaining, LR_FLOOR), linear to 0 cut at the floor (record #1855); lerp = LR_FLOOR + (1 - LR_FLOOR) remaining", choices=("clamp", "lerp"))
+    ema_horizon_frac: float = setting(0.058, "EMA of the weights with this time constant, as a fraction of the run; exported; 0 = off", at_least=0)
+    compile: int = setting(-1, "torch.compile the model: 1 on, 0 off, -1 = on for CUDA, off for CPU", choices=(-1, 0, 1))
+    compile_optimize_ddp: int = setting(0, "1 = dynamo's DDPOptimizer splits each compiled training graph at DDP's gradient buckets; 0 = one graph, as every April record ran it", choices=(0, 1))
+    allow_sdpa: int = setting(0, "1 = run on CUDA with PyTorch SDPA attention when flash-attn does not import (slower); 0 = that is an error", choices=(0, 1))
+    compile_warmup_steps: int = setting(2, "compiled runs: forward/backward passes on random tokens per training state before the clock starts (no update)", at_least=0)
+    compute_dtype: str = setting("auto", "autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32", choices=("auto", "bf16", "fp32"))
+    artifact_budget_bytes: int = setting(CHALLENGE_CAP_BYTES, "cap on raw code bytes + compressed model bytes (at most the challenge's 16,000,000)", at_least=1, at_most=CHALLENGE_CAP_BYTES)
+    lzma_preset: int = setting(9, "lzma preset for the artifact (0-9)", at_least=0, at_most=9)
+    quant_matrix_bits: int = setting(6, "bits per weight of the large matrices (5-8, per-row scale)", choices=(5, 6, 7, 8))
+    quant_clip_sigmas_mlp: float = setting(11.5, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use", above=0.0)
+    quant_clip_sigmas_attn: float = setting(13.0, "SDClip k of the attention (and every other) matrix", above=0.0)
+    quant_embed_bits: int = setting(7, "bits per weight of the embedding tables (5-8, per-row scale)", choices=(5, 6, 7, 8))
+    quant_clip_sigmas_embed: float = setting(14.0, "SDClip k of the embedding tables", above=0.0)
+    lqer_tensors: int = setting(3, "LQER: a low-rank correction of the quantization error for this many tensors (largest error first); 0 = off", at_least=0)
+    lqer_rank: int = setting(4, "rank of each LQER correction", at_least=1)
+    lqer_factors: str = setting("asym4", "LQER factor storage: asym4 = A = U S as int2 in [-2, 1] with one scale, B = V^T as int4 in [-8, 7] in groups of 64 (record #1855); row6 = balanced U sqrt(S), sqrt(S) V^T as 6-bit absmax per row", choices=("asym4", "row6"))
+    ternary_patterns: str = setting("", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none", check=name_fragments)
+    ternary_from_step: int = setting(-1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on", at_least=-1)
+    late_qat_threshold: float = setting(0.2, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off", at_least=0.0, at_most=1.0)
+    gptq_calibration: str = setting("self", "GPTQ Hessians from: self (text the model generates, no data), train (training tokens, inside the wallclock), none (round to nearest)", choices=("self", "train", "none"))
+    gptq_calib_seqs: int = setting(32, "calibration sequences for GPTQ")
+    gptq_calib_len: int = setting(1024, "tokens per calibration sequence")
+    gptq_calib_temp: float = setting(0.8, "sampling temperature of self-generated calibration text")
+    gptq_reserve_seconds: float = setting(10.0, "GPTQ_CALIBRATION=train: training stops this early so calibration ends inside the deadline")
+    explicit: frozenset[str] = field(default=frozenset(), repr=False)   # set in the environment, not by preset or default
+
+    @classmethod
+    def from_values(cls, values: dict[str, object], explicit: frozenset[str] = frozenset()) -> "Hyperparameters":
+        """From {VARIABLE: value} (a run summary's `hyperparameters`)."""
+        return cls(**{name.lower(): value for name, value in values.items()}, explicit=frozenset(explicit))
+
+    @property
+    def values(self) -> dict[str, object]:
+        return {name: getattr(self, name.lower()) for name in SETTINGS}
+
+    def replace(self, **changes) -> "Hyperparameters":
+        return dataclasses.replace(self, **{name.lower(): value for name, value in changes.items()})
+
+    def as_dict(self) -> dict[str, object]:
+        return self.values
+
+
+SETTING_TYPES = {"int": int, "float": float, "str": str}
+SETTINGS: dict[str, Setting] = {f.name.upper(): dataclasses.replace(f.metadata["setting"], type=SETTING_TYPES[f.type])
+                                for f in dataclasses.fields(Hyperparameters) if "setting" in f.metadata}
 
 # The March stack (record #1019's model on sp1024; this entry's default until the April pieces landed).
 STACK1024 = {
@@ -310,54 +442,21 @@ REPLACED_SETTINGS = {
 }
 
 
-class Hyperparameters:
-    """Resolved settings. Attribute names are the lower-case variable names (hp.model_dim)."""
-
-    def __init__(self, values: dict[str, object], explicit: frozenset[str] = frozenset()):
-        self.values = values
-        self.explicit = explicit          # names set in the environment (not from a preset or default)
-        for name, value in values.items():
-            setattr(self, name.lower(), value)
-
-    def replace(self, **changes) -> "Hyperparameters":
-        return Hyperparameters({**self.values, **changes}, self.explicit)
-
-    def as_dict(self) -> dict[str, object]:
-        return dict(self.values)
-
-
-def _parse_setting(name: str, typ: type, raw: str) -> object:
-    try:
-        if typ is int:
-            return int(raw)
-        if typ is float:
-            value = float(raw)
-            if not math.isfinite(value):
-                raise ValueError
-            return value
-        return raw
-    except ValueError:
-        raise PipelineError(f"{name}={raw!r} is not a valid {typ.__name__}") from None
-
-
 def read_settings(env: dict[str, str]) -> tuple[Hyperparameters, list[str]]:
     """Resolve every setting: explicit variable > preset > built-in default.
 
     Returns the hyperparameters and a list of warnings (variables that look like misspelt
     settings). Raises PipelineError for a malformed value, an unknown preset or a replaced name.
     """
-    preset_name = env.get("PRESET", SETTINGS["PRESET"][1])
+    preset_name = env.get("PRESET", SETTINGS["PRESET"].default)
     if preset_name not in PRESETS:
         raise PipelineError(f"PRESET={preset_name!r} is unknown; choose one of {sorted(PRESETS)}")
     for old, new in REPLACED_SETTINGS.items():
         if old in env:
             raise PipelineError(f"{old} is not used by this script; use {new}")
     values: dict[str, object] = {}
-    for name, (typ, default, _) in SETTINGS.items():
-        if name in env:
-            values[name] = _parse_setting(name, typ, env[name])
-        else:
-            values[name] = PRESETS[preset_name].get(name, default)
+    for name, row in SETTINGS.items():
+        values[name] = row.parse(name, env[name]) if name in env else PRESETS[preset_name].get(name, row.default)
     warnings = []
     for key in sorted(env):
         if key in SETTINGS or key in NOT_SETTINGS or not key.isupper():
@@ -365,86 +464,35 @@ def read_settings(env: dict[str, str]) -> tuple[Hyperparameters, list[str]]:
         close = difflib.get_close_matches(key, list(SETTINGS), n=1, cutoff=0.85)
         if close:
             warnings.append(f"{key} is not a setting; did you mean {close[0]}? (it is ignored)")
-    hp = Hyperparameters(values, frozenset(name for name in SETTINGS if name in env))
+    hp = Hyperparameters.from_values(values, frozenset(name for name in SETTINGS if name in env))
     validate_settings(hp)
     return hp, warnings
 
 
 def validate_settings(hp: Hyperparameters) -> None:
-    """Checks that need no data or devices; each error names the variable at fault."""
-    positive = ["VOCAB_SIZE", "ITERATIONS", "TRAIN_BATCH_TOKENS", "TRAIN_SEQ_LEN", "VAL_BATCH_SIZE",
-                "TRAIN_LOG_EVERY", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT",
-                "MUON_BACKEND_STEPS", "ARTIFACT_BUDGET_BYTES", "TTT_CHUNK_TOKENS", "TTT_EPOCHS", "TTT_LORA_RANK",
-                "TTT_LORA_CHUNK", "TTT_LORA_DOCS",
-                "QUANT_CLIP_SIGMAS_MLP", "QUANT_CLIP_SIGMAS_ATTN", "QUANT_CLIP_SIGMAS_EMBED", "LQER_RANK"]
-    for name in positive:
-        if hp.values[name] <= 0:
-            raise PipelineError(f"{name}={hp.values[name]} must be positive")
-    if hp.artifact_budget_bytes > CHALLENGE_CAP_BYTES:
-        raise PipelineError(f"ARTIFACT_BUDGET_BYTES={hp.artifact_budget_bytes} is above the challenge's cap of "
-                            f"{CHALLENGE_CAP_BYTES} bytes (code + compressed model)")
-    non_negative = ["MAX_WALLCLOCK_SECONDS", "GRAD_ACCUM_STEPS", "VAL_LOSS_EVERY", "VAL_MAX_TOKENS",
-                    "EVAL_SEQ_LEN", "EVAL_STRIDE", "GRAD_CLIP_NORM", "COMPILE_WARMUP_STEPS",
-                    "EVAL_TIME_LIMIT_SECONDS", "TTT_LR", "TTT_MOMENTUM", "TTT_GRAD_CLIP", "TTT_LAST_N",
-                    "LQER_TENSORS", "ATTN_GATE_DIMS", "SMEAR_GATE_DIMS", "TTT_PHASES", "TTT_PHASE_LR",
-                    "TTT_LORA_LR"]
-    for name in non_negative:
-        if hp.values[name] < 0:
-            raise PipelineError(f"{name}={hp.values[name]} must be >= 0")
-    for name in ["LR_WARMUP_FRAC", "WARMDOWN_FRAC", "MUON_MOMENTUM_WARMUP_FRAC"]:
-        if not 0.0 <= hp.values[name] <= 1.0:
-            raise PipelineError(f"{name}={hp.values[name]} must be a fraction in [0, 1]")
+    """Checks that need no data or devices; each error names the variables at fault. First every setting
+    against its own declared rule, then the rules that span settings."""
+    for name, row in SETTINGS.items():
+        problem = row.error(name, getattr(hp, name.lower()))
+        if problem:
+            raise PipelineError(problem)
     if hp.lr_warmup_frac + hp.warmdown_frac > 1.0:
         raise PipelineError(f"LR_WARMUP_FRAC + WARMDOWN_FRAC = {hp.lr_warmup_frac + hp.warmdown_frac} exceeds 1")
-    if hp.vocab_size > 65536:
-        raise PipelineError(f"VOCAB_SIZE={hp.vocab_size} cannot be stored in uint16 shards (max 65536)")
     if hp.model_dim % hp.num_heads:
         raise PipelineError(f"MODEL_DIM={hp.model_dim} is not divisible by NUM_HEADS={hp.num_heads}")
     if (hp.model_dim // hp.num_heads) % 2:
         raise PipelineError(f"head dim MODEL_DIM/NUM_HEADS={hp.model_dim // hp.num_heads} must be even for RoPE")
     if hp.num_heads % hp.num_kv_heads:
         raise PipelineError(f"NUM_HEADS={hp.num_heads} is not divisible by NUM_KV_HEADS={hp.num_kv_heads}")
-    for name in ["EVAL_AUDIT", "TTT_ENABLED", "COMPILE_OPTIMIZE_DDP", "ALLOW_SDPA"]:
-        if hp.values[name] not in (0, 1):
-            raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
     if hp.ttt_last_n > hp.num_layers:
         raise PipelineError(f"TTT_LAST_N={hp.ttt_last_n} exceeds NUM_LAYERS={hp.num_layers}")
-    if hp.nll_dump and os.path.exists(hp.nll_dump):
-        raise PipelineError(f"NLL_DUMP={hp.nll_dump} already exists; it is never overwritten")
-    if hp.nll_dump and not os.path.isdir(os.path.dirname(hp.nll_dump) or "."):
-        raise PipelineError(f"NLL_DUMP={hp.nll_dump}: folder {os.path.dirname(hp.nll_dump)} does not exist")
-    if hp.eval_only and not os.path.isfile(hp.eval_only):
-        raise PipelineError(f"EVAL_ONLY={hp.eval_only} is not a file")
-    for name in ["ATTN_GATE", "SMEAR_GATE", "LN_SCALE", "MUON_ROW_NORM", "SKIP_GATES", "INIT_ORTHOGONAL", "GATES_IN_ADAM",
-                 "ATTN_DOC_ISOLATION"]:
-        if hp.values[name] not in (0, 1):
-            raise PipelineError(f"{name}={hp.values[name]} must be 0 or 1")
     for name in ["ATTN_GATE_DIMS", "SMEAR_GATE_DIMS"]:
         if hp.values[name] > hp.model_dim:
             raise PipelineError(f"{name}={hp.values[name]} exceeds MODEL_DIM={hp.model_dim}")
-    if hp.parallel_lanes not in (1, 2):
-        raise PipelineError(f"PARALLEL_LANES={hp.parallel_lanes} must be 1 or 2")
-    for name, choices in (("MUON_NS_COEFFS", NEWTON_SCHULZ_COEFFS), ("TTT_LR_SCHEDULE", ("cosine", "constant")),
-                          ("WARMDOWN_SHAPE", ("clamp", "lerp")), ("LQER_FACTORS", LQER_FORMATS),
-                          ("EVAL_MODE", EVAL_MODES), ("TTT_METHOD", ("lora", "whole"))):
-        if hp.values[name] not in choices:
-            raise PipelineError(f"{name}={hp.values[name]!r} must be one of {', '.join(choices)}")
-    if hp.mlp_act not in ("relu2", "leaky_relu2"):
-        raise PipelineError(f"MLP_ACT={hp.mlp_act!r} must be relu2 or leaky_relu2")
     head_dim = hp.model_dim // hp.num_heads
-    if hp.rope_dims < 0 or hp.rope_dims % 2 or hp.rope_dims > head_dim:
+    if hp.rope_dims % 2 or hp.rope_dims > head_dim:
         raise PipelineError(f"ROPE_DIMS={hp.rope_dims} must be even and at most the head dim {head_dim}")
-    if hp.bigram_vocab == 1 or hp.bigram_vocab < 0 or hp.bigram_dim <= 0:
-        raise PipelineError(f"BIGRAM_VOCAB={hp.bigram_vocab} must be 0 (off) or >= 2, BIGRAM_DIM={hp.bigram_dim} positive")
-    for name in ["XSA_LAST_N", "PARALLEL_LAST_N", "EMA_HORIZON_FRAC", "MUON_WD", "ADAM_WD", "LR_FLOOR"]:
-        if hp.values[name] < 0:
-            raise PipelineError(f"{name}={hp.values[name]} must be >= 0")
-    if not 0.0 <= hp.recur_start_frac <= 1.0 or hp.lr_floor > 1.0:
-        raise PipelineError(f"RECUR_START_FRAC={hp.recur_start_frac} and LR_FLOOR={hp.lr_floor} must be in [0, 1]")
-    try:
-        recur = parse_layer_range(hp.recur_layers)
-    except ValueError:
-        raise PipelineError(f"RECUR_LAYERS={hp.recur_layers!r} must look like '3-5' (or be empty)") from None
+    recur = parse_layer_range(hp.recur_layers)
     if recur and not 0 <= recur[0] <= recur[1] < hp.num_layers:
         raise PipelineError(f"RECUR_LAYERS={hp.recur_layers!r} is not a range of layers 0..{hp.num_layers - 1} "
                             f"(NUM_LAYERS={hp.num_layers}); set RECUR_LAYERS= to turn recurrence off")
@@ -457,15 +505,6 @@ def validate_settings(hp: Hyperparameters) -> None:
     if recur and hp.parallel_last_n and hp.parallel_lanes == 2 and recur[1] >= first_parallel:
         raise PipelineError(f"RECUR_LAYERS={hp.recur_layers!r} reaches the two-lane parallel blocks (from layer "
                             f"{first_parallel}, PARALLEL_LAST_N={hp.parallel_last_n}): recurrence must stay below them")
-    if hp.compile not in (-1, 0, 1):
-        raise PipelineError(f"COMPILE={hp.compile} must be -1, 0 or 1")
-    if hp.compute_dtype not in ("auto", "bf16", "fp32"):
-        raise PipelineError(f"COMPUTE_DTYPE={hp.compute_dtype!r} must be auto, bf16 or fp32")
-    for name in ["QUANT_MATRIX_BITS", "QUANT_EMBED_BITS"]:
-        if hp.values[name] not in (5, 6, 7, 8):
-            raise PipelineError(f"{name}={hp.values[name]} must be 5, 6, 7 or 8")
-    if hp.gptq_calibration not in ("self", "train", "none"):
-        raise PipelineError(f"GPTQ_CALIBRATION={hp.gptq_calibration!r} must be self, train or none")
     if hp.gptq_calibration != "none" and (hp.gptq_calib_seqs <= 0 or hp.gptq_calib_len < 2 or hp.gptq_calib_temp <= 0):
         raise PipelineError(f"GPTQ_CALIB_SEQS={hp.gptq_calib_seqs} must be positive, GPTQ_CALIB_LEN={hp.gptq_calib_len} "
                             f">= 2 and GPTQ_CALIB_TEMP={hp.gptq_calib_temp} positive")
@@ -475,25 +514,15 @@ def validate_settings(hp: Hyperparameters) -> None:
     if "GPTQ_RESERVE_SECONDS" in hp.explicit and hp.gptq_calibration != "train":
         raise PipelineError(f"GPTQ_RESERVE_SECONDS is used only with GPTQ_CALIBRATION=train "
                             f"(it is {hp.gptq_calibration!r})")
-    if not 0.0 <= hp.late_qat_threshold <= 1.0:
-        raise PipelineError(f"LATE_QAT_THRESHOLD={hp.late_qat_threshold} must be in [0, 1]")
     if hp.late_qat_threshold and (hp.warmdown_frac == 0 or hp.late_qat_threshold <= hp.lr_floor):
         raise PipelineError(f"LATE_QAT_THRESHOLD={hp.late_qat_threshold} would never turn on: the LR scale only "
                             f"falls below it in a warmdown (WARMDOWN_FRAC={hp.warmdown_frac}) that ends above it "
                             f"(LR_FLOOR={hp.lr_floor}); set it above LR_FLOOR or to 0")
-    if hp.ternary_from_step < -1:
-        raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} must be -1 (with late QAT) or a step >= 0")
     if hp.ternary_from_step >= 0 and not hp.ternary_patterns:
         raise PipelineError(f"TERNARY_FROM_STEP={hp.ternary_from_step} needs TERNARY_PATTERNS (no matrix is ternary)")
     if hp.ternary_patterns and hp.ternary_from_step < 0 and not hp.late_qat_threshold:
         raise PipelineError(f"TERNARY_PATTERNS={hp.ternary_patterns!r} would export matrices ternary that never trained "
                             "ternary: set TERNARY_FROM_STEP or LATE_QAT_THRESHOLD")
-    if any(not fragment.strip() for fragment in hp.ternary_patterns.split(",")) and hp.ternary_patterns:
-        raise PipelineError(f"TERNARY_PATTERNS={hp.ternary_patterns!r} has an empty fragment")
-    if not 0 <= hp.lzma_preset <= 9:
-        raise PipelineError(f"LZMA_PRESET={hp.lzma_preset} must be in 0..9")
-    if not 0.0 <= hp.ttt_phase_docs_frac <= 1.0:
-        raise PipelineError(f"TTT_PHASE_DOCS_FRAC={hp.ttt_phase_docs_frac} must be a fraction in [0, 1]")
     if hp.ttt_enabled and hp.ttt_method == "lora" and not hp.attn_doc_isolation:
         raise PipelineError("TTT_METHOD=lora adapts one LoRA per document in rows that hold other documents too: it "
                             "needs ATTN_DOC_ISOLATION=1 (or use TTT_METHOD=whole)")
@@ -509,8 +538,6 @@ def validate_settings(hp: Hyperparameters) -> None:
     if hp.ttt_enabled and hp.ttt_chunk_tokens < eval_seq_len:
         raise PipelineError(f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} is shorter than the evaluation window "
                             f"{eval_seq_len}: TTT trains on whole windows of a chunk, so it would never train")
-    if hp.run_id and (os.sep in hp.run_id or hp.run_id.startswith(".")):
-        raise PipelineError(f"RUN_ID={hp.run_id!r} must be a plain file name")
 
 
 # -----------------------------------------------------------------------------
@@ -987,6 +1014,17 @@ def file_sha256(paths: list[str]) -> str:
     return digest.hexdigest()
 
 
+@dataclass
+class DataFingerprint:
+    """The data a run scored, pinned at start-up: the tokenizer file and the validation shards (sha256), how many
+    validation documents the tokenizer re-encoded to the shards' ids, and how much of the split is scored."""
+    tokenizer_sha256: str
+    val_shards_sha256: str
+    tokenizer_check_docs: int
+    val_split_tokens: int            # tokens of the whole validation split
+    val_full_split: bool             # every one of them scored (no VAL_MAX_TOKENS)
+
+
 # -----------------------------------------------------------------------------
 # MODULES
 # One attention entry point: flash-attn (FA3's flash_attn_interface, else FA2's flash_attn) on
@@ -1442,13 +1480,6 @@ class GPT(nn.Module):
         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
         return nll.view_as(target_ids)
 
-
-def parse_layer_range(spec: str) -> tuple[int, int] | None:
-    """"3-5" -> (3, 5); "" -> None."""
-    if not spec:
-        return None
-    lo, _, hi = spec.partition("-")
-    return int(lo), int(hi or lo)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -2079,7 +2110,7 @@ GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
 LQER_BITS = 6              # LQER_FACTORS=row6: per-row absmax integers of this many bits, fp16 scales
 LQER_GROUP = 64            # LQER_FACTORS=asym4: B's int4 scale groups (record #1855's LQER_ASYM_GROUP)
-LQER_FORMATS = ("asym4", "row6")
+LQER_FORMATS = SETTINGS["LQER_FACTORS"].choices
 FIT_MAX_SCALE = 4.0        # the budget fit coarsens k at most this much (about 2 bits per weight) per rung
 FIT_ATTEMPTS = 6           # quantize-and-pack attempts per rung of the precision ladder
 FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
@@ -3944,16 +3975,26 @@ def group_bytes(entries: list[dict], preset: int) -> list[dict]:
             for (g, scheme), members in groups.items()]
 
 
+@dataclass
+class ArtifactResult:
+    """The artifact a run scores: written by export_artifact, or given to a re-score (EVAL_ONLY)."""
+    path: str
+    sha256: str
+    bytes_model: int                 # the compressed model file
+    bytes_code: int                  # the shipped train_gpt.py (code_bytes)
+    quant: dict | None               # how it was quantized and fitted (None for a re-score: not known here)
+
+
 def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, path: str, plan: BudgetPlan,
-                    hessians: dict[str, Tensor] | None, log: RunLog, stages: StageTimes) -> dict:
+                    hessians: dict[str, Tensor] | None, log: RunLog, stages: StageTimes) -> ArtifactResult:
     """Quantize (every rank), fit the budget, write the artifact (rank 0; never over an existing file).
-    Returns the summary's artifact keys and its `quant` record on every rank."""
+    Returns what was written, with its `quant` record, on every rank."""
     config = {name: hp.values[name] for name in ARCH_SETTINGS}
     config.update(recurrence_on=model.recurrence_on, ternary_patterns=hp.ternary_patterns)
     quantizer = DistributedQuantizer(hp, rt, model.state_dict(), hessians)
     blob, entries, spec, tried = fit_budget(hp, rt, quantizer, plan, config, log, stages)
 
-    def write() -> dict:
+    def write() -> ArtifactResult:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         try:
             with open(path, "xb") as f:
@@ -3977,8 +4018,8 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, path: str, pla
                      sigmas=dict(spec.sigmas), fit_factor=spec.sigmas_of("mlp") / hp.quant_clip_sigmas_mlp,
                      planned_fit_factor=plan.factor, attempts=len(tried), lqer_tensors=lqer,
                      predicted_bytes_model=plan.predicted_bytes)
-        return dict(bytes_model=len(blob), bytes_code=bytes_code, bytes_total=bytes_code + len(blob), artifact_path=path,
-                    artifact_sha256=hashlib.sha256(blob).hexdigest(), quant=quant)
+        return ArtifactResult(path=path, sha256=hashlib.sha256(blob).hexdigest(), bytes_model=len(blob),
+                              bytes_code=bytes_code, quant=quant)
 
     return on_main(rt, write)
 
@@ -4005,7 +4046,17 @@ def settings_for_artifact(hp: Hyperparameters, path: str) -> Hyperparameters:
     return hp
 
 
-def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarray) -> dict:
+@dataclass
+class LoadEvidence:
+    """What each rank loaded from the artifact on disk, in rank order, and the scheme it was stored with."""
+    sha256_per_rank: list[str]
+    state_sha256_per_rank: list[str]
+    probe_nll_per_rank: list[float]  # mean NLL (nats) of one probe sequence, each rank alone
+    quant_bits: dict | None
+    quant_ternary: str
+
+
+def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarray) -> LoadEvidence:
     """Every rank reads the artifact from disk and loads it into its own model.
 
     Returns per-rank evidence that each rank holds the same weights: file sha256, state checksum
@@ -4025,10 +4076,9 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
     per_rank = gather(rt, evidence)
     if len({(e["sha256"], e["state"]) for e in per_rank}) != 1:
         raise PipelineError(f"ranks loaded different weights from {path}: {per_rank}")
-    return dict(quant_bits=config.get("quant_bits"), quant_ternary=config.get("ternary_patterns", ""),
-                roundtrip_sha256_per_rank=[e["sha256"] for e in per_rank],
-                roundtrip_state_sha256_per_rank=[e["state"] for e in per_rank],
-                roundtrip_probe_nll_per_rank=[e["probe_nll"] for e in per_rank])
+    return LoadEvidence(sha256_per_rank=[e["sha256"] for e in per_rank], state_sha256_per_rank=[e["state"] for e in per_rank],
+                        probe_nll_per_rank=[e["probe_nll"] for e in per_rank], quant_bits=config.get("quant_bits"),
+                        quant_ternary=config.get("ternary_patterns", ""))
 
 
 def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int) -> int:
@@ -4121,10 +4171,24 @@ def training_deadline_ms(hp: Hyperparameters) -> float:
     return 1e3 * min(cap, CHALLENGE_TRAIN_SECONDS)
 
 
+@dataclass
+class Trained:
+    """What train_and_export made: the training loop's result, the float weights' score, the artifact, and when
+    training data was last read against the deadline (ms on the training clock, the slowest rank's)."""
+    result: TrainResult
+    pre_quant: EvalResult            # the trained (EMA) weights before quantization, plain windows: a diagnostic
+    artifact: ArtifactResult
+    train_data_last_read_ms: float
+    train_deadline_ms: float
+
+    @property
+    def read_after_deadline(self) -> bool:
+        return self.train_data_last_read_ms > self.train_deadline_ms
+
+
 def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, run_model: nn.Module,
-                     val_tokens: np.ndarray, tables, plan: BudgetPlan, log: RunLog, stages: StageTimes) -> dict:
-    """Train, calibrate, score the trained weights (a diagnostic), write the artifact. Returns the
-    summary's training and artifact keys."""
+                     val_tokens: np.ndarray, tables, plan: BudgetPlan, log: RunLog, stages: StageTimes) -> Trained:
+    """Train, calibrate, score the trained weights (a diagnostic), write the artifact."""
     stream = TokenStream(find_shards(hp.data_path, "train"), hp.vocab_size)
     accum = grad_accum_steps(hp, rt.world_size)
     loader = DistributedTokenLoader(stream, hp.train_batch_tokens, hp.train_seq_len, rt.world_size, accum,
@@ -4153,18 +4217,10 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
     log_eval(log, "pre_quant (plain windows)", pre)
     artifact = export_artifact(hp, rt, model, artifact_path(run_id), plan, hessians,
                                log, stages)
-    artifact["quant"].update(calibration=hp.gptq_calibration, calibration_end_ms=calibration_end_ms,
-                             late_qat_step=result.late_qat_step, ternary_qat_step=result.ternary_qat_step)
-    deadline_ms = training_deadline_ms(hp)
-    return dict(
-        steps=result.steps, train_time_ms=result.train_time_ms,
-        step_avg_ms=result.train_time_ms / max(result.steps, 1),
-        tokens_per_s=result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9), stopped_early=result.stopped_early,
-        train_flops=result.train_flops, eval_compile_ms=result.eval_compile_ms,
-        train_loss=result.train_loss, pre_quant_val_loss=pre.val_loss, pre_quant_val_bpb=pre.val_bpb, **artifact,
-        train_data_last_read_ms=last_read_ms, train_deadline_ms=deadline_ms,
-        train_data_read_after_deadline=bool(last_read_ms > deadline_ms), peak_memory_mib=None,
-        compile=dict(graphs_in_warm_up=result.graphs_compiled, recompiles_in_clock=result.recompiles_in_clock))
+    artifact.quant.update(calibration=hp.gptq_calibration, calibration_end_ms=calibration_end_ms,
+                          late_qat_step=result.late_qat_step, ternary_qat_step=result.ternary_qat_step)
+    return Trained(result=result, pre_quant=pre, artifact=artifact, train_data_last_read_ms=last_read_ms,
+                   train_deadline_ms=training_deadline_ms(hp))
 
 
 def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream, clock: StepClock,
@@ -4204,18 +4260,155 @@ def eval_geometry(hp: Hyperparameters) -> tuple[int, int]:
     return window, hp.eval_stride or window
 
 
-def saved_artifact_keys(hp: Hyperparameters) -> dict:
-    """EVAL_ONLY: the summary's artifact keys, for the artifact given; no training keys."""
-    with open(hp.eval_only, "rb") as f:
+def saved_artifact(path: str) -> ArtifactResult:
+    """EVAL_ONLY: the artifact given, as a re-score sees it."""
+    with open(path, "rb") as f:
         data = f.read()
-    bytes_code = code_bytes()
-    return dict(steps=None, train_time_ms=None, step_avg_ms=None, tokens_per_s=None, stopped_early=None,
-                train_flops=None, eval_compile_ms=0.0,     # a re-score compiles inside its own evaluation time
-                train_loss=None, pre_quant_val_loss=None, pre_quant_val_bpb=None, bytes_model=len(data), bytes_code=bytes_code,
-                bytes_total=len(data) + bytes_code, artifact_path=hp.eval_only,
-                artifact_sha256=hashlib.sha256(data).hexdigest(), train_data_last_read_ms=None,
-                train_deadline_ms=None, train_data_read_after_deadline=False, quant=None, peak_memory_mib=None,
-                compile=None)
+    return ArtifactResult(path=path, sha256=hashlib.sha256(data).hexdigest(), bytes_model=len(data),
+                          bytes_code=code_bytes(), quant=None)
+
+
+@dataclass
+class Projections:
+    """The model's size and its 8xH100 projections, made before training (at ASSUMED_MFU)."""
+    model_params: int
+    flops_per_token: float
+    h100_step_ms: float
+    h100_eval_parts_s: dict[str, float]   # eval_projection's parts, 'total' among them
+
+
+@dataclass
+class RunSummary:
+    """logs/<RUN_ID>.json, every key declared here and filled in one place (summarize) from the stages' typed
+    results. tools/harness.py requires SUMMARY_KEYS of every run it submits. Times in ms unless named _s;
+    losses in nats per target, bpb in bits per byte. Training keys are None for a re-score (EVAL_ONLY)."""
+    # the run
+    run_id: str
+    seed: int
+    preset: str
+    hyperparameters: dict[str, object]     # every setting's value
+    explicit_settings: list[str]           # the settings set in the environment (a reproduction sets these)
+    world_size: int
+    device: str
+    hardware: str
+    torch_version: str
+    cuda_version: str | None
+    attention: str
+    compute_dtype: str
+    eval_only: bool
+    code_shipped: bool
+    code_readable_bytes: int
+    code_readable_sha256: str
+    # the data (DataFingerprint)
+    tokenizer_sha256: str
+    val_shards_sha256: str
+    tokenizer_check_docs: int
+    val_split_tokens: int
+    val_full_split: bool
+    # the model and its projections (Projections)
+    model_params: int
+    flops_per_token: float
+    assumed_mfu: float
+    projected_h100_step_ms: float
+    projected_h100_eval_s: float
+    projected_h100_eval_parts_s: dict[str, float]
+    # training (Trained)
+    steps: int | None
+    train_time_ms: float | None
+    step_avg_ms: float | None
+    tokens_per_s: float | None
+    stopped_early: bool | None
+    train_flops: float | None
+    train_loss: float | None
+    pre_quant_val_loss: float | None
+    pre_quant_val_bpb: float | None
+    train_data_last_read_ms: float | None
+    train_deadline_ms: float | None
+    train_data_read_after_deadline: bool
+    compile: dict | None                   # graphs compiled in the warm-up, recompiles after it, graph breaks
+    peak_memory_mib: int | None            # CUDA: the whole run's peak allocated memory
+    # the artifact (ArtifactResult) and its load on every rank (LoadEvidence)
+    artifact_path: str
+    artifact_sha256: str
+    bytes_model: int
+    bytes_code: int
+    bytes_total: int                       # what the 16,000,000-byte cap counts
+    quant: dict | None
+    quant_scheme: str
+    quant_bits: dict | None
+    quant_ternary: str
+    roundtrip_sha256_per_rank: list[str]
+    roundtrip_state_sha256_per_rank: list[str]
+    roundtrip_probe_nll_per_rank: list[float]
+    # evaluation
+    roundtrip_plain_val_loss: float
+    roundtrip_plain_val_bpb: float
+    quant_gap_bpb: float | None            # plain windows: after the round trip minus before quantization
+    val_loss: float                        # the score: the final pass (TTT when on), after the round trip
+    val_bpb: float
+    val_tokens: int                        # targets scored
+    val_bytes: int
+    eval_mode: str
+    eval_seq_len: int
+    eval_stride: int
+    ttt: bool
+    ttt_summary: dict | None
+    eval_compile_ms: float                 # the evaluation graphs compiled in the warm-up ...
+    eval_measured_ms: float                # ... plus the artifact's load to the final score ...
+    eval_time_ms: float                    # ... is the evaluation time
+    compliance: dict | None                # the self-audit (EVAL_AUDIT=1)
+    nll_dump: str | None
+    stage_ms: dict[str, float]
+    wall_ms: float
+
+
+SUMMARY_KEYS = tuple(f.name for f in dataclasses.fields(RunSummary))
+
+
+def summarize(hp: Hyperparameters, rt: Runtime, run_id: str, *, data: DataFingerprint, projections: Projections,
+              trained: Trained | None, artifact: ArtifactResult, loaded: LoadEvidence, plain: EvalResult,
+              final: EvalResult, ttt_summary: dict | None, window: int, stride: int, eval_measured_ms: float,
+              eval_compile_ms: float, compliance: dict | None, compile_counts: dict | None, peak_memory_mib: int | None,
+              stage_ms: dict[str, float], wall_ms: float) -> dict:
+    """The run summary (RunSummary) as the JSON object logs/<RUN_ID>.json holds."""
+    result, pre = (trained.result, trained.pre_quant) if trained is not None else (None, None)
+    on_cuda = rt.device.type == "cuda"
+    summary = RunSummary(
+        run_id=run_id, seed=hp.seed, preset=hp.preset, hyperparameters=hp.as_dict(), explicit_settings=sorted(hp.explicit),
+        world_size=rt.world_size, device=rt.device.type,
+        hardware=torch.cuda.get_device_name(rt.device) if on_cuda else platform.processor() or platform.machine(),
+        torch_version=torch.__version__, cuda_version=torch.version.cuda,
+        attention=attention_backend(rt.device, rt.autocast_dtype), compute_dtype=str(rt.autocast_dtype or torch.float32),
+        eval_only=bool(hp.eval_only), code_shipped=code_shipped(), code_readable_bytes=SOURCE_BYTES,
+        code_readable_sha256=SOURCE_SHA256,
+        **dataclasses.asdict(data),
+        model_params=projections.model_params, flops_per_token=projections.flops_per_token, assumed_mfu=ASSUMED_MFU,
+        projected_h100_step_ms=projections.h100_step_ms, projected_h100_eval_s=projections.h100_eval_parts_s["total"],
+        projected_h100_eval_parts_s=projections.h100_eval_parts_s,
+        steps=result and result.steps, train_time_ms=result and result.train_time_ms,
+        step_avg_ms=result and result.train_time_ms / max(result.steps, 1),
+        tokens_per_s=result and result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9),
+        stopped_early=result and result.stopped_early, train_flops=result and result.train_flops,
+        train_loss=result and result.train_loss, pre_quant_val_loss=pre and pre.val_loss,
+        pre_quant_val_bpb=pre and pre.val_bpb,
+        train_data_last_read_ms=trained and trained.train_data_last_read_ms,
+        train_deadline_ms=trained and trained.train_deadline_ms,
+        train_data_read_after_deadline=trained is not None and trained.read_after_deadline,
+        compile=compile_counts, peak_memory_mib=peak_memory_mib,
+        artifact_path=artifact.path, artifact_sha256=artifact.sha256, bytes_model=artifact.bytes_model,
+        bytes_code=artifact.bytes_code, bytes_total=artifact.bytes_model + artifact.bytes_code, quant=artifact.quant,
+        quant_scheme=scheme_label(loaded.quant_bits, loaded.quant_ternary), quant_bits=loaded.quant_bits,
+        quant_ternary=loaded.quant_ternary, roundtrip_sha256_per_rank=loaded.sha256_per_rank,
+        roundtrip_state_sha256_per_rank=loaded.state_sha256_per_rank,
+        roundtrip_probe_nll_per_rank=loaded.probe_nll_per_rank,
+        roundtrip_plain_val_loss=plain.val_loss, roundtrip_plain_val_bpb=plain.val_bpb,
+        quant_gap_bpb=None if pre is None else plain.val_bpb - pre.val_bpb,
+        val_loss=final.val_loss, val_bpb=final.val_bpb, val_tokens=final.val_tokens, val_bytes=final.val_bytes,
+        eval_mode=hp.eval_mode, eval_seq_len=window, eval_stride=stride, ttt=ttt_summary is not None,
+        ttt_summary=ttt_summary, eval_compile_ms=eval_compile_ms, eval_measured_ms=eval_measured_ms,
+        eval_time_ms=eval_measured_ms + eval_compile_ms, compliance=compliance, nll_dump=hp.nll_dump or None,
+        stage_ms={k: round(v, 1) for k, v in stage_ms.items()}, wall_ms=wall_ms)
+    return dataclasses.asdict(summary)
 
 
 def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[str], log: RunLog) -> None:
@@ -4227,6 +4420,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     log(f"code: {'shipped' if code_shipped() else 'readable'} train_gpt.py; the readable source is {SOURCE_BYTES} bytes, "
         f"sha256 {SOURCE_SHA256}; bytes_code {code_bytes()} (its shipped form, tools/ship_code.py)")
     log("hyperparameters:" + json.dumps(hp.as_dict(), sort_keys=True), console=False)
+    log("explicit_settings:" + json.dumps(sorted(hp.explicit)), console=False)
     for w in warnings:
         log(f"warning: {w}")
     log(check_attention_backend(hp, rt.device, attention_backend(rt.device, rt.autocast_dtype)))
@@ -4241,11 +4435,12 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     if isinstance(tables, ByteSidecar):
         log(f"val bytes: from the sidecar fineweb_val_bytes_*.bin ({int(tables.nbytes[1:].sum())} bytes, equal to the "
             "count derived from the ids)")
-    data = dict(tokenizer_sha256=file_sha256([hp.tokenizer_path]), val_shards_sha256=file_sha256(val_files),
-                tokenizer_check_docs=docs_checked)
+    data = DataFingerprint(tokenizer_sha256=file_sha256([hp.tokenizer_path]), val_shards_sha256=file_sha256(val_files),
+                           tokenizer_check_docs=docs_checked, val_split_tokens=split_tokens,
+                           val_full_split=val_tokens.size == split_tokens)
     log(f"val_stream_tokens:{val_tokens.size} (of {split_tokens}" + (", partial validation)" if val_tokens.size < split_tokens else ")"))
-    log(f"data: tokenizer sha256 {data['tokenizer_sha256']} re-encodes the first {docs_checked} validation documents "
-        f"to the same ids; {len(val_files)} validation shard(s) sha256 {data['val_shards_sha256']}")
+    log(f"data: tokenizer sha256 {data.tokenizer_sha256} re-encodes the first {docs_checked} validation documents "
+        f"to the same ids; {len(val_files)} validation shard(s) sha256 {data.val_shards_sha256}")
     if hp.gptq_calibration != "none" and hp.gptq_calib_seqs < rt.world_size:
         raise PipelineError(f"GPTQ_CALIB_SEQS={hp.gptq_calib_seqs} is fewer than the {rt.world_size} ranks that share it")
     if hp.ttt_enabled and ttt_seqs_per_rank(hp, rt, eval_geometry(hp)[0]) == 0:
@@ -4263,24 +4458,22 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         f"projected_steps_in_600s:{projected_steps(hp, projected_ms):.0f}")
     window, stride = eval_geometry(hp)
     projected_eval = check_eval_budget(hp, val_tokens, split_tokens, window, stride, log)
-    projected_eval_s = projected_eval["total"]
     plan = plan_budget(hp, log) if not hp.eval_only else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = compile_model(model, bool(hp.compile_optimize_ddp)) if use_compile else model
 
-    # train and export, or take a saved artifact
-    if hp.eval_only:
-        run = saved_artifact_keys(hp)
-    else:
-        run = train_and_export(hp, rt, run_id, model, run_model, val_tokens, tables, plan, log, stages)
+    # train and export, or take a saved artifact (a re-score compiles inside its own evaluation time)
+    trained = None if hp.eval_only else train_and_export(hp, rt, run_id, model, run_model, val_tokens, tables, plan,
+                                                         log, stages)
+    artifact = saved_artifact(hp.eval_only) if trained is None else trained.artifact
+    eval_compile_ms = 0.0 if trained is None else trained.result.eval_compile_ms
     graphs_before_eval = compiled_graphs()
 
     # evaluation, from loading the artifact to the final score: every rank loads it from disk, the
     # audit checks the loaded weights, a plain pass measures the quantization gap, the final pass scores
     t_eval = time.perf_counter()
     with stages("load"):
-        evidence = load_artifact_everywhere(rt, model, run["artifact_path"],
-                                            val_tokens[:min(val_tokens.size, hp.train_seq_len + 1)])
+        loaded = load_artifact_everywhere(rt, model, artifact.path, val_tokens[:min(val_tokens.size, hp.train_seq_len + 1)])
     compliance = {}
     if hp.eval_audit:
         with stages("audit"):
@@ -4295,7 +4488,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     lora = hp.ttt_enabled and hp.ttt_method == "lora"
     ttt = (LoRATestTimeTrainer if lora else TestTimeTrainer)(hp, rt, model, run_model, window) if hp.ttt_enabled else None
     # the budget counts from the artifact's load, plus the evaluation graphs compiled in the warm-up
-    budget = EvalBudget(hp, rt, t_eval - run["eval_compile_ms"] / 1e3, plain.eval_time_ms / 1e3 / plain.val_tokens)
+    budget = EvalBudget(hp, rt, t_eval - eval_compile_ms / 1e3, plain.eval_time_ms / 1e3 / plain.val_tokens)
     with stages("eval"):
         if lora:
             final = evaluate_lora_ttt(hp, rt, ttt, val_tokens, tables, window, stride, budget,
@@ -4315,17 +4508,17 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
             ttt_summary.update(chunks_trained=ttt.chunks_trained, cut=ttt.cut or None)
         log("ttt: " + json.dumps(ttt_summary, sort_keys=True))
     eval_measured_ms = 1e3 * (time.perf_counter() - t_eval)
-    eval_time_ms = eval_measured_ms + run["eval_compile_ms"]
-    label = f"final_{scheme_label(evidence['quant_bits'], evidence['quant_ternary'])}" + ("_ttt" if ttt else "")
+    eval_time_ms = eval_measured_ms + eval_compile_ms
+    label = f"final_{scheme_label(loaded.quant_bits, loaded.quant_ternary)}" + ("_ttt" if ttt else "")
     log_eval(log, label, final)
     log(f"{label}_roundtrip_exact val_loss:{final.val_loss:.8f} val_bpb:{final.val_bpb:.8f}")
     log(f"eval_time: {eval_time_ms:.0f}ms = {eval_measured_ms:.0f}ms from the artifact's load to the final score "
-        f"(every pass counted) + {run['eval_compile_ms']:.0f}ms compiling the evaluation graphs in the warm-up")
+        f"(every pass counted) + {eval_compile_ms:.0f}ms compiling the evaluation graphs in the warm-up")
     if hp.eval_audit:
         compliance.update(audit_score_before_update(final.evidence, ttt is not None))
         compliance.update(audit_one_pass(final.evidence))
-        if not hp.eval_only:     # a re-score trained nothing: there is no training-data read to check
-            compliance.update(no_train_data_after_deadline=not run["train_data_read_after_deadline"])
+        if trained is not None:     # a re-score trained nothing: there is no training-data read to check
+            compliance.update(no_train_data_after_deadline=not trained.read_after_deadline)
         compliance["all_ok"] = all(v for k, v in compliance.items() if k.endswith("_ok") or k.startswith("no_"))
         log("compliance: " + json.dumps(compliance, sort_keys=True))
     if hp.nll_dump and rt.is_main:
@@ -4334,31 +4527,22 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
                      bytes=target_bytes(val_tokens[:-1], val_tokens[1:], tables))
         log(f"nll_dump: {hp.nll_dump}")
 
-    if run["compile"] is not None:
-        run["compile"].update(recompiles_after_warm_up=run["compile"]["recompiles_in_clock"] + compiled_graphs()
+    compile_counts = None
+    if trained is not None:
+        compile_counts = dict(graphs_in_warm_up=trained.result.graphs_compiled,
+                              recompiles_in_clock=trained.result.recompiles_in_clock,
+                              recompiles_after_warm_up=trained.result.recompiles_in_clock + compiled_graphs()
                               - graphs_before_eval, graph_breaks=graph_breaks())
+    peak_memory_mib = None
     if rt.device.type == "cuda":     # the whole run's peak: training, calibration, GPTQ, evaluation and TTT
-        run["peak_memory_mib"] = torch.cuda.max_memory_allocated(rt.device) // 2**20
-        log(f"peak memory allocated: {run['peak_memory_mib']} MiB (the whole run)")
-    summary = dict(
-        run_id=run_id, seed=hp.seed, preset=hp.preset, world_size=rt.world_size, device=rt.device.type,
-        hardware=(torch.cuda.get_device_name(rt.device) if rt.device.type == "cuda" else platform.processor() or platform.machine()),
-        torch_version=torch.__version__, cuda_version=torch.version.cuda, eval_only=bool(hp.eval_only),
-        attention=attention_backend(rt.device, rt.autocast_dtype), compute_dtype=str(rt.autocast_dtype or torch.float32),
-        **run,
-        val_loss=final.val_loss, val_bpb=final.val_bpb, val_tokens=final.val_tokens, val_bytes=final.val_bytes,
-        val_split_tokens=split_tokens, val_full_split=val_tokens.size == split_tokens, **data, ttt=ttt is not None, ttt_summary=ttt_summary,
-        quant_scheme=scheme_label(evidence["quant_bits"], evidence["quant_ternary"]),
-        roundtrip_plain_val_loss=plain.val_loss, roundtrip_plain_val_bpb=plain.val_bpb,
-        quant_gap_bpb=plain.val_bpb - run["pre_quant_val_bpb"] if run["pre_quant_val_bpb"] is not None else None,
-        eval_seq_len=window, eval_stride=stride, eval_mode=hp.eval_mode, eval_time_ms=eval_time_ms, eval_measured_ms=eval_measured_ms,
-        projected_h100_eval_s=projected_eval_s, projected_h100_eval_parts_s=projected_eval, model_params=n_params, flops_per_token=fpt,
-        projected_h100_step_ms=projected_ms, assumed_mfu=ASSUMED_MFU, compliance=compliance or None,
-        nll_dump=hp.nll_dump or None, code_shipped=code_shipped(), code_readable_bytes=SOURCE_BYTES,
-        code_readable_sha256=SOURCE_SHA256, stage_ms={k: round(v, 1) for k, v in stages.ms.items()},
-        wall_ms=1e3 * (time.perf_counter() - t_run), hyperparameters=hp.as_dict(), **evidence,
-    )
-    log.write_summary(summary)
+        peak_memory_mib = torch.cuda.max_memory_allocated(rt.device) // 2**20
+        log(f"peak memory allocated: {peak_memory_mib} MiB (the whole run)")
+    log.write_summary(summarize(
+        hp, rt, run_id, data=data, projections=Projections(n_params, fpt, projected_ms, projected_eval),
+        trained=trained, artifact=artifact, loaded=loaded, plain=plain, final=final, ttt_summary=ttt_summary,
+        window=window, stride=stride, eval_measured_ms=eval_measured_ms, eval_compile_ms=eval_compile_ms,
+        compliance=compliance or None, compile_counts=compile_counts, peak_memory_mib=peak_memory_mib,
+        stage_ms=stages.ms, wall_ms=1e3 * (time.perf_counter() - t_run)))
 
 
 def entry_point() -> int:

@@ -434,11 +434,11 @@ def test_a_read_past_the_deadline_is_flagged(demo_data, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     late = export_run(demo_data, "late", monkeypatch, delay=0.5, MAX_WALLCLOCK_SECONDS=0.2)
     in_time = export_run(demo_data, "in_time", monkeypatch, delay=0.01, MAX_WALLCLOCK_SECONDS=300)
-    assert late["stopped_early"] and late["steps"] == 1
-    assert late["train_deadline_ms"] == 200.0 and late["train_data_last_read_ms"] > 500.0
-    assert late["train_data_read_after_deadline"] is True
-    assert in_time["train_deadline_ms"] == 300e3 and in_time["steps"] == 3
-    assert 0 < in_time["train_data_last_read_ms"] < 300e3 and in_time["train_data_read_after_deadline"] is False
+    assert late.result.stopped_early and late.result.steps == 1
+    assert late.train_deadline_ms == 200.0 and late.train_data_last_read_ms > 500.0
+    assert late.read_after_deadline is True
+    assert in_time.train_deadline_ms == 300e3 and in_time.result.steps == 3
+    assert 0 < in_time.train_data_last_read_ms < 300e3 and in_time.read_after_deadline is False
 
 
 def test_calibration_on_training_data_past_the_challenge_deadline_is_flagged(demo_data, tmp_path, monkeypatch):
@@ -449,8 +449,8 @@ def test_calibration_on_training_data_past_the_challenge_deadline_is_flagged(dem
     monkeypatch.setattr(train_gpt, "CHALLENGE_TRAIN_SECONDS", 0.5)
     run = export_run(demo_data, "late_calibration", monkeypatch, delay=0.05, calibration_s=0.3,
                      MAX_WALLCLOCK_SECONDS=1.2, GPTQ_CALIBRATION="train", GPTQ_RESERVE_SECONDS=0.4, ITERATIONS=1000)
-    assert run["train_deadline_ms"] == 500.0 and run["train_time_ms"] <= 800.0
-    assert run["train_data_last_read_ms"] > 500.0 and run["train_data_read_after_deadline"] is True
+    assert run.train_deadline_ms == 500.0 and run.result.train_time_ms <= 800.0
+    assert run.train_data_last_read_ms > 500.0 and run.read_after_deadline is True
 
 
 # --- GPU-like rounding that depends on the batch row ---------------------------------------------------

@@ -384,10 +384,10 @@ def test_training_calibration_counts_as_a_training_read(demo_data, tmp_path, mon
                   GPTQ_RESERVE_SECONDS=1)
     in_time = export_run(demo_data, "in_time", monkeypatch, calibration_s=0.5, **common)
     late = export_run(demo_data, "late", monkeypatch, calibration_s=3.5, **common)
-    assert in_time["quant"]["calibration"] == "train"
-    assert in_time["quant"]["calibration_end_ms"] == in_time["train_data_last_read_ms"] == 500.0
-    assert in_time["train_data_read_after_deadline"] is False
-    assert late["quant"]["calibration_end_ms"] == 3500.0 and late["train_data_read_after_deadline"] is True
+    assert in_time.artifact.quant["calibration"] == "train"
+    assert in_time.artifact.quant["calibration_end_ms"] == in_time.train_data_last_read_ms == 500.0
+    assert in_time.read_after_deadline is False
+    assert late.artifact.quant["calibration_end_ms"] == 3500.0 and late.read_after_deadline is True
 
 
 # --- the budget fit moves k ------------------------------------------------------------------------
@@ -469,9 +469,9 @@ def test_planner_predicts_the_artifact_within_tolerance_on_gaussian_weights(tmp_
                     "LZMA_PRESET": str(PRESET), "TERNARY_PATTERNS": ternary, "LQER_TENSORS": "0"})
     model = gaussian_model(hp)
     plan, out = export(hp, model, tmp_path)
-    assert abs(out["bytes_model"] - plan.predicted_bytes) <= PLANNER_TOLERANCE * out["bytes_model"]
+    assert abs(out.bytes_model - plan.predicted_bytes) <= PLANNER_TOLERANCE * out.bytes_model
     assert sum(g["params"] for g in plan.groups) == train_gpt.count_parameters(model)
-    actual = {(g["name"], g["scheme"]): g for g in out["quant"]["groups"]}
+    actual = {(g["name"], g["scheme"]): g for g in out.quant["groups"]}
     assert {(g["name"], train_gpt.scheme_family(g["scheme"])) for g in plan.groups} == set(actual)
     assert any(s == "ternary" for _, s in actual) == bool(ternary)
 
@@ -487,7 +487,7 @@ def test_planner_is_an_upper_bound_within_tolerance_on_trained_weights(tmp_path)
     model = train_gpt.GPT(hp)
     model.load_state_dict(state)
     plan, out = export(hp, model, tmp_path)
-    assert (1 - PLANNER_TOLERANCE) * plan.predicted_bytes <= out["bytes_model"] <= plan.predicted_bytes * 1.01
+    assert (1 - PLANNER_TOLERANCE) * plan.predicted_bytes <= out.bytes_model <= plan.predicted_bytes * 1.01
 
 
 def test_planner_predicts_the_factor_on_k_a_shape_needs():
@@ -508,7 +508,7 @@ def test_planner_predicts_the_factor_on_k_a_shape_needs():
 @pytest.mark.parametrize("env,fragment", [
     ({"LATE_QAT_THRESHOLD": "0.05", "LR_FLOOR": "0.1"}, "LATE_QAT_THRESHOLD=0.05 would never turn on"),
     ({"LATE_QAT_THRESHOLD": "0.5", "WARMDOWN_FRAC": "0"}, "LATE_QAT_THRESHOLD=0.5 would never turn on"),
-    ({"LATE_QAT_THRESHOLD": "1.5"}, "LATE_QAT_THRESHOLD=1.5 must be in [0, 1]"),
+    ({"LATE_QAT_THRESHOLD": "1.5"}, "LATE_QAT_THRESHOLD=1.5 must be a fraction in [0, 1]"),
     ({"TERNARY_FROM_STEP": "0"}, "TERNARY_FROM_STEP=0 needs TERNARY_PATTERNS"),
     ({"TERNARY_FROM_STEP": "-2", "TERNARY_PATTERNS": ".mlp."}, "TERNARY_FROM_STEP=-2"),
     ({"TERNARY_PATTERNS": ".mlp.,,"}, "TERNARY_PATTERNS='.mlp.,,' has an empty fragment"),

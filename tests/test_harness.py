@@ -201,6 +201,9 @@ def fake_summary(run_id, seed, val_bpb, **overrides):
         else:
             s[key] = value
     s.setdefault("roundtrip_sha256_per_rank", [s["artifact_sha256"]] * s["world_size"])
+    s.setdefault("explicit_settings", sorted(k for k in s["hyperparameters"] if k not in ("PRESET", "LZMA_PRESET")))
+    for key in train_gpt.SUMMARY_KEYS:           # keys the harness does not read: as a run that has none to report
+        s.setdefault(key, None)
     return s
 
 
@@ -216,6 +219,7 @@ def log_tail(s):
              *([f"gpu:{s['hardware']} x{s['world_size']}"] if s["device"] == "cuda" else []),
              f"run_id:{s['run_id']} seed:{s['seed']}",
              "hyperparameters:" + json.dumps(s["hyperparameters"], sort_keys=True),
+             "explicit_settings:" + json.dumps(s["explicit_settings"]),
              f"val_stream_tokens:{s['val_tokens'] + 1} (of {s['val_split_tokens']}"
              + (")" if s["val_full_split"] else ", partial validation)"),
              f"data: tokenizer sha256 {s.get('tokenizer_sha256') or '0' * 64} re-encodes the first 16 validation "
@@ -561,33 +565,21 @@ def test_env_submission_name_author_github_id(entry, monkeypatch):
 
 
 # -----------------------------------------------------------------------------
-# Reproduction commands: the defaults read from train_gpt.py's source without importing it
+# Reproduction commands: the settings the run recorded as set in its environment
 # -----------------------------------------------------------------------------
 
-def test_settings_defaults_read_from_the_source_match_train_gpt():
-    train_gpt = pytest.importorskip("train_gpt")
-    defaults = harness.settings_defaults((REPO_ROOT / "train_gpt.py").read_text())
-    assert defaults is not None and set(defaults) == set(train_gpt.PRESETS)
-    for preset, overrides in train_gpt.PRESETS.items():
-        expected = {name: overrides.get(name, spec[1]) for name, spec in train_gpt.SETTINGS.items()}
-        assert defaults[preset] == expected
-    assert harness.settings_defaults("x = 1\n") is None and harness.settings_defaults("def (") is None
-
-
 def test_explicit_settings_reproduce_the_resolved_settings():
-    train_gpt = pytest.importorskip("train_gpt")
     env = {"NUM_LAYERS": "3", "RECUR_LAYERS": "0-1", "PARALLEL_LAST_N": "1", "MATRIX_LR": "0.031", "DATA_PATH": "/d a/x",
-           "EVAL_STRIDE": "0", "SEED": "5", "RUN_ID": "r", "EVAL_AUDIT": "1", "ADAM_EPS": "1e-09"}
-    hp = train_gpt.read_settings(env)[0].as_dict()
-    explicit = harness.explicit_settings(hp, harness.settings_defaults((REPO_ROOT / "train_gpt.py").read_text()))
+           "EVAL_STRIDE": "0", "SEED": "5", "RUN_ID": "r", "EVAL_AUDIT": "1", "ADAM_EPS": "1e-09", "PRESET": "frontier"}
+    hp = train_gpt.read_settings(env)[0]
+    run = harness.SeedRun("r", dict(seed=5, hyperparameters=hp.as_dict(), explicit_settings=sorted(hp.explicit)), b"", b"")
+    explicit = harness.explicit_settings(run)
     assert set(explicit) == {"NUM_LAYERS", "RECUR_LAYERS", "PARALLEL_LAST_N", "MATRIX_LR", "DATA_PATH", "EVAL_STRIDE",
-                             "ADAM_EPS"}
+                             "ADAM_EPS", "PRESET"}                  # the launcher's SEED, RUN_ID, EVAL_AUDIT left out
     import shlex
     parsed = dict(word.split("=", 1) for word in shlex.split(harness._env_line(explicit)))
     again = train_gpt.read_settings(dict(parsed, SEED="5", RUN_ID="r", EVAL_AUDIT="1"))[0].as_dict()
-    assert again == hp
-    # unknown defaults: every setting but the launcher's is named
-    assert set(harness.explicit_settings(hp, None)) == set(hp) - set(harness.LAUNCHER_SETTINGS)
+    assert again == hp.as_dict()
 
 
 # -----------------------------------------------------------------------------
@@ -877,6 +869,18 @@ def test_a_summary_that_its_log_contradicts_is_refused(entry, capsys, reason, lo
         edit_summary(entry, run_id, as_run=True, **dict(says, roundtrip_sha256_per_rank=[sha] * 8))
     assert submit(*ids, "--date", "2026-04-01") == 1
     assert reason in capsys.readouterr().err
+    assert not (entry / "records").exists()
+
+
+def test_a_summary_whose_explicit_settings_its_log_contradicts_is_refused(entry, capsys):
+    """The reproduction command sets the settings the summary names as explicit: a summary edited to leave one
+    out (a setting that helped, hidden from the command) no longer matches the log's explicit_settings line."""
+    ids = write_runs(entry)
+    for run_id in ids:
+        says = json.loads((entry / "logs" / f"{run_id}.json").read_text())["explicit_settings"]
+        edit_summary(entry, run_id, as_run=True, explicit_settings=[k for k in says if k != "NUM_LAYERS"])
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    assert "its log's explicit settings" in capsys.readouterr().err
     assert not (entry / "records").exists()
 
 

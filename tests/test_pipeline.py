@@ -171,7 +171,7 @@ def test_training_flops_count_each_step_in_its_own_state(dist_run):
     cwd, _, s = dist_run
     text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
     on_from = int(re.search(r"^recurrence: on from step (\d+)", text, re.M).group(1))
-    hp = train_gpt.Hyperparameters(s["hyperparameters"])
+    hp = train_gpt.Hyperparameters.from_values(s["hyperparameters"])
     per_step = {on: train_gpt.flops_per_token(hp, hp.train_seq_len, on) * hp.train_batch_tokens for on in (False, True)}
     assert 0 < on_from < s["steps"] and per_step[False] < per_step[True]
     assert s["train_flops"] == pytest.approx(on_from * per_step[False] + (s["steps"] - on_from) * per_step[True])
@@ -392,7 +392,7 @@ def test_nll_dump_reproduces_the_headline(dist_run, demo_data):
     # its sliding-window context (window 64, stride 32: the first 64 from the whole prefix; later ones
     # from the window ending at the first multiple-of-32 boundary at or after them, the tail at the end)
     _, state, config = train_gpt.read_artifact(str(Path(cwd) / s["artifact_path"]))
-    model = train_gpt.GPT(train_gpt.Hyperparameters(s["hyperparameters"]))
+    model = train_gpt.GPT(train_gpt.Hyperparameters.from_values(s["hyperparameters"]))
     model.load_state_dict(state)
     model.recurrence_on = config["recurrence_on"]           # the network as exported (recurrence came on)
     assert model.recurrence_on
@@ -415,7 +415,7 @@ def test_projected_eval_time(dist_run, demo_data):
     assert (s["eval_seq_len"], s["eval_stride"]) == (w, stride)
     windows = 1 + math.ceil((n - 1 - w) / stride)
     plain = math.ceil((n - 1) / w) * w                        # TRAIN_SEQ_LEN = the window here
-    hp = train_gpt.Hyperparameters(s["hyperparameters"])
+    hp = train_gpt.Hyperparameters.from_values(s["hyperparameters"])
     assert train_gpt.effective_layers(hp) == 4
     flops = (windows * w + plain) * (2 * train_gpt.matmul_params(hp) + 2 * 4 * w * 64)
     parts = s["projected_h100_eval_parts_s"]

@@ -15,10 +15,11 @@ def test_defaults_resolve():
     hp, warnings = read_settings({})
     assert warnings == []
     assert set(hp.as_dict()) == set(train_gpt.SETTINGS)
-    for name, (typ, default, meaning) in train_gpt.SETTINGS.items():
+    for name, row in train_gpt.SETTINGS.items():
         value = getattr(hp, name.lower())
-        assert value == default and type(value) is typ, name
-        assert meaning.strip(), f"{name} has no description"
+        assert value == row.default and type(value) is row.type, name
+        assert row.meaning.strip(), f"{name} has no description"
+        assert row.error(name, row.default) is None, f"{name}'s default breaks its own rule"
 
 
 def test_values_are_parsed_to_their_types():
@@ -71,7 +72,7 @@ def test_misspelt_setting_warns_with_the_intended_name(typo, intended):
     hp, warnings = read_settings({typo: "3"})
     assert len(warnings) == 1
     assert typo in warnings[0] and intended in warnings[0]
-    assert getattr(hp, intended.lower()) == train_gpt.SETTINGS[intended][1]  # ignored, not applied
+    assert getattr(hp, intended.lower()) == train_gpt.SETTINGS[intended].default  # ignored, not applied
 
 
 @pytest.mark.parametrize("name", ["SEEDS", "PATH", "HOME", "NPROC", "USER", "SHELL", "LANG", "PWD", "TERM",
@@ -284,3 +285,37 @@ def test_every_setting_is_in_the_readme_table():
     table = "\n".join(line for line in _readme_settings_section().splitlines() if line.lstrip().startswith("|"))
     missing = [name for name in train_gpt.SETTINGS if not re.search(rf"(?<![A-Z_]){name}(?![A-Z_])", table)]
     assert not missing, f"settings missing from README.md's settings table: {missing}"
+
+
+def test_each_declared_rule_is_kept():
+    """Every setting with a declared range or choices refuses a value just outside it, naming the variable
+    and saying the rule; the checks come from the declarations alone."""
+    checked = 0
+    for name, row in train_gpt.SETTINGS.items():
+        outside = []
+        if row.choices is not None:
+            outside.append("nope" if row.type is str else max(row.choices) + 1)
+        if row.at_least is not None:
+            outside.append(row.at_least - (1 if row.type is int else 0.5))
+        if row.at_most is not None:
+            outside.append(row.at_most + 1)
+        if row.above is not None:
+            outside.append(row.above)
+        for value in outside:
+            with pytest.raises(PipelineError) as err:
+                read_settings({name: str(value)})
+            assert f"{name}=" in str(err.value) and row.rule() in str(err.value), (name, value, str(err.value))
+            checked += 1
+    assert checked > 60
+
+
+def test_declared_choices_match_what_the_code_implements():
+    assert set(train_gpt.SETTINGS["MUON_NS_COEFFS"].choices) == set(train_gpt.NEWTON_SCHULZ_COEFFS)
+    assert train_gpt.SETTINGS["EVAL_MODE"].choices == train_gpt.EVAL_MODES
+    assert train_gpt.SETTINGS["LQER_FACTORS"].choices == train_gpt.LQER_FORMATS
+
+
+def test_every_setting_is_a_declared_field():
+    """hp.<name> is a dataclass field an editor can find, one per setting, and nothing else is a setting."""
+    fields = {f.name for f in __import__("dataclasses").fields(train_gpt.Hyperparameters)}
+    assert fields - {"explicit"} == {name.lower() for name in train_gpt.SETTINGS}

@@ -13,12 +13,14 @@ log contradicts, seeds that ran different code or settings, seeds left out of th
 record folder), reports the mean and sample std of val_bpb and val_loss and a one-sided Welch t-test
 against the current best, decides whether the runs make a record, a non-record submission or a
 practice record, and writes that folder (README.md, submission.json, train_gpt.py, requirements.txt,
-the manifest, the logs). `run_8xh100.sh` calls both. It needs only the standard library and numpy.
+the manifest, the logs). `run_8xh100.sh` calls both. `sweep` and `submit` import train_gpt.py (torch) for
+the settings' names and the summary's keys; `demo-data` needs sentencepiece and numpy.
 
 Usage:
     python3 tools/harness.py demo-data OUT_DIR [--vocab-size 1024]
         [--max-chars N] [--seed 0] [--shard-tokens N]
     python3 tools/harness.py sweep PREFIX SEED [SEED ...] [--practice]
+    python3 tools/harness.py settings-table [--write README.md]
     python3 tools/harness.py submit [RUN_ID ...] [--sweep logs/PREFIX.sweep.json] [--practice]
         [--record-dir DIR] [--reference-bpb "A B C"]
         [--name NAME] [--author A] [--github-id G] [--date YYYY-MM-DD] [--dry-run]
@@ -56,8 +58,8 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
-# sentencepiece is imported inside the two functions that use it, so the `submit` path needs only
-# the standard library and numpy (no torch, no train_gpt, no sentencepiece).
+# sentencepiece and train_gpt.py (torch) are imported inside the functions that use them: importing the
+# harness needs only the standard library and numpy.
 
 # Shard format constants.  They mirror train_gpt.py's (and the official
 # challenge exporter's): a header of SHARD_HEADER_INTS little-endian int32
@@ -485,11 +487,6 @@ CHALLENGE_CAP_BYTES = 16_000_000      # decimal: code bytes + compressed model b
 CHALLENGE_TRAIN_MS = 600_000          # 600 s of training on 8xH100 ...
 CHALLENGE_EVAL_MS = 600_000           # ... and 600 s of evaluation
 LOG_SOURCE_END = "=" * 100 + "\n"     # train_gpt.py's log: its own source, this line, then the run
-SUMMARY_KEYS = ("run_id", "seed", "device", "world_size", "hardware", "torch_version", "cuda_version", "eval_only",
-                "steps", "train_time_ms", "step_avg_ms", "val_loss", "val_bpb", "val_tokens", "val_bytes",
-                "val_split_tokens", "val_full_split", "bytes_model", "bytes_code", "bytes_total", "artifact_path",
-                "artifact_sha256", "eval_time_ms", "train_data_last_read_ms", "train_data_read_after_deadline",
-                "quant", "compliance", "roundtrip_sha256_per_rank", "hyperparameters")
 # Keys train_gpt.py writes from the data-pair contract on; a summary without them is read as unknown data.
 DATA_KEYS = ("tokenizer_sha256", "val_shards_sha256")
 SWEEP_SUFFIX = ".sweep.json"          # run_8xh100.sh's manifest: logs/<prefix>.sweep.json
@@ -525,7 +522,7 @@ def load_runs(log_dir: str | os.PathLike, run_ids: Sequence[str]) -> tuple[list[
         except ValueError as exc:
             reasons.append(f"{json_path} is not valid JSON ({exc})")
             continue
-        missing = [k for k in SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
+        missing = [k for k in train_gpt_module().SUMMARY_KEYS if not isinstance(summary, dict) or k not in summary]
         if missing:
             reasons.append(f"{json_path} lacks {', '.join(missing)}")
             continue
@@ -623,6 +620,7 @@ _VAL_STREAM_LINE = re.compile(r"^val_stream_tokens:(\d+) \(of (\d+)(, partial va
 _DATA_LINE = re.compile(r"^data: tokenizer sha256 ([0-9a-f]{64}) .* validation shard\(s\) sha256 ([0-9a-f]{64})$", re.M)
 _RUNTIME_LINE = re.compile(r"^world_size:(\d+) device:(\S+) ", re.M)
 _GPU_LINE = re.compile(r"^gpu:(.*) x(\d+)$", re.M)
+_EXPLICIT_LINE = re.compile(r"^explicit_settings:(\[.*\])$", re.M)
 
 
 def check_log(run: SeedRun) -> list[str]:
@@ -633,7 +631,8 @@ def check_log(run: SeedRun) -> list[str]:
     and val_bpb; `compliance: {json}` must equal its compliance dict; `eval_time: <N>ms` its eval_time_ms
     to 1 ms; `val_stream_tokens:N (of M[, partial validation])` its val_tokens + 1, val_split_tokens and
     val_full_split; `data: tokenizer sha256 ...` its tokenizer_sha256 and val_shards_sha256; the runtime
-    line its world_size and device, and on CUDA the `gpu:` line its hardware. Someone who rewrites both
+    line its world_size and device, on CUDA the `gpu:` line its hardware, and `explicit_settings: [...]` its
+    explicit_settings (the reproduction command sets them). Someone who rewrites both
     files consistently is not stopped here: the artifact, the data and the code are checked elsewhere.
     Output: the reasons they disagree (empty: they agree)."""
     s, who, reasons = run.summary, run.label, []
@@ -685,6 +684,13 @@ def check_log(run: SeedRun) -> list[str]:
     if runtime is not None and runtime != (str(s["world_size"]), s["device"]):
         reasons.append(f"{who}: its log ran {runtime[0]} process(es) on {runtime[1]}; the summary says "
                        f"{s['world_size']} on {s['device']}")
+    explicit = one(_EXPLICIT_LINE, "explicit_settings")
+    try:
+        logged = json.loads(explicit) if explicit is not None else None
+    except ValueError:
+        logged = None
+    if explicit is not None and logged != s["explicit_settings"]:
+        reasons.append(f"{who}: its log's explicit settings ({explicit[:200]}) are not the summary's explicit_settings")
     if s["device"] == "cuda":
         gpu = one(_GPU_LINE, "gpu")
         if gpu is not None and gpu[0] != s["hardware"]:
@@ -698,6 +704,17 @@ def full_validation(runs: Sequence[SeedRun]) -> bool:
 
 
 @functools.cache
+@functools.cache
+def train_gpt_module():
+    """train_gpt.py beside tools/, imported on first use (it needs torch): the run summary's keys (SUMMARY_KEYS)
+    and the settings (SETTINGS) are declared there once, and read from there."""
+    root = str(Path(__file__).resolve().parents[1])
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import train_gpt
+    return train_gpt
+
+
 def _ship_code_module():
     """tools/ship_code.py (standard library only), beside this file, however the harness was started."""
     import importlib.util
@@ -948,19 +965,13 @@ def run_prefix(run_ids: Sequence[str]) -> str:
 
 # --- the sweep: every run of one launch is submitted, crashed or audit-failed seeds included ---------
 
-def setting_names(source: str) -> set[str]:
-    """The names of train_gpt.py's settings (its SETTINGS literal), read with `ast`; empty if unreadable."""
-    defaults = settings_defaults(source) or {}
-    return {name for preset in defaults.values() for name in preset}
-
-
 def write_sweep(log_dir: str | os.PathLike, prefix: str, seeds: Sequence[str], code_path: str | os.PathLike,
                 env: dict, practice: bool) -> Path:
     """Write <log_dir>/<prefix>.sweep.json before the sweep's first seed trains: its seeds and run ids
     (<prefix>_seed<SEED>), the sha256 of the code, the settings set in `env` (less the per-run ones), and
     whether it is a practice sweep (the demo). Raises OutputExistsError if that manifest exists."""
     code = Path(code_path).read_bytes()
-    names = setting_names(code.decode("utf-8", errors="replace")) - set(LAUNCHER_SETTINGS)
+    names = set(train_gpt_module().SETTINGS) - set(LAUNCHER_SETTINGS)
     manifest = dict(prefix=prefix, seeds=list(seeds), run_ids=[f"{prefix}_seed{seed}" for seed in seeds],
                     code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
                     settings={k: env[k] for k in sorted(names) if k in env}, practice=practice,
@@ -1118,77 +1129,14 @@ def build_submission(runs: Sequence[SeedRun], stats: dict, *, kind: str, unmet: 
     }
 
 
-# --- the record's README: reproduction commands need the script's defaults, read without importing it
-
-_BINARY_OPS = {ast.Add: lambda x, y: x + y, ast.Sub: lambda x, y: x - y, ast.Mult: lambda x, y: x * y,
-               ast.Div: lambda x, y: x / y, ast.FloorDiv: lambda x, y: x // y, ast.Pow: lambda x, y: x ** y}
-
-
-def _literal(node: ast.AST, names: dict) -> object:
-    """Evaluate a literal expression: constants, +/- and arithmetic, tuples/lists/dicts (with ** spreads),
-    names bound earlier to literals; `int`/`float`/`str`/`bool` become their names. ValueError otherwise."""
-    if isinstance(node, ast.Constant):
-        return node.value
-    if isinstance(node, ast.Name):
-        if node.id in names:
-            return names[node.id]
-        if node.id in ("int", "float", "str", "bool"):
-            return node.id
-        raise ValueError(f"unknown name {node.id}")
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-        value = _literal(node.operand, names)
-        return -value if isinstance(node.op, ast.USub) else value
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        return _BINARY_OPS[type(node.op)](_literal(node.left, names), _literal(node.right, names))
-    if isinstance(node, (ast.Tuple, ast.List)):
-        return [_literal(e, names) for e in node.elts]
-    if isinstance(node, ast.Dict):                        # a None key is a **mapping spread into the dict
-        out = {}
-        for k, v in zip(node.keys, node.values):
-            out.update(_literal(v, names) if k is None else {_literal(k, names): _literal(v, names)})
-        return out
-    raise ValueError(f"not a literal: {type(node).__name__}")
-
-
-def settings_defaults(source: str) -> dict[str, dict[str, object]] | None:
-    """{preset: {setting: default}} from train_gpt.py's SETTINGS and PRESETS literals, read with `ast`
-    (importing the script would need torch). None when the source does not have that shape."""
-    try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return None
-    names: dict[str, object] = {}
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
-            target, value = node.targets[0].id, node.value
-        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.value is not None:
-            target, value = node.target.id, node.value
-        else:
-            continue
-        try:
-            names[target] = _literal(value, names)
-        except (ValueError, TypeError, ArithmeticError, RecursionError):
-            names.pop(target, None)
-    settings, presets = names.get("SETTINGS"), names.get("PRESETS")
-    if not isinstance(settings, dict) or not isinstance(presets, dict):
-        return None
-    try:
-        base = {name: spec[1] for name, spec in settings.items()}
-    except (TypeError, IndexError, KeyError):
-        return None
-    return {preset: {**base, **over} for preset, over in presets.items() if isinstance(over, dict)}
-
-
 def _env_value(value: object) -> str:
     return shlex.quote(value if isinstance(value, str) else repr(value))
 
 
-def explicit_settings(hp: dict, defaults: dict[str, dict[str, object]] | None) -> dict[str, object]:
-    """The settings a command must set to reproduce `hp`: those that differ from the preset's
-    defaults (all of them when the defaults are unknown), less the launcher's own."""
-    preset_defaults = (defaults or {}).get(hp.get("PRESET"))
-    return {k: v for k, v in sorted(hp.items()) if k not in LAUNCHER_SETTINGS
-            and (preset_defaults is None or k not in preset_defaults or preset_defaults[k] != v)}
+def explicit_settings(run: SeedRun) -> dict[str, object]:
+    """The settings a command must set to reproduce the run: those its environment set (the summary's
+    `explicit_settings`, which the run recorded), with their values, less the launcher's own."""
+    return {k: run.hp[k] for k in sorted(run.summary["explicit_settings"]) if k not in LAUNCHER_SETTINGS and k in run.hp}
 
 
 def _rebase(path: str, start: Path) -> str:
@@ -1210,7 +1158,7 @@ def _fmt(value, spec: str) -> str:
 def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: Path, code: bytes) -> str:
     """README.md of the record: technique stack, per-seed table, significance, audit, commands."""
     first, s = runs[0], runs[0].summary
-    explicit = explicit_settings(first.hp, settings_defaults(code.decode("utf-8", errors="replace")))
+    explicit = explicit_settings(first)
     nproc = s["world_size"]
     data = {k: _rebase(str(first.hp.get(k, "")), record_dir) for k in ("DATA_PATH", "TOKENIZER_PATH")}
     in_folder = dict(explicit, **data)
@@ -1709,6 +1657,55 @@ def _add_rehearsal_report_command(subparsers: argparse._SubParsersAction) -> Non
     p.set_defaults(func=_run_rehearsal_report)
 
 
+# --- README.md's settings table, generated from train_gpt.py's declarations --------------------------
+
+SETTINGS_BEGIN = "<!-- settings:begin (generated from train_gpt.py's SETTINGS; tests keep it equal) -->"
+SETTINGS_END = "<!-- settings:end -->"
+
+
+def settings_table() -> str:
+    """A markdown table of every setting: variable, type, default, rule (its range or choices, and the name of
+    any further check), meaning; one row per Setting, in declaration order."""
+    lines = ["| Variable | Type | Default | Rule | Meaning |", "|---|---|---|---|---|"]
+    for name, row in train_gpt_module().SETTINGS.items():
+        rule = "; ".join(part for part in (row.rule().removeprefix("must be "), row.check and "check: " + row.check.__name__.replace("_", " "))
+                         if part)
+        meaning = row.meaning.replace("|", "\\|")
+        lines.append(f"| `{name}` | {row.type.__name__} | `{row.default!r}` | {rule} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+def readme_with_settings(text: str) -> str:
+    """`text` (README.md) with the block between SETTINGS_BEGIN and SETTINGS_END replaced by settings_table().
+    ValueError when the markers are missing."""
+    start, end = text.find(SETTINGS_BEGIN), text.find(SETTINGS_END)
+    if start < 0 or end < start:
+        raise ValueError(f"README.md lacks the lines {SETTINGS_BEGIN!r} ... {SETTINGS_END!r}")
+    return text[:start + len(SETTINGS_BEGIN)] + "\n" + settings_table() + text[end:]
+
+
+def _run_settings_table(args: argparse.Namespace) -> int:
+    if args.write is None:
+        print(settings_table(), end="")
+        return 0
+    path = Path(args.write)
+    try:
+        path.write_text(readme_with_settings(path.read_text(encoding="utf-8")), encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        print(f"settings-table: {path}: {exc}", file=sys.stderr)
+        return 2
+    print(f"settings-table: wrote {path}'s settings table")
+    return 0
+
+
+def _add_settings_table_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register the `settings-table` subcommand (README.md's table after a setting changes)."""
+    p = subparsers.add_parser("settings-table", help="print README.md's settings table, or write it into README.md",
+                              description="The settings table generated from train_gpt.py's declarations.")
+    p.add_argument("--write", metavar="README", help="replace the table between the markers in this file")
+    p.set_defaults(func=_run_settings_table)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the top-level parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="harness.py", description=__doc__.splitlines()[0])
@@ -1718,6 +1715,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_command(subparsers)
     _add_check_command(subparsers)
     _add_rehearsal_report_command(subparsers)
+    _add_settings_table_command(subparsers)
     return parser
 
 
