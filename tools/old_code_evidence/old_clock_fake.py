@@ -1,5 +1,12 @@
-import sys
-sys.path[:0] = ["/tmp/old", "/tmp/old/tests"]
+"""The old clock (commit 6c039fc) on a fake time source only this script moves, CPU.
+
+Drives the OLD train_gpt.py, checked out at $OLD_CODE (default /tmp/old). From the repository root:
+    git worktree add /tmp/old 6c039fc        # or: mkdir /tmp/old && git archive 6c039fc | tar -x -C /tmp/old
+    python3 tools/old_code_evidence/old_clock_fake.py > logs/old_code_evidence/old_clock_fake.out
+"""
+import os, sys
+OLD = os.environ.get("OLD_CODE", "/tmp/old")
+sys.path[:0] = [OLD, os.path.join(OLD, "tests")]
 import torch, train_gpt as t
 from _helpers import tiny_hp, random_gpt, cpu_runtime
 class Fake:

@@ -1,6 +1,12 @@
-"""Each hazard/hole, shown on the code before the change (commit 6c039fc), CPU."""
-import sys, time, math
-sys.path[:0] = ["/tmp/old", "/tmp/old/tests"]
+"""Each hazard/hole, shown on the code before the change (commit 6c039fc), CPU.
+
+Drives the OLD train_gpt.py, checked out at $OLD_CODE (default /tmp/old). From the repository root:
+    git worktree add /tmp/old 6c039fc        # or: mkdir /tmp/old && git archive 6c039fc | tar -x -C /tmp/old
+    python3 tools/old_code_evidence/old_behaviour.py > logs/old_code_evidence/old_behaviour.out
+"""
+import os, sys, time, math
+OLD = os.environ.get("OLD_CODE", "/tmp/old")
+sys.path[:0] = [OLD, os.path.join(OLD, "tests")]
 import numpy as np, torch
 import train_gpt as t
 from _helpers import tiny_hp, random_gpt, cpu_runtime
