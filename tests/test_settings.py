@@ -273,18 +273,31 @@ def test_grad_accum_explicit_and_errors():
         assert name in str(err.value)
 
 
-def _readme_settings_section():
-    if not README.is_file():
-        return None
-    match = re.search(r"^## Settings\b(.*?)(?=^## |\Z)", README.read_text(encoding="utf-8"), re.M | re.S)
-    return match.group(1) if match else None
+def test_the_readme_settings_table_is_generated_from_the_declarations():
+    """README.md's table is settings_table() of the declarations, every setting one row in declaration order;
+    a declaration changed without regenerating the table (python3 tools/harness.py settings-table --write
+    README.md) fails here."""
+    from tools import harness
+    text = README.read_text(encoding="utf-8")
+    assert harness.readme_with_settings(text) == text, "stale: python3 tools/harness.py settings-table --write README.md"
+    rows = [line for line in harness.settings_table().splitlines()[2:]]
+    assert [re.match(r"\| `([A-Z0-9_]+)`", row).group(1) for row in rows] == list(train_gpt.SETTINGS)
 
 
-@pytest.mark.skipif(_readme_settings_section() is None, reason="README.md has no '## Settings' section yet")
-def test_every_setting_is_in_the_readme_table():
-    table = "\n".join(line for line in _readme_settings_section().splitlines() if line.lstrip().startswith("|"))
-    missing = [name for name in train_gpt.SETTINGS if not re.search(rf"(?<![A-Z_]){name}(?![A-Z_])", table)]
-    assert not missing, f"settings missing from README.md's settings table: {missing}"
+def test_a_changed_declaration_makes_the_readme_table_stale(monkeypatch):
+    from tools import harness
+    text = README.read_text(encoding="utf-8")
+    row = train_gpt.SETTINGS["MODEL_DIM"]
+    monkeypatch.setitem(train_gpt.SETTINGS, "MODEL_DIM", __import__("dataclasses").replace(row, meaning="residual width (changed)"))
+    assert harness.readme_with_settings(text) != text
+
+
+def test_the_readme_is_a_short_guide_with_the_two_commands_first():
+    lines = README.read_text(encoding="utf-8").splitlines()
+    assert len(lines) <= 250
+    head = "\n".join(lines[:40])
+    assert "pip install -r requirements.txt && bash run_8xh100.sh" in head and "bash .ci/run" in head
+    assert "../shared" not in "\n".join(lines) and not re.search(r"(?i)\bissue \d", "\n".join(lines))
 
 
 def test_each_declared_rule_is_kept():
