@@ -410,7 +410,7 @@ STACK1024 = {
 }
 
 PRESETS: dict[str, dict[str, object]] = {
-    # The defaults above: the April records' stack (../shared/REFERENCE.md, #1394 ... #1855) with their
+    # The defaults above: the April records' stack (records #1394 ... #1855 of openai/parameter-golf) with their
     # published 8xH100 settings as fractions of a ~4,900-step run (momentum warm-up 1,500 steps -> 0.3,
     # EMA 0.9965/step = 286 steps -> 0.058); late QAT over the last ~9%.
     "frontier": {},
