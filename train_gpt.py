@@ -518,6 +518,9 @@ def validate_settings(hp: Hyperparameters) -> None:
 # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python3 train_gpt.py` is a world of one.
 # NCCL on CUDA, gloo on CPU. A second gloo group carries the tiny per-step "stop now?" vote
 # on CUDA so the hot loop never waits on the GPU to decide when to stop.
+# The collectives the later stages call by name stand here, next to the groups they run in: votes and
+# Python objects in that control group (agree_max, on_main, gather, gather_to_main), device tensors in
+# the default group (gather_tensors).
 # -----------------------------------------------------------------------------
 
 @dataclass
@@ -566,6 +569,56 @@ def agree_max(rt: Runtime, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=rt.control_group)
     return t.tolist()
+
+
+def on_main(rt: Runtime, fn):
+    """Run fn() on rank 0 and hand its result to every rank. Whatever fn raises there is raised on every
+    rank as a PipelineError (anything but a PipelineError after its traceback is printed), so no rank is
+    left waiting in a collective for a rank 0 that has failed."""
+    box = [None, None]
+    if rt.is_main:
+        try:
+            box[0] = fn()
+        except PipelineError as e:
+            box[1] = str(e)
+        except Exception as e:
+            traceback.print_exc()
+            box[1] = f"internal error on rank 0: {type(e).__name__}: {e}"
+    if rt.distributed:
+        dist.broadcast_object_list(box, src=0, group=rt.control_group)
+    if box[1] is not None:
+        raise PipelineError(box[1])
+    return box[0]
+
+
+def gather(rt: Runtime, value) -> list:
+    """Every rank's value, in rank order, on every rank (a small Python object; all_gather_object in the
+    control group). gather_to_main hands the values to rank 0 alone; gather_tensors gathers device tensors."""
+    if not rt.distributed:
+        return [value]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, value, group=rt.control_group)
+    return out
+
+
+def gather_to_main(rt: Runtime, value) -> list:
+    """Every rank's value (a picklable object) on rank 0, in rank order; [] elsewhere (gather_object in the
+    control group): for results only rank 0 uses, which gather would copy to every rank."""
+    if not rt.distributed:
+        return [value]
+    out = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(value, out, dst=0, group=rt.control_group)
+    return out if rt.is_main else []
+
+
+def gather_tensors(rt: Runtime, t: Tensor) -> Tensor:
+    """Every rank's t (same shape on every rank), concatenated in rank order, on every rank: all_gather in
+    the default group (NCCL on CUDA), the tensors kept on their device, where gather pickles Python objects."""
+    if not rt.distributed:
+        return t
+    out = [torch.empty_like(t) for _ in range(rt.world_size)]
+    dist.all_gather(out, t)
+    return torch.cat(out)
 
 
 def artifact_path(run_id: str) -> str:
@@ -2612,15 +2665,6 @@ class DistributedQuantizer:
         return add_lqer([e for e, _ in results], hp.lqer_tensors, {e["name"]: c for e, c in results if c})
 
 
-def gather_to_main(rt: Runtime, value) -> list:
-    """Every rank's value (a picklable object) on rank 0, in rank order; [] elsewhere."""
-    if not rt.distributed:
-        return [value]
-    out = [None] * rt.world_size if rt.is_main else None
-    dist.gather_object(value, out, dst=0, group=rt.control_group)
-    return out if rt.is_main else []
-
-
 # --- entropy coding of the integer matrices -----------------------------------------------------------
 # lzma codes the integers about 2% above their entropy; an rANS coder with static tables codes them at it.
 # Each integer matrix's symbols (q + qmax) are coded under a context: its family (the tensor's name without
@@ -3179,15 +3223,6 @@ class ScoringEvidence:
         self.updates += int(local[1])
         self.scoring_changed_weights = bool(agree_max(self.rt, [float(self.weights_moved.item())])[0])
         return self.coverage
-
-
-def gather_tensors(rt: Runtime, t: Tensor) -> Tensor:
-    """Every rank's t (same shape on every rank), concatenated in rank order."""
-    if not rt.distributed:
-        return t
-    out = [torch.empty_like(t) for _ in range(rt.world_size)]
-    dist.all_gather(out, t)
-    return torch.cat(out)
 
 
 def weights_fingerprint(model: nn.Module) -> Tensor:
@@ -3864,35 +3899,6 @@ def audit_one_pass(evidence: ScoringEvidence) -> dict:
 # takes part in calibration and GPTQ, loads the written artifact back and scores it. Evaluation time
 # runs from the artifact's load to the final score, every pass in between counted.
 # -----------------------------------------------------------------------------
-
-def on_main(rt: Runtime, fn):
-    """Run fn() on rank 0 and hand its result to every rank. Whatever fn raises there is raised on every
-    rank as a PipelineError (anything but a PipelineError after its traceback is printed), so no rank is
-    left waiting in a collective for a rank 0 that has failed."""
-    box = [None, None]
-    if rt.is_main:
-        try:
-            box[0] = fn()
-        except PipelineError as e:
-            box[1] = str(e)
-        except Exception as e:
-            traceback.print_exc()
-            box[1] = f"internal error on rank 0: {type(e).__name__}: {e}"
-    if rt.distributed:
-        dist.broadcast_object_list(box, src=0, group=rt.control_group)
-    if box[1] is not None:
-        raise PipelineError(box[1])
-    return box[0]
-
-
-def gather(rt: Runtime, value) -> list:
-    """Every rank's value, in rank order (a small Python object)."""
-    if not rt.distributed:
-        return [value]
-    out = [None] * rt.world_size
-    dist.all_gather_object(out, value, group=rt.control_group)
-    return out
-
 
 class StageTimes:
     """Wall time of each stage of the run in ms (summary `stage_ms`), the device synchronised at both
