@@ -53,12 +53,27 @@ CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed mode
 CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
 EVAL_MODES = ("documents", "sliding")
+LQER_FORMATS = ("asym4", "row6")  # LQER_FACTORS: how the low-rank factors are stored (lqer_correction)
 TTT_ASSUMED_MFU = 0.08           # TTT's small steps: #1855's measured 470 s (median) for the work eval_projection counts
 EVAL_LOAD_ASSUMED_S = 5.0        # reading and decompressing the artifact on every rank (assumed, not measured)
 EVAL_COMPILE_ASSUMED_S = 30.0    # compiling the scoring graphs (assumed; the LoRA TTT path runs eagerly)
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
+
+# MUON_NS_COEFFS: the (a, b, c) of each Newton-Schulz iteration of Muon (zeropower_newton_schulz)
+NEWTON_SCHULZ_COEFFS = {
+    # modded-nanogpt's quintic: the same (a, b, c) at every iteration
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+    # Polar Express (Amsel et al. 2025, arXiv 2505.16932), as record #1787 used them: one tuple per
+    # iteration, each optimal for the singular-value range the previous ones leave; iterations past
+    # the fifth repeat the last
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
 
 
 class PipelineError(Exception):
@@ -1574,25 +1589,12 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> GPT:
 # -----------------------------------------------------------------------------
 # MUON OPTIMIZER
 # Muon (Keller Jordan, modded-nanogpt): momentum, then orthogonalise the update with a quintic
-# Newton-Schulz iteration. Every linear weight of the blocks uses it; the tied embedding and the
-# vectors/scalars use Adam. Ranks split the Newton-Schulz work: matrices of one shape are dealt out
-# in turn, and each round of world_size matrices is shared by one all_gather of the ranks' updates
-# (bf16 on CUDA), so a rank sends only the updates it computed.
+# Newton-Schulz iteration (its coefficients, NEWTON_SCHULZ_COEFFS, stand with the CONSTANTS). Every
+# linear weight of the blocks uses it; the tied embedding and the vectors/scalars use Adam. Ranks
+# split the Newton-Schulz work: matrices of one shape are dealt out in turn, and each round of
+# world_size matrices is shared by one all_gather of the ranks' updates (bf16 on CUDA), so a rank
+# sends only the updates it computed.
 # -----------------------------------------------------------------------------
-
-NEWTON_SCHULZ_COEFFS = {
-    # modded-nanogpt's quintic: the same (a, b, c) at every iteration
-    "quintic": ((3.4445, -4.7750, 2.0315),),
-    # Polar Express (Amsel et al. 2025, arXiv 2505.16932), as record #1787 used them: one tuple per
-    # iteration, each optimal for the singular-value range the previous ones leave; iterations past
-    # the fifth repeat the last
-    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
-}
-
 
 def zeropower_newton_schulz(g: Tensor, steps: int, coeffs: str = "quintic") -> Tensor:
     """Approximately orthogonalise a matrix (its singular values pushed towards 1): `steps` iterations
@@ -2132,7 +2134,6 @@ GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
 LQER_BITS = 6              # LQER_FACTORS=row6: per-row absmax integers of this many bits, fp16 scales
 LQER_GROUP = 64            # LQER_FACTORS=asym4: B's int4 scale groups (record #1855's LQER_ASYM_GROUP)
-LQER_FORMATS = ("asym4", "row6")
 FIT_MAX_SCALE = 4.0        # the budget fit coarsens k at most this much (about 2 bits per weight) per rung
 FIT_ATTEMPTS = 6           # quantize-and-pack attempts per rung of the precision ladder
 FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
