@@ -687,24 +687,6 @@ class RunLog:
             self.file.close()
 
 
-def environment_report(rt: Runtime) -> list[str]:
-    """Versions and hardware, for the head of the log."""
-    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-             f"cuda:{torch.version.cuda} platform:{platform.platform()}",
-             f"world_size:{rt.world_size} device:{rt.device.type} "
-             f"compute_dtype:{rt.autocast_dtype or torch.float32} attention:{attention_backend(rt.device, rt.autocast_dtype)}"]
-    if rt.device.type == "cuda":  # CUDA-only
-        lines.append(f"gpu:{torch.cuda.get_device_name(rt.device)} x{rt.world_size}")
-        try:
-            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
-            lines.append(smi)
-        except (OSError, subprocess.SubprocessError):
-            pass
-    else:
-        lines.append(f"cpu:{platform.processor() or platform.machine()} threads:{torch.get_num_threads()}")
-    return lines
-
-
 # -----------------------------------------------------------------------------
 # DATA LOADING
 # Shards: 256 x int32 header (magic, version, n_tokens), then n_tokens x uint16.
@@ -3921,6 +3903,24 @@ class StageTimes:
         finally:
             self.sync()
             self.ms[name] = self.ms.get(name, 0.0) + 1e3 * (time.perf_counter() - start)
+
+
+def environment_report(rt: Runtime) -> list[str]:
+    """Versions and hardware, for the head of the log."""
+    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+             f"cuda:{torch.version.cuda} platform:{platform.platform()}",
+             f"world_size:{rt.world_size} device:{rt.device.type} "
+             f"compute_dtype:{rt.autocast_dtype or torch.float32} attention:{attention_backend(rt.device, rt.autocast_dtype)}"]
+    if rt.device.type == "cuda":  # CUDA-only
+        lines.append(f"gpu:{torch.cuda.get_device_name(rt.device)} x{rt.world_size}")
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+            lines.append(smi)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    else:
+        lines.append(f"cpu:{platform.processor() or platform.machine()} threads:{torch.get_num_threads()}")
+    return lines
 
 
 def log_eval(log: RunLog, label: str, r: EvalResult) -> None:
