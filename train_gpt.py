@@ -1038,6 +1038,136 @@ def file_sha256(paths: list[str]) -> str:
 
 
 # -----------------------------------------------------------------------------
+# QUANTIZATION GRID
+# Every weight matrix gets a scheme (choose_scheme): ternary for names matching TERNARY_PATTERNS
+# ({-1, 0, +1} with an fp16 mean-|w| scale per 128 inputs); else int<b> per row with SDClip (record
+# 2026-04-05): the row's clip is k std(row), its fp16 scale k std(row) / (2^(b-1) - 1), where b and k
+# are per group (attention and other matrices, MLP matrices, embedding tables: QUANT_*). Entropy,
+# hence compressed size, then follows H(q) ~ b - log2 k + 1.05 bits per weight for near-Gaussian rows,
+# so k is the byte knob. Vectors and control tensors: fp16. One function per scheme computes the
+# stored values, used by the fake-quantized forward of late QAT (QuantLinear) and by the export.
+# It stands before the model, whose fake-quantized layers round onto it during training.
+# -----------------------------------------------------------------------------
+
+EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight")
+TERNARY_GROUP = 128        # ternary weights share one scale per 128 inputs (Bonsai; record PR #640)
+FP16_TINY = torch.finfo(torch.float16).tiny
+
+
+def quant_group(name: str) -> str:
+    """The quantizer's group of a weight: embed (embedding tables), mlp or attn (every other matrix)."""
+    if name in EMBEDDING_TABLES:
+        return "embed"
+    return "mlp" if ".mlp." in name else "attn"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bits and SDClip k (clip in row standard deviations) of each quantizer group."""
+    bits: tuple[tuple[str, int], ...]
+    sigmas: tuple[tuple[str, float], ...]
+
+    @staticmethod
+    def from_settings(hp: Hyperparameters, scale: float = 1.0) -> "QuantSpec":
+        bits = dict(embed=hp.quant_embed_bits, mlp=hp.quant_matrix_bits, attn=hp.quant_matrix_bits)
+        sigmas = dict(embed=hp.quant_clip_sigmas_embed, mlp=hp.quant_clip_sigmas_mlp, attn=hp.quant_clip_sigmas_attn)
+        return QuantSpec(tuple(bits.items()), tuple((g, k * scale) for g, k in sigmas.items()))
+
+    def bits_of(self, group: str) -> int:
+        return dict(self.bits)[group]
+
+    def sigmas_of(self, group: str) -> float:
+        return dict(self.sigmas)[group]
+
+    def coarser(self, factor: float) -> "QuantSpec":
+        return QuantSpec(self.bits, tuple((g, k * factor) for g, k in self.sigmas))
+
+    def with_bits(self, **bits: int) -> "QuantSpec":
+        return QuantSpec(tuple((g, bits.get(g, b)) for g, b in self.bits), self.sigmas)
+
+    def describe(self) -> str:
+        return " ".join(f"{g}:int{b}@k={dict(self.sigmas)[g]:.2f}" for g, b in self.bits)
+
+
+def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
+    """fp16 per-row scale k std(row) / (2^(bits-1) - 1) (population std: a 1-column row has std 0)."""
+    qmax = 2 ** (bits - 1) - 1
+    return (sigmas * w.std(dim=1, correction=0) / qmax).clamp_min(FP16_TINY).half()
+
+
+def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
+
+
+def quantize_rows(w: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
+    """SDClip round to nearest: integers q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (float32) and the fp16
+    row scale; rounding uses the fp16-rounded scale. The fake-quantized forward and the export both call
+    this, so they agree bit for bit. Any device."""
+    w = w.detach().float()
+    scale = sdclip_scale(w, bits, sigmas)
+    return round_rows(w, scale, 2 ** (bits - 1) - 1), scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_ternary(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Ternary q in {-1, 0, +1} (float32, w's shape) with one fp16 scale per TERNARY_GROUP inputs of a
+    row: scale = mean |w| of the group (BitNet b1.58 absmean), q = clamp(round(w / scale), -1, 1) with
+    the fp16-rounded scale. A last, shorter group averages over its own length."""
+    rows, cols = w.shape
+    groups = -(-cols // TERNARY_GROUP)
+    padded = F.pad(w.detach().float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
+    counts = torch.full((groups,), float(TERNARY_GROUP), device=w.device)
+    counts[-1] = cols - (groups - 1) * TERNARY_GROUP
+    scale = (padded.abs().sum(dim=2) / counts).clamp_min(FP16_TINY).half()
+    q = torch.clamp(torch.round(padded / scale.float()[..., None]), -1, 1)
+    return q.view(rows, -1)[:, :cols], scale
+
+
+def dequantize_ternary(q: Tensor, scale: Tensor) -> Tensor:
+    rows, cols = q.shape
+    groups = scale.shape[1]
+    padded = F.pad(q.float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
+    return (padded * scale.float()[..., None]).view(rows, -1)[:, :cols]
+
+
+def fake_quantize(w: Tensor, scheme: str, sigmas: float = 0.0) -> Tensor:
+    """The weights export will store for `scheme` (ternary, or int<b>_row with SDClip k = sigmas), as a
+    tensor whose gradient flows straight through to w.
+    Exactly the dequantized values: deq + (w - w) adds an exact zero."""
+    with torch.no_grad():
+        if scheme == "ternary":
+            deq = dequantize_ternary(*quantize_ternary(w))
+        else:
+            deq = dequantize_rows(*quantize_rows(w, int(scheme[3]), sigmas))
+    return deq.to(w.dtype) + (w - w.detach())
+
+
+def ternary_patterns(hp: Hyperparameters) -> tuple[str, ...]:
+    return tuple(p.strip() for p in hp.ternary_patterns.split(",") if p.strip())
+
+
+def choose_scheme(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...] = ()) -> str:
+    """Weight matrices: ternary when the name contains a TERNARY_PATTERNS fragment (never the embedding
+    tables), else int<bits of its quant_group>_row. Vectors and control tensors: fp16."""
+    if t.ndim == 2 and name.endswith(".weight"):
+        if name not in EMBEDDING_TABLES and any(fragment in name for fragment in ternary):
+            return "ternary"
+        return f"int{spec.bits_of(quant_group(name))}_row"
+    return "fp16"
+
+
+def weight_group(name: str) -> str:
+    """The report's grouping of tensors: tok_emb, bigram, attn, mlp, other."""
+    for group, fragment in (("tok_emb", "tok_emb."), ("bigram", "bigram."), ("attn", ".attn."), ("mlp", ".mlp.")):
+        if fragment in name:
+            return group
+    return "other"
+
+
+# -----------------------------------------------------------------------------
 # MODULES
 # One attention entry point: flash-attn (FA3's flash_attn_interface, else FA2's flash_attn) on
 # CUDA when importable, PyTorch SDPA otherwise. Both take q, k, v as (batch, seq, heads, dim)
@@ -1159,6 +1289,24 @@ class QuantEmbedding(FakeQuantWeight, nn.Embedding):
 
     def forward(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.train_weight())
+
+
+def set_qat(model: nn.Module, spec: QuantSpec | None, ternary: tuple[str, ...], only_ternary: bool = False) -> int:
+    """Point every QuantLinear/QuantEmbedding at the scheme (and SDClip k) export will give its weight
+    (spec None: all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
+    on = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, FakeQuantWeight):
+            continue
+        if spec is None:
+            module.qat_scheme = None
+            continue
+        weight = f"{name}.weight"
+        scheme = choose_scheme(weight, module.weight, spec, ternary)
+        if scheme.startswith("ternary") or not only_ternary:
+            module.qat_scheme, module.qat_sigmas = scheme, spec.sigmas_of(quant_group(weight))
+        on += module.qat_scheme is not None
+    return on
 
 
 class RMSNorm(nn.Module):
@@ -2084,13 +2232,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND PACKING
-# Every weight matrix gets a scheme (choose_scheme): ternary for names matching TERNARY_PATTERNS
-# ({-1, 0, +1} with an fp16 mean-|w| scale per 128 inputs); else int<b> per row with SDClip (record
-# 2026-04-05): the row's clip is k std(row), its fp16 scale k std(row) / (2^(b-1) - 1), where b and k
-# are per group (attention and other matrices, MLP matrices, embedding tables: QUANT_*). Entropy,
-# hence compressed size, then follows H(q) ~ b - log2 k + 1.05 bits per weight for near-Gaussian rows,
-# so k is the byte knob. Vectors and control tensors: fp16. One function per scheme computes the
-# stored values, used by the fake-quantized forward of late QAT (QuantLinear) and by the export.
+# The export rounds every weight onto the grid of its scheme (QUANTIZATION GRID, above the model).
 # With calibration Hessians, GPTQ rounds every integer matrix on its SDClip grid, the tied embedding
 # with the Hessian of the head's input; LQER then adds a low-rank correction of the quantization error
 # to the LQER_TENSORS tensors it helps most. GPTQ runs on the accelerator, the matrices dealt out to
@@ -2109,9 +2251,6 @@ ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_H
                  "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N", "ATTN_GATE", "ATTN_GATE_DIMS", "BIGRAM_VOCAB",
                  "BIGRAM_DIM", "SMEAR_GATE", "SMEAR_GATE_DIMS", "LN_SCALE", "RECUR_LAYERS", "RECUR_PASSES",
                  "PARALLEL_LAST_N", "PARALLEL_LANES")
-EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight")
-TERNARY_GROUP = 128        # ternary weights share one scale per 128 inputs (Bonsai; record PR #640)
-FP16_TINY = torch.finfo(torch.float16).tiny
 GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal is added to the diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
 LQER_BITS = 6              # LQER_FACTORS=row6: per-row absmax integers of this many bits, fp16 scales
@@ -2122,119 +2261,6 @@ FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
 FIT_SLACK_BYTES = 100_000  # ... and is content anywhere within this of it (the records sat 7-60 kB under)
 
 
-def quant_group(name: str) -> str:
-    """The quantizer's group of a weight: embed (embedding tables), mlp or attn (every other matrix)."""
-    if name in EMBEDDING_TABLES:
-        return "embed"
-    return "mlp" if ".mlp." in name else "attn"
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """Bits and SDClip k (clip in row standard deviations) of each quantizer group."""
-    bits: tuple[tuple[str, int], ...]
-    sigmas: tuple[tuple[str, float], ...]
-
-    @staticmethod
-    def from_settings(hp: Hyperparameters, scale: float = 1.0) -> "QuantSpec":
-        bits = dict(embed=hp.quant_embed_bits, mlp=hp.quant_matrix_bits, attn=hp.quant_matrix_bits)
-        sigmas = dict(embed=hp.quant_clip_sigmas_embed, mlp=hp.quant_clip_sigmas_mlp, attn=hp.quant_clip_sigmas_attn)
-        return QuantSpec(tuple(bits.items()), tuple((g, k * scale) for g, k in sigmas.items()))
-
-    def bits_of(self, group: str) -> int:
-        return dict(self.bits)[group]
-
-    def sigmas_of(self, group: str) -> float:
-        return dict(self.sigmas)[group]
-
-    def coarser(self, factor: float) -> "QuantSpec":
-        return QuantSpec(self.bits, tuple((g, k * factor) for g, k in self.sigmas))
-
-    def with_bits(self, **bits: int) -> "QuantSpec":
-        return QuantSpec(tuple((g, bits.get(g, b)) for g, b in self.bits), self.sigmas)
-
-    def describe(self) -> str:
-        return " ".join(f"{g}:int{b}@k={dict(self.sigmas)[g]:.2f}" for g, b in self.bits)
-
-
-def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
-    """fp16 per-row scale k std(row) / (2^(bits-1) - 1) (population std: a 1-column row has std 0)."""
-    qmax = 2 ** (bits - 1) - 1
-    return (sigmas * w.std(dim=1, correction=0) / qmax).clamp_min(FP16_TINY).half()
-
-
-def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    return torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
-
-
-def quantize_rows(w: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
-    """SDClip round to nearest: integers q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (float32) and the fp16
-    row scale; rounding uses the fp16-rounded scale. The fake-quantized forward and the export both call
-    this, so they agree bit for bit. Any device."""
-    w = w.detach().float()
-    scale = sdclip_scale(w, bits, sigmas)
-    return round_rows(w, scale, 2 ** (bits - 1) - 1), scale
-
-
-def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
-
-
-def quantize_ternary(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Ternary q in {-1, 0, +1} (float32, w's shape) with one fp16 scale per TERNARY_GROUP inputs of a
-    row: scale = mean |w| of the group (BitNet b1.58 absmean), q = clamp(round(w / scale), -1, 1) with
-    the fp16-rounded scale. A last, shorter group averages over its own length."""
-    rows, cols = w.shape
-    groups = -(-cols // TERNARY_GROUP)
-    padded = F.pad(w.detach().float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
-    counts = torch.full((groups,), float(TERNARY_GROUP), device=w.device)
-    counts[-1] = cols - (groups - 1) * TERNARY_GROUP
-    scale = (padded.abs().sum(dim=2) / counts).clamp_min(FP16_TINY).half()
-    q = torch.clamp(torch.round(padded / scale.float()[..., None]), -1, 1)
-    return q.view(rows, -1)[:, :cols], scale
-
-
-def dequantize_ternary(q: Tensor, scale: Tensor) -> Tensor:
-    rows, cols = q.shape
-    groups = scale.shape[1]
-    padded = F.pad(q.float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
-    return (padded * scale.float()[..., None]).view(rows, -1)[:, :cols]
-
-
-def fake_quantize(w: Tensor, scheme: str, sigmas: float = 0.0) -> Tensor:
-    """The weights export will store for `scheme` (ternary, or int<b>_row with SDClip k = sigmas), as a
-    tensor whose gradient flows straight through to w.
-    Exactly the dequantized values: deq + (w - w) adds an exact zero."""
-    with torch.no_grad():
-        if scheme == "ternary":
-            deq = dequantize_ternary(*quantize_ternary(w))
-        else:
-            deq = dequantize_rows(*quantize_rows(w, int(scheme[3]), sigmas))
-    return deq.to(w.dtype) + (w - w.detach())
-
-
-def ternary_patterns(hp: Hyperparameters) -> tuple[str, ...]:
-    return tuple(p.strip() for p in hp.ternary_patterns.split(",") if p.strip())
-
-
-def choose_scheme(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...] = ()) -> str:
-    """Weight matrices: ternary when the name contains a TERNARY_PATTERNS fragment (never the embedding
-    tables), else int<bits of its quant_group>_row. Vectors and control tensors: fp16."""
-    if t.ndim == 2 and name.endswith(".weight"):
-        if name not in EMBEDDING_TABLES and any(fragment in name for fragment in ternary):
-            return "ternary"
-        return f"int{spec.bits_of(quant_group(name))}_row"
-    return "fp16"
-
-
-def weight_group(name: str) -> str:
-    """The report's grouping of tensors: tok_emb, bigram, attn, mlp, other."""
-    for group, fragment in (("tok_emb", "tok_emb."), ("bigram", "bigram."), ("attn", ".attn."), ("mlp", ".mlp.")):
-        if fragment in name:
-            return group
-    return "other"
-
-
 def precision_ladder(spec: QuantSpec) -> list[QuantSpec]:
     """Last resort of the budget fit, rung by rung: as set, then the MLP matrices one bit lower, then every
     matrix one bit lower (never below 5 bits)."""
@@ -2242,24 +2268,6 @@ def precision_ladder(spec: QuantSpec) -> list[QuantSpec]:
     low = max(5, matrix - 1)
     ladder = [spec, spec.with_bits(mlp=low), spec.with_bits(mlp=low, attn=max(5, spec.bits_of("attn") - 1))]
     return [r for i, r in enumerate(ladder) if r not in ladder[:i]]
-
-
-def set_qat(model: nn.Module, spec: QuantSpec | None, ternary: tuple[str, ...], only_ternary: bool = False) -> int:
-    """Point every QuantLinear/QuantEmbedding at the scheme (and SDClip k) export will give its weight
-    (spec None: all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
-    on = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, FakeQuantWeight):
-            continue
-        if spec is None:
-            module.qat_scheme = None
-            continue
-        weight = f"{name}.weight"
-        scheme = choose_scheme(weight, module.weight, spec, ternary)
-        if scheme.startswith("ternary") or not only_ternary:
-            module.qat_scheme, module.qat_sigmas = scheme, spec.sigmas_of(quant_group(weight))
-        on += module.qat_scheme is not None
-    return on
 
 
 # --- calibration: Hessians of every quantized matrix's input ----------------------------------------
