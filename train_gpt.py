@@ -577,6 +577,12 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
     return Runtime(rank, world_size, local_rank, device, distributed, control_group, autocast_dtype)
 
 
+def autocast(rt: Runtime):
+    if rt.autocast_dtype is None:
+        return torch.autocast(rt.device.type, enabled=False)
+    return torch.autocast(rt.device.type, dtype=rt.autocast_dtype)
+
+
 def agree_max(rt: Runtime, values: list[float]) -> list[float]:
     """Element-wise maximum over ranks (a float64 CPU tensor in the gloo group: no GPU sync)."""
     if not rt.distributed:
@@ -1885,12 +1891,6 @@ def grad_accum_steps(hp: Hyperparameters, world_size: int) -> int:
     return accum
 
 
-def autocast(rt: Runtime):
-    if rt.autocast_dtype is None:
-        return torch.autocast(rt.device.type, enabled=False)
-    return torch.autocast(rt.device.type, dtype=rt.autocast_dtype)
-
-
 @dataclass
 class TrainResult:
     steps: int
@@ -3134,6 +3134,12 @@ def scoring_windows(mode: str, tokens: np.ndarray, window: int, stride: int, lo:
     return sliding_windows(tokens.size, window, stride, lo, hi)
 
 
+def eval_geometry(hp: Hyperparameters) -> tuple[int, int]:
+    """(window, stride) of the final evaluation."""
+    window = hp.eval_seq_len or hp.train_seq_len
+    return window, hp.eval_stride or window
+
+
 def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, n_tokens: int, window: int, stride: int,
                     mode: str = "sliding") -> int:
     """Windows per forward on each rank when scoring a stream of n_tokens: VAL_BATCH_SIZE tokens over all
@@ -3465,6 +3471,20 @@ class LoRATestTimeTrainer:
             loss.backward()
             trainer.step()
         self.model.eval()
+
+
+def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int) -> int:
+    """Tokens LoRATestTimeTrainer runs forward and backward through for documents of these lengths (inputs per
+    document): longest first, TTT_LORA_DOCS at a time, each chunk step over the documents not yet finished, rows as
+    long as the longest window among them needs, rounded up to 64 (per rank; world size does not change it)."""
+    lengths, total, C = np.sort(lengths)[::-1], 0, min(hp.ttt_lora_chunk, window)
+    for i in range(0, lengths.size, hp.ttt_lora_docs):
+        batch = lengths[i:i + hp.ttt_lora_docs]
+        for c in range(-(-int(batch[0]) // C)):
+            active = batch[batch > c * C]
+            need = int(min(window, int(np.minimum((c + 1) * C, active).max())))
+            total += active.size * min(window, -(-need // 64) * 64)
+    return total
 
 
 @torch.no_grad()
@@ -4046,20 +4066,6 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
                 roundtrip_probe_nll_per_rank=[e["probe_nll"] for e in per_rank])
 
 
-def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int) -> int:
-    """Tokens LoRATestTimeTrainer runs forward and backward through for documents of these lengths (inputs per
-    document): longest first, TTT_LORA_DOCS at a time, each chunk step over the documents not yet finished, rows as
-    long as the longest window among them needs, rounded up to 64 (per rank; world size does not change it)."""
-    lengths, total, C = np.sort(lengths)[::-1], 0, min(hp.ttt_lora_chunk, window)
-    for i in range(0, lengths.size, hp.ttt_lora_docs):
-        batch = lengths[i:i + hp.ttt_lora_docs]
-        for c in range(-(-int(batch[0]) // C)):
-            active = batch[batch > c * C]
-            need = int(min(window, int(np.minimum((c + 1) * C, active).max())))
-            total += active.size * min(window, -(-need // 64) * 64)
-    return total
-
-
 def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, window: int, stride: int
                     ) -> dict[str, float]:
     """Projected 8xH100 seconds of each part of the evaluation of the full split (split_tokens), from this stream's
@@ -4211,12 +4217,6 @@ def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream,
         "Hessians, " + (f"ended at {end_ms:.0f}ms of the training clock (training-data deadline "
                         f"{training_deadline_ms(hp):.0f}ms)" if reads_data else "no training data read"))
     return hessians, end_ms
-
-
-def eval_geometry(hp: Hyperparameters) -> tuple[int, int]:
-    """(window, stride) of the final evaluation."""
-    window = hp.eval_seq_len or hp.train_seq_len
-    return window, hp.eval_stride or window
 
 
 def saved_artifact_keys(hp: Hyperparameters) -> dict:
