@@ -818,7 +818,7 @@ def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> 
 # -----------------------------------------------------------------------------
 # EVALUATION SETUP: exact val_bpb
 # bytes(target) = base_bytes[y] + (has_leading_space[y] and not is_boundary[x]), x the previous
-# token; val_bpb = sum NLL / (ln 2 * sum bytes). Tables follow ../shared/RULES.md exactly.
+# token; val_bpb = sum NLL / (ln 2 * sum bytes). Tables follow the challenge's rules exactly.
 # -----------------------------------------------------------------------------
 
 def open_tokenizer(tokenizer_path: str):
@@ -2499,8 +2499,8 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTra
 
 # -----------------------------------------------------------------------------
 # SELF-AUDIT (EVAL_AUDIT=1)
-# Checks, on the weights being scored, the four rules of ../shared/RULES.md "What evaluation
-# may do": C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 and C2 run the
+# Checks, on the weights being scored, the four rules of "What evaluation may do" in the
+# challenge's rules: C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 and C2 run the
 # evaluator's own forward (same batch shape) on several windows of the schedule, the first, a middle
 # one and the last, every position of each (the scored tail included); C3 and C4 read the
 # ScoringEvidence the evaluator recorded from the data it used.
