@@ -1,11 +1,12 @@
 """Parameter Golf entry: train a GPT in 600 s on 8xH100, pack it under 16,000,000 bytes, score val_bpb.
 
 Run:  torchrun --standalone --nproc_per_node=8 train_gpt.py      (or: python3 train_gpt.py)
-Every knob is an environment variable (SETTINGS below; README.md has the table).
+Every knob is an environment variable, declared once as a field of Hyperparameters (README.md has the table).
 
-The file reads as the pipeline, top to bottom:
-  settings -> distributed setup -> data -> val_bpb tables -> model -> optimizer -> training loop
-  -> quantization and packing -> round-trip load on every rank -> evaluation -> report.
+The file reads top to bottom, each section using what stands above it (tests/test_layout.py):
+  settings -> distributed setup -> data -> val_bpb tables -> quantization grid -> model -> optimizer
+  -> evaluation and its self-audit -> training loop -> quantization and packing -> the pipeline
+  (train, export, round-trip load on every rank, audit, score, report).
 The same code runs on CPU (gloo, PyTorch SDPA, fp32) and CUDA (NCCL, flash-attn when importable,
 bf16 autocast, torch.compile); the few CUDA-only lines say so.
 """
@@ -56,12 +57,27 @@ CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed mode
 CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
 EVAL_MODES = ("documents", "sliding")
+LQER_FORMATS = ("asym4", "row6")  # LQER_FACTORS: how the low-rank factors are stored (lqer_correction)
 TTT_ASSUMED_MFU = 0.08           # TTT's small steps: #1855's measured 470 s (median) for the work eval_projection counts
 EVAL_LOAD_ASSUMED_S = 5.0        # reading and decompressing the artifact on every rank (assumed, not measured)
 EVAL_COMPILE_ASSUMED_S = 30.0    # compiling the scoring graphs (assumed; the LoRA TTT path runs eagerly)
 ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
+
+# MUON_NS_COEFFS: the (a, b, c) of each Newton-Schulz iteration of Muon (zeropower_newton_schulz)
+NEWTON_SCHULZ_COEFFS = {
+    # modded-nanogpt's quintic: the same (a, b, c) at every iteration
+    "quintic": ((3.4445, -4.7750, 2.0315),),
+    # Polar Express (Amsel et al. 2025, arXiv 2505.16932), as record #1787 used them: one tuple per
+    # iteration, each optimal for the singular-value range the previous ones leave; iterations past
+    # the fifth repeat the last
+    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
+}
 
 
 class PipelineError(Exception):
@@ -338,7 +354,7 @@ class Hyperparameters:
     muon_momentum_warmup_start: float = setting(0.92, "Muon momentum at the start of training")
     muon_momentum_warmup_frac: float = setting(0.3, "fraction of the run over which Muon momentum warms up", at_least=0.0, at_most=1.0)
     muon_row_norm: int = setting(1, "1 = normalize each gradient row before Newton-Schulz", choices=(0, 1))
-    muon_ns_coeffs: str = setting("polar", "Newton-Schulz coefficients: polar (Polar Express, one tuple per iteration) or quintic (3.4445, -4.7750, 2.0315)", choices=("polar", "quintic"))
+    muon_ns_coeffs: str = setting("polar", "Newton-Schulz coefficients: polar (Polar Express, one tuple per iteration) or quintic (3.4445, -4.7750, 2.0315)", choices=tuple(NEWTON_SCHULZ_COEFFS))
     muon_wd: float = setting(0.095, "Muon decoupled weight decay (p -= lr * wd * p)", at_least=0)
     embed_wd: float = setting(0.085, "AdamW decoupled weight decay of the embedding tables")
     adam_wd: float = setting(0.02, "AdamW decoupled weight decay of the vectors and scalars", at_least=0)
@@ -366,7 +382,7 @@ class Hyperparameters:
     quant_clip_sigmas_embed: float = setting(14.0, "SDClip k of the embedding tables", above=0.0)
     lqer_tensors: int = setting(3, "LQER: a low-rank correction of the quantization error for this many tensors (largest error first); 0 = off", at_least=0)
     lqer_rank: int = setting(4, "rank of each LQER correction", at_least=1)
-    lqer_factors: str = setting("asym4", "LQER factor storage: asym4 = A = U S as int2 in [-2, 1] with one scale, B = V^T as int4 in [-8, 7] in groups of 64 (record #1855); row6 = balanced U sqrt(S), sqrt(S) V^T as 6-bit absmax per row", choices=("asym4", "row6"))
+    lqer_factors: str = setting("asym4", "LQER factor storage: asym4 = A = U S as int2 in [-2, 1] with one scale, B = V^T as int4 in [-8, 7] in groups of 64 (record #1855); row6 = balanced U sqrt(S), sqrt(S) V^T as 6-bit absmax per row", choices=LQER_FORMATS)
     ternary_patterns: str = setting("", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none", check=name_fragments)
     ternary_from_step: int = setting(-1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on", at_least=-1)
     late_qat_threshold: float = setting(0.2, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off", at_least=0.0, at_most=1.0)
@@ -545,6 +561,9 @@ def validate_settings(hp: Hyperparameters) -> None:
 # torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; plain `python3 train_gpt.py` is a world of one.
 # NCCL on CUDA, gloo on CPU. A second gloo group carries the tiny per-step "stop now?" vote
 # on CUDA so the hot loop never waits on the GPU to decide when to stop.
+# The collectives the later stages call by name stand here, next to the groups they run in: votes and
+# Python objects in that control group (agree_max, on_main, gather, gather_to_main), device tensors in
+# the default group (gather_tensors).
 # -----------------------------------------------------------------------------
 
 @dataclass
@@ -586,6 +605,12 @@ def init_runtime(hp: Hyperparameters) -> Runtime:
     return Runtime(rank, world_size, local_rank, device, distributed, control_group, autocast_dtype)
 
 
+def autocast(rt: Runtime):
+    if rt.autocast_dtype is None:
+        return torch.autocast(rt.device.type, enabled=False)
+    return torch.autocast(rt.device.type, dtype=rt.autocast_dtype)
+
+
 def agree_max(rt: Runtime, values: list[float]) -> list[float]:
     """Element-wise maximum over ranks (a float64 CPU tensor in the gloo group: no GPU sync)."""
     if not rt.distributed:
@@ -593,6 +618,56 @@ def agree_max(rt: Runtime, values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=rt.control_group)
     return t.tolist()
+
+
+def on_main(rt: Runtime, fn):
+    """Run fn() on rank 0 and hand its result to every rank. Whatever fn raises there is raised on every
+    rank as a PipelineError (anything but a PipelineError after its traceback is printed), so no rank is
+    left waiting in a collective for a rank 0 that has failed."""
+    box = [None, None]
+    if rt.is_main:
+        try:
+            box[0] = fn()
+        except PipelineError as e:
+            box[1] = str(e)
+        except Exception as e:
+            traceback.print_exc()
+            box[1] = f"internal error on rank 0: {type(e).__name__}: {e}"
+    if rt.distributed:
+        dist.broadcast_object_list(box, src=0, group=rt.control_group)
+    if box[1] is not None:
+        raise PipelineError(box[1])
+    return box[0]
+
+
+def gather(rt: Runtime, value) -> list:
+    """Every rank's value, in rank order, on every rank (a small Python object; all_gather_object in the
+    control group). gather_to_main hands the values to rank 0 alone; gather_tensors gathers device tensors."""
+    if not rt.distributed:
+        return [value]
+    out = [None] * rt.world_size
+    dist.all_gather_object(out, value, group=rt.control_group)
+    return out
+
+
+def gather_to_main(rt: Runtime, value) -> list:
+    """Every rank's value (a picklable object) on rank 0, in rank order; [] elsewhere (gather_object in the
+    control group): for results only rank 0 uses, which gather would copy to every rank."""
+    if not rt.distributed:
+        return [value]
+    out = [None] * rt.world_size if rt.is_main else None
+    dist.gather_object(value, out, dst=0, group=rt.control_group)
+    return out if rt.is_main else []
+
+
+def gather_tensors(rt: Runtime, t: Tensor) -> Tensor:
+    """Every rank's t (same shape on every rank), concatenated in rank order, on every rank: all_gather in
+    the default group (NCCL on CUDA), the tensors kept on their device, where gather pickles Python objects."""
+    if not rt.distributed:
+        return t
+    out = [torch.empty_like(t) for _ in range(rt.world_size)]
+    dist.all_gather(out, t)
+    return torch.cat(out)
 
 
 def artifact_path(run_id: str) -> str:
@@ -644,24 +719,6 @@ class RunLog:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
-
-
-def environment_report(rt: Runtime) -> list[str]:
-    """Versions and hardware, for the head of the log."""
-    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
-             f"cuda:{torch.version.cuda} platform:{platform.platform()}",
-             f"world_size:{rt.world_size} device:{rt.device.type} "
-             f"compute_dtype:{rt.autocast_dtype or torch.float32} attention:{attention_backend(rt.device, rt.autocast_dtype)}"]
-    if rt.device.type == "cuda":  # CUDA-only
-        lines.append(f"gpu:{torch.cuda.get_device_name(rt.device)} x{rt.world_size}")
-        try:
-            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
-            lines.append(smi)
-        except (OSError, subprocess.SubprocessError):
-            pass
-    else:
-        lines.append(f"cpu:{platform.processor() or platform.machine()} threads:{torch.get_num_threads()}")
-    return lines
 
 
 # -----------------------------------------------------------------------------
@@ -788,7 +845,7 @@ def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> 
 # -----------------------------------------------------------------------------
 # EVALUATION SETUP: exact val_bpb
 # bytes(target) = base_bytes[y] + (has_leading_space[y] and not is_boundary[x]), x the previous
-# token; val_bpb = sum NLL / (ln 2 * sum bytes). Tables follow ../shared/RULES.md exactly.
+# token; val_bpb = sum NLL / (ln 2 * sum bytes). Tables follow the challenge's rules exactly.
 # -----------------------------------------------------------------------------
 
 def open_tokenizer(tokenizer_path: str):
@@ -1026,6 +1083,136 @@ class DataFingerprint:
 
 
 # -----------------------------------------------------------------------------
+# QUANTIZATION GRID
+# Every weight matrix gets a scheme (choose_scheme): ternary for names matching TERNARY_PATTERNS
+# ({-1, 0, +1} with an fp16 mean-|w| scale per 128 inputs); else int<b> per row with SDClip (record
+# 2026-04-05): the row's clip is k std(row), its fp16 scale k std(row) / (2^(b-1) - 1), where b and k
+# are per group (attention and other matrices, MLP matrices, embedding tables: QUANT_*). Entropy,
+# hence compressed size, then follows H(q) ~ b - log2 k + 1.05 bits per weight for near-Gaussian rows,
+# so k is the byte knob. Vectors and control tensors: fp16. One function per scheme computes the
+# stored values, used by the fake-quantized forward of late QAT (QuantLinear) and by the export.
+# It stands before the model, whose fake-quantized layers round onto it during training.
+# -----------------------------------------------------------------------------
+
+EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight")
+TERNARY_GROUP = 128        # ternary weights share one scale per 128 inputs (Bonsai; record PR #640)
+FP16_TINY = torch.finfo(torch.float16).tiny
+
+
+def quant_group(name: str) -> str:
+    """The quantizer's group of a weight: embed (embedding tables), mlp or attn (every other matrix)."""
+    if name in EMBEDDING_TABLES:
+        return "embed"
+    return "mlp" if ".mlp." in name else "attn"
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """Bits and SDClip k (clip in row standard deviations) of each quantizer group."""
+    bits: tuple[tuple[str, int], ...]
+    sigmas: tuple[tuple[str, float], ...]
+
+    @staticmethod
+    def from_settings(hp: Hyperparameters, scale: float = 1.0) -> "QuantSpec":
+        bits = dict(embed=hp.quant_embed_bits, mlp=hp.quant_matrix_bits, attn=hp.quant_matrix_bits)
+        sigmas = dict(embed=hp.quant_clip_sigmas_embed, mlp=hp.quant_clip_sigmas_mlp, attn=hp.quant_clip_sigmas_attn)
+        return QuantSpec(tuple(bits.items()), tuple((g, k * scale) for g, k in sigmas.items()))
+
+    def bits_of(self, group: str) -> int:
+        return dict(self.bits)[group]
+
+    def sigmas_of(self, group: str) -> float:
+        return dict(self.sigmas)[group]
+
+    def coarser(self, factor: float) -> "QuantSpec":
+        return QuantSpec(self.bits, tuple((g, k * factor) for g, k in self.sigmas))
+
+    def with_bits(self, **bits: int) -> "QuantSpec":
+        return QuantSpec(tuple((g, bits.get(g, b)) for g, b in self.bits), self.sigmas)
+
+    def describe(self) -> str:
+        return " ".join(f"{g}:int{b}@k={dict(self.sigmas)[g]:.2f}" for g, b in self.bits)
+
+
+def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
+    """fp16 per-row scale k std(row) / (2^(bits-1) - 1) (population std: a 1-column row has std 0)."""
+    qmax = 2 ** (bits - 1) - 1
+    return (sigmas * w.std(dim=1, correction=0) / qmax).clamp_min(FP16_TINY).half()
+
+
+def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
+    return torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
+
+
+def quantize_rows(w: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
+    """SDClip round to nearest: integers q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (float32) and the fp16
+    row scale; rounding uses the fp16-rounded scale. The fake-quantized forward and the export both call
+    this, so they agree bit for bit. Any device."""
+    w = w.detach().float()
+    scale = sdclip_scale(w, bits, sigmas)
+    return round_rows(w, scale, 2 ** (bits - 1) - 1), scale
+
+
+def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None]
+
+
+def quantize_ternary(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Ternary q in {-1, 0, +1} (float32, w's shape) with one fp16 scale per TERNARY_GROUP inputs of a
+    row: scale = mean |w| of the group (BitNet b1.58 absmean), q = clamp(round(w / scale), -1, 1) with
+    the fp16-rounded scale. A last, shorter group averages over its own length."""
+    rows, cols = w.shape
+    groups = -(-cols // TERNARY_GROUP)
+    padded = F.pad(w.detach().float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
+    counts = torch.full((groups,), float(TERNARY_GROUP), device=w.device)
+    counts[-1] = cols - (groups - 1) * TERNARY_GROUP
+    scale = (padded.abs().sum(dim=2) / counts).clamp_min(FP16_TINY).half()
+    q = torch.clamp(torch.round(padded / scale.float()[..., None]), -1, 1)
+    return q.view(rows, -1)[:, :cols], scale
+
+
+def dequantize_ternary(q: Tensor, scale: Tensor) -> Tensor:
+    rows, cols = q.shape
+    groups = scale.shape[1]
+    padded = F.pad(q.float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
+    return (padded * scale.float()[..., None]).view(rows, -1)[:, :cols]
+
+
+def fake_quantize(w: Tensor, scheme: str, sigmas: float = 0.0) -> Tensor:
+    """The weights export will store for `scheme` (ternary, or int<b>_row with SDClip k = sigmas), as a
+    tensor whose gradient flows straight through to w.
+    Exactly the dequantized values: deq + (w - w) adds an exact zero."""
+    with torch.no_grad():
+        if scheme == "ternary":
+            deq = dequantize_ternary(*quantize_ternary(w))
+        else:
+            deq = dequantize_rows(*quantize_rows(w, int(scheme[3]), sigmas))
+    return deq.to(w.dtype) + (w - w.detach())
+
+
+def ternary_patterns(hp: Hyperparameters) -> tuple[str, ...]:
+    return tuple(p.strip() for p in hp.ternary_patterns.split(",") if p.strip())
+
+
+def choose_scheme(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...] = ()) -> str:
+    """Weight matrices: ternary when the name contains a TERNARY_PATTERNS fragment (never the embedding
+    tables), else int<bits of its quant_group>_row. Vectors and control tensors: fp16."""
+    if t.ndim == 2 and name.endswith(".weight"):
+        if name not in EMBEDDING_TABLES and any(fragment in name for fragment in ternary):
+            return "ternary"
+        return f"int{spec.bits_of(quant_group(name))}_row"
+    return "fp16"
+
+
+def weight_group(name: str) -> str:
+    """The report's grouping of tensors: tok_emb, bigram, attn, mlp, other."""
+    for group, fragment in (("tok_emb", "tok_emb."), ("bigram", "bigram."), ("attn", ".attn."), ("mlp", ".mlp.")):
+        if fragment in name:
+            return group
+    return "other"
+
+
+# -----------------------------------------------------------------------------
 # MODULES
 # One attention entry point: flash-attn (FA3's flash_attn_interface, else FA2's flash_attn) on
 # CUDA when importable, PyTorch SDPA otherwise. Both take q, k, v as (batch, seq, heads, dim)
@@ -1147,6 +1334,24 @@ class QuantEmbedding(FakeQuantWeight, nn.Embedding):
 
     def forward(self, ids: Tensor) -> Tensor:
         return F.embedding(ids, self.train_weight())
+
+
+def set_qat(model: nn.Module, spec: QuantSpec | None, ternary: tuple[str, ...], only_ternary: bool = False) -> int:
+    """Point every QuantLinear/QuantEmbedding at the scheme (and SDClip k) export will give its weight
+    (spec None: all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
+    on = 0
+    for name, module in model.named_modules():
+        if not isinstance(module, FakeQuantWeight):
+            continue
+        if spec is None:
+            module.qat_scheme = None
+            continue
+        weight = f"{name}.weight"
+        scheme = choose_scheme(weight, module.weight, spec, ternary)
+        if scheme.startswith("ternary") or not only_ternary:
+            module.qat_scheme, module.qat_sigmas = scheme, spec.sigmas_of(quant_group(weight))
+        on += module.qat_scheme is not None
+    return on
 
 
 class RMSNorm(nn.Module):
@@ -1552,25 +1757,12 @@ def build_model(hp: Hyperparameters, rt: Runtime) -> GPT:
 # -----------------------------------------------------------------------------
 # MUON OPTIMIZER
 # Muon (Keller Jordan, modded-nanogpt): momentum, then orthogonalise the update with a quintic
-# Newton-Schulz iteration. Every linear weight of the blocks uses it; the tied embedding and the
-# vectors/scalars use Adam. Ranks split the Newton-Schulz work: matrices of one shape are dealt out
-# in turn, and each round of world_size matrices is shared by one all_gather of the ranks' updates
-# (bf16 on CUDA), so a rank sends only the updates it computed.
+# Newton-Schulz iteration (its coefficients, NEWTON_SCHULZ_COEFFS, stand with the CONSTANTS). Every
+# linear weight of the blocks uses it; the tied embedding and the vectors/scalars use Adam. Ranks
+# split the Newton-Schulz work: matrices of one shape are dealt out in turn, and each round of
+# world_size matrices is shared by one all_gather of the ranks' updates (bf16 on CUDA), so a rank
+# sends only the updates it computed.
 # -----------------------------------------------------------------------------
-
-NEWTON_SCHULZ_COEFFS = {
-    # modded-nanogpt's quintic: the same (a, b, c) at every iteration
-    "quintic": ((3.4445, -4.7750, 2.0315),),
-    # Polar Express (Amsel et al. 2025, arXiv 2505.16932), as record #1787 used them: one tuple per
-    # iteration, each optimal for the singular-value range the previous ones leave; iterations past
-    # the fifth repeat the last
-    "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
-              (4.042929935166739, -2.808917465908714, 0.5000178451051316),
-              (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
-              (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
-              (2.3465413258596377, -1.7097828382687081, 0.42323551169305323)),
-}
-
 
 def zeropower_newton_schulz(g: Tensor, steps: int, coeffs: str = "quintic") -> Tensor:
     """Approximately orthogonalise a matrix (its singular values pushed towards 1): `steps` iterations
@@ -1673,6 +1865,871 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
 
 
 # -----------------------------------------------------------------------------
+# EVALUATION
+# Windows of EVAL_SEQ_LEN inputs. The first window scores all its targets; each later window
+# ends EVAL_STRIDE further on and scores only the targets no earlier window scored, so every
+# target of the stream (positions 1 .. T-1) is scored exactly once with as much left context as
+# the window allows. Every window has the same length (a window near the start reaches forward
+# and scores only its own range). Windows are split across ranks in contiguous ranges; NLL sums
+# in float64.
+# Legal score-first test-time training (TTT_ENABLED=1): the stream is cut into chunks of
+# TTT_CHUNK_TOKENS targets; chunk k is scored with the current weights, then (except the last)
+# trained on, its training targets all inside chunk k. ttt_schedule() is the order of events;
+# the C3 audit checks, from weight fingerprints taken while it ran, that it was kept.
+# Evaluation and its self-audit stand before TRAINING, which scores with them: periodic validation,
+# and the warm-up that compiles the scoring graphs before the training clock starts.
+# -----------------------------------------------------------------------------
+
+def sliding_windows(n_tokens: int, window: int, stride: int, lo: int = 0, hi: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows scoring the inputs [lo, hi) of a stream of n_tokens tokens (default: all).
+
+    Input i predicts target i + 1. Returns (starts, score_from, score_to): window j covers
+    inputs [starts[j], starts[j] + W) with W = min(window, n_tokens - 1) and scores the
+    targets of its offsets [score_from[j], score_to[j]). The first window scores up to
+    max(lo + stride, W); each later one the next stride inputs (the last one what is left).
+    """
+    n_inputs = n_tokens - 1
+    hi = n_inputs if hi is None else hi
+    w = min(window, n_inputs)
+    if lo >= hi:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    first_end = min(hi, max(lo + stride, w))
+    ends = np.minimum(first_end + stride * np.arange(-(-(hi - first_end) // stride) + 1, dtype=np.int64), hi)
+    covered = np.concatenate(([lo], ends[:-1]))
+    starts = np.maximum(0, ends - w)
+    return starts, covered - starts, ends - starts
+
+
+def document_windows(tokens: np.ndarray, window: int, stride: int, lo: int = 0, hi: int | None = None,
+                     bos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Windows scoring the inputs [lo, hi) document by document (EVAL_MODE=documents), in the format of
+    sliding_windows. A document starts at a BOS (or at the stream's start) and its inputs run to the next
+    BOS, which is its last target: the next document's BOS is predicted from the end of the one before (as
+    #1855's document spans do), so every target is scored once and the counts equal the sliding evaluation's.
+
+    The part of a document within `window` of its start is scored from a window that starts at the
+    document's start; consecutive such parts share one window while they fit in it (the model's document
+    isolation keeps them apart), so a stream of short documents costs about one forward per token. The rest
+    of a longer document is scored by sliding windows of `stride` new targets inside it. A window is moved
+    earlier only where the stream ends (never a change: what lies before a document is masked). `bos`: the
+    stream's BOS positions, when the caller has them already."""
+    n_inputs = tokens.size - 1
+    hi = n_inputs if hi is None else hi
+    w = min(window, n_inputs)
+    if lo >= hi:
+        empty = np.zeros(0, dtype=np.int64)
+        return empty, empty.copy(), empty.copy()
+    bos = np.flatnonzero(tokens[:n_inputs] == BOS_ID) if bos is None else bos
+    cuts = bos[(bos > lo) & (bos < hi)]
+    piece_lo, piece_hi = np.concatenate(([lo], cuts)), np.concatenate((cuts, [hi]))
+    before = np.searchsorted(bos, piece_lo, side="right") - 1
+    doc_start = np.where(before >= 0, bos[np.maximum(before, 0)] if bos.size else 0, 0)
+    starts, froms, tos = [], [], []
+    row = None                                    # [window start, first input scored, end] being filled
+
+    def flush():
+        if row is not None:
+            start = min(row[0], n_inputs - w)
+            starts.append(start), froms.append(row[1] - start), tos.append(row[2] - start)
+
+    for d, p, q in zip(doc_start.tolist(), piece_lo.tolist(), piece_hi.tolist()):
+        head_end = min(q, d + w)
+        if p < head_end:
+            if row is not None and row[2] == p and head_end - row[0] <= w:
+                row[2] = head_end
+            else:
+                flush()
+                row = [d, p, head_end]
+        if head_end < q:
+            flush()
+            row = None
+            s_, f_, t_ = sliding_windows(tokens.size, w, stride, max(p, head_end), q)
+            starts.extend(s_.tolist()), froms.extend(f_.tolist()), tos.extend(t_.tolist())
+    flush()
+    return np.array(starts, dtype=np.int64), np.array(froms, dtype=np.int64), np.array(tos, dtype=np.int64)
+
+
+def scoring_windows(mode: str, tokens: np.ndarray, window: int, stride: int, lo: int = 0, hi: int | None = None
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The windows of an evaluation mode (EVAL_MODES) over inputs [lo, hi)."""
+    if mode == "documents":
+        return document_windows(tokens, window, stride, lo, hi)
+    return sliding_windows(tokens.size, window, stride, lo, hi)
+
+
+def eval_geometry(hp: Hyperparameters) -> tuple[int, int]:
+    """(window, stride) of the final evaluation."""
+    window = hp.eval_seq_len or hp.train_seq_len
+    return window, hp.eval_stride or window
+
+
+def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, n_tokens: int, window: int, stride: int,
+                    mode: str = "sliding") -> int:
+    """Windows per forward on each rank when scoring a stream of n_tokens: VAL_BATCH_SIZE tokens over all
+    ranks, but no more than a rank's share of the stream's windows (EVAL_MODE=documents: of the fewest it can
+    have, one per window of tokens; the count depends on no data). Every scoring forward of the stream has
+    exactly this many rows (short batches are padded), so a compiled model sees one shape per geometry."""
+    w = min(window, n_tokens - 1)
+    if mode == "documents":
+        n_windows = -(-(n_tokens - 1) // w)
+    else:
+        n_windows = len(sliding_windows(n_tokens, window, stride)[0])
+    return max(1, min(hp.val_batch_size // (rt.world_size * w), -(-n_windows // rt.world_size)))
+
+
+def to_device(a: np.ndarray, device: torch.device) -> Tensor:
+    """One host-to-device copy (pinned and asynchronous on CUDA)."""
+    t = torch.from_numpy(np.ascontiguousarray(a))
+    if device.type == "cuda":  # CUDA-only: a pageable copy would make the host wait
+        return t.pin_memory().to(device, non_blocking=True)
+    return t
+
+
+@dataclass
+class EvalResult:
+    val_loss: float      # mean NLL per target, nats
+    val_bpb: float       # bits per UTF-8 byte
+    val_tokens: int      # targets scored (stream length - 1)
+    val_bytes: int
+    eval_time_ms: float
+    nll: np.ndarray | None = None          # per-target NLL in stream order (rank 0, when collected)
+    evidence: "ScoringEvidence | None" = None   # what the evaluator did, for the audit (EVAL_AUDIT=1)
+
+
+class ScoringEvidence:
+    """What the evaluator did, recorded from the data it used (EVAL_AUDIT=1 only; it costs a little).
+
+    coverage[p]: how many times target position p was scored (this rank; summed over ranks by
+    finish()), taken from the very window table and mask that select the NLL summed for the score.
+    For every TTT update, the target positions it trained on, from the index tensor that built its
+    targets, are checked against the targets scored so far on any rank: C3 from data, not labels.
+    Weights are fingerprinted around every scoring call when TTT runs (scoring must not change them)."""
+
+    def __init__(self, n_tokens: int, rt: Runtime):
+        self.rt = rt
+        self.coverage = torch.zeros(n_tokens, dtype=torch.int32, device=rt.device)
+        self.updates = self.unscored_trained = 0
+        self.local_updates = self.local_unscored = 0
+        self.weights_moved = torch.zeros((), dtype=torch.bool, device=rt.device)   # by a scoring call
+        self.scoring_changed_weights = False
+
+    def scored(self, targets: Tensor) -> None:
+        self.coverage.index_add_(0, targets, torch.ones_like(targets, dtype=torch.int32))
+
+    def training_on(self, targets: Tensor) -> None:
+        """Before a TTT update: count its targets (this rank's) that no rank has scored yet."""
+        targets = targets.reshape(-1)
+        everyone = gather_tensors(self.rt, targets)
+        seen = self.coverage[everyone]
+        if self.rt.distributed:
+            dist.all_reduce(seen)
+        unscored = int((seen == 0).sum())              # the same on every rank
+        self.unscored_trained += unscored
+        self.updates += 1
+
+    def training_on_local(self, targets: Tensor) -> None:
+        """Before a per-document LoRA step (this rank's documents, no collective): count its targets this rank has
+        not scored yet (a document is scored and adapted on one rank). finish() adds the ranks' counts up."""
+        self.local_unscored += int((self.coverage[targets.reshape(-1)] == 0).sum())
+        self.local_updates += 1
+
+    def finish(self) -> Tensor:
+        """Coverage summed over ranks (every rank gets it); whether any scoring call moved a weight."""
+        local = torch.tensor([self.local_unscored, self.local_updates], dtype=torch.int64, device=self.rt.device)
+        if self.rt.distributed:
+            dist.all_reduce(self.coverage)
+            dist.all_reduce(local)
+        self.unscored_trained += int(local[0])
+        self.updates += int(local[1])
+        self.scoring_changed_weights = bool(agree_max(self.rt, [float(self.weights_moved.item())])[0])
+        return self.coverage
+
+
+def weights_fingerprint(model: nn.Module) -> Tensor:
+    """A digest of all weights on the device (their L1 and L2 norms, by multi-tensor kernels, no host
+    sync): any change of a weight changes it (audit only)."""
+    with torch.no_grad():
+        params = [p.detach() for p in model.parameters()]
+        return torch.stack(torch._foreach_norm(params, 1) + torch._foreach_norm(params, 2))
+
+
+def ttt_schedule(n_chunks: int):
+    """Score chunk k, then train on it; the last chunk is never trained on."""
+    for k in range(n_chunks):
+        yield "score", k
+        if k < n_chunks - 1:
+            yield "train", k
+
+
+def ttt_seqs_per_rank(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
+    """Whole sequences of seq_len inputs each rank trains on per chunk (a chunk's sequences dealt out)."""
+    return hp.ttt_chunk_tokens // seq_len // rt.world_size
+
+
+class TestTimeTrainer:
+    """Score-first TTT (records 04-06 and 04-09): after a chunk is scored, TTT_EPOCHS steps of SGD with
+    momentum on it, every parameter trained (TTT_LAST_N=0) or the last TTT_LAST_N blocks only; the
+    learning rate decays over the chunks (cosine from TTT_LR to 0 at the last chunk, or constant);
+    gradients averaged over ranks (one all-reduce) and clipped to TTT_GRAD_CLIP. The optimizer, and so
+    its momentum, lives across chunks. Each rank trains on its own whole sequences of the chunk, all
+    of them in one forward (one shape for a compiled model)."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, seq_len: int):
+        self.hp, self.rt, self.run_model, self.seq_len = hp, rt, run_model, seq_len
+        self.n_seq = ttt_seqs_per_rank(hp, rt, seq_len)
+        if self.n_seq == 0:
+            raise PipelineError(f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} holds fewer than one sequence of {seq_len} "
+                                f"tokens per rank ({rt.world_size} ranks): raise it")
+        blocks = model.blocks[-hp.ttt_last_n:] if hp.ttt_last_n else [model]
+        trainable = {id(p) for block in blocks for p in block.parameters()}
+        # frozen weights keep requires_grad (the compiled graphs were built so); their gradients are dropped
+        self.params = [p for p in model.parameters() if id(p) in trainable]
+        self.frozen = [p for p in model.parameters() if id(p) not in trainable]
+        self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
+        self.chunks_trained, self.cut = 0, ""
+
+    def lr(self, k: int, n_chunks: int) -> float:
+        if self.hp.ttt_lr_schedule == "cosine":
+            return self.hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * k / max(1, n_chunks - 1)))
+        return self.hp.ttt_lr
+
+    def adapt(self, tokens: Tensor, a: int, k: int, n_chunks: int, evidence: ScoringEvidence | None) -> None:
+        """Train on chunk k, whose inputs start at stream position a: this rank's n_seq whole sequences
+        of it (targets a + 1 ... at most a + TTT_CHUNK_TOKENS, all already scored)."""
+        n_seq = min(self.n_seq, (tokens.numel() - 1 - a) // (self.seq_len * self.rt.world_size))
+        if n_seq <= 0:                 # only a chunk past the stream's end (the schedule never trains on one)
+            return
+        rows = self.rt.rank * n_seq + torch.arange(n_seq, device=tokens.device)
+        inputs = a + rows[:, None] * self.seq_len + torch.arange(self.seq_len, device=tokens.device)[None, :]
+        x, y = tokens[inputs], tokens[inputs + 1]
+        if evidence is not None:
+            evidence.training_on(inputs + 1)
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr(k, n_chunks)
+        self.run_model.train()
+        for _ in range(self.hp.ttt_epochs):
+            with autocast(self.rt):
+                loss = self.run_model(x, y).mean()
+            loss.backward()
+            self.step()
+        self.run_model.eval()
+
+    def step(self) -> None:
+        """Apply the gradients of the last backward: drop the frozen ones, average over ranks, clip, SGD."""
+        for p in self.frozen:
+            p.grad = None
+        if self.rt.distributed:
+            grads = [p.grad for p in self.params]
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
+            for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(avg)
+        if self.hp.ttt_grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+
+class BatchedLoRA(nn.Module):
+    """One low-rank adapter per row of a batch (one document each): delta(x) = (x A) B * alpha / r, A (n, in, r)
+    uniform in +-1/sqrt(in), B (n, r, out) zero, so a fresh adapter changes nothing (#1855's BatchedLinearLoRA,
+    alpha = r here). reset() restarts every row's adapter: B to zero, A redrawn."""
+
+    def __init__(self, n: int, d_in: int, d_out: int, rank: int, gen: torch.Generator, device: torch.device):
+        super().__init__()
+        self.gen, self.bound = gen, 1.0 / math.sqrt(d_in)
+        self.A = nn.Parameter(torch.empty(n, d_in, rank, device=device))
+        self.B = nn.Parameter(torch.zeros(n, rank, d_out, device=device))
+        self.rows: Tensor | None = None        # the adapters of the rows in the forward (None: all, in order)
+        self.reset()
+
+    def reset(self) -> None:
+        with torch.no_grad():
+            self.A.copy_((torch.rand(self.A.shape, generator=self.gen) * 2 - 1) * self.bound)
+            self.B.zero_()
+
+    def forward(self, x: Tensor) -> Tensor:
+        a, b = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
+        return torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype))
+
+
+def lora_targets(model: GPT) -> list[QuantLinear]:
+    """The matrices per-document TTT adapts: Q, K, V and the attention output, both MLP matrices (the head
+    too, through GPT.head_lora)."""
+    return [m for b in model.blocks for m in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.proj, b.mlp.fc, b.mlp.proj)]
+
+
+def set_loras(model: GPT, loras: list[BatchedLoRA] | None) -> None:
+    """Attach (or with None detach) the adapters; set past nn.Module's registry, so they never become model
+    parameters, state or fingerprint."""
+    targets = lora_targets(model)
+    for i, m in enumerate(targets):
+        object.__setattr__(m, "lora", loras[i] if loras else None)
+    object.__setattr__(model, "head_lora", loras[len(targets)] if loras else None)
+
+
+def document_spans(tokens: np.ndarray) -> np.ndarray:
+    """(n_docs, 2) input ranges [d, e) of the stream's documents: d a BOS (or 0), e the next BOS (or the last
+    input + 1). A document's targets are d + 1 .. e: its own tokens and the next document's BOS."""
+    n_inputs = tokens.size - 1
+    starts = np.flatnonzero(tokens[:n_inputs] == BOS_ID)
+    if starts.size == 0 or starts[0] != 0:
+        starts = np.concatenate(([0], starts))
+    return np.stack((starts, np.concatenate((starts[1:], [n_inputs]))), axis=1).astype(np.int64)
+
+
+def phase_boundaries(hp: Hyperparameters, n_docs: int) -> list[int]:
+    """Documents scored before each global SGD phase: TTT_PHASES evenly spaced up to TTT_PHASE_DOCS_FRAC of
+    them (#1855: 833 / 1,666 / 2,500 of 50,000); a phase with no document is dropped."""
+    last = int(round(hp.ttt_phase_docs_frac * n_docs))
+    return sorted({last * (p + 1) // hp.ttt_phases for p in range(hp.ttt_phases)} - {0}) if hp.ttt_phases else []
+
+
+class LoRATestTimeTrainer:
+    """Phased score-first TTT with per-document LoRA (records #1610/#1626 phased TTT, #1855's settings).
+
+    Documents are taken in stream order, TTT_LORA_DOCS per rank at a time (one global batch = that many on every
+    rank). Each document gets a fresh rank-TTT_LORA_RANK LoRA on every block's Q, K, V, attention output and MLP
+    matrices and on the head, trained by its own AdamW (betas (0, 0.999), weight decay 1, as #1855). A document is
+    read in chunks of TTT_LORA_CHUNK targets: each chunk is scored by a forward of its window (the document's
+    last `window` inputs up to the chunk's end) through the current LoRA, and that same forward's loss on the
+    chunk (already scored) then takes one LoRA step, so chunk c + 1 is scored by a LoRA trained on chunks
+    0 .. c only. Documents in one batch are independent rows (document isolation, one adapter per row).
+
+    Global phases: once the documents before a boundary of phase_boundaries() are all scored, the whole model
+    takes one SGD epoch (TTT_PHASE_LR, cosine over its chunks, TTT_MOMENTUM, TTT_GRAD_CLIP, TTT_LAST_N) on the
+    stream up to the end of those documents, in TTT_CHUNK_TOKENS chunks (TestTimeTrainer's step), and later
+    documents are scored by the updated model. `allowed` (the evaluation budget, item 4) may stop phases and
+    LoRA training at any point; every target is still scored once."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, window: int):
+        self.hp, self.rt, self.model, self.run_model, self.window = hp, rt, model, run_model, window
+        self.gen = torch.Generator().manual_seed(hp.seed)
+        dims = [(m.in_features, m.out_features) for m in lora_targets(model)]
+        dims.append((model.tok_emb.embedding_dim, model.tok_emb.num_embeddings))
+        self.loras = [BatchedLoRA(hp.ttt_lora_docs, a, b, hp.ttt_lora_rank, self.gen, rt.device) for a, b in dims]
+        self.params = [p for lora in self.loras for p in lora.parameters()]
+        self.phases_done = self.docs_adapted = 0
+        self.cut = ""
+
+    def score_documents(self, tokens: Tensor, spans: np.ndarray, train: bool, evidence: "ScoringEvidence | None"
+                        ) -> tuple[Tensor, Tensor, list]:
+        """Score (and with `train`, adapt to) up to TTT_LORA_DOCS documents [d, e): (NLL sum, targets, (positions,
+        NLLs) pieces in scoring order). Each chunk step runs only the documents not yet finished, each row as long
+        as the longest window among them needs (rounded up to 64 tokens)."""
+        # a chunk is scored by one row of at most the window: longer chunks are cut to it (else their first
+        # targets would be left unscored)
+        hp, C, n_inputs, dev = self.hp, min(self.hp.ttt_lora_chunk, self.window), tokens.numel() - 1, self.rt.device
+        for lora in self.loras:
+            lora.reset()
+        opt = torch.optim.AdamW(self.params, lr=hp.ttt_lora_lr, betas=(0.0, 0.999), eps=1e-10, weight_decay=1.0)
+        d_all = torch.from_numpy(spans[:, 0]).to(dev)
+        e_all = torch.from_numpy(spans[:, 1]).to(dev)
+        nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        scored = torch.zeros((), dtype=torch.int64, device=dev)
+        pieces = []
+        set_loras(self.model, self.loras)
+        try:
+            for c in range(int(-(-(spans[:, 1] - spans[:, 0]).max() // C)) if len(spans) else 0):
+                rows = torch.nonzero(d_all + c * C < e_all).flatten()      # documents with a chunk c
+                d, e = d_all[rows], e_all[rows]
+                cs = d + c * C
+                ce = torch.minimum(cs + C, e)
+                need = int((ce - torch.maximum(d, ce - self.window)).max())
+                length = min(self.window, n_inputs, -(-need // 64) * 64)
+                start = torch.clamp(torch.minimum(torch.maximum(d, ce - length), torch.full_like(d, n_inputs - length)),
+                                    min=0)
+                positions = start[:, None] + torch.arange(length + 1, device=dev)[None, :]
+                seq = tokens[positions]
+                offsets = torch.arange(length, device=dev)[None, :]
+                mask = (offsets >= (cs - start)[:, None]) & (offsets < (ce - start)[:, None])
+                learn = train and bool((ce < e).any())
+                for lora in self.loras:
+                    lora.rows = rows
+                with torch.enable_grad() if learn else torch.no_grad(), autocast(self.rt):
+                    nll = self.model(seq[:, :-1], seq[:, 1:])
+                targets = positions[:, 1:][mask]
+                chunk_nll = nll.detach().double()[mask]
+                nll_sum += chunk_nll.sum()
+                scored += mask.sum()
+                pieces.append((targets.cpu(), chunk_nll.cpu()))
+                if evidence is not None:
+                    evidence.scored(targets)
+                if learn:              # the chunk just scored; a document's last chunk is never trained on
+                    keep = mask & (ce < e)[:, None]
+                    if evidence is not None:
+                        evidence.training_on_local(positions[:, 1:][keep])
+                    ((nll * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).sum().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        finally:
+            for lora in self.loras:
+                lora.rows = None
+            set_loras(self.model, None)
+        return nll_sum, scored, pieces
+
+    def global_phase(self, tokens: Tensor, spans: np.ndarray, evidence: "ScoringEvidence | None") -> None:
+        """One SGD epoch of the whole model (or its last TTT_LAST_N blocks) on documents already scored, `spans`
+        in stream order: their inputs laid end to end (document isolation keeps them apart) and cut into rows of
+        `window`, TTT_CHUNK_TOKENS // window rows per rank per step, gradients averaged over ranks, clipped to
+        TTT_GRAD_CLIP, TTT_PHASE_LR on a cosine over the steps, TTT_MOMENTUM. The evidence checks every step's
+        targets (their stream positions) against what every rank has scored."""
+        hp, rt, w = self.hp, self.rt, self.window
+        idx = torch.cat([torch.arange(d, e) for d, e in spans.tolist()]).to(rt.device)
+        n_seq = ttt_seqs_per_rank(hp, rt, w)
+        steps = idx.numel() // (w * n_seq * rt.world_size)
+        if steps == 0:
+            return
+        trainer = TestTimeTrainer(hp, rt, self.model, self.run_model, w)
+        self.model.train()
+        for k in range(steps):
+            rows = (k * rt.world_size + rt.rank) * n_seq + torch.arange(n_seq, device=rt.device)
+            inputs = idx[rows[:, None] * w + torch.arange(w, device=rt.device)[None, :]]
+            if evidence is not None:
+                evidence.training_on(inputs + 1)
+            for group in trainer.opt.param_groups:
+                group["lr"] = hp.ttt_phase_lr * 0.5 * (1.0 + math.cos(math.pi * k / steps))
+            with autocast(rt):
+                loss = self.model(tokens[inputs], tokens[inputs + 1]).mean()
+            loss.backward()
+            trainer.step()
+        self.model.eval()
+
+
+def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int) -> int:
+    """Tokens LoRATestTimeTrainer runs forward and backward through for documents of these lengths (inputs per
+    document): longest first, TTT_LORA_DOCS at a time, each chunk step over the documents not yet finished, rows as
+    long as the longest window among them needs, rounded up to 64 (per rank; world size does not change it)."""
+    lengths, total, C = np.sort(lengths)[::-1], 0, min(hp.ttt_lora_chunk, window)
+    for i in range(0, lengths.size, hp.ttt_lora_docs):
+        batch = lengths[i:i + hp.ttt_lora_docs]
+        for c in range(-(-int(batch[0]) // C)):
+            active = batch[batch > c * C]
+            need = int(min(window, int(np.minimum((c + 1) * C, active).max())))
+            total += active.size * min(window, -(-need // 64) * 64)
+    return total
+
+
+@torch.no_grad()
+def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: Tensor, starts: np.ndarray,
+                  score_from: np.ndarray, score_to: np.ndarray, w: int, batch: int, collect: bool,
+                  evidence: ScoringEvidence | None = None) -> tuple[Tensor, Tensor, list]:
+    """This rank's share of the windows: (NLL sum float64, targets scored, per-target NLL pieces).
+
+    The share is padded to whole batches of `batch` windows (eval_batch_seqs) with windows that score
+    nothing, and its window table is copied to the device once: the loop issues no host-device copy."""
+    lo, hi = rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size
+    padded = -(-(hi - lo) // batch) * batch
+    table = np.zeros((3, padded), dtype=np.int64)
+    table[1:, :] = w                                      # padding windows score the empty range [w, w)
+    table[:, :hi - lo] = starts[lo:hi], score_from[lo:hi], score_to[lo:hi]
+    s, first, last = to_device(table, rt.device)
+    offsets = torch.arange(w + 1, device=rt.device)
+    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    scored = torch.zeros((), dtype=torch.int64, device=rt.device)
+    pieces = []
+    for b in range(0, padded, batch):
+        positions = s[b:b + batch, None] + offsets[None, :]
+        seq = tokens[positions]
+        with autocast(rt):       # contiguous inputs and targets, as everywhere: one stride for dynamo's guards
+            nll = run_model(seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
+        mask = (offsets[None, :w] >= first[b:b + batch, None]) & (offsets[None, :w] < last[b:b + batch, None])
+        nll_sum += (nll.double() * mask).sum()
+        scored += mask.sum()
+        if evidence is not None:
+            evidence.scored(positions[:, 1:][mask])
+        if collect:
+            pieces.append(nll.double()[mask].cpu())
+    return nll_sum, scored, pieces
+
+
+def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, tables,
+             window: int, stride: int, ttt: TestTimeTrainer | None = None, collect: bool = False,
+             audit: bool = False, mode: str = "sliding", budget: "EvalBudget | None" = None) -> EvalResult:
+    """Score every target of `tokens` once (see the section comment), with the windows of `mode`
+    (EVAL_MODES). All ranks return the same sums; with collect=True rank 0 also gets the per-target NLL in
+    stream order; with audit=True the result carries the ScoringEvidence. With TTT and a budget, a chunk is
+    trained on only while the budget affords the slowest training step so far (before any: TTT_EPOCHS x
+    TRAIN_STEP_COST x the plain rate per target) and the scoring of what is left; after the first refusal no
+    chunk is trained on (ttt.cut = "chunks")."""
+    t_start = time.perf_counter()
+    run_model.eval()
+    n_inputs = tokens.size - 1
+    w = min(window, n_inputs)
+    chunk = hp.ttt_chunk_tokens if ttt is not None else n_inputs
+    bounds = [(a, min(a + chunk, n_inputs)) for a in range(0, n_inputs, chunk)]
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
+    all_tokens = to_device(tokens, rt.device)
+    evidence = ScoringEvidence(tokens.size, rt) if audit else None
+    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    scored = torch.zeros((), dtype=torch.int64, device=rt.device)
+    per_target = []
+    slowest = 0.0
+    for event, k in ttt_schedule(len(bounds)):
+        a, b = bounds[k]
+        if event == "train":
+            if budget is not None and not ttt.cut:
+                cost = slowest or hp.ttt_epochs * TRAIN_STEP_COST * budget.rate * (b - a)
+                if not budget.can_afford(cost, n_inputs - b):
+                    ttt.cut = "chunks"
+            if ttt.cut:
+                continue
+            t0 = time.perf_counter()
+            ttt.adapt(all_tokens, a, k, len(bounds), evidence)
+            ttt.chunks_trained += 1
+            slowest = max(slowest, time.perf_counter() - t0)
+            continue
+        before = weights_fingerprint(run_model) if evidence is not None else None
+        windows = scoring_windows(mode, tokens, window, stride, a, b)
+        part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
+                                                      evidence)
+        nll_sum += part_sum
+        scored += part_scored
+        if collect:
+            per_target.extend(gather(rt, torch.cat(pieces).numpy() if pieces else np.zeros(0)))
+        if before is not None:
+            evidence.weights_moved |= (weights_fingerprint(run_model) != before).any()
+    run_model.train()
+    return scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start,
+                         np.concatenate(per_target) if collect else None)
+
+
+def scored_result(rt: Runtime, tokens: np.ndarray, tables, nll_sum: Tensor, scored: Tensor,
+                  evidence: "ScoringEvidence | None", t_start: float, per_target: np.ndarray | None) -> EvalResult:
+    """The end of every scoring pass: the NLL sum and the target count added up over ranks, the evidence
+    closed, the count checked against every target of `tokens`, val_loss (nats per target) and val_bpb
+    (bits per byte of the targets)."""
+    n_inputs = tokens.size - 1
+    if rt.distributed:
+        dist.all_reduce(nll_sum)
+        dist.all_reduce(scored)
+    if evidence is not None:
+        evidence.finish()
+    if int(scored.item()) != n_inputs:
+        raise RuntimeError(f"evaluation scored {int(scored.item())} targets, expected {n_inputs}")
+    total_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
+    if total_bytes == 0:
+        raise PipelineError("the validation stream's targets stand for 0 bytes; val_bpb is undefined")
+    return EvalResult(nll_sum.item() / n_inputs, nll_sum.item() / (math.log(2) * total_bytes), n_inputs, total_bytes,
+                      1e3 * (time.perf_counter() - t_start), per_target, evidence)
+
+
+TRAIN_STEP_COST = 3.0       # TTT before a step is measured: forward + backward of each token it runs, x the plain rate
+SCORE_RESERVE = 1.5         # scoring what is left without TTT: x the plain rate, for the slower document windows
+
+
+class EvalBudget:
+    """EVAL_TIME_LIMIT_SECONDS kept at run time: seconds since `t0` (the artifact's load: compiles, the audit and
+    the plain pass count) against the limit (0 = none). can_afford(cost, rest) says whether `cost` more seconds
+    of TTT still leave time to score `rest` targets without TTT at the measured plain rate (seconds per target of
+    the plain pass) x SCORE_RESERVE; every rank takes the slowest rank's view, so all decide alike."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, t0: float, plain_s_per_target: float):
+        self.limit, self.rt, self.t0, self.rate = hp.eval_time_limit_seconds, rt, t0, plain_s_per_target
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.t0
+
+    def can_afford(self, cost: float, rest_targets: int) -> bool:
+        if not self.limit:
+            return True
+        elapsed, cost = agree_max(self.rt, [self.elapsed(), cost])
+        return elapsed + cost + rest_targets * self.rate * SCORE_RESERVE <= self.limit
+
+
+def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTrainer, tokens: np.ndarray, tables,
+                      window: int, stride: int, budget: EvalBudget | None = None, collect: bool = False,
+                      audit: bool = False) -> EvalResult:
+    """EVAL_MODE=documents with TTT_METHOD=lora: documents in global batches (TTT_LORA_DOCS per rank), each
+    scored chunk by chunk through its own LoRA (LoRATestTimeTrainer), global SGD phases at phase_boundaries().
+    With a budget, a phase runs only if the budget can afford it (its tokens x TRAIN_STEP_COST x the plain rate)
+    and a batch is adapted only if the slowest batch so far fits (before any: the tokens its chunk steps run,
+    lora_tokens_processed, x TRAIN_STEP_COST x the plain rate; documents go longest first, so the first batch is
+    the slowest);
+    once a batch cannot be, TTT stops and the documents left are scored by document_windows without it. Every
+    target is scored once either way; trainer.cut says what was cut."""
+    t_start = time.perf_counter()
+    model = trainer.model
+    # longest documents first (#1855's global batches): a batch's documents need about as many chunks each
+    spans = document_spans(tokens)
+    order = np.argsort(-(spans[:, 1] - spans[:, 0]), kind="stable")
+    spans = spans[order]
+    n_docs, n_inputs = len(spans), tokens.size - 1
+    per_rank = hp.ttt_lora_docs
+    group = per_rank * rt.world_size
+    boundaries = phase_boundaries(hp, n_docs)
+    all_tokens = to_device(tokens, rt.device)
+    evidence = ScoringEvidence(tokens.size, rt) if audit else None
+    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
+    scored = torch.zeros((), dtype=torch.int64, device=rt.device)
+    pieces, slowest, g = [], 0.0, 0
+    rate = budget.rate if budget is not None else 0.0
+    base = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
+    left = n_inputs                                     # targets not yet scored
+    while g * group < n_docs:
+        lo = g * group
+        batch_targets = int((spans[lo:lo + group, 1] - spans[lo:lo + group, 0]).sum())
+        mine = spans[lo + rt.rank * per_rank:min(lo + (rt.rank + 1) * per_rank, n_docs)]
+        cost = slowest or TRAIN_STEP_COST * rate * lora_tokens_processed(hp, mine[:, 1] - mine[:, 0], window)
+        if budget is not None and not budget.can_afford(cost, left - batch_targets):
+            trainer.cut = "lora"
+            break
+        t0 = time.perf_counter()
+        for p in base:
+            p.requires_grad_(False)
+        part_sum, part_scored, part = trainer.score_documents(all_tokens, mine, True, evidence)
+        for p in base:
+            p.requires_grad_(True)
+        nll_sum += part_sum
+        scored += part_scored
+        pieces.extend(part)
+        trainer.docs_adapted += len(mine)
+        slowest = max(slowest, time.perf_counter() - t0)
+        left -= batch_targets
+        g += 1
+        done = min(g * group, n_docs)
+        while boundaries and boundaries[0] <= done:
+            scored_spans = np.sort(spans[:boundaries.pop(0)], axis=0)      # in stream order
+            phase_cost = TRAIN_STEP_COST * rate * int((scored_spans[:, 1] - scored_spans[:, 0]).sum())
+            if budget is not None and not budget.can_afford(phase_cost + slowest, left):
+                trainer.cut = trainer.cut or "phases"
+                boundaries = []
+                break
+            trainer.global_phase(all_tokens, scored_spans, evidence)
+            trainer.phases_done += 1
+    trainer.docs_adapted = int(sum(gather(rt, trainer.docs_adapted)))
+    if g * group < n_docs:                         # the rest, scored without TTT, document by document
+        rest = np.sort(spans[g * group:], axis=0)
+        joined = np.flatnonzero(rest[1:, 0] != rest[:-1, 1]) + 1          # runs of neighbouring documents
+        runs = zip(rest[np.concatenate(([0], joined)), 0].tolist(), rest[np.concatenate((joined - 1, [-1])), 1].tolist())
+        bos = np.flatnonzero(tokens[:n_inputs] == BOS_ID)
+        windows = [np.concatenate(parts) for parts in zip(*[document_windows(tokens, window, stride, d, e, bos)
+                                                             for d, e in runs])]
+        batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, "documents")
+        part_sum, part_scored, part = score_windows(hp, rt, trainer.run_model, all_tokens, *windows,
+                                                    min(window, n_inputs), batch, collect, evidence)
+        nll_sum += part_sum
+        scored += part_scored
+        rest_nll = torch.cat(part).numpy() if part else np.zeros(0)
+        rest_pos = np.concatenate([np.arange(d + 1, e + 1) for d, e in rest.tolist()])
+    model.train()
+    per_target = None
+    if collect:
+        positions = torch.cat([p for p, _ in pieces]).numpy() if pieces else np.zeros(0, dtype=np.int64)
+        values = torch.cat([v for _, v in pieces]).numpy() if pieces else np.zeros(0)
+        per_target = np.zeros(n_inputs)
+        for pos, val in gather(rt, (positions, values)):
+            per_target[pos - 1] = val
+        if g * group < n_docs:
+            per_target[rest_pos - 1] = np.concatenate(gather(rt, rest_nll))
+    return scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start, per_target)
+
+
+# -----------------------------------------------------------------------------
+# SELF-AUDIT (EVAL_AUDIT=1)
+# Checks, on the weights being scored, the four rules of "What evaluation may do" in the
+# challenge's rules: C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 and C2 run the
+# evaluator's own forward (same batch shape) on several windows of the schedule, the first, a middle
+# one and the last, every position of each (the scored tail included); C3 and C4 read the
+# ScoringEvidence the evaluator recorded from the data it used.
+# -----------------------------------------------------------------------------
+
+CAUSALITY_TOLERANCE = 1e-4       # max |delta NLL| of earlier targets when later tokens change ...
+NORMALIZATION_TOLERANCE = 1e-4   # max |sum_v p(v) - 1| ...
+NOISE_TOLERANCE_FACTOR = 2.0     # ... each plus this many times the noise between identical rows of the same run,
+NOISE_CEILING_NATS = 0.01        # which may be at most this: above it the audit cannot certify, it fails
+
+
+def audit_windows(tokens: np.ndarray, window: int, stride: int, mode: str = "sliding") -> list[int]:
+    """Start positions of the windows the audit checks: the schedule's first, middle and last."""
+    starts = scoring_windows(mode, tokens, window, stride)[0]
+    return sorted({int(starts[0]), int(starts[len(starts) // 2]), int(starts[-1])})
+
+
+def other_document_rows(tokens: np.ndarray, window: int, n_rows: int = 3) -> list[tuple[int, int]]:
+    """(window start, offset b of a BOS inside it) for up to n_rows windows of the evaluator's length, each with a
+    document beginning halfway in (after another document), at BOS positions spread over the stream."""
+    n_inputs = tokens.size - 1
+    w = min(window, n_inputs)
+    bos = np.flatnonzero(tokens[1:n_inputs] == BOS_ID) + 1
+    pick = bos[np.unique(np.linspace(0, bos.size - 1, n_rows).round().astype(int))] if bos.size else bos
+    starts = np.clip(pick - w // 2, 0, n_inputs - w)
+    return [(int(s_), int(p - s_)) for s_, p in zip(starts, pick)]
+
+
+@torch.no_grad()
+def forward_rows(rt: Runtime, run_model: nn.Module, x: Tensor, y: Tensor, batch: int) -> Tensor:
+    """NLL (float64) of rows of inputs x and targets y (N, w), in batches of the evaluator's shape: row i
+    is computed in row i % batch of its batch."""
+    out = []
+    for b in range(0, x.size(0), batch):
+        xb, yb = x[b:b + batch], y[b:b + batch]
+        pad = batch - xb.size(0)
+        with autocast(rt):
+            nll = run_model(F.pad(xb, (0, 0, 0, pad)), F.pad(yb, (0, 0, 0, pad)))
+        out.append(nll[:batch - pad].double())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
+                    stride: int, mode: str = "sliding") -> dict:
+    """C1: in each audited window, the NLL at every position before a cut is unchanged when every input
+    and every target from the cut on is replaced by a different random token; cuts at a quarter, a half,
+    inside the last stride (the scored tail) and at the last position. Inputs and targets are replaced
+    independently, so a model that reads position t's own target through input t + 1 fails too.
+
+    Each variant is scored in the batch row its original was scored in, in a batch of the same shape:
+    on a GPU the rounding of a row can depend on where it sits (split-K bf16 GEMMs), which would fail
+    an honest model if the two were compared across rows. The tolerance is set from the noise between
+    identical rows of this run in the same places (the originals scored twice), at most
+    NOISE_CEILING_NATS, and logged beside the check with the noise between identical rows in other
+    places (for the reader: the comparisons never cross rows, so a model cannot widen the tolerance
+    by rounding rows differently on purpose).
+
+    EVAL_MODE=documents adds the other half of "context only from itself": in windows that hold a document after
+    another (other_document_rows), every input and target before that document's BOS (another document's tokens)
+    is replaced, and the document's NLLs must not move (causality_other_documents_*)."""
+    w = min(window, tokens.size - 1)
+    gen = torch.Generator().manual_seed(hp.seed)
+    vocab = max(2, int(tokens.max()) + 1)
+    cuts = sorted({max(1, w // 4), max(1, w // 2), max(1, w - max(1, min(stride, w) // 2)), max(1, w - 1)})
+    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in audit_windows(tokens, window, stride, mode)])
+    x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
+    run_model.eval()
+    score = functools.partial(forward_rows, rt, run_model, batch=batch)
+    base = score(x0, y0)
+    same_rows = (score(x0, y0) - base).abs().max().item()
+    other_rows = (score(x0.roll(1, 0), y0.roll(1, 0)).roll(-1, 0) - base).abs().max().item()
+    worst = 0.0
+    for cut in cuts:
+        x, y = x0.clone(), y0.clone()
+        for t in (x, y):        # shift by 1..vocab-1 (mod vocab): every replaced token differs
+            t[:, cut:] = (t[:, cut:] + torch.randint(1, vocab, (t.size(0), w - cut), generator=gen).to(rt.device)) % vocab
+        worst = max(worst, (score(x, y)[:, :cut] - base[:, :cut]).abs().max().item())
+    n_windows = seqs.size(0)
+    docs = other_document_rows(tokens, window) if mode == "documents" else []
+    worst_docs = 0.0
+    if docs:
+        seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s, _ in docs])
+        x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
+        base = score(x0, y0)
+        x, y = x0.clone(), y0.clone()
+        for row, (_, b) in enumerate(docs):   # inputs before the BOS at b, and their targets but that BOS
+            for t, n in ((x, b), (y, b - 1)):
+                t[row, :n] = (t[row, :n] + torch.randint(1, vocab, (n,), generator=gen).to(rt.device)) % vocab
+        moved = (score(x, y) - base).abs()
+        worst_docs = max(moved[row, b:].max().item() for row, (_, b) in enumerate(docs))
+    run_model.train()
+    worst, worst_docs, same_rows, other_rows = agree_max(rt, [worst, worst_docs, same_rows, other_rows])
+    tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * same_rows
+    return dict(causality_ok=worst <= tolerance and worst_docs <= tolerance and same_rows <= NOISE_CEILING_NATS,
+                causality_max_abs_dnll=worst, causality_windows=n_windows, causality_cuts=cuts,
+                causality_tolerance=tolerance, causality_noise_same_rows=same_rows,
+                causality_noise_other_rows=other_rows, causality_other_documents_windows=len(docs),
+                causality_other_documents_max_abs_dnll=worst_docs)
+
+
+@torch.no_grad()
+def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
+                        stride: int, vocab_size: int, mode: str = "sliding") -> dict:
+    """C2: in each audited window, exp(-NLL) the evaluator's forward gives each of the vocab_size possible
+    next tokens sums to 1 at every position (the scored tail included). Candidate tokens are dealt out to
+    the ranks in batches of the evaluator's shape; the sums are added up over ranks.
+
+    Each candidate sits in its own row, and on a GPU a row's rounding can depend on where it sits, which
+    moves each p(v) by a factor of up to exp(noise) and their sum by up to expm1(noise). The noise is
+    measured in this run: each rank's first batch of candidates is scored again with every candidate in
+    another row; the tolerance adds NOISE_TOLERANCE_FACTOR x expm1(largest |delta NLL|), logged beside it.
+    A noise above NOISE_CEILING_NATS fails the check: a model that rounds rows differently on purpose
+    could otherwise widen the tolerance until an unnormalized score passed."""
+    w = min(window, tokens.size - 1)
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
+    worst, n_windows, noise = 0.0, 0, 0.0
+    run_model.eval()
+    for start in audit_windows(tokens, window, stride, mode):
+        x = torch.from_numpy(tokens[start:start + w]).to(rt.device)[None]
+        total = torch.zeros(w, dtype=torch.float64, device=rt.device)
+        for i, v0 in enumerate(range(0, vocab_size, batch)):
+            if i % rt.world_size != rt.rank:
+                continue
+            v = torch.arange(v0, min(v0 + batch, vocab_size), device=rt.device)
+            nll = forward_rows(rt, run_model, x.expand(v.numel(), w), v[:, None].expand(-1, w), batch)
+            total += torch.exp(-nll).sum(dim=0)
+            if i < rt.world_size:     # this rank's first batch, each candidate moved one row on
+                moved = forward_rows(rt, run_model, x.expand(v.numel(), w), v.roll(1)[:, None].expand(-1, w), batch)
+                noise = max(noise, (moved.roll(-1, 0) - nll).abs().max().item())
+        if rt.distributed:
+            dist.all_reduce(total)
+        worst = max(worst, (total - 1.0).abs().max().item())
+        n_windows += 1
+    run_model.train()
+    noise = agree_max(rt, [noise])[0]
+    tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(noise)
+    return dict(normalization_ok=worst <= tolerance and noise <= NOISE_CEILING_NATS,
+                normalization_max_abs_dev=worst, normalization_windows=n_windows,
+                normalization_tolerance=tolerance, normalization_noise_nll=noise)
+
+
+@torch.no_grad()
+def audit_row_independence(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
+                           stride: int, tolerance: float, mode: str = "sliding") -> dict:
+    """C1 across the rows of a batch: the final evaluation scores consecutive windows side by side, and
+    with a stride below the window a later row holds an earlier row's future, so a forward that read
+    another row would leak it while C1's windows, scored apart, saw nothing. A batch of consecutive
+    windows from the middle of the stream is scored as the evaluator scores it; then rows 0, 1, the middle
+    one and the last are each scored again in the same row with every other row replaced by random
+    tokens. Their NLLs must not move (C1's tolerance). The rows have the evaluator's batch shape in either
+    EVAL_MODE (overlapping windows are the harder case: a row's future sits in the next one)."""
+    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
+    w = min(window, tokens.size - 1)
+    starts = sliding_windows(tokens.size, window, stride)[0]
+    first = max(0, min(len(starts) // 2, len(starts) - batch))
+    picked = starts[first:first + batch]
+    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in picked]).to(rt.device)
+    x0, y0 = seqs[:, :-1], seqs[:, 1:]
+    score = functools.partial(forward_rows, rt, run_model, batch=batch)
+    run_model.eval()
+    base = score(x0, y0)
+    gen = torch.Generator().manual_seed(hp.seed + 1)
+    vocab = max(2, int(tokens.max()) + 1)
+    rows = sorted({0, min(1, len(picked) - 1), len(picked) // 2, len(picked) - 1})
+    worst = 0.0
+    for r in rows:
+        x = torch.randint(0, vocab, x0.shape, generator=gen).to(rt.device)
+        y = torch.randint(0, vocab, y0.shape, generator=gen).to(rt.device)
+        x[r], y[r] = x0[r], y0[r]
+        worst = max(worst, (score(x, y)[r] - base[r]).abs().max().item())
+    run_model.train()
+    worst = agree_max(rt, [worst])[0]
+    return dict(rows_independent_ok=worst <= tolerance, rows_independent_max_abs_dnll=worst,
+                rows_independent_batch=len(picked), rows_independent_rows=rows)
+
+
+def audit_score_before_update(evidence: ScoringEvidence, ttt_on: bool) -> dict:
+    """C3 from the evidence: no TTT update trained on a target no rank had scored yet, and scoring never
+    changed the weights."""
+    ok = evidence.unscored_trained == 0 and not evidence.scoring_changed_weights
+    return dict(score_before_update_ok=bool(ok), ttt_updates=evidence.updates if ttt_on else 0,
+                ttt_unscored_targets_trained=evidence.unscored_trained,
+                scoring_changed_weights=evidence.scoring_changed_weights)
+
+
+def audit_one_pass(evidence: ScoringEvidence) -> dict:
+    """C4 from the coverage count summed over ranks: every target position 1 .. T-1 scored exactly
+    once, position 0 (never a target) not at all."""
+    coverage = evidence.coverage
+    counts = torch.bincount(coverage[1:].long().clamp(max=2), minlength=3).tolist()
+    ok = int(coverage[0]) == 0 and counts[0] == 0 and counts[2] == 0
+    return dict(one_pass_ok=bool(ok), targets_scored_once=counts[1], targets_never_scored=counts[0],
+                targets_scored_twice_or_more=counts[2], targets_expected=int(coverage.numel() - 1))
+
+
+# -----------------------------------------------------------------------------
 # TRAINING
 # Progress p in [0, 1] is the larger of step / ITERATIONS and elapsed / MAX_WALLCLOCK_SECONDS:
 # whichever budget binds drives the schedules. The clock excludes compile warm-up and
@@ -1729,12 +2786,6 @@ def grad_accum_steps(hp: Hyperparameters, world_size: int) -> int:
             f"TRAIN_BATCH_TOKENS={hp.train_batch_tokens} must split into world_size({world_size}) x "
             f"GRAD_ACCUM_STEPS({accum}) micro-batches of whole TRAIN_SEQ_LEN={hp.train_seq_len} sequences")
     return accum
-
-
-def autocast(rt: Runtime):
-    if rt.autocast_dtype is None:
-        return torch.autocast(rt.device.type, enabled=False)
-    return torch.autocast(rt.device.type, dtype=rt.autocast_dtype)
 
 
 @dataclass
@@ -2078,13 +3129,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
 
 # -----------------------------------------------------------------------------
 # QUANTIZATION AND PACKING
-# Every weight matrix gets a scheme (choose_scheme): ternary for names matching TERNARY_PATTERNS
-# ({-1, 0, +1} with an fp16 mean-|w| scale per 128 inputs); else int<b> per row with SDClip (record
-# 2026-04-05): the row's clip is k std(row), its fp16 scale k std(row) / (2^(b-1) - 1), where b and k
-# are per group (attention and other matrices, MLP matrices, embedding tables: QUANT_*). Entropy,
-# hence compressed size, then follows H(q) ~ b - log2 k + 1.05 bits per weight for near-Gaussian rows,
-# so k is the byte knob. Vectors and control tensors: fp16. One function per scheme computes the
-# stored values, used by the fake-quantized forward of late QAT (QuantLinear) and by the export.
+# The export rounds every weight onto the grid of its scheme (QUANTIZATION GRID, above the model).
 # With calibration Hessians, GPTQ rounds every integer matrix on its SDClip grid, the tied embedding
 # with the Hessian of the head's input; LQER then adds a low-rank correction of the quantization error
 # to the LQER_TENSORS tensors it helps most. GPTQ runs on the accelerator, the matrices dealt out to
@@ -2103,131 +3148,14 @@ ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_H
                  "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N", "ATTN_GATE", "ATTN_GATE_DIMS", "BIGRAM_VOCAB",
                  "BIGRAM_DIM", "SMEAR_GATE", "SMEAR_GATE_DIMS", "LN_SCALE", "RECUR_LAYERS", "RECUR_PASSES",
                  "PARALLEL_LAST_N", "PARALLEL_LANES")
-EMBEDDING_TABLES = ("tok_emb.weight", "bigram.table.weight")
-TERNARY_GROUP = 128        # ternary weights share one scale per 128 inputs (Bonsai; record PR #640)
-FP16_TINY = torch.finfo(torch.float16).tiny
 GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal is added to the diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
 LQER_BITS = 6              # LQER_FACTORS=row6: per-row absmax integers of this many bits, fp16 scales
 LQER_GROUP = 64            # LQER_FACTORS=asym4: B's int4 scale groups (record #1855's LQER_ASYM_GROUP)
-LQER_FORMATS = SETTINGS["LQER_FACTORS"].choices
 FIT_MAX_SCALE = 4.0        # the budget fit coarsens k at most this much (about 2 bits per weight) per rung
 FIT_ATTEMPTS = 6           # quantize-and-pack attempts per rung of the precision ladder
 FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
 FIT_SLACK_BYTES = 100_000  # ... and is content anywhere within this of it (the records sat 7-60 kB under)
-
-
-def quant_group(name: str) -> str:
-    """The quantizer's group of a weight: embed (embedding tables), mlp or attn (every other matrix)."""
-    if name in EMBEDDING_TABLES:
-        return "embed"
-    return "mlp" if ".mlp." in name else "attn"
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """Bits and SDClip k (clip in row standard deviations) of each quantizer group."""
-    bits: tuple[tuple[str, int], ...]
-    sigmas: tuple[tuple[str, float], ...]
-
-    @staticmethod
-    def from_settings(hp: Hyperparameters, scale: float = 1.0) -> "QuantSpec":
-        bits = dict(embed=hp.quant_embed_bits, mlp=hp.quant_matrix_bits, attn=hp.quant_matrix_bits)
-        sigmas = dict(embed=hp.quant_clip_sigmas_embed, mlp=hp.quant_clip_sigmas_mlp, attn=hp.quant_clip_sigmas_attn)
-        return QuantSpec(tuple(bits.items()), tuple((g, k * scale) for g, k in sigmas.items()))
-
-    def bits_of(self, group: str) -> int:
-        return dict(self.bits)[group]
-
-    def sigmas_of(self, group: str) -> float:
-        return dict(self.sigmas)[group]
-
-    def coarser(self, factor: float) -> "QuantSpec":
-        return QuantSpec(self.bits, tuple((g, k * factor) for g, k in self.sigmas))
-
-    def with_bits(self, **bits: int) -> "QuantSpec":
-        return QuantSpec(tuple((g, bits.get(g, b)) for g, b in self.bits), self.sigmas)
-
-    def describe(self) -> str:
-        return " ".join(f"{g}:int{b}@k={dict(self.sigmas)[g]:.2f}" for g, b in self.bits)
-
-
-def sdclip_scale(w: Tensor, bits: int, sigmas: float) -> Tensor:
-    """fp16 per-row scale k std(row) / (2^(bits-1) - 1) (population std: a 1-column row has std 0)."""
-    qmax = 2 ** (bits - 1) - 1
-    return (sigmas * w.std(dim=1, correction=0) / qmax).clamp_min(FP16_TINY).half()
-
-
-def round_rows(w: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    return torch.clamp(torch.round(w / scale.float()[:, None]), -qmax, qmax)
-
-
-def quantize_rows(w: Tensor, bits: int, sigmas: float) -> tuple[Tensor, Tensor]:
-    """SDClip round to nearest: integers q in [-(2^(bits-1) - 1), 2^(bits-1) - 1] (float32) and the fp16
-    row scale; rounding uses the fp16-rounded scale. The fake-quantized forward and the export both call
-    this, so they agree bit for bit. Any device."""
-    w = w.detach().float()
-    scale = sdclip_scale(w, bits, sigmas)
-    return round_rows(w, scale, 2 ** (bits - 1) - 1), scale
-
-
-def dequantize_rows(q: Tensor, scale: Tensor) -> Tensor:
-    return q.float() * scale.float()[:, None]
-
-
-def quantize_ternary(w: Tensor) -> tuple[Tensor, Tensor]:
-    """Ternary q in {-1, 0, +1} (float32, w's shape) with one fp16 scale per TERNARY_GROUP inputs of a
-    row: scale = mean |w| of the group (BitNet b1.58 absmean), q = clamp(round(w / scale), -1, 1) with
-    the fp16-rounded scale. A last, shorter group averages over its own length."""
-    rows, cols = w.shape
-    groups = -(-cols // TERNARY_GROUP)
-    padded = F.pad(w.detach().float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
-    counts = torch.full((groups,), float(TERNARY_GROUP), device=w.device)
-    counts[-1] = cols - (groups - 1) * TERNARY_GROUP
-    scale = (padded.abs().sum(dim=2) / counts).clamp_min(FP16_TINY).half()
-    q = torch.clamp(torch.round(padded / scale.float()[..., None]), -1, 1)
-    return q.view(rows, -1)[:, :cols], scale
-
-
-def dequantize_ternary(q: Tensor, scale: Tensor) -> Tensor:
-    rows, cols = q.shape
-    groups = scale.shape[1]
-    padded = F.pad(q.float(), (0, groups * TERNARY_GROUP - cols)).view(rows, groups, TERNARY_GROUP)
-    return (padded * scale.float()[..., None]).view(rows, -1)[:, :cols]
-
-
-def fake_quantize(w: Tensor, scheme: str, sigmas: float = 0.0) -> Tensor:
-    """The weights export will store for `scheme` (ternary, or int<b>_row with SDClip k = sigmas), as a
-    tensor whose gradient flows straight through to w.
-    Exactly the dequantized values: deq + (w - w) adds an exact zero."""
-    with torch.no_grad():
-        if scheme == "ternary":
-            deq = dequantize_ternary(*quantize_ternary(w))
-        else:
-            deq = dequantize_rows(*quantize_rows(w, int(scheme[3]), sigmas))
-    return deq.to(w.dtype) + (w - w.detach())
-
-
-def ternary_patterns(hp: Hyperparameters) -> tuple[str, ...]:
-    return tuple(p.strip() for p in hp.ternary_patterns.split(",") if p.strip())
-
-
-def choose_scheme(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...] = ()) -> str:
-    """Weight matrices: ternary when the name contains a TERNARY_PATTERNS fragment (never the embedding
-    tables), else int<bits of its quant_group>_row. Vectors and control tensors: fp16."""
-    if t.ndim == 2 and name.endswith(".weight"):
-        if name not in EMBEDDING_TABLES and any(fragment in name for fragment in ternary):
-            return "ternary"
-        return f"int{spec.bits_of(quant_group(name))}_row"
-    return "fp16"
-
-
-def weight_group(name: str) -> str:
-    """The report's grouping of tensors: tok_emb, bigram, attn, mlp, other."""
-    for group, fragment in (("tok_emb", "tok_emb."), ("bigram", "bigram."), ("attn", ".attn."), ("mlp", ".mlp.")):
-        if fragment in name:
-            return group
-    return "other"
 
 
 def precision_ladder(spec: QuantSpec) -> list[QuantSpec]:
@@ -2237,24 +3165,6 @@ def precision_ladder(spec: QuantSpec) -> list[QuantSpec]:
     low = max(5, matrix - 1)
     ladder = [spec, spec.with_bits(mlp=low), spec.with_bits(mlp=low, attn=max(5, spec.bits_of("attn") - 1))]
     return [r for i, r in enumerate(ladder) if r not in ladder[:i]]
-
-
-def set_qat(model: nn.Module, spec: QuantSpec | None, ternary: tuple[str, ...], only_ternary: bool = False) -> int:
-    """Point every QuantLinear/QuantEmbedding at the scheme (and SDClip k) export will give its weight
-    (spec None: all off; only_ternary: just the ternary ones). Returns how many modules fake-quantize now."""
-    on = 0
-    for name, module in model.named_modules():
-        if not isinstance(module, FakeQuantWeight):
-            continue
-        if spec is None:
-            module.qat_scheme = None
-            continue
-        weight = f"{name}.weight"
-        scheme = choose_scheme(weight, module.weight, spec, ternary)
-        if scheme.startswith("ternary") or not only_ternary:
-            module.qat_scheme, module.qat_sigmas = scheme, spec.sigmas_of(quant_group(weight))
-        on += module.qat_scheme is not None
-    return on
 
 
 # --- calibration: Hessians of every quantized matrix's input ----------------------------------------
@@ -2643,15 +3553,6 @@ class DistributedQuantizer:
         return add_lqer([e for e, _ in results], hp.lqer_tensors, {e["name"]: c for e, c in results if c})
 
 
-def gather_to_main(rt: Runtime, value) -> list:
-    """Every rank's value (a picklable object) on rank 0, in rank order; [] elsewhere."""
-    if not rt.distributed:
-        return [value]
-    out = [None] * rt.world_size if rt.is_main else None
-    dist.gather_object(value, out, dst=0, group=rt.control_group)
-    return out if rt.is_main else []
-
-
 # --- entropy coding of the integer matrices -----------------------------------------------------------
 # lzma codes the integers about 2% above their entropy; an rANS coder with static tables codes them at it.
 # Each integer matrix's symbols (q + qmax) are coded under a context: its family (the tensor's name without
@@ -2815,7 +3716,7 @@ def pack_artifact(entries: list[dict], preset: int, config: dict, coder: str = "
     """Serialize quantized entries and the model-shape settings (ARCH_SETTINGS) to the compressed
     artifact (see the section comment), one xz stream. The payload holds the parts grouped by kind
     (PART_ORDER: every tensor's integers, then every scale, then the fp16 tensors), which lzma compresses
-    best of the layouts measured (README, "Byte layout"). With coder "rans" the integer matrices ("q" of
+    best of the layouts measured (docs/quantization.md, "Byte layout"). With coder "rans" the integer matrices ("q" of
     the int*_row entries) are entropy-coded instead (rans_code_matrices): their arrays go in the payload
     under "rans" in the header, the entries' "q" is marked coded. Deterministic."""
     if coder not in INT_CODERS:
@@ -2947,7 +3848,7 @@ class BudgetPlan:
     sdclip_params: int       # parameters quantized on an SDClip grid (those a factor on k shrinks)
 
 
-PLANNER_TOLERANCE = 0.1      # the planner's stated error: within 10% on Gaussian and trained CPU weights (tests, README)
+PLANNER_TOLERANCE = 0.1      # the planner's stated error: within 10% on Gaussian and trained CPU weights (tests, docs/quantization.md)
 
 
 def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
@@ -3038,892 +3939,11 @@ def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer
 
 
 # -----------------------------------------------------------------------------
-# EVALUATION
-# Windows of EVAL_SEQ_LEN inputs. The first window scores all its targets; each later window
-# ends EVAL_STRIDE further on and scores only the targets no earlier window scored, so every
-# target of the stream (positions 1 .. T-1) is scored exactly once with as much left context as
-# the window allows. Every window has the same length (a window near the start reaches forward
-# and scores only its own range). Windows are split across ranks in contiguous ranges; NLL sums
-# in float64.
-# Legal score-first test-time training (TTT_ENABLED=1): the stream is cut into chunks of
-# TTT_CHUNK_TOKENS targets; chunk k is scored with the current weights, then (except the last)
-# trained on, its training targets all inside chunk k. ttt_schedule() is the order of events;
-# the C3 audit checks, from weight fingerprints taken while it ran, that it was kept.
-# -----------------------------------------------------------------------------
-
-def sliding_windows(n_tokens: int, window: int, stride: int, lo: int = 0, hi: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Windows scoring the inputs [lo, hi) of a stream of n_tokens tokens (default: all).
-
-    Input i predicts target i + 1. Returns (starts, score_from, score_to): window j covers
-    inputs [starts[j], starts[j] + W) with W = min(window, n_tokens - 1) and scores the
-    targets of its offsets [score_from[j], score_to[j]). The first window scores up to
-    max(lo + stride, W); each later one the next stride inputs (the last one what is left).
-    """
-    n_inputs = n_tokens - 1
-    hi = n_inputs if hi is None else hi
-    w = min(window, n_inputs)
-    if lo >= hi:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy(), empty.copy()
-    first_end = min(hi, max(lo + stride, w))
-    ends = np.minimum(first_end + stride * np.arange(-(-(hi - first_end) // stride) + 1, dtype=np.int64), hi)
-    covered = np.concatenate(([lo], ends[:-1]))
-    starts = np.maximum(0, ends - w)
-    return starts, covered - starts, ends - starts
-
-
-def document_windows(tokens: np.ndarray, window: int, stride: int, lo: int = 0, hi: int | None = None,
-                     bos: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Windows scoring the inputs [lo, hi) document by document (EVAL_MODE=documents), in the format of
-    sliding_windows. A document starts at a BOS (or at the stream's start) and its inputs run to the next
-    BOS, which is its last target: the next document's BOS is predicted from the end of the one before (as
-    #1855's document spans do), so every target is scored once and the counts equal the sliding evaluation's.
-
-    The part of a document within `window` of its start is scored from a window that starts at the
-    document's start; consecutive such parts share one window while they fit in it (the model's document
-    isolation keeps them apart), so a stream of short documents costs about one forward per token. The rest
-    of a longer document is scored by sliding windows of `stride` new targets inside it. A window is moved
-    earlier only where the stream ends (never a change: what lies before a document is masked). `bos`: the
-    stream's BOS positions, when the caller has them already."""
-    n_inputs = tokens.size - 1
-    hi = n_inputs if hi is None else hi
-    w = min(window, n_inputs)
-    if lo >= hi:
-        empty = np.zeros(0, dtype=np.int64)
-        return empty, empty.copy(), empty.copy()
-    bos = np.flatnonzero(tokens[:n_inputs] == BOS_ID) if bos is None else bos
-    cuts = bos[(bos > lo) & (bos < hi)]
-    piece_lo, piece_hi = np.concatenate(([lo], cuts)), np.concatenate((cuts, [hi]))
-    before = np.searchsorted(bos, piece_lo, side="right") - 1
-    doc_start = np.where(before >= 0, bos[np.maximum(before, 0)] if bos.size else 0, 0)
-    starts, froms, tos = [], [], []
-    row = None                                    # [window start, first input scored, end] being filled
-
-    def flush():
-        if row is not None:
-            start = min(row[0], n_inputs - w)
-            starts.append(start), froms.append(row[1] - start), tos.append(row[2] - start)
-
-    for d, p, q in zip(doc_start.tolist(), piece_lo.tolist(), piece_hi.tolist()):
-        head_end = min(q, d + w)
-        if p < head_end:
-            if row is not None and row[2] == p and head_end - row[0] <= w:
-                row[2] = head_end
-            else:
-                flush()
-                row = [d, p, head_end]
-        if head_end < q:
-            flush()
-            row = None
-            s_, f_, t_ = sliding_windows(tokens.size, w, stride, max(p, head_end), q)
-            starts.extend(s_.tolist()), froms.extend(f_.tolist()), tos.extend(t_.tolist())
-    flush()
-    return np.array(starts, dtype=np.int64), np.array(froms, dtype=np.int64), np.array(tos, dtype=np.int64)
-
-
-def scoring_windows(mode: str, tokens: np.ndarray, window: int, stride: int, lo: int = 0, hi: int | None = None
-                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The windows of an evaluation mode (EVAL_MODES) over inputs [lo, hi)."""
-    if mode == "documents":
-        return document_windows(tokens, window, stride, lo, hi)
-    return sliding_windows(tokens.size, window, stride, lo, hi)
-
-
-def eval_batch_seqs(hp: Hyperparameters, rt: Runtime, n_tokens: int, window: int, stride: int,
-                    mode: str = "sliding") -> int:
-    """Windows per forward on each rank when scoring a stream of n_tokens: VAL_BATCH_SIZE tokens over all
-    ranks, but no more than a rank's share of the stream's windows (EVAL_MODE=documents: of the fewest it can
-    have, one per window of tokens; the count depends on no data). Every scoring forward of the stream has
-    exactly this many rows (short batches are padded), so a compiled model sees one shape per geometry."""
-    w = min(window, n_tokens - 1)
-    if mode == "documents":
-        n_windows = -(-(n_tokens - 1) // w)
-    else:
-        n_windows = len(sliding_windows(n_tokens, window, stride)[0])
-    return max(1, min(hp.val_batch_size // (rt.world_size * w), -(-n_windows // rt.world_size)))
-
-
-def to_device(a: np.ndarray, device: torch.device) -> Tensor:
-    """One host-to-device copy (pinned and asynchronous on CUDA)."""
-    t = torch.from_numpy(np.ascontiguousarray(a))
-    if device.type == "cuda":  # CUDA-only: a pageable copy would make the host wait
-        return t.pin_memory().to(device, non_blocking=True)
-    return t
-
-
-@dataclass
-class EvalResult:
-    val_loss: float      # mean NLL per target, nats
-    val_bpb: float       # bits per UTF-8 byte
-    val_tokens: int      # targets scored (stream length - 1)
-    val_bytes: int
-    eval_time_ms: float
-    nll: np.ndarray | None = None          # per-target NLL in stream order (rank 0, when collected)
-    evidence: "ScoringEvidence | None" = None   # what the evaluator did, for the audit (EVAL_AUDIT=1)
-
-
-class ScoringEvidence:
-    """What the evaluator did, recorded from the data it used (EVAL_AUDIT=1 only; it costs a little).
-
-    coverage[p]: how many times target position p was scored (this rank; summed over ranks by
-    finish()), taken from the very window table and mask that select the NLL summed for the score.
-    For every TTT update, the target positions it trained on, from the index tensor that built its
-    targets, are checked against the targets scored so far on any rank: C3 from data, not labels.
-    Weights are fingerprinted around every scoring call when TTT runs (scoring must not change them)."""
-
-    def __init__(self, n_tokens: int, rt: Runtime):
-        self.rt = rt
-        self.coverage = torch.zeros(n_tokens, dtype=torch.int32, device=rt.device)
-        self.updates = self.unscored_trained = 0
-        self.local_updates = self.local_unscored = 0
-        self.weights_moved = torch.zeros((), dtype=torch.bool, device=rt.device)   # by a scoring call
-        self.scoring_changed_weights = False
-
-    def scored(self, targets: Tensor) -> None:
-        self.coverage.index_add_(0, targets, torch.ones_like(targets, dtype=torch.int32))
-
-    def training_on(self, targets: Tensor) -> None:
-        """Before a TTT update: count its targets (this rank's) that no rank has scored yet."""
-        targets = targets.reshape(-1)
-        everyone = gather_tensors(self.rt, targets)
-        seen = self.coverage[everyone]
-        if self.rt.distributed:
-            dist.all_reduce(seen)
-        unscored = int((seen == 0).sum())              # the same on every rank
-        self.unscored_trained += unscored
-        self.updates += 1
-
-    def training_on_local(self, targets: Tensor) -> None:
-        """Before a per-document LoRA step (this rank's documents, no collective): count its targets this rank has
-        not scored yet (a document is scored and adapted on one rank). finish() adds the ranks' counts up."""
-        self.local_unscored += int((self.coverage[targets.reshape(-1)] == 0).sum())
-        self.local_updates += 1
-
-    def finish(self) -> Tensor:
-        """Coverage summed over ranks (every rank gets it); whether any scoring call moved a weight."""
-        local = torch.tensor([self.local_unscored, self.local_updates], dtype=torch.int64, device=self.rt.device)
-        if self.rt.distributed:
-            dist.all_reduce(self.coverage)
-            dist.all_reduce(local)
-        self.unscored_trained += int(local[0])
-        self.updates += int(local[1])
-        self.scoring_changed_weights = bool(agree_max(self.rt, [float(self.weights_moved.item())])[0])
-        return self.coverage
-
-
-def gather_tensors(rt: Runtime, t: Tensor) -> Tensor:
-    """Every rank's t (same shape on every rank), concatenated in rank order."""
-    if not rt.distributed:
-        return t
-    out = [torch.empty_like(t) for _ in range(rt.world_size)]
-    dist.all_gather(out, t)
-    return torch.cat(out)
-
-
-def weights_fingerprint(model: nn.Module) -> Tensor:
-    """A digest of all weights on the device (their L1 and L2 norms, by multi-tensor kernels, no host
-    sync): any change of a weight changes it (audit only)."""
-    with torch.no_grad():
-        params = [p.detach() for p in model.parameters()]
-        return torch.stack(torch._foreach_norm(params, 1) + torch._foreach_norm(params, 2))
-
-
-def ttt_schedule(n_chunks: int):
-    """Score chunk k, then train on it; the last chunk is never trained on."""
-    for k in range(n_chunks):
-        yield "score", k
-        if k < n_chunks - 1:
-            yield "train", k
-
-
-def ttt_seqs_per_rank(hp: Hyperparameters, rt: Runtime, seq_len: int) -> int:
-    """Whole sequences of seq_len inputs each rank trains on per chunk (a chunk's sequences dealt out)."""
-    return hp.ttt_chunk_tokens // seq_len // rt.world_size
-
-
-class TestTimeTrainer:
-    """Score-first TTT (records 04-06 and 04-09): after a chunk is scored, TTT_EPOCHS steps of SGD with
-    momentum on it, every parameter trained (TTT_LAST_N=0) or the last TTT_LAST_N blocks only; the
-    learning rate decays over the chunks (cosine from TTT_LR to 0 at the last chunk, or constant);
-    gradients averaged over ranks (one all-reduce) and clipped to TTT_GRAD_CLIP. The optimizer, and so
-    its momentum, lives across chunks. Each rank trains on its own whole sequences of the chunk, all
-    of them in one forward (one shape for a compiled model)."""
-
-    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, seq_len: int):
-        self.hp, self.rt, self.run_model, self.seq_len = hp, rt, run_model, seq_len
-        self.n_seq = ttt_seqs_per_rank(hp, rt, seq_len)
-        if self.n_seq == 0:
-            raise PipelineError(f"TTT_CHUNK_TOKENS={hp.ttt_chunk_tokens} holds fewer than one sequence of {seq_len} "
-                                f"tokens per rank ({rt.world_size} ranks): raise it")
-        blocks = model.blocks[-hp.ttt_last_n:] if hp.ttt_last_n else [model]
-        trainable = {id(p) for block in blocks for p in block.parameters()}
-        # frozen weights keep requires_grad (the compiled graphs were built so); their gradients are dropped
-        self.params = [p for p in model.parameters() if id(p) in trainable]
-        self.frozen = [p for p in model.parameters() if id(p) not in trainable]
-        self.opt = torch.optim.SGD(self.params, lr=hp.ttt_lr, momentum=hp.ttt_momentum)
-        self.chunks_trained, self.cut = 0, ""
-
-    def lr(self, k: int, n_chunks: int) -> float:
-        if self.hp.ttt_lr_schedule == "cosine":
-            return self.hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * k / max(1, n_chunks - 1)))
-        return self.hp.ttt_lr
-
-    def adapt(self, tokens: Tensor, a: int, k: int, n_chunks: int, evidence: ScoringEvidence | None) -> None:
-        """Train on chunk k, whose inputs start at stream position a: this rank's n_seq whole sequences
-        of it (targets a + 1 ... at most a + TTT_CHUNK_TOKENS, all already scored)."""
-        n_seq = min(self.n_seq, (tokens.numel() - 1 - a) // (self.seq_len * self.rt.world_size))
-        if n_seq <= 0:                 # only a chunk past the stream's end (the schedule never trains on one)
-            return
-        rows = self.rt.rank * n_seq + torch.arange(n_seq, device=tokens.device)
-        inputs = a + rows[:, None] * self.seq_len + torch.arange(self.seq_len, device=tokens.device)[None, :]
-        x, y = tokens[inputs], tokens[inputs + 1]
-        if evidence is not None:
-            evidence.training_on(inputs + 1)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr(k, n_chunks)
-        self.run_model.train()
-        for _ in range(self.hp.ttt_epochs):
-            with autocast(self.rt):
-                loss = self.run_model(x, y).mean()
-            loss.backward()
-            self.step()
-        self.run_model.eval()
-
-    def step(self) -> None:
-        """Apply the gradients of the last backward: drop the frozen ones, average over ranks, clip, SGD."""
-        for p in self.frozen:
-            p.grad = None
-        if self.rt.distributed:
-            grads = [p.grad for p in self.params]
-            flat = torch._utils._flatten_dense_tensors(grads)
-            dist.all_reduce(flat, op=dist.ReduceOp.AVG)
-            for g, avg in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
-                g.copy_(avg)
-        if self.hp.ttt_grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.params, self.hp.ttt_grad_clip)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
-
-
-class BatchedLoRA(nn.Module):
-    """One low-rank adapter per row of a batch (one document each): delta(x) = (x A) B * alpha / r, A (n, in, r)
-    uniform in +-1/sqrt(in), B (n, r, out) zero, so a fresh adapter changes nothing (#1855's BatchedLinearLoRA,
-    alpha = r here). reset() restarts every row's adapter: B to zero, A redrawn."""
-
-    def __init__(self, n: int, d_in: int, d_out: int, rank: int, gen: torch.Generator, device: torch.device):
-        super().__init__()
-        self.gen, self.bound = gen, 1.0 / math.sqrt(d_in)
-        self.A = nn.Parameter(torch.empty(n, d_in, rank, device=device))
-        self.B = nn.Parameter(torch.zeros(n, rank, d_out, device=device))
-        self.rows: Tensor | None = None        # the adapters of the rows in the forward (None: all, in order)
-        self.reset()
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            self.A.copy_((torch.rand(self.A.shape, generator=self.gen) * 2 - 1) * self.bound)
-            self.B.zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
-        return torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype))
-
-
-def lora_targets(model: GPT) -> list[QuantLinear]:
-    """The matrices per-document TTT adapts: Q, K, V and the attention output, both MLP matrices (the head
-    too, through GPT.head_lora)."""
-    return [m for b in model.blocks for m in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.proj, b.mlp.fc, b.mlp.proj)]
-
-
-def set_loras(model: GPT, loras: list[BatchedLoRA] | None) -> None:
-    """Attach (or with None detach) the adapters; set past nn.Module's registry, so they never become model
-    parameters, state or fingerprint."""
-    targets = lora_targets(model)
-    for i, m in enumerate(targets):
-        object.__setattr__(m, "lora", loras[i] if loras else None)
-    object.__setattr__(model, "head_lora", loras[len(targets)] if loras else None)
-
-
-def document_spans(tokens: np.ndarray) -> np.ndarray:
-    """(n_docs, 2) input ranges [d, e) of the stream's documents: d a BOS (or 0), e the next BOS (or the last
-    input + 1). A document's targets are d + 1 .. e: its own tokens and the next document's BOS."""
-    n_inputs = tokens.size - 1
-    starts = np.flatnonzero(tokens[:n_inputs] == BOS_ID)
-    if starts.size == 0 or starts[0] != 0:
-        starts = np.concatenate(([0], starts))
-    return np.stack((starts, np.concatenate((starts[1:], [n_inputs]))), axis=1).astype(np.int64)
-
-
-def phase_boundaries(hp: Hyperparameters, n_docs: int) -> list[int]:
-    """Documents scored before each global SGD phase: TTT_PHASES evenly spaced up to TTT_PHASE_DOCS_FRAC of
-    them (#1855: 833 / 1,666 / 2,500 of 50,000); a phase with no document is dropped."""
-    last = int(round(hp.ttt_phase_docs_frac * n_docs))
-    return sorted({last * (p + 1) // hp.ttt_phases for p in range(hp.ttt_phases)} - {0}) if hp.ttt_phases else []
-
-
-class LoRATestTimeTrainer:
-    """Phased score-first TTT with per-document LoRA (records #1610/#1626 phased TTT, #1855's settings).
-
-    Documents are taken in stream order, TTT_LORA_DOCS per rank at a time (one global batch = that many on every
-    rank). Each document gets a fresh rank-TTT_LORA_RANK LoRA on every block's Q, K, V, attention output and MLP
-    matrices and on the head, trained by its own AdamW (betas (0, 0.999), weight decay 1, as #1855). A document is
-    read in chunks of TTT_LORA_CHUNK targets: each chunk is scored by a forward of its window (the document's
-    last `window` inputs up to the chunk's end) through the current LoRA, and that same forward's loss on the
-    chunk (already scored) then takes one LoRA step, so chunk c + 1 is scored by a LoRA trained on chunks
-    0 .. c only. Documents in one batch are independent rows (document isolation, one adapter per row).
-
-    Global phases: once the documents before a boundary of phase_boundaries() are all scored, the whole model
-    takes one SGD epoch (TTT_PHASE_LR, cosine over its chunks, TTT_MOMENTUM, TTT_GRAD_CLIP, TTT_LAST_N) on the
-    stream up to the end of those documents, in TTT_CHUNK_TOKENS chunks (TestTimeTrainer's step), and later
-    documents are scored by the updated model. `allowed` (the evaluation budget, item 4) may stop phases and
-    LoRA training at any point; every target is still scored once."""
-
-    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, window: int):
-        self.hp, self.rt, self.model, self.run_model, self.window = hp, rt, model, run_model, window
-        self.gen = torch.Generator().manual_seed(hp.seed)
-        dims = [(m.in_features, m.out_features) for m in lora_targets(model)]
-        dims.append((model.tok_emb.embedding_dim, model.tok_emb.num_embeddings))
-        self.loras = [BatchedLoRA(hp.ttt_lora_docs, a, b, hp.ttt_lora_rank, self.gen, rt.device) for a, b in dims]
-        self.params = [p for lora in self.loras for p in lora.parameters()]
-        self.phases_done = self.docs_adapted = 0
-        self.cut = ""
-
-    def score_documents(self, tokens: Tensor, spans: np.ndarray, train: bool, evidence: "ScoringEvidence | None"
-                        ) -> tuple[Tensor, Tensor, list]:
-        """Score (and with `train`, adapt to) up to TTT_LORA_DOCS documents [d, e): (NLL sum, targets, (positions,
-        NLLs) pieces in scoring order). Each chunk step runs only the documents not yet finished, each row as long
-        as the longest window among them needs (rounded up to 64 tokens)."""
-        # a chunk is scored by one row of at most the window: longer chunks are cut to it (else their first
-        # targets would be left unscored)
-        hp, C, n_inputs, dev = self.hp, min(self.hp.ttt_lora_chunk, self.window), tokens.numel() - 1, self.rt.device
-        for lora in self.loras:
-            lora.reset()
-        opt = torch.optim.AdamW(self.params, lr=hp.ttt_lora_lr, betas=(0.0, 0.999), eps=1e-10, weight_decay=1.0)
-        d_all = torch.from_numpy(spans[:, 0]).to(dev)
-        e_all = torch.from_numpy(spans[:, 1]).to(dev)
-        nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        scored = torch.zeros((), dtype=torch.int64, device=dev)
-        pieces = []
-        set_loras(self.model, self.loras)
-        try:
-            for c in range(int(-(-(spans[:, 1] - spans[:, 0]).max() // C)) if len(spans) else 0):
-                rows = torch.nonzero(d_all + c * C < e_all).flatten()      # documents with a chunk c
-                d, e = d_all[rows], e_all[rows]
-                cs = d + c * C
-                ce = torch.minimum(cs + C, e)
-                need = int((ce - torch.maximum(d, ce - self.window)).max())
-                length = min(self.window, n_inputs, -(-need // 64) * 64)
-                start = torch.clamp(torch.minimum(torch.maximum(d, ce - length), torch.full_like(d, n_inputs - length)),
-                                    min=0)
-                positions = start[:, None] + torch.arange(length + 1, device=dev)[None, :]
-                seq = tokens[positions]
-                offsets = torch.arange(length, device=dev)[None, :]
-                mask = (offsets >= (cs - start)[:, None]) & (offsets < (ce - start)[:, None])
-                learn = train and bool((ce < e).any())
-                for lora in self.loras:
-                    lora.rows = rows
-                with torch.enable_grad() if learn else torch.no_grad(), autocast(self.rt):
-                    nll = self.model(seq[:, :-1], seq[:, 1:])
-                targets = positions[:, 1:][mask]
-                chunk_nll = nll.detach().double()[mask]
-                nll_sum += chunk_nll.sum()
-                scored += mask.sum()
-                pieces.append((targets.cpu(), chunk_nll.cpu()))
-                if evidence is not None:
-                    evidence.scored(targets)
-                if learn:              # the chunk just scored; a document's last chunk is never trained on
-                    keep = mask & (ce < e)[:, None]
-                    if evidence is not None:
-                        evidence.training_on_local(positions[:, 1:][keep])
-                    ((nll * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).sum().backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-        finally:
-            for lora in self.loras:
-                lora.rows = None
-            set_loras(self.model, None)
-        return nll_sum, scored, pieces
-
-    def global_phase(self, tokens: Tensor, spans: np.ndarray, evidence: "ScoringEvidence | None") -> None:
-        """One SGD epoch of the whole model (or its last TTT_LAST_N blocks) on documents already scored, `spans`
-        in stream order: their inputs laid end to end (document isolation keeps them apart) and cut into rows of
-        `window`, TTT_CHUNK_TOKENS // window rows per rank per step, gradients averaged over ranks, clipped to
-        TTT_GRAD_CLIP, TTT_PHASE_LR on a cosine over the steps, TTT_MOMENTUM. The evidence checks every step's
-        targets (their stream positions) against what every rank has scored."""
-        hp, rt, w = self.hp, self.rt, self.window
-        idx = torch.cat([torch.arange(d, e) for d, e in spans.tolist()]).to(rt.device)
-        n_seq = ttt_seqs_per_rank(hp, rt, w)
-        steps = idx.numel() // (w * n_seq * rt.world_size)
-        if steps == 0:
-            return
-        trainer = TestTimeTrainer(hp, rt, self.model, self.run_model, w)
-        self.model.train()
-        for k in range(steps):
-            rows = (k * rt.world_size + rt.rank) * n_seq + torch.arange(n_seq, device=rt.device)
-            inputs = idx[rows[:, None] * w + torch.arange(w, device=rt.device)[None, :]]
-            if evidence is not None:
-                evidence.training_on(inputs + 1)
-            for group in trainer.opt.param_groups:
-                group["lr"] = hp.ttt_phase_lr * 0.5 * (1.0 + math.cos(math.pi * k / steps))
-            with autocast(rt):
-                loss = self.model(tokens[inputs], tokens[inputs + 1]).mean()
-            loss.backward()
-            trainer.step()
-        self.model.eval()
-
-
-@torch.no_grad()
-def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: Tensor, starts: np.ndarray,
-                  score_from: np.ndarray, score_to: np.ndarray, w: int, batch: int, collect: bool,
-                  evidence: ScoringEvidence | None = None) -> tuple[Tensor, Tensor, list]:
-    """This rank's share of the windows: (NLL sum float64, targets scored, per-target NLL pieces).
-
-    The share is padded to whole batches of `batch` windows (eval_batch_seqs) with windows that score
-    nothing, and its window table is copied to the device once: the loop issues no host-device copy."""
-    lo, hi = rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size
-    padded = -(-(hi - lo) // batch) * batch
-    table = np.zeros((3, padded), dtype=np.int64)
-    table[1:, :] = w                                      # padding windows score the empty range [w, w)
-    table[:, :hi - lo] = starts[lo:hi], score_from[lo:hi], score_to[lo:hi]
-    s, first, last = to_device(table, rt.device)
-    offsets = torch.arange(w + 1, device=rt.device)
-    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-    scored = torch.zeros((), dtype=torch.int64, device=rt.device)
-    pieces = []
-    for b in range(0, padded, batch):
-        positions = s[b:b + batch, None] + offsets[None, :]
-        seq = tokens[positions]
-        with autocast(rt):       # contiguous inputs and targets, as everywhere: one stride for dynamo's guards
-            nll = run_model(seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
-        mask = (offsets[None, :w] >= first[b:b + batch, None]) & (offsets[None, :w] < last[b:b + batch, None])
-        nll_sum += (nll.double() * mask).sum()
-        scored += mask.sum()
-        if evidence is not None:
-            evidence.scored(positions[:, 1:][mask])
-        if collect:
-            pieces.append(nll.double()[mask].cpu())
-    return nll_sum, scored, pieces
-
-
-def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, tables,
-             window: int, stride: int, ttt: TestTimeTrainer | None = None, collect: bool = False,
-             audit: bool = False, mode: str = "sliding", budget: "EvalBudget | None" = None) -> EvalResult:
-    """Score every target of `tokens` once (see the section comment), with the windows of `mode`
-    (EVAL_MODES). All ranks return the same sums; with collect=True rank 0 also gets the per-target NLL in
-    stream order; with audit=True the result carries the ScoringEvidence. With TTT and a budget, a chunk is
-    trained on only while the budget affords the slowest training step so far (before any: TTT_EPOCHS x
-    TRAIN_STEP_COST x the plain rate per target) and the scoring of what is left; after the first refusal no
-    chunk is trained on (ttt.cut = "chunks")."""
-    t_start = time.perf_counter()
-    run_model.eval()
-    n_inputs = tokens.size - 1
-    w = min(window, n_inputs)
-    chunk = hp.ttt_chunk_tokens if ttt is not None else n_inputs
-    bounds = [(a, min(a + chunk, n_inputs)) for a in range(0, n_inputs, chunk)]
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    all_tokens = to_device(tokens, rt.device)
-    evidence = ScoringEvidence(tokens.size, rt) if audit else None
-    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-    scored = torch.zeros((), dtype=torch.int64, device=rt.device)
-    per_target = []
-    slowest = 0.0
-    for event, k in ttt_schedule(len(bounds)):
-        a, b = bounds[k]
-        if event == "train":
-            if budget is not None and not ttt.cut:
-                cost = slowest or hp.ttt_epochs * TRAIN_STEP_COST * budget.rate * (b - a)
-                if not budget.can_afford(cost, n_inputs - b):
-                    ttt.cut = "chunks"
-            if ttt.cut:
-                continue
-            t0 = time.perf_counter()
-            ttt.adapt(all_tokens, a, k, len(bounds), evidence)
-            ttt.chunks_trained += 1
-            slowest = max(slowest, time.perf_counter() - t0)
-            continue
-        before = weights_fingerprint(run_model) if evidence is not None else None
-        windows = scoring_windows(mode, tokens, window, stride, a, b)
-        part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
-                                                      evidence)
-        nll_sum += part_sum
-        scored += part_scored
-        if collect:
-            per_target.extend(gather(rt, torch.cat(pieces).numpy() if pieces else np.zeros(0)))
-        if before is not None:
-            evidence.weights_moved |= (weights_fingerprint(run_model) != before).any()
-    run_model.train()
-    return scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start,
-                         np.concatenate(per_target) if collect else None)
-
-
-def scored_result(rt: Runtime, tokens: np.ndarray, tables, nll_sum: Tensor, scored: Tensor,
-                  evidence: "ScoringEvidence | None", t_start: float, per_target: np.ndarray | None) -> EvalResult:
-    """The end of every scoring pass: the NLL sum and the target count added up over ranks, the evidence
-    closed, the count checked against every target of `tokens`, val_loss (nats per target) and val_bpb
-    (bits per byte of the targets)."""
-    n_inputs = tokens.size - 1
-    if rt.distributed:
-        dist.all_reduce(nll_sum)
-        dist.all_reduce(scored)
-    if evidence is not None:
-        evidence.finish()
-    if int(scored.item()) != n_inputs:
-        raise RuntimeError(f"evaluation scored {int(scored.item())} targets, expected {n_inputs}")
-    total_bytes = int(target_bytes(tokens[:-1], tokens[1:], tables).sum())
-    if total_bytes == 0:
-        raise PipelineError("the validation stream's targets stand for 0 bytes; val_bpb is undefined")
-    return EvalResult(nll_sum.item() / n_inputs, nll_sum.item() / (math.log(2) * total_bytes), n_inputs, total_bytes,
-                      1e3 * (time.perf_counter() - t_start), per_target, evidence)
-
-
-TRAIN_STEP_COST = 3.0       # TTT before a step is measured: forward + backward of each token it runs, x the plain rate
-SCORE_RESERVE = 1.5         # scoring what is left without TTT: x the plain rate, for the slower document windows
-
-
-class EvalBudget:
-    """EVAL_TIME_LIMIT_SECONDS kept at run time: seconds since `t0` (the artifact's load: compiles, the audit and
-    the plain pass count) against the limit (0 = none). can_afford(cost, rest) says whether `cost` more seconds
-    of TTT still leave time to score `rest` targets without TTT at the measured plain rate (seconds per target of
-    the plain pass) x SCORE_RESERVE; every rank takes the slowest rank's view, so all decide alike."""
-
-    def __init__(self, hp: Hyperparameters, rt: Runtime, t0: float, plain_s_per_target: float):
-        self.limit, self.rt, self.t0, self.rate = hp.eval_time_limit_seconds, rt, t0, plain_s_per_target
-
-    def elapsed(self) -> float:
-        return time.perf_counter() - self.t0
-
-    def can_afford(self, cost: float, rest_targets: int) -> bool:
-        if not self.limit:
-            return True
-        elapsed, cost = agree_max(self.rt, [self.elapsed(), cost])
-        return elapsed + cost + rest_targets * self.rate * SCORE_RESERVE <= self.limit
-
-
-def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTrainer, tokens: np.ndarray, tables,
-                      window: int, stride: int, budget: EvalBudget | None = None, collect: bool = False,
-                      audit: bool = False) -> EvalResult:
-    """EVAL_MODE=documents with TTT_METHOD=lora: documents in global batches (TTT_LORA_DOCS per rank), each
-    scored chunk by chunk through its own LoRA (LoRATestTimeTrainer), global SGD phases at phase_boundaries().
-    With a budget, a phase runs only if the budget can afford it (its tokens x TRAIN_STEP_COST x the plain rate)
-    and a batch is adapted only if the slowest batch so far fits (before any: the tokens its chunk steps run,
-    lora_tokens_processed, x TRAIN_STEP_COST x the plain rate; documents go longest first, so the first batch is
-    the slowest);
-    once a batch cannot be, TTT stops and the documents left are scored by document_windows without it. Every
-    target is scored once either way; trainer.cut says what was cut."""
-    t_start = time.perf_counter()
-    model = trainer.model
-    # longest documents first (#1855's global batches): a batch's documents need about as many chunks each
-    spans = document_spans(tokens)
-    order = np.argsort(-(spans[:, 1] - spans[:, 0]), kind="stable")
-    spans = spans[order]
-    n_docs, n_inputs = len(spans), tokens.size - 1
-    per_rank = hp.ttt_lora_docs
-    group = per_rank * rt.world_size
-    boundaries = phase_boundaries(hp, n_docs)
-    all_tokens = to_device(tokens, rt.device)
-    evidence = ScoringEvidence(tokens.size, rt) if audit else None
-    nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
-    scored = torch.zeros((), dtype=torch.int64, device=rt.device)
-    pieces, slowest, g = [], 0.0, 0
-    rate = budget.rate if budget is not None else 0.0
-    base = [p for p in model.parameters() if p.requires_grad]
-    model.eval()
-    left = n_inputs                                     # targets not yet scored
-    while g * group < n_docs:
-        lo = g * group
-        batch_targets = int((spans[lo:lo + group, 1] - spans[lo:lo + group, 0]).sum())
-        mine = spans[lo + rt.rank * per_rank:min(lo + (rt.rank + 1) * per_rank, n_docs)]
-        cost = slowest or TRAIN_STEP_COST * rate * lora_tokens_processed(hp, mine[:, 1] - mine[:, 0], window)
-        if budget is not None and not budget.can_afford(cost, left - batch_targets):
-            trainer.cut = "lora"
-            break
-        t0 = time.perf_counter()
-        for p in base:
-            p.requires_grad_(False)
-        part_sum, part_scored, part = trainer.score_documents(all_tokens, mine, True, evidence)
-        for p in base:
-            p.requires_grad_(True)
-        nll_sum += part_sum
-        scored += part_scored
-        pieces.extend(part)
-        trainer.docs_adapted += len(mine)
-        slowest = max(slowest, time.perf_counter() - t0)
-        left -= batch_targets
-        g += 1
-        done = min(g * group, n_docs)
-        while boundaries and boundaries[0] <= done:
-            scored_spans = np.sort(spans[:boundaries.pop(0)], axis=0)      # in stream order
-            phase_cost = TRAIN_STEP_COST * rate * int((scored_spans[:, 1] - scored_spans[:, 0]).sum())
-            if budget is not None and not budget.can_afford(phase_cost + slowest, left):
-                trainer.cut = trainer.cut or "phases"
-                boundaries = []
-                break
-            trainer.global_phase(all_tokens, scored_spans, evidence)
-            trainer.phases_done += 1
-    trainer.docs_adapted = int(sum(gather(rt, trainer.docs_adapted)))
-    if g * group < n_docs:                         # the rest, scored without TTT, document by document
-        rest = np.sort(spans[g * group:], axis=0)
-        joined = np.flatnonzero(rest[1:, 0] != rest[:-1, 1]) + 1          # runs of neighbouring documents
-        runs = zip(rest[np.concatenate(([0], joined)), 0].tolist(), rest[np.concatenate((joined - 1, [-1])), 1].tolist())
-        bos = np.flatnonzero(tokens[:n_inputs] == BOS_ID)
-        windows = [np.concatenate(parts) for parts in zip(*[document_windows(tokens, window, stride, d, e, bos)
-                                                             for d, e in runs])]
-        batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, "documents")
-        part_sum, part_scored, part = score_windows(hp, rt, trainer.run_model, all_tokens, *windows,
-                                                    min(window, n_inputs), batch, collect, evidence)
-        nll_sum += part_sum
-        scored += part_scored
-        rest_nll = torch.cat(part).numpy() if part else np.zeros(0)
-        rest_pos = np.concatenate([np.arange(d + 1, e + 1) for d, e in rest.tolist()])
-    model.train()
-    per_target = None
-    if collect:
-        positions = torch.cat([p for p, _ in pieces]).numpy() if pieces else np.zeros(0, dtype=np.int64)
-        values = torch.cat([v for _, v in pieces]).numpy() if pieces else np.zeros(0)
-        per_target = np.zeros(n_inputs)
-        for pos, val in gather(rt, (positions, values)):
-            per_target[pos - 1] = val
-        if g * group < n_docs:
-            per_target[rest_pos - 1] = np.concatenate(gather(rt, rest_nll))
-    return scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start, per_target)
-
-
-# -----------------------------------------------------------------------------
-# SELF-AUDIT (EVAL_AUDIT=1)
-# Checks, on the weights being scored, the four rules of ../shared/RULES.md "What evaluation
-# may do": C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 and C2 run the
-# evaluator's own forward (same batch shape) on several windows of the schedule, the first, a middle
-# one and the last, every position of each (the scored tail included); C3 and C4 read the
-# ScoringEvidence the evaluator recorded from the data it used.
-# -----------------------------------------------------------------------------
-
-CAUSALITY_TOLERANCE = 1e-4       # max |delta NLL| of earlier targets when later tokens change ...
-NORMALIZATION_TOLERANCE = 1e-4   # max |sum_v p(v) - 1| ...
-NOISE_TOLERANCE_FACTOR = 2.0     # ... each plus this many times the noise between identical rows of the same run,
-NOISE_CEILING_NATS = 0.01        # which may be at most this: above it the audit cannot certify, it fails
-
-
-def audit_windows(tokens: np.ndarray, window: int, stride: int, mode: str = "sliding") -> list[int]:
-    """Start positions of the windows the audit checks: the schedule's first, middle and last."""
-    starts = scoring_windows(mode, tokens, window, stride)[0]
-    return sorted({int(starts[0]), int(starts[len(starts) // 2]), int(starts[-1])})
-
-
-def other_document_rows(tokens: np.ndarray, window: int, n_rows: int = 3) -> list[tuple[int, int]]:
-    """(window start, offset b of a BOS inside it) for up to n_rows windows of the evaluator's length, each with a
-    document beginning halfway in (after another document), at BOS positions spread over the stream."""
-    n_inputs = tokens.size - 1
-    w = min(window, n_inputs)
-    bos = np.flatnonzero(tokens[1:n_inputs] == BOS_ID) + 1
-    pick = bos[np.unique(np.linspace(0, bos.size - 1, n_rows).round().astype(int))] if bos.size else bos
-    starts = np.clip(pick - w // 2, 0, n_inputs - w)
-    return [(int(s_), int(p - s_)) for s_, p in zip(starts, pick)]
-
-
-@torch.no_grad()
-def forward_rows(rt: Runtime, run_model: nn.Module, x: Tensor, y: Tensor, batch: int) -> Tensor:
-    """NLL (float64) of rows of inputs x and targets y (N, w), in batches of the evaluator's shape: row i
-    is computed in row i % batch of its batch."""
-    out = []
-    for b in range(0, x.size(0), batch):
-        xb, yb = x[b:b + batch], y[b:b + batch]
-        pad = batch - xb.size(0)
-        with autocast(rt):
-            nll = run_model(F.pad(xb, (0, 0, 0, pad)), F.pad(yb, (0, 0, 0, pad)))
-        out.append(nll[:batch - pad].double())
-    return torch.cat(out)
-
-
-@torch.no_grad()
-def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                    stride: int, mode: str = "sliding") -> dict:
-    """C1: in each audited window, the NLL at every position before a cut is unchanged when every input
-    and every target from the cut on is replaced by a different random token; cuts at a quarter, a half,
-    inside the last stride (the scored tail) and at the last position. Inputs and targets are replaced
-    independently, so a model that reads position t's own target through input t + 1 fails too.
-
-    Each variant is scored in the batch row its original was scored in, in a batch of the same shape:
-    on a GPU the rounding of a row can depend on where it sits (split-K bf16 GEMMs), which would fail
-    an honest model if the two were compared across rows. The tolerance is set from the noise between
-    identical rows of this run in the same places (the originals scored twice), at most
-    NOISE_CEILING_NATS, and logged beside the check with the noise between identical rows in other
-    places (for the reader: the comparisons never cross rows, so a model cannot widen the tolerance
-    by rounding rows differently on purpose).
-
-    EVAL_MODE=documents adds the other half of "context only from itself": in windows that hold a document after
-    another (other_document_rows), every input and target before that document's BOS (another document's tokens)
-    is replaced, and the document's NLLs must not move (causality_other_documents_*)."""
-    w = min(window, tokens.size - 1)
-    gen = torch.Generator().manual_seed(hp.seed)
-    vocab = max(2, int(tokens.max()) + 1)
-    cuts = sorted({max(1, w // 4), max(1, w // 2), max(1, w - max(1, min(stride, w) // 2)), max(1, w - 1)})
-    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in audit_windows(tokens, window, stride, mode)])
-    x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    run_model.eval()
-    score = functools.partial(forward_rows, rt, run_model, batch=batch)
-    base = score(x0, y0)
-    same_rows = (score(x0, y0) - base).abs().max().item()
-    other_rows = (score(x0.roll(1, 0), y0.roll(1, 0)).roll(-1, 0) - base).abs().max().item()
-    worst = 0.0
-    for cut in cuts:
-        x, y = x0.clone(), y0.clone()
-        for t in (x, y):        # shift by 1..vocab-1 (mod vocab): every replaced token differs
-            t[:, cut:] = (t[:, cut:] + torch.randint(1, vocab, (t.size(0), w - cut), generator=gen).to(rt.device)) % vocab
-        worst = max(worst, (score(x, y)[:, :cut] - base[:, :cut]).abs().max().item())
-    n_windows = seqs.size(0)
-    docs = other_document_rows(tokens, window) if mode == "documents" else []
-    worst_docs = 0.0
-    if docs:
-        seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s, _ in docs])
-        x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
-        base = score(x0, y0)
-        x, y = x0.clone(), y0.clone()
-        for row, (_, b) in enumerate(docs):   # inputs before the BOS at b, and their targets but that BOS
-            for t, n in ((x, b), (y, b - 1)):
-                t[row, :n] = (t[row, :n] + torch.randint(1, vocab, (n,), generator=gen).to(rt.device)) % vocab
-        moved = (score(x, y) - base).abs()
-        worst_docs = max(moved[row, b:].max().item() for row, (_, b) in enumerate(docs))
-    run_model.train()
-    worst, worst_docs, same_rows, other_rows = agree_max(rt, [worst, worst_docs, same_rows, other_rows])
-    tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * same_rows
-    return dict(causality_ok=worst <= tolerance and worst_docs <= tolerance and same_rows <= NOISE_CEILING_NATS,
-                causality_max_abs_dnll=worst, causality_windows=n_windows, causality_cuts=cuts,
-                causality_tolerance=tolerance, causality_noise_same_rows=same_rows,
-                causality_noise_other_rows=other_rows, causality_other_documents_windows=len(docs),
-                causality_other_documents_max_abs_dnll=worst_docs)
-
-
-@torch.no_grad()
-def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                        stride: int, vocab_size: int, mode: str = "sliding") -> dict:
-    """C2: in each audited window, exp(-NLL) the evaluator's forward gives each of the vocab_size possible
-    next tokens sums to 1 at every position (the scored tail included). Candidate tokens are dealt out to
-    the ranks in batches of the evaluator's shape; the sums are added up over ranks.
-
-    Each candidate sits in its own row, and on a GPU a row's rounding can depend on where it sits, which
-    moves each p(v) by a factor of up to exp(noise) and their sum by up to expm1(noise). The noise is
-    measured in this run: each rank's first batch of candidates is scored again with every candidate in
-    another row; the tolerance adds NOISE_TOLERANCE_FACTOR x expm1(largest |delta NLL|), logged beside it.
-    A noise above NOISE_CEILING_NATS fails the check: a model that rounds rows differently on purpose
-    could otherwise widen the tolerance until an unnormalized score passed."""
-    w = min(window, tokens.size - 1)
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    worst, n_windows, noise = 0.0, 0, 0.0
-    run_model.eval()
-    for start in audit_windows(tokens, window, stride, mode):
-        x = torch.from_numpy(tokens[start:start + w]).to(rt.device)[None]
-        total = torch.zeros(w, dtype=torch.float64, device=rt.device)
-        for i, v0 in enumerate(range(0, vocab_size, batch)):
-            if i % rt.world_size != rt.rank:
-                continue
-            v = torch.arange(v0, min(v0 + batch, vocab_size), device=rt.device)
-            nll = forward_rows(rt, run_model, x.expand(v.numel(), w), v[:, None].expand(-1, w), batch)
-            total += torch.exp(-nll).sum(dim=0)
-            if i < rt.world_size:     # this rank's first batch, each candidate moved one row on
-                moved = forward_rows(rt, run_model, x.expand(v.numel(), w), v.roll(1)[:, None].expand(-1, w), batch)
-                noise = max(noise, (moved.roll(-1, 0) - nll).abs().max().item())
-        if rt.distributed:
-            dist.all_reduce(total)
-        worst = max(worst, (total - 1.0).abs().max().item())
-        n_windows += 1
-    run_model.train()
-    noise = agree_max(rt, [noise])[0]
-    tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(noise)
-    return dict(normalization_ok=worst <= tolerance and noise <= NOISE_CEILING_NATS,
-                normalization_max_abs_dev=worst, normalization_windows=n_windows,
-                normalization_tolerance=tolerance, normalization_noise_nll=noise)
-
-
-@torch.no_grad()
-def audit_row_independence(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                           stride: int, tolerance: float, mode: str = "sliding") -> dict:
-    """C1 across the rows of a batch: the final evaluation scores consecutive windows side by side, and
-    with a stride below the window a later row holds an earlier row's future, so a forward that read
-    another row would leak it while C1's windows, scored apart, saw nothing. A batch of consecutive
-    windows from the middle of the stream is scored as the evaluator scores it; then rows 0, 1, the middle
-    one and the last are each scored again in the same row with every other row replaced by random
-    tokens. Their NLLs must not move (C1's tolerance). The rows have the evaluator's batch shape in either
-    EVAL_MODE (overlapping windows are the harder case: a row's future sits in the next one)."""
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    w = min(window, tokens.size - 1)
-    starts = sliding_windows(tokens.size, window, stride)[0]
-    first = max(0, min(len(starts) // 2, len(starts) - batch))
-    picked = starts[first:first + batch]
-    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in picked]).to(rt.device)
-    x0, y0 = seqs[:, :-1], seqs[:, 1:]
-    score = functools.partial(forward_rows, rt, run_model, batch=batch)
-    run_model.eval()
-    base = score(x0, y0)
-    gen = torch.Generator().manual_seed(hp.seed + 1)
-    vocab = max(2, int(tokens.max()) + 1)
-    rows = sorted({0, min(1, len(picked) - 1), len(picked) // 2, len(picked) - 1})
-    worst = 0.0
-    for r in rows:
-        x = torch.randint(0, vocab, x0.shape, generator=gen).to(rt.device)
-        y = torch.randint(0, vocab, y0.shape, generator=gen).to(rt.device)
-        x[r], y[r] = x0[r], y0[r]
-        worst = max(worst, (score(x, y)[r] - base[r]).abs().max().item())
-    run_model.train()
-    worst = agree_max(rt, [worst])[0]
-    return dict(rows_independent_ok=worst <= tolerance, rows_independent_max_abs_dnll=worst,
-                rows_independent_batch=len(picked), rows_independent_rows=rows)
-
-
-def audit_score_before_update(evidence: ScoringEvidence, ttt_on: bool) -> dict:
-    """C3 from the evidence: no TTT update trained on a target no rank had scored yet, and scoring never
-    changed the weights."""
-    ok = evidence.unscored_trained == 0 and not evidence.scoring_changed_weights
-    return dict(score_before_update_ok=bool(ok), ttt_updates=evidence.updates if ttt_on else 0,
-                ttt_unscored_targets_trained=evidence.unscored_trained,
-                scoring_changed_weights=evidence.scoring_changed_weights)
-
-
-def audit_one_pass(evidence: ScoringEvidence) -> dict:
-    """C4 from the coverage count summed over ranks: every target position 1 .. T-1 scored exactly
-    once, position 0 (never a target) not at all."""
-    coverage = evidence.coverage
-    counts = torch.bincount(coverage[1:].long().clamp(max=2), minlength=3).tolist()
-    ok = int(coverage[0]) == 0 and counts[0] == 0 and counts[2] == 0
-    return dict(one_pass_ok=bool(ok), targets_scored_once=counts[1], targets_never_scored=counts[0],
-                targets_scored_twice_or_more=counts[2], targets_expected=int(coverage.numel() - 1))
-
-
-# -----------------------------------------------------------------------------
 # PIPELINE
 # run_pipeline() reads as the pipeline, one call per stage. Rank 0 alone writes files; every rank
 # takes part in calibration and GPTQ, loads the written artifact back and scores it. Evaluation time
 # runs from the artifact's load to the final score, every pass in between counted.
 # -----------------------------------------------------------------------------
-
-def on_main(rt: Runtime, fn):
-    """Run fn() on rank 0 and hand its result to every rank. Whatever fn raises there is raised on every
-    rank as a PipelineError (anything but a PipelineError after its traceback is printed), so no rank is
-    left waiting in a collective for a rank 0 that has failed."""
-    box = [None, None]
-    if rt.is_main:
-        try:
-            box[0] = fn()
-        except PipelineError as e:
-            box[1] = str(e)
-        except Exception as e:
-            traceback.print_exc()
-            box[1] = f"internal error on rank 0: {type(e).__name__}: {e}"
-    if rt.distributed:
-        dist.broadcast_object_list(box, src=0, group=rt.control_group)
-    if box[1] is not None:
-        raise PipelineError(box[1])
-    return box[0]
-
-
-def gather(rt: Runtime, value) -> list:
-    """Every rank's value, in rank order (a small Python object)."""
-    if not rt.distributed:
-        return [value]
-    out = [None] * rt.world_size
-    dist.all_gather_object(out, value, group=rt.control_group)
-    return out
-
 
 class StageTimes:
     """Wall time of each stage of the run in ms (summary `stage_ms`), the device synchronised at both
@@ -3945,6 +3965,24 @@ class StageTimes:
         finally:
             self.sync()
             self.ms[name] = self.ms.get(name, 0.0) + 1e3 * (time.perf_counter() - start)
+
+
+def environment_report(rt: Runtime) -> list[str]:
+    """Versions and hardware, for the head of the log."""
+    lines = [f"python:{platform.python_version()} torch:{torch.__version__} numpy:{np.__version__} "
+             f"cuda:{torch.version.cuda} platform:{platform.platform()}",
+             f"world_size:{rt.world_size} device:{rt.device.type} "
+             f"compute_dtype:{rt.autocast_dtype or torch.float32} attention:{attention_backend(rt.device, rt.autocast_dtype)}"]
+    if rt.device.type == "cuda":  # CUDA-only
+        lines.append(f"gpu:{torch.cuda.get_device_name(rt.device)} x{rt.world_size}")
+        try:
+            smi = subprocess.run(["nvidia-smi"], capture_output=True, text=True, timeout=20).stdout
+            lines.append(smi)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    else:
+        lines.append(f"cpu:{platform.processor() or platform.machine()} threads:{torch.get_num_threads()}")
+    return lines
 
 
 def log_eval(log: RunLog, label: str, r: EvalResult) -> None:
@@ -4079,20 +4117,6 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
     return LoadEvidence(sha256_per_rank=[e["sha256"] for e in per_rank], state_sha256_per_rank=[e["state"] for e in per_rank],
                         probe_nll_per_rank=[e["probe_nll"] for e in per_rank], quant_bits=config.get("quant_bits"),
                         quant_ternary=config.get("ternary_patterns", ""))
-
-
-def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int) -> int:
-    """Tokens LoRATestTimeTrainer runs forward and backward through for documents of these lengths (inputs per
-    document): longest first, TTT_LORA_DOCS at a time, each chunk step over the documents not yet finished, rows as
-    long as the longest window among them needs, rounded up to 64 (per rank; world size does not change it)."""
-    lengths, total, C = np.sort(lengths)[::-1], 0, min(hp.ttt_lora_chunk, window)
-    for i in range(0, lengths.size, hp.ttt_lora_docs):
-        batch = lengths[i:i + hp.ttt_lora_docs]
-        for c in range(-(-int(batch[0]) // C)):
-            active = batch[batch > c * C]
-            need = int(min(window, int(np.minimum((c + 1) * C, active).max())))
-            total += active.size * min(window, -(-need // 64) * 64)
-    return total
 
 
 def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, window: int, stride: int
@@ -4252,12 +4276,6 @@ def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream,
         "Hessians, " + (f"ended at {end_ms:.0f}ms of the training clock (training-data deadline "
                         f"{training_deadline_ms(hp):.0f}ms)" if reads_data else "no training data read"))
     return hessians, end_ms
-
-
-def eval_geometry(hp: Hyperparameters) -> tuple[int, int]:
-    """(window, stride) of the final evaluation."""
-    window = hp.eval_seq_len or hp.train_seq_len
-    return window, hp.eval_stride or window
 
 
 def saved_artifact(path: str) -> ArtifactResult:
