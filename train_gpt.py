@@ -4027,7 +4027,7 @@ def export_artifact(hp: Hyperparameters, rt: Runtime, model: GPT, path: str, pla
                     hessians: dict[str, Tensor] | None, log: RunLog, stages: StageTimes) -> ArtifactResult:
     """Quantize (every rank), fit the budget, write the artifact (rank 0; never over an existing file).
     Returns what was written, with its `quant` record, on every rank."""
-    config = {name: hp.values[name] for name in ARCH_SETTINGS}
+    config = {name: getattr(hp, name.lower()) for name in ARCH_SETTINGS}
     config.update(recurrence_on=model.recurrence_on, ternary_patterns=hp.ternary_patterns)
     quantizer = DistributedQuantizer(hp, rt, model.state_dict(), hessians)
     blob, entries, spec, tried = fit_budget(hp, rt, quantizer, plan, config, log, stages)
