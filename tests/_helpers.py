@@ -5,10 +5,17 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+from pathlib import Path
 
 import torch
 
 import train_gpt
+
+# A folder holding the challenge's tokenizers (tokenizers/: fineweb_1024_bpe.model, fineweb_8192_bpe.model and the
+# CaseOps model) and dev shards of real text (data/sp1024_dev, data/sp8192_dev); tests that need it skip without
+# it. PGOLF_OFFICIAL_FILES names it; by default, a folder `shared` beside the repository.
+OFFICIAL_FILES = Path(os.environ.get("PGOLF_OFFICIAL_FILES", Path(__file__).resolve().parents[2] / "shared"))
+OFFICIAL_TOKENIZERS = OFFICIAL_FILES / "tokenizers"
 
 TINY = {"NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "64",
         "TRAIN_SEQ_LEN": "16", "MLP_MULT": "2", "EVAL_STRIDE": "8", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1",

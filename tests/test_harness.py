@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import train_gpt
+from _helpers import OFFICIAL_TOKENIZERS
 from tools import harness
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -596,7 +597,6 @@ def test_explicit_settings_reproduce_the_resolved_settings():
 
 RECORD_DIR = Path("records") / "track_10min_16mb"
 NON_RECORD_DIR = Path("records") / "track_non_record_16mb"
-OFFICIAL_TOKENIZERS = Path("/work/shared/tokenizers")
 
 
 def test_a_summary_without_the_data_pair_is_refused(entry, capsys):
@@ -654,7 +654,8 @@ def test_a_tokenizer_file_that_contradicts_the_summary_is_refused(entry, capsys)
     assert not (entry / "records").exists()
 
 
-@pytest.mark.skipif(not (OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model").is_file(), reason="no official tokenizer")
+@pytest.mark.skipif(not (OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model").is_file(),
+                    reason=f"no fineweb_1024_bpe.model in {OFFICIAL_TOKENIZERS} (PGOLF_OFFICIAL_FILES names the folder)")
 def test_the_official_tokenizer_on_disk_measures_as_known(entry):
     ids = write_runs(entry, **H100, hyperparameters={"TOKENIZER_PATH": str(OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model")})
     assert submit(*ids, "--date", "2026-04-01") == 0
