@@ -175,7 +175,7 @@ def test_shard_constants_mirror_train_gpt():
 
 
 def test_an_interrupted_build_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkeypatch):
-    """Item 9: the set is built in a hidden sibling and renamed into place: a build that fails midway (after
+    """The set is built in a hidden sibling and renamed into place: a build that fails midway (after
     the tokenizer and the val shard, while encoding train) leaves no half set to make every rerun refuse."""
     out_dir = tmp_path / "demo"
     real_encode = harness.encode_documents

@@ -1,4 +1,4 @@
-"""The one-GPU rehearsal (tools/gpu_rehearsal.sh, issue 10), its plumbing on the CPU: it runs the pipeline
+"""The one-GPU rehearsal (tools/gpu_rehearsal.sh), its plumbing on the CPU: it runs the pipeline
 once and prints one JSON of what the run measured; without a GPU it refuses unless told to run anyway."""
 
 import json
@@ -40,7 +40,7 @@ def test_without_a_gpu_the_rehearsal_refuses_in_seconds(tmp_path):
 
 
 def test_a_missing_package_is_one_line_before_anything_runs(tmp_path):
-    """Item 9: on a box with torch but not sentencepiece the rehearsal says so in one line (exit 2) before it
+    """On a box with torch but not sentencepiece the rehearsal says so in one line (exit 2) before it
     builds data or trains; a `sitecustomize` on PYTHONPATH hides sentencepiece from every python3 it starts."""
     hide = tmp_path / "hide"
     hide.mkdir()

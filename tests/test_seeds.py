@@ -294,7 +294,7 @@ def demo_launch(root, **extra):
 
 
 def test_on_a_gpu_without_shards_the_demo_needs_demo_1(demo_data, tmp_path):
-    """Item 2: CUDA, no shards, no DEMO=1: exit 2 with one line saying where it looked; nothing built or run."""
+    """CUDA, no shards, no DEMO=1: exit 2 with one line saying where it looked; nothing built or run."""
     root = copy_entry(tmp_path / "entry")
     proc = demo_launch(root, PATH=fake_cuda(tmp_path))
     assert proc.returncode == 2 and proc.stdout == ""
@@ -306,7 +306,7 @@ def test_on_a_gpu_without_shards_the_demo_needs_demo_1(demo_data, tmp_path):
 
 @pytest.mark.parametrize("gpu", [True, False])
 def test_a_demo_sweep_is_a_practice_sweep(demo_data, tmp_path, gpu):
-    """Item 2: with DEMO=1 on a GPU (and automatically on the CPU) the demo runs, and its sweep manifest, written
+    """With DEMO=1 on a GPU (and automatically on the CPU) the demo runs, and its sweep manifest, written
     before the first seed, says practice: submit never makes it a record."""
     root = copy_entry(tmp_path / "entry")
     (root / "data").mkdir()
@@ -408,7 +408,7 @@ def test_real_runs_on_8xh100_and_sp1024_make_a_record(three_seeds, gpu_sweep, ca
 
 
 def test_real_runs_on_the_demo_tokenizer_are_a_practice_record(three_seeds, gpu_sweep, demo_data):
-    """Items 1 and 2: everything else as on the track, but the tokenizer the demo data has: no record."""
+    """Everything else as on the track, but the tokenizer the demo data has: no record."""
     demo_sha = hashlib.sha256(Path(demo_data["tokenizer"]).read_bytes()).hexdigest()
     root = gpu_sweep({seed: dict(tokenizer_sha256=demo_sha) for seed in SEEDS})
     before = (root / "submission.json").read_bytes()
@@ -422,7 +422,7 @@ def test_real_runs_on_the_demo_tokenizer_are_a_practice_record(three_seeds, gpu_
 
 
 def test_real_runs_that_miss_the_bar_are_a_non_record(gpu_sweep):
-    """Item 3: against the default reference (~1.06 bpb) the tiny runs (~3.7) are far worse: p near 1."""
+    """Against the default reference (~1.06 bpb) the tiny runs (~3.7) are far worse: p near 1."""
     root = gpu_sweep()
     before = (root / "submission.json").read_bytes()
     assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json", "--date", "2026-04-01", "--name", "real"]) == 0
@@ -436,7 +436,7 @@ def test_real_runs_that_miss_the_bar_are_a_non_record(gpu_sweep):
     (dict(roundtrip_sha256_per_rank=["0" * 64] * 8), "roundtrip_sha256_per_rank"),
 ])
 def test_a_real_summary_edited_is_refused(gpu_sweep, capsys, edit, reason):
-    """Item 6: a real summary whose headline or per-rank sha256 was edited is refused against its log/artifact."""
+    """A real summary whose headline or per-rank sha256 was edited is refused against its log/artifact."""
     root = gpu_sweep(hand_edits={2: edit})
     assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json"]) == 1
     err = capsys.readouterr().err
@@ -445,7 +445,7 @@ def test_a_real_summary_edited_is_refused(gpu_sweep, capsys, edit, reason):
 
 
 def test_real_runs_cherry_picked_are_refused(gpu_sweep, capsys):
-    """Item 4: two of the sweep's three seeds submitted: refused, naming the third."""
+    """Two of the sweep's three seeds submitted: refused, naming the third."""
     root = gpu_sweep()
     assert harness.main(["submit", "e2e_seed1", "e2e_seed2"]) == 1
     assert "run(s) e2e_seed3 of sweep logs/e2e.sweep.json are left out" in capsys.readouterr().err
