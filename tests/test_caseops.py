@@ -14,7 +14,7 @@ import pytest
 import sentencepiece as spm
 
 import train_gpt
-from _helpers import OFFICIAL_TOKENIZERS, cpu_runtime, random_gpt, tiny_hp
+from _helpers import OFFICIAL_TOKENIZERS, cpu_runtime, random_gpt, time_limit, tiny_hp
 from test_pipeline import TRAIN_GPT, run_train, succeeded, summary
 from tools import caseops, harness
 
@@ -186,7 +186,8 @@ def caseops_data(tmp_path_factory):
     jsonl = write_docs(root / "docs.jsonl", docs)
     proc = subprocess.run([sys.executable, str(TRAIN_GPT.parent / "tools" / "caseops.py"), "build", "--docs", str(jsonl),
                            "--out", str(root / "data"), "--tokenizer", str(CASEOPS), "--val-docs", "40",
-                           "--shard-tokens", "1000"], capture_output=True, text=True, timeout=300)
+                           "--shard-tokens", "1000"], capture_output=True, text=True,
+                          timeout=time_limit(2.3))      # the build took 2.3 s (time_limit: tests/_helpers.py)
     assert proc.returncode == 0, proc.stderr
     return dict(dir=root / "data", docs=docs, val_docs=docs[:40], info=json.loads(proc.stdout))
 

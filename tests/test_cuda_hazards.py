@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_gpt
+from _helpers import time_limit
 from test_pipeline import TINY_RUN, TORCHRUN_VARS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,6 +42,9 @@ if mode == "rank0_export":                      # packing runs on rank 0 alone, 
     train_gpt.pack_artifact = failing_pack
 sys.exit(train_gpt.entry_point())
 """
+# The fixed code ends both modes in 10-12 s; the old code hung until the emulated shutdown's hour (NCCL: the
+# 30-minute collective timeout). A limit for hangs only (time_limit, tests/_helpers.py) tells them apart.
+FAILING_RUN_TIMEOUT_S = time_limit(12)
 
 
 @pytest.mark.slow
@@ -48,19 +52,19 @@ sys.exit(train_gpt.entry_point())
 def test_a_failure_on_one_rank_ends_every_rank_in_seconds(demo_data, tmp_path, mode):
     """Rank 1 raising mid-training (its peer waits in a collective), and rank 0 raising
     something other than a PipelineError inside on_main (its peer waits for the broadcast). With NCCL's
-    blocking shutdown emulated, the old code left the run hanging until the 30-minute collective timeout."""
+    blocking shutdown emulated, the old code left the run hanging until the 30-minute collective timeout
+    (FAILING_RUN_TIMEOUT_S, minutes, tells the two apart)."""
     script = tmp_path / "failing_run.py"
     script.write_text(FAILING_RUN.format(repo=str(REPO)))
     env = {k: v for k, v in os.environ.items() if k not in train_gpt.SETTINGS and k not in TORCHRUN_VARS}
     env.update(TINY_RUN, DATA_PATH=str(demo_data["dir"]), TOKENIZER_PATH=str(demo_data["tokenizer"]),
                VOCAB_SIZE=str(demo_data["vocab"]), RUN_ID="failing", OMP_NUM_THREADS="1", ITERATIONS="6")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), mode]
-    start = time.monotonic()
     with open(tmp_path / "stderr.txt", "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
                                 start_new_session=True)
         try:
-            proc.wait(timeout=120)
+            proc.wait(timeout=FAILING_RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)          # torchrun starts each worker in a session of its own
             for pid_file in tmp_path.glob("worker*.pid"):
@@ -69,12 +73,10 @@ def test_a_failure_on_one_rank_ends_every_rank_in_seconds(demo_data, tmp_path, m
                 except ProcessLookupError:
                     pass
             proc.wait()
-            pytest.fail(f"the run was still hanging after 120 s ({mode})")
-    elapsed = time.monotonic() - start
+            pytest.fail(f"the run was still hanging after {FAILING_RUN_TIMEOUT_S:.0f} s ({mode})")
     err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode != 0
     assert "injected failure" in err
-    assert elapsed < 90, elapsed
     if mode == "rank0_export":   # both ranks end with the message, the other rank without a traceback of its own
         assert "[rank 1] train_gpt.py: error: internal error on rank 0: ValueError: injected failure" in err
 
@@ -328,7 +330,10 @@ def test_a_compiled_run_compiles_nothing_after_its_warm_up(demo_data, tmp_path, 
     warm-up, training through recurrence switching on and late QAT, periodic and final validation, the
     pre-quant and round-trip evaluations, the audit and score-first TTT. Dynamo's own count of graphs
     built after the clock started is 0. (The old code recompiled at step 0 (inputs aliased in the
-    warm-up), at the first periodic validation and when late QAT switched on.)"""
+    warm-up), at the first periodic validation and when late QAT switched on.) Its time limit is run_train's
+    (RUN_TIMEOUT_S, test_pipeline.py), derived from this run with an empty compile cache: 317 s. The shape is
+    already tiny (2 layers of width 32, one recurring, one two-lane); the time is inductor compiling the 7 graphs
+    (266 s of the 317), not running them."""
     from test_pipeline import run_train, succeeded, summary
     succeeded(run_train(tmp_path, demo_data, RUN_ID="compiled", **dict(COMPILED_RUN, **evaluation)))
     s = summary(tmp_path, "compiled")
