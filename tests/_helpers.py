@@ -5,10 +5,36 @@ from __future__ import annotations
 import os
 import tempfile
 import traceback
+from pathlib import Path
 
 import torch
 
 import train_gpt
+
+# A folder holding the challenge's tokenizers (tokenizers/: fineweb_1024_bpe.model, fineweb_8192_bpe.model and the
+# CaseOps model) and dev shards of real text (data/sp1024_dev, data/sp8192_dev); tests that need it skip without
+# it. PGOLF_OFFICIAL_FILES names it; by default, a folder `shared` beside the repository.
+OFFICIAL_FILES = Path(os.environ.get("PGOLF_OFFICIAL_FILES", Path(__file__).resolve().parents[2] / "shared"))
+OFFICIAL_TOKENIZERS = OFFICIAL_FILES / "tokenizers"
+
+# A time limit in a test is there to catch a hang, never to fail a busy machine. Each limit is time_limit() of
+# a measured duration, written beside it: the test's call (or fixture set-up) time from
+#     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python3 -m pytest -q tests/<file>.py --durations=15
+# on a 2-core machine that other jobs were using too (load average 3-5), with an empty torch.compile cache as in
+# a fresh clone. Those are slow times: with the machine quiet (load 2) test_pipeline.py took 116 s against 597 s,
+# its audited LoRA TTT re-score 13 s against 245 s. For scale: a fresh-clone CI run on a loaded 2-core machine
+# took 24 min against 6 min idle, and the CI job has 90 min.
+SLOW_MACHINE_FACTOR = float(os.environ.get("PGOLF_SLOW_MACHINE_FACTOR", "4"))
+# A step measured under a minute counts as a minute: short steps varied most (the demo set's build took 14 s,
+# 21 s and 30 s in three measurements within 15 minutes), and starting Python with torch is a few seconds of each.
+SHORTEST_STEP_S = 60.0
+
+
+def time_limit(measured_s: float) -> float:
+    """Seconds a step that took measured_s in the measurements above may take before a test calls it hung:
+    SLOW_MACHINE_FACTOR x the time, counted as at least SHORTEST_STEP_S."""
+    return SLOW_MACHINE_FACTOR * max(measured_s, SHORTEST_STEP_S)
+
 
 TINY = {"NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "64",
         "TRAIN_SEQ_LEN": "16", "MLP_MULT": "2", "EVAL_STRIDE": "8", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1",

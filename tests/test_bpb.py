@@ -2,19 +2,18 @@
 and against the UTF-8 length of the decoded documents."""
 
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 
 import train_gpt
+from _helpers import OFFICIAL_FILES, OFFICIAL_TOKENIZERS
 from train_gpt import PipelineError
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"          # ../shared next to the repository, if present
 # the official tokenizers and held-out shards of the same export; sp8192 is the default vocabulary
-OFFICIAL = {"sp1024": (SHARED / "tokenizers" / "fineweb_1024_bpe.model", SHARED / "data" / "sp1024_dev" / "fineweb_val_000000.bin"),
-            "sp8192": (SHARED / "tokenizers" / "fineweb_8192_bpe.model", SHARED / "data" / "sp8192_dev" / "fineweb_val_000000.bin")}
+OFFICIAL = {"sp1024": (OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model", OFFICIAL_FILES / "data/sp1024_dev/fineweb_val_000000.bin"),
+            "sp8192": (OFFICIAL_TOKENIZERS / "fineweb_8192_bpe.model", OFFICIAL_FILES / "data/sp8192_dev/fineweb_val_000000.bin")}
 BYTE_PIECE = re.compile(r"<0x([0-9A-F]{2})>")
 # No text starts with whitespace: by the official rule a document's first "▁" (after BOS) counts
 # 0 bytes, which equals the decoded text only when documents do not start with a space (true of the
@@ -32,13 +31,13 @@ TEXTS = [
 
 @pytest.fixture(scope="module", params=sorted(OFFICIAL))
 def tokenizer_path(request):
-    """Each official tokenizer when ../shared has it; without ../shared, the demo tokenizer stands in
-    for sp1024 and sp8192 is skipped."""
+    """Each official tokenizer when OFFICIAL_FILES has it; without it, the demo tokenizer stands in for
+    sp1024 and sp8192 is skipped."""
     path, _ = OFFICIAL[request.param]
     if path.is_file():
         return str(path)
     if request.param == "sp8192":
-        pytest.skip(f"{path} is absent")
+        pytest.skip(f"{path} is absent (PGOLF_OFFICIAL_FILES names the folder of the challenge's tokenizers)")
     return str(request.getfixturevalue("demo_data")["tokenizer"])
 
 
@@ -48,7 +47,8 @@ def sp(tokenizer_path):
 
 
 def brute_force_bytes(sp, tokens):
-    """Bytes of each target tokens[1:], from the piece strings alone (see ../shared/RULES.md)."""
+    """Bytes of each target tokens[1:], from the piece strings alone (the challenge's rule, as the official
+    train_gpt.py's build_sentencepiece_luts counts them)."""
     n = sp.vocab_size()
     special = {i for i in (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) if i >= 0}
 

@@ -14,15 +14,15 @@ import pytest
 import sentencepiece as spm
 
 import train_gpt
-from _helpers import cpu_runtime, random_gpt, tiny_hp
+from _helpers import OFFICIAL_TOKENIZERS, cpu_runtime, random_gpt, time_limit, tiny_hp
 from test_pipeline import TRAIN_GPT, run_train, succeeded, summary
 from tools import caseops, harness
 
-TOKENIZERS = Path(__file__).resolve().parents[2] / "shared" / "tokenizers"
-SP8192 = TOKENIZERS / "fineweb_8192_bpe.model"
-CASEOPS = TOKENIZERS / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+SP8192 = OFFICIAL_TOKENIZERS / "fineweb_8192_bpe.model"
+CASEOPS = OFFICIAL_TOKENIZERS / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
 needs_tokenizers = pytest.mark.skipif(not (SP8192.is_file() and CASEOPS.is_file()),
-                                      reason="../shared/tokenizers lacks the sp8192 or CaseOps model")
+                                      reason=f"{OFFICIAL_TOKENIZERS} lacks the sp8192 or CaseOps model "
+                                             "(PGOLF_OFFICIAL_FILES names the folder of the challenge's tokenizers)")
 T, A, C, E = train_gpt.CASEOPS_OPERATORS
 
 ADVERSARIAL = [
@@ -180,13 +180,14 @@ def caseops_data(tmp_path_factory):
     """tools/caseops.py build over 40 validation + 200 training documents (stdlib docstrings and the
     adversarial strings), small shards so the sidecar spans several files."""
     if not CASEOPS.is_file():
-        pytest.skip("no CaseOps tokenizer")
+        pytest.skip(f"no CaseOps tokenizer in {OFFICIAL_TOKENIZERS} (PGOLF_OFFICIAL_FILES names the folder)")
     root = tmp_path_factory.mktemp("caseops")
     docs = ADVERSARIAL + harness.collect_docstrings(max_chars=400_000, seed=1)[:240 - len(ADVERSARIAL)]
     jsonl = write_docs(root / "docs.jsonl", docs)
     proc = subprocess.run([sys.executable, str(TRAIN_GPT.parent / "tools" / "caseops.py"), "build", "--docs", str(jsonl),
                            "--out", str(root / "data"), "--tokenizer", str(CASEOPS), "--val-docs", "40",
-                           "--shard-tokens", "1000"], capture_output=True, text=True, timeout=300)
+                           "--shard-tokens", "1000"], capture_output=True, text=True,
+                          timeout=time_limit(2.3))      # the build took 2.3 s (time_limit: tests/_helpers.py)
     assert proc.returncode == 0, proc.stderr
     return dict(dir=root / "data", docs=docs, val_docs=docs[:40], info=json.loads(proc.stdout))
 

@@ -1,4 +1,4 @@
-"""Compression (issues 4 and 12): SDClip's grid, ternary quantization and both packings, fake quantization
+"""Compression: SDClip's grid, ternary quantization and both packings, fake quantization
 equal to export, late QAT reaching every exported tensor, GPTQ on the SDClip grid against
 round-to-nearest on real activations (the tied embedding with the head's input Hessian), LQER, the
 budget fit moving k, the planner against real artifacts (Gaussian and trained weights), and the

@@ -1,5 +1,5 @@
-"""CUDA-only hazards, each emulated on the CPU (issue 10): what would crash the first 8xH100 run or
-push it past its 600 s. Every test here failed on the code before its fix."""
+"""CUDA-only hazards, each emulated on the CPU (README.md, "GPU readiness"): what would crash the first
+8xH100 run or push it past its 600 s. Every test here failed on the code before its fix."""
 
 import os
 import signal
@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import train_gpt
+from _helpers import time_limit
 from test_pipeline import TINY_RUN, TORCHRUN_VARS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,26 +42,29 @@ if mode == "rank0_export":                      # packing runs on rank 0 alone, 
     train_gpt.pack_artifact = failing_pack
 sys.exit(train_gpt.entry_point())
 """
+# The fixed code ends both modes in 10-12 s; the old code hung until the emulated shutdown's hour (NCCL: the
+# 30-minute collective timeout). A limit for hangs only (time_limit, tests/_helpers.py) tells them apart.
+FAILING_RUN_TIMEOUT_S = time_limit(12)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["training", "rank0_export"])
 def test_a_failure_on_one_rank_ends_every_rank_in_seconds(demo_data, tmp_path, mode):
-    """Hazard 7: rank 1 raising mid-training (its peer waits in a collective), and rank 0 raising
+    """Rank 1 raising mid-training (its peer waits in a collective), and rank 0 raising
     something other than a PipelineError inside on_main (its peer waits for the broadcast). With NCCL's
-    blocking shutdown emulated, the old code left the run hanging until the 30-minute collective timeout."""
+    blocking shutdown emulated, the old code left the run hanging until the 30-minute collective timeout
+    (FAILING_RUN_TIMEOUT_S, minutes, tells the two apart)."""
     script = tmp_path / "failing_run.py"
     script.write_text(FAILING_RUN.format(repo=str(REPO)))
     env = {k: v for k, v in os.environ.items() if k not in train_gpt.SETTINGS and k not in TORCHRUN_VARS}
     env.update(TINY_RUN, DATA_PATH=str(demo_data["dir"]), TOKENIZER_PATH=str(demo_data["tokenizer"]),
                VOCAB_SIZE=str(demo_data["vocab"]), RUN_ID="failing", OMP_NUM_THREADS="1", ITERATIONS="6")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script), mode]
-    start = time.monotonic()
     with open(tmp_path / "stderr.txt", "w") as stderr:
         proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=stderr,
                                 start_new_session=True)
         try:
-            proc.wait(timeout=120)
+            proc.wait(timeout=FAILING_RUN_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)          # torchrun starts each worker in a session of its own
             for pid_file in tmp_path.glob("worker*.pid"):
@@ -69,12 +73,10 @@ def test_a_failure_on_one_rank_ends_every_rank_in_seconds(demo_data, tmp_path, m
                 except ProcessLookupError:
                     pass
             proc.wait()
-            pytest.fail(f"the run was still hanging after 120 s ({mode})")
-    elapsed = time.monotonic() - start
+            pytest.fail(f"the run was still hanging after {FAILING_RUN_TIMEOUT_S:.0f} s ({mode})")
     err = (tmp_path / "stderr.txt").read_text()
     assert proc.returncode != 0
     assert "injected failure" in err
-    assert elapsed < 90, elapsed
     if mode == "rank0_export":   # both ranks end with the message, the other rank without a traceback of its own
         assert "[rank 1] train_gpt.py: error: internal error on rank 0: ValueError: injected failure" in err
 
@@ -113,7 +115,7 @@ def _muon_elements_sent(rank, world_size):
 
 @pytest.mark.slow
 def test_muon_ranks_send_their_own_updates_not_the_whole_model():
-    """Hazard 6: Muon all-reduced a flat fp32 buffer of every matrix, mostly zeros on each rank. Now each
+    """Muon all-reduced a flat fp32 buffer of every matrix, mostly zeros on each rank. Now each
     round of matrices of one shape is one all_gather of the updates each rank computed: about half the
     elements per rank on 2 ranks, with the same result as one process."""
     from _helpers import run_distributed
@@ -130,7 +132,7 @@ def test_muon_ranks_send_their_own_updates_not_the_whole_model():
 # --- the residual stream in the compute dtype ---------------------------------------------------------
 
 def test_residual_stream_is_bf16_under_cuda_like_autocast(monkeypatch):
-    """Hazard 6: F.embedding returns the fp32 table's dtype and CUDA autocast runs rms_norm in fp32, so the
+    """F.embedding returns the fp32 table's dtype and CUDA autocast runs rms_norm in fp32, so the
     residual stream (embedding, x0, every block's input and output) was fp32 on CUDA: twice the bytes."""
     from test_model import cuda_autocast_rms_norm
     from _helpers import cpu_runtime, random_gpt, tiny_hp
@@ -153,7 +155,7 @@ def test_residual_stream_is_bf16_under_cuda_like_autocast(monkeypatch):
 # --- Hessians in fp32 under bf16 autocast ---------------------------------------------------------------
 
 def test_hessians_are_fp32_under_bf16_autocast():
-    """Hazard 5: x^T x computed inside autocast is a bf16 matmul (3 significant digits). The Hessians
+    """x^T x computed inside autocast is a bf16 matmul (3 significant digits). The Hessians
     must match an fp64 product of the very inputs the layers saw, to fp32 precision."""
     from _helpers import cpu_runtime, random_gpt, tiny_hp
     hp = tiny_hp(MODEL_DIM=64)
@@ -180,7 +182,7 @@ def test_hessians_are_fp32_under_bf16_autocast():
      "SMEAR_GATE_DIMS": "0", "ROPE_DIMS": "0", "XSA_LAST_N": "2"},
 ])
 def test_incremental_decoding_equals_full_prefix_logits_at_every_position(settings):
-    """Hazard 5: self-calibration recomputed the whole prefix for every new token (~500x the work at
+    """Self-calibration recomputed the whole prefix for every new token (~500x the work at
     1024 tokens). Decoding with the DecodeCache (keys/values per block visit, BigramHash's and
     SmearGate's previous token) gives the full forward's logits at every position, a BOS mid-sequence
     included. Decoding (self-calibration only) attends across documents, so the full forward compared with it
@@ -228,7 +230,7 @@ def _distributed_gptq(rank, world_size):
 
 @pytest.mark.slow
 def test_gptq_split_over_two_ranks_equals_gptq_on_one():
-    """Hazard 5: GPTQ ran on rank 0's CPU while the other ranks waited. Now the matrices are dealt out to
+    """GPTQ ran on rank 0's CPU while the other ranks waited. Now the matrices are dealt out to
     the ranks and the Hessians summed over them: 2 gloo ranks give rank 0 the one-process artifact."""
     from _helpers import run_distributed
     (_, single), = [_distributed_gptq(0, 1)]
@@ -273,7 +275,7 @@ class StepLoader:
 
 @pytest.mark.parametrize("step_s", [0.05, 0.047, 0.11])
 def test_the_clock_never_passes_the_cap_under_a_slow_last_step(monkeypatch, step_s):
-    """Hazard 4: the stop rule used the average step, so a last step slower than the average ended past
+    """The stop rule used the average step, so a last step slower than the average ended past
     the cap (the old rule, on this clock: 1550 ms of a 1500 ms cap at 50 ms steps). It now keeps (unfinished
     steps + 1 + STOP_SAFETY_STEPS) of the slowest recent step in hand."""
     from _helpers import cpu_runtime, random_gpt, tiny_hp
@@ -324,11 +326,14 @@ COMPILED_RUN = {"COMPILE": "1", "NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARAL
 @pytest.mark.parametrize("evaluation", [dict(EVAL_MODE="sliding", TTT_METHOD="whole"),    # the March-stack form
                                         dict(EVAL_MODE="documents", TTT_METHOD="lora")])   # the default
 def test_a_compiled_run_compiles_nothing_after_its_warm_up(demo_data, tmp_path, evaluation):
-    """Hazard 2: compiled with inductor and fullgraph=True (a graph break is an error), a whole run:
+    """Compiled with inductor and fullgraph=True (a graph break is an error), a whole run:
     warm-up, training through recurrence switching on and late QAT, periodic and final validation, the
     pre-quant and round-trip evaluations, the audit and score-first TTT. Dynamo's own count of graphs
     built after the clock started is 0. (The old code recompiled at step 0 (inputs aliased in the
-    warm-up), at the first periodic validation and when late QAT switched on.)"""
+    warm-up), at the first periodic validation and when late QAT switched on.) Its time limit is run_train's
+    (RUN_TIMEOUT_S, test_pipeline.py), derived from this run with an empty compile cache: 317 s. The shape is
+    already tiny (2 layers of width 32, one recurring, one two-lane); the time is inductor compiling the 7 graphs
+    (266 s of the 317), not running them."""
     from test_pipeline import run_train, succeeded, summary
     succeeded(run_train(tmp_path, demo_data, RUN_ID="compiled", **dict(COMPILED_RUN, **evaluation)))
     s = summary(tmp_path, "compiled")

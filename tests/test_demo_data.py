@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+from _helpers import time_limit
 from tools import harness
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# A limit for hangs only (time_limit, tests/_helpers.py): a build through the CLI took at most 13.5 s.
+CLI_TIMEOUT_S = time_limit(13.5)
 MAX_CHARS = 300_000
 VOCAB = 512
 SEED = 0
@@ -36,7 +39,7 @@ def digests(directory):
 def run_cli(*args):
     """Run the harness CLI in a subprocess and return the CompletedProcess."""
     cmd = [sys.executable, str(REPO_ROOT / "tools" / "harness.py"), *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=CLI_TIMEOUT_S)
 
 
 def split_docs(tokens):
@@ -175,7 +178,7 @@ def test_shard_constants_mirror_train_gpt():
 
 
 def test_an_interrupted_build_leaves_nothing_and_a_rerun_succeeds(tmp_path, monkeypatch):
-    """Item 9: the set is built in a hidden sibling and renamed into place: a build that fails midway (after
+    """The set is built in a hidden sibling and renamed into place: a build that fails midway (after
     the tokenizer and the val shard, while encoding train) leaves no half set to make every rerun refuse."""
     out_dir = tmp_path / "demo"
     real_encode = harness.encode_documents

@@ -1,6 +1,6 @@
-"""The April pieces (issue 13), each against a hand-written reference: the two-lane parallel residual, its
-order with depth recurrence and the U-Net skips, the sparse attention gate, the input-dependent SmearGate
-(never into a BOS), Polar Express's per-iteration coefficients, and the frontier preset's shape."""
+"""The April records' pieces (the frontier stack), each against a hand-written reference: the two-lane parallel
+residual, its order with depth recurrence and the U-Net skips, the sparse attention gate, the input-dependent
+SmearGate (never into a BOS), Polar Express's per-iteration coefficients, and the frontier preset's shape."""
 
 import math
 

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import train_gpt
+from _helpers import OFFICIAL_TOKENIZERS
 from tools import harness
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -588,7 +589,6 @@ def test_explicit_settings_reproduce_the_resolved_settings():
 
 RECORD_DIR = Path("records") / "track_10min_16mb"
 NON_RECORD_DIR = Path("records") / "track_non_record_16mb"
-OFFICIAL_TOKENIZERS = Path("/work/shared/tokenizers")
 
 
 def test_a_summary_without_the_data_pair_is_refused(entry, capsys):
@@ -612,7 +612,7 @@ def test_a_summary_without_the_data_pair_is_refused(entry, capsys):
     (dict(tokenizer_sha256=hashlib.sha256(b"demo").hexdigest()), None),   # the demo tokenizer
 ])
 def test_only_a_known_fineweb_data_pair_makes_a_record(entry, capsys, data, known):
-    """Item 1: 8xH100, whole split, 3 significant seeds: a record only on a known tokenizer + split pair."""
+    """8xH100, whole split, 3 significant seeds: a record only on a known tokenizer + split pair."""
     ids = write_runs(entry, **dict(H100, **data))
     before = (entry / "submission.json").read_bytes()
     assert submit(*ids, "--date", "2026-04-01") == 0
@@ -636,7 +636,7 @@ def test_only_a_known_fineweb_data_pair_makes_a_record(entry, capsys, data, know
 
 
 def test_a_tokenizer_file_that_contradicts_the_summary_is_refused(entry, capsys):
-    """Item 1: where the run's tokenizer is on disk, its sha256 is measured, not taken from the summary."""
+    """Where the run's tokenizer is on disk, its sha256 is measured, not taken from the summary."""
     (entry / "demo.model").write_bytes(b"the demo tokenizer")
     ids = write_runs(entry, **H100, hyperparameters={"TOKENIZER_PATH": "demo.model"})
     assert submit(*ids, "--date", "2026-04-01") == 1
@@ -646,7 +646,8 @@ def test_a_tokenizer_file_that_contradicts_the_summary_is_refused(entry, capsys)
     assert not (entry / "records").exists()
 
 
-@pytest.mark.skipif(not (OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model").is_file(), reason="no official tokenizer")
+@pytest.mark.skipif(not (OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model").is_file(),
+                    reason=f"no fineweb_1024_bpe.model in {OFFICIAL_TOKENIZERS} (PGOLF_OFFICIAL_FILES names the folder)")
 def test_the_official_tokenizer_on_disk_measures_as_known(entry):
     ids = write_runs(entry, **H100, hyperparameters={"TOKENIZER_PATH": str(OFFICIAL_TOKENIZERS / "fineweb_1024_bpe.model")})
     assert submit(*ids, "--date", "2026-04-01") == 0
@@ -654,7 +655,7 @@ def test_the_official_tokenizer_on_disk_measures_as_known(entry):
 
 
 def test_validation_shards_are_measured_where_present(entry, capsys):
-    """Item 1: shards on disk: their sha256 (sorted names, bytes concatenated) and header token counts."""
+    """Shards on disk: their sha256 (sorted names, bytes concatenated) and header token counts."""
     data = entry / "shards"
     harness.write_shard(data / "fineweb_val_000001.bin", [1, 5, 6])
     harness.write_shard(data / "fineweb_val_000000.bin", [1, 2, 3, 4])
@@ -676,7 +677,7 @@ def test_validation_shards_are_measured_where_present(entry, capsys):
     ((1, 2, 3), {1: 1.2, 2: 1.21, 3: 1.19}, "not significant: p = 0.99"),   # worse than the reference
 ])
 def test_runs_without_significance_are_a_non_record_submission(entry, capsys, seeds, bpb, why):
-    """Item 3: on-track, whole split, known data, but no significance: records/track_non_record_16mb/, never the
+    """On-track, whole split, known data, but no significance: records/track_non_record_16mb/, never the
     top-level submission.json."""
     ids = write_runs(entry, seeds=seeds, summaries={i: fake_summary(f"pg_seed{s}", s, bpb.get(s, BPBS[s]), **H100)
                                                     for i, s in enumerate(seeds)})
@@ -700,7 +701,7 @@ def test_a_non_record_may_not_go_where_records_go(entry, capsys):
 
 
 def test_practice_flag_forces_a_practice_record(entry, capsys):
-    """Item 2: run_8xh100.sh's demo passes --practice: whatever the summaries say, never a record."""
+    """run_8xh100.sh's demo passes --practice: whatever the summaries say, never a record."""
     ids = write_runs(entry, **H100)
     assert submit(*ids, "--practice", "--date", "2026-04-01") == 0
     sub = json.loads((entry / "logs" / "pg_record" / "submission.json").read_text())
@@ -721,7 +722,7 @@ def test_a_practice_sweep_manifest_forces_a_practice_record(entry):
 # -----------------------------------------------------------------------------
 
 def test_a_seed_left_out_of_the_sweep_is_named(entry, capsys):
-    """Item 4: four seeds ran, three are submitted: refused, naming the fourth."""
+    """Four seeds ran, three are submitted: refused, naming the fourth."""
     ids = write_runs(entry, seeds=(1, 2, 3, 4), **H100)
     assert submit(*ids[:3], "--date", "2026-04-01") == 1
     assert "run(s) pg_seed4 of sweep logs/pg.sweep.json are left out" in capsys.readouterr().err
@@ -729,8 +730,8 @@ def test_a_seed_left_out_of_the_sweep_is_named(entry, capsys):
 
 
 def test_a_run_of_the_same_code_outside_the_sweep_is_named(entry, capsys):
-    """Item 4: the manifest rewritten to three seeds: the fourth run's log still names it. And the review's
-    sweep shopping: its settings changed in a knob that changes nothing (TRAIN_LOG_EVERY), it is still a run
+    """The manifest rewritten to three seeds: the fourth run's log still names it. And sweep
+    shopping: its settings changed in a knob that changes nothing (TRAIN_LOG_EVERY), it is still a run
     of the same code; its summary edited into a re-score is read from its log. Only --exclude with a
     reason, written into the submission, lets it stay out."""
     ids = write_runs(entry, seeds=(1, 2, 3, 4), **H100)
@@ -757,7 +758,7 @@ def test_a_rescore_of_the_same_code_is_not_a_run_of_a_sweep(entry):
 
 
 def test_a_crashed_seed_is_reported(entry, capsys):
-    """Item 4: a seed of the sweep without a summary is named, not dropped; so is an audit-failed one."""
+    """A seed of the sweep without a summary is named, not dropped; so is an audit-failed one."""
     ids = write_runs(entry, seeds=(1, 2, 3, 4), **H100)
     (entry / "logs" / "pg_seed4.json").unlink()
     assert submit("--sweep", "logs/pg.sweep.json") == 1
@@ -813,7 +814,7 @@ EDITS = {
 
 @pytest.mark.parametrize("reason", list(EDITS))
 def test_an_edited_summary_is_refused(entry, capsys, reason):
-    """Item 6: the summary's headline, audit and eval time against its log, its per-rank sha256 against the artifact."""
+    """The summary's headline, audit and eval time against its log, its per-rank sha256 against the artifact."""
     ids = write_runs(entry, **H100)
     edit_summary(entry, ids[0], as_run=True, **EDITS[reason])    # even with a log that vouches for the edit
     assert submit(*ids, "--date", "2026-04-01") == 1
@@ -909,7 +910,7 @@ def test_a_full_split_claim_must_count_the_whole_split(entry, capsys):
 # -----------------------------------------------------------------------------
 
 def test_a_symlink_into_records_is_seen_through(entry, capsys):
-    """Item 7: RECORD_DIR=logs/link/x with logs/link -> records/track_10min_16mb: the real path decides."""
+    """RECORD_DIR=logs/link/x with logs/link -> records/track_10min_16mb: the real path decides."""
     ids = write_runs(entry, **dict(H100, val_full_split=False, val_tokens=99_999))
     (entry / RECORD_DIR).mkdir(parents=True)
     os.symlink(entry / RECORD_DIR, entry / "logs" / "link")
@@ -960,7 +961,7 @@ def test_a_weaker_reference_cannot_make_a_record(entry, capsys):
 
 
 def test_records_is_anchored_to_the_code_not_the_working_directory(entry, capsys, monkeypatch):
-    """Item 7: run from elsewhere, --record-dir into the repository's records/ is still records/."""
+    """Run from elsewhere, --record-dir into the repository's records/ is still records/."""
     ids = write_runs(entry, **dict(H100, world_size=1))
     for i in ids:
         edit_summary(entry, i, as_run=True, artifact_path=str(entry / "artifacts" / f"{i}.pgolf.xz"))
@@ -989,7 +990,7 @@ def rehearsal_summary(**overrides):
 
 
 def test_rehearsal_mfu_counts_the_flops_the_steps_ran():
-    """Item 11: train_flops / (train seconds x GPUs x 989e12), not flops_per_token (recurrence on) x tokens."""
+    """train_flops / (train seconds x GPUs x 989e12), not flops_per_token (recurrence on) x tokens."""
     s = rehearsal_summary()
     report = harness.rehearsal_report(s)
     assert report["mfu"] == pytest.approx(2.5e17 / (120.0 * 1 * 989e12), rel=1e-12)
@@ -1005,7 +1006,7 @@ def test_rehearsal_mfu_counts_the_flops_the_steps_ran():
 # -----------------------------------------------------------------------------
 
 def test_requirements_have_floors_not_pins():
-    """Item 8: `pip install -r` must not replace a GPU box's torch (its flash-attn wheel is built for it)."""
+    """`pip install -r` must not replace a GPU box's torch (its flash-attn wheel is built for it)."""
     lines = [line.split("#")[0].strip() for line in (REPO_ROOT / "requirements.txt").read_text().splitlines()]
     reqs = {re.split(r"[<>=!~ \[]", line)[0]: line for line in lines if line}
     assert set(reqs) >= {"torch", "numpy", "sentencepiece"}

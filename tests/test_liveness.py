@@ -1,6 +1,6 @@
-"""Every setting the frontier stack brought (issue 13) changes what a run computes: a setting that does
-nothing is a defect. Training settings: a few steps of the real train() from the same initialisation and
-the same batches end in different weights when one setting moves. TTT settings: the real TestTimeTrainer on
+"""Every setting the frontier stack brought (the April records' pieces) changes what a run computes: a setting
+that does nothing is a defect. Training settings: a few steps of the real train() from the same initialisation
+and the same batches end in different weights when one setting moves. TTT settings: the real TestTimeTrainer on
 the same scored chunks ends in different weights. And TTT with TTT_LAST_N=0 trains every block."""
 
 import pytest

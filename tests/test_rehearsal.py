@@ -1,4 +1,4 @@
-"""The one-GPU rehearsal (tools/gpu_rehearsal.sh, issue 10), its plumbing on the CPU: it runs the pipeline
+"""The one-GPU rehearsal (tools/gpu_rehearsal.sh), its plumbing on the CPU: it runs the pipeline
 once and prints one JSON of what the run measured; without a GPU it refuses unless told to run anyway."""
 
 import json
@@ -11,12 +11,15 @@ from pathlib import Path
 import pytest
 
 import train_gpt
+from _helpers import time_limit
 from test_pipeline import TINY_RUN, TORCHRUN_VARS
 
 REPO = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {"step_ms", "tokens_per_s", "mfu", "peak_memory_mib", "compile_s", "compile", "stage_s", "wall_s",
                "implied_8xh100_step_ms", "implied_8xh100_steps_in_600s", "projected_8xh100_step_ms", "eval_time_s",
                "attention", "compute_dtype", "hardware", "shape", "bytes_total", "val_bpb", "compliance_all_ok"}
+# A limit for hangs only (time_limit, tests/_helpers.py): the rehearsal's tiny CPU run took 22 s, its refusals 2-4 s.
+REHEARSAL_TIMEOUT_S = time_limit(22)
 
 
 def rehearsal_env(**extra):
@@ -35,18 +38,19 @@ def copy_rehearsal(dest: Path) -> Path:
 
 def test_without_a_gpu_the_rehearsal_refuses_in_seconds(tmp_path):
     proc = subprocess.run(["bash", str(REPO / "tools" / "gpu_rehearsal.sh")], cwd=tmp_path, env=rehearsal_env(),
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=REHEARSAL_TIMEOUT_S)
     assert proc.returncode == 2 and "no CUDA GPU" in proc.stderr and proc.stdout == ""
 
 
 def test_a_missing_package_is_one_line_before_anything_runs(tmp_path):
-    """Item 9: on a box with torch but not sentencepiece the rehearsal says so in one line (exit 2) before it
+    """On a box with torch but not sentencepiece the rehearsal says so in one line (exit 2) before it
     builds data or trains; a `sitecustomize` on PYTHONPATH hides sentencepiece from every python3 it starts."""
     hide = tmp_path / "hide"
     hide.mkdir()
     (hide / "sitecustomize.py").write_text("import sys\nsys.modules['sentencepiece'] = None   # import fails\n")
     entry = copy_rehearsal(tmp_path / "entry")
-    proc = subprocess.run(["bash", "tools/gpu_rehearsal.sh"], cwd=entry, capture_output=True, text=True, timeout=120,
+    proc = subprocess.run(["bash", "tools/gpu_rehearsal.sh"], cwd=entry, capture_output=True, text=True,
+                          timeout=REHEARSAL_TIMEOUT_S,
                           env=rehearsal_env(PYTHONPATH=str(hide), REHEARSAL_ALLOW_CPU="1"))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
@@ -61,7 +65,8 @@ def test_the_rehearsal_runs_the_pipeline_and_reports_one_json(demo_data, tmp_pat
     run_id = "plumbing"
     settings = dict(TINY_RUN, DATA_PATH=str(demo_data["dir"]), TOKENIZER_PATH=str(demo_data["tokenizer"]),
                     VOCAB_SIZE=str(demo_data["vocab"]), RUN_ID=run_id)
-    proc = subprocess.run(["bash", "tools/gpu_rehearsal.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+    proc = subprocess.run(["bash", "tools/gpu_rehearsal.sh"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=REHEARSAL_TIMEOUT_S,
                           env=rehearsal_env(REHEARSAL_ALLOW_CPU="1", REHEARSAL_TRAIN_SECONDS="0", **settings))
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout)

@@ -1,4 +1,4 @@
-"""The competitive stack (issue 3): every switch changes the forward or the update, a tiny run with
+"""The competitive stack: every switch changes the forward or the update, a tiny run with
 it still learns, the scheduled switches (EMA, recurrence) act at the step they are meant to, and
 distributed training equals single-process training."""
 

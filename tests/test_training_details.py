@@ -1,4 +1,4 @@
-"""The training details of record #1855 (issue 18), each a setting, each against a hand-written reference:
+"""The training details of record #1855, each a setting, each against a hand-written reference:
 the warmdown's shape, orthogonal initialisation, the gates' optimizer, the per-group clip k defaults.
 (The gated U-Net skips over visiting positions are checked with the whole forward in test_frontier.py.)"""
 

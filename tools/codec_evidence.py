@@ -1,7 +1,13 @@
-"""CPU-scale evidence for coding the integers (issue 19): one trained sp8192 model quantized once at the
-settings' k, its integer matrices stored every way measured, side by side.
+"""CPU-scale evidence for coding the integers: rANS, lzma and others on the same integers, side by side.
 
-    python3 tools/codec_evidence.py --cache artifacts/codec_sp8192_s1337.pt --out logs/codec_cpu/codec_sp8192.json
+One trained sp8192 model quantized once at the settings' k, its integer matrices stored every way measured.
+
+    python3 tools/codec_evidence.py --data SP8192_DEV --tokenizer SP8192_MODEL \
+        --cache artifacts/codec_sp8192_s1337.pt --out logs/codec_cpu/codec_sp8192.json
+
+SP8192_DEV is a folder of sp8192 shards of real text in the challenge's format (fineweb_train_*.bin and
+fineweb_val_*.bin; the evidence in logs/codec_cpu/ used the challenge's sp8192 dev shards), SP8192_MODEL the
+challenge's fineweb_8192_bpe.model.
 
 Options measured on the same integers (the int6 / int7 "q" arrays of every matrix; scales, fp16 tensors and
 LQER factors are the same in all): today's layout (one lzma stream, arrays grouped by kind); lzma per tensor
@@ -31,8 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import train_gpt as tg  # noqa: E402
 
-SETTINGS = dict(DATA_PATH="../shared/data/sp8192_dev", TOKENIZER_PATH="../shared/tokenizers/fineweb_8192_bpe.model",
-                VOCAB_SIZE="8192", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", RECUR_LAYERS="1-1",
+SETTINGS = dict(VOCAB_SIZE="8192", NUM_LAYERS="4", MODEL_DIM="128", NUM_HEADS="4", NUM_KV_HEADS="2", RECUR_LAYERS="1-1",
                 PARALLEL_LAST_N="1", TRAIN_SEQ_LEN="256", TRAIN_BATCH_TOKENS="8192", MAX_WALLCLOCK_SECONDS="0",
                 LATE_QAT_THRESHOLD="0", VAL_LOSS_EVERY="0", TRAIN_LOG_EVERY="25", SEED="1337", VAL_BATCH_SIZE="32768",
                 GPTQ_CALIB_SEQS="8", GPTQ_CALIB_LEN="256")
@@ -211,13 +216,16 @@ def trained_model(hp, rt, cache: str):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="a folder of sp8192 shards of real text (train and val)")
+    ap.add_argument("--tokenizer", required=True, help="the challenge's sp8192 tokenizer, fineweb_8192_bpe.model")
     ap.add_argument("--cache", required=True, help="the trained model and its Hessians (trained here when absent)")
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, default=150)
     ap.add_argument("--val-tokens", type=int, default=50_000)
     args = ap.parse_args()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
-    hp, _ = tg.read_settings(dict(SETTINGS, ITERATIONS=str(args.steps)))
+    settings = dict(SETTINGS, DATA_PATH=args.data, TOKENIZER_PATH=args.tokenizer)
+    hp, _ = tg.read_settings(dict(settings, ITERATIONS=str(args.steps)))
     rt = tg.Runtime(0, 1, 0, torch.device("cpu"), False, None, None)
     model, hessians, train_s = trained_model(hp, rt, args.cache)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -228,7 +236,7 @@ def main() -> int:
         return tg.quantize_state_dict(st, spec, tg.ternary_patterns(hp), hessians, 9, hp.lqer_tensors, hp.lqer_rank)
 
     entries = export(state)
-    result = dict(settings=SETTINGS, steps=args.steps, cache=args.cache, train_seconds=train_s, spec=spec.describe(),
+    result = dict(settings=settings, steps=args.steps, cache=args.cache, train_seconds=train_s, spec=spec.describe(),
                   lqer_tensors=hp.lqer_tensors, n_params=sum(t.numel() for t in state.values()),
                   integers=sum(e["parts"]["q"].size for e in entries if "q" in e["parts"]))
     result["options"] = integer_options(entries, "")

@@ -1,14 +1,18 @@
-"""CPU-scale compression evidence (issue 12): one trained model, many exports, measured side by side.
+"""CPU-scale compression evidence (quantizers and packings): one trained model, many exports, side by side.
 
 Trains a small model with train_gpt.py's own loop on real text (late QAT off, so the float weights are
 the trained ones), collects GPTQ Hessians as the pipeline does (self-generated text), then exports it
 several ways and reports for each: bits per parameter after lzma per group (the group's arrays
 compressed alone, as the summary's `quant.groups`), the artifact's bytes, and the round-trip gap (val_bpb
 of the dequantized model minus the float model's, plain windows, on held-out tokens). Also the byte
-layouts lzma was tried on, and sp1024 against sp8192 is the other script (tools/evidence.sh).
+layouts lzma was tried on; sp1024 against sp8192 is another script's (tools/frontier_evidence.sh).
 
-    python3 tools/compression_evidence.py --data ../shared/data/sp8192_dev \
-        --tokenizer ../shared/tokenizers/fineweb_8192_bpe.model --vocab 8192 --out logs/compression_cpu/x.json
+    python3 tools/compression_evidence.py --data SP8192_DEV --tokenizer SP8192_MODEL --vocab 8192 \
+        --out logs/compression_cpu/x.json
+
+SP8192_DEV is a folder of shards of real text in the challenge's format (fineweb_train_*.bin and
+fineweb_val_*.bin; logs/compression_cpu/ used the challenge's sp8192 dev shards), SP8192_MODEL the tokenizer
+they were made with (the challenge's fineweb_8192_bpe.model); --vocab is its vocabulary size.
 
 The replaced quantizer (a per-row clip search over fractions of the row's max |w|, least squared error,
 GPTQ on each clip's grid keeping the better of GPTQ and round-to-nearest per row) is written out here

@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# CPU-scale evidence for the frontier stack (issue 13), every run the real pipeline at equal steps:
+# CPU-scale evidence for the frontier stack (the April records' pieces), every run the real pipeline at equal steps:
 #   - each April piece off against the default, on sp8192 text;
 #   - the default against PRESET=stack1024 (sp1024) on the same documents (SP8192_SAME_DOCS is the
 #     sp1024 set re-tokenized with tools/retokenize.py, so the two tokenizers see the same text);
 #   - score-first TTT on and off, re-scoring the default's artifact (EVAL_ONLY), full evaluation time.
 # Summaries land in logs/frontier_cpu/ (the folder must not exist yet).
 #
-#   SP8192=../shared/data/sp8192_dev SP1024=../shared/data/sp1024_dev SP8192_SAME_DOCS=data/sp8192_from_sp1024_dev \
-#   TOK8192=../shared/tokenizers/fineweb_8192_bpe.model TOK1024=../shared/tokenizers/fineweb_1024_bpe.model \
-#     bash tools/frontier_evidence.sh
+#   SP8192=<sp8192 shards> SP1024=<sp1024 shards> SP8192_SAME_DOCS=data/sp8192_from_sp1024_dev \
+#   TOK8192=<fineweb_8192_bpe.model> TOK1024=<fineweb_1024_bpe.model> bash tools/frontier_evidence.sh
+#
+# SP8192 and SP1024 are folders of shards of real text in the challenge's format (fineweb_train_*.bin,
+# fineweb_val_*.bin; logs/frontier_cpu/ used the challenge's sp8192 and sp1024 dev shards), TOK8192 and
+# TOK1024 the challenge's tokenizers they were made with.
 set -euo pipefail
+: "${SP8192:?a folder of sp8192 shards}" "${TOK8192:?the sp8192 tokenizer}" "${SP1024:?a folder of sp1024 shards}" \
+  "${TOK1024:?the sp1024 tokenizer}" "${SP8192_SAME_DOCS:?the SP1024 documents re-tokenized to sp8192}"
 cd "$(dirname "$0")/.."
 out=logs/frontier_cpu
 mkdir "$out"
@@ -29,7 +34,7 @@ run() {   # run NAME DATA TOKENIZER VOCAB [SETTING=VALUE ...]
   mv "logs/fe_$name.json" "logs/fe_$name.txt" "$out/"
 }
 
-s8=(${SP8192:?} ${TOK8192:?} 8192)
+s8=("$SP8192" "$TOK8192" 8192)
 run default "${s8[@]}"
 run default_seed42 "${s8[@]}" SEED=42
 run no_recurrence "${s8[@]}" RECUR_LAYERS=
@@ -45,8 +50,8 @@ run march_optimizer "${s8[@]}" MUON_MOMENTUM=0.99 MUON_MOMENTUM_WARMUP_FRAC=0.22
 run mlp_3x "${s8[@]}" MLP_MULT=3
 run no_late_qat "${s8[@]}" LATE_QAT_THRESHOLD=0
 # the same documents under both tokenizers: the default (sp8192) against the March stack (sp1024)
-run default_same_docs "${SP8192_SAME_DOCS:?}" "$TOK8192" 8192
-run stack1024_same_docs "${SP1024:?}" "${TOK1024:?}" 1024 PRESET=stack1024 RECUR_LAYERS= PARALLEL_LAST_N=0   # the shape above sets both
+run default_same_docs "$SP8192_SAME_DOCS" "$TOK8192" 8192
+run stack1024_same_docs "$SP1024" "$TOK1024" 1024 PRESET=stack1024 RECUR_LAYERS= PARALLEL_LAST_N=0   # the shape above sets both
 # score-first TTT: the default's artifact re-scored with TTT on, every pass counted in eval_time_ms
 artifact=artifacts/fe_default.pgolf.xz
 run ttt_on "${s8[@]}" EVAL_ONLY=$artifact TTT_ENABLED=1 EVAL_AUDIT=1

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-GPU rehearsal of the 8xH100 run (issue 10): the default configuration at full shape on one CUDA
+# One-GPU rehearsal of the 8xH100 run: the default configuration at full shape on one CUDA
 # GPU (gradient accumulation keeps the global batch: 8 micro-batches per step), for a short training
 # wallclock, then calibration, export, load, audit and evaluation of a validation slice, as the real
 # run does them. Prints one JSON (tools/harness.py rehearsal-report): step time, tokens/s, MFU, peak
