@@ -61,7 +61,7 @@ with t.autocast(cpu_runtime(autocast_dtype=torch.bfloat16)):
     m(torch.randint(0, 64, (2, 16)), torch.randint(0, 64, (2, 16)))
 print(f"hazard6 old residual stream dtype under bf16 autocast: {seen[0]}")
 
-# issue 11 hole 7: a budget above the cap
+# a budget above the challenge's cap
 hp, _ = t.read_settings({"ARTIFACT_BUDGET_BYTES": "16000001"})
 print(f"hole7 old: ARTIFACT_BUDGET_BYTES=16000001 accepted: {hp.artifact_budget_bytes}")
 
