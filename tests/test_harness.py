@@ -202,7 +202,7 @@ def fake_summary(run_id, seed, val_bpb, **overrides):
         else:
             s[key] = value
     s.setdefault("roundtrip_sha256_per_rank", [s["artifact_sha256"]] * s["world_size"])
-    s.setdefault("explicit_settings", sorted(k for k in s["hyperparameters"] if k not in ("PRESET", "LZMA_PRESET")))
+    s.setdefault("explicit_settings", sorted(s["hyperparameters"]))
     for key in train_gpt.SUMMARY_KEYS:           # keys the harness does not read: as a run that has none to report
         s.setdefault(key, None)
     return s
@@ -882,6 +882,23 @@ def test_a_summary_whose_explicit_settings_its_log_contradicts_is_refused(entry,
         edit_summary(entry, run_id, as_run=True, explicit_settings=[k for k in says if k != "NUM_LAYERS"])
     assert submit(*ids, "--date", "2026-04-01") == 1
     assert "its log's explicit settings" in capsys.readouterr().err
+    assert not (entry / "records").exists()
+
+
+def test_a_setting_hidden_from_explicit_settings_is_refused(entry, capsys):
+    """A run whose summary and log both leave a non-default setting (EVAL_AUDIT=1) out of explicit_settings: the
+    record's reproduction command would not set it, so the harness compares every value with its preset's default."""
+    ids = write_runs(entry)
+    for run_id in ids:
+        says = json.loads((entry / "logs" / f"{run_id}.json").read_text())["explicit_settings"]
+        hidden = [k for k in says if k != "EVAL_AUDIT"]
+        edit_summary(entry, run_id, as_run=True, explicit_settings=hidden)
+        log = entry / "logs" / f"{run_id}.txt"
+        log.write_text(log.read_text().replace("explicit_settings:" + json.dumps(says), "explicit_settings:" + json.dumps(hidden)))
+    assert submit(*ids, "--date", "2026-04-01") == 1
+    err = capsys.readouterr().err
+    assert "neither PRESET='baseline''s defaults nor in its explicit_settings: EVAL_AUDIT=1" in err
+    assert "its log's explicit settings" not in err          # summary and log agree: only the values give it away
     assert not (entry / "records").exists()
 
 

@@ -609,7 +609,22 @@ def check_run(run: SeedRun) -> list[str]:
     if s["val_full_split"] is True and s["val_tokens"] + 1 != s["val_split_tokens"]:
         reasons.append(f"{who} says it scored the whole split, but val_tokens {s['val_tokens']:,} + 1 is not its "
                        f"val_split_tokens {s['val_split_tokens']!r}")
-    return reasons + check_log(run)
+    return reasons + unexplained_settings(run) + check_log(run)
+
+
+def unexplained_settings(run: SeedRun) -> list[str]:
+    """A training run's settings come from its preset's defaults or its environment: a value that differs from
+    train_gpt.py's default for the run's PRESET while the summary's explicit_settings does not name it would
+    leave the reproduction command (which sets exactly those) short of the run. Output: the reasons."""
+    tg, hp = train_gpt_module(), run.hp
+    preset = tg.PRESETS.get(hp.get("PRESET"))
+    if preset is None:
+        return [f"{run.label} ran PRESET={hp.get('PRESET')!r}, which train_gpt.py does not have"]
+    explicit = set(run.summary["explicit_settings"] or ())
+    hidden = [f"{name}={hp[name]!r}" for name, row in tg.SETTINGS.items()
+              if name in hp and name not in explicit and hp[name] != preset.get(name, row.default)]
+    return [f"{run.label} ran settings that are neither PRESET={hp['PRESET']!r}'s defaults nor in its explicit_settings: "
+            + ", ".join(hidden)] if hidden else []
 
 
 _HEADLINE = re.compile(r"^final_\S+_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", re.M)
