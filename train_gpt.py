@@ -201,16 +201,18 @@ class Setting:
         """The rule in words ('' when there is none beyond the type), as errors and README.md's table say it."""
         if self.choices is not None:
             shown = [str(c) for c in self.choices]
-            return "must be " + ", ".join(shown[:-1]) + " or " + shown[-1]
-        if self.above == 0:
-            return "must be positive"
+            return "must be " + (" or ".join([", ".join(shown[:-1]), shown[-1]]) if len(shown) > 1 else shown[0])
+        if self.above is not None:
+            return "must be positive" if self.above == 0 else f"must be > {self.above}"
         if (self.at_least, self.at_most) == (0.0, 1.0):
             return "must be a fraction in [0, 1]"
         if self.at_least is not None and self.at_most is not None:
             return f"must be in {self.at_least}..{self.at_most}"
         if self.at_least == 1 and self.type is int:
             return "must be positive"
-        return "" if self.at_least is None else f"must be >= {self.at_least}"
+        if self.at_least is not None:
+            return f"must be >= {self.at_least}"
+        return "" if self.at_most is None else f"must be <= {self.at_most}"
 
     def error(self, name: str, value: object) -> str | None:
         """What is wrong with this value of the variable, naming it; None when it keeps the rule."""

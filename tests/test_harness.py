@@ -173,7 +173,7 @@ def test_margin_bpb():
 def fake_summary(run_id, seed, val_bpb, **overrides):
     """A run summary with the keys train_gpt.py writes; val_loss consistent with val_bpb. Its artifact
     (write_runs puts it on disk) is `bytes_model` bytes, its sha256 that of fake_artifact()."""
-    hp = {"PRESET": "baseline", "ARTIFACT_BUDGET_BYTES": 16_000_000, "MAX_WALLCLOCK_SECONDS": 600.0,
+    hp = {**train_gpt.read_settings({"PRESET": "baseline"})[0].as_dict(), "PRESET": "baseline", "ARTIFACT_BUDGET_BYTES": 16_000_000, "MAX_WALLCLOCK_SECONDS": 600.0,
           "ITERATIONS": 20000, "NUM_LAYERS": 9, "MODEL_DIM": 512, "NUM_HEADS": 8, "NUM_KV_HEADS": 4, "MLP_MULT": 2,
           "VOCAB_SIZE": 1024, "TRAIN_SEQ_LEN": 1024, "TRAIN_BATCH_TOKENS": 524288, "EVAL_AUDIT": 1, "TTT_ENABLED": 0,
           "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
@@ -886,20 +886,41 @@ def test_a_summary_whose_explicit_settings_its_log_contradicts_is_refused(entry,
 
 
 def test_a_setting_hidden_from_explicit_settings_is_refused(entry, capsys):
-    """A run whose summary and log both leave a non-default setting (EVAL_AUDIT=1) out of explicit_settings: the
-    record's reproduction command would not set it, so the harness compares every value with its preset's default."""
-    ids = write_runs(entry)
-    for run_id in ids:
-        says = json.loads((entry / "logs" / f"{run_id}.json").read_text())["explicit_settings"]
-        hidden = [k for k in says if k != "EVAL_AUDIT"]
-        edit_summary(entry, run_id, as_run=True, explicit_settings=hidden)
+    """Runs with NUM_LAYERS=12 (the preset's default is 9) whose summary and log both leave it out of
+    explicit_settings: the record's reproduction command would not set it, so the harness compares every value
+    with its preset's default. Dropping the setting from the summary's hyperparameters does not hide it either."""
+    ids = write_runs(entry, hyperparameters={"NUM_LAYERS": 12})
+    for i, run_id in enumerate(ids):
+        summary = json.loads((entry / "logs" / f"{run_id}.json").read_text())
+        says = summary["explicit_settings"]
+        hidden = [k for k in says if k != "NUM_LAYERS"]
+        changes = dict(explicit_settings=hidden)
+        if i == 0:
+            changes["hyperparameters"] = {k: v for k, v in summary["hyperparameters"].items() if k != "NUM_LAYERS"}
+        edit_summary(entry, run_id, as_run=True, **changes)
         log = entry / "logs" / f"{run_id}.txt"
         log.write_text(log.read_text().replace("explicit_settings:" + json.dumps(says), "explicit_settings:" + json.dumps(hidden)))
     assert submit(*ids, "--date", "2026-04-01") == 1
     err = capsys.readouterr().err
-    assert "neither PRESET='baseline''s defaults nor in its explicit_settings: EVAL_AUDIT=1" in err
+    assert "neither PRESET='baseline''s defaults nor in its explicit_settings: NUM_LAYERS=12" in err
+    assert "its hyperparameters are not train_gpt.py's settings (missing: ['NUM_LAYERS']" in err
+    assert "its log's hyperparameters line is not the summary's hyperparameters" in err
     assert "its log's explicit settings" not in err          # summary and log agree: only the values give it away
     assert not (entry / "records").exists()
+
+
+def test_the_harness_without_torch_says_so_cleanly(tmp_path):
+    """A command that reads train_gpt.py's declarations, where torch cannot be imported: one line naming the
+    cause, exit 2 (1 means 'refused'), no traceback."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nclass Block:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'torch':\n            raise ImportError('no torch here')\n"
+        "sys.meta_path.insert(0, Block())\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "harness.py"), "settings-table"], env=env,
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "cannot import it" in proc.stderr and "torch" in proc.stderr
 
 
 def test_pcie_and_nvl_cards_are_not_the_track(entry):

@@ -341,7 +341,10 @@ def test_demo_must_be_0_or_1(tmp_path):
 
 def as_gpu_log(text: str, s: dict, summary: bytes) -> str:
     """A real run's log with the lines an 8xH100 run on the official data would have written in place of the
-    CPU run's: its runtime and GPU lines, the whole split, the data pair, and the summary's sha256."""
+    CPU run's: its runtime and GPU lines, its settings (the data pair's paths), the whole split, the data pair, and
+    the summary's sha256."""
+    text = re.sub(r"^hyperparameters:.*$", lambda m: "hyperparameters:" + json.dumps(s["hyperparameters"], sort_keys=True),
+                  text, flags=re.M)
     text = re.sub(r"^world_size:\d+ device:\S+ ", f"world_size:{s['world_size']} device:{s['device']} ", text, flags=re.M)
     text = re.sub(r"^cpu:.*$", f"gpu:{s['hardware']} x{s['world_size']}", text, flags=re.M)
     text = re.sub(r"^val_stream_tokens:.*$", f"val_stream_tokens:{s['val_tokens'] + 1} (of {s['val_split_tokens']})",

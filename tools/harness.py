@@ -13,8 +13,8 @@ log contradicts, seeds that ran different code or settings, seeds left out of th
 record folder), reports the mean and sample std of val_bpb and val_loss and a one-sided Welch t-test
 against the current best, decides whether the runs make a record, a non-record submission or a
 practice record, and writes that folder (README.md, submission.json, train_gpt.py, requirements.txt,
-the manifest, the logs). `run_8xh100.sh` calls both. `sweep` and `submit` import train_gpt.py (torch) for
-the settings' names and the summary's keys; `demo-data` needs sentencepiece and numpy.
+the manifest, the logs). `run_8xh100.sh` calls both. `sweep`, `check`, `submit` and `settings-table` import the
+train_gpt.py beside tools/ (torch) for the settings and the summary's keys; `demo-data` needs sentencepiece.
 
 Usage:
     python3 tools/harness.py demo-data OUT_DIR [--vocab-size 1024]
@@ -620,11 +620,17 @@ def unexplained_settings(run: SeedRun) -> list[str]:
     preset = tg.PRESETS.get(hp.get("PRESET"))
     if preset is None:
         return [f"{run.label} ran PRESET={hp.get('PRESET')!r}, which train_gpt.py does not have"]
+    reasons = []
+    if set(hp) != set(tg.SETTINGS):
+        reasons.append(f"{run.label}: its hyperparameters are not train_gpt.py's settings (missing: "
+                       f"{sorted(set(tg.SETTINGS) - set(hp))}, unknown: {sorted(set(hp) - set(tg.SETTINGS))})")
     explicit = set(run.summary["explicit_settings"] or ())
     hidden = [f"{name}={hp[name]!r}" for name, row in tg.SETTINGS.items()
               if name in hp and name not in explicit and hp[name] != preset.get(name, row.default)]
-    return [f"{run.label} ran settings that are neither PRESET={hp['PRESET']!r}'s defaults nor in its explicit_settings: "
-            + ", ".join(hidden)] if hidden else []
+    if hidden:
+        reasons.append(f"{run.label} ran settings that are neither PRESET={hp['PRESET']!r}'s defaults nor in its "
+                       "explicit_settings: " + ", ".join(hidden))
+    return reasons
 
 
 _HEADLINE = re.compile(r"^final_\S+_roundtrip_exact val_loss:(\S+) val_bpb:(\S+)$", re.M)
@@ -636,6 +642,7 @@ _DATA_LINE = re.compile(r"^data: tokenizer sha256 ([0-9a-f]{64}) .* validation s
 _RUNTIME_LINE = re.compile(r"^world_size:(\d+) device:(\S+) ", re.M)
 _GPU_LINE = re.compile(r"^gpu:(.*) x(\d+)$", re.M)
 _EXPLICIT_LINE = re.compile(r"^explicit_settings:(\[.*\])$", re.M)
+_HYPERPARAMETERS_LINE = re.compile(r"^hyperparameters:(\{.*\})$", re.M)
 
 
 def check_log(run: SeedRun) -> list[str]:
@@ -647,7 +654,8 @@ def check_log(run: SeedRun) -> list[str]:
     to 1 ms; `val_stream_tokens:N (of M[, partial validation])` its val_tokens + 1, val_split_tokens and
     val_full_split; `data: tokenizer sha256 ...` its tokenizer_sha256 and val_shards_sha256; the runtime
     line its world_size and device, on CUDA the `gpu:` line its hardware, and `explicit_settings: [...]` its
-    explicit_settings (the reproduction command sets them). Someone who rewrites both
+    explicit_settings (the reproduction command sets them), and `hyperparameters: {...}` its hyperparameters.
+    Someone who rewrites both
     files consistently is not stopped here: the artifact, the data and the code are checked elsewhere.
     Output: the reasons they disagree (empty: they agree)."""
     s, who, reasons = run.summary, run.label, []
@@ -699,6 +707,13 @@ def check_log(run: SeedRun) -> list[str]:
     if runtime is not None and runtime != (str(s["world_size"]), s["device"]):
         reasons.append(f"{who}: its log ran {runtime[0]} process(es) on {runtime[1]}; the summary says "
                        f"{s['world_size']} on {s['device']}")
+    settings = one(_HYPERPARAMETERS_LINE, "hyperparameters")
+    try:
+        logged = json.loads(settings) if settings is not None else None
+    except ValueError:
+        logged = None
+    if settings is not None and logged != s["hyperparameters"]:
+        reasons.append(f"{who}: its log's hyperparameters line is not the summary's hyperparameters")
     explicit = one(_EXPLICIT_LINE, "explicit_settings")
     try:
         logged = json.loads(explicit) if explicit is not None else None
@@ -718,18 +733,27 @@ def full_validation(runs: Sequence[SeedRun]) -> bool:
     return all(r.summary["val_full_split"] is True for r in runs)
 
 
-@functools.cache
+class NeedsTrainGpt(RuntimeError):
+    """train_gpt.py beside tools/ cannot be imported (torch missing, or no such file)."""
+
+
 @functools.cache
 def train_gpt_module():
-    """train_gpt.py beside tools/, imported on first use (it needs torch): the run summary's keys (SUMMARY_KEYS)
-    and the settings (SETTINGS) are declared there once, and read from there."""
+    """train_gpt.py beside tools/, imported on first use (it needs torch): the run summary's keys (SUMMARY_KEYS),
+    the settings and presets (SETTINGS, PRESETS) are declared there once, and read from there. The harness
+    belongs with the train_gpt.py beside it: submit refuses runs of any other code (check_runs)."""
     root = str(Path(__file__).resolve().parents[1])
     if root not in sys.path:
         sys.path.insert(0, root)
-    import train_gpt
+    try:
+        import train_gpt
+    except ImportError as exc:
+        raise NeedsTrainGpt(f"this command reads {root}/train_gpt.py's declarations and cannot import it ({exc}); "
+                            "install requirements.txt (torch)") from None
     return train_gpt
 
 
+@functools.cache
 def _ship_code_module():
     """tools/ship_code.py (standard library only), beside this file, however the harness was started."""
     import importlib.util
@@ -1737,7 +1761,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse `argv` (default: sys.argv[1:]), run the chosen subcommand, return its exit code."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except NeedsTrainGpt as exc:
+        print(f"harness.py {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
