@@ -57,6 +57,7 @@ CHALLENGE_CAP_BYTES = 16_000_000     # decimal cap: code bytes + compressed mode
 CHALLENGE_TRAIN_SECONDS = 600.0      # training wallclock on 8xH100; training data may not be read after it
 H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
 EVAL_MODES = ("documents", "sliding")
+LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")     # where per-document TTT may put adapters (TTTLoRA)
 LQER_FORMATS = ("asym4", "row6")  # LQER_FACTORS: how the low-rank factors are stored (lqer_correction)
 TTT_ASSUMED_MFU = 0.08           # TTT's small steps: #1855's measured 470 s (median) for the work eval_projection counts
 EVAL_LOAD_ASSUMED_S = 5.0        # reading and decompressing the artifact on every rank (assumed, not measured)
@@ -265,6 +266,14 @@ def name_fragments(patterns: str) -> str | None:
     return "has an empty fragment" if patterns and any(not f.strip() for f in patterns.split(",")) else None
 
 
+def lora_target_list(targets: str) -> str | None:
+    names = [t.strip() for t in targets.split(",") if t.strip()]
+    unknown = [t for t in names if t not in LORA_TARGETS]
+    if unknown or not names or len(set(names)) != len(names):
+        return f"must be distinct names among {', '.join(LORA_TARGETS)} (got {unknown or 'repeats'})"
+    return None
+
+
 def not_one(buckets: int) -> str | None:
     return "must be 0 (off) or >= 2" if buckets == 1 else None
 
@@ -295,7 +304,7 @@ class Hyperparameters:
     train_seq_len: int = setting(2048, "training sequence length", at_least=1)
     grad_accum_steps: int = setting(0, "micro-steps per optimizer step; 0 = 8 // world_size (global batch independent of world size)", at_least=0)
     val_batch_size: int = setting(524288, "evaluation tokens per forward pass, over all ranks", at_least=1)
-    val_loss_every: int = setting(1000, "validate every N steps during training; 0 = only at the end", at_least=0)
+    val_loss_every: int = setting(0, "validate every N steps during training; 0 = only at the end (as #1855: each pass costs training time and a compiled graph)", at_least=0)
     val_max_tokens: int = setting(0, "score only the first N tokens of the validation stream; 0 = all", at_least=0)
     train_log_every: int = setting(200, "log a train step line every N steps", at_least=1)
     eval_seq_len: int = setting(0, "evaluation window length; 0 = TRAIN_SEQ_LEN", at_least=0)
@@ -307,10 +316,15 @@ class Hyperparameters:
     eval_time_limit_seconds: float = setting(570.0, "evaluation budget kept at run time, from the artifact's load (and the evaluation compiles) to the final score: TTT adapts less, then not at all, before it would run over; a run whose scoring alone is projected over it on 8xH100 is refused; 0 = none", at_least=0)
     ttt_enabled: int = setting(1, "1 = legal score-first test-time training during the final evaluation", choices=(0, 1))
     ttt_method: str = setting("lora", "lora (per-document LoRA, chunk scored then trained, plus global SGD phases; records #1610-#1855) or whole (SGD of the whole model per TTT_CHUNK_TOKENS chunk; records #1413/#1493)", choices=("lora", "whole"))
-    ttt_lora_rank: int = setting(80, "rank of each per-document LoRA (Q, K, V, attention out, both MLP matrices, the head)", at_least=1)
+    ttt_lora_rank: int = setting(80, "rank of each per-document LoRA adapter", at_least=1)
+    ttt_lora_alpha: float = setting(144.0, "LoRA output scale alpha: delta = (x A) B alpha / rank (record #1767, as #1855 ran it)", above=0.0)
+    ttt_lora_targets: str = setting("k,o,mlp,head", "comma-separated adapters of every layer visit: q, k, v (the attention's input to the projection), o (its input to its output), mlp (the MLP's input to its output), head (to the logits); #2019 dropped q and v", check=lora_target_list)
+    ttt_lora_keep_a: int = setting(1, "1 = a row's LoRA A is kept from one document to the next and redrawn after each global phase, only B restarts at 0 (record #1767's warm start, as #1855 ran it); 0 = A redrawn per document", choices=(0, 1))
     ttt_lora_lr: float = setting(1e-4, "AdamW learning rate of the per-document LoRA", at_least=0)
+    ttt_lora_beta2: float = setting(0.99, "AdamW beta2 of the per-document LoRA (beta1 is 0; record #1855's log)", at_least=0.0, at_most=1.0)
+    ttt_lora_weight_decay: float = setting(0.5, "AdamW weight decay of the per-document LoRA (record #1855's log)", at_least=0)
     ttt_lora_chunk: int = setting(48, "targets per LoRA chunk (at most the evaluation window): scored, then one LoRA step on them", at_least=1)
-    ttt_lora_docs: int = setting(64, "documents adapted together per rank (one LoRA each, batched)", at_least=1)
+    ttt_lora_batch_tokens: int = setting(81920, "tokens of each LoRA forward per rank: rows of the evaluation window, one document per row (its memory bound: tools/harness.py gpu-plan)", at_least=1)
     ttt_phases: int = setting(3, "global SGD phases of TTT_METHOD=lora (whole model, on documents already scored); 0 = none", at_least=0)
     ttt_phase_docs_frac: float = setting(0.05, "the phases end at this fraction of the documents, evenly spaced (#1855: 2,500 of 50,000)", at_least=0.0, at_most=1.0)
     ttt_phase_lr: float = setting(0.001, "SGD learning rate of a global phase (one epoch over the scored documents, cosine over its chunks)", at_least=0)
@@ -673,6 +687,58 @@ def gather_tensors(rt: Runtime, t: Tensor) -> Tensor:
     return torch.cat(out)
 
 
+STEP_TIME_WINDOW = 16      # the stop rule predicts the next step from the slowest of the last 16
+STOP_SAFETY_STEPS = 1      # and keeps one more such step in hand, for a last step slower than those
+
+
+class StepClock:
+    """The training clock: ms of training so far (paused for validation) and the steps' durations.
+
+    On CUDA the host runs ahead of the GPU. After launching a step, the clock waits (on a CUDA event,
+    not a full synchronize: the new step stays queued) until the step before it has finished, so at
+    most one launched step is unfinished when the loop votes on the next one, and a step's duration
+    is the gap between two completions on the device. On the CPU a step is done when its call returns.
+    should_stop() says whether one more step could end past the cap: now + (unfinished steps + the
+    next + STOP_SAFETY_STEPS) x the slowest recent step > cap."""
+
+    def __init__(self, rt: Runtime, cap_ms: float):
+        self.cuda, self.cap_ms = rt.device.type == "cuda", cap_ms
+        self.train_ms, self.t0, self.last_done = 0.0, time.perf_counter(), time.perf_counter()
+        self.unfinished: list = []                 # CUDA events of launched steps not yet waited for
+        self.durations: list[float] = []
+
+    def elapsed_ms(self) -> float:
+        return self.train_ms + 1e3 * (time.perf_counter() - self.t0)
+
+    def step_launched(self) -> None:
+        if self.cuda:  # CUDA-only
+            event = torch.cuda.Event()
+            event.record()
+            self.unfinished.append(event)
+            if len(self.unfinished) < 2:
+                return
+            self.unfinished.pop(0).synchronize()
+        now = time.perf_counter()
+        self.durations = (self.durations + [1e3 * (now - self.last_done)])[-STEP_TIME_WINDOW:]
+        self.last_done = now
+
+    def should_stop(self) -> bool:
+        if not self.cap_ms or not self.durations:
+            return False
+        ahead = len(self.unfinished) + 1 + STOP_SAFETY_STEPS
+        return self.elapsed_ms() + ahead * max(self.durations) > self.cap_ms
+
+    def pause(self) -> None:
+        """Stop the clock with every launched step finished (the device synchronised)."""
+        if self.cuda:  # CUDA-only: make the clock honest before pausing it
+            torch.cuda.synchronize()
+        self.train_ms += 1e3 * (time.perf_counter() - self.t0)
+        self.unfinished = []
+
+    def resume(self) -> None:
+        self.t0 = self.last_done = time.perf_counter()
+
+
 def artifact_path(run_id: str) -> str:
     return os.path.join("artifacts", f"{run_id}.pgolf.xz")
 
@@ -731,6 +797,8 @@ class RunLog:
 # Optimizer step s consumes world_size * grad_accum chunks of (local_tokens + 1) tokens; chunk
 # (s * grad_accum + micro) * world_size + rank goes to that rank and micro-step, so the ranks'
 # spans are disjoint and contiguous, and a step's tokens do not depend on the world size.
+# Every batch's documents are counted here, on the host (count_segments): document-isolated attention on
+# CUDA (flash_attn_varlen_func, MODULES) takes a cu_seqlens of a bounded capacity (varlen_capacity).
 # -----------------------------------------------------------------------------
 
 def read_shard_header(path: str) -> int:
@@ -772,6 +840,38 @@ def find_shards(data_path: str, split: str) -> list[str]:
 def check_token_range(tokens: np.ndarray, vocab_size: int, where: str) -> None:
     if tokens.size and int(tokens.max()) >= vocab_size:
         raise PipelineError(f"{where}: token id {int(tokens.max())} >= VOCAB_SIZE={vocab_size}")
+
+
+VARLEN_SEGMENTS_PER_ROW = 16   # cu_seqlens capacity per row (FineWeb: ~3.5 segments per 2,048-token row)
+VARLEN_OVERFLOWS: dict[tuple[int, int, int], int] = {}   # (rows, seq_len, capacity) -> batches past the base capacity
+
+
+def count_segments(ids: np.ndarray) -> int:
+    """Segments flash_attn_varlen_func sees in a (rows, T) batch of token ids: each row's start, and each BOS
+    after it (a BOS at a row's start begins that row's segment)."""
+    return ids.shape[0] + int(np.count_nonzero(ids[:, 1:] == BOS_ID))
+
+
+def varlen_capacity(rows: int, seq_len: int, segments: int = 0) -> int:
+    """cu_seqlens entries for a (rows, seq_len) batch of `segments` segments, counted on the host: the base
+    capacity rows * min(seq_len, VARLEN_SEGMENTS_PER_ROW) + 1, which every warm-up compiles; a batch of more
+    segments (many short documents) gets the base doubled until it holds them, at most rows * seq_len + 1 (another
+    shape, compiled when it comes, and counted in VARLEN_OVERFLOWS for the log and the summary).
+    FA3's backward sizes its accumulators by total_q + (entries - 1) * 128 rows per head: at 48 x 2,048 the base
+    capacity (769 entries) costs 2x the tokens, one entry per token (98,305) 129x, ~49 GiB (docs/evaluation.md)."""
+    base = rows * min(seq_len, VARLEN_SEGMENTS_PER_ROW)
+    held = base
+    while held < segments:
+        held = min(2 * held, rows * seq_len)
+    if held > base:
+        key = (rows, seq_len, held + 1)
+        VARLEN_OVERFLOWS[key] = VARLEN_OVERFLOWS.get(key, 0) + 1
+    return held + 1
+
+
+def capacity_of(ids: Tensor) -> int:
+    """varlen_capacity of a batch on the device (a host copy: for forwards outside the hot loops)."""
+    return varlen_capacity(ids.size(0), ids.size(1), count_segments(ids.cpu().numpy()))
 
 
 TRAIN_SHARD_CHECK_TOKENS = 1 << 20   # each train shard's first tokens are range-checked at start-up
@@ -821,14 +921,17 @@ class DistributedTokenLoader:
         chunk = (step * self.grad_accum + micro) * self.world_size + rank
         return chunk * (self.local_tokens + 1)
 
-    def batch(self, step: int, micro: int) -> tuple[Tensor, Tensor]:
+    def batch(self, step: int, micro: int) -> tuple[Tensor, Tensor, int]:
+        """(inputs, targets, the varlen capacity of the inputs, counted here on the host)."""
         span = self.stream.read(self.span_start(step, micro, self.rank), self.local_tokens + 1)
+        capacity = varlen_capacity(self.local_tokens // self.seq_len, self.seq_len,
+                                   count_segments(span[:-1].reshape(-1, self.seq_len)))
         t = torch.from_numpy(span.astype(np.int64))
         if self.device.type == "cuda":  # CUDA-only: async host-to-device copy
             t = t.pin_memory().to(self.device, non_blocking=True)
         x = t[:-1].view(-1, self.seq_len)
         y = t[1:].view(-1, self.seq_len)
-        return x, y
+        return x, y, capacity
 
 
 def load_validation_tokens(data_path: str, vocab_size: int, max_tokens: int) -> tuple[np.ndarray, int]:
@@ -1274,35 +1377,44 @@ def document_ids(input_ids: Tensor) -> Tensor:
     return (input_ids == BOS_ID).cumsum(dim=1)
 
 
-def varlen_cu_seqlens(docs: Tensor) -> Tensor:
-    """cu_seqlens of flash_attn_varlen_func over the B*T flattened tokens: the start of every segment (a row's
-    first token or a change of document), then B*T. Padded to B*T + 1 entries with B*T (empty segments), so the
-    shape is fixed for torch.compile; int32, as flash-attn wants it."""
+def varlen_cu_seqlens(docs: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
+    """(cu_seqlens, overflow) for flash_attn_varlen_func over the B*T flattened tokens: the start of every segment
+    (a row's first token or a change of document), sorted, cut to `capacity` - 1 starts, then B*T; int32, one
+    shape per capacity. `overflow` (a 0-d bool tensor, no host sync) is true when the batch holds more segments
+    than that: the caller counted wrong, and causal_attention poisons the output with NaN rather than let
+    documents run together."""
     n, t = docs.numel(), docs.size(1)
     flat = docs.reshape(-1)
     pos = torch.arange(n, device=docs.device)
     starts = (pos % t == 0) | torch.cat((flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]))
-    cu = torch.sort(torch.where(starts, pos, n)).values
-    return torch.cat((cu, cu.new_full((1,), n))).to(torch.int32)
+    cu = torch.sort(torch.where(starts, pos, n)).values[:capacity - 1]
+    return torch.cat((cu, cu.new_full((1,), n))).to(torch.int32), starts.sum() > capacity - 1
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str, docs: Tensor | None = None) -> Tensor:
-    """q: (B, T, H, D); k, v: (B, T, Hkv, D); docs: (B, T) document ids (document_ids) or None (attention
-    across documents). Returns (B, T, H, D)."""
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str,
+                     varlen: tuple[Tensor, int | None] | None = None) -> Tensor:
+    """q: (B, T, H, D); k, v: (B, T, Hkv, D); varlen: ((B, T) document ids (document_ids), the cu_seqlens capacity
+    (varlen_capacity; the flash path needs it)) or None (attention across documents). Returns (B, T, H, D)."""
     B, T, H, D = q.shape
     if backend == "flash":
         # CUDA autocast runs F.rms_norm in fp32 (torch >= 2.12): q and k arrive fp32 while v is bf16
         q, k, v = q.to(FLASH_DTYPE), k.to(FLASH_DTYPE), v.to(FLASH_DTYPE)
-        if docs is None:
+        if varlen is None:
             out = FLASH_ATTN_FUNC(q, k, v, causal=True)
         else:
-            cu = varlen_cu_seqlens(docs)
+            docs, capacity = varlen
+            if capacity is None:
+                raise RuntimeError("a document-isolated flash forward needs its cu_seqlens capacity (varlen_capacity)")
+            cu, overflow = varlen_cu_seqlens(docs, capacity)
             out = FLASH_VARLEN_FUNC(q.reshape(B * T, H, D), k.reshape(B * T, -1, D), v.reshape(B * T, -1, D),
                                     cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=T, max_seqlen_k=T, causal=True)
         out = out[0] if isinstance(out, tuple) else out  # some FA3 builds also return the LSE
+        if varlen is not None:
+            out = out.masked_fill(overflow, float("nan"))
         return out.reshape(B, T, H, D)
     mask = None
-    if docs is not None:       # block-diagonal causal: earlier (or the same) position of the same document
+    if varlen is not None:       # block-diagonal causal: earlier (or the same) position of the same document
+        docs = varlen[0]
         causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
         mask = (causal[None] & (docs[:, :, None] == docs[:, None, :]))[:, None]
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
@@ -1324,12 +1436,8 @@ class FakeQuantWeight:
 
 
 class QuantLinear(FakeQuantWeight, nn.Linear):
-    """`lora`, set only during per-document TTT (TTT_METHOD=lora), adds a per-row low-rank delta."""
-    lora: "BatchedLoRA | None" = None
-
     def forward(self, x: Tensor) -> Tensor:
-        y = F.linear(x, self.train_weight())
-        return y if self.lora is None else y + self.lora(x)
+        return F.linear(x, self.train_weight())
 
 
 class QuantEmbedding(FakeQuantWeight, nn.Embedding):
@@ -1450,16 +1558,22 @@ class CausalSelfAttention(nn.Module):
             nn.init.zeros_(self.gate.weight)           # 2 * sigmoid(0) = 1: starts as the identity
         self.backend = "sdpa"
 
-    def forward(self, x: Tensor, cache: DecodeCache | None = None, slot: int = 0, docs: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cache: DecodeCache | None = None, slot: int = 0,
+                varlen: tuple[Tensor, int | None] | None = None, lora: "TTTLoRA | None" = None) -> Tensor:
+        """x: the block's normed input (B, T, d); varlen: see causal_attention; lora: per-document TTT's adapters,
+        whose deltas of layer visit `slot` (each from x) add to q, k, v and the output (o)."""
         B, T, _ = x.shape
-        q = self.c_q(x).view(B, T, self.num_heads, self.head_dim)
-        k = self.c_k(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v = self.c_v(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q, k, v = self.c_q(x), self.c_k(x), self.c_v(x)
+        if lora is not None:
+            q, k, v = lora.add(slot, "q", x, q), lora.add(slot, "k", x, k), lora.add(slot, "v", x, v)
+        q = q.view(B, T, self.num_heads, self.head_dim)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim)
         offset = cache.pos if cache is not None else 0
         q, k = self.rotary(rms_norm(q), offset), self.rotary(rms_norm(k), offset)
         q = q * self.q_gain.to(q.dtype)[None, None, :, None]
         if cache is None:
-            y = causal_attention(q, k, v, self.backend, docs)
+            y = causal_attention(q, k, v, self.backend, varlen)
         else:
             y = cached_attention(q, *cache.extend(slot, k, v), offset)
         if self.xsa:
@@ -1467,7 +1581,8 @@ class CausalSelfAttention(nn.Module):
             y = y - (y * vn).sum(dim=-1, keepdim=True) * vn     # (autocast runs normalize in fp32)
         if self.gate is not None:
             y = y * (2.0 * torch.sigmoid(self.gate(x[..., :self.gate_dims])))[..., None]
-        return self.proj(y.reshape(B, T, -1))
+        out = self.proj(y.reshape(B, T, -1))
+        return out if lora is None else lora.add(slot, "o", x, out)
 
 
 class MLP(nn.Module):
@@ -1513,22 +1628,24 @@ class Block(nn.Module):
         mix = self.resid_mix.to(x.dtype)
         return mix[0] * x + mix[1] * x0
 
-    def attention(self, x: Tensor, cache: DecodeCache | None, slot: int, docs: Tensor | None) -> Tensor:
-        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cache, slot, docs)
+    def attention(self, x: Tensor, cache: DecodeCache | None, slot: int, varlen, lora) -> Tensor:
+        return self.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * self.norm_scale, cache, slot, varlen, lora)
 
-    def feed_forward(self, x: Tensor) -> Tensor:
-        return self.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * self.norm_scale)
+    def feed_forward(self, x: Tensor, slot: int, lora: "TTTLoRA | None") -> Tensor:
+        n = rms_norm(x) * self.norm_scale
+        out = self.mlp(n)
+        return self.mlp_scale.to(x.dtype) * (out if lora is None else lora.add(slot, "mlp", n, out))
 
     def forward(self, x: Tensor, x0: Tensor, cache: DecodeCache | None = None, slot: int = 0,
-                docs: Tensor | None = None) -> Tensor:
+                varlen=None, lora: "TTTLoRA | None" = None) -> Tensor:
         x = self.mix(x, x0)
-        attn_out = self.attention(x, cache, slot, docs)
-        return x + attn_out + self.feed_forward(x if self.parallel else x + attn_out)
+        attn_out = self.attention(x, cache, slot, varlen, lora)
+        return x + attn_out + self.feed_forward(x if self.parallel else x + attn_out, slot, lora)
 
     def forward_lanes(self, lanes: tuple[Tensor, Tensor], x0: Tensor, cache: DecodeCache | None = None,
-                      slot: int = 0, docs: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        attn_out = self.attention(self.mix(lanes[0], x0), cache, slot, docs)
-        mlp_out = self.feed_forward(lanes[1])
+                      slot: int = 0, varlen=None, lora: "TTTLoRA | None" = None) -> tuple[Tensor, Tensor]:
+        attn_out = self.attention(self.mix(lanes[0], x0), cache, slot, varlen, lora)
+        mlp_out = self.feed_forward(lanes[1], slot, lora)
         r, p = self.lane_resid.to(attn_out.dtype), self.lane_post.to(attn_out.dtype)
         return r[0] * lanes[0] + p[0, 0] * attn_out + p[1, 0] * mlp_out, r[1] * lanes[1] + p[0, 1] * attn_out + p[1, 1] * mlp_out
 
@@ -1610,7 +1727,6 @@ class GPT(nn.Module):
                 for lin in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.mlp.fc):
                     nn.init.orthogonal_(lin.weight)
         self.doc_isolation = bool(hp.attn_doc_isolation)
-        self.head_lora: "BatchedLoRA | None" = None       # per-document TTT only (TTT_METHOD=lora)
 
     def set_attention_backend(self, backend: str) -> None:
         for block in self.blocks:
@@ -1643,10 +1759,12 @@ class GPT(nn.Module):
             cache.prev_ids, cache.prev_embed = input_ids[:, -1:], last
         return to_compute_dtype(x)
 
-    def hidden(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
-        """The final norm's input (B, T, d)."""
+    def hidden(self, input_ids: Tensor, cache: DecodeCache | None = None, capacity: int | None = None,
+               lora: "TTTLoRA | None" = None) -> Tensor:
+        """The final norm's input (B, T, d). capacity: the cu_seqlens capacity of a document-isolated flash forward
+        (varlen_capacity); lora: per-document TTT's adapters, one slot per layer visit."""
         x = self.embed(input_ids, cache)
-        docs = document_ids(input_ids) if self.doc_isolation and cache is None else None
+        varlen = (document_ids(input_ids), capacity) if self.doc_isolation and cache is None else None
         x0, skips, seen, lanes = x, [], set(), None
         order = self.layer_order()
         half = len(order) // 2
@@ -1664,9 +1782,9 @@ class GPT(nn.Module):
                 x, lanes = (stream, None) if lanes is None else (x, (stream, lanes[1]))
             block = self.blocks[i]
             if block.lanes == 2:
-                lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot, docs)
+                lanes = block.forward_lanes(lanes or (x, x), x0, cache, slot, varlen, lora)
             else:
-                x = block(x, x0, cache, slot, docs)
+                x = block(x, x0, cache, slot, varlen, lora)
             encoder = slot < half if self.skip_gated else (first and i < self.num_encoder)
             if encoder:
                 skips.append(x)
@@ -1674,17 +1792,19 @@ class GPT(nn.Module):
             cache.pos += input_ids.size(1)
         return x if lanes is None else 0.5 * (lanes[0] + lanes[1])
 
-    def logits(self, input_ids: Tensor, cache: DecodeCache | None = None) -> Tensor:
+    def logits(self, input_ids: Tensor, cache: DecodeCache | None = None, capacity: int | None = None,
+               lora: "TTTLoRA | None" = None) -> Tensor:
         """Softcapped logits, float32, (B, T, vocab)."""
-        h = self.final_norm(self.hidden(input_ids, cache))
+        h = self.final_norm(self.hidden(input_ids, cache, capacity, lora))
         logits = F.linear(h, self.tok_emb.train_weight().to(h.dtype))
-        if self.head_lora is not None:
-            logits = logits + self.head_lora(h)
+        if lora is not None:
+            logits = lora.add("head", "head", h, logits)
         logits = logits.float()
         return self.softcap * torch.tanh(logits / self.softcap)
 
-    def forward(self, input_ids: Tensor, target_ids: Tensor) -> Tensor:
-        logits = self.logits(input_ids)
+    def forward(self, input_ids: Tensor, target_ids: Tensor, capacity: int | None = None,
+                lora: "TTTLoRA | None" = None) -> Tensor:
+        logits = self.logits(input_ids, None, capacity, lora)
         nll = F.cross_entropy(logits.view(-1, logits.size(-1)), target_ids.reshape(-1), reduction="none")
         return nll.view_as(target_ids)
 
@@ -1990,6 +2110,16 @@ def to_device(a: np.ndarray, device: torch.device) -> Tensor:
     return t
 
 
+def bos_prefix(tokens: np.ndarray) -> np.ndarray:
+    """BOS counts of the stream's prefixes: out[i] = BOS tokens among tokens[:i] (for varlen capacities)."""
+    return np.concatenate(([0], np.cumsum(tokens == BOS_ID)))
+
+
+def rows_segments(bos_cum: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
+    """Varlen segments (count_segments) of each row tokens[s:s + length] of the stream, from bos_prefix()."""
+    return 1 + bos_cum[starts + length] - bos_cum[starts + 1]
+
+
 @dataclass
 class EvalResult:
     val_loss: float      # mean NLL per target, nats
@@ -1999,6 +2129,7 @@ class EvalResult:
     eval_time_ms: float
     nll: np.ndarray | None = None          # per-target NLL in stream order (rank 0, when collected)
     evidence: "ScoringEvidence | None" = None   # what the evaluator did, for the audit (EVAL_AUDIT=1)
+    forward_tokens: int = 0                # tokens one rank ran forward (evaluate(): the budget's plain rate)
 
 
 class ScoringEvidence:
@@ -2098,14 +2229,17 @@ class TestTimeTrainer:
             return self.hp.ttt_lr * 0.5 * (1.0 + math.cos(math.pi * k / max(1, n_chunks - 1)))
         return self.hp.ttt_lr
 
-    def adapt(self, tokens: Tensor, a: int, k: int, n_chunks: int, evidence: ScoringEvidence | None) -> None:
+    def adapt(self, tokens: Tensor, bos_cum: np.ndarray, a: int, k: int, n_chunks: int,
+              evidence: ScoringEvidence | None) -> None:
         """Train on chunk k, whose inputs start at stream position a: this rank's n_seq whole sequences
-        of it (targets a + 1 ... at most a + TTT_CHUNK_TOKENS, all already scored)."""
+        of it (targets a + 1 ... at most a + TTT_CHUNK_TOKENS, all already scored); bos_cum: bos_prefix()
+        of the stream, for the rows' varlen capacity."""
         n_seq = min(self.n_seq, (tokens.numel() - 1 - a) // (self.seq_len * self.rt.world_size))
         if n_seq <= 0:                 # only a chunk past the stream's end (the schedule never trains on one)
             return
-        rows = self.rt.rank * n_seq + torch.arange(n_seq, device=tokens.device)
-        inputs = a + rows[:, None] * self.seq_len + torch.arange(self.seq_len, device=tokens.device)[None, :]
+        starts = a + (self.rt.rank * n_seq + np.arange(n_seq)) * self.seq_len
+        capacity = varlen_capacity(n_seq, self.seq_len, int(rows_segments(bos_cum, starts, self.seq_len).sum()))
+        inputs = to_device(starts, tokens.device)[:, None] + torch.arange(self.seq_len, device=tokens.device)[None, :]
         x, y = tokens[inputs], tokens[inputs + 1]
         if evidence is not None:
             evidence.training_on(inputs + 1)
@@ -2114,7 +2248,7 @@ class TestTimeTrainer:
         self.run_model.train()
         for _ in range(self.hp.ttt_epochs):
             with autocast(self.rt):
-                loss = self.run_model(x, y).mean()
+                loss = self.run_model(x, y, capacity).mean()
             loss.backward()
             self.step()
         self.run_model.eval()
@@ -2135,44 +2269,6 @@ class TestTimeTrainer:
         self.opt.zero_grad(set_to_none=True)
 
 
-class BatchedLoRA(nn.Module):
-    """One low-rank adapter per row of a batch (one document each): delta(x) = (x A) B * alpha / r, A (n, in, r)
-    uniform in +-1/sqrt(in), B (n, r, out) zero, so a fresh adapter changes nothing (#1855's BatchedLinearLoRA,
-    alpha = r here). reset() restarts every row's adapter: B to zero, A redrawn."""
-
-    def __init__(self, n: int, d_in: int, d_out: int, rank: int, gen: torch.Generator, device: torch.device):
-        super().__init__()
-        self.gen, self.bound = gen, 1.0 / math.sqrt(d_in)
-        self.A = nn.Parameter(torch.empty(n, d_in, rank, device=device))
-        self.B = nn.Parameter(torch.zeros(n, rank, d_out, device=device))
-        self.rows: Tensor | None = None        # the adapters of the rows in the forward (None: all, in order)
-        self.reset()
-
-    def reset(self) -> None:
-        with torch.no_grad():
-            self.A.copy_((torch.rand(self.A.shape, generator=self.gen) * 2 - 1) * self.bound)
-            self.B.zero_()
-
-    def forward(self, x: Tensor) -> Tensor:
-        a, b = (self.A, self.B) if self.rows is None else (self.A[self.rows], self.B[self.rows])
-        return torch.bmm(torch.bmm(x, a.to(x.dtype)), b.to(x.dtype))
-
-
-def lora_targets(model: GPT) -> list[QuantLinear]:
-    """The matrices per-document TTT adapts: Q, K, V and the attention output, both MLP matrices (the head
-    too, through GPT.head_lora)."""
-    return [m for b in model.blocks for m in (b.attn.c_q, b.attn.c_k, b.attn.c_v, b.attn.proj, b.mlp.fc, b.mlp.proj)]
-
-
-def set_loras(model: GPT, loras: list[BatchedLoRA] | None) -> None:
-    """Attach (or with None detach) the adapters; set past nn.Module's registry, so they never become model
-    parameters, state or fingerprint."""
-    targets = lora_targets(model)
-    for i, m in enumerate(targets):
-        object.__setattr__(m, "lora", loras[i] if loras else None)
-    object.__setattr__(model, "head_lora", loras[len(targets)] if loras else None)
-
-
 def document_spans(tokens: np.ndarray) -> np.ndarray:
     """(n_docs, 2) input ranges [d, e) of the stream's documents: d a BOS (or 0), e the next BOS (or the last
     input + 1). A document's targets are d + 1 .. e: its own tokens and the next document's BOS."""
@@ -2190,144 +2286,310 @@ def phase_boundaries(hp: Hyperparameters, n_docs: int) -> list[int]:
     return sorted({last * (p + 1) // hp.ttt_phases for p in range(hp.ttt_phases)} - {0}) if hp.ttt_phases else []
 
 
+LORA_LENGTH_BUCKETS = 4     # LoRA rows are window / 8, / 4, / 2 or the window long: four compiled shapes
+LORA_PAD_ID = 0             # what a LoRA row holds past its document's end (never a BOS: one document per row)
+
+
+def lora_targets(hp: Hyperparameters) -> tuple[str, ...]:
+    return tuple(t.strip() for t in hp.ttt_lora_targets.split(",") if t.strip())
+
+
+def lora_lengths(window: int) -> list[int]:
+    """The row lengths LoRA forwards use (LORA_LENGTH_BUCKETS of them, the longest the window)."""
+    return sorted({max(1, window >> k) for k in range(LORA_LENGTH_BUCKETS)})
+
+
+def lora_rows(hp: Hyperparameters, window: int) -> int:
+    """Documents adapted side by side on each rank: TTT_LORA_BATCH_TOKENS // the window (the memory bound)."""
+    return max(1, hp.ttt_lora_batch_tokens // window)
+
+
+class TTTLoRA(nn.Module):
+    """Per-document adapters for `rows` rows, one document each (records #1610-#1855's BatchedTTTLoRA placement):
+    for every layer visit (slot) and target of TTT_LORA_TARGETS a delta(x) = (x A) B * TTT_LORA_ALPHA / rank, added
+    to q, k or v (x: the attention's normed input), to the attention output (o, from the same input), to the MLP
+    output (mlp, from the MLP's normed input), and to the logits (head, from the final norm's output). A is
+    (in, rank), B (rank, out). Every factor of a row is a slice of that row of `weights` (rows, P), so restarting a
+    row or stepping the optimizer is a few whole-tensor operations. A row starts with B = 0 (no change); A is drawn
+    uniform in +-1/sqrt(in) when the adapters are built and by redraw_a(), and kept across documents with
+    TTT_LORA_KEEP_A=1 (record #1767's warm start), else redrawn for each document."""
+
+    def __init__(self, hp: Hyperparameters, model: GPT, rows: int, device: torch.device, recurrence: bool | None = None):
+        super().__init__()
+        d, vocab = model.tok_emb.embedding_dim, model.tok_emb.num_embeddings
+        kv = model.blocks[0].attn.c_k.out_features
+        dims = dict(q=(d, d), k=(d, kv), v=(d, kv), o=(d, d), mlp=(d, d), head=(d, vocab))
+        self.rows, self.rank, self.scale = rows, hp.ttt_lora_rank, hp.ttt_lora_alpha / hp.ttt_lora_rank
+        self.keep_a = bool(hp.ttt_lora_keep_a)
+        targets = lora_targets(hp)
+        keys = [(slot, t) for slot in range(len(model.layer_order(recurrence))) for t in targets if t != "head"]
+        keys += [("head", "head")] if "head" in targets else []
+        self.layout, size, bounds = {}, 0, []
+        for key in keys:
+            n_in, n_out = dims[key[1]]
+            self.layout[key] = (size, n_in, size + n_in * self.rank, n_out)
+            bounds.append((size, size + n_in * self.rank, 1.0 / math.sqrt(n_in)))
+            size += (n_in + n_out) * self.rank
+        self.weights = nn.Parameter(torch.zeros(rows, size, device=device))
+        self.a_bound = torch.zeros(size, device=device)          # 1/sqrt(in) on A's entries, 0 on B's
+        for lo, hi, bound in bounds:
+            self.a_bound[lo:hi] = bound
+        self.gen = torch.Generator(device=device).manual_seed(hp.seed)
+        self.redraw_a()
+
+    def add(self, slot, target: str, x: Tensor, out: Tensor) -> Tensor:
+        """out + the delta of this slot's `target` adapter on x (rows, T, in); out unchanged without one."""
+        spec = self.layout.get((slot, target))
+        if spec is None:
+            return out
+        a, n_in, b, n_out = spec
+        A = self.weights[:, a:a + n_in * self.rank].view(self.rows, n_in, self.rank)
+        B = self.weights[:, b:b + self.rank * n_out].view(self.rows, self.rank, n_out)
+        return out + torch.bmm(torch.bmm(x, A.to(x.dtype)), B.to(x.dtype)) * self.scale
+
+    @torch.no_grad()
+    def redraw_a(self, rows: Tensor | None = None) -> None:
+        """Fresh adapters (B = 0, A drawn) for the rows marked in `rows` (bool, (rows,)), or for every row."""
+        fresh = (torch.rand(self.weights.shape, generator=self.gen, device=self.weights.device) * 2 - 1) * self.a_bound
+        self.weights.copy_(fresh if rows is None else torch.where(rows[:, None], fresh, self.weights))
+
+    @torch.no_grad()
+    def restart(self, rows: Tensor) -> None:
+        """A new document in each row marked in `rows`: B = 0; A kept (TTT_LORA_KEEP_A=1) or redrawn."""
+        if not self.keep_a:
+            self.redraw_a(rows)
+        else:
+            self.weights.copy_(torch.where(rows[:, None] & (self.a_bound == 0)[None, :], 0.0, self.weights))
+
+
+class RowAdamW:
+    """AdamW over the rows of a (rows, P) parameter, each row with its own step count, so a row that starts a new
+    document starts its optimizer over too (torch's AdamW keeps one count per tensor): for the rows that learn in a
+    step, m <- b1 m + (1 - b1) g, v <- b2 v + (1 - b2) g^2, p <- p (1 - lr wd) - lr m^ / (sqrt(v^) + eps) with
+    the bias corrections of the row's count. Betas (0, TTT_LORA_BETA2) and weight decay TTT_LORA_WEIGHT_DECAY
+    as record #1855 (its log: beta2 0.99, weight decay 0.5)."""
+
+    def __init__(self, p: nn.Parameter, lr: float, betas: tuple[float, float], weight_decay: float, eps: float = 1e-10):
+        self.p, self.lr, (self.b1, self.b2), self.wd, self.eps = p, lr, betas, weight_decay, eps
+        self.m, self.v = torch.zeros_like(p), torch.zeros_like(p)
+        self.steps = torch.zeros(p.shape[0], 1, device=p.device)
+
+    @torch.no_grad()
+    def restart(self, rows: Tensor) -> None:
+        for t in (self.m, self.v, self.steps):
+            t.masked_fill_(rows[:, None], 0.0)
+
+    @torch.no_grad()
+    def step(self, learn: Tensor) -> None:
+        """One step for the rows marked in `learn` (bool, (rows,)); the gradient is consumed."""
+        on = learn[:, None].to(self.p.dtype)
+        g = self.p.grad
+        self.steps += on
+        self.m.add_((g - self.m) * ((1 - self.b1) * on))
+        self.v.add_((g * g - self.v) * ((1 - self.b2) * on))
+        t = self.steps.clamp(min=1)
+        update = (self.m / (1 - self.b1 ** t)) / ((self.v / (1 - self.b2 ** t)).sqrt() + self.eps)
+        self.p.mul_(1 - self.lr * self.wd * on).sub_(self.lr * update * on)
+        self.p.grad = None
+
+
+@dataclass
+class LoRAStep:
+    """One chunk step of a rank's LoRA rows (host arrays, one entry per row; an empty row has start = valid = 0):
+    row r holds inputs start[r] .. start[r] + length - 1 of the stream, the first valid[r] of them its document's
+    (the rest padding), scores the targets of its offsets [score_from[r], score_to[r]) and, where learn[r], then
+    trains on them; fresh[r] marks a row that begins a new document this step."""
+    length: int
+    start: np.ndarray
+    valid: np.ndarray
+    score_from: np.ndarray
+    score_to: np.ndarray
+    learn: np.ndarray
+    fresh: np.ndarray
+
+
+class LoRASchedule:
+    """The chunk steps of one rank's documents, planned on the host (the evaluator runs them; eval_projection
+    counts them). `rows` rows, one document each; documents are taken in the order given (longest first) and a
+    row that finishes takes the next at once, so rows stay busy whatever the lengths. Each step scores the next
+    TTT_LORA_CHUNK targets of every row's document from a row that starts at the document's start, or `window`
+    inputs before the chunk's end once the document is longer: rows are as long as the longest of them needs,
+    rounded up to lora_lengths(window). A document's last chunk is scored and never trained on."""
+
+    def __init__(self, spans: np.ndarray, rows: int, chunk: int, window: int):
+        self.spans, self.rows, self.window = spans, rows, window
+        self.chunk = min(chunk, window)
+        self.lengths = lora_lengths(window)
+        self.next_doc = 0
+        self.doc = np.full(rows, -1)                 # the document of each row (index into spans), -1: empty
+        self.pos = np.zeros(rows, dtype=np.int64)    # each row's next input to score (its chunk's first input)
+
+    def done(self) -> bool:
+        return self.next_doc >= len(self.spans) and (self.doc < 0).all()
+
+    def plan(self, learn: bool = True) -> LoRAStep:
+        """The next step (filling empty rows first); advance() after running it."""
+        fresh = np.zeros(self.rows, dtype=bool)
+        for r in np.flatnonzero(self.doc < 0):
+            if self.next_doc >= len(self.spans):
+                break
+            self.doc[r], self.pos[r], fresh[r] = self.next_doc, self.spans[self.next_doc, 0], True
+            self.next_doc += 1
+        active = self.doc >= 0
+        d, e = self.spans[self.doc, 0], self.spans[self.doc, 1]
+        cs, ce = self.pos, np.minimum(self.pos + self.chunk, e)
+        need = np.where(active, np.minimum(self.window, ce - d), 0)
+        length = next(n for n in self.lengths if n >= need.max())
+        start = np.where(active, np.maximum(d, ce - length), 0)
+        zero = np.zeros(self.rows, dtype=np.int64)
+        return LoRAStep(length, start, np.where(active, np.minimum(e - start, length), zero),
+                        np.where(active, cs - start, zero), np.where(active, ce - start, zero),
+                        active & (ce < e) & learn, fresh)
+
+    def advance(self) -> list[int]:
+        """Move every row past the chunk just scored; returns the documents that finished."""
+        active = self.doc >= 0
+        e = self.spans[self.doc, 1]
+        self.pos = np.where(active, np.minimum(self.pos + self.chunk, e), self.pos)
+        finished = active & (self.pos >= e)
+        done = self.doc[finished].tolist()
+        self.doc[finished] = -1
+        return done
+
+    def rest(self) -> list[tuple[int, int]]:
+        """Input ranges [lo, hi) not yet scored: the rows' unscored parts and the documents not yet begun."""
+        rows = [(int(p), int(self.spans[k, 1])) for k, p in zip(self.doc, self.pos) if k >= 0]
+        return rows + [tuple(map(int, s)) for s in self.spans[self.next_doc:]]
+
+
+def lora_schedule_work(spans: np.ndarray, rows: int, chunk: int, window: int) -> tuple[int, int]:
+    """(steps, forward tokens of the rows that hold a document) of a LoRASchedule over these documents, without
+    running a model. The tokens count each such row at the step's length (padding to the longest need and the
+    bucket included), not the empty rows of the last steps: the work, for eval_projection."""
+    schedule, steps, tokens = LoRASchedule(spans, rows, chunk, window), 0, 0
+    while not schedule.done():
+        step = schedule.plan()
+        steps, tokens = steps + 1, tokens + int((step.valid > 0).sum()) * step.length
+        schedule.advance()
+    return steps, tokens
+
+
+def no_ttt_forward_tokens(lengths: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """Forward tokens scoring documents of these lengths (inputs) takes without TTT (document_windows): a document
+    within the window about its length (short ones share windows), a longer one its first window plus a window
+    per `stride` targets after it. EvalBudget's estimate of what is left."""
+    over = np.maximum(lengths - window, 0)
+    return np.minimum(lengths, window) + -(-over // stride) * window
+
+
 class LoRATestTimeTrainer:
     """Phased score-first TTT with per-document LoRA (records #1610/#1626 phased TTT, #1855's settings).
 
-    Documents are taken in stream order, TTT_LORA_DOCS per rank at a time (one global batch = that many on every
-    rank). Each document gets a fresh rank-TTT_LORA_RANK LoRA on every block's Q, K, V, attention output and MLP
-    matrices and on the head, trained by its own AdamW (betas (0, 0.999), weight decay 1, as #1855). A document is
-    read in chunks of TTT_LORA_CHUNK targets: each chunk is scored by a forward of its window (the document's
-    last `window` inputs up to the chunk's end) through the current LoRA, and that same forward's loss on the
-    chunk (already scored) then takes one LoRA step, so chunk c + 1 is scored by a LoRA trained on chunks
-    0 .. c only. Documents in one batch are independent rows (document isolation, one adapter per row).
+    Documents are sorted longest first (#1855's global batches) and dealt round-robin to the ranks, so every rank
+    gets about the same work; each rank runs its own documents through a LoRASchedule of lora_rows() rows, one
+    document and one fresh adapter (TTTLoRA, trained by RowAdamW) per row. A step is one forward of the rows
+    through the compiled model with their adapters: its NLL on each row's chunk is the score, and its loss on the
+    same chunk (now scored) then takes one adapter step, so chunk c + 1 is scored by an adapter trained on chunks
+    0 .. c only. Rows hold one document each, padded past its end, so they are independent and each is one
+    varlen segment.
 
-    Global phases: once the documents before a boundary of phase_boundaries() are all scored, the whole model
-    takes one SGD epoch (TTT_PHASE_LR, cosine over its chunks, TTT_MOMENTUM, TTT_GRAD_CLIP, TTT_LAST_N) on the
-    stream up to the end of those documents, in TTT_CHUNK_TOKENS chunks (TestTimeTrainer's step), and later
-    documents are scored by the updated model. `allowed` (the evaluation budget, item 4) may stop phases and
-    LoRA training at any point; every target is still scored once."""
+    Global phases: the documents are cut at phase_boundaries() (counted in the sorted order); once every rank has
+    scored its documents before a boundary, the whole model takes one SGD epoch (TTT_PHASE_LR, cosine, TTT_MOMENTUM,
+    TTT_GRAD_CLIP, TTT_LAST_N) on all of them (global_phase) and the adapters start afresh, as #1855 does.
 
-    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, window: int):
+    The budget (EvalBudget) is checked before every step: when the step and the scoring of everything this rank
+    has left (without TTT) no longer fit, TTT stops on this rank (cut = "lora") and what is left is scored by
+    document_windows without it; a phase runs only if every rank can afford it and none has stopped."""
+
+    def __init__(self, hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, window: int,
+                 lora: TTTLoRA | None = None):
         self.hp, self.rt, self.model, self.run_model, self.window = hp, rt, model, run_model, window
-        self.gen = torch.Generator().manual_seed(hp.seed)
-        dims = [(m.in_features, m.out_features) for m in lora_targets(model)]
-        dims.append((model.tok_emb.embedding_dim, model.tok_emb.num_embeddings))
-        self.loras = [BatchedLoRA(hp.ttt_lora_docs, a, b, hp.ttt_lora_rank, self.gen, rt.device) for a, b in dims]
-        self.params = [p for lora in self.loras for p in lora.parameters()]
-        self.phases_done = self.docs_adapted = 0
-        self.cut = ""
+        self.lora = lora or TTTLoRA(hp, model, lora_rows(hp, window), rt.device)
+        self.opt = RowAdamW(self.lora.weights, hp.ttt_lora_lr, (0.0, hp.ttt_lora_beta2), hp.ttt_lora_weight_decay)
+        self.phases_done = self.docs_adapted = self.steps = 0
+        self.cut, self.phases_cut = "", False
 
-    def score_documents(self, tokens: Tensor, spans: np.ndarray, train: bool, evidence: "ScoringEvidence | None"
-                        ) -> tuple[Tensor, Tensor, list]:
-        """Score (and with `train`, adapt to) up to TTT_LORA_DOCS documents [d, e): (NLL sum, targets, (positions,
-        NLLs) pieces in scoring order). Each chunk step runs only the documents not yet finished, each row as long
-        as the longest window among them needs (rounded up to 64 tokens)."""
-        # a chunk is scored by one row of at most the window: longer chunks are cut to it (else their first
-        # targets would be left unscored)
-        hp, C, n_inputs, dev = self.hp, min(self.hp.ttt_lora_chunk, self.window), tokens.numel() - 1, self.rt.device
-        for lora in self.loras:
-            lora.reset()
-        opt = torch.optim.AdamW(self.params, lr=hp.ttt_lora_lr, betas=(0.0, 0.999), eps=1e-10, weight_decay=1.0)
-        d_all = torch.from_numpy(spans[:, 0]).to(dev)
-        e_all = torch.from_numpy(spans[:, 1]).to(dev)
-        nll_sum = torch.zeros((), dtype=torch.float64, device=dev)
-        scored = torch.zeros((), dtype=torch.int64, device=dev)
-        pieces = []
-        set_loras(self.model, self.loras)
-        try:
-            for c in range(int(-(-(spans[:, 1] - spans[:, 0]).max() // C)) if len(spans) else 0):
-                rows = torch.nonzero(d_all + c * C < e_all).flatten()      # documents with a chunk c
-                d, e = d_all[rows], e_all[rows]
-                cs = d + c * C
-                ce = torch.minimum(cs + C, e)
-                need = int((ce - torch.maximum(d, ce - self.window)).max())
-                length = min(self.window, n_inputs, -(-need // 64) * 64)
-                start = torch.clamp(torch.minimum(torch.maximum(d, ce - length), torch.full_like(d, n_inputs - length)),
-                                    min=0)
-                positions = start[:, None] + torch.arange(length + 1, device=dev)[None, :]
-                seq = tokens[positions]
-                offsets = torch.arange(length, device=dev)[None, :]
-                mask = (offsets >= (cs - start)[:, None]) & (offsets < (ce - start)[:, None])
-                learn = train and bool((ce < e).any())
-                for lora in self.loras:
-                    lora.rows = rows
-                with torch.enable_grad() if learn else torch.no_grad(), autocast(self.rt):
-                    nll = self.model(seq[:, :-1], seq[:, 1:])
-                targets = positions[:, 1:][mask]
-                chunk_nll = nll.detach().double()[mask]
-                nll_sum += chunk_nll.sum()
-                scored += mask.sum()
-                pieces.append((targets.cpu(), chunk_nll.cpu()))
-                if evidence is not None:
-                    evidence.scored(targets)
-                if learn:              # the chunk just scored; a document's last chunk is never trained on
-                    keep = mask & (ce < e)[:, None]
-                    if evidence is not None:
-                        evidence.training_on_local(positions[:, 1:][keep])
-                    ((nll * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).sum().backward()
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-        finally:
-            for lora in self.loras:
-                lora.rows = None
-            set_loras(self.model, None)
-        return nll_sum, scored, pieces
+    def chunk_step(self, tokens: Tensor, step: LoRAStep, meta: Tensor, evidence: "ScoringEvidence | None"
+                   ) -> tuple[Tensor, Tensor, Tensor]:
+        """Run one planned step, `meta` its arrays on the device: score, then learn; (per-row NLL (rows, length),
+        the scored mask, the stream positions of the rows' targets). The evidence hears of the scores first."""
+        start, valid, first, last, learn, fresh = meta
+        if step.fresh.any():
+            self.lora.restart(fresh.bool())
+            self.opt.restart(fresh.bool())
+        j = torch.arange(step.length, device=tokens.device)[None, :]
+        inputs = (start[:, None] + j).clamp(max=tokens.numel() - 2)
+        inside = j < valid[:, None]
+        x = torch.where(inside, tokens[inputs], LORA_PAD_ID)
+        y = torch.where(inside, tokens[inputs + 1], LORA_PAD_ID)
+        mask = (j >= first[:, None]) & (j < last[:, None])
+        with torch.enable_grad(), autocast(self.rt):
+            nll = self.run_model(x, y, varlen_capacity(len(start), step.length, len(start)), self.lora)
+        if evidence is not None:
+            evidence.scored((inputs + 1)[mask])
+        if step.learn.any():
+            keep = mask & learn.bool()[:, None]
+            if evidence is not None:
+                evidence.training_on_local((inputs + 1)[keep])
+            ((nll * keep).sum(dim=1) / keep.sum(dim=1).clamp(min=1)).sum().backward()
+            self.opt.step(learn.bool())
+        return nll.detach(), mask, inputs + 1
 
-    def global_phase(self, tokens: Tensor, spans: np.ndarray, evidence: "ScoringEvidence | None") -> None:
-        """One SGD epoch of the whole model (or its last TTT_LAST_N blocks) on documents already scored, `spans`
-        in stream order: their inputs laid end to end (document isolation keeps them apart) and cut into rows of
-        `window`, TTT_CHUNK_TOKENS // window rows per rank per step, gradients averaged over ranks, clipped to
+    def global_phase(self, tokens: Tensor, host: np.ndarray, spans: np.ndarray, evidence: "ScoringEvidence | None"
+                     ) -> None:
+        """One SGD epoch of the whole model (or its last TTT_LAST_N blocks) on documents every rank has scored,
+        `spans` in stream order: their inputs laid end to end (document isolation keeps them apart) and cut into
+        rows of `window`, ttt_seqs_per_rank() rows per rank per step, gradients averaged over ranks, clipped to
         TTT_GRAD_CLIP, TTT_PHASE_LR on a cosine over the steps, TTT_MOMENTUM. The evidence checks every step's
-        targets (their stream positions) against what every rank has scored."""
+        targets against what every rank has scored. The rows are planned on the host (their varlen capacity)."""
         hp, rt, w = self.hp, self.rt, self.window
-        idx = torch.cat([torch.arange(d, e) for d, e in spans.tolist()]).to(rt.device)
+        idx = np.concatenate([np.arange(d, e) for d, e in spans.tolist()])
         n_seq = ttt_seqs_per_rank(hp, rt, w)
-        steps = idx.numel() // (w * n_seq * rt.world_size)
+        steps = idx.size // (w * n_seq * rt.world_size)
         if steps == 0:
             return
         trainer = TestTimeTrainer(hp, rt, self.model, self.run_model, w)
+        for p in self.model.parameters():
+            p.requires_grad_(True)
         self.model.train()
         for k in range(steps):
-            rows = (k * rt.world_size + rt.rank) * n_seq + torch.arange(n_seq, device=rt.device)
-            inputs = idx[rows[:, None] * w + torch.arange(w, device=rt.device)[None, :]]
+            rows = (k * rt.world_size + rt.rank) * n_seq + np.arange(n_seq)
+            inputs = idx[rows[:, None] * w + np.arange(w)[None, :]]
+            capacity = varlen_capacity(n_seq, w, count_segments(host[inputs]))
+            inputs = to_device(inputs, rt.device)
             if evidence is not None:
                 evidence.training_on(inputs + 1)
             for group in trainer.opt.param_groups:
                 group["lr"] = hp.ttt_phase_lr * 0.5 * (1.0 + math.cos(math.pi * k / steps))
             with autocast(rt):
-                loss = self.model(tokens[inputs], tokens[inputs + 1]).mean()
+                loss = self.run_model(tokens[inputs], tokens[inputs + 1], capacity).mean()
             loss.backward()
             trainer.step()
         self.model.eval()
-
-
-def lora_tokens_processed(hp: Hyperparameters, lengths: np.ndarray, window: int) -> int:
-    """Tokens LoRATestTimeTrainer runs forward and backward through for documents of these lengths (inputs per
-    document): longest first, TTT_LORA_DOCS at a time, each chunk step over the documents not yet finished, rows as
-    long as the longest window among them needs, rounded up to 64 (per rank; world size does not change it)."""
-    lengths, total, C = np.sort(lengths)[::-1], 0, min(hp.ttt_lora_chunk, window)
-    for i in range(0, lengths.size, hp.ttt_lora_docs):
-        batch = lengths[i:i + hp.ttt_lora_docs]
-        for c in range(-(-int(batch[0]) // C)):
-            active = batch[batch > c * C]
-            need = int(min(window, int(np.minimum((c + 1) * C, active).max())))
-            total += active.size * min(window, -(-need // 64) * 64)
-    return total
+        for p in self.model.parameters():
+            p.requires_grad_(False)
 
 
 @torch.no_grad()
 def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: Tensor, starts: np.ndarray,
                   score_from: np.ndarray, score_to: np.ndarray, w: int, batch: int, collect: bool,
-                  evidence: ScoringEvidence | None = None) -> tuple[Tensor, Tensor, list]:
-    """This rank's share of the windows: (NLL sum float64, targets scored, per-target NLL pieces).
+                  evidence: ScoringEvidence | None, bos_cum: np.ndarray, split: bool = True, probe=None
+                  ) -> tuple[Tensor, Tensor, list]:
+    """This rank's share of the windows (split: a contiguous range of them; else all, for a rank scoring what it
+    alone has left): (NLL sum float64, targets scored, per-target NLL pieces).
 
     The share is padded to whole batches of `batch` windows (eval_batch_seqs) with windows that score
-    nothing, and its window table is copied to the device once: the loop issues no host-device copy."""
-    lo, hi = rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size
+    nothing, and its window table is copied to the device once: the loop issues no host-device copy. Every
+    batch runs at one varlen capacity, the largest its batches need (counted on the host from bos_cum).
+    `probe` (the audit) is shown the forward and the rows of some batches."""
+    lo, hi = (rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size) if split \
+        else (0, len(starts))
     padded = -(-(hi - lo) // batch) * batch
     table = np.zeros((3, padded), dtype=np.int64)
     table[1:, :] = w                                      # padding windows score the empty range [w, w)
     table[:, :hi - lo] = starts[lo:hi], score_from[lo:hi], score_to[lo:hi]
+    segments = rows_segments(bos_cum, table[0], w).reshape(-1, batch).sum(axis=1) if padded else np.zeros(1)
+    capacity = varlen_capacity(batch, w, int(segments.max()))
     s, first, last = to_device(table, rt.device)
     offsets = torch.arange(w + 1, device=rt.device)
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
@@ -2336,8 +2598,9 @@ def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens
     for b in range(0, padded, batch):
         positions = s[b:b + batch, None] + offsets[None, :]
         seq = tokens[positions]
-        with autocast(rt):       # contiguous inputs and targets, as everywhere: one stride for dynamo's guards
-            nll = run_model(seq[:, :-1].contiguous(), seq[:, 1:].contiguous())
+        x, y = seq[:, :-1].contiguous(), seq[:, 1:].contiguous()    # one stride everywhere, for dynamo's guards
+        with autocast(rt):
+            nll = run_model(x, y, capacity)
         mask = (offsets[None, :w] >= first[b:b + batch, None]) & (offsets[None, :w] < last[b:b + batch, None])
         nll_sum += (nll.double() * mask).sum()
         scored += mask.sum()
@@ -2345,18 +2608,22 @@ def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens
             evidence.scored(positions[:, 1:][mask])
         if collect:
             pieces.append(nll.double()[mask].cpu())
+        if probe is not None:
+            probe.batch(run_model, x, y, capacity, nll, mask, b == 0, b + batch >= padded)
     return nll_sum, scored, pieces
 
 
 def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, tables,
              window: int, stride: int, ttt: TestTimeTrainer | None = None, collect: bool = False,
-             audit: bool = False, mode: str = "sliding", budget: "EvalBudget | None" = None) -> EvalResult:
+             audit: bool = False, mode: str = "sliding", budget: "EvalBudget | None" = None,
+             probe=None) -> EvalResult:
     """Score every target of `tokens` once (see the section comment), with the windows of `mode`
     (EVAL_MODES). All ranks return the same sums; with collect=True rank 0 also gets the per-target NLL in
     stream order; with audit=True the result carries the ScoringEvidence. With TTT and a budget, a chunk is
-    trained on only while the budget affords the slowest training step so far (before any: TTT_EPOCHS x
-    TRAIN_STEP_COST x the plain rate per target) and the scoring of what is left; after the first refusal no
-    chunk is trained on (ttt.cut = "chunks")."""
+    trained on only while the budget affords its training (the slowest so far, before any TTT_EPOCHS x
+    TRAIN_STEP_COST x the plain rate x its tokens) and the scoring of what is left (its forward tokens x the
+    plain rate x SCORE_RESERVE), on every rank; after the first refusal no chunk is trained on (ttt.cut =
+    "chunks"). `probe` (the audit) is shown some scoring batches."""
     t_start = time.perf_counter()
     run_model.eval()
     n_inputs = tokens.size - 1
@@ -2364,30 +2631,35 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
     chunk = hp.ttt_chunk_tokens if ttt is not None else n_inputs
     bounds = [(a, min(a + chunk, n_inputs)) for a in range(0, n_inputs, chunk)]
     batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    all_tokens = to_device(tokens, rt.device)
+    all_tokens, bos_cum = to_device(tokens, rt.device), bos_prefix(tokens)
     evidence = ScoringEvidence(tokens.size, rt) if audit else None
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
     per_target = []
-    slowest = 0.0
+    slowest, forward_tokens = 0.0, 0
+    if ttt is not None and budget is not None:     # where each window's targets end: the forward tokens left after b
+        all_starts, _, all_to = scoring_windows(mode, tokens, window, stride)
+        ends = all_starts + all_to
     for event, k in ttt_schedule(len(bounds)):
         a, b = bounds[k]
         if event == "train":
             if budget is not None and not ttt.cut:
-                cost = slowest or hp.ttt_epochs * TRAIN_STEP_COST * budget.rate * (b - a)
-                if not budget.can_afford(cost, n_inputs - b):
+                cost = slowest or hp.ttt_epochs * TRAIN_STEP_COST * budget.rate * ttt.n_seq * ttt.seq_len
+                rest = (ends.size - np.searchsorted(ends, b, side="right")) * w / rt.world_size
+                if not budget.all_fit(cost + SCORE_RESERVE * budget.rate * rest):
                     ttt.cut = "chunks"
             if ttt.cut:
                 continue
             t0 = time.perf_counter()
-            ttt.adapt(all_tokens, a, k, len(bounds), evidence)
+            ttt.adapt(all_tokens, bos_cum, a, k, len(bounds), evidence)
             ttt.chunks_trained += 1
             slowest = max(slowest, time.perf_counter() - t0)
             continue
         before = weights_fingerprint(run_model) if evidence is not None else None
         windows = scoring_windows(mode, tokens, window, stride, a, b)
         part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
-                                                      evidence)
+                                                      evidence, bos_cum, probe=probe)
+        forward_tokens += -(-len(windows[0]) // rt.world_size // batch) * batch * w
         nll_sum += part_sum
         scored += part_scored
         if collect:
@@ -2395,8 +2667,10 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
         if before is not None:
             evidence.weights_moved |= (weights_fingerprint(run_model) != before).any()
     run_model.train()
-    return scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start,
-                         np.concatenate(per_target) if collect else None)
+    result = scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start,
+                           np.concatenate(per_target) if collect else None)
+    result.forward_tokens = forward_tokens
+    return result
 
 
 def scored_result(rt: Runtime, tokens: np.ndarray, tables, nll_sum: Tensor, scored: Tensor,
@@ -2419,115 +2693,129 @@ def scored_result(rt: Runtime, tokens: np.ndarray, tables, nll_sum: Tensor, scor
                       1e3 * (time.perf_counter() - t_start), per_target, evidence)
 
 
-TRAIN_STEP_COST = 3.0       # TTT before a step is measured: forward + backward of each token it runs, x the plain rate
-SCORE_RESERVE = 1.5         # scoring what is left without TTT: x the plain rate, for the slower document windows
+TRAIN_STEP_COST = 3.0       # a TTT step before one is measured: forward + backward, x the plain pass's time per token
+SCORE_RESERVE = 1.5         # scoring what is left without TTT: x the plain pass's time per token
 
 
 class EvalBudget:
-    """EVAL_TIME_LIMIT_SECONDS kept at run time: seconds since `t0` (the artifact's load: compiles, the audit and
-    the plain pass count) against the limit (0 = none). can_afford(cost, rest) says whether `cost` more seconds
-    of TTT still leave time to score `rest` targets without TTT at the measured plain rate (seconds per target of
-    the plain pass) x SCORE_RESERVE; every rank takes the slowest rank's view, so all decide alike."""
+    """EVAL_TIME_LIMIT_SECONDS kept at run time: seconds since `t0` (the artifact's load: compiles, the audit and the
+    plain pass count) against the limit (0 = none). `rate`: the plain pass's seconds per forward token on one rank
+    (its time over the tokens that rank ran; the ranks ran side by side, so a rank's tokens, not all ranks'). fits()
+    is this rank's view (TTT decides per rank, with no collective); all_fit() the slowest rank's (a phase, which
+    every rank runs together)."""
 
-    def __init__(self, hp: Hyperparameters, rt: Runtime, t0: float, plain_s_per_target: float):
-        self.limit, self.rt, self.t0, self.rate = hp.eval_time_limit_seconds, rt, t0, plain_s_per_target
+    def __init__(self, hp: Hyperparameters, rt: Runtime, t0: float, rate: float):
+        self.limit, self.rt, self.t0, self.rate = hp.eval_time_limit_seconds, rt, t0, rate
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.t0
 
-    def can_afford(self, cost: float, rest_targets: int) -> bool:
-        if not self.limit:
-            return True
-        elapsed, cost = agree_max(self.rt, [self.elapsed(), cost])
-        return elapsed + cost + rest_targets * self.rate * SCORE_RESERVE <= self.limit
+    def fits(self, seconds: float) -> bool:
+        return not self.limit or self.elapsed() + seconds <= self.limit
+
+    def all_fit(self, seconds: float) -> bool:
+        return not self.limit or agree_max(self.rt, [self.elapsed() + seconds])[0] <= self.limit
 
 
-def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, trainer: LoRATestTimeTrainer, tokens: np.ndarray, tables,
+def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer, tokens: np.ndarray, tables,
                       window: int, stride: int, budget: EvalBudget | None = None, collect: bool = False,
-                      audit: bool = False) -> EvalResult:
-    """EVAL_MODE=documents with TTT_METHOD=lora: documents in global batches (TTT_LORA_DOCS per rank), each
-    scored chunk by chunk through its own LoRA (LoRATestTimeTrainer), global SGD phases at phase_boundaries().
-    With a budget, a phase runs only if the budget can afford it (its tokens x TRAIN_STEP_COST x the plain rate)
-    and a batch is adapted only if the slowest batch so far fits (before any: the tokens its chunk steps run,
-    lora_tokens_processed, x TRAIN_STEP_COST x the plain rate; documents go longest first, so the first batch is
-    the slowest);
-    once a batch cannot be, TTT stops and the documents left are scored by document_windows without it. Every
-    target is scored once either way; trainer.cut says what was cut."""
+                      audit: bool = False, probe=None) -> EvalResult:
+    """EVAL_MODE=documents with TTT_METHOD=lora (LoRATestTimeTrainer): each rank scores its documents chunk by chunk
+    through their adapters, the phases in between, and with a budget keeps to it by construction: before every
+    step it checks that the step (the slowest recent step's time per token x this step's tokens, before any:
+    TRAIN_STEP_COST x the plain rate, times the steps that can be in flight) and the scoring of everything this
+    rank has left without TTT (no_ttt_forward_tokens x the plain rate x SCORE_RESERVE) fit in what is left; if not,
+    its TTT stops there and the rest (the rows' unscored chunks, the documents not begun) is scored by
+    document_windows without TTT. Every target is scored once either way. `probe` (the audit) is shown the
+    forward and the rows of some steps (EVAL_AUDIT=1)."""
     t_start = time.perf_counter()
-    model = trainer.model
-    # longest documents first (#1855's global batches): a batch's documents need about as many chunks each
+    n_inputs, w = tokens.size - 1, min(window, tokens.size - 1)
     spans = document_spans(tokens)
-    order = np.argsort(-(spans[:, 1] - spans[:, 0]), kind="stable")
-    spans = spans[order]
-    n_docs, n_inputs = len(spans), tokens.size - 1
-    per_rank = hp.ttt_lora_docs
-    group = per_rank * rt.world_size
-    boundaries = phase_boundaries(hp, n_docs)
-    all_tokens = to_device(tokens, rt.device)
+    lengths = spans[:, 1] - spans[:, 0]
+    order = np.argsort(-lengths, kind="stable")          # longest first, dealt round-robin to the ranks
+    boundaries = phase_boundaries(hp, len(spans))
+    all_tokens, bos_cum = to_device(tokens, rt.device), bos_prefix(tokens)
     evidence = ScoringEvidence(tokens.size, rt) if audit else None
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
-    pieces, slowest, g = [], 0.0, 0
+    pieces, rest = [], []
     rate = budget.rate if budget is not None else 0.0
-    base = [p for p in model.parameters() if p.requires_grad]
+    cost = no_ttt_forward_tokens(lengths, w, stride)
+    left = int(cost[order[rt.rank::rt.world_size]].sum())      # this rank's documents not yet finished
+    clock, step_tokens = StepClock(rt, 0.0), []
+    model = ttt.model
     model.eval()
-    left = n_inputs                                     # targets not yet scored
-    while g * group < n_docs:
-        lo = g * group
-        batch_targets = int((spans[lo:lo + group, 1] - spans[lo:lo + group, 0]).sum())
-        mine = spans[lo + rt.rank * per_rank:min(lo + (rt.rank + 1) * per_rank, n_docs)]
-        cost = slowest or TRAIN_STEP_COST * rate * lora_tokens_processed(hp, mine[:, 1] - mine[:, 0], window)
-        if budget is not None and not budget.can_afford(cost, left - batch_targets):
-            trainer.cut = "lora"
-            break
-        t0 = time.perf_counter()
-        for p in base:
-            p.requires_grad_(False)
-        part_sum, part_scored, part = trainer.score_documents(all_tokens, mine, True, evidence)
-        for p in base:
-            p.requires_grad_(True)
-        nll_sum += part_sum
-        scored += part_scored
-        pieces.extend(part)
-        trainer.docs_adapted += len(mine)
-        slowest = max(slowest, time.perf_counter() - t0)
-        left -= batch_targets
-        g += 1
-        done = min(g * group, n_docs)
-        while boundaries and boundaries[0] <= done:
-            scored_spans = np.sort(spans[:boundaries.pop(0)], axis=0)      # in stream order
-            phase_cost = TRAIN_STEP_COST * rate * int((scored_spans[:, 1] - scored_spans[:, 0]).sum())
-            if budget is not None and not budget.can_afford(phase_cost + slowest, left):
-                trainer.cut = trainer.cut or "phases"
-                boundaries = []
-                break
-            trainer.global_phase(all_tokens, scored_spans, evidence)
-            trainer.phases_done += 1
-    trainer.docs_adapted = int(sum(gather(rt, trainer.docs_adapted)))
-    if g * group < n_docs:                         # the rest, scored without TTT, document by document
-        rest = np.sort(spans[g * group:], axis=0)
-        joined = np.flatnonzero(rest[1:, 0] != rest[:-1, 1]) + 1          # runs of neighbouring documents
-        runs = zip(rest[np.concatenate(([0], joined)), 0].tolist(), rest[np.concatenate((joined - 1, [-1])), 1].tolist())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    lo = 0
+    for phase, hi in enumerate(boundaries + [len(spans)]):
+        picked = order[lo + (rt.rank - lo) % rt.world_size:hi:rt.world_size]    # sorted positions i = rank (mod world)
+        schedule = LoRASchedule(spans[picked], ttt.lora.rows, hp.ttt_lora_chunk, w)
+        while not ttt.cut and not schedule.done():
+            step = schedule.plan()
+            n_tok = ttt.lora.rows * step.length
+            if budget is not None:
+                per_token = max(d / 1e3 for d in clock.durations) / min(step_tokens) if clock.durations else \
+                    TRAIN_STEP_COST * rate
+                ahead = len(clock.unfinished) + 1 + STOP_SAFETY_STEPS
+                if not budget.fits(ahead * per_token * n_tok + SCORE_RESERVE * rate * left):
+                    ttt.cut = "lora"
+                    break
+            meta = to_device(np.stack([step.start, step.valid, step.score_from, step.score_to, step.learn,
+                                       step.fresh]).astype(np.int64), rt.device)
+            nll, mask, targets = ttt.chunk_step(all_tokens, step, meta, evidence)
+            nll_sum += (nll.double() * mask).sum()
+            scored += mask.sum()
+            if collect:
+                pieces.append((targets[mask].cpu(), nll.double()[mask].cpu()))
+            if probe is not None:
+                probe.lora_step(ttt, all_tokens, step, meta, nll, mask)
+            clock.step_launched()
+            step_tokens = (step_tokens + [n_tok])[-STEP_TIME_WINDOW - 1:]
+            ttt.steps += 1
+            finished = schedule.advance()
+            ttt.docs_adapted += len(finished)
+            left -= int(cost[picked[finished]].sum()) if finished else 0
+        rest += schedule.rest()
+        if phase < len(boundaries):
+            phase_spans = np.sort(spans[order[:hi]], axis=0)
+            phase_tokens = int((phase_spans[:, 1] - phase_spans[:, 0]).sum()) // rt.world_size
+            go = not ttt.phases_cut and agree_max(rt, [float(bool(ttt.cut))])[0] == 0.0 and (
+                budget is None or budget.all_fit(TRAIN_STEP_COST * rate * phase_tokens + SCORE_RESERVE * rate * left))
+            if go:
+                ttt.global_phase(all_tokens, tokens, phase_spans, evidence)
+                ttt.phases_done += 1
+                ttt.lora.redraw_a()
+            else:
+                ttt.phases_cut = True
+        lo = hi
+    ttt.docs_adapted = int(sum(gather(rt, ttt.docs_adapted)))
+    rest_nll, rest_pos = None, None
+    if rest:                   # what TTT did not reach, scored without it, this rank alone
+        rest.sort()
         bos = np.flatnonzero(tokens[:n_inputs] == BOS_ID)
-        windows = [np.concatenate(parts) for parts in zip(*[document_windows(tokens, window, stride, d, e, bos)
-                                                             for d, e in runs])]
+        windows = [np.concatenate(part) for part in zip(*[document_windows(tokens, window, stride, a, b, bos)
+                                                           for a, b in rest])]
         batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, "documents")
-        part_sum, part_scored, part = score_windows(hp, rt, trainer.run_model, all_tokens, *windows,
-                                                    min(window, n_inputs), batch, collect, evidence)
+        part_sum, part_scored, part = score_windows(hp, rt, ttt.run_model, all_tokens, *windows, w, batch, collect,
+                                                    evidence, bos_cum, split=False)
         nll_sum += part_sum
         scored += part_scored
         rest_nll = torch.cat(part).numpy() if part else np.zeros(0)
-        rest_pos = np.concatenate([np.arange(d + 1, e + 1) for d, e in rest.tolist()])
+        rest_pos = np.concatenate([np.arange(a + 1, b + 1) for a, b in rest])
+    for p in model.parameters():
+        p.requires_grad_(True)
     model.train()
     per_target = None
     if collect:
-        positions = torch.cat([p for p, _ in pieces]).numpy() if pieces else np.zeros(0, dtype=np.int64)
-        values = torch.cat([v for _, v in pieces]).numpy() if pieces else np.zeros(0)
+        positions = [torch.cat([t for t, _ in pieces]).numpy() if pieces else np.zeros(0, dtype=np.int64)]
+        values = [torch.cat([v for _, v in pieces]).numpy() if pieces else np.zeros(0)]
+        if rest_pos is not None:
+            positions.append(rest_pos)
+            values.append(rest_nll)
         per_target = np.zeros(n_inputs)
-        for pos, val in gather(rt, (positions, values)):
+        for pos, val in gather(rt, (np.concatenate(positions), np.concatenate(values))):
             per_target[pos - 1] = val
-        if g * group < n_docs:
-            per_target[rest_pos - 1] = np.concatenate(gather(rt, rest_nll))
     return scored_result(rt, tokens, tables, nll_sum, scored, evidence, t_start, per_target)
 
 
@@ -2572,7 +2860,8 @@ def forward_rows(rt: Runtime, run_model: nn.Module, x: Tensor, y: Tensor, batch:
         xb, yb = x[b:b + batch], y[b:b + batch]
         pad = batch - xb.size(0)
         with autocast(rt):
-            nll = run_model(F.pad(xb, (0, 0, 0, pad)), F.pad(yb, (0, 0, 0, pad)))
+            xb, yb = F.pad(xb, (0, 0, 0, pad)), F.pad(yb, (0, 0, 0, pad))
+            nll = run_model(xb, yb, capacity_of(xb))
         out.append(nll[:batch - pad].double())
     return torch.cat(out)
 
@@ -2898,19 +3187,21 @@ def graph_breaks() -> int:
 
 
 def warm_up(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, train_model: nn.Module,
-            qat: QATSwitch, accum: int, local_tokens: int, n_val_tokens: int) -> float:
+            qat: QATSwitch, accum: int, local_tokens: int, n_val_tokens: int, lora: "TTTLoRA | None" = None) -> float:
     """Run, before the training clock starts, every graph the run will need, so a compiled model builds
-    them all now: in each state of run_states, COMPILE_WARMUP_STEPS training steps' forward/backward
-    and (when periodic validation may run then, or it is the last state) a validation forward; in the
-    state training ends in with fake quantization off, the pre-quant and final evaluations' forwards
-    and TTT's step. Random tokens, inputs and targets distinct, no optimizer step: the weights are
-    untouched and no data (train or validation) is read.
+    them all now: in each state of run_states, COMPILE_WARMUP_STEPS training steps' forward/backward and,
+    when periodic validation runs (VAL_LOSS_EVERY), a validation forward; then, in the state training ends
+    in with fake quantization off, the graphs the configured evaluation runs and nothing else: the plain
+    windows (pre-quantization diagnostic, round-trip pass), the final windows of EVAL_MODE (scoring without
+    TTT), TTT_METHOD=whole's step, or TTT_METHOD=lora's steps at every row length (`lora`: the adapters the
+    evaluation will use) and its global phases' step. Every varlen forward at its base capacity. Random
+    tokens (never a BOS), inputs and targets distinct, no optimizer step: the weights are untouched and no
+    data (train or validation) is read.
 
-    Returns the ms spent on evaluation graphs: every validation or evaluation forward and TTT's step.
-    The evaluation pays for them (its budget is 600 s too), so they are counted in its time, not
-    hidden before the training clock; the count errs high (in-training validation forwards are in it)."""
+    Returns the ms spent on the evaluation's graphs: the evaluation pays for them (its budget is 600 s too),
+    so they are counted in its time, not hidden before the training clock."""
     gen = torch.Generator().manual_seed(hp.seed)
-    rand = lambda *shape: torch.randint(0, hp.vocab_size, shape, generator=gen).to(rt.device)  # noqa: E731
+    rand = lambda *shape: torch.randint(BOS_ID + 1, hp.vocab_size, shape, generator=gen).to(rt.device)  # noqa: E731
     eval_ms = [0.0]
 
     @contextlib.contextmanager
@@ -2926,31 +3217,49 @@ def warm_up(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, 
         w = min(window, n_val_tokens - 1)
         batch = eval_batch_seqs(hp, rt, n_val_tokens, window, stride, mode)
         windows = (np.arange(batch), np.zeros(batch, dtype=np.int64), np.full(batch, w))
-        with timed_as_evaluation():
-            score_windows(hp, rt, run_model, rand(w + batch), *windows, w, batch, collect=False)
+        fake = rand(w + batch)
+        score_windows(hp, rt, run_model, fake, *windows, w, batch, False, None, bos_prefix(fake.cpu().numpy()))
+
+    def step_random(rows: int, length: int, adapters: "TTTLoRA | None" = None) -> None:
+        """One forward and backward of `rows` x `length` random tokens at the base capacity."""
+        with autocast(rt):
+            loss = run_model(rand(rows, length), rand(rows, length), varlen_capacity(rows, length), adapters).mean()
+        loss.backward()
 
     states = run_states(hp)
+    rows = local_tokens // hp.train_seq_len
     for i, (recurrence_on, level) in enumerate(states):
-        model.recurrence_on, last = recurrence_on, i == len(states) - 1
+        model.recurrence_on = recurrence_on
         qat.set_level(level)
         for _ in range(hp.compile_warmup_steps):
             for micro in range(accum):
-                x, y = rand(local_tokens // hp.train_seq_len, hp.train_seq_len), rand(local_tokens // hp.train_seq_len, hp.train_seq_len)
                 with train_model.no_sync() if rt.distributed and micro < accum - 1 else contextlib.nullcontext():
                     with autocast(rt):
-                        loss = train_model(x, y).mean()
+                        loss = train_model(rand(rows, hp.train_seq_len), rand(rows, hp.train_seq_len),
+                                           varlen_capacity(rows, hp.train_seq_len)).mean()
                     (loss / accum).backward()
-        if hp.compile_warmup_steps and n_val_tokens and (hp.val_loss_every or last):
+        if hp.compile_warmup_steps and n_val_tokens and hp.val_loss_every:
             score_random(hp.train_seq_len, hp.train_seq_len)
     if hp.compile_warmup_steps and n_val_tokens:
         qat.set_level("off")
-        score_random(hp.train_seq_len, hp.train_seq_len)     # pre-quant and round-trip plain evaluations
         window, stride = eval_geometry(hp)
-        score_random(window, stride, hp.eval_mode)           # the final evaluation (and the audit)
-        if hp.ttt_enabled:
-            x, y = rand(ttt_seqs_per_rank(hp, rt, window), window), rand(ttt_seqs_per_rank(hp, rt, window), window)
-            with timed_as_evaluation(), autocast(rt):
-                run_model(x, y).mean().backward()
+        w = min(window, n_val_tokens - 1)
+        with timed_as_evaluation():
+            score_random(hp.train_seq_len, hp.train_seq_len)     # pre-quant and round-trip plain evaluations
+            score_random(window, stride, hp.eval_mode)           # the final windows without TTT
+            if hp.ttt_enabled and (hp.ttt_method == "whole" or hp.ttt_phases):
+                run_model.train()
+                step_random(ttt_seqs_per_rank(hp, rt, w), w)     # whole-model TTT / a global phase's step
+                run_model.eval()
+            if lora is not None:
+                for p in model.parameters():
+                    p.requires_grad_(False)
+                for length in lora_lengths(w):
+                    step_random(lora.rows, length, lora)
+                    lora.weights.grad = None
+                for p in model.parameters():
+                    p.requires_grad_(True)
+        run_model.train()
     for p in model.parameters():
         p.grad = None
     model.recurrence_on = False
@@ -2960,64 +3269,13 @@ def warm_up(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, 
     return eval_ms[0]
 
 
-STEP_TIME_WINDOW = 16      # the stop rule predicts the next step from the slowest of the last 16
-STOP_SAFETY_STEPS = 1      # and keeps one more such step in hand, for a last step slower than those
-
-
-class StepClock:
-    """The training clock: ms of training so far (paused for validation) and the steps' durations.
-
-    On CUDA the host runs ahead of the GPU. After launching a step, the clock waits (on a CUDA event,
-    not a full synchronize: the new step stays queued) until the step before it has finished, so at
-    most one launched step is unfinished when the loop votes on the next one, and a step's duration
-    is the gap between two completions on the device. On the CPU a step is done when its call returns.
-    should_stop() says whether one more step could end past the cap: now + (unfinished steps + the
-    next + STOP_SAFETY_STEPS) x the slowest recent step > cap."""
-
-    def __init__(self, rt: Runtime, cap_ms: float):
-        self.cuda, self.cap_ms = rt.device.type == "cuda", cap_ms
-        self.train_ms, self.t0, self.last_done = 0.0, time.perf_counter(), time.perf_counter()
-        self.unfinished: list = []                 # CUDA events of launched steps not yet waited for
-        self.durations: list[float] = []
-
-    def elapsed_ms(self) -> float:
-        return self.train_ms + 1e3 * (time.perf_counter() - self.t0)
-
-    def step_launched(self) -> None:
-        if self.cuda:  # CUDA-only
-            event = torch.cuda.Event()
-            event.record()
-            self.unfinished.append(event)
-            if len(self.unfinished) < 2:
-                return
-            self.unfinished.pop(0).synchronize()
-        now = time.perf_counter()
-        self.durations = (self.durations + [1e3 * (now - self.last_done)])[-STEP_TIME_WINDOW:]
-        self.last_done = now
-
-    def should_stop(self) -> bool:
-        if not self.cap_ms or not self.durations:
-            return False
-        ahead = len(self.unfinished) + 1 + STOP_SAFETY_STEPS
-        return self.elapsed_ms() + ahead * max(self.durations) > self.cap_ms
-
-    def pause(self) -> None:
-        """Stop the clock with every launched step finished (the device synchronised)."""
-        if self.cuda:  # CUDA-only: make the clock honest before pausing it
-            torch.cuda.synchronize()
-        self.train_ms += 1e3 * (time.perf_counter() - self.t0)
-        self.unfinished = []
-
-    def resume(self) -> None:
-        self.t0 = self.last_done = time.perf_counter()
-
-
 def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, loader: DistributedTokenLoader,
-          log: RunLog, validate, qat_spec: "QuantSpec | None" = None, n_val_tokens: int = 0) -> TrainResult:
+          log: RunLog, validate, qat_spec: "QuantSpec | None" = None, n_val_tokens: int = 0,
+          lora: "TTTLoRA | None" = None) -> TrainResult:
     """Train in place (leaving the EMA weights in the model when EMA is on). run_model is the
     (compiled) model; validate(step, train_ms) logs a val line; late QAT trains on qat_spec's grid (the
     budget plan's; default: the settings'); n_val_tokens sizes the warm-up's evaluation forwards (0: no
-    evaluation forward in the warm-up)."""
+    evaluation forward in the warm-up); lora: the per-document TTT adapters the evaluation will use."""
     train_model = run_model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -3029,15 +3287,15 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
     if run_model is not model:           # compiled: build every graph now, not inside the clock
         try:
             eval_compile_ms = warm_up(hp, rt, model, run_model, train_model, qat, accum, loader.local_tokens,
-                                      n_val_tokens)
+                                      n_val_tokens, lora)
         except torch._dynamo.exc.TorchDynamoException as e:
-            if model.blocks[0].attn.backend != "flash":
-                raise
-            raise PipelineError(
-                f"torch.compile cannot trace the flash-attn kernel {FLASH_ATTN_SOURCE} under torch {torch.__version__} "
-                f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}): install a flash-attn build made "
-                "for this torch whose kernels are registered torch ops (FA3's flash_attn_interface from the "
-                "hopper/ build, or flash-attn >= 2.7), or set COMPILE=0") from None
+            traceback.print_exc()
+            said = str(e).splitlines()[0] if str(e) else ""
+            hint = (f"; the attention kernel is {FLASH_ATTN_SOURCE}: torch.compile needs a flash-attn build made for torch "
+                    f"{torch.__version__} whose kernels are registered torch ops (FA3's flash_attn_interface from the "
+                    "hopper/ build, or flash-attn >= 2.7)") if "flash" in str(e).lower() else ""
+            raise PipelineError(f"torch.compile failed in the warm-up ({type(e).__name__}: {said}){hint}; "
+                                "COMPILE=0 runs without it") from None
     compile_ms, graphs = 1e3 * (time.perf_counter() - t_compile), compiled_graphs() - graphs_before
     eval_compile_ms = agree_max(rt, [eval_compile_ms])[0]     # the slowest rank's
     step_flops = {on: flops_per_token(hp, hp.train_seq_len, on) * hp.train_batch_tokens for on in (False, True)}
@@ -3063,12 +3321,13 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
             stopped_early = True
             log(f"stopping_early: wallclock_cap train_time:{elapsed_ms:.0f}ms step:{step}/{hp.iterations}")
         last_step = step >= hp.iterations or stopped_early
-        if last_step or (hp.val_loss_every and step > 0 and step % hp.val_loss_every == 0):
+        if hp.val_loss_every and step > 0 and (last_step or step % hp.val_loss_every == 0):
             clock.pause()
             validate(step, clock.train_ms)
-            if last_step:
-                break
             clock.resume()
+        if last_step:
+            clock.pause()
+            break
 
         progress = max(step / hp.iterations, elapsed_ms / cap_ms if cap_ms else 0.0)
         scale = lr_scale(progress, hp)
@@ -3083,12 +3342,12 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
             log(f"recurrence: on from step {step} (progress {progress:.3f}): layer order {model.layer_order()}")
 
         for micro in range(accum):
-            x, y = loader.batch(step, micro)
+            x, y, capacity = loader.batch(step, micro)
             sync_now = micro == accum - 1 or not rt.distributed
             ctx = contextlib.nullcontext() if sync_now else train_model.no_sync()
             with ctx:
                 with autocast(rt):
-                    loss = train_model(x, y).mean()
+                    loss = train_model(x, y, capacity).mean()
                 (loss / accum).backward()
             loss_sum += loss.detach()
             loss_count += 1
@@ -3221,7 +3480,7 @@ def collect_hessians(model: GPT, rt: Runtime, batches: list[Tensor]) -> dict[str
     try:
         with torch.no_grad(), autocast(rt), qat_paused(model):
             for x in batches:
-                model.logits(x.to(rt.device))
+                model.logits(x.to(rt.device), None, capacity_of(x))
     finally:
         for h in hooks:
             h.remove()
@@ -4112,7 +4371,8 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
         raise PipelineError(f"{path} does not fit the configured model: {e}") from None
     seq = torch.from_numpy(probe).to(rt.device)[None]
     with torch.no_grad(), autocast(rt):
-        probe_nll = model(seq[:, :-1], seq[:, 1:]).double().mean().item()
+        probe_nll = model(seq[:, :-1], seq[:, 1:], varlen_capacity(1, seq.size(1) - 1, count_segments(probe[None, :-1]))
+                          ).double().mean().item()
     evidence = dict(sha256=hashlib.sha256(data).hexdigest(), state=state_checksum(model.state_dict()), probe_nll=probe_nll)
     per_rank = gather(rt, evidence)
     if len({(e["sha256"], e["state"]) for e in per_rank}) != 1:
@@ -4140,12 +4400,13 @@ def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, 
                  plain=fwd(plain * scale, hp.train_seq_len), scoring=fwd(n_windows * w * scale, w), ttt=0.0, audit=0.0)
     if hp.eval_audit:
         parts["audit"] = fwd(3 * w * (max(hp.vocab_size, 1) + 2 * 7), w)
-    if hp.ttt_enabled and hp.ttt_method == "lora":
+    if hp.ttt_enabled and hp.ttt_method == "lora":     # the LoRA steps' work, shared by the ranks; the phases
         spans = document_spans(tokens)
         lengths = spans[:, 1] - spans[:, 0]
-        phased = sum(b / len(spans) for b in phase_boundaries(hp, len(spans))) * (tokens.size - 1)
-        parts["ttt"] = train(lora_tokens_processed(hp, lengths, w) * scale / PROJECTION_GPUS, w) * PROJECTION_GPUS \
-            + train(phased * scale, w)
+        order = np.argsort(-lengths, kind="stable")
+        _, work = lora_schedule_work(spans[order], lora_rows(hp, w), hp.ttt_lora_chunk, w)
+        phased = sum(int(lengths[order[:b]].sum()) for b in phase_boundaries(hp, len(spans)))
+        parts["ttt"] = train((work + phased) * scale, w)
     elif hp.ttt_enabled:
         chunks = -(-(tokens.size - 1) // hp.ttt_chunk_tokens)
         parts["ttt"] = train(hp.ttt_epochs * (chunks - 1) * hp.ttt_chunk_tokens * scale, w)
@@ -4214,8 +4475,10 @@ class Trained:
 
 
 def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, run_model: nn.Module,
-                     val_tokens: np.ndarray, tables, plan: BudgetPlan, log: RunLog, stages: StageTimes) -> Trained:
-    """Train, calibrate, score the trained weights (a diagnostic), write the artifact."""
+                     val_tokens: np.ndarray, tables, plan: BudgetPlan, log: RunLog, stages: StageTimes,
+                     lora: "TTTLoRA | None" = None) -> Trained:
+    """Train, calibrate, score the trained weights (a diagnostic), write the artifact. lora: the evaluation's
+    per-document TTT adapters, whose graphs the warm-up compiles."""
     stream = TokenStream(find_shards(hp.data_path, "train"), hp.vocab_size)
     accum = grad_accum_steps(hp, rt.world_size)
     loader = DistributedTokenLoader(stream, hp.train_batch_tokens, hp.train_seq_len, rt.world_size, accum,
@@ -4229,7 +4492,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
             f"train_time:{train_ms:.0f}ms step_avg:{train_ms / max(step, 1):.2f}ms")
 
     t_train = time.perf_counter()
-    result = train(hp, rt, model, run_model, loader, log, validate, plan.spec, val_tokens.size)
+    result = train(hp, rt, model, run_model, loader, log, validate, plan.spec, val_tokens.size, lora)
     stages.ms["compile"] = result.compile_ms
     stages.ms["train"] = 1e3 * (time.perf_counter() - t_train) - result.compile_ms
     if rt.device.type == "cuda":   # the summary's peak_memory_mib is the whole run's (run_pipeline)
@@ -4482,10 +4745,14 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     plan = plan_budget(hp, log) if not hp.eval_only else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
     run_model = compile_model(model, bool(hp.compile_optimize_ddp)) if use_compile else model
+    lora = hp.ttt_enabled and hp.ttt_method == "lora"
+    # one set of adapters for the warm-up and the evaluation: their graphs are compiled once
+    adapters = TTTLoRA(hp, model, lora_rows(hp, window), rt.device, run_states(hp)[-1][0]) if lora and \
+        not hp.eval_only else None
 
     # train and export, or take a saved artifact (a re-score compiles inside its own evaluation time)
     trained = None if hp.eval_only else train_and_export(hp, rt, run_id, model, run_model, val_tokens, tables, plan,
-                                                         log, stages)
+                                                         log, stages, adapters)
     artifact = saved_artifact(hp.eval_only) if trained is None else trained.artifact
     eval_compile_ms = 0.0 if trained is None else trained.result.eval_compile_ms
     graphs_before_eval = compiled_graphs()
@@ -4506,10 +4773,14 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     with stages("roundtrip_plain_eval"):
         plain = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
     log_eval(log, "roundtrip (plain windows)", plain)
-    lora = hp.ttt_enabled and hp.ttt_method == "lora"
-    ttt = (LoRATestTimeTrainer if lora else TestTimeTrainer)(hp, rt, model, run_model, window) if hp.ttt_enabled else None
-    # the budget counts from the artifact's load, plus the evaluation graphs compiled in the warm-up
-    budget = EvalBudget(hp, rt, t_eval - eval_compile_ms / 1e3, plain.eval_time_ms / 1e3 / plain.val_tokens)
+    ttt = None
+    if lora:
+        ttt = LoRATestTimeTrainer(hp, rt, model, run_model, window, adapters)
+    elif hp.ttt_enabled:
+        ttt = TestTimeTrainer(hp, rt, model, run_model, window)
+    # the budget counts from the artifact's load, plus the evaluation graphs compiled in the warm-up; its rate is
+    # the plain pass's seconds per forward token of one rank
+    budget = EvalBudget(hp, rt, t_eval - eval_compile_ms / 1e3, plain.eval_time_ms / 1e3 / max(plain.forward_tokens, 1))
     with stages("eval"):
         if lora:
             final = evaluate_lora_ttt(hp, rt, ttt, val_tokens, tables, window, stride, budget,
@@ -4520,11 +4791,12 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     ttt_summary = None
     if hp.ttt_enabled:
         ttt_summary = dict(method=hp.ttt_method, budget_s=hp.eval_time_limit_seconds or None,
-                           plain_s_per_target=budget.rate)
+                           plain_s_per_forward_token=budget.rate)
         if lora:
             ttt_summary.update(phases_planned=len(phase_boundaries(hp, len(document_spans(val_tokens)))),
                                phases_done=ttt.phases_done, documents=len(document_spans(val_tokens)),
-                               documents_adapted=ttt.docs_adapted, cut=ttt.cut or None)
+                               documents_adapted=ttt.docs_adapted, lora_rows=ttt.lora.rows,
+                               lora_steps_rank0=ttt.steps, cut=ttt.cut or ("phases" if ttt.phases_cut else None))
         else:
             ttt_summary.update(chunks_trained=ttt.chunks_trained, cut=ttt.cut or None)
         log("ttt: " + json.dumps(ttt_summary, sort_keys=True))
@@ -4554,6 +4826,10 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
                               recompiles_in_clock=trained.result.recompiles_in_clock,
                               recompiles_after_warm_up=trained.result.recompiles_in_clock + compiled_graphs()
                               - graphs_before_eval, graph_breaks=graph_breaks())
+    overflows = sum(gather(rt, sum(VARLEN_OVERFLOWS.values())))
+    if overflows:      # batches of more documents than the base varlen capacity: another shape each (never silent)
+        log(f"varlen: {overflows} batch(es) held more documents than the base capacity of "
+            f"{VARLEN_SEGMENTS_PER_ROW} per row and ran at a larger one (rank 0: {sorted(VARLEN_OVERFLOWS.items())})")
     peak_memory_mib = None
     if rt.device.type == "cuda":     # the whole run's peak: training, calibration, GPTQ, evaluation and TTT
         peak_memory_mib = torch.cuda.max_memory_allocated(rt.device) // 2**20

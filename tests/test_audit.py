@@ -361,7 +361,8 @@ class SlowLoader:
         g = torch.Generator().manual_seed(step)
         t = torch.randint(0, self.hp.vocab_size, (self.local_tokens + 1,), generator=g)
         self.last_read_end = time.perf_counter()
-        return t[:-1].view(-1, self.hp.train_seq_len), t[1:].view(-1, self.hp.train_seq_len)
+        x, y = t[:-1].view(-1, self.hp.train_seq_len), t[1:].view(-1, self.hp.train_seq_len)
+        return x, y, train_gpt.capacity_of(x)
 
 
 def run_train(hp, delay):

@@ -270,7 +270,8 @@ class StepLoader:
         self.slowed += slow
         self.fake.now += self.step_s * (2 if slow else 1)
         t = torch.randint(0, self.hp.vocab_size, (self.local_tokens + 1,), generator=torch.Generator().manual_seed(step))
-        return t[:-1].view(-1, self.hp.train_seq_len), t[1:].view(-1, self.hp.train_seq_len)
+        x, y = t[:-1].view(-1, self.hp.train_seq_len), t[1:].view(-1, self.hp.train_seq_len)
+        return x, y, train_gpt.capacity_of(x)
 
 
 @pytest.mark.parametrize("step_s", [0.05, 0.047, 0.11])

@@ -240,7 +240,7 @@ def test_ttt_with_zero_learning_rate_equals_brute_force(setup, chunk):
     hp.ttt_chunk_tokens = chunk                 # below the window read_settings insists on (TTT would not train)
     trained = []
     real_adapt = ttt.adapt
-    ttt.adapt = lambda tokens, a, k, n_chunks, evidence: trained.append(k) or real_adapt(tokens, a, k, n_chunks, evidence)
+    ttt.adapt = lambda tokens, bos_cum, a, k, n_chunks, evidence: trained.append(k) or real_adapt(tokens, bos_cum, a, k, n_chunks, evidence)
     r = train_gpt.evaluate(hp, cpu_runtime(), fresh, tokens, tables, window, stride, ttt=ttt, collect=True)
     assert train_gpt.state_checksum(fresh.state_dict()) == before
     nll, nbytes = brute_force(model, tokens, tables, chunked_context_starts(n, window, stride, chunk))
@@ -318,12 +318,24 @@ def test_projected_eval_time_and_the_limit():
             assert train_gpt.check_eval_budget(hp, tokens, n, w, stride, lines.append) == parts
 
 
-def test_lora_tokens_processed_by_hand():
-    """Documents of 100, 30 and 5 inputs, chunks of 48, 2 documents a batch, window 64: batch [100, 30] runs
-    chunk 0 on both (need 48 -> 64 tokens each), chunks 1 and 2 on the first alone (64 each); batch [5] one chunk
-    of 64: 128 + 64 + 64 + 64 = 320."""
-    hp = tiny_hp(TTT_LORA_CHUNK=48, TTT_LORA_DOCS=2)
-    assert train_gpt.lora_tokens_processed(hp, np.array([30, 5, 100]), 64) == 320
+def test_lora_schedule_by_hand():
+    """Documents of 100, 30 and 5 inputs (longest first), chunks of 48, 2 rows, window 64 (rows of 8, 16, 32 or
+    64): step 1 scores chunk 0 of the first two (they need 48 and 30 inputs: rows of 64); the 30 finishes and its
+    row takes the 5 at once; step 2 needs 64 (the 100's second chunk ends at 96); step 3 the 100's last 4 targets
+    from its last 64 inputs. 3 steps of 2 x 64 tokens; a document's last chunk never learns."""
+    spans = np.array([[0, 100], [100, 130], [130, 135]])
+    schedule = train_gpt.LoRASchedule(spans, rows=2, chunk=48, window=64)
+    plans = []
+    while not schedule.done():
+        step = schedule.plan()
+        plans.append((step.length, step.start.tolist(), step.score_from.tolist(), step.score_to.tolist(),
+                      step.learn.tolist(), step.fresh.tolist()))
+        schedule.advance()
+    assert plans == [(64, [0, 100], [0, 0], [48, 30], [True, False], [True, True]),
+                     (64, [32, 130], [16, 0], [64, 5], [True, False], [False, True]),
+                     (64, [36, 0], [60, 0], [64, 0], [False, False], [False, False])]
+    assert train_gpt.lora_schedule_work(spans, 2, 48, 64) == (3, 384)
+    assert train_gpt.lora_lengths(64) == [8, 16, 32, 64]
 
 
 @pytest.mark.parametrize("env,low,high", [

@@ -35,7 +35,8 @@ class FixedBatches:
 
     def batch(self, step, micro):
         t = torch.randint(0, self.hp.vocab_size, (self.local_tokens + 1,), generator=torch.Generator().manual_seed(step))
-        return t[:-1].view(-1, self.hp.train_seq_len), t[1:].view(-1, self.hp.train_seq_len)
+        x, y = t[:-1].view(-1, self.hp.train_seq_len), t[1:].view(-1, self.hp.train_seq_len)
+        return x, y, train_gpt.capacity_of(x)
 
 
 def trained_weights(**overrides) -> dict[str, torch.Tensor]:
@@ -82,7 +83,7 @@ def ttt_weights(**overrides):
     ttt = train_gpt.TestTimeTrainer(hp, cpu_runtime(), model, model, hp.train_seq_len)
     tokens = torch.randint(0, hp.vocab_size, (6 * 64 + 1,), generator=torch.Generator().manual_seed(5))
     for k in range(3):                    # chunks 0, 1, 2 of 6: trained on after being scored
-        ttt.adapt(tokens, 64 * k, k, 6, None)
+        ttt.adapt(tokens, train_gpt.bos_prefix(tokens.numpy()), 64 * k, k, 6, None)
     return before, {k: v.detach().clone() for k, v in model.named_parameters()}
 
 

@@ -210,9 +210,14 @@ def test_document_ids_and_cu_seqlens():
     x, _ = rows_with_documents(64)
     docs = train_gpt.document_ids(x)
     assert docs[0].tolist() == [1] * 4 + [2] * 5 + [3] * 7 and docs[1].tolist() == [0] * 7 + [1] * 9
-    cu = train_gpt.varlen_cu_seqlens(docs)
-    assert cu.dtype == torch.int32 and cu.numel() == 2 * 16 + 1          # a fixed shape: B*T + 1
+    assert train_gpt.count_segments(x.numpy()) == 5                      # row starts and the BOS after them
+    capacity = train_gpt.varlen_capacity(2, 16, 5)
+    assert capacity == 2 * 16 + 1                                        # the base: min(T, 16) per row
+    cu, overflow = train_gpt.varlen_cu_seqlens(docs, capacity)
+    assert cu.dtype == torch.int32 and cu.numel() == capacity and not overflow
     assert cu.tolist() == [0, 4, 9, 16, 23] + [32] * 28                  # segment starts, then empty segments
+    cu, overflow = train_gpt.varlen_cu_seqlens(docs, 4)                  # a capacity too small: flagged
+    assert cu.tolist() == [0, 4, 9, 32] and bool(overflow)
 
 
 def strict_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
@@ -252,7 +257,7 @@ def test_varlen_call_site_equals_masked_sdpa(monkeypatch):
     monkeypatch.setattr(train_gpt, "FLASH_VARLEN_FUNC", strict_varlen_func)
     model.set_attention_backend("flash")
     with train_gpt.autocast(rt):
-        flash = model.logits(x)
+        flash = model.logits(x, None, train_gpt.capacity_of(x))
     flash.mean().backward()
     assert all(p.grad is not None for p in model.blocks[0].attn.parameters())
     assert (flash.detach() - sdpa).abs().mean() < 0.03       # bf16 rounding
@@ -260,7 +265,7 @@ def test_varlen_call_site_equals_masked_sdpa(monkeypatch):
         q, k, v, *[torch.arange(0, q.size(0) + 1, 16, dtype=torch.int32)] * 2, max_seqlen_q, max_seqlen_k, causal)
     monkeypatch.setattr(train_gpt, "FLASH_VARLEN_FUNC", whole_rows)
     with torch.no_grad(), train_gpt.autocast(rt):
-        assert (model.logits(x) - sdpa).abs().mean() > 0.1
+        assert (model.logits(x, None, train_gpt.capacity_of(x)) - sdpa).abs().mean() > 0.1
 
 
 def test_document_isolation_without_varlen_is_an_error(monkeypatch):

@@ -31,20 +31,20 @@ class Recorder(nn.Module):
         super().__init__()
         self.model, self.trace = model, trace
 
-    def forward(self, input_ids, target_ids):
+    def forward(self, input_ids, target_ids, *rest):
         if torch.is_grad_enabled():
             self.trace.append(("train", input_ids.detach().numpy().copy(), target_ids.detach().numpy().copy()))
-        return self.model(input_ids, target_ids)
+        return self.model(input_ids, target_ids, *rest)
 
 
 def record_scoring(monkeypatch, trace):
     """Wrap train_gpt.score_windows: record the stream positions of the targets each call scores."""
     real = train_gpt.score_windows
 
-    def recording(hp, rt, run_model, tokens, starts, score_from, score_to, *rest):
+    def recording(hp, rt, run_model, tokens, starts, score_from, score_to, *rest, **named):
         targets = [s + j + 1 for s, f, t in zip(starts, score_from, score_to) for j in range(f, t)]
         trace.append(("score", np.array(targets, dtype=np.int64)))
-        return real(hp, rt, run_model, tokens, starts, score_from, score_to, *rest)
+        return real(hp, rt, run_model, tokens, starts, score_from, score_to, *rest, **named)
 
     monkeypatch.setattr(train_gpt, "score_windows", recording)
 
@@ -201,8 +201,8 @@ class ReachesAhead(train_gpt.TestTimeTrainer):
     belong to chunk k + 1 (shift 1: an off-by-one at the boundary)."""
     shift = 1
 
-    def adapt(self, tokens, a, k, n_chunks, evidence):
-        super().adapt(tokens, a + self.shift, k, n_chunks, evidence)
+    def adapt(self, tokens, bos_cum, a, k, n_chunks, evidence):
+        super().adapt(tokens, bos_cum, a + self.shift, k, n_chunks, evidence)
 
 
 @pytest.mark.parametrize("shift", [1, 32])
