@@ -1381,14 +1381,20 @@ def varlen_cu_seqlens(docs: Tensor, capacity: int) -> tuple[Tensor, Tensor]:
     """(cu_seqlens, overflow) for flash_attn_varlen_func over the B*T flattened tokens: the start of every segment
     (a row's first token or a change of document), sorted, cut to `capacity` - 1 starts, then B*T; int32, one
     shape per capacity. `overflow` (a 0-d bool tensor, no host sync) is true when the batch holds more segments
-    than that: the caller counted wrong, and causal_attention poisons the output with NaN rather than let
-    documents run together."""
+    than that: the caller counted wrong; cu_seqlens then holds the rows alone (still no segment past T, so the
+    kernel stays in bounds) and causal_attention poisons the output with NaN rather than let documents run
+    together."""
     n, t = docs.numel(), docs.size(1)
+    if capacity < n // t + 1:
+        raise RuntimeError(f"a varlen capacity of {capacity} cannot hold the {n // t} rows of the batch")
     flat = docs.reshape(-1)
     pos = torch.arange(n, device=docs.device)
-    starts = (pos % t == 0) | torch.cat((flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]))
-    cu = torch.sort(torch.where(starts, pos, n)).values[:capacity - 1]
-    return torch.cat((cu, cu.new_full((1,), n))).to(torch.int32), starts.sum() > capacity - 1
+    row_starts = pos % t == 0
+    starts = row_starts | torch.cat((flat.new_ones(1, dtype=torch.bool), flat[1:] != flat[:-1]))
+    overflow = starts.sum() > capacity - 1
+    cu = torch.where(overflow, torch.sort(torch.where(row_starts, pos, n)).values,
+                     torch.sort(torch.where(starts, pos, n)).values)[:capacity - 1]
+    return torch.cat((cu, cu.new_full((1,), n))).to(torch.int32), overflow
 
 
 def causal_attention(q: Tensor, k: Tensor, v: Tensor, backend: str,

@@ -216,8 +216,8 @@ def test_document_ids_and_cu_seqlens():
     cu, overflow = train_gpt.varlen_cu_seqlens(docs, capacity)
     assert cu.dtype == torch.int32 and cu.numel() == capacity and not overflow
     assert cu.tolist() == [0, 4, 9, 16, 23] + [32] * 28                  # segment starts, then empty segments
-    cu, overflow = train_gpt.varlen_cu_seqlens(docs, 4)                  # a capacity too small: flagged
-    assert cu.tolist() == [0, 4, 9, 32] and bool(overflow)
+    cu, overflow = train_gpt.varlen_cu_seqlens(docs, 4)                  # a capacity too small: flagged, and
+    assert cu.tolist() == [0, 16, 32, 32] and bool(overflow)             # the rows alone (no segment past T)
 
 
 def strict_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal=False):
