@@ -307,7 +307,7 @@ class Hyperparameters:
     val_loss_every: int = setting(0, "validate every N steps during training; 0 = only at the end (as #1855: each pass costs training time and a compiled graph)", at_least=0)
     val_max_tokens: int = setting(0, "score only the first N tokens of the validation stream; 0 = all", at_least=0)
     train_log_every: int = setting(200, "log a train step line every N steps", at_least=1)
-    eval_seq_len: int = setting(0, "evaluation window length; 0 = TRAIN_SEQ_LEN", at_least=0)
+    eval_seq_len: int = setting(2560, "evaluation (and TTT) window length, longer than training's (RoPE is relative; #1953 and #2019 scored windows of 2,560 after training at 2,048); 0 = TRAIN_SEQ_LEN", at_least=0)
     eval_stride: int = setting(64, "sliding-window stride (new targets scored per window); 0 or EVAL_SEQ_LEN = plain evaluation; with EVAL_MODE=documents only inside documents longer than the window", at_least=0)
     eval_mode: str = setting("documents", "final evaluation: documents (each document scored with context only from itself, whole documents packed into windows; needs ATTN_DOC_ISOLATION=1) or sliding (windows across the stream)", choices=EVAL_MODES)
     eval_audit: int = setting(0, "1 = run the compliance self-audit (causal, normalized, score-before-update, one pass)", choices=(0, 1))
@@ -320,13 +320,13 @@ class Hyperparameters:
     ttt_lora_alpha: float = setting(144.0, "LoRA output scale alpha: delta = (x A) B alpha / rank (record #1767, as #1855 ran it)", above=0.0)
     ttt_lora_targets: str = setting("k,o,mlp,head", "comma-separated adapters of every layer visit: q, k, v (the attention's input to the projection), o (its input to its output), mlp (the MLP's input to its output), head (to the logits); #2019 dropped q and v", check=lora_target_list)
     ttt_lora_keep_a: int = setting(1, "1 = a row's LoRA A is kept from one document to the next and redrawn after each global phase, only B restarts at 0 (record #1767's warm start, as #1855 ran it); 0 = A redrawn per document", choices=(0, 1))
-    ttt_lora_lr: float = setting(1e-4, "AdamW learning rate of the per-document LoRA", at_least=0)
+    ttt_lora_lr: float = setting(8e-5, "AdamW learning rate of the per-document LoRA (#1925's seed-matched 8e-5; #1855 ran 1e-4)", at_least=0)
     ttt_lora_beta2: float = setting(0.99, "AdamW beta2 of the per-document LoRA (beta1 is 0; record #1855's log)", at_least=0.0, at_most=1.0)
     ttt_lora_weight_decay: float = setting(0.5, "AdamW weight decay of the per-document LoRA (record #1855's log)", at_least=0)
     ttt_lora_chunk: int = setting(48, "targets per LoRA chunk (at most the evaluation window): scored, then one LoRA step on them", at_least=1)
     ttt_lora_batch_tokens: int = setting(81920, "tokens of each LoRA forward per rank: rows of the evaluation window, one document per row (its memory bound: tools/harness.py gpu-plan)", at_least=1)
-    ttt_phases: int = setting(3, "global SGD phases of TTT_METHOD=lora (whole model, on documents already scored); 0 = none", at_least=0)
-    ttt_phase_docs_frac: float = setting(0.05, "the phases end at this fraction of the documents, evenly spaced (#1855: 2,500 of 50,000)", at_least=0.0, at_most=1.0)
+    ttt_phases: int = setting(1, "global SGD phases of TTT_METHOD=lora (whole model, on documents already scored; #1925's seed-matched 1, #1855 ran 3); 0 = none", at_least=0)
+    ttt_phase_docs_frac: float = setting(0.07, "the phases end at this fraction of the documents (longest first), evenly spaced (#1925: 3,500 of 50,000; #1855: 2,500)", at_least=0.0, at_most=1.0)
     ttt_phase_lr: float = setting(0.001, "SGD learning rate of a global phase (one epoch over the scored documents, cosine over its chunks)", at_least=0)
     ttt_chunk_tokens: int = setting(32768, "targets per TTT chunk: scored first, then trained on", at_least=1)
     ttt_epochs: int = setting(3, "SGD steps on each scored chunk (each over all of its sequences)", at_least=1)
@@ -359,8 +359,9 @@ class Hyperparameters:
     parallel_last_n: int = setting(3, "last N blocks are parallel (attention and MLP side by side); 0 = off", at_least=0)
     parallel_lanes: int = setting(2, "parallel blocks carry 1 residual lane (both read it) or 2 (attention and MLP each their own, mixed by learned weights)", choices=(1, 2))
     rope_base: float = setting(10000.0, "RoPE frequency base")
-    logit_softcap: float = setting(30.0, "logits = c * tanh(logits / c)")
-    qk_gain_init: float = setting(5.0, "initial per-head query gain after q/k RMSNorm")
+    logit_softcap: float = setting(30.0, "logits = c * tanh(logits / c)", above=0.0)
+    logit_softcap_asym: int = setting(1, "1 = two caps, for positive and negative logits, both starting at LOGIT_SOFTCAP: fixed in training, learned by TTT (the global phases, whole-model TTT) on scored tokens (record #1923, as #2019 ran it); 0 = one fixed cap", choices=(0, 1))
+    qk_gain_init: float = setting(5.25, "initial per-head query gain after q/k RMSNorm (records #1493 and #2019: 5.25)")
     tied_embed_init_std: float = setting(0.005, "std of the tied embedding's initialisation")
     matrix_lr: float = setting(0.026, "Muon learning rate for matrices")
     scalar_lr: float = setting(0.02, "Adam learning rate for vectors and scalars")
@@ -433,7 +434,7 @@ SETTINGS: dict[str, Setting] = {f.name.upper(): dataclasses.replace(f.metadata["
 STACK1024 = {
     "DATA_PATH": "./data/datasets/fineweb10B_sp1024", "TOKENIZER_PATH": "./data/tokenizers/fineweb_1024_bpe.model",
     "VOCAB_SIZE": 1024, "MLP_MULT": 3, "ATTN_GATE": 0, "BIGRAM_VOCAB": 3072, "SMEAR_GATE_DIMS": 0, "RECUR_LAYERS": "",
-    "PARALLEL_LAST_N": 0, "PARALLEL_LANES": 1, "QK_GAIN_INIT": 1.5, "MATRIX_LR": 0.025, "SCALAR_LR": 0.025,
+    "PARALLEL_LAST_N": 0, "PARALLEL_LANES": 1, "QK_GAIN_INIT": 1.5, "EVAL_SEQ_LEN": 0, "LOGIT_SOFTCAP_ASYM": 0, "MATRIX_LR": 0.025, "SCALAR_LR": 0.025,
     "TIED_EMBED_LR": 0.035, "MUON_MOMENTUM": 0.99, "MUON_MOMENTUM_WARMUP_FRAC": 0.22, "MUON_NS_COEFFS": "quintic",
     "MUON_WD": 0.04, "EMBED_WD": 0.04, "ADAM_WD": 0.04, "BETA2": 0.95, "WARMDOWN_FRAC": 0.5, "EMA_HORIZON_FRAC": 0.048,
     "LATE_QAT_THRESHOLD": 0.25, "QUANT_EMBED_BITS": 8, "QUANT_CLIP_SIGMAS_EMBED": 20.0, "LQER_TENSORS": 0,
@@ -1704,6 +1705,9 @@ class GPT(nn.Module):
     def __init__(self, hp: Hyperparameters):
         super().__init__()
         self.softcap = hp.logit_softcap
+        # record #1923: learnable caps of the positive and the negative logits (identical to the one cap at the start)
+        self.softcap_pos = nn.Parameter(torch.tensor(hp.logit_softcap)) if hp.logit_softcap_asym else None
+        self.softcap_neg = nn.Parameter(torch.tensor(hp.logit_softcap)) if hp.logit_softcap_asym else None
         self.tok_emb = QuantEmbedding(hp.vocab_size, hp.model_dim)
         nn.init.normal_(self.tok_emb.weight, std=hp.tied_embed_init_std)
         self.bigram = BigramHash(hp.bigram_vocab, hp.bigram_dim, hp.model_dim) if hp.bigram_vocab else None
@@ -1806,7 +1810,14 @@ class GPT(nn.Module):
         if lora is not None:
             logits = lora.add("head", "head", h, logits)
         logits = logits.float()
-        return self.softcap * torch.tanh(logits / self.softcap)
+        if self.softcap_pos is None:
+            return self.softcap * torch.tanh(logits / self.softcap)
+        pos, neg = self.softcap_pos.float(), self.softcap_neg.float()
+        return torch.where(logits > 0, pos * torch.tanh(logits / pos), neg * torch.tanh(logits / neg))
+
+    def softcaps(self) -> list[nn.Parameter]:
+        """The learnable caps (LOGIT_SOFTCAP_ASYM=1): training leaves them alone, TTT learns them."""
+        return [p for p in (self.softcap_pos, self.softcap_neg) if p is not None]
 
     def forward(self, input_ids: Tensor, target_ids: Tensor, capacity: int | None = None,
                 lora: "TTTLoRA | None" = None) -> Tensor:
@@ -1972,11 +1983,12 @@ def gate_weights(model: GPT) -> list[Tensor]:
 
 def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch.optim.Optimizer]:
     """Muon for every linear weight (but the gates with GATES_IN_ADAM=1, as record #1855); AdamW for the
-    embedding tables (EMBED_WD) and everything else (ADAM_WD)."""
+    embedding tables (EMBED_WD) and everything else (ADAM_WD) but the learnable softcaps, which training
+    leaves at LOGIT_SOFTCAP (GPT.softcaps)."""
     in_adam = {id(w) for w in gate_weights(model)} if hp.gates_in_adam else set()
     matrices = [m.weight for m in model.modules() if isinstance(m, nn.Linear) and id(m.weight) not in in_adam]
     tables = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
-    taken = {id(p) for p in matrices + tables}
+    taken = {id(p) for p in matrices + tables + model.softcaps()}
     scalars = [p for p in model.parameters() if id(p) not in taken]
     adam = dict(betas=(hp.beta1, hp.beta2), eps=hp.adam_eps)
     optimizers = [
@@ -2796,6 +2808,8 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
                 ttt.phases_cut = True
         lo = hi
     ttt.docs_adapted = int(sum(gather(rt, ttt.docs_adapted)))
+    for p in model.parameters():          # as the scoring graph was compiled
+        p.requires_grad_(True)
     rest_nll, rest_pos = None, None
     if rest:                   # what TTT did not reach, scored without it, this rank alone
         rest.sort()
@@ -2809,8 +2823,6 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
         scored += part_scored
         rest_nll = torch.cat(part).numpy() if part else np.zeros(0)
         rest_pos = np.concatenate([np.arange(a + 1, b + 1) for a, b in rest])
-    for p in model.parameters():
-        p.requires_grad_(True)
     model.train()
     per_target = None
     if collect:
@@ -3287,6 +3299,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
         from torch.nn.parallel import DistributedDataParallel as DDP
         train_model = DDP(run_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
     optimizers = build_optimizers(model, hp, rt)
+    trained = [p for opt in optimizers for group in opt.param_groups for p in group["params"]]    # not the softcaps
     accum = loader.grad_accum
     qat = QATSwitch(hp, model, log, qat_spec or QuantSpec.from_settings(hp))
     t_compile, graphs_before, eval_compile_ms = time.perf_counter(), compiled_graphs(), 0.0
@@ -3359,7 +3372,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
             loss_count += 1
         last_read_ms = clock.elapsed_ms()
         if hp.grad_clip_norm > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), hp.grad_clip_norm)
+            torch.nn.utils.clip_grad_norm_(trained, hp.grad_clip_norm)
         for opt in optimizers:
             opt.step()
         for p in model.parameters():
@@ -3413,7 +3426,7 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
 
 # Settings that shape the model: stored in the artifact so EVAL_ONLY rebuilds the same network.
 ARCH_SETTINGS = ("VOCAB_SIZE", "NUM_LAYERS", "MODEL_DIM", "NUM_HEADS", "NUM_KV_HEADS", "MLP_MULT", "MLP_ACT",
-                 "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "XSA_LAST_N", "ATTN_GATE", "ATTN_GATE_DIMS", "BIGRAM_VOCAB",
+                 "ROPE_BASE", "ROPE_DIMS", "LOGIT_SOFTCAP", "LOGIT_SOFTCAP_ASYM", "XSA_LAST_N", "ATTN_GATE", "ATTN_GATE_DIMS", "BIGRAM_VOCAB",
                  "BIGRAM_DIM", "SMEAR_GATE", "SMEAR_GATE_DIMS", "LN_SCALE", "RECUR_LAYERS", "RECUR_PASSES",
                  "PARALLEL_LAST_N", "PARALLEL_LANES")
 GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal is added to the diagonal

@@ -37,13 +37,13 @@ def time_limit(measured_s: float) -> float:
 
 
 TINY = {"NUM_LAYERS": "2", "MODEL_DIM": "32", "NUM_HEADS": "4", "NUM_KV_HEADS": "2", "VOCAB_SIZE": "64",
-        "TRAIN_SEQ_LEN": "16", "MLP_MULT": "2", "EVAL_STRIDE": "8", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1",
+        "TRAIN_SEQ_LEN": "16", "EVAL_SEQ_LEN": "0", "MLP_MULT": "2", "EVAL_STRIDE": "8", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1",
         "BIGRAM_VOCAB": "64", "ROPE_DIMS": "4", "BIGRAM_DIM": "16", "ATTN_GATE_DIMS": "12", "SMEAR_GATE_DIMS": "12"}
 
 
 def tiny_hp(**overrides) -> train_gpt.Hyperparameters:
-    """Hyperparameters of a tiny GPT (2 layers, width 32, GQA 4/2, vocab 64; sequences of 16, evaluation
-    stride 8) via read_settings."""
+    """Hyperparameters of a tiny GPT (2 layers, width 32, GQA 4/2, vocab 64; sequences of 16, evaluated in windows
+    of 16 with stride 8) via read_settings."""
     env = dict(TINY)
     env.update({k: str(v) for k, v in overrides.items()})
     hp, warnings = train_gpt.read_settings(env)
@@ -63,6 +63,8 @@ def random_gpt(hp, seed: int = 0) -> train_gpt.GPT:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
+            if "softcap" in name:                     # the learnable caps start at LOGIT_SOFTCAP
+                continue
             if p.ndim == 2 and "tok_emb" not in name and "resid_mix" not in name and "skip" not in name:
                 p.copy_(torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5)
             else:

@@ -325,11 +325,14 @@ COMPILED_RUN = {"COMPILE": "1", "NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARAL
 
 @pytest.mark.slow
 @pytest.mark.parametrize("evaluation", [dict(EVAL_MODE="sliding", TTT_METHOD="whole"),    # the March-stack form
-                                        dict(EVAL_MODE="documents", TTT_METHOD="lora")])   # the default
+                                        dict(EVAL_MODE="documents", TTT_METHOD="lora",     # the default, 4 LoRA rows,
+                                             TTT_LORA_BATCH_TOKENS="128", TTT_PHASES="2",  # 2 phases, no budget
+                                             TTT_PHASE_DOCS_FRAC="0.5", EVAL_TIME_LIMIT_SECONDS="0")])
 def test_a_compiled_run_compiles_nothing_after_its_warm_up(demo_data, tmp_path, evaluation):
     """Compiled with inductor and fullgraph=True (a graph break is an error), a whole run:
     warm-up, training through recurrence switching on and late QAT, periodic and final validation, the
-    pre-quant and round-trip evaluations, the audit and score-first TTT. Dynamo's own count of graphs
+    pre-quant and round-trip evaluations, the audit and score-first TTT (per-document LoRA at every row length
+    and its global phases, by default). Dynamo's own count of graphs
     built after the clock started is 0. (The old code recompiled at step 0 (inputs aliased in the
     warm-up), at the first periodic validation and when late QAT switched on.) Its time limit is run_train's
     (RUN_TIMEOUT_S, test_pipeline.py), derived from this run with an empty compile cache: 317 s. The shape is
@@ -344,6 +347,9 @@ def test_a_compiled_run_compiles_nothing_after_its_warm_up(demo_data, tmp_path, 
     assert "late_qat: on from step" in log and "recurrence: on from step" in log and "step:10/12 val_loss" in log
     assert log.index("clock_start:") < log.index("step:1/12 train_loss")
     assert s["ttt"] is True and s["compliance"]["all_ok"] is True
+    if evaluation["TTT_METHOD"] == "lora":      # the LoRA steps at every row length and the phases ran compiled
+        t = s["ttt_summary"]
+        assert t["lora_steps_rank0"] > 0 and t["phases_done"] == 2 and t["cut"] is None
     for stage in ("compile", "train", "pre_quant_eval", "calibration", "gptq", "pack", "load", "audit", "eval"):
         assert s["stage_ms"][stage] > 0, stage
     assert s["wall_ms"] > sum(s["stage_ms"].values()) * 0.9

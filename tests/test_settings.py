@@ -98,8 +98,8 @@ def test_unrelated_variables_do_not_warn(name):
     ({"COMPUTE_DTYPE": "fp16"}, ["COMPUTE_DTYPE"]),
     ({"LZMA_PRESET": "10"}, ["LZMA_PRESET"]),
     ({"EVAL_SEQ_LEN": "128", "EVAL_STRIDE": "256"}, ["EVAL_STRIDE"]),
-    ({"TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "65"}, ["EVAL_STRIDE"]),       # the window defaults to TRAIN_SEQ_LEN
-    ({"TRAIN_SEQ_LEN": "32"}, ["EVAL_STRIDE"]),                            # the default stride 64 > window 32
+    ({"EVAL_SEQ_LEN": "0", "TRAIN_SEQ_LEN": "64", "EVAL_STRIDE": "65"}, ["EVAL_STRIDE"]),   # window 0 = TRAIN_SEQ_LEN
+    ({"EVAL_SEQ_LEN": "32"}, ["EVAL_STRIDE"]),                             # the default stride 64 > window 32
     ({"EVAL_STRIDE": "-1"}, ["EVAL_STRIDE"]),
     ({"EVAL_AUDIT": "2"}, ["EVAL_AUDIT"]),
     ({"TTT_ENABLED": "-1"}, ["TTT_ENABLED"]),
@@ -158,7 +158,7 @@ def test_boundary_values_are_accepted():
                            "TTT_LAST_N": "2", "TTT_LR": "0", "TTT_MOMENTUM": "0", "EVAL_TIME_LIMIT_SECONDS": "0",
                            "EVAL_AUDIT": "1"})
     assert (hp.eval_stride, hp.ttt_last_n, hp.ttt_lr, hp.eval_time_limit_seconds) == (64, 2, 0.0, 0.0)
-    hp, _ = read_settings({"TRAIN_SEQ_LEN": "32", "EVAL_STRIDE": "0"})               # 0 = plain evaluation
+    hp, _ = read_settings({"TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "0", "EVAL_STRIDE": "0"})   # 0 = plain evaluation
     assert train_gpt.eval_geometry(hp) == (32, 32)
     hp, _ = read_settings({"TRAIN_SEQ_LEN": "32", "EVAL_SEQ_LEN": "128"})            # stride 64 <= window 128
     assert train_gpt.eval_geometry(hp) == (128, 64)
