@@ -59,10 +59,14 @@ H100_BF16_DENSE_FLOPS = 989e12   # per GPU, dense bf16 (H100 SXM datasheet)
 EVAL_MODES = ("documents", "sliding")
 LORA_TARGETS = ("q", "k", "v", "o", "mlp", "head")     # where per-document TTT may put adapters (TTTLoRA)
 LQER_FORMATS = ("asym4", "row6")  # LQER_FACTORS: how the low-rank factors are stored (lqer_correction)
-TTT_ASSUMED_MFU = 0.08           # TTT's small steps: #1855's measured 470 s (median) for the work eval_projection counts
+# The 8xH100 evaluation projection's rates, each from a record's logs (docs/evaluation.md, "The projection"):
+EVAL_FORWARD_MFU = 0.08          # a scoring pass: #1855's quantized diagnostic, 47.85M tokens in 10.6-11.6 s
+TTT_ASSUMED_MFU = 0.028          # global phases and whole-model TTT: #1855's three phases, 40.3M tokens in 75-84 s
+LORA_STEP_S = 0.055              # a LoRA chunk step's fixed time, beside its tokens at LORA_TTT_MFU of 2/3 of the
+LORA_TTT_MFU = 0.5               # training FLOPs (no weight gradients): the fit of #1855's TTT times, 455-509 s
 EVAL_LOAD_ASSUMED_S = 5.0        # reading and decompressing the artifact on every rank (assumed, not measured)
-EVAL_COMPILE_ASSUMED_S = 30.0    # compiling the scoring graphs (assumed; the LoRA TTT path runs eagerly)
-ASSUMED_MFU = 0.28               # 8xH100 projection: accepted records ran at 26-33% MFU
+EVAL_COMPILE_ASSUMED_S = 150.0   # compiling the evaluation's graphs (assumed: #1855's LoRA compile took 84-153 s)
+ASSUMED_MFU = 0.28               # 8xH100 training projection: accepted records ran at 26-33% MFU
 PROJECTION_GPUS = 8
 ARTIFACT_MAGIC = b"PGOLF1\n"     # our own artifact layout (no pickle), see pack_artifact
 
@@ -581,7 +585,7 @@ def validate_settings(hp: Hyperparameters) -> None:
 # on CUDA so the hot loop never waits on the GPU to decide when to stop.
 # The collectives the later stages call by name stand here, next to the groups they run in: votes and
 # Python objects in that control group (agree_max, on_main, gather, gather_to_main), device tensors in
-# the default group (gather_tensors).
+# the default group (gather_tensors). The step clock (StepClock) times training and TTT's steps alike.
 # -----------------------------------------------------------------------------
 
 @dataclass
@@ -1694,8 +1698,10 @@ class GPT(nn.Module):
     so turning recurrence on does not re-wire them. Two-lane parallel blocks start their lanes as
     copies of the stream, take the skips on lane 0, and the lanes' mean goes to the final norm.
 
-    forward(input_ids, target_ids) -> per-token NLL in nats, float32, shape (B, T).
-    logits(input_ids, cache) with a DecodeCache decodes incrementally: input_ids are the next tokens.
+    forward(input_ids, target_ids, capacity, lora) -> per-token NLL in nats, float32, shape (B, T); capacity: the
+    varlen cu_seqlens capacity of the batch (varlen_capacity; the flash path needs it), lora: per-document TTT's
+    adapters (TTTLoRA), one row each. logits(input_ids, cache) with a DecodeCache decodes incrementally: input_ids
+    are the next tokens.
     With ATTN_DOC_ISOLATION=1 every forward without a cache (training, evaluation, TTT, the audit) keeps each
     token inside its document: attention (document_ids), SmearGate (never into a BOS) and BigramHash (a BOS
     hashes alone) read nothing across a BOS, so a row of several documents gives each the NLLs it would get
@@ -2016,7 +2022,9 @@ def build_optimizers(model: GPT, hp: Hyperparameters, rt: Runtime) -> list[torch
 # Legal score-first test-time training (TTT_ENABLED=1): the stream is cut into chunks of
 # TTT_CHUNK_TOKENS targets; chunk k is scored with the current weights, then (except the last)
 # trained on, its training targets all inside chunk k. ttt_schedule() is the order of events;
-# the C3 audit checks, from weight fingerprints taken while it ran, that it was kept.
+# the C3 audit checks, from weight fingerprints taken while it ran, that it was kept. The default,
+# per-document LoRA TTT (LoRATestTimeTrainer), scores each document chunk by chunk through its own
+# adapters, rows of documents planned on the host (LoRASchedule), with global phases in between.
 # Evaluation and its self-audit stand before TRAINING, which scores with them: periodic validation,
 # and the warm-up that compiles the scoring graphs before the training clock starts.
 # -----------------------------------------------------------------------------
@@ -2427,34 +2435,37 @@ class LoRAStep:
 
 
 class LoRASchedule:
-    """The chunk steps of one rank's documents, planned on the host (the evaluator runs them; eval_projection
-    counts them). `rows` rows, one document each; documents are taken in the order given (longest first) and a
-    row that finishes takes the next at once, so rows stay busy whatever the lengths. Each step scores the next
-    TTT_LORA_CHUNK targets of every row's document from a row that starts at the document's start, or `window`
-    inputs before the chunk's end once the document is longer: rows are as long as the longest of them needs,
-    rounded up to lora_lengths(window). A document's last chunk is scored and never trained on."""
+    """The chunk steps of one rank's batches of documents, planned on the host (the evaluator runs them;
+    eval_projection counts them). A batch is up to `rows` documents of about one length (consecutive in the
+    longest-first order: lora_batches): they start together, one per row, each with a fresh adapter, and the batch
+    ends with its longest; a row whose document has ended sits empty. Each step scores the next TTT_LORA_CHUNK
+    targets of every row's document from a row that starts at the document's start, or `window` inputs before the
+    chunk's end once the document is longer: the rows are as long as the longest of them needs, rounded up to
+    lora_lengths(window). A document's last chunk is scored and never trained on. (Refilling a row at once
+    instead mixes documents at different points, so every row runs as long as the furthest: 1.7x the tokens on
+    FineWeb's lengths, against 1.2x here: docs/evaluation.md.)"""
 
-    def __init__(self, spans: np.ndarray, rows: int, chunk: int, window: int):
-        self.spans, self.rows, self.window = spans, rows, window
+    def __init__(self, batches: list[np.ndarray], rows: int, chunk: int, window: int):
+        self.batches, self.rows, self.window = list(batches), rows, window
         self.chunk = min(chunk, window)
         self.lengths = lora_lengths(window)
-        self.next_doc = 0
-        self.doc = np.full(rows, -1)                 # the document of each row (index into spans), -1: empty
-        self.pos = np.zeros(rows, dtype=np.int64)    # each row's next input to score (its chunk's first input)
+        self.spans = np.zeros((rows, 2), dtype=np.int64)   # each row's document [d, e), empty rows [0, 0)
+        self.pos = np.zeros(rows, dtype=np.int64)           # each row's next input to score (its chunk's first)
 
     def done(self) -> bool:
-        return self.next_doc >= len(self.spans) and (self.doc < 0).all()
+        return not self.batches and not (self.pos < self.spans[:, 1]).any()
 
     def plan(self, learn: bool = True) -> LoRAStep:
-        """The next step (filling empty rows first); advance() after running it."""
+        """The next step (beginning the next batch when every row is empty); advance() after running it."""
         fresh = np.zeros(self.rows, dtype=bool)
-        for r in np.flatnonzero(self.doc < 0):
-            if self.next_doc >= len(self.spans):
-                break
-            self.doc[r], self.pos[r], fresh[r] = self.next_doc, self.spans[self.next_doc, 0], True
-            self.next_doc += 1
-        active = self.doc >= 0
-        d, e = self.spans[self.doc, 0], self.spans[self.doc, 1]
+        if not (self.pos < self.spans[:, 1]).any():
+            batch = self.batches.pop(0)
+            self.spans[:] = 0
+            self.spans[:len(batch)] = batch
+            self.pos = self.spans[:, 0].copy()
+            fresh[:len(batch)] = True
+        d, e = self.spans[:, 0], self.spans[:, 1]
+        active = self.pos < e
         cs, ce = self.pos, np.minimum(self.pos + self.chunk, e)
         need = np.where(active, np.minimum(self.window, ce - d), 0)
         length = next(n for n in self.lengths if n >= need.max())
@@ -2464,32 +2475,44 @@ class LoRASchedule:
                         np.where(active, cs - start, zero), np.where(active, ce - start, zero),
                         active & (ce < e) & learn, fresh)
 
-    def advance(self) -> list[int]:
-        """Move every row past the chunk just scored; returns the documents that finished."""
-        active = self.doc >= 0
-        e = self.spans[self.doc, 1]
-        self.pos = np.where(active, np.minimum(self.pos + self.chunk, e), self.pos)
-        finished = active & (self.pos >= e)
-        done = self.doc[finished].tolist()
-        self.doc[finished] = -1
-        return done
+    def advance(self) -> int:
+        """Move every row past the chunk just scored; returns how many documents finished."""
+        active = self.pos < self.spans[:, 1]
+        self.pos = np.where(active, np.minimum(self.pos + self.chunk, self.spans[:, 1]), self.pos)
+        return int((active & (self.pos >= self.spans[:, 1])).sum())
 
     def rest(self) -> list[tuple[int, int]]:
-        """Input ranges [lo, hi) not yet scored: the rows' unscored parts and the documents not yet begun."""
-        rows = [(int(p), int(self.spans[k, 1])) for k, p in zip(self.doc, self.pos) if k >= 0]
-        return rows + [tuple(map(int, s)) for s in self.spans[self.next_doc:]]
+        """Input ranges [lo, hi) not yet scored: the rows' unscored parts and the batches not yet begun."""
+        rows = [(int(p), int(e)) for p, e in zip(self.pos, self.spans[:, 1]) if p < e]
+        return rows + [tuple(map(int, s)) for batch in self.batches for s in batch]
 
 
-def lora_schedule_work(spans: np.ndarray, rows: int, chunk: int, window: int) -> tuple[int, int]:
-    """(steps, forward tokens of the rows that hold a document) of a LoRASchedule over these documents, without
-    running a model. The tokens count each such row at the step's length (padding to the longest need and the
-    bucket included), not the empty rows of the last steps: the work, for eval_projection."""
-    schedule, steps, tokens = LoRASchedule(spans, rows, chunk, window), 0, 0
+def lora_schedule_work(batches: list[np.ndarray], rows: int, chunk: int, window: int) -> tuple[int, int]:
+    """(steps, forward tokens: rows x the step's length, empty rows included) of a LoRASchedule over these
+    batches, without running a model."""
+    schedule, steps, tokens = LoRASchedule(batches, rows, chunk, window), 0, 0
     while not schedule.done():
-        step = schedule.plan()
-        steps, tokens = steps + 1, tokens + int((step.valid > 0).sum()) * step.length
+        steps, tokens = steps + 1, tokens + rows * schedule.plan().length
         schedule.advance()
     return steps, tokens
+
+
+LORA_STEP_TOKENS = 100_000   # a LoRA step's fixed cost in tokens of work: LORA_STEP_S over the time of a token
+
+
+def lora_batches(spans: np.ndarray, rows: int, chunk: int, window: int, world_size: int) -> list[list[np.ndarray]]:
+    """Each rank's batches of the documents `spans` (longest first): consecutive runs of `rows` documents, dealt to
+    the ranks largest first, each to the rank with the least work so far (a batch's work: its steps x
+    LORA_STEP_TOKENS + its tokens), so every rank ends at about the same time; every rank computes the same deal."""
+    batches = [spans[i:i + rows] for i in range(0, len(spans), rows)]
+    cost = [steps * LORA_STEP_TOKENS + tokens for steps, tokens in
+            (lora_schedule_work([b], rows, chunk, window) for b in batches)]
+    load, mine = [0] * world_size, [[] for _ in range(world_size)]
+    for k in sorted(range(len(batches)), key=lambda k: -cost[k]):
+        r = load.index(min(load))
+        load[r] += cost[k]
+        mine[r].append(batches[k])
+    return mine
 
 
 def no_ttt_forward_tokens(lengths: np.ndarray, window: int, stride: int) -> np.ndarray:
@@ -2749,27 +2772,29 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
     t_start = time.perf_counter()
     n_inputs, w = tokens.size - 1, min(window, tokens.size - 1)
     spans = document_spans(tokens)
-    lengths = spans[:, 1] - spans[:, 0]
-    order = np.argsort(-lengths, kind="stable")          # longest first, dealt round-robin to the ranks
+    order = np.argsort(-(spans[:, 1] - spans[:, 0]), kind="stable")          # longest first
     boundaries = phase_boundaries(hp, len(spans))
+    segments = [lora_batches(spans[order[lo:hi]], ttt.lora.rows, hp.ttt_lora_chunk, w, rt.world_size)[rt.rank]
+                for lo, hi in zip([0] + boundaries, boundaries + [len(spans)])]       # this rank's, between phases
+    cost = {id(b): int(no_ttt_forward_tokens(b[:, 1] - b[:, 0], w, stride).sum()) for seg in segments for b in seg}
+    left = sum(cost.values())        # forward tokens of scoring this rank's unfinished batches without TTT
     all_tokens, bos_cum = to_device(tokens, rt.device), bos_prefix(tokens)
     evidence = ScoringEvidence(tokens.size, rt) if audit else None
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
     pieces, rest = [], []
     rate = budget.rate if budget is not None else 0.0
-    cost = no_ttt_forward_tokens(lengths, w, stride)
-    left = int(cost[order[rt.rank::rt.world_size]].sum())      # this rank's documents not yet finished
     clock, step_tokens = StepClock(rt, 0.0), []
     model = ttt.model
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    lo = 0
-    for phase, hi in enumerate(boundaries + [len(spans)]):
-        picked = order[lo + (rt.rank - lo) % rt.world_size:hi:rt.world_size]    # sorted positions i = rank (mod world)
-        schedule = LoRASchedule(spans[picked], ttt.lora.rows, hp.ttt_lora_chunk, w)
+    for phase, batches in enumerate(segments):
+        schedule, current = LoRASchedule(batches, ttt.lora.rows, hp.ttt_lora_chunk, w), None
         while not ttt.cut and not schedule.done():
+            if schedule.batches and not (schedule.pos < schedule.spans[:, 1]).any():   # a batch begins
+                left -= cost[id(current)] if current is not None else 0
+                current = schedule.batches[0]
             step = schedule.plan()
             n_tok = ttt.lora.rows * step.length
             if budget is not None:
@@ -2791,12 +2816,12 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
             clock.step_launched()
             step_tokens = (step_tokens + [n_tok])[-STEP_TIME_WINDOW - 1:]
             ttt.steps += 1
-            finished = schedule.advance()
-            ttt.docs_adapted += len(finished)
-            left -= int(cost[picked[finished]].sum()) if finished else 0
+            ttt.docs_adapted += schedule.advance()
+        if schedule.done() and current is not None:
+            left -= cost[id(current)]
         rest += schedule.rest()
         if phase < len(boundaries):
-            phase_spans = np.sort(spans[order[:hi]], axis=0)
+            phase_spans = np.sort(spans[order[:boundaries[phase]]], axis=0)
             phase_tokens = int((phase_spans[:, 1] - phase_spans[:, 0]).sum()) // rt.world_size
             go = not ttt.phases_cut and agree_max(rt, [float(bool(ttt.cut))])[0] == 0.0 and (
                 budget is None or budget.all_fit(TRAIN_STEP_COST * rate * phase_tokens + SCORE_RESERVE * rate * left))
@@ -2806,7 +2831,6 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
                 ttt.lora.redraw_a()
             else:
                 ttt.phases_cut = True
-        lo = hi
     ttt.docs_adapted = int(sum(gather(rt, ttt.docs_adapted)))
     for p in model.parameters():          # as the scoring graph was compiled
         p.requires_grad_(True)
@@ -4404,32 +4428,42 @@ def load_artifact_everywhere(rt: Runtime, model: GPT, path: str, probe: np.ndarr
 def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, window: int, stride: int
                     ) -> dict[str, float]:
     """Projected 8xH100 seconds of each part of the evaluation of the full split (split_tokens), from this stream's
-    documents scaled up by split_tokens / tokens.size. Assumptions (docs/evaluation.md): forward-only passes at
-    ASSUMED_MFU, a third of the training FLOPs per token; TTT (LoRA chunk steps, global phases, whole-model
-    chunks) forward + backward at TTT_ASSUMED_MFU, the rate #1855's measured phased-TTT time implies; the audit's
-    C2 (the whole vocabulary on 3 windows) and C1 forwards; EVAL_LOAD_ASSUMED_S and EVAL_COMPILE_ASSUMED_S fixed.
-    'scoring' is what TTT falls back to when the budget cuts it: the part that must fit."""
+    documents scaled up by split_tokens / tokens.size. Rates from the records' logs (the constants' comments,
+    docs/evaluation.md): scoring passes at EVAL_FORWARD_MFU, a third of the training FLOPs per token; LoRA TTT
+    as the busiest rank's batches (lora_batches, per phase segment; from a part of the split, its work over the
+    ranks) at LORA_STEP_S a step plus their tokens at LORA_TTT_MFU of 2/3 of the training FLOPs; global phases and whole-model TTT forward + backward at
+    TTT_ASSUMED_MFU; the audit's C2 (the vocabulary at 3 windows) and C1 forwards; EVAL_LOAD_ASSUMED_S and
+    EVAL_COMPILE_ASSUMED_S fixed. 'scoring' is what TTT falls back to when the budget cuts it: the part that must
+    fit (LoRA TTT scores every target itself, so its total leaves 'scoring' out)."""
     scale = split_tokens / tokens.size
     w = min(window, tokens.size - 1)
-    fwd = lambda n, t: n * flops_per_token(hp, t) / 3.0 / (PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * ASSUMED_MFU)  # noqa: E731
-    train = lambda n, t: n * flops_per_token(hp, t) / (PROJECTION_GPUS * H100_BF16_DENSE_FLOPS * TTT_ASSUMED_MFU)  # noqa: E731
+    gpus = PROJECTION_GPUS * H100_BF16_DENSE_FLOPS
+    fwd = lambda n, t: n * flops_per_token(hp, t) / 3.0 / (gpus * EVAL_FORWARD_MFU)  # noqa: E731
+    train = lambda n, t: n * flops_per_token(hp, t) / (gpus * TTT_ASSUMED_MFU)  # noqa: E731
     n_windows = len(scoring_windows(hp.eval_mode, tokens, window, stride)[0])
     plain = len(sliding_windows(tokens.size, hp.train_seq_len, hp.train_seq_len)[0]) * min(hp.train_seq_len, tokens.size - 1)
     parts = dict(load=EVAL_LOAD_ASSUMED_S, compile=EVAL_COMPILE_ASSUMED_S,
                  plain=fwd(plain * scale, hp.train_seq_len), scoring=fwd(n_windows * w * scale, w), ttt=0.0, audit=0.0)
     if hp.eval_audit:
         parts["audit"] = fwd(3 * w * (max(hp.vocab_size, 1) + 2 * 7), w)
-    if hp.ttt_enabled and hp.ttt_method == "lora":     # the LoRA steps' work, shared by the ranks; the phases
+    if hp.ttt_enabled and hp.ttt_method == "lora":
         spans = document_spans(tokens)
-        lengths = spans[:, 1] - spans[:, 0]
-        order = np.argsort(-lengths, kind="stable")
-        _, work = lora_schedule_work(spans[order], lora_rows(hp, w), hp.ttt_lora_chunk, w)
-        phased = sum(int(lengths[order[:b]].sum()) for b in phase_boundaries(hp, len(spans)))
-        parts["ttt"] = train((work + phased) * scale, w)
+        order = np.argsort(-(spans[:, 1] - spans[:, 0]), kind="stable")
+        bounds, rows = phase_boundaries(hp, len(spans)), lora_rows(hp, w)
+        token_s = flops_per_token(hp, w) * 2 / 3 / (H100_BF16_DENSE_FLOPS * LORA_TTT_MFU)
+        for lo, hi in zip([0] + bounds, bounds + [len(spans)]):      # the ranks meet at every phase
+            ranks = [sum(steps * LORA_STEP_S + n * token_s for steps, n in
+                         (lora_schedule_work([b], rows, hp.ttt_lora_chunk, w) for b in mine))
+                     for mine in lora_batches(spans[order[lo:hi]], rows, hp.ttt_lora_chunk, w, PROJECTION_GPUS)]
+            # the busiest rank; a part of the split (scale > 1) stands for the work, not for its longest chain
+            parts["ttt"] += max(max(ranks), scale * sum(ranks) / PROJECTION_GPUS)
+        lengths = spans[order, 1] - spans[order, 0]
+        parts["ttt"] += train(sum(int(lengths[:b].sum()) for b in bounds) * scale, w)
     elif hp.ttt_enabled:
         chunks = -(-(tokens.size - 1) // hp.ttt_chunk_tokens)
         parts["ttt"] = train(hp.ttt_epochs * (chunks - 1) * hp.ttt_chunk_tokens * scale, w)
-    parts["total"] = sum(parts.values())
+    lora = hp.ttt_enabled and hp.ttt_method == "lora"        # LoRA TTT scores every target itself
+    parts["total"] = sum(v for k, v in parts.items() if not (lora and k == "scoring"))
     return parts
 
 
@@ -4443,7 +4477,7 @@ def check_eval_budget(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int
     must = parts["plain"] + parts["scoring"] + parts["audit"]
     log("projected_8xH100_eval:" + " ".join(f"{k}:{v:.1f}s" for k, v in parts.items()) +
         f" (mode {hp.eval_mode}, window {window}, stride {stride}, ttt {hp.ttt_method if hp.ttt_enabled else 'off'}, "
-        f"{split_tokens} val tokens; forward at {ASSUMED_MFU:.0%} MFU, TTT at {TTT_ASSUMED_MFU:.0%})")
+        f"{split_tokens} val tokens; rates from the records' logs: docs/evaluation.md)")
     if hp.eval_time_limit_seconds and must > hp.eval_time_limit_seconds:
         raise PipelineError(f"evaluation without TTT projected at {must:.0f} s on 8xH100 exceeds "
                             f"EVAL_TIME_LIMIT_SECONDS={hp.eval_time_limit_seconds:g}; raise EVAL_STRIDE "

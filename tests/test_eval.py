@@ -279,13 +279,13 @@ def test_evaluate_on_three_ranks_equals_one_rank():
 
 # --- projected 8xH100 evaluation time -------------------------------------------------------------
 
-H100_SECONDS_PER_FLOP = 1 / (8 * 989e12 * 0.28)
+H100_SECONDS_PER_FLOP = 1 / (8 * 989e12 * 0.08)      # EVAL_FORWARD_MFU, from #1855's quantized diagnostic pass
 
 
 def test_projected_eval_time_and_the_limit():
-    """eval_projection's parts: the plain pass and the scoring windows at ASSUMED_MFU (a third of the training FLOPs
-    per token), whole-model TTT at TTT_ASSUMED_MFU (forward + backward), the fixed load and compile assumptions;
-    refused only when the passes TTT cannot shed are over the limit."""
+    """eval_projection's parts: the plain pass and the scoring windows at EVAL_FORWARD_MFU (a third of the training
+    FLOPs per token), whole-model TTT at TTT_ASSUMED_MFU (forward + backward), the fixed load and compile
+    assumptions; refused only when the passes TTT cannot shed are over the limit."""
     hp = tiny_hp(EVAL_TIME_LIMIT_SECONDS=0, TTT_ENABLED=0, EVAL_MODE="sliding")
     n, w, stride = 1001, 16, 4
     tokens = np.random.default_rng(0).integers(2, VOCAB, n).astype(np.int64)
@@ -319,40 +319,55 @@ def test_projected_eval_time_and_the_limit():
 
 
 def test_lora_schedule_by_hand():
-    """Documents of 100, 30 and 5 inputs (longest first), chunks of 48, 2 rows, window 64 (rows of 8, 16, 32 or
-    64): step 1 scores chunk 0 of the first two (they need 48 and 30 inputs: rows of 64); the 30 finishes and its
-    row takes the 5 at once; step 2 needs 64 (the 100's second chunk ends at 96); step 3 the 100's last 4 targets
-    from its last 64 inputs. 3 steps of 2 x 64 tokens; a document's last chunk never learns."""
-    spans = np.array([[0, 100], [100, 130], [130, 135]])
-    schedule = train_gpt.LoRASchedule(spans, rows=2, chunk=48, window=64)
+    """Batches of 2 documents (longest first): [100, 30] then [5]; chunks of 48, window 64 (rows of 8, 16, 32 or
+    64). Step 1 scores chunk 0 of both (they need 48 and 30 inputs: rows of 64); the 30 has ended, its row sits
+    empty while the 100 goes on: step 2 its second chunk (ends at 96: the last 64 inputs), step 3 its last 4
+    targets; then the [5] batch in one step of rows of 8. A document's last chunk never learns."""
+    batches = [np.array([[0, 100], [100, 130]]), np.array([[130, 135]])]
+    schedule = train_gpt.LoRASchedule(batches, rows=2, chunk=48, window=64)
     plans = []
     while not schedule.done():
         step = schedule.plan()
-        plans.append((step.length, step.start.tolist(), step.score_from.tolist(), step.score_to.tolist(),
-                      step.learn.tolist(), step.fresh.tolist()))
+        plans.append((step.length, step.start.tolist(), step.valid.tolist(), step.score_from.tolist(),
+                      step.score_to.tolist(), step.learn.tolist(), step.fresh.tolist()))
         schedule.advance()
-    assert plans == [(64, [0, 100], [0, 0], [48, 30], [True, False], [True, True]),
-                     (64, [32, 130], [16, 0], [64, 5], [True, False], [False, True]),
-                     (64, [36, 0], [60, 0], [64, 0], [False, False], [False, False])]
-    assert train_gpt.lora_schedule_work(spans, 2, 48, 64) == (3, 384)
+    assert plans == [(64, [0, 100], [64, 30], [0, 0], [48, 30], [True, False], [True, True]),
+                     (64, [32, 0], [64, 0], [16, 0], [64, 0], [True, False], [False, False]),
+                     (64, [36, 0], [64, 0], [60, 0], [64, 0], [False, False], [False, False]),
+                     (8, [130, 0], [5, 0], [0, 0], [5, 0], [False, False], [True, False])]
+    assert train_gpt.lora_schedule_work(batches, 2, 48, 64) == (4, 3 * 128 + 16)
     assert train_gpt.lora_lengths(64) == [8, 16, 32, 64]
 
 
+def test_lora_batches_are_dealt_to_balance_the_ranks():
+    """lora_batches: consecutive runs of `rows` documents (longest first), the costliest batch first, each to the
+    rank with the least work so far: the one long document's batch to one rank, the short ones to the other."""
+    lengths = [400, 30, 30, 30, 30, 30, 30]
+    ends = np.cumsum(lengths)
+    spans = np.stack([ends - lengths, ends], axis=1)
+    ranks = train_gpt.lora_batches(spans, 2, 16, 64, 2)
+    assert [[b[:, 1] - b[:, 0] for b in mine] for mine in map(list, ranks)][0][0].tolist() == [400, 30]
+    assert sorted(len(b) for b in ranks[1]) == [1, 2, 2]
+    assert sum(len(b) for mine in ranks for b in mine) == len(lengths)
+
+
 @pytest.mark.parametrize("env,low,high", [
-    ({}, 250, 570),                                                 # LoRA TTT: most of the projection
-    ({"TTT_METHOD": "whole"}, 60, 250),
-    ({"TTT_ENABLED": "0"}, 35, 120),
-    ({"PRESET": "stack1024"}, 35, 150)])
-def test_default_configuration_fits_the_default_limit(env, low, high):
+    ({}, 450, 750),                                                 # LoRA TTT: most of the projection
+    ({"TTT_METHOD": "whole"}, 300, 550),
+    ({"TTT_ENABLED": "0"}, 120, 250),
+    ({"PRESET": "stack1024"}, 120, 250)])
+def test_default_configuration_is_not_refused(env, low, high):
     """The defaults on sp8192's 40,540,160 validation tokens (a synthetic stream of documents of 600 tokens on
-    average stands for it): projected inside EVAL_TIME_LIMIT_SECONDS (570), TTT included, so they are not refused."""
+    average stands for it): what must fit (the plain pass and scoring without TTT) is inside EVAL_TIME_LIMIT_SECONDS
+    (570), so they are not refused; the whole projection, TTT included, lies in a sane band (the default's, ~580 s,
+    is over the limit: the run-time budget cuts TTT's tail, docs/evaluation.md)."""
     rng = np.random.default_rng(0)
     lengths = np.minimum(rng.geometric(1 / 600, 400), 20_000)
     tokens = np.concatenate([np.concatenate(([1], rng.integers(2, 8192, n - 1))) for n in lengths]).astype(np.int64)
     hp, _ = train_gpt.read_settings(env)
     assert hp.eval_time_limit_seconds == 570.0
     parts = train_gpt.check_eval_budget(hp, tokens, 40_540_160, *train_gpt.eval_geometry(hp), lambda line: None)
-    assert low < parts["total"] < high, parts
+    assert parts["plain"] + parts["scoring"] + parts["audit"] < 570 and low < parts["total"] < high, parts
 
 
 # --- per-document evaluation (EVAL_MODE=documents) -------------------------------------------------
