@@ -26,6 +26,7 @@ TINY_RUN = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "M
             "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8",
             "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "VAL_BATCH_SIZE": "8192", "EVAL_STRIDE": "32",
             "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32", "TTT_ENABLED": "0",
+            "EVAL_SEQ_LEN": "0",        # windows of TRAIN_SEQ_LEN
             "EVAL_MODE": "sliding"}     # the sliding geometry these tests check; EVAL_MODE=documents: below
 REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_ms", "step_avg_ms", "tokens_per_s",
                  "stopped_early", "train_loss", "val_loss", "val_bpb", "val_tokens", "val_bytes", "val_split_tokens", "val_full_split",
@@ -518,7 +519,7 @@ def test_ttt_run(ttt_run, eval_only_run, demo_data):
 # --- EVAL_MODE=documents with per-document LoRA TTT and the evaluation budget, end to end -------------------
 
 LORA_RUN = {"EVAL_MODE": "documents", "TTT_ENABLED": "1", "TTT_METHOD": "lora", "TTT_LORA_RANK": "4",
-            "TTT_LORA_CHUNK": "16", "TTT_LORA_DOCS": "8", "TTT_PHASES": "2", "TTT_PHASE_DOCS_FRAC": "0.5",
+            "TTT_LORA_CHUNK": "16", "TTT_LORA_BATCH_TOKENS": "512", "TTT_PHASES": "2", "TTT_PHASE_DOCS_FRAC": "0.5",
             "TTT_CHUNK_TOKENS": "512", "TTT_LORA_LR": "0.001"}
 
 
@@ -544,14 +545,14 @@ def test_documents_lora_ttt_run_is_compliant(demo_data, dist_run, val_only, tmp_
 
 
 def test_a_budget_far_too_small_for_ttt_is_kept(demo_data, dist_run, val_only, tmp_path):
-    """LoRA TTT made slow (a step every 2 targets, 2 documents at a time: minutes here) under a budget far smaller:
+    """LoRA TTT made slow (a step every 2 targets, 2 rows: minutes here) under a budget far smaller:
     the run cuts TTT, scores every target (the evaluator raises on any other count) and ends inside the budget. No
     audit here: the budget governs TTT only, and C2's 512-candidate pass alone took ~80 s on the shared CPU. The
     budget is SLOW_MACHINE_FACTOR (tests/_helpers.py) x 8 s, what the passes it cannot cut (the artifact's load,
     the plain pass, scoring without TTT) took on a loaded machine, TTT cut at once (eval_time 7.9 s); 32 s by
     default. On the machine quiet, TTT adapted 6 of the 25 documents before the cut and evaluation took 22 s."""
     artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
-    settings = dict(LORA_RUN, TTT_LORA_CHUNK="2", TTT_LORA_DOCS="2", TTT_PHASES="0")
+    settings = dict(LORA_RUN, TTT_LORA_CHUNK="2", TTT_LORA_BATCH_TOKENS="128", TTT_PHASES="0")
     budget_s = round(SLOW_MACHINE_FACTOR * 8)
     succeeded(run_train(tmp_path, demo_data, RUN_ID="budget", EVAL_ONLY=artifact, DATA_PATH=val_only,
                         EVAL_TIME_LIMIT_SECONDS=budget_s, **settings))
