@@ -173,6 +173,7 @@ def test_cuda_policy_covers_every_call_of_the_forward():
 
 # --- compiled: the partition inductor saves --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_compiled_count_is_inductors(monkeypatch):
     """saved_activations(compiled=True) counts through the backend aot_eager_decomp_partition (inductor's
     decompositions and min-cut partition, no code generated); inductor itself saves the same bytes, and fewer

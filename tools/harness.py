@@ -1717,7 +1717,8 @@ def gpu_plan(env: dict[str, str], split_tokens: int | None = None) -> dict:
     tg.grad_accum_steps(hp, gpus)                       # the batch must split over 8 ranks as the run splits it
     model = tg.GPT(hp)
     compiled = hp.compile != 0                          # COMPILE=-1 compiles on CUDA
-    memory = tg.training_peak(hp, model, tg.training_activations(hp, compiled))
+    saved = tg.training_activations(hp, compiled)
+    memory = tg.training_peak(hp, model, saved)
     eager = memory if not compiled else tg.training_peak(hp, model, tg.training_activations(hp, False))
     fpt = tg.flops_per_token(hp, hp.train_seq_len)
     step_ms = tg.projected_h100_step_ms(fpt, hp.train_batch_tokens)
@@ -1725,7 +1726,8 @@ def gpu_plan(env: dict[str, str], split_tokens: int | None = None) -> dict:
     plan = {"preset": hp.preset, "explicit_settings": sorted(hp.explicit), "warnings": warnings,
             "torch_version": tg.torch.__version__,
             "train_peak_gib": memory["total"], "train_memory_parts_gib": memory, "train_graph": "compiled" if compiled else "eager",
-            "train_peak_eager_gib": eager["total"],
+            "train_peak_eager_gib": eager["total"], "train_saved_bytes_per_token": saved.per_token,
+            "train_saved_bytes_fixed": saved.fixed,
             "ttt_peak_gib": None, "cu_seqlens_entries": None,
             "step_ms": step_ms, "steps_in_600s": tg.projected_steps(hp, step_ms),
             "eval_s": None, "eval_parts": None}
