@@ -1744,21 +1744,18 @@ class CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
     keeps all of them in bf16. Only for counting saved bytes as a GPU holds them (saved_activations);
     tests/test_memory.py checks that every other call of the forward is one both policies treat alike."""
 
-    def __init__(self):
-        super().__init__()
-        self.fp32 = {torch.Tensor.square, torch.Tensor.pow, torch.Tensor.__rpow__, torch.pow}
-        if torch.torch_version.TorchVersion(torch.__version__) >= (2, 12):
-            self.fp32.add(F.rms_norm)
-        self.fp32_result = {torch.Tensor.sum, torch.sum, torch.Tensor.norm, torch.norm}
+    FP32 = {torch.Tensor.square, torch.Tensor.pow, torch.Tensor.__rpow__, torch.pow} | (
+        {F.rms_norm} if torch.torch_version.TorchVersion(torch.__version__) >= (2, 12) else set())
+    FP32_RESULT = {torch.Tensor.sum, torch.sum, torch.Tensor.norm, torch.norm}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         x = args[0] if args else None
         if not (torch.is_autocast_enabled("cpu") and isinstance(x, Tensor) and x.dtype == torch.bfloat16):
             return func(*args, **kwargs)
-        if func in self.fp32:
+        if func in self.FP32:
             return func(x.float(), *args[1:], **kwargs)
-        if func in self.fp32_result and kwargs.get("dtype") is None:
+        if func in self.FP32_RESULT and kwargs.get("dtype") is None:
             return func(*args, **kwargs, dtype=torch.float32)
         if func is F.normalize:
             p, dim, eps = kwargs.get("p", 2.0), kwargs.get("dim", 1), kwargs.get("eps", 1e-12)
@@ -1819,13 +1816,15 @@ def saved_activations(forward: Callable[[Tensor], object], batch: Callable[[int]
 def training_activations(hp: Hyperparameters, compiled: bool) -> SavedActivations:
     """saved_activations of a training forward (loss per token) of a CPU GPT with the run's shape, recurrence on.
     Measured with ATTN_DOC_ISOLATION=0: CPU SDPA would save its (B, 1, T, T) document mask, where flash's varlen
-    kernel saves what its dense kernel does (q, k, v, out, the log-sum-exp) plus cu_seqlens; training_peak adds those."""
+    kernel saves what its dense kernel does (q, k, v, out, the log-sum-exp) plus cu_seqlens, which training_peak
+    adds."""
     with torch.random.fork_rng(devices=[]):
         model = GPT(hp.replace(ATTN_DOC_ISOLATION=0))
     model.recurrence_on = True
     gen = torch.Generator().manual_seed(0)
-    return saved_activations(lambda x: model(x, x), lambda rows: torch.randint(0, hp.vocab_size, (rows, MEMORY_PROBE_TOKENS), generator=gen),
-                             {p.untyped_storage().data_ptr() for p in model.parameters()}, compiled)
+    batch = lambda rows: torch.randint(0, hp.vocab_size, (rows, MEMORY_PROBE_TOKENS), generator=gen)  # noqa: E731
+    return saved_activations(lambda x: model(x, x), batch, {p.untyped_storage().data_ptr() for p in model.parameters()},
+                             compiled)
 
 
 COMPILE_CACHE_ENTRIES = 64   # graphs dynamo may keep per function: every state x shape the warm-up compiles fits
@@ -4399,9 +4398,10 @@ def training_peak(hp: Hyperparameters, model: GPT, saved: SavedActivations, worl
     at the start of backward (every saved activation alive, the loss's gradient being formed): the weights, their
     gradients, DDP's gradient buckets (a second copy when world_size > 1), the optimizer states counted from
     build_optimizers' groups for rank 0 (AdamW: two moments per parameter; Muon: one momentum per matrix this rank
-    orthogonalises), the EMA (fp32), the saved activations of one micro-batch (micro_batch_tokens), the varlen cu_seqlens (int32, one per token and layer visit), and the head's transient,
-    the gradient of the logits over the vocabulary: one bf16 (tokens, vocab) tensor in a compiled graph, two fp32
-    ones in eager (log_softmax's backward: the gradient in and out beside its saved output)."""
+    orthogonalises), the EMA (fp32), the saved activations of one micro-batch (micro_batch_tokens), the varlen
+    cu_seqlens (int32, one per token and layer visit), and the head's transient, the gradient of the logits over the
+    vocabulary: one bf16 (tokens, vocab) tensor in a compiled graph, two fp32 ones in eager (log_softmax's backward:
+    the gradient in and out beside its saved output). docs/memory.md."""
     rank0 = Runtime(0, world_size, 0, torch.device("cpu"), False, None, None)
     weights, optimizer, ema = 0, 0, 0
     for opt in build_optimizers(model, hp, rank0):

@@ -165,8 +165,8 @@ def test_cuda_policy_covers_every_call_of_the_forward():
     recorder = CallRecorder()
     with autocast_bf16(), recorder:
         model(x, x).mean()
-    policy = train_gpt.CudaAutocastPolicy()
-    emulated = {f.__qualname__ for f in policy.fp32 | policy.fp32_result | {F.normalize}}
+    policy = train_gpt.CudaAutocastPolicy
+    emulated = {f.__qualname__ for f in policy.FP32 | policy.FP32_RESULT | {F.normalize}}
     assert {"TensorBase.square", "normalize", "TensorBase.sum", "Tensor.__rpow__"} <= recorder.names
     assert recorder.names - emulated - SAME_UNDER_BOTH == set()
 
