@@ -1874,6 +1874,102 @@ def projected_steps(hp: Hyperparameters, step_ms_recurrence_on: float) -> float:
     return hp.recur_start_frac * 600e3 / off_ms + (1 - hp.recur_start_frac) * 600e3 / step_ms_recurrence_on
 
 
+# --- memory: a rank's peak in one training step, from a CPU count of what autograd saves for backward ---------
+
+GIB = 2 ** 30
+MEMORY_PROBE_TOKENS = 64     # tokens per row of the CPU measurement (every saved activation scales with the rows)
+
+
+class CudaAutocastPolicy(torch.overrides.TorchFunctionMode):
+    """Under CPU bf16 autocast, run the calls of this model's forward whose dtype CUDA autocast decides otherwise
+    as CUDA does (ATen's autocast_mode.h lists): pow (x.square() is pow) in fp32, and rms_norm from torch 2.12
+    (torch 2.9.1's list lacks it); sum and norm return fp32 (F.normalize divides by an fp32 norm). CPU autocast
+    keeps all of them in bf16. Only for counting saved bytes as a GPU holds them (saved_activations);
+    tests/test_memory.py checks that every other call of the forward is one both policies treat alike."""
+
+    FP32 = {torch.Tensor.square, torch.Tensor.pow, torch.Tensor.__rpow__, torch.pow} | (
+        {F.rms_norm} if torch.torch_version.TorchVersion(torch.__version__) >= (2, 12) else set())
+    FP32_RESULT = {torch.Tensor.sum, torch.sum, torch.Tensor.norm, torch.norm}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        x = args[0] if args else None
+        if not (torch.is_autocast_enabled("cpu") and isinstance(x, Tensor) and x.dtype == torch.bfloat16):
+            return func(*args, **kwargs)
+        if func in self.FP32:
+            return func(x.float(), *args[1:], **kwargs)
+        if func in self.FP32_RESULT and kwargs.get("dtype") is None:
+            return func(*args, **kwargs, dtype=torch.float32)
+        if func is F.normalize:
+            p, dim, eps = kwargs.get("p", 2.0), kwargs.get("dim", 1), kwargs.get("eps", 1e-12)
+            return x / x.norm(p, dim, keepdim=True, dtype=torch.float32).clamp_min(eps).expand_as(x)
+        return func(*args, **kwargs)
+
+
+def saved_bytes(forward: Callable[[], object], exclude: set[int] = frozenset()) -> int:
+    """Bytes of the storages autograd saves for backward while forward() runs, each storage counted once however
+    often it is saved (x * x saves x twice), those whose data_ptr is in `exclude` (the parameters) left out."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        forward()
+    return sum(seen.values())
+
+
+@dataclass
+class SavedActivations:
+    """What one forward saves for its backward, in bytes: per_token of the batch, plus fixed (autocast's bf16
+    copies of the weights, made once per forward)."""
+    per_token: float
+    fixed: float
+    compiled: bool
+
+    def bytes(self, tokens: int) -> float:
+        return self.fixed + self.per_token * tokens
+
+
+def saved_activations(forward: Callable[[Tensor], object], batch: Callable[[int], Tensor], exclude: set[int],
+                      compiled: bool) -> SavedActivations:
+    """Measure on CPU, under bf16 autocast with CUDA's dtype policy (CudaAutocastPolicy), what forward(batch(rows))
+    saves for backward at 1 and 2 rows: the difference is one row's bytes (per_token: divided by a row's tokens),
+    the rest is fixed. compiled: through torch.compile's min-cut partition (the backend aot_eager_decomp_partition
+    saves what inductor's graphs save, without generating their code: tests/test_memory.py), else eager."""
+    def run(x: Tensor) -> object:
+        with CudaAutocastPolicy():
+            return forward(x)
+
+    fn = torch.compile(run, backend="aot_eager_decomp_partition", fullgraph=True, dynamic=False) if compiled else run
+    counts = []
+    for rows in (1, 2):
+        x = batch(rows)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            counts.append(saved_bytes(lambda: fn(x), exclude))
+    if compiled:
+        torch._dynamo.reset()         # the run compiles its own graphs later, from an empty cache
+    per_row = counts[1] - counts[0]
+    return SavedActivations(per_token=per_row / x[0].numel(), fixed=counts[0] - per_row, compiled=compiled)
+
+
+def training_activations(hp: Hyperparameters, compiled: bool) -> SavedActivations:
+    """saved_activations of a training forward (loss per token) of a CPU GPT with the run's shape, recurrence on.
+    Measured with ATTN_DOC_ISOLATION=0: CPU SDPA would save its (B, 1, T, T) document mask, where flash's varlen
+    kernel saves what its dense kernel does (q, k, v, out, the log-sum-exp) plus cu_seqlens, which training_peak
+    adds."""
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(hp.replace(ATTN_DOC_ISOLATION=0))
+    model.recurrence_on = True
+    gen = torch.Generator().manual_seed(0)
+    batch = lambda rows: torch.randint(0, hp.vocab_size, (rows, MEMORY_PROBE_TOKENS), generator=gen)  # noqa: E731
+    return saved_activations(lambda x: model(x, x), batch, {p.untyped_storage().data_ptr() for p in model.parameters()},
+                             compiled)
+
+
 COMPILE_CACHE_ENTRIES = 64   # graphs dynamo may keep per function: every state x shape the warm-up compiles fits
 
 
@@ -4605,6 +4701,42 @@ def saved_artifact(path: str) -> ArtifactResult:
                           bytes_code=code_bytes(), quant=None)
 
 
+def micro_batch_tokens(hp: Hyperparameters, world_size: int) -> int:
+    """Tokens per rank and micro-step on world_size ranks: TRAIN_BATCH_TOKENS / (world_size x grad_accum), the
+    micro-steps as grad_accum_steps sets them, without its check that they hold whole sequences (a CPU run's batch
+    need not split over 8 ranks)."""
+    return hp.train_batch_tokens // (world_size * (hp.grad_accum_steps or max(1, 8 // world_size)))
+
+
+def training_peak(hp: Hyperparameters, model: GPT, saved: SavedActivations, world_size: int = PROJECTION_GPUS
+                  ) -> dict[str, float]:
+    """Rank 0's peak allocated memory in a training step on world_size ranks, in GiB by part ('total' among them),
+    at the start of backward (every saved activation alive, the loss's gradient being formed): the weights, their
+    gradients, DDP's gradient buckets (a second copy when world_size > 1), the optimizer states counted from
+    build_optimizers' groups for rank 0 (AdamW: two moments per parameter; Muon: one momentum per matrix this rank
+    orthogonalises), the EMA (fp32), the saved activations of one micro-batch (micro_batch_tokens), the varlen
+    cu_seqlens (int32, one per token and layer visit), and the head's transient, the gradient of the logits over the
+    vocabulary: one bf16 (tokens, vocab) tensor in a compiled graph, two fp32 ones in eager (log_softmax's backward:
+    the gradient in and out beside its saved output). docs/memory.md."""
+    rank0 = Runtime(0, world_size, 0, torch.device("cpu"), False, None, None)
+    weights, optimizer, ema = 0, 0, 0
+    for opt in build_optimizers(model, hp, rank0):
+        muon = isinstance(opt, Muon)
+        for group in opt.param_groups:
+            weights += sum(p.numel() * p.element_size() for p in group["params"])
+            ema += sum(4 * p.numel() for p in group["params"])
+            mine = group["params"][rank0.rank::world_size] if muon else group["params"]
+            optimizer += (1 if muon else 2) * sum(p.numel() * p.element_size() for p in mine)
+    tokens = micro_batch_tokens(hp, world_size)
+    parts = dict(weights=weights, grads=weights, ddp_buckets=weights if world_size > 1 else 0, optimizer=optimizer,
+                 ema=ema if hp.ema_horizon_frac > 0 else 0, activations=saved.bytes(tokens),
+                 cu_seqlens=4 * effective_layers(hp) * (tokens + 1) if hp.attn_doc_isolation else 0,
+                 head_transient=tokens * hp.vocab_size * (2 if saved.compiled else 8))
+    parts = {k: v / GIB for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
 @dataclass
 class Projections:
     """The model's size and its 8xH100 projections, made before training (at ASSUMED_MFU)."""
@@ -4612,6 +4744,8 @@ class Projections:
     flops_per_token: float
     h100_step_ms: float
     h100_eval_parts_s: dict[str, float]   # eval_projection's parts, 'total' among them
+    h100_train_memory_gib: dict[str, float]   # training_peak's parts per rank, 'total' among them
+    h100_train_memory_compiled: bool      # its activations counted in the compiled graph (the run compiles) or eager
 
 
 @dataclass
@@ -4649,6 +4783,9 @@ class RunSummary:
     projected_h100_step_ms: float
     projected_h100_eval_s: float
     projected_h100_eval_parts_s: dict[str, float]
+    projected_h100_train_peak_gib: float   # a rank's peak allocated memory in a training step (training_peak)
+    projected_h100_train_memory_gib: dict[str, float]   # ... by part, 'total' among them
+    projected_h100_train_memory_compiled: bool          # ... with the compiled graph's saved activations, or eager's
     # training (Trained)
     steps: int | None
     train_time_ms: float | None
@@ -4722,6 +4859,9 @@ def summarize(hp: Hyperparameters, rt: Runtime, run_id: str, *, data: DataFinger
         model_params=projections.model_params, flops_per_token=projections.flops_per_token, assumed_mfu=ASSUMED_MFU,
         projected_h100_step_ms=projections.h100_step_ms, projected_h100_eval_s=projections.h100_eval_parts_s["total"],
         projected_h100_eval_parts_s=projections.h100_eval_parts_s,
+        projected_h100_train_peak_gib=projections.h100_train_memory_gib["total"],
+        projected_h100_train_memory_gib=projections.h100_train_memory_gib,
+        projected_h100_train_memory_compiled=projections.h100_train_memory_compiled,
         steps=result and result.steps, train_time_ms=result and result.train_time_ms,
         step_avg_ms=result and result.train_time_ms / max(result.steps, 1),
         tokens_per_s=result and result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9),
@@ -4797,6 +4937,11 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     projected_eval = check_eval_budget(hp, val_tokens, split_tokens, window, stride, log)
     plan = plan_budget(hp, log) if not hp.eval_only else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
+    memory = on_main(rt, lambda: training_peak(hp, model, training_activations(hp, use_compile)))
+    log("projected_8xH100_train_peak:" + " ".join(f"{k}:{v:.2f}GiB" for k, v in memory.items()) +
+        f" (per rank, {micro_batch_tokens(hp, PROJECTION_GPUS)} tokens per "
+        f"micro-step, recurrence on; activations saved by the {'compiled' if use_compile else 'eager'} graph, counted "
+        "on CPU under CUDA's autocast policy)")
     run_model = compile_model(model, bool(hp.compile_optimize_ddp)) if use_compile else model
     lora = hp.ttt_enabled and hp.ttt_method == "lora"
     # one set of adapters for the warm-up and the evaluation: their graphs are compiled once
@@ -4888,7 +5033,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         peak_memory_mib = torch.cuda.max_memory_allocated(rt.device) // 2**20
         log(f"peak memory allocated: {peak_memory_mib} MiB (the whole run)")
     log.write_summary(summarize(
-        hp, rt, run_id, data=data, projections=Projections(n_params, fpt, projected_ms, projected_eval),
+        hp, rt, run_id, data=data, projections=Projections(n_params, fpt, projected_ms, projected_eval, memory, use_compile),
         trained=trained, artifact=artifact, loaded=loaded, plain=plain, final=final, ttt_summary=ttt_summary,
         window=window, stride=stride, eval_measured_ms=eval_measured_ms, eval_compile_ms=eval_compile_ms,
         compliance=compliance or None, compile_counts=compile_counts, peak_memory_mib=peak_memory_mib,

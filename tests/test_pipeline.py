@@ -36,7 +36,8 @@ REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_
                  "train_data_last_read_ms", "train_deadline_ms", "train_data_read_after_deadline", "nll_dump",
                  "eval_seq_len", "eval_stride", "stage_ms", "wall_ms", "compile", "peak_memory_mib", "quant",
                  "tokenizer_sha256", "val_shards_sha256", "tokenizer_check_docs", "eval_measured_ms", "eval_compile_ms",
-                 "train_flops", "code_shipped", "code_readable_bytes", "code_readable_sha256"]
+                 "train_flops", "code_shipped", "code_readable_bytes", "code_readable_sha256",
+                 "projected_h100_train_peak_gib", "projected_h100_train_memory_gib", "projected_h100_train_memory_compiled"]
 COMPLIANCE_CHECKS = ["causality_ok", "rows_independent_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
                      "no_train_data_after_deadline"]
 TTT_RUN = {"TTT_ENABLED": "1", "TTT_METHOD": "whole", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
@@ -431,6 +432,19 @@ def test_projected_eval_time(dist_run, demo_data):
     text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
     assert re.search(r"^projected_8xH100_eval:.* \(mode sliding, window 64, stride 32, ttt off, " + str(n) + " val tokens",
                      text, re.M)
+
+
+def test_projected_train_memory(dist_run):
+    """The summary's training memory projection is training_peak of the run's settings (eager: the run did not
+    compile), its total is projected_h100_train_peak_gib, and the log has it."""
+    cwd, _, s = dist_run
+    hp = train_gpt.Hyperparameters.from_values(s["hyperparameters"])
+    expected = train_gpt.training_peak(hp, train_gpt.GPT(hp), train_gpt.training_activations(hp, compiled=False))
+    assert s["projected_h100_train_memory_gib"] == pytest.approx(expected, rel=1e-12)
+    assert s["projected_h100_train_peak_gib"] == s["projected_h100_train_memory_gib"]["total"]
+    assert s["projected_h100_train_memory_compiled"] is False
+    text = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8")
+    assert re.search(r"^projected_8xH100_train_peak:.* total:[0-9.]+GiB \(per rank, 512 tokens per micro-step", text, re.M)
 
 
 # --- EVAL_ONLY ---------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ log contradicts, seeds that ran different code or settings, seeds left out of th
 record folder), reports the mean and sample std of val_bpb and val_loss and a one-sided Welch t-test
 against the current best, decides whether the runs make a record, a non-record submission or a
 practice record, and writes that folder (README.md, submission.json, train_gpt.py, requirements.txt,
-the manifest, the logs). `run_8xh100.sh` calls both. `sweep`, `check`, `submit` and `settings-table` import the
+the manifest, the logs). `run_8xh100.sh` calls both. `gpu-plan` prints the 8xH100 projections (memory, step time,
+evaluation time) of the settings in the environment. `sweep`, `check`, `submit`, `gpu-plan` and `settings-table` import the
 train_gpt.py beside tools/ (torch) for the settings and the summary's keys; `demo-data` needs sentencepiece.
 
 Usage:
@@ -21,6 +22,7 @@ Usage:
         [--max-chars N] [--seed 0] [--shard-tokens N]
     python3 tools/harness.py sweep PREFIX SEED [SEED ...] [--practice]
     python3 tools/harness.py settings-table [--write README.md]
+    python3 tools/harness.py gpu-plan                (the 8xH100 projections of the settings in the environment)
     python3 tools/harness.py submit [RUN_ID ...] [--sweep logs/PREFIX.sweep.json] [--practice]
         [--record-dir DIR] [--reference-bpb "A B C"]
         [--name NAME] [--author A] [--github-id G] [--date YYYY-MM-DD] [--dry-run]
@@ -1696,6 +1698,97 @@ def _add_rehearsal_report_command(subparsers: argparse._SubParsersAction) -> Non
     p.set_defaults(func=_run_rehearsal_report)
 
 
+# --- the 8xH100 plan of the settings in the environment (train_gpt.py's projections) -----------------------
+
+REFERENCE_PEAK_MIB = 41_717     # record #1855's training peak per GPU (train_seed42.log: "peak memory allocated")
+
+
+def gpu_plan(env: dict[str, str], split_tokens: int | None = None) -> dict:
+    """The 8xH100 projections of train_gpt.py for the settings in `env`, as one JSON-ready dict: train_peak_gib
+    (training_peak: a rank's peak in a training step, with the graph the run compiles, COMPILE=-1 or 1, else eager;
+    train_peak_eager_gib beside it), step_ms (projected_h100_step_ms, recurrence on), eval_s and eval_parts
+    (eval_projection of the validation shards at DATA_PATH, scaled to split_tokens when given, e.g. FineWeb's from a
+    development set; null without shards), ttt_peak_gib and cu_seqlens_entries
+    (null: not projected yet). `assumptions` says what each rests on, `why_null` why a field is null.
+    PipelineError (train_gpt's) for settings a run would refuse."""
+    tg = train_gpt_module()
+    hp, warnings = tg.read_settings(dict(env))
+    gpus = tg.PROJECTION_GPUS
+    tg.grad_accum_steps(hp, gpus)                       # the batch must split over 8 ranks as the run splits it
+    model = tg.GPT(hp)
+    compiled = hp.compile != 0                          # COMPILE=-1 compiles on CUDA
+    saved = tg.training_activations(hp, compiled)
+    memory = tg.training_peak(hp, model, saved)
+    eager = memory if not compiled else tg.training_peak(hp, model, tg.training_activations(hp, False))
+    fpt = tg.flops_per_token(hp, hp.train_seq_len)
+    step_ms = tg.projected_h100_step_ms(fpt, hp.train_batch_tokens)
+    tokens_micro = tg.micro_batch_tokens(hp, gpus)
+    plan = {"preset": hp.preset, "explicit_settings": sorted(hp.explicit), "warnings": warnings,
+            "torch_version": tg.torch.__version__,
+            "train_peak_gib": memory["total"], "train_memory_parts_gib": memory, "train_graph": "compiled" if compiled else "eager",
+            "train_peak_eager_gib": eager["total"], "train_saved_bytes_per_token": saved.per_token,
+            "train_saved_bytes_fixed": saved.fixed,
+            "ttt_peak_gib": None, "cu_seqlens_entries": None,
+            "step_ms": step_ms, "steps_in_600s": tg.projected_steps(hp, step_ms),
+            "eval_s": None, "eval_parts": None}
+    why_null = {"ttt_peak_gib": "not projected yet: the LoRA TTT forward is being rewritten (rows per rank, bucketed "
+                                "row lengths); its forward plugs into train_gpt.saved_activations when it lands",
+                "cu_seqlens_entries": "not projected yet: cu_seqlens becomes a bounded capacity per rank (a train_gpt "
+                                      f"function after the VarLen rewrite); today it is padded to tokens + 1 = {tokens_micro + 1}"}
+    window, stride = tg.eval_geometry(hp)
+    try:
+        val_tokens, shard_tokens = tg.load_validation_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
+    except tg.PipelineError as exc:
+        why_null["eval_s"] = why_null["eval_parts"] = f"no validation tokens to project from: {exc}"
+    else:
+        split_tokens = split_tokens or shard_tokens
+        parts = tg.eval_projection(hp, val_tokens, split_tokens, window, stride)
+        plan.update(eval_s=parts["total"], eval_parts=parts)
+        eval_from = f"the {val_tokens.size} validation tokens at {hp.data_path} scaled to the split's {split_tokens}"
+    plan["why_null"] = {k: v for k, v in why_null.items() if plan[k] is None}
+    plan["assumptions"] = {
+        "train_peak_gib": f"rank 0 of {gpus}, {tokens_micro} tokens per micro-step, recurrence on, late QAT off; "
+                          "activations saved for backward counted on a CPU copy of the model under bf16 autocast with "
+                          "CUDA's dtype policy (train_gpt.CudaAutocastPolicy), "
+                          + ("through torch.compile's min-cut partition (the graph the run compiles)" if compiled else "eager")
+                          + "; weights, gradients, DDP buckets, optimizer states and EMA counted from the parameters; "
+                          "the head's transient gradient of the logits; allocated memory (the allocator reserves more: "
+                          f"#1855 reserved 47,140 MiB for {REFERENCE_PEAK_MIB:,} MiB allocated); record #1855 measured "
+                          f"{REFERENCE_PEAK_MIB / 1024:.2f} GiB with its own compiled graph and fused kernels "
+                          "(docs/memory.md)",
+        "step_ms": f"{fpt:.4e} FLOPs per token (6 N + 6 L T d, recurrence on) x {hp.train_batch_tokens} tokens on {gpus} "
+                   f"H100s at {tg.ASSUMED_MFU:.0%} MFU of {tg.H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16; "
+                   "steps_in_600s with recurrence off before RECUR_START_FRAC",
+        "eval_s": (f"eval_projection of {eval_from}: forward passes at {tg.ASSUMED_MFU:.0%} MFU, TTT at "
+                   f"{tg.TTT_ASSUMED_MFU:.0%} (the rate #1855's measured TTT time implies), load "
+                   f"{tg.EVAL_LOAD_ASSUMED_S:g} s and compile {tg.EVAL_COMPILE_ASSUMED_S:g} s assumed; window {window}, "
+                   f"stride {stride}, mode {hp.eval_mode}") if plan["eval_s"] is not None else None,
+    }
+    return plan
+
+
+def _run_gpu_plan(args: argparse.Namespace) -> int:
+    tg = train_gpt_module()
+    try:
+        plan = gpu_plan(dict(os.environ), args.split_tokens)
+    except tg.PipelineError as exc:
+        print(f"gpu-plan: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(plan, indent=2))
+    return 0
+
+
+def _add_gpu_plan_command(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("gpu-plan", help="one JSON of the 8xH100 projections for the settings in the environment",
+                              description="Project a run of the settings in the environment onto 8xH100: a rank's "
+                              "training peak memory, the step time, the evaluation time by part, each with the "
+                              "assumptions it rests on (train_gpt.py's projections; about a minute on 2 CPU cores).")
+    p.add_argument("--split-tokens", type=_positive_int, metavar="N",
+                   help="project the evaluation of a validation split of N tokens from the shards at DATA_PATH (default: "
+                        "their own count; FineWeb's sp8192 split is 40,540,160 tokens)")
+    p.set_defaults(func=_run_gpu_plan)
+
+
 # --- README.md's settings table, generated from train_gpt.py's declarations --------------------------
 
 SETTINGS_BEGIN = "<!-- settings:begin (generated from train_gpt.py's SETTINGS; tests keep it equal) -->"
@@ -1754,6 +1847,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sweep_command(subparsers)
     _add_check_command(subparsers)
     _add_rehearsal_report_command(subparsers)
+    _add_gpu_plan_command(subparsers)
     _add_settings_table_command(subparsers)
     return parser
 
