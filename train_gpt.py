@@ -1970,6 +1970,19 @@ def training_activations(hp: Hyperparameters, compiled: bool) -> SavedActivation
                              compiled)
 
 
+FA3_BLOCK_M = 128           # FA3's backward tile on an H100 for head dims up to 64, causal (hopper/flash_api.cpp)
+
+
+def fa3_backward_bytes(tokens: int, entries: int, heads: int, kv_heads: int, head_dim: int) -> int:
+    """What FA3's varlen attention backward allocates beside its inputs and outputs (hopper/flash_api.cpp, mha_bwd):
+    softmax_d and softmax_lse_log2 (heads x P fp32 each), dq_accum (heads x P x d fp32) and, with GQA, dk_accum and
+    dv_accum (kv_heads x P x d fp32, zero-filled), P = round_up(tokens + (entries - 1) x FA3_BLOCK_M, FA3_BLOCK_M)
+    for cu_seqlens of `entries`, d the head dim rounded up (64 at least)."""
+    padded = -(-(tokens + (entries - 1) * FA3_BLOCK_M) // FA3_BLOCK_M) * FA3_BLOCK_M
+    d = 64 if head_dim <= 64 else -(-head_dim // 32) * 32
+    return 4 * (2 * heads * padded + heads * padded * d + (2 * kv_heads * padded * d if kv_heads != heads else 0))
+
+
 COMPILE_CACHE_ENTRIES = 64   # graphs dynamo may keep per function: every state x shape the warm-up compiles fits
 
 
@@ -2426,6 +2439,23 @@ def lora_rows(hp: Hyperparameters, window: int) -> int:
     return max(1, hp.ttt_lora_batch_tokens // window)
 
 
+def lora_layout(hp: Hyperparameters, model: GPT, recurrence: bool | None = None) -> tuple[dict, int]:
+    """({(slot, target): (A's offset, in, B's offset, out)}, values per row) of TTTLoRA's adapters: every layer visit
+    (model.layer_order(recurrence)) and target of TTT_LORA_TARGETS, the head once."""
+    d, vocab = model.tok_emb.embedding_dim, model.tok_emb.num_embeddings
+    kv = model.blocks[0].attn.c_k.out_features
+    dims = dict(q=(d, d), k=(d, kv), v=(d, kv), o=(d, d), mlp=(d, d), head=(d, vocab))
+    targets, r = lora_targets(hp), hp.ttt_lora_rank
+    keys = [(slot, t) for slot in range(len(model.layer_order(recurrence))) for t in targets if t != "head"]
+    keys += [("head", "head")] if "head" in targets else []
+    layout, size = {}, 0
+    for key in keys:
+        n_in, n_out = dims[key[1]]
+        layout[key] = (size, n_in, size + n_in * r, n_out)
+        size += (n_in + n_out) * r
+    return layout, size
+
+
 class TTTLoRA(nn.Module):
     """Per-document adapters for `rows` rows, one document each (records #1610-#1855's BatchedTTTLoRA placement):
     for every layer visit (slot) and target of TTT_LORA_TARGETS a delta(x) = (x A) B * TTT_LORA_ALPHA / rank, added
@@ -2438,24 +2468,13 @@ class TTTLoRA(nn.Module):
 
     def __init__(self, hp: Hyperparameters, model: GPT, rows: int, device: torch.device, recurrence: bool | None = None):
         super().__init__()
-        d, vocab = model.tok_emb.embedding_dim, model.tok_emb.num_embeddings
-        kv = model.blocks[0].attn.c_k.out_features
-        dims = dict(q=(d, d), k=(d, kv), v=(d, kv), o=(d, d), mlp=(d, d), head=(d, vocab))
         self.rows, self.rank, self.scale = rows, hp.ttt_lora_rank, hp.ttt_lora_alpha / hp.ttt_lora_rank
         self.keep_a = bool(hp.ttt_lora_keep_a)
-        targets = lora_targets(hp)
-        keys = [(slot, t) for slot in range(len(model.layer_order(recurrence))) for t in targets if t != "head"]
-        keys += [("head", "head")] if "head" in targets else []
-        self.layout, size, bounds = {}, 0, []
-        for key in keys:
-            n_in, n_out = dims[key[1]]
-            self.layout[key] = (size, n_in, size + n_in * self.rank, n_out)
-            bounds.append((size, size + n_in * self.rank, 1.0 / math.sqrt(n_in)))
-            size += (n_in + n_out) * self.rank
+        self.layout, size = lora_layout(hp, model, recurrence)
         self.weights = nn.Parameter(torch.zeros(rows, size, device=device))
         self.a_bound = torch.zeros(size, device=device)          # 1/sqrt(in) on A's entries, 0 on B's
-        for lo, hi, bound in bounds:
-            self.a_bound[lo:hi] = bound
+        for a, n_in, b, _ in self.layout.values():
+            self.a_bound[a:b] = 1.0 / math.sqrt(n_in)
         self.gen = torch.Generator(device=device).manual_seed(hp.seed)
         self.redraw_a()
 
@@ -4715,9 +4734,10 @@ def training_peak(hp: Hyperparameters, model: GPT, saved: SavedActivations, worl
     gradients, DDP's gradient buckets (a second copy when world_size > 1), the optimizer states counted from
     build_optimizers' groups for rank 0 (AdamW: two moments per parameter; Muon: one momentum per matrix this rank
     orthogonalises), the EMA (fp32), the saved activations of one micro-batch (micro_batch_tokens), the varlen
-    cu_seqlens (int32, one per token and layer visit), and the head's transient, the gradient of the logits over the
-    vocabulary: one bf16 (tokens, vocab) tensor in a compiled graph, two fp32 ones in eager (log_softmax's backward:
-    the gradient in and out beside its saved output). docs/memory.md."""
+    cu_seqlens (int32, the base capacity per layer visit) with FA3's accumulators of one attention backward
+    (fa3_backward_bytes), and the head's transient, the gradient of the logits over the vocabulary: one bf16 (tokens,
+    vocab) tensor in a compiled graph, two fp32 ones in eager (log_softmax's backward: the gradient in and out beside
+    its saved output). docs/memory.md."""
     rank0 = Runtime(0, world_size, 0, torch.device("cpu"), False, None, None)
     weights, optimizer, ema = 0, 0, 0
     for opt in build_optimizers(model, hp, rank0):
@@ -4730,8 +4750,53 @@ def training_peak(hp: Hyperparameters, model: GPT, saved: SavedActivations, worl
     tokens = micro_batch_tokens(hp, world_size)
     parts = dict(weights=weights, grads=weights, ddp_buckets=weights if world_size > 1 else 0, optimizer=optimizer,
                  ema=ema if hp.ema_horizon_frac > 0 else 0, activations=saved.bytes(tokens),
-                 cu_seqlens=4 * effective_layers(hp) * (tokens + 1) if hp.attn_doc_isolation else 0,
+                 **varlen_parts(hp, tokens // hp.train_seq_len, hp.train_seq_len),
                  head_transient=tokens * hp.vocab_size * (2 if saved.compiled else 8))
+    parts = {k: v / GIB for k, v in parts.items()}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def varlen_parts(hp: Hyperparameters, rows: int, seq_len: int) -> dict[str, int]:
+    """Bytes of document-isolated attention on CUDA for (rows, seq_len) batches at the base capacity: cu_seqlens
+    (int32, one per layer visit) and FA3's accumulators of one attention backward; none without isolation."""
+    if not hp.attn_doc_isolation:
+        return dict(cu_seqlens=0, fa3_accumulators=0)
+    entries = varlen_capacity(rows, seq_len)
+    return dict(cu_seqlens=4 * entries * effective_layers(hp),
+                fa3_accumulators=fa3_backward_bytes(rows * seq_len, entries, hp.num_heads, hp.num_kv_heads,
+                                                    hp.model_dim // hp.num_heads))
+
+
+def lora_activations(hp: Hyperparameters, compiled: bool) -> SavedActivations:
+    """saved_activations of a LoRA TTT forward (training_activations' model and measurement, the base weights frozen
+    as the evaluation freezes them, per-document adapters of TTT_LORA_TARGETS on every row)."""
+    with torch.random.fork_rng(devices=[]):
+        model = GPT(hp.replace(ATTN_DOC_ISOLATION=0))
+    model.recurrence_on = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    adapters = {rows: TTTLoRA(hp, model, rows, torch.device("cpu")) for rows in (1, 2)}
+    gen = torch.Generator().manual_seed(0)
+    batch = lambda rows: torch.randint(0, hp.vocab_size, (rows, MEMORY_PROBE_TOKENS), generator=gen)  # noqa: E731
+    exclude = {p.untyped_storage().data_ptr() for p in model.parameters()} | {
+        a.weights.untyped_storage().data_ptr() for a in adapters.values()}
+    return saved_activations(lambda x: model(x, x, None, adapters[x.size(0)]), batch, exclude, compiled)
+
+
+def ttt_peak(hp: Hyperparameters, model: GPT, saved: SavedActivations, window: int, val_tokens: int) -> dict[str, float]:
+    """A rank's peak allocated memory in the first (longest) LoRA TTT step, in GiB by part ('total' among them): the
+    weights (fp32), the adapters of lora_rows() rows with their gradient and RowAdamW's two moments, the step's saved
+    activations at rows x the window, the head's transient (training_peak's, and the head adapter's delta over the
+    vocabulary), varlen_parts, and the validation stream on the device (int64, and the audit's coverage counts,
+    int32). docs/memory.md."""
+    rows, tokens = lora_rows(hp, window), lora_rows(hp, window) * window
+    head = "head" in lora_targets(hp)        # its delta over the vocabulary: the bmm's bf16 output (eager: x alpha/r too)
+    parts = dict(weights=sum(p.numel() * 4 for p in model.parameters()),
+                 adapters=4 * 4 * rows * lora_layout(hp, model, recurrence=True)[1],
+                 activations=saved.bytes(tokens),
+                 head_transient=tokens * hp.vocab_size * ((2 if saved.compiled else 8) + head * (2 if saved.compiled else 4)),
+                 **varlen_parts(hp, rows, window), validation=val_tokens * (8 + (4 if hp.eval_audit else 0)))
     parts = {k: v / GIB for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts
@@ -4746,6 +4811,7 @@ class Projections:
     h100_eval_parts_s: dict[str, float]   # eval_projection's parts, 'total' among them
     h100_train_memory_gib: dict[str, float]   # training_peak's parts per rank, 'total' among them
     h100_train_memory_compiled: bool      # its activations counted in the compiled graph (the run compiles) or eager
+    h100_ttt_memory_gib: dict[str, float] | None   # ttt_peak's parts per rank (TTT_METHOD=lora), 'total' among them
 
 
 @dataclass
@@ -4786,6 +4852,8 @@ class RunSummary:
     projected_h100_train_peak_gib: float   # a rank's peak allocated memory in a training step (training_peak)
     projected_h100_train_memory_gib: dict[str, float]   # ... by part, 'total' among them
     projected_h100_train_memory_compiled: bool          # ... with the compiled graph's saved activations, or eager's
+    projected_h100_ttt_peak_gib: float | None           # a rank's peak in the first LoRA TTT step (ttt_peak), else None
+    projected_h100_ttt_memory_gib: dict[str, float] | None   # ... by part
     # training (Trained)
     steps: int | None
     train_time_ms: float | None
@@ -4862,6 +4930,8 @@ def summarize(hp: Hyperparameters, rt: Runtime, run_id: str, *, data: DataFinger
         projected_h100_train_peak_gib=projections.h100_train_memory_gib["total"],
         projected_h100_train_memory_gib=projections.h100_train_memory_gib,
         projected_h100_train_memory_compiled=projections.h100_train_memory_compiled,
+        projected_h100_ttt_peak_gib=projections.h100_ttt_memory_gib and projections.h100_ttt_memory_gib["total"],
+        projected_h100_ttt_memory_gib=projections.h100_ttt_memory_gib,
         steps=result and result.steps, train_time_ms=result and result.train_time_ms,
         step_avg_ms=result and result.train_time_ms / max(result.steps, 1),
         tokens_per_s=result and result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9),
@@ -4937,13 +5007,18 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     projected_eval = check_eval_budget(hp, val_tokens, split_tokens, window, stride, log)
     plan = plan_budget(hp, log) if not hp.eval_only else None
     use_compile = hp.compile == 1 or (hp.compile == -1 and rt.device.type == "cuda")
-    memory = on_main(rt, lambda: training_peak(hp, model, training_activations(hp, use_compile)))
-    log("projected_8xH100_train_peak:" + " ".join(f"{k}:{v:.2f}GiB" for k, v in memory.items()) +
-        f" (per rank, {micro_batch_tokens(hp, PROJECTION_GPUS)} tokens per "
-        f"micro-step, recurrence on; activations saved by the {'compiled' if use_compile else 'eager'} graph, counted "
-        "on CPU under CUDA's autocast policy)")
-    run_model = compile_model(model, bool(hp.compile_optimize_ddp)) if use_compile else model
     lora = hp.ttt_enabled and hp.ttt_method == "lora"
+    memory = on_main(rt, lambda: training_peak(hp, model, training_activations(hp, use_compile)))
+    ttt_memory = on_main(rt, lambda: ttt_peak(hp, model, lora_activations(hp, use_compile), window, split_tokens)
+                         ) if lora else None
+    graph = "compiled" if use_compile else "eager"
+    log("projected_8xH100_train_peak:" + " ".join(f"{k}:{v:.2f}GiB" for k, v in memory.items()) +
+        f" (per rank, {micro_batch_tokens(hp, PROJECTION_GPUS)} tokens per micro-step, recurrence on; activations saved "
+        f"by the {graph} graph, counted on CPU under CUDA's autocast policy)")
+    if ttt_memory:
+        log("projected_8xH100_ttt_peak:" + " ".join(f"{k}:{v:.2f}GiB" for k, v in ttt_memory.items()) +
+            f" (per rank, the first LoRA step: {lora_rows(hp, window)} rows of {window}, {graph} graph)")
+    run_model = compile_model(model, bool(hp.compile_optimize_ddp)) if use_compile else model
     # one set of adapters for the warm-up and the evaluation: their graphs are compiled once
     adapters = TTTLoRA(hp, model, lora_rows(hp, window), rt.device, run_states(hp)[-1][0]) if lora and \
         not hp.eval_only else None
@@ -5033,7 +5108,8 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         peak_memory_mib = torch.cuda.max_memory_allocated(rt.device) // 2**20
         log(f"peak memory allocated: {peak_memory_mib} MiB (the whole run)")
     log.write_summary(summarize(
-        hp, rt, run_id, data=data, projections=Projections(n_params, fpt, projected_ms, projected_eval, memory, use_compile),
+        hp, rt, run_id, data=data, projections=Projections(n_params, fpt, projected_ms, projected_eval, memory, use_compile,
+                                                   ttt_memory),
         trained=trained, artifact=artifact, loaded=loaded, plain=plain, final=final, ttt_summary=ttt_summary,
         window=window, stride=stride, eval_measured_ms=eval_measured_ms, eval_compile_ms=eval_compile_ms,
         compliance=compliance or None, compile_counts=compile_counts, peak_memory_mib=peak_memory_mib,

@@ -258,6 +258,40 @@ def test_training_peak_matches_a_training_step():
     assert predicted == pytest.approx(measured, rel=0.03)
 
 
+def test_ttt_peak_matches_a_lora_step():
+    """One eager LoRA TTT step (the rows' forward with their adapters, backward, RowAdamW's step) after a first one
+    made the optimizer's moments: its peak live bytes plus the weights, adapters and moments made before equal
+    ttt_peak's total but flash's parts (no validation stream here) within 3%. Document isolation is off in both, as
+    in lora_activations (CPU SDPA would save a document mask flash does not have)."""
+    hp = tiny_hp(MODEL_DIM=64, VOCAB_SIZE=1024, RECUR_LAYERS="1-1", RECUR_PASSES=3, NUM_LAYERS=3, PARALLEL_LAST_N=1,
+                 TRAIN_SEQ_LEN=128, EVAL_SEQ_LEN=128, TTT_LORA_BATCH_TOKENS=4 * 128, TTT_LORA_RANK=8)
+    torch.manual_seed(0)
+    model = train_gpt.GPT(hp.replace(ATTN_DOC_ISOLATION=0))
+    model.recurrence_on = True
+    for p in model.parameters():
+        p.requires_grad_(False)
+    rows = train_gpt.lora_rows(hp, 128)
+    lora = train_gpt.TTTLoRA(hp, model, rows, torch.device("cpu"))
+    opt = train_gpt.RowAdamW(lora.weights, 1e-4, (0.0, 0.99), 0.5)
+    x = rows_of(hp, rows, T=128)
+
+    def step():
+        with autocast_bf16(), train_gpt.CudaAutocastPolicy():
+            loss = model(x, x, None, lora).mean()
+        loss.backward()
+        opt.step(torch.ones(rows, dtype=torch.bool))
+
+    step()
+    before = sum(p.numel() * p.element_size() for p in model.parameters()) + 3 * lora.weights.numel() * 4
+    live = LiveBytes()
+    with live:
+        step()
+    parts = train_gpt.ttt_peak(hp, model, train_gpt.lora_activations(hp, compiled=False), 128, 0)
+    assert parts["adapters"] * train_gpt.GIB == 4 * 4 * lora.weights.numel()
+    cpu = parts["total"] - parts["fa3_accumulators"] - parts["cu_seqlens"]        # flash's, not on the CPU
+    assert cpu * train_gpt.GIB == pytest.approx(before + live.peak, rel=0.03)
+
+
 def test_optimizer_states_as_the_optimizers_hold_them():
     """training_peak's optimizer part on one rank = the bytes of every state tensor build_optimizers' optimizers
     hold after a step (AdamW's two moments, Muon's momentum; the step counters are not tensors of the weights'
@@ -283,14 +317,14 @@ def test_optimizer_states_as_the_optimizers_hold_them():
 # --- tools/harness.py gpu-plan -----------------------------------------------------------------------------------
 
 PLAN_ENV = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "MODEL_DIM": "64", "NUM_HEADS": "4",
-            "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "EVAL_STRIDE": "32",
+            "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64", "EVAL_SEQ_LEN": "0", "TRAIN_BATCH_TOKENS": "4096", "EVAL_STRIDE": "32",
             "COMPILE": "0", "EVAL_MODE": "sliding", "TTT_METHOD": "whole"}
 
 
 def test_gpu_plan_is_the_projections(demo_data):
     """gpu-plan's numbers are train_gpt's projections for the environment's settings (COMPILE=0: the eager count;
-    step time; the evaluation by part, scaled to --split-tokens), every one with its assumptions, and the fields not
-    projected yet null with a reason."""
+    step time; the evaluation by part, scaled to --split-tokens; the training varlen capacity; the LoRA step's peak
+    with TTT_METHOD=lora), every one with its assumptions, the fields that do not apply null with a reason."""
     from tools import harness
     env = dict(PLAN_ENV, DATA_PATH=str(demo_data["dir"]), TOKENIZER_PATH=str(demo_data["tokenizer"]),
                VOCAB_SIZE=str(demo_data["vocab"]))
@@ -303,9 +337,14 @@ def test_gpu_plan_is_the_projections(demo_data):
     val, _ = train_gpt.load_validation_tokens(hp.data_path, hp.vocab_size, 0)
     assert plan["eval_parts"] == train_gpt.eval_projection(hp, val, 1_000_000, 64, 32)
     assert plan["eval_s"] == plan["eval_parts"]["total"] and "1000000" in plan["assumptions"]["eval_s"]
-    assert plan["ttt_peak_gib"] is None and plan["cu_seqlens_entries"] is None
-    assert set(plan["why_null"]) == {"ttt_peak_gib", "cu_seqlens_entries"}
-    assert all(plan["assumptions"][k] for k in ("train_peak_gib", "step_ms", "eval_s"))
+    assert plan["ttt_peak_gib"] is None and set(plan["why_null"]) == {"ttt_peak_gib", "ttt_memory_parts_gib"}
+    assert plan["cu_seqlens_entries"] == train_gpt.varlen_capacity(4096 // 8 // 64, 64) == 8 * 16 + 1
+    assert all(plan["assumptions"][k] for k in ("train_peak_gib", "ttt_peak_gib", "cu_seqlens_entries", "step_ms",
+                                                  "eval_s"))
+    env = dict(env, EVAL_MODE="documents", TTT_METHOD="lora", TTT_LORA_BATCH_TOKENS="256")
+    hp, _ = train_gpt.read_settings(env)
+    ttt = train_gpt.ttt_peak(hp, train_gpt.GPT(hp), train_gpt.lora_activations(hp, compiled=False), 64, 1_000_000)
+    assert harness.gpu_plan(env, split_tokens=1_000_000)["ttt_memory_parts_gib"] == ttt
 
 
 def test_gpu_plan_without_data_and_with_bad_settings(tmp_path, capsys, monkeypatch):

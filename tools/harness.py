@@ -1708,8 +1708,9 @@ def gpu_plan(env: dict[str, str], split_tokens: int | None = None) -> dict:
     (training_peak: a rank's peak in a training step, with the graph the run compiles, COMPILE=-1 or 1, else eager;
     train_peak_eager_gib beside it), step_ms (projected_h100_step_ms, recurrence on), eval_s and eval_parts
     (eval_projection of the validation shards at DATA_PATH, scaled to split_tokens when given, e.g. FineWeb's from a
-    development set; null without shards), ttt_peak_gib and cu_seqlens_entries
-    (null: not projected yet). `assumptions` says what each rests on, `why_null` why a field is null.
+    development set; null without shards), ttt_peak_gib (ttt_peak: a rank's peak in the first LoRA TTT step; null
+    without TTT_METHOD=lora) and cu_seqlens_entries (a rank's varlen capacity in training, varlen_capacity's base;
+    null without document isolation). `assumptions` says what each rests on, `why_null` why a field is null.
     PipelineError (train_gpt's) for settings a run would refuse."""
     tg = train_gpt_module()
     hp, warnings = tg.read_settings(dict(env))
@@ -1728,14 +1729,15 @@ def gpu_plan(env: dict[str, str], split_tokens: int | None = None) -> dict:
             "train_peak_gib": memory["total"], "train_memory_parts_gib": memory, "train_graph": "compiled" if compiled else "eager",
             "train_peak_eager_gib": eager["total"], "train_saved_bytes_per_token": saved.per_token,
             "train_saved_bytes_fixed": saved.fixed,
-            "ttt_peak_gib": None, "cu_seqlens_entries": None,
+            "ttt_peak_gib": None, "ttt_memory_parts_gib": None, "cu_seqlens_entries": None,
             "step_ms": step_ms, "steps_in_600s": tg.projected_steps(hp, step_ms),
             "eval_s": None, "eval_parts": None}
-    why_null = {"ttt_peak_gib": "not projected yet: the LoRA TTT forward is being rewritten (rows per rank, bucketed "
-                                "row lengths); its forward plugs into train_gpt.saved_activations when it lands",
-                "cu_seqlens_entries": "not projected yet: cu_seqlens becomes a bounded capacity per rank (a train_gpt "
-                                      f"function after the VarLen rewrite); today it is padded to tokens + 1 = {tokens_micro + 1}"}
+    why_null = {"ttt_peak_gib": "TTT is off or not TTT_METHOD=lora", "ttt_memory_parts_gib": "as ttt_peak_gib",
+                "cu_seqlens_entries": "ATTN_DOC_ISOLATION=0: no varlen attention"}
     window, stride = tg.eval_geometry(hp)
+    rows = tokens_micro // hp.train_seq_len
+    if hp.attn_doc_isolation:
+        plan["cu_seqlens_entries"] = tg.varlen_capacity(rows, hp.train_seq_len)
     try:
         val_tokens, shard_tokens = tg.load_validation_tokens(hp.data_path, hp.vocab_size, hp.val_max_tokens)
     except tg.PipelineError as exc:
@@ -1745,6 +1747,9 @@ def gpu_plan(env: dict[str, str], split_tokens: int | None = None) -> dict:
         parts = tg.eval_projection(hp, val_tokens, split_tokens, window, stride)
         plan.update(eval_s=parts["total"], eval_parts=parts)
         eval_from = f"the {val_tokens.size} validation tokens at {hp.data_path} scaled to the split's {split_tokens}"
+    if hp.ttt_enabled and hp.ttt_method == "lora":
+        ttt = tg.ttt_peak(hp, model, tg.lora_activations(hp, compiled), window, split_tokens or 0)
+        plan.update(ttt_peak_gib=ttt["total"], ttt_memory_parts_gib=ttt)
     plan["why_null"] = {k: v for k, v in why_null.items() if plan[k] is None}
     plan["assumptions"] = {
         "train_peak_gib": f"rank 0 of {gpus}, {tokens_micro} tokens per micro-step, recurrence on, late QAT off; "
@@ -1756,13 +1761,21 @@ def gpu_plan(env: dict[str, str], split_tokens: int | None = None) -> dict:
                           f"#1855 reserved 47,140 MiB for {REFERENCE_PEAK_MIB:,} MiB allocated); record #1855 measured "
                           f"{REFERENCE_PEAK_MIB / 1024:.2f} GiB with its own compiled graph and fused kernels "
                           "(docs/memory.md)",
+        "ttt_peak_gib": (f"rank 0's first LoRA step: {tg.lora_rows(hp, window)} rows of the {window}-token window "
+                         f"(TTT_LORA_BATCH_TOKENS), adapters of {hp.ttt_lora_targets} with their gradient and two AdamW "
+                         "moments, the step's saved activations counted as train_peak_gib's (base weights frozen), the "
+                         "head's transient, FA3's accumulators, the validation stream on the device (docs/memory.md)"),
+        "cu_seqlens_entries": (f"varlen_capacity's base for {rows} rows of {hp.train_seq_len}: "
+                               f"{tg.VARLEN_SEGMENTS_PER_ROW} segments a row (FineWeb averages ~3.5); a batch of more "
+                               "takes a larger capacity, counted and logged"),
         "step_ms": f"{fpt:.4e} FLOPs per token (6 N + 6 L T d, recurrence on) x {hp.train_batch_tokens} tokens on {gpus} "
                    f"H100s at {tg.ASSUMED_MFU:.0%} MFU of {tg.H100_BF16_DENSE_FLOPS / 1e12:.0f} TFLOP/s bf16; "
                    "steps_in_600s with recurrence off before RECUR_START_FRAC",
-        "eval_s": (f"eval_projection of {eval_from}: forward passes at {tg.ASSUMED_MFU:.0%} MFU, TTT at "
-                   f"{tg.TTT_ASSUMED_MFU:.0%} (the rate #1855's measured TTT time implies), load "
+        "eval_s": (f"eval_projection of {eval_from}: scoring passes at {tg.EVAL_FORWARD_MFU:.0%} MFU, LoRA steps at "
+                   f"{tg.LORA_STEP_S:g} s each plus their tokens at {tg.LORA_TTT_MFU:.0%} MFU, phases at "
+                   f"{tg.TTT_ASSUMED_MFU:.1%} (each rate from #1855's logs; the fit over-projects #2019 by 10-30%), load "
                    f"{tg.EVAL_LOAD_ASSUMED_S:g} s and compile {tg.EVAL_COMPILE_ASSUMED_S:g} s assumed; window {window}, "
-                   f"stride {stride}, mode {hp.eval_mode}") if plan["eval_s"] is not None else None,
+                   f"stride {stride}, mode {hp.eval_mode} (docs/evaluation.md)") if plan["eval_s"] is not None else None,
     }
     return plan
 
