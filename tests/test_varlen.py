@@ -13,17 +13,8 @@ import train_gpt
 from _helpers import cpu_runtime, random_gpt, tiny_hp
 from test_model import cuda_autocast_rms_norm, strict_flash_attn_func, strict_varlen_func
 
-FA3_BLOCK = 128          # FA3's kBlockM = kBlockN on sm90 for a head dim <= 64, causal, no softcap
 FA3_ALLOWANCE = 4.0      # the stand-in refuses accumulators above 4x those of one segment per row
-
-
-def fa3_backward_accumulator_bytes(total: int, entries: int, heads: int, kv_heads: int, head_dim: int) -> int:
-    """Bytes FA3's varlen backward allocates beside its inputs and outputs: softmax_d and softmax_lse_log2 (heads x
-    P fp32 each), dq_accum (heads x P x d fp32) and, with GQA, dk_accum and dv_accum (kv_heads x P x d fp32,
-    zero-filled), P = round_up(total + (entries - 1) * 128, 128), d the head dim rounded up (64 at most 64)."""
-    padded = -(-(total + (entries - 1) * FA3_BLOCK) // FA3_BLOCK) * FA3_BLOCK
-    d = 64 if head_dim <= 64 else -(-head_dim // 32) * 32
-    return 4 * (2 * heads * padded + heads * padded * d + (2 * kv_heads * padded * d if kv_heads != heads else 0))
+fa3_backward_accumulator_bytes = train_gpt.fa3_backward_bytes     # FA3's sizing, as the memory projection models it
 
 
 class FA3StandIn:
