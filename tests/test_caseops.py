@@ -197,6 +197,42 @@ def val_stream(data_dir: Path) -> np.ndarray:
                           ).astype(np.int64)
 
 
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(TRAIN_GPT.parent / "tools" / "caseops.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=time_limit(2.3))
+
+
+def folder_digests(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_build_streams_in_document_order_whatever_the_workers(demo_data, tmp_path):
+    """The tool reads the documents as a stream and tokenizes them in worker processes: 1 and 2 workers write
+    identical files; --train-shards K stops after K full shards, the start of the same stream; an existing
+    folder is refused and a failed build leaves nothing (the demo's CaseOps tokenizer: no official files needed)."""
+    docs = write_docs(tmp_path / "docs.jsonl", ADVERSARIAL + harness.collect_docstrings(max_chars=200_000, seed=2))
+    common = ("build", "--docs", docs, "--tokenizer", demo_data["tokenizer"], "--val-docs", 30, "--shard-tokens", 4000)
+    one, two, cut = (tmp_path / name for name in ("one", "two", "cut"))
+    info = {}
+    for out, extra in ((one, ("--workers", 1)), (two, ("--workers", 2)), (cut, ("--workers", 2, "--train-shards", 2))):
+        proc = run_tool(*common, "--out", out, *extra)
+        assert proc.returncode == 0, proc.stderr
+        info[out.name] = json.loads(proc.stdout)
+    assert folder_digests(one) == folder_digests(two) and info["one"] == info["two"]
+    assert info["one"]["train_shards"] > 3 and info["one"]["val_docs"] == 30
+    assert (info["cut"]["train_shards"], info["cut"]["train_tokens"]) == (2, 8000)
+    first_two = {"fineweb_train_000000.bin", "fineweb_train_000001.bin"}
+    assert folder_digests(cut) == {n: b for n, b in folder_digests(one).items() if "train" not in n or n in first_two}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "docs.jsonl", "one", "two"]
+    refused = run_tool(*common, "--out", one)
+    assert refused.returncode == 2 and f"--out {one} already exists" in refused.stderr and "Traceback" not in refused.stderr
+    with open(docs, "a", encoding="utf-8") as f:
+        f.write("not json\n")
+    broken = run_tool(*common, "--out", tmp_path / "broken")
+    assert broken.returncode == 2 and f"{docs}:{len(docs.read_text().splitlines())}: not a JSON object" in broken.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "docs.jsonl", "one", "two"]   # no half folder
+
+
 @needs_tokenizers
 def test_build_writes_shards_and_a_parallel_sidecar(caseops_data):
     d = caseops_data["dir"]
