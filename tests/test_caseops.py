@@ -5,6 +5,7 @@ plain sp8192 tables count for the same document, so CaseOps and sp8192 scores di
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -319,6 +320,68 @@ def test_sidecar_bpb_equals_brute_force(caseops_data):
     assert r.val_bpb == pytest.approx(float(np.sum(r.nll, dtype=np.float64)) / (math.log(2) * brute), rel=1e-9)
     with pytest.raises(train_gpt.PipelineError, match="not its own"):     # positions, not ids: the stream's own
         train_gpt.target_bytes(tokens[1:-1], tokens[2:], counted)
+
+
+# --- the default data path and its pairings, on the demo sets (no official files needed) ------------------------
+
+@pytest.fixture(scope="module")
+def plain_demo(demo_data, tmp_path_factory):
+    """The session's demo documents without the transform (demo-data --plain): a plain tokenizer, no sidecar."""
+    from conftest import DEMO_MAX_CHARS
+    out = tmp_path_factory.mktemp("plain_demo") / "plain"
+    info = harness.build_demo_data(out, vocab_size=demo_data["vocab"], max_chars=DEMO_MAX_CHARS, seed=0, caseops=False)
+    assert info["val_bytes"] == demo_data["val_bytes"] and info["val_docs"] == demo_data["val_docs"]
+    return dict(info, dir=out, vocab=demo_data["vocab"])
+
+
+def without_sidecar(demo, folder: Path) -> Path:
+    """The demo's shards, less the byte sidecar."""
+    folder.mkdir()
+    for path, _ in demo["val_shards"] + demo["train_shards"]:
+        (folder / Path(path).name).symlink_to(path)
+    return folder
+
+
+@pytest.mark.slow
+def test_the_sp8192_preset_reads_plain_data_at_its_default_paths(plain_demo, tmp_path):
+    """PRESET=sp8192 with neither DATA_PATH nor TOKENIZER_PATH set reads ./data/datasets/fineweb10B_sp8192 with
+    ./data/tokenizers/fineweb_8192_bpe.model (here the plain demo set, put there) and counts bytes with the tables;
+    the default preset, in the same folder, looks for the CaseOps data and says so."""
+    data = tmp_path / "data"
+    (data / "datasets").mkdir(parents=True)
+    (data / "tokenizers").mkdir()
+    (data / "datasets" / "fineweb10B_sp8192").symlink_to(plain_demo["dir"])
+    (data / "tokenizers" / "fineweb_8192_bpe.model").symlink_to(plain_demo["tokenizer"])
+    succeeded(run_train(tmp_path, None, RUN_ID="plain", PRESET="sp8192", VOCAB_SIZE=plain_demo["vocab"], ITERATIONS=2))
+    s = summary(tmp_path, "plain")
+    assert s["preset"] == "sp8192" and "DATA_PATH" not in s["explicit_settings"]
+    assert (s["hyperparameters"]["DATA_PATH"], s["hyperparameters"]["TOKENIZER_PATH"]) == (
+        "./data/datasets/fineweb10B_sp8192", "./data/tokenizers/fineweb_8192_bpe.model")
+    assert s["val_bytes"] == plain_demo["val_bytes"]
+    log = (tmp_path / "logs" / "plain.txt").read_text(encoding="utf-8").split("=" * 100 + "\n", 1)[1]
+    assert "val bytes: from the sidecar" not in log and "val_tokens:" in log
+    default = run_train(tmp_path, None, RUN_ID="default", VOCAB_SIZE=plain_demo["vocab"], ITERATIONS=2)
+    assert default.returncode == 2 and "Traceback" not in default.stderr
+    assert "./data/datasets/fineweb10B_sp8192_caseops/fineweb_val_*.bin" in default.stderr
+
+
+@pytest.mark.parametrize("pairing", ["caseops tokenizer, plain shards", "plain tokenizer, caseops shards",
+                                     "no sidecar"])
+def test_a_wrong_pairing_is_refused_before_training(demo_data, plain_demo, pairing, tmp_path):
+    """The CaseOps tokenizer on plain shards, a plain tokenizer on CaseOps shards, CaseOps shards without their
+    byte sidecar: each ends the run in one line naming the paths, before the model is built (exit 2)."""
+    data, tokenizer, message = {
+        "caseops tokenizer, plain shards": (plain_demo["dir"], demo_data["tokenizer"], "did not write the shards"),
+        "plain tokenizer, caseops shards": (demo_data["dir"], plain_demo["tokenizer"], "did not write the shards"),
+        "no sidecar": (without_sidecar(demo_data, tmp_path / "bare"), demo_data["tokenizer"],
+                       "is a CaseOps tokenizer but DATA_PATH=.* has no fineweb_val_bytes_\\*.bin sidecar"),
+    }[pairing]
+    proc = run_train(tmp_path, demo_data, RUN_ID="pairing", DATA_PATH=data, TOKENIZER_PATH=tokenizer)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line, = proc.stderr.strip().splitlines()
+    assert f"TOKENIZER_PATH={tokenizer}" in line and f"DATA_PATH={data}" in line and re.search(message, line), line
+    log = (tmp_path / "logs" / "pairing.txt").read_text(encoding="utf-8").split("=" * 100 + "\n", 1)[1]
+    assert "model_params:" not in log and not (tmp_path / "artifacts").exists()
 
 
 @pytest.mark.slow
