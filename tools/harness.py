@@ -1316,9 +1316,12 @@ def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: P
         lines.append(f"| {r.seed} | " + " | ".join(str(c.get(k)) for k in COMPLIANCE_CHECKS) + " |")
     lines += ["", "## Reproduce", "",
               "On an 8xH100 box, in the directory the runs ran in (it holds `run_8xh100.sh`, `tools/`, "
-              "`requirements.txt`, and the FineWeb shards under `./data` from openai/parameter-golf's downloader: "
+              "`requirements.txt`, and the FineWeb data under `./data`: for CaseOps, the default, built from the official "
+              "documents file by `python3 tools/caseops.py build --docs data/docs_selected.jsonl --val-docs 50000 "
+              "--train-shards 80 --tokenizer data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model "
+              "--out data/datasets/fineweb10B_sp8192_caseops`; for `PRESET=sp8192` from openai/parameter-golf's downloader: "
               "`MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant "
-              "sp8192 --train-shards 128` for sp8192, `--variant sp1024` for sp1024), the one command:",
+              "sp8192 --train-shards 128`, `--variant sp1024` for sp1024), the one command:",
               "", "```bash", "pip install -r requirements.txt",
               " ".join(filter(None, [f'SEEDS="{seeds}"', f"NPROC={nproc}" if nproc != 8 else "",
                                      _env_line(explicit), "bash run_8xh100.sh"])), "```", "",
