@@ -1043,9 +1043,12 @@ def load_byte_sidecar(tokenizer_path: str, data_path: str, tokens: np.ndarray, t
     one: its tables alone would count the operators' UTF-8 bytes. The sidecar must hold exactly the bytes
     stream_bytes derives from the ids, the sp8192 tables' count of the same documents (tools/caseops.py writes
     it; the record's own export counts each piece's raw span, whitespace the tokenizer collapsed included, and
-    is refused: docs/caseops.md)."""
+    is refused: docs/caseops.md). A sidecar marks CaseOps data: with a tokenizer that is not CaseOps it is refused."""
     operator_ids = caseops_operator_ids(open_tokenizer(tokenizer_path))
     files = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_[0-9]*.bin")))
+    if files and operator_ids is None:
+        raise PipelineError(f"DATA_PATH={data_path} has a byte sidecar (fineweb_val_bytes_*.bin: CaseOps data) but "
+                            f"TOKENIZER_PATH={tokenizer_path} is not a CaseOps tokenizer; point both at one tokenization")
     if not files:
         if operator_ids is not None:
             raise PipelineError(f"TOKENIZER_PATH={tokenizer_path} is a CaseOps tokenizer but DATA_PATH={data_path} has no "

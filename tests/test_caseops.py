@@ -342,6 +342,24 @@ def without_sidecar(demo, folder: Path) -> Path:
     return folder
 
 
+def test_a_sidecar_is_refused_with_a_tokenizer_that_is_not_caseops(plain_demo, tmp_path):
+    """A byte sidecar marks CaseOps data: a plain tokenizer beside one is the wrong pairing, refused by name even
+    when the sidecar holds what the plain tables count (so no byte comparison would catch it)."""
+    tokenizer, data = str(plain_demo["tokenizer"]), tmp_path / "plain_with_sidecar"
+    data.mkdir()
+    (data / "fineweb_val_000000.bin").symlink_to(plain_demo["val_shards"][0][0])
+    tokens = np.asarray(train_gpt.load_shard(str(data / "fineweb_val_000000.bin"))).astype(np.int64)
+    tables = train_gpt.build_bpb_tables(tokenizer, plain_demo["vocab"])
+    harness.write_split(data, "val_bytes", train_gpt.stream_bytes(tokens, tables), harness.DEFAULT_SHARD_TOKENS)
+    with pytest.raises(train_gpt.PipelineError, match=f"DATA_PATH={data} has a byte sidecar .* but TOKENIZER_PATH="
+                                                      f"{re.escape(tokenizer)} is not a CaseOps tokenizer"):
+        train_gpt.load_byte_sidecar(tokenizer, str(data), tokens, tables)
+    before = (data / "fineweb_val_bytes_000000.bin").read_bytes()       # and the tool writes none for it
+    with pytest.raises(train_gpt.PipelineError, match="no CaseOps operator pieces"):
+        caseops.rewrite_sidecar(str(data), tokenizer)
+    assert (data / "fineweb_val_bytes_000000.bin").read_bytes() == before
+
+
 @pytest.mark.slow
 def test_the_sp8192_preset_reads_plain_data_at_its_default_paths(plain_demo, tmp_path):
     """PRESET=sp8192 with neither DATA_PATH nor TOKENIZER_PATH set reads ./data/datasets/fineweb10B_sp8192 with

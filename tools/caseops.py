@@ -186,17 +186,22 @@ def build(docs_path: str, out_dir: str, tokenizer: str, val_docs: int, shard_tok
 
 
 def rewrite_sidecar(data_dir: str, tokenizer: str) -> int:
-    """Replace the sidecar of `data_dir`'s validation shards (one sidecar file per shard)."""
+    """Replace the sidecar of `data_dir`'s validation shards (one sidecar file per shard); everything is checked and
+    counted before the old sidecar is touched, and each file is replaced whole (harness.write_shard)."""
     shards = train_gpt.find_shards(data_dir, "val")
-    for old in glob.glob(os.path.join(data_dir, "fineweb_val_bytes_[0-9]*.bin")):
-        os.remove(old)
     for index, shard in enumerate(shards):
         if os.path.basename(shard) != f"fineweb_val_{index:06d}.bin":
             raise train_gpt.PipelineError(f"{shard}: validation shards must be numbered 000000, 000001, ...")
-    tokens = [np.asarray(train_gpt.load_shard(s)) for s in shards]
     sp = train_gpt.open_tokenizer(tokenizer)
+    operator_ids = train_gpt.caseops_operator_ids(sp)
+    if operator_ids is None:
+        raise train_gpt.PipelineError(f"{tokenizer} has no CaseOps operator pieces: plain data has no sidecar")
+    tokens = [np.asarray(train_gpt.load_shard(s)) for s in shards]
     nbytes = train_gpt.stream_bytes(np.concatenate(tokens).astype(np.int64),
-                                    train_gpt.build_bpb_tables(tokenizer, sp.vocab_size()), train_gpt.caseops_operator_ids(sp))
+                                    train_gpt.build_bpb_tables(tokenizer, sp.vocab_size()), operator_ids)
+    for old in glob.glob(os.path.join(data_dir, "fineweb_val_bytes_[0-9]*.bin")):
+        if os.path.basename(old) not in {os.path.basename(s).replace("_val_", "_val_bytes_") for s in shards}:
+            os.remove(old)                      # a sidecar file no shard pairs with
     start = 0
     for index, part in enumerate(tokens):
         harness.write_shard(os.path.join(data_dir, f"fineweb_val_bytes_{index:06d}.bin"), nbytes[start:start + part.size])
