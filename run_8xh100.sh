@@ -7,13 +7,15 @@
 # RECORD_DIR, REFERENCE_BPB, SUBMISSION_NAME, AUTHOR, GITHUB_ID); NLL_DUMP=x.npz becomes
 # x_seed<SEED>.npz for each seed, since a run never overwrites an existing dump.
 #
-#   SEEDS="1337 42 2025" bash run_8xh100.sh          # on an 8xH100 box with FineWeb shards
+#   SEEDS="1337 42 2025" bash run_8xh100.sh          # on an 8xH100 box with the FineWeb CaseOps shards (README)
+#   PRESET=sp8192 bash run_8xh100.sh                  # the same stack on plain sp8192 shards
 #   bash run_8xh100.sh                                # anywhere: see "demo" below
 #
-# Demo: when DATA_PATH is unset and the preset's default data folder (./data/datasets/fineweb10B_sp8192
+# Demo: when DATA_PATH is unset and the preset's default data folder (./data/datasets/fineweb10B_sp8192_caseops
 # for the default PRESET=frontier) holds no shards, a small real-text set is built from the Python
-# standard library's docstrings (tools/harness.py demo-data, no network) and a small CPU-sized
-# configuration of the same stack is used, each knob only where you did not set it yourself.
+# standard library's docstrings in the default data's form (tools/harness.py demo-data, no network: CaseOps
+# text, a tokenizer with the four operators, shards and the byte sidecar, in ./data/demo_caseops) and a small
+# CPU-sized configuration of the same stack is used, each knob only where you did not set it yourself.
 # Without a GPU this is automatic and NPROC defaults to 2 (CPU, gloo); on a GPU only with DEMO=1
 # (without it, missing shards are an error: exit 2). A demo sweep is a practice sweep: never a record.
 #
@@ -40,27 +42,27 @@ fi
 
 # the preset's default data folder (train_gpt.py's settings, read the way the run will read them)
 official_data=$(python3 -c 'import os, train_gpt; print(train_gpt.read_settings(dict(os.environ))[0].data_path)' 2>/dev/null \
-  || echo ./data/datasets/fineweb10B_sp8192)
+  || echo ./data/datasets/fineweb10B_sp8192_caseops)
 practice=()
 if [ -z "${DATA_PATH:-}" ] && ! ls "$official_data"/fineweb_train_*.bin >/dev/null 2>&1; then
   if [ "$cuda" = 1 ] && [ "${DEMO:-0}" != 1 ]; then
-    echo "run_8xh100.sh: no shards in $official_data/fineweb_train_*.bin and DATA_PATH is unset: download FineWeb (README) or set DATA_PATH; DEMO=1 runs the demo set instead (never a record)" >&2
+    echo "run_8xh100.sh: no shards in $official_data/fineweb_train_*.bin and DATA_PATH is unset: build the FineWeb CaseOps data (README; PRESET=sp8192 for plain sp8192 shards) or set DATA_PATH; DEMO=1 runs the demo set instead (never a record)" >&2
     exit 2
   fi
   practice=(--practice)
-  demo=./data/demo
+  demo=./data/demo_caseops
   if ! ls "$demo"/fineweb_train_*.bin >/dev/null 2>&1; then
     echo "run_8xh100.sh: no shards in $official_data; building the demo set in $demo"
     python3 tools/harness.py demo-data "$demo"
   fi
   export DATA_PATH=$demo
-  export TOKENIZER_PATH=${TOKENIZER_PATH:-$demo/tokenizer/demo_1024_bpe.model} VOCAB_SIZE=${VOCAB_SIZE:-1024}
+  export TOKENIZER_PATH=${TOKENIZER_PATH:-$demo/tokenizer/demo_1024_bpe_caseops.model} VOCAB_SIZE=${VOCAB_SIZE:-1024}
   export NUM_LAYERS=${NUM_LAYERS:-4} MODEL_DIM=${MODEL_DIM:-128} NUM_HEADS=${NUM_HEADS:-4} NUM_KV_HEADS=${NUM_KV_HEADS:-2}
   export RECUR_LAYERS=${RECUR_LAYERS-1-2} PARALLEL_LAST_N=${PARALLEL_LAST_N:-1}
   export TRAIN_SEQ_LEN=${TRAIN_SEQ_LEN:-256} TRAIN_BATCH_TOKENS=${TRAIN_BATCH_TOKENS:-16384} VAL_BATCH_SIZE=${VAL_BATCH_SIZE:-65536}
   export MAX_WALLCLOCK_SECONDS=${MAX_WALLCLOCK_SECONDS:-120} VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0}
   export TRAIN_LOG_EVERY=${TRAIN_LOG_EVERY:-25} GPTQ_CALIB_SEQS=${GPTQ_CALIB_SEQS:-8} GPTQ_CALIB_LEN=${GPTQ_CALIB_LEN:-256}
-  # the demo's ~35k validation tokens make two 32,768-token TTT chunks: TTT would train on the first only
+  # the demo's ~36k validation tokens make two 32,768-token TTT chunks: TTT would train on the first only
   export TTT_CHUNK_TOKENS=${TTT_CHUNK_TOKENS:-4096}
   SEEDS=${SEEDS:-1337}
 fi

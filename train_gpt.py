@@ -296,9 +296,9 @@ class Hyperparameters:
     lower case (hp.model_dim is MODEL_DIM), declared with its type, default, rule and meaning (setting(...)).
     The rules of one variable are kept by validate_settings from these declarations; README.md's table is
     generated from them (python3 tools/harness.py settings-table --write README.md)."""
-    preset: str = setting("frontier", "named set of defaults: frontier (this entry), stack1024 (the March stack on sp1024) or baseline (the official naive baseline's recipe)", check=known_preset)
-    data_path: str = setting("./data/datasets/fineweb10B_sp8192", "folder holding fineweb_{train,val}_*.bin")
-    tokenizer_path: str = setting("./data/tokenizers/fineweb_8192_bpe.model", "SentencePiece model for val_bpb bytes")
+    preset: str = setting("frontier", "named set of defaults: frontier (this entry, on CaseOps sp8192 data), sp8192 (the same on plain sp8192 data), stack1024 (the March stack on sp1024) or baseline (the official naive baseline's recipe)", check=known_preset)
+    data_path: str = setting("./data/datasets/fineweb10B_sp8192_caseops", "folder holding fineweb_{train,val}_*.bin (and, for CaseOps data, the fineweb_val_bytes_*.bin sidecar)")
+    tokenizer_path: str = setting("./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", "SentencePiece model that wrote the shards (for val_bpb bytes)")
     vocab_size: int = setting(8192, "embedding rows; must hold every tokenizer id", at_least=1, at_most=MAX_VOCAB_SIZE)
     run_id: str = setting("", "names logs/<RUN_ID>.{txt,json} and artifacts/<RUN_ID>.pgolf.xz (default: a fresh uuid)", check=plain_file_name)
     seed: int = setting(1337, "seed of the initialisation, self-calibration sampling and audit draws (training data is read in stream order)")
@@ -449,8 +449,11 @@ STACK1024 = {
 PRESETS: dict[str, dict[str, object]] = {
     # The defaults above: the April records' stack (records #1394 ... #1855 of openai/parameter-golf) with their
     # published 8xH100 settings as fractions of a ~4,900-step run (momentum warm-up 1,500 steps -> 0.3,
-    # EMA 0.9965/step = 286 steps -> 0.058); late QAT over the last ~9%.
+    # EMA 0.9965/step = 286 steps -> 0.058); late QAT over the last ~9%. Data: CaseOps sp8192, as every record
+    # from #1729 on (tools/caseops.py builds it; docs/caseops.md).
     "frontier": {},
+    # The same on plain sp8192 data (records #1394 ... #1626; CaseOps data came with #1729)
+    "sp8192": {"DATA_PATH": "./data/datasets/fineweb10B_sp8192", "TOKENIZER_PATH": "./data/tokenizers/fineweb_8192_bpe.model"},
     "stack1024": STACK1024,
     # The official naive baseline (openai/parameter-golf train_gpt.py): 9L x 512, GQA 8/4,
     # relu^2 MLP 2x, tied embeddings, softcap 30, U-Net skips, Muon + Adam. The yardstick.
@@ -1148,9 +1151,12 @@ def load_byte_sidecar(tokenizer_path: str, data_path: str, tokens: np.ndarray, t
     one: its tables alone would count the operators' UTF-8 bytes. The sidecar must hold exactly the bytes
     stream_bytes derives from the ids, the sp8192 tables' count of the same documents (tools/caseops.py writes
     it; the record's own export counts each piece's raw span, whitespace the tokenizer collapsed included, and
-    is refused: docs/caseops.md)."""
+    is refused: docs/caseops.md). A sidecar marks CaseOps data: with a tokenizer that is not CaseOps it is refused."""
     operator_ids = caseops_operator_ids(open_tokenizer(tokenizer_path))
     files = sorted(glob.glob(os.path.join(data_path, "fineweb_val_bytes_[0-9]*.bin")))
+    if files and operator_ids is None:
+        raise PipelineError(f"DATA_PATH={data_path} has a byte sidecar (fineweb_val_bytes_*.bin: CaseOps data) but "
+                            f"TOKENIZER_PATH={tokenizer_path} is not a CaseOps tokenizer; point both at one tokenization")
     if not files:
         if operator_ids is not None:
             raise PipelineError(f"TOKENIZER_PATH={tokenizer_path} is a CaseOps tokenizer but DATA_PATH={data_path} has no "

@@ -21,8 +21,8 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def demo_data(tmp_path_factory):
-    """A small stdlib-docstring dataset (tools/harness.py): dict with `dir`, `tokenizer`, `vocab` and
-    build_demo_data's result. About 20 s to build; every test that needs shards + tokenizer shares it."""
+    """A small stdlib-docstring dataset in the default data's form (tools/harness.py: CaseOps text, a tokenizer with
+    the operators, the byte sidecar): dict with `dir`, `tokenizer`, `vocab` and build_demo_data's result. About 20 s to build; every test that needs shards + tokenizer shares it."""
     from tools import harness
 
     out_dir = tmp_path_factory.mktemp("demo_data")

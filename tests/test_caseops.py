@@ -5,6 +5,7 @@ plain sp8192 tables count for the same document, so CaseOps and sp8192 scores di
 import json
 import math
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -197,6 +198,42 @@ def val_stream(data_dir: Path) -> np.ndarray:
                           ).astype(np.int64)
 
 
+def run_tool(*args):
+    return subprocess.run([sys.executable, str(TRAIN_GPT.parent / "tools" / "caseops.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=time_limit(2.3))
+
+
+def folder_digests(folder: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_build_streams_in_document_order_whatever_the_workers(demo_data, tmp_path):
+    """The tool reads the documents as a stream and tokenizes them in worker processes: 1 and 2 workers write
+    identical files; --train-shards K stops after K full shards, the start of the same stream; an existing
+    folder is refused and a failed build leaves nothing (the demo's CaseOps tokenizer: no official files needed)."""
+    docs = write_docs(tmp_path / "docs.jsonl", ADVERSARIAL + harness.collect_docstrings(max_chars=200_000, seed=2))
+    common = ("build", "--docs", docs, "--tokenizer", demo_data["tokenizer"], "--val-docs", 30, "--shard-tokens", 4000)
+    one, two, cut = (tmp_path / name for name in ("one", "two", "cut"))
+    info = {}
+    for out, extra in ((one, ("--workers", 1)), (two, ("--workers", 2)), (cut, ("--workers", 2, "--train-shards", 2))):
+        proc = run_tool(*common, "--out", out, *extra)
+        assert proc.returncode == 0, proc.stderr
+        info[out.name] = json.loads(proc.stdout)
+    assert folder_digests(one) == folder_digests(two) and info["one"] == info["two"]
+    assert info["one"]["train_shards"] > 3 and info["one"]["val_docs"] == 30
+    assert (info["cut"]["train_shards"], info["cut"]["train_tokens"]) == (2, 8000)
+    first_two = {"fineweb_train_000000.bin", "fineweb_train_000001.bin"}
+    assert folder_digests(cut) == {n: b for n, b in folder_digests(one).items() if "train" not in n or n in first_two}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "docs.jsonl", "one", "two"]
+    refused = run_tool(*common, "--out", one)
+    assert refused.returncode == 2 and f"--out {one} already exists" in refused.stderr and "Traceback" not in refused.stderr
+    with open(docs, "a", encoding="utf-8") as f:
+        f.write("not json\n")
+    broken = run_tool(*common, "--out", tmp_path / "broken")
+    assert broken.returncode == 2 and f"{docs}:{len(docs.read_text().splitlines())}: not a JSON object" in broken.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut", "docs.jsonl", "one", "two"]   # no half folder
+
+
 @needs_tokenizers
 def test_build_writes_shards_and_a_parallel_sidecar(caseops_data):
     d = caseops_data["dir"]
@@ -283,6 +320,86 @@ def test_sidecar_bpb_equals_brute_force(caseops_data):
     assert r.val_bpb == pytest.approx(float(np.sum(r.nll, dtype=np.float64)) / (math.log(2) * brute), rel=1e-9)
     with pytest.raises(train_gpt.PipelineError, match="not its own"):     # positions, not ids: the stream's own
         train_gpt.target_bytes(tokens[1:-1], tokens[2:], counted)
+
+
+# --- the default data path and its pairings, on the demo sets (no official files needed) ------------------------
+
+@pytest.fixture(scope="module")
+def plain_demo(demo_data, tmp_path_factory):
+    """The session's demo documents without the transform (demo-data --plain): a plain tokenizer, no sidecar."""
+    from conftest import DEMO_MAX_CHARS
+    out = tmp_path_factory.mktemp("plain_demo") / "plain"
+    info = harness.build_demo_data(out, vocab_size=demo_data["vocab"], max_chars=DEMO_MAX_CHARS, seed=0, caseops=False)
+    assert info["val_bytes"] == demo_data["val_bytes"] and info["val_docs"] == demo_data["val_docs"]
+    return dict(info, dir=out, vocab=demo_data["vocab"])
+
+
+def without_sidecar(demo, folder: Path) -> Path:
+    """The demo's shards, less the byte sidecar."""
+    folder.mkdir()
+    for path, _ in demo["val_shards"] + demo["train_shards"]:
+        (folder / Path(path).name).symlink_to(path)
+    return folder
+
+
+def test_a_sidecar_is_refused_with_a_tokenizer_that_is_not_caseops(plain_demo, tmp_path):
+    """A byte sidecar marks CaseOps data: a plain tokenizer beside one is the wrong pairing, refused by name even
+    when the sidecar holds what the plain tables count (so no byte comparison would catch it)."""
+    tokenizer, data = str(plain_demo["tokenizer"]), tmp_path / "plain_with_sidecar"
+    data.mkdir()
+    (data / "fineweb_val_000000.bin").symlink_to(plain_demo["val_shards"][0][0])
+    tokens = np.asarray(train_gpt.load_shard(str(data / "fineweb_val_000000.bin"))).astype(np.int64)
+    tables = train_gpt.build_bpb_tables(tokenizer, plain_demo["vocab"])
+    harness.write_split(data, "val_bytes", train_gpt.stream_bytes(tokens, tables), harness.DEFAULT_SHARD_TOKENS)
+    with pytest.raises(train_gpt.PipelineError, match=f"DATA_PATH={data} has a byte sidecar .* but TOKENIZER_PATH="
+                                                      f"{re.escape(tokenizer)} is not a CaseOps tokenizer"):
+        train_gpt.load_byte_sidecar(tokenizer, str(data), tokens, tables)
+    before = (data / "fineweb_val_bytes_000000.bin").read_bytes()       # and the tool writes none for it
+    with pytest.raises(train_gpt.PipelineError, match="no CaseOps operator pieces"):
+        caseops.rewrite_sidecar(str(data), tokenizer)
+    assert (data / "fineweb_val_bytes_000000.bin").read_bytes() == before
+
+
+@pytest.mark.slow
+def test_the_sp8192_preset_reads_plain_data_at_its_default_paths(plain_demo, tmp_path):
+    """PRESET=sp8192 with neither DATA_PATH nor TOKENIZER_PATH set reads ./data/datasets/fineweb10B_sp8192 with
+    ./data/tokenizers/fineweb_8192_bpe.model (here the plain demo set, put there) and counts bytes with the tables;
+    the default preset, in the same folder, looks for the CaseOps data and says so."""
+    data = tmp_path / "data"
+    (data / "datasets").mkdir(parents=True)
+    (data / "tokenizers").mkdir()
+    (data / "datasets" / "fineweb10B_sp8192").symlink_to(plain_demo["dir"])
+    (data / "tokenizers" / "fineweb_8192_bpe.model").symlink_to(plain_demo["tokenizer"])
+    succeeded(run_train(tmp_path, None, RUN_ID="plain", PRESET="sp8192", VOCAB_SIZE=plain_demo["vocab"], ITERATIONS=2))
+    s = summary(tmp_path, "plain")
+    assert s["preset"] == "sp8192" and "DATA_PATH" not in s["explicit_settings"]
+    assert (s["hyperparameters"]["DATA_PATH"], s["hyperparameters"]["TOKENIZER_PATH"]) == (
+        "./data/datasets/fineweb10B_sp8192", "./data/tokenizers/fineweb_8192_bpe.model")
+    assert s["val_bytes"] == plain_demo["val_bytes"]
+    log = (tmp_path / "logs" / "plain.txt").read_text(encoding="utf-8").split("=" * 100 + "\n", 1)[1]
+    assert "val bytes: from the sidecar" not in log and "val_tokens:" in log
+    default = run_train(tmp_path, None, RUN_ID="default", VOCAB_SIZE=plain_demo["vocab"], ITERATIONS=2)
+    assert default.returncode == 2 and "Traceback" not in default.stderr
+    assert "./data/datasets/fineweb10B_sp8192_caseops/fineweb_val_*.bin" in default.stderr
+
+
+@pytest.mark.parametrize("pairing", ["caseops tokenizer, plain shards", "plain tokenizer, caseops shards",
+                                     "no sidecar"])
+def test_a_wrong_pairing_is_refused_before_training(demo_data, plain_demo, pairing, tmp_path):
+    """The CaseOps tokenizer on plain shards, a plain tokenizer on CaseOps shards, CaseOps shards without their
+    byte sidecar: each ends the run in one line naming the paths, before the model is built (exit 2)."""
+    data, tokenizer, message = {
+        "caseops tokenizer, plain shards": (plain_demo["dir"], demo_data["tokenizer"], "did not write the shards"),
+        "plain tokenizer, caseops shards": (demo_data["dir"], plain_demo["tokenizer"], "did not write the shards"),
+        "no sidecar": (without_sidecar(demo_data, tmp_path / "bare"), demo_data["tokenizer"],
+                       "is a CaseOps tokenizer but DATA_PATH=.* has no fineweb_val_bytes_\\*.bin sidecar"),
+    }[pairing]
+    proc = run_train(tmp_path, demo_data, RUN_ID="pairing", DATA_PATH=data, TOKENIZER_PATH=tokenizer)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line, = proc.stderr.strip().splitlines()
+    assert f"TOKENIZER_PATH={tokenizer}" in line and f"DATA_PATH={data}" in line and re.search(message, line), line
+    log = (tmp_path / "logs" / "pairing.txt").read_text(encoding="utf-8").split("=" * 100 + "\n", 1)[1]
+    assert "model_params:" not in log and not (tmp_path / "artifacts").exists()
 
 
 @pytest.mark.slow

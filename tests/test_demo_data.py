@@ -1,4 +1,6 @@
-"""Tests for `tools/harness.py demo-data`: shard format, tokenizer, round trip, safety, determinism."""
+"""Tests for `tools/harness.py demo-data`: shard format, tokenizer, round trip, safety, determinism. The demo set
+has the default data's form (CaseOps text, a tokenizer with the four operators, the validation byte sidecar);
+`--plain` builds the same documents without the transform."""
 
 import hashlib
 import subprocess
@@ -9,6 +11,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
+import train_gpt
 from _helpers import time_limit
 from tools import harness
 
@@ -54,6 +57,24 @@ def demo(tmp_path_factory):
     """A small demo dataset built in-process: (out_dir, build_demo_data result)."""
     out_dir = tmp_path_factory.mktemp("demo")
     return out_dir, harness.build_demo_data(out_dir, vocab_size=VOCAB, max_chars=MAX_CHARS, seed=SEED)
+
+
+def table_bytes(sp, ids, operators=()):
+    """Brute force, per token of one document: a byte token is 1 byte, another piece its UTF-8 length without a
+    leading "▁", which counts 1 byte unless the previous token is a boundary (here: the document's BOS), as
+    train_gpt.py's tables count; a CaseOps operator stands for no byte of the original text."""
+    counted = []
+    for position, i in enumerate(ids):
+        piece = sp.id_to_piece(i)
+        if piece in operators:
+            counted.append(0)
+        elif sp.is_byte(i):
+            counted.append(1)
+        elif piece.startswith("\u2581"):
+            counted.append(len(piece[1:].encode()) + (position > 0))
+        else:
+            counted.append(len(piece.encode()))
+    return counted
 
 
 def test_write_shard_layout(tmp_path):
@@ -103,11 +124,16 @@ def test_collect_docstrings_respects_budget_and_seed():
 def test_demo_shards_and_tokenizer(demo):
     out_dir, info = demo
     assert [p.name for p, _ in info["val_shards"]] == ["fineweb_val_000000.bin"]
+    assert [p.name for p, _ in info["val_bytes_shards"]] == ["fineweb_val_bytes_000000.bin"]
     assert [p.name for p, _ in info["train_shards"]] == ["fineweb_train_000000.bin"]
     sp = spm.SentencePieceProcessor(model_file=str(info["tokenizer"]))
-    assert info["tokenizer"] == out_dir / "tokenizer" / f"demo_{VOCAB}_bpe.model"
+    assert info["tokenizer"] == out_dir / "tokenizer" / f"demo_{VOCAB}_bpe_caseops.model"
     assert sp.vocab_size() == VOCAB
     assert (sp.pad_id(), sp.bos_id(), sp.eos_id(), sp.unk_id()) == (0, 1, 2, 3)
+    # the operators are pieces 4-7, as in the records' CaseOps tokenizer
+    assert train_gpt.caseops_operator_ids(sp) == dict(zip(train_gpt.CASEOPS_OPERATORS, range(4, 8)))
+    (sidecar, n_entries), = info["val_bytes_shards"]
+    assert read_shard(sidecar)[0][2] == n_entries == info["val_tokens"]
     for split in ("train", "val"):
         (path, n_tokens), = info[f"{split}_shards"]
         header, tokens = read_shard(path)
@@ -119,33 +145,51 @@ def test_demo_shards_and_tokenizer(demo):
 
 
 def test_val_round_trip_and_byte_counts(demo):
-    """Decoding val reproduces the held-out docstrings exactly, and train_gpt-style
-    byte counting from token pieces matches the text's true UTF-8 size."""
-    _, info = demo
+    """Decoding val gives the CaseOps text of the held-out docstrings, which caseops_decode turns back into them
+    exactly; the sidecar holds, per token, the bytes of the original text (a brute-force count from the pieces),
+    summing to the docstrings' true UTF-8 size; and train_gpt.py reads the set as it reads FineWeb CaseOps data."""
+    out_dir, info = demo
     sp = spm.SentencePieceProcessor(model_file=str(info["tokenizer"]))
     _, val_tokens = read_shard(info["val_shards"][0][0])
     decoded = [sp.decode(ids) for ids in split_docs(val_tokens)]
 
     expected = harness.collect_docstrings(MAX_CHARS, SEED)[-info["val_docs"] :]
-    assert decoded == expected
-    assert set(decoded) <= set(harness.stdlib_docstrings())
+    assert decoded == [train_gpt.caseops_encode(d) for d in expected]
+    assert [train_gpt.caseops_decode(d) for d in decoded] == expected
+    assert set(expected) <= set(harness.stdlib_docstrings())
+    assert decoded != expected                                  # the transform did something
     _, train_tokens = read_shard(info["train_shards"][0][0])
     assert not set(decoded) & {sp.decode(ids) for ids in split_docs(train_tokens)}
 
-    # Same rule as train_gpt.py's build_sentencepiece_luts: a byte token is 1 byte,
-    # another piece its UTF-8 length without a leading "▁", which counts 1 byte
-    # unless the previous token is a boundary (here: the document's BOS).
-    counted = 0
+    _, sidecar = read_shard(info["val_bytes_shards"][0][0])
+    brute = [0]                                                 # BOS: no byte
     for ids in split_docs(val_tokens):
-        for position, i in enumerate(ids):
-            piece = sp.id_to_piece(i)
-            if sp.is_byte(i):
-                counted += 1
-            elif piece.startswith("\u2581"):
-                counted += len(piece[1:].encode()) + (position > 0)
-            else:
-                counted += len(piece.encode())
-    assert counted == info["val_bytes"] == sum(len(d.encode()) for d in expected)
+        brute += table_bytes(sp, ids, train_gpt.CASEOPS_OPERATORS) + [0]
+    assert sidecar.tolist() == brute[:-1]
+    assert int(sidecar.sum()) == info["val_bytes"] == sum(len(d.encode()) for d in expected)
+    tokens = val_tokens.astype(np.int64)
+    assert train_gpt.check_tokenizer_matches_shards(str(info["tokenizer"]), str(out_dir), tokens) == 16
+    counted = train_gpt.load_byte_sidecar(str(info["tokenizer"]), str(out_dir), tokens,
+                                          train_gpt.build_bpb_tables(str(info["tokenizer"]), VOCAB))
+    assert isinstance(counted, train_gpt.ByteSidecar) and counted.nbytes.tolist() == sidecar.tolist()
+
+
+def test_plain_demo_is_the_same_documents_without_the_transform(tmp_path):
+    """--plain: a tokenizer without operators, no sidecar, and the tables count the docstrings' true size."""
+    proc = run_cli("demo-data", tmp_path / "plain", "--plain", "--vocab-size", VOCAB, "--max-chars", MAX_CHARS // 4)
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "tokenizer"]
+    model = tmp_path / "plain" / "tokenizer" / f"demo_{VOCAB}_bpe.model"
+    sp = spm.SentencePieceProcessor(model_file=str(model))
+    assert train_gpt.caseops_operator_ids(sp) is None
+    _, val_tokens = read_shard(tmp_path / "plain" / "fineweb_val_000000.bin")
+    docs = split_docs(val_tokens)
+    expected = harness.collect_docstrings(MAX_CHARS // 4, SEED)[-len(docs):]
+    assert [sp.decode(ids) for ids in docs] == expected
+    assert sum(sum(table_bytes(sp, ids)) for ids in docs) == sum(len(d.encode()) for d in expected)
+    tables = train_gpt.build_bpb_tables(str(model), VOCAB)
+    assert train_gpt.load_byte_sidecar(str(model), str(tmp_path / "plain"), val_tokens.astype(np.int64), tables) is tables
 
 
 def test_cli_refuses_to_overwrite(demo):
@@ -165,7 +209,7 @@ def test_cli_build_is_deterministic(demo, tmp_path):
     proc = run_cli("demo-data", tmp_path, "--vocab-size", VOCAB, "--max-chars", MAX_CHARS, "--seed", SEED)
     assert proc.returncode == 0, proc.stderr
     assert f"val {info['val_tokens']:,} tokens" in proc.stdout
-    assert len(proc.stdout.splitlines()) == 4  # tokenizer, val shard, train shard, summary
+    assert len(proc.stdout.splitlines()) == 5  # tokenizer, val shard, its byte sidecar, train shard, summary
     assert digests(tmp_path) == digests(out_dir)
 
 
@@ -197,8 +241,8 @@ def test_an_interrupted_build_leaves_nothing_and_a_rerun_succeeds(tmp_path, monk
     monkeypatch.setattr(harness, "encode_documents", real_encode)
     info = harness.build_demo_data(out_dir, vocab_size=VOCAB, max_chars=MAX_CHARS // 4, seed=SEED)
     assert sorted(p.name for p in out_dir.iterdir()) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin",
-                                                          "tokenizer"]
-    assert info["tokenizer"] == out_dir / "tokenizer" / f"demo_{VOCAB}_bpe.model" and info["tokenizer"].is_file()
+                                                          "fineweb_val_bytes_000000.bin", "tokenizer"]
+    assert info["tokenizer"] == out_dir / "tokenizer" / f"demo_{VOCAB}_bpe_caseops.model" and info["tokenizer"].is_file()
     assert [p for p, _ in info["train_shards"] + info["val_shards"]] == [
         out_dir / "fineweb_train_000000.bin", out_dir / "fineweb_val_000000.bin"]
     assert [p.name for p in tmp_path.iterdir()] == ["demo"]

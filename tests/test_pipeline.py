@@ -1,5 +1,5 @@
 """End to end: train_gpt.py run as a program (torchrun with 2 gloo ranks, and single process) on the
-demo dataset, in temporary working directories. Runs are shared between tests (module fixtures): the
+demo dataset (the default data's form: CaseOps text, its tokenizer, the byte sidecar), in temporary working directories. Runs are shared between tests (module fixtures): the
 2-rank run also audits itself and dumps per-target NLL; EVAL_ONLY runs re-score its artifact (plain, and
 with score-first TTT) from a folder that holds only the validation shard."""
 
@@ -54,10 +54,13 @@ RUN_TIMEOUT_S = time_limit(317)
 
 
 def run_train(cwd, demo, extra=None, nproc=1, script=TRAIN_GPT, **settings):
-    """Run train_gpt.py (or `script`) in `cwd` on the demo data with the tiny config (+ settings); CompletedProcess."""
+    """Run train_gpt.py (or `script`) in `cwd` on the demo data with the tiny config (+ settings); CompletedProcess.
+    demo=None: on the preset's default DATA_PATH and TOKENIZER_PATH (settings must give VOCAB_SIZE)."""
     env = {k: v for k, v in os.environ.items()
            if k not in train_gpt.SETTINGS and k not in train_gpt.REPLACED_SETTINGS and k not in TORCHRUN_VARS}
-    env.update(TINY_RUN, DATA_PATH=str(demo["dir"]), TOKENIZER_PATH=str(demo["tokenizer"]), VOCAB_SIZE=str(demo["vocab"]))
+    env.update(TINY_RUN)
+    if demo is not None:
+        env.update(DATA_PATH=str(demo["dir"]), TOKENIZER_PATH=str(demo["tokenizer"]), VOCAB_SIZE=str(demo["vocab"]))
     env.update({k: str(v) for k, v in settings.items()})
     env.update(extra or {})
     if nproc == 1:
@@ -101,9 +104,9 @@ def dist_run(demo_data, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def val_only(demo_data, tmp_path_factory):
-    """A DATA_PATH holding the validation shard(s) and no training shard."""
+    """A DATA_PATH holding the validation shard(s) and their byte sidecar, and no training shard."""
     d = tmp_path_factory.mktemp("val_only")
-    for path, _ in demo_data["val_shards"]:
+    for path, _ in demo_data["val_shards"] + demo_data["val_bytes_shards"]:
         (d / Path(path).name).symlink_to(path)
     return d
 
@@ -167,7 +170,7 @@ def test_distributed_run_summary(dist_run, demo_data):
 def test_the_summary_pins_the_tokenizer_and_the_validation_shards(dist_run, demo_data):
     _, _, s = dist_run
     assert s["tokenizer_sha256"] == hashlib.sha256(Path(demo_data["tokenizer"]).read_bytes()).hexdigest()
-    shards = sorted(Path(demo_data["dir"]).glob("fineweb_val_*.bin"))
+    shards = [path for path, _ in demo_data["val_shards"]]         # the byte sidecar is no shard
     assert s["val_shards_sha256"] == hashlib.sha256(b"".join(p.read_bytes() for p in shards)).hexdigest()
     assert s["tokenizer_check_docs"] == train_gpt.TOKENIZER_CHECK_DOCS
 
@@ -223,13 +226,24 @@ def test_the_shipped_file_runs_and_counts_itself(demo_data, tmp_path):
 
 
 def test_val_tokens_bytes_and_bpb(dist_run, demo_data):
-    _, _, s = dist_run
+    """The demo run takes the default data path: CaseOps tokens, scored over the bytes of the ORIGINAL text
+    (the sidecar's), not the operators' UTF-8 bytes the tables would count."""
+    cwd, _, s = dist_run
     tokens = val_stream(demo_data)
     assert s["val_tokens"] == tokens.size - 1 == demo_data["val_tokens"] - 1
     sp = spm.SentencePieceProcessor(model_file=str(demo_data["tokenizer"]))
     starts = np.flatnonzero(tokens == sp.bos_id())
     docs = [tokens[a + 1:b].tolist() for a, b in zip(starts, list(starts[1:]) + [tokens.size])]
-    assert s["val_bytes"] == sum(len(sp.decode(d).encode("utf-8")) for d in docs)
+    original = sum(len(train_gpt.caseops_decode(sp.decode(d)).encode("utf-8")) for d in docs)
+    assert s["val_bytes"] == original == demo_data["val_bytes"]
+    operators = np.isin(tokens, list(train_gpt.caseops_operator_ids(sp).values()))
+    assert operators.sum() > 0.02 * tokens.size                              # the model predicts operators too
+    assert sum(len(sp.decode(d).encode("utf-8")) for d in docs) == original + 3 * int(operators.sum())
+    log = (Path(cwd) / "logs" / "dist.txt").read_text(encoding="utf-8").split("=" * 100 + "\n", 1)[1]
+    assert f"val bytes: from the sidecar fineweb_val_bytes_*.bin ({original} bytes" in log
+    dump = load_dump(Path(cwd) / "dump.npz")                                # per target: the sidecar's count
+    sidecar = np.frombuffer(Path(demo_data["val_bytes_shards"][0][0]).read_bytes()[1024:], dtype="<u2")
+    assert np.array_equal(dump["bytes"], sidecar[1:]) and (dump["bytes"][operators[1:]] == 0).all()
     assert s["val_bpb"] == pytest.approx(s["val_loss"] * s["val_tokens"] / (math.log(2) * s["val_bytes"]), rel=1e-12)
     assert s["pre_quant_val_bpb"] == pytest.approx(
         s["pre_quant_val_loss"] * s["val_tokens"] / (math.log(2) * s["val_bytes"]), rel=1e-12)

@@ -293,7 +293,7 @@ exec {sys.executable} "$@"
 
 def demo_launch(root, **extra):
     """run_8xh100.sh with no DATA_PATH (so no shards: the demo branch), a launcher that fails at once, and the
-    demo set already in ./data/demo (no build)."""
+    demo set already in ./data/demo_caseops (no build)."""
     (root / "data").mkdir()
     env = clean_env(TORCHRUN="false", RUN_ID="demo", **extra)
     return subprocess.run(["bash", "run_8xh100.sh"], cwd=root, env=env, capture_output=True, text=True,
@@ -306,18 +306,20 @@ def test_on_a_gpu_without_shards_the_demo_needs_demo_1(demo_data, tmp_path):
     proc = demo_launch(root, PATH=fake_cuda(tmp_path))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
-        "run_8xh100.sh: no shards in ./data/datasets/fineweb10B_sp8192/fineweb_train_*.bin and DATA_PATH is unset: "
-        "download FineWeb (README) or set DATA_PATH; DEMO=1 runs the demo set instead (never a record)"]
+        "run_8xh100.sh: no shards in ./data/datasets/fineweb10B_sp8192_caseops/fineweb_train_*.bin and DATA_PATH is unset: "
+        "build the FineWeb CaseOps data (README; PRESET=sp8192 for plain sp8192 shards) or set DATA_PATH; DEMO=1 runs "
+        "the demo set instead (never a record)"]
     assert list((root / "data").iterdir()) == [] and not (root / "logs").exists()
 
 
 @pytest.mark.parametrize("gpu", [True, False])
 def test_a_demo_sweep_is_a_practice_sweep(demo_data, tmp_path, gpu):
     """With DEMO=1 on a GPU (and automatically on the CPU) the demo runs, and its sweep manifest, written
-    before the first seed, says practice: submit never makes it a record."""
+    before the first seed, says practice: submit never makes it a record. The demo set has the default data's
+    form: the run reads it with the CaseOps tokenizer."""
     root = copy_entry(tmp_path / "entry")
     (root / "data").mkdir()
-    os.symlink(demo_data["dir"], root / "data" / "demo")
+    os.symlink(demo_data["dir"], root / "data" / "demo_caseops")
     extra = dict(PATH=fake_cuda(tmp_path), DEMO="1") if gpu else {}
     proc = subprocess.run(["bash", "run_8xh100.sh"], cwd=root, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT_S,
                           env=clean_env(TORCHRUN="false", RUN_ID="demo", **extra))
@@ -325,7 +327,8 @@ def test_a_demo_sweep_is_a_practice_sweep(demo_data, tmp_path, gpu):
     assert f"seed 1337 -> logs/demo_seed1337.txt ({8 if gpu else 2} processes)" in proc.stdout
     manifest = json.loads((root / "logs" / "demo.sweep.json").read_text())
     assert manifest["practice"] is True and manifest["run_ids"] == ["demo_seed1337"]
-    assert manifest["settings"]["DATA_PATH"] == "./data/demo"
+    assert manifest["settings"]["DATA_PATH"] == "./data/demo_caseops"
+    assert manifest["settings"]["TOKENIZER_PATH"] == "./data/demo_caseops/tokenizer/demo_1024_bpe_caseops.model"
 
 
 def test_demo_must_be_0_or_1(tmp_path):

@@ -230,10 +230,18 @@ def test_lr_floor_and_warmdown():
 
 
 def test_presets():
-    """frontier (the default: the April records' model and optimizer), stack1024 (the March stack on sp1024,
-    the default before) and baseline (the official recipe); a preset only sets defaults."""
+    """frontier (the default: the April records' model and optimizer on CaseOps sp8192 data), sp8192 (the same on
+    plain sp8192 data), stack1024 (the March stack on sp1024, the default before) and baseline (the official
+    recipe); a preset only sets defaults."""
     frontier, _ = train_gpt.read_settings({})
-    assert frontier.preset == "frontier" and frontier.vocab_size == 8192 and "sp8192" in frontier.data_path
+    assert frontier.preset == "frontier" and frontier.vocab_size == 8192
+    assert (frontier.data_path, frontier.tokenizer_path) == (
+        "./data/datasets/fineweb10B_sp8192_caseops", "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model")
+    plain, _ = train_gpt.read_settings({"PRESET": "sp8192"})
+    assert (plain.data_path, plain.tokenizer_path) == ("./data/datasets/fineweb10B_sp8192",
+                                                       "./data/tokenizers/fineweb_8192_bpe.model")
+    assert {k: v for k, v in plain.values.items() if k not in ("PRESET", "DATA_PATH", "TOKENIZER_PATH")} == \
+        {k: v for k, v in frontier.values.items() if k not in ("PRESET", "DATA_PATH", "TOKENIZER_PATH")}
     assert (frontier.num_layers, frontier.model_dim, frontier.mlp_mult, frontier.train_seq_len, frontier.bigram_vocab,
             frontier.recur_layers, frontier.recur_passes, frontier.recur_start_frac) == (11, 512, 4, 2048, 0, "3-5", 3, 0.35)
     assert (frontier.parallel_last_n, frontier.parallel_lanes, frontier.qk_gain_init) == (3, 2, 5.0)   # from layer 8

@@ -1,15 +1,20 @@
 """CaseOps data: challenge-format shards of case-transformed text plus the validation byte sidecar.
 
     python3 tools/caseops.py build --docs DOCS.jsonl --out DIR --tokenizer CASEOPS.model --val-docs N
+        [--train-shards K] [--workers W]
     python3 tools/caseops.py build --plain --docs DOCS.jsonl --out DIR --tokenizer SP.model --val-docs N
     python3 tools/caseops.py sidecar --data DIR --tokenizer CASEOPS.model
     python3 tools/caseops.py docs --data DIR --tokenizer SP.model --out DOCS.jsonl
 
 build: one JSON object a line with a `text` field; the first N documents are the validation split (the
-official FineWeb export: N = 50,000), the rest training. Each document is caseops_encode'd (train_gpt.py),
-tokenized as [BOS] + ids and written as fineweb_{val,train}_XXXXXX.bin; beside the validation shards,
-fineweb_val_bytes_XXXXXX.bin (same header, one uint16 per token) holds the bytes of the ORIGINAL text each
-token stands for: train_gpt.stream_bytes, equal over every document to the plain sp8192 tables' count.
+official FineWeb export: N = 50,000), the rest training, up to K full train shards (default: every document).
+Each document is caseops_encode'd (train_gpt.py), tokenized as [BOS] + ids and written as
+fineweb_{val,train}_XXXXXX.bin; beside the validation shards, fineweb_val_bytes_XXXXXX.bin (same header, one
+uint16 per token) holds the bytes of the ORIGINAL text each token stands for: train_gpt.stream_bytes, equal
+over every document to the plain sp8192 tables' count. The documents are read as a stream, transformed and
+tokenized in batches by W worker processes (default: one per core) and written in document order, so the
+files do not depend on W; memory holds the validation split and one train shard. DIR is written whole or not
+at all (built in a hidden sibling folder, renamed when complete) and never overwritten.
 sidecar: (re)writes that sidecar from the validation shards' ids (e.g. over a downloaded CaseOps export,
 whose own sidecar counts other bytes: docs/caseops.md). build --plain: the same split of the same documents with
 a plain tokenizer, no transform and no sidecar (the control of a CaseOps comparison).
@@ -20,10 +25,16 @@ re-encode to the same ids (the development shards become input for build).
 from __future__ import annotations
 
 import argparse
+import collections
 import glob
 import json
+import multiprocessing
 import os
+import secrets
+import shutil
 import sys
+from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -32,69 +43,165 @@ import train_gpt  # noqa: E402
 from tools import harness  # noqa: E402
 
 SHARD_TOKENS = harness.DEFAULT_SHARD_TOKENS
+BATCH_DOCS = 64              # documents a worker transforms and tokenizes per task
 
 
-def read_docs(path: str) -> list[str]:
-    """The `text` of each line of a JSON-lines file (blank lines skipped)."""
-    docs = []
+def iter_docs(path: str) -> Iterator[str]:
+    """The `text` of each line of a JSON-lines file (blank lines skipped), read as a stream."""
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if line.strip():
-                obj = json.loads(line)
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    obj = None
                 if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
                     raise train_gpt.PipelineError(f"{path}:{n}: not a JSON object with a string `text`")
-                docs.append(obj["text"])
-    return docs
+                yield obj["text"]
 
 
-def write_sidecar(out_dir: str, tokens: np.ndarray, tokenizer: str, shard_tokens: int) -> int:
-    """Write fineweb_val_bytes_XXXXXX.bin for the validation stream `tokens`; returns its byte total."""
-    sp = train_gpt.open_tokenizer(tokenizer)
-    operator_ids = train_gpt.caseops_operator_ids(sp)
-    if operator_ids is None:
-        raise train_gpt.PipelineError(f"{tokenizer} has no CaseOps operator pieces")
-    nbytes = train_gpt.stream_bytes(tokens.astype(np.int64), train_gpt.build_bpb_tables(tokenizer, sp.vocab_size()),
-                                     operator_ids)
-    harness.write_split(out_dir, "val_bytes", nbytes, shard_tokens)
-    return int(nbytes.sum())
+def doc_batches(docs: Iterable[str], val_docs: int, batch_docs: int = BATCH_DOCS) -> Iterator[tuple[str, list[str]]]:
+    """("val" or "train", up to batch_docs documents) in document order; no batch spans the two splits."""
+    split, batch = "val", []
+    for index, doc in enumerate(docs):
+        doc_split = "val" if index < val_docs else "train"
+        if batch and (doc_split != split or len(batch) == batch_docs):
+            yield split, batch
+            batch = []
+        split = doc_split
+        batch.append(doc)
+    if batch:
+        yield split, batch
+
+
+_worker: dict = {}
+
+
+def _start_worker(tokenizer: str, plain: bool) -> None:
+    import sentencepiece as spm
+    _worker["sp"] = spm.SentencePieceProcessor(model_file=tokenizer)
+    _worker["transform"] = (lambda doc: doc) if plain else train_gpt.caseops_encode
+
+
+def _encode_batch(docs: list[str]) -> np.ndarray:
+    """[BOS] + ids of each (transformed) document, concatenated, uint16 (harness.encode_documents' layout)."""
+    ids = _worker["sp"].encode([_worker["transform"](doc) for doc in docs], num_threads=1)
+    tokens = np.concatenate([np.array([train_gpt.BOS_ID] + d, dtype=np.int64) for d in ids])
+    if tokens.max() > np.iinfo(np.uint16).max:
+        raise train_gpt.PipelineError(f"token id {int(tokens.max())} does not fit the shards' uint16")
+    return tokens.astype(np.uint16)
+
+
+def encoded_batches(batches: Iterable[tuple[str, list[str]]], tokenizer: str, plain: bool, workers: int
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """(split, tokens) of each batch, in order, encoded by `workers` processes with at most 2 batches per worker
+    in flight (reading stops when the consumer stops); the workers end with the generator."""
+    with multiprocessing.Pool(workers, initializer=_start_worker, initargs=(tokenizer, plain)) as pool:
+        pending: collections.deque = collections.deque()
+        for split, docs in batches:
+            pending.append((split, pool.apply_async(_encode_batch, (docs,))))
+            if len(pending) >= 2 * workers:
+                split_done, result = pending.popleft()
+                yield split_done, result.get()
+        while pending:
+            split_done, result = pending.popleft()
+            yield split_done, result.get()
+
+
+def write_stream(out_dir: Path, split: str, chunks: Iterable[np.ndarray], shard_tokens: int, max_shards: int = 0
+                 ) -> tuple[list[tuple[Path, int]], int]:
+    """Write the concatenated token chunks as fineweb_{split}_000000.bin, _000001, ... of shard_tokens each (the
+    last one shorter; stopping after max_shards full shards when max_shards > 0), as write_split cuts one array.
+    Returns ((path, tokens) per shard, the documents begun in them: their BOS tokens)."""
+    written, parts, filled, docs = [], [], 0, 0
+
+    def flush() -> None:
+        path = out_dir / f"fineweb_{split}_{len(written):06d}.bin"
+        harness.write_shard(path, np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint16))
+        written.append((path, filled))
+
+    for chunk in chunks:
+        while chunk.size:
+            take = min(chunk.size, shard_tokens - filled)
+            parts.append(chunk[:take])
+            docs += int(np.count_nonzero(chunk[:take] == train_gpt.BOS_ID))
+            filled, chunk = filled + take, chunk[take:]
+            if filled == shard_tokens:
+                flush()
+                parts, filled = [], 0
+                if max_shards and len(written) == max_shards:
+                    return written, docs
+    if filled or not written:
+        flush()
+    return written, docs
 
 
 def build(docs_path: str, out_dir: str, tokenizer: str, val_docs: int, shard_tokens: int = SHARD_TOKENS,
-          plain: bool = False) -> dict:
+          plain: bool = False, train_shards: int = 0, workers: int = 1) -> dict:
     """Write the CaseOps shards and the sidecar of `docs_path` into the new folder `out_dir` (plain: the
-    documents as they are, with a tokenizer that is not CaseOps, and no sidecar)."""
-    import sentencepiece as spm
-    docs = read_docs(docs_path)
-    if not 0 < val_docs < len(docs):
-        raise train_gpt.PipelineError(f"--val-docs {val_docs}: need 1 to {len(docs) - 1} of the {len(docs)} documents")
-    sp = spm.SentencePieceProcessor(model_file=tokenizer)
+    documents as they are, with a tokenizer that is not CaseOps, and no sidecar). Returns the counts: val_docs,
+    train_docs (documents begun in the train shards), val_tokens, train_tokens, train_shards, val_bytes (CaseOps)."""
+    if val_docs < 1:
+        raise train_gpt.PipelineError(f"--val-docs {val_docs}: need at least 1 validation document")
+    if os.path.lexists(out_dir):
+        raise train_gpt.PipelineError(f"--out {out_dir} already exists; a data folder is never overwritten")
+    sp = train_gpt.open_tokenizer(tokenizer)
     if (train_gpt.caseops_operator_ids(sp) is None) != plain:
         raise train_gpt.PipelineError(f"{tokenizer} " + ("is a CaseOps tokenizer: drop --plain" if plain else
                                                          "has no CaseOps operator pieces (--plain builds without them)"))
-    transform = (lambda d: d) if plain else train_gpt.caseops_encode
-    os.makedirs(out_dir, exist_ok=False)
-    val = harness.encode_documents(sp, [transform(d) for d in docs[:val_docs]])
-    train = harness.encode_documents(sp, [transform(d) for d in docs[val_docs:]])
-    harness.write_split(out_dir, "val", val, shard_tokens)
-    harness.write_split(out_dir, "train", train, shard_tokens)
-    info = dict(val_docs=val_docs, train_docs=len(docs) - val_docs, val_tokens=int(val.size), train_tokens=int(train.size))
-    if not plain:
-        info["val_bytes"] = write_sidecar(out_dir, val, tokenizer, shard_tokens)
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        val_parts: list[np.ndarray] = []
+
+        def train_chunks(encoded: Iterator[tuple[str, np.ndarray]]) -> Iterator[np.ndarray]:
+            for split, tokens in encoded:       # every validation batch comes first
+                if split == "val":
+                    val_parts.append(tokens)
+                else:
+                    yield tokens
+
+        encoded = encoded_batches(doc_batches(iter_docs(docs_path), val_docs), tokenizer, plain, workers)
+        try:
+            train, train_docs = write_stream(tmp, "train", train_chunks(encoded), shard_tokens, train_shards)
+        finally:
+            encoded.close()                     # stops the workers, also when the train shards are full
+        val = np.concatenate(val_parts) if val_parts else np.zeros(0, dtype=np.uint16)
+        found = int(np.count_nonzero(val == train_gpt.BOS_ID))
+        if found < val_docs or train_docs == 0:
+            raise train_gpt.PipelineError(f"--val-docs {val_docs}: {docs_path} holds {found + train_docs} documents; "
+                                          "need more than the validation ones")
+        harness.write_split(tmp, "val", val, shard_tokens)
+        info = dict(val_docs=val_docs, train_docs=train_docs, val_tokens=int(val.size),
+                    train_tokens=sum(n for _, n in train), train_shards=len(train))
+        if not plain:
+            info["val_bytes"] = harness.write_byte_sidecar(tmp, val, tokenizer, shard_tokens)[0]
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return info
 
 
 def rewrite_sidecar(data_dir: str, tokenizer: str) -> int:
-    """Replace the sidecar of `data_dir`'s validation shards (one sidecar file per shard)."""
+    """Replace the sidecar of `data_dir`'s validation shards (one sidecar file per shard); everything is checked and
+    counted before the old sidecar is touched, and each file is replaced whole (harness.write_shard)."""
     shards = train_gpt.find_shards(data_dir, "val")
-    for old in glob.glob(os.path.join(data_dir, "fineweb_val_bytes_[0-9]*.bin")):
-        os.remove(old)
     for index, shard in enumerate(shards):
         if os.path.basename(shard) != f"fineweb_val_{index:06d}.bin":
             raise train_gpt.PipelineError(f"{shard}: validation shards must be numbered 000000, 000001, ...")
-    tokens = [np.asarray(train_gpt.load_shard(s)) for s in shards]
     sp = train_gpt.open_tokenizer(tokenizer)
+    operator_ids = train_gpt.caseops_operator_ids(sp)
+    if operator_ids is None:
+        raise train_gpt.PipelineError(f"{tokenizer} has no CaseOps operator pieces: plain data has no sidecar")
+    tokens = [np.asarray(train_gpt.load_shard(s)) for s in shards]
     nbytes = train_gpt.stream_bytes(np.concatenate(tokens).astype(np.int64),
-                                    train_gpt.build_bpb_tables(tokenizer, sp.vocab_size()), train_gpt.caseops_operator_ids(sp))
+                                    train_gpt.build_bpb_tables(tokenizer, sp.vocab_size()), operator_ids)
+    for old in glob.glob(os.path.join(data_dir, "fineweb_val_bytes_[0-9]*.bin")):
+        if os.path.basename(old) not in {os.path.basename(s).replace("_val_", "_val_bytes_") for s in shards}:
+            os.remove(old)                      # a sidecar file no shard pairs with
     start = 0
     for index, part in enumerate(tokens):
         harness.write_shard(os.path.join(data_dir, f"fineweb_val_bytes_{index:06d}.bin"), nbytes[start:start + part.size])
@@ -131,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--tokenizer", required=True)
     b.add_argument("--val-docs", type=int, required=True, help="the first N documents are validation (FineWeb: 50000)")
     b.add_argument("--shard-tokens", type=int, default=SHARD_TOKENS)
+    b.add_argument("--train-shards", type=int, default=0, help="stop after this many full train shards (0: every document)")
+    b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="processes that transform and tokenize")
     b.add_argument("--plain", action="store_true", help="no transform, no sidecar: a plain tokenizer's control set")
     s = sub.add_parser("sidecar")
     s.add_argument("--data", required=True)
@@ -142,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.command == "build":
-            print(json.dumps(build(args.docs, args.out, args.tokenizer, args.val_docs, args.shard_tokens, args.plain)))
+            print(json.dumps(build(args.docs, args.out, args.tokenizer, args.val_docs, args.shard_tokens, args.plain,
+                                   args.train_shards, max(1, args.workers))))
         elif args.command == "sidecar":
             print(f"val_bytes:{rewrite_sidecar(args.data, args.tokenizer)}")
         else:

@@ -8,7 +8,8 @@
 # (whole or not at all: an interrupted build leaves nothing that blocks the next try).
 #
 #   bash tools/gpu_rehearsal.sh                                  # on the demo set, 120 s of training
-#   DATA_PATH=./data/datasets/fineweb10B_sp8192 TOKENIZER_PATH=./data/tokenizers/fineweb_8192_bpe.model \
+#   DATA_PATH=./data/datasets/fineweb10B_sp8192_caseops \
+#     TOKENIZER_PATH=./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model \
 #     REHEARSAL_TRAIN_SECONDS=180 bash tools/gpu_rehearsal.sh
 #
 # Any setting passes through to train_gpt.py. REHEARSAL_ALLOW_CPU=1 runs it without a GPU (the plumbing
@@ -36,13 +37,13 @@ if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else
   fi
 fi
 if [ -z "${DATA_PATH:-}" ]; then
-  demo=./data/rehearsal
+  demo=./data/rehearsal_caseops     # the demo set in the default data's form (CaseOps, byte sidecar)
   if ! ls "$demo"/fineweb_train_*.bin >/dev/null 2>&1; then
     python3 tools/harness.py demo-data "$demo"
   fi
   # the demo tokenizer has 1024 pieces; VOCAB_SIZE keeps the default (8192) rows: the full shape
-  export DATA_PATH=$demo TOKENIZER_PATH=${TOKENIZER_PATH:-$demo/tokenizer/demo_1024_bpe.model}
-  # its ~35k validation tokens make two 32,768-token TTT chunks: TTT would train on the first only
+  export DATA_PATH=$demo TOKENIZER_PATH=${TOKENIZER_PATH:-$demo/tokenizer/demo_1024_bpe_caseops.model}
+  # its ~36k validation tokens make two 32,768-token TTT chunks: TTT would train on the first only
   export TTT_CHUNK_TOKENS=${TTT_CHUNK_TOKENS:-8192}
 fi
 run_id=${RUN_ID:-rehearsal_$(date -u +%Y%m%d_%H%M%S)}

@@ -2,8 +2,10 @@
 
 `demo-data` lets the whole pipeline (tokenizer, shards, training) run on a fresh machine with no
 network and no FineWeb download: it builds a small real-English dataset from the docstrings of
-Python's own standard library, trains a SentencePiece BPE tokenizer on it, and writes shards in
-the challenge's binary format, so `train_gpt.py` can read them exactly like the official shards.
+Python's own standard library in the form of the default data (CaseOps: the text through
+train_gpt.caseops_encode, a SentencePiece BPE tokenizer with the four operators as pieces, challenge-format
+shards and the validation byte sidecar), so `train_gpt.py` reads it exactly as it reads the FineWeb CaseOps
+shards (`--plain`: the same documents without the transform, as plain sp8192 data is read).
 
 `sweep` writes the manifest of a seed sweep (`logs/<prefix>.sweep.json`) before its first seed trains.
 `submit` turns every run of one sweep into a submission: it reads each `logs/<RUN_ID>.json` (the run
@@ -15,11 +17,12 @@ against the current best, decides whether the runs make a record, a non-record s
 practice record, and writes that folder (README.md, submission.json, train_gpt.py, requirements.txt,
 the manifest, the logs). `run_8xh100.sh` calls both. `gpu-plan` prints the 8xH100 projections (memory, step time,
 evaluation time) of the settings in the environment. `sweep`, `check`, `submit`, `gpu-plan` and `settings-table` import the
-train_gpt.py beside tools/ (torch) for the settings and the summary's keys; `demo-data` needs sentencepiece.
+train_gpt.py beside tools/ (torch) for the settings and the summary's keys; `demo-data` needs sentencepiece, and
+train_gpt.py for the CaseOps transform and byte count (not with `--plain`).
 
 Usage:
     python3 tools/harness.py demo-data OUT_DIR [--vocab-size 1024]
-        [--max-chars N] [--seed 0] [--shard-tokens N]
+        [--max-chars N] [--seed 0] [--shard-tokens N] [--plain]
     python3 tools/harness.py sweep PREFIX SEED [SEED ...] [--practice]
     python3 tools/harness.py settings-table [--write README.md]
     python3 tools/harness.py gpu-plan                (the 8xH100 projections of the settings in the environment)
@@ -178,21 +181,25 @@ def split_train_val(docs: Sequence[str], val_fraction: float = VAL_FRACTION) -> 
 # ----------------------------------------------------------------------------
 
 
-def train_tokenizer(docs: Sequence[str], vocab_size: int, model_path: str | os.PathLike) -> "spm.SentencePieceProcessor":
+def train_tokenizer(docs: Sequence[str], vocab_size: int, model_path: str | os.PathLike,
+                    user_symbols: Sequence[str] = ()) -> "spm.SentencePieceProcessor":
     """Train a SentencePiece BPE tokenizer on `docs` and write it to `model_path`.
 
     Each document is one SentencePiece "sentence"; `max_sentence_length` is set
     to the longest document so none is silently dropped.  Special ids follow
-    the official challenge tokenizer (pad 0, bos 1, eos 2, unk 3) and unseen
-    characters fall back to bytes.  Whitespace is kept verbatim (identity
-    normalization, no dummy prefix, no whitespace squashing) so decoding
-    returns the exact text and piece lengths sum to the text's UTF-8 bytes.
+    the official challenge tokenizer (pad 0, bos 1, eos 2, unk 3), then
+    `user_symbols` (ids 4, 5, ...: always whole pieces, as the CaseOps operators
+    are in the records' tokenizer), and unseen characters fall back to bytes.
+    Whitespace is kept verbatim (identity normalization, no dummy prefix, no
+    whitespace squashing) so decoding returns the exact text and piece lengths
+    sum to the text's UTF-8 bytes.
     Training is deterministic: every sentence is used, no sampling.
     Output: the trained model, loaded.
     """
     import sentencepiece as spm
 
     model = io.BytesIO()
+    extra = {"user_defined_symbols": list(user_symbols)} if user_symbols else {}
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(docs),
         model_writer=model,
@@ -209,6 +216,7 @@ def train_tokenizer(docs: Sequence[str], vocab_size: int, model_path: str | os.P
         max_sentence_length=max(len(doc.encode("utf-8")) for doc in docs) + 1,
         num_threads=2,
         minloglevel=1,
+        **extra,
     )
     with _atomic_writer(model_path) as f:
         f.write(model.getvalue())
@@ -295,18 +303,32 @@ def write_split(out_dir: str | os.PathLike, split: str, tokens: np.ndarray, shar
     return written
 
 
-def tokenizer_path(out_dir: str | os.PathLike, vocab_size: int) -> Path:
-    """Return where `build_demo_data` writes the tokenizer model for `vocab_size`."""
-    return Path(out_dir) / "tokenizer" / f"demo_{vocab_size}_bpe.model"
+def write_byte_sidecar(out_dir: str | os.PathLike, tokens: np.ndarray, tokenizer: str | os.PathLike,
+                       shard_tokens: int) -> tuple[int, list[tuple[Path, int]]]:
+    """Write the CaseOps validation byte sidecar fineweb_val_bytes_XXXXXX.bin beside the validation shards of
+    the stream `tokens` (written by write_split with the same `shard_tokens`, so the files pair): per token,
+    the UTF-8 bytes of the original text it stands for (train_gpt.stream_bytes with the tokenizer's operators).
+    Returns (their total, (path, entries) per file). Raises train_gpt.PipelineError when the tokenizer has no
+    CaseOps operators."""
+    tg = train_gpt_module()
+    sp = tg.open_tokenizer(str(tokenizer))
+    operator_ids = tg.caseops_operator_ids(sp)
+    if operator_ids is None:
+        raise tg.PipelineError(f"{tokenizer} has no CaseOps operator pieces")
+    nbytes = tg.stream_bytes(np.asarray(tokens).astype(np.int64), tg.build_bpb_tables(str(tokenizer), sp.vocab_size()),
+                             operator_ids)
+    return int(nbytes.sum()), write_split(out_dir, "val_bytes", nbytes, shard_tokens)
 
 
-def existing_outputs(out_dir: str | os.PathLike, vocab_size: int) -> list[Path]:
-    """Return shards and the tokenizer model already present in `out_dir` (sorted)."""
+def tokenizer_path(out_dir: str | os.PathLike, vocab_size: int, caseops: bool = True) -> Path:
+    """Return where `build_demo_data` writes the tokenizer model for `vocab_size` (CaseOps or plain)."""
+    return Path(out_dir) / "tokenizer" / f"demo_{vocab_size}_bpe{'_caseops' if caseops else ''}.model"
+
+
+def existing_outputs(out_dir: str | os.PathLike) -> list[Path]:
+    """Return shards and tokenizer models already present in `out_dir` (sorted)."""
     out_dir = Path(out_dir)
-    found = sorted(out_dir.glob("fineweb_*.bin"))
-    if tokenizer_path(out_dir, vocab_size).exists():
-        found.append(tokenizer_path(out_dir, vocab_size))
-    return found
+    return sorted(out_dir.glob("fineweb_*.bin")) + sorted(out_dir.glob("tokenizer/*.model"))
 
 
 # ----------------------------------------------------------------------------
@@ -320,35 +342,49 @@ def build_demo_data(
     max_chars: int = DEFAULT_MAX_CHARS,
     seed: int = 0,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    caseops: bool = True,
 ) -> dict:
-    """Build the stdlib-docstring demo dataset in `out_dir`, all at once.
+    """Build the stdlib-docstring demo dataset in `out_dir`, all at once, in the default data's form.
 
-    Raises OutputExistsError (before doing any work) if `out_dir` already has shards or this vocab's
+    caseops (the default data, as tools/caseops.py builds FineWeb's): every document goes through
+    train_gpt.caseops_encode; the tokenizer (trained on the transformed training documents) has the four
+    operators as pieces 4-7; beside the validation shards, the byte sidecar fineweb_val_bytes_XXXXXX.bin
+    (write_byte_sidecar). caseops=False: the documents as they are, a plain tokenizer, no sidecar.
+    Raises OutputExistsError (before doing any work) if `out_dir` already has shards or a
     tokenizer, or holds anything else: the set is built in a hidden sibling folder that is renamed to
     `out_dir` only when complete, so an interrupted build (an exception, a kill) never leaves a half
     set there (a killed build may leave its hidden `.<name>.*.tmp` sibling; an exception removes it).
     Output: a dict with `tokenizer` (Path), `val_shards` and `train_shards` ([(Path, n_tokens)]),
-    `train_docs`, `val_docs`, `train_tokens`, `val_tokens`, `train_bytes`, `val_bytes` (UTF-8 bytes
-    of the document text, i.e. what the non-BOS tokens encode); the paths are under `out_dir`.
+    `val_bytes_shards` (the sidecar's, [] without one), `train_docs`, `val_docs`, `train_tokens`,
+    `val_tokens`, `train_bytes`, `val_bytes` (UTF-8 bytes of the original document text: what the non-BOS
+    tokens stand for, and what the sidecar sums to); the paths are under `out_dir`.
     """
     out_dir = Path(out_dir)
-    clash = existing_outputs(out_dir, vocab_size) or (sorted(out_dir.iterdir()) if out_dir.is_dir() else [])
+    clash = existing_outputs(out_dir) or (sorted(out_dir.iterdir()) if out_dir.is_dir() else [])
     if clash or (out_dir.exists() and not out_dir.is_dir()):
         raise OutputExistsError(f"{out_dir} already contains {', '.join(map(str, clash)) or 'a file of that name'}")
+    transform, operators = ((train_gpt_module().caseops_encode, train_gpt_module().CASEOPS_OPERATORS) if caseops
+                            else (lambda doc: doc, ()))
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_dir.parent / f".{out_dir.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     tmp.mkdir()
     try:
         train_docs, val_docs = split_train_val(collect_docstrings(max_chars, seed))
-        sp = train_tokenizer(train_docs, vocab_size, tokenizer_path(tmp, vocab_size))
-        result = {"tokenizer": tokenizer_path(out_dir, vocab_size), "train_docs": len(train_docs),
-                  "val_docs": len(val_docs)}
+        sp = train_tokenizer([transform(doc) for doc in train_docs], vocab_size, tokenizer_path(tmp, vocab_size, caseops),
+                             user_symbols=operators)
+        result = {"tokenizer": tokenizer_path(out_dir, vocab_size, caseops), "train_docs": len(train_docs),
+                  "val_docs": len(val_docs), "val_bytes_shards": []}
         for split, docs in (("val", val_docs), ("train", train_docs)):
-            tokens = encode_documents(sp, docs)
+            tokens = encode_documents(sp, [transform(doc) for doc in docs])
             written = write_split(tmp, split, tokens, shard_tokens)
             result[f"{split}_shards"] = [(out_dir / path.name, n) for path, n in written]
             result[f"{split}_tokens"] = len(tokens)
             result[f"{split}_bytes"] = sum(len(doc.encode("utf-8")) for doc in docs)
+            if caseops and split == "val":
+                counted, written = write_byte_sidecar(tmp, tokens, tokenizer_path(tmp, vocab_size), shard_tokens)
+                if counted != result["val_bytes"]:     # identity normalization: every original byte is counted
+                    raise RuntimeError(f"the demo sidecar counts {counted} bytes, the documents hold {result['val_bytes']}")
+                result["val_bytes_shards"] = [(out_dir / path.name, n) for path, n in written]
         if out_dir.is_dir():
             out_dir.rmdir()              # the empty folder it may be (OSError if something appeared meanwhile)
         os.rename(tmp, out_dir)
@@ -1282,9 +1318,12 @@ def record_readme(runs: Sequence[SeedRun], sub: dict, stats: dict, record_dir: P
         lines.append(f"| {r.seed} | " + " | ".join(str(c.get(k)) for k in COMPLIANCE_CHECKS) + " |")
     lines += ["", "## Reproduce", "",
               "On an 8xH100 box, in the directory the runs ran in (it holds `run_8xh100.sh`, `tools/`, "
-              "`requirements.txt`, and the FineWeb shards under `./data` from openai/parameter-golf's downloader: "
+              "`requirements.txt`, and the FineWeb data under `./data`: for CaseOps, the default, built from the official "
+              "documents file by `python3 tools/caseops.py build --docs data/docs_selected.jsonl --val-docs 50000 "
+              "--train-shards 80 --tokenizer data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model "
+              "--out data/datasets/fineweb10B_sp8192_caseops`; for `PRESET=sp8192` from openai/parameter-golf's downloader: "
               "`MATCHED_FINEWEB_REPO_ID=kevclark/parameter-golf python3 data/cached_challenge_fineweb.py --variant "
-              "sp8192 --train-shards 128` for sp8192, `--variant sp1024` for sp1024), the one command:",
+              "sp8192 --train-shards 128`, `--variant sp1024` for sp1024), the one command:",
               "", "```bash", "pip install -r requirements.txt",
               " ".join(filter(None, [f'SEEDS="{seeds}"', f"NPROC={nproc}" if nproc != 8 else "",
                                      _env_line(explicit), "bash run_8xh100.sh"])), "```", "",
@@ -1466,13 +1505,14 @@ def submit(run_ids: Sequence[str], *, log_dir: str | os.PathLike = "logs", code_
 def _run_demo_data(args: argparse.Namespace) -> int:
     """Run `demo-data`: build the dataset and print one line per file plus a summary."""
     try:
-        info = build_demo_data(args.out_dir, args.vocab_size, args.max_chars, args.seed, args.shard_tokens)
+        info = build_demo_data(args.out_dir, args.vocab_size, args.max_chars, args.seed, args.shard_tokens,
+                               caseops=not args.plain)
     except OutputExistsError as exc:
         print(f"demo-data: refusing to overwrite existing data: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {info['tokenizer']} (vocab {args.vocab_size})")
-    for path, n_tokens in info["val_shards"] + info["train_shards"]:
-        print(f"wrote {path} ({n_tokens:,} tokens)")
+    print(f"wrote {info['tokenizer']} (vocab {args.vocab_size}{'' if args.plain else ', the CaseOps operators ids 4-7'})")
+    for path, n_tokens in info["val_shards"] + info["val_bytes_shards"] + info["train_shards"]:
+        print(f"wrote {path} ({n_tokens:,} {'byte counts' if '_bytes_' in path.name else 'tokens'})")
     per_token = {
         split: info[f"{split}_bytes"] / (info[f"{split}_tokens"] - info[f"{split}_docs"]) for split in ("train", "val")
     }
@@ -1497,7 +1537,8 @@ def _add_demo_data_command(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "demo-data",
         help="build a small offline dataset from Python stdlib docstrings",
-        description="Build tokenizer + challenge-format shards from stdlib docstrings (no network needed).",
+        description="Build a CaseOps tokenizer, challenge-format shards and the byte sidecar from stdlib docstrings "
+                    "(no network needed).",
     )
     p.add_argument("out_dir", type=Path, help="output directory (must not already contain shards)")
     p.add_argument("--vocab-size", type=_positive_int, default=1024, help="tokenizer vocabulary size (default 1024)")
@@ -1514,6 +1555,8 @@ def _add_demo_data_command(subparsers: argparse._SubParsersAction) -> None:
         default=DEFAULT_SHARD_TOKENS,
         help=f"maximum tokens per shard file (default {DEFAULT_SHARD_TOKENS:,})",
     )
+    p.add_argument("--plain", action="store_true",
+                   help="without the CaseOps transform: a plain tokenizer and no byte sidecar (plain sp8192's data path)")
     p.set_defaults(func=_run_demo_data)
 
 
