@@ -1173,7 +1173,8 @@ def documents_in(val: np.ndarray, train: np.ndarray, k: int = harness.OVERLAP_WI
                                   "across_shards"])
 def test_validation_documents_found_in_training_shards(tmp_path, case):
     """Copies at BOS boundaries, without any BOS, pasted inside longer training documents, a window split over two
-    shards: found; a document with one token changed in one window: not found; each as the brute force finds."""
+    shards (an empty one between them): found; a document with one token changed in one window: not found; each as
+    the brute force finds."""
     rng = np.random.default_rng(3)
     val, train = STAND_IN_VAL, STAND_IN_TRAIN
     starts = np.flatnonzero(val == harness.BOS_ID).tolist() + [val.size]
@@ -1188,7 +1189,7 @@ def test_validation_documents_found_in_training_shards(tmp_path, case):
         changed = docs[5].copy()
         changed[5] = 3                                     # in its first window
         train = np.concatenate([train, changed, docs[6]])
-    shards = [train] if case != "across_shards" else [train[:200], docs[7][:30], docs[7][30:], train[200:]]
+    shards = [train] if case != "across_shards" else [train[:200], docs[7][:30], [], docs[7][30:], train[200:]]
     files = []
     for i, tokens in enumerate(shards):
         harness.write_shard(tmp_path / f"fineweb_train_{i:06d}.bin", tokens)

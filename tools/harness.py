@@ -597,7 +597,7 @@ def train_val_overlap(val_files: Sequence[Path], train_files: Sequence[Path]) ->
         found[hits] = True
         shas.append(sha)
         tokens += (key[1] - 4 * SHARD_HEADER_INTS) // 2
-        previous = key
+        previous = key if key[1] > 4 * SHARD_HEADER_INTS else previous      # an empty shard passes the tail on
     window_found = found[vw.which]
     per_doc = np.bincount(vw.doc, weights=window_found, minlength=vw.doc_starts.size)
     docs = np.flatnonzero((per_doc == vw.windows_per_doc) & (vw.windows_per_doc > 0))
