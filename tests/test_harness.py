@@ -1056,10 +1056,12 @@ def test_a_reference_can_only_add_a_test(entry, capsys):
     per-seed values are always the test; REFERENCE_BPB is a second one, that a record must pass too."""
     ids = write_runs(entry, summaries={i: fake_summary(f"pg_seed{s}", s, bpb, val_bytes=SP8192_BYTES, **H100)
                                        for i, (s, bpb) in enumerate(PROBE_3.items())})
-    for ref in ([], ["--reference-bpb", "1.06107 1.06108"]):
-        assert submit(*ids, "--dry-run", *ref) == 0
-        out = capsys.readouterr().out
-        assert "(a non-record)" in out and "vs the published best (mean 1.06108)" in out and "p=0.0426" in out
+    for ref in (harness.DEFAULT_REFERENCE_BPB, [1.06107, 1.06108]):       # the default, then the probe's
+        status, sub = harness.submit(ids, reference=ref, dry_run=True)
+        assert status == 0 and sub["kind"] == "non-record" and sub["p_value"] == pytest.approx(0.0426, abs=1e-4)
+    assert submit(*ids, "--dry-run", "--reference-bpb", "1.06107 1.06108") == 0
+    out = capsys.readouterr().out
+    assert "vs the published best (mean 1.06108) - margin 0.001938 bpb: t=-2.9195 df=2.291 p=0.0426" in out
     assert "vs REFERENCE_BPB (mean 1.06107) - margin 0.001938 bpb: t=-11.1772 df=2.003 p=0.00393" in out
     status, sub = harness.submit(ids, reference=[1.0, 1.01], dry_run=True)              # a stricter reference
     assert status == 0 and sub["kind"] == "non-record" and sub["p_value"] == pytest.approx(0.0426, abs=1e-4)
@@ -1154,10 +1156,10 @@ def test_a_log_of_the_shipped_code_is_a_log_of_this_code(entry):
 # Validation documents in the training data (train_val_overlap): the windows rule against a brute-force search
 # -----------------------------------------------------------------------------
 
-def documents_in(val: np.ndarray, train: np.ndarray, k: int = harness.OVERLAP_WINDOW) -> list[int]:
+def documents_in(val: np.ndarray, train: np.ndarray) -> list[int]:
     """The validation documents every k-token window of whose body occurs in `train`, by brute force: each window
     looked for at every offset."""
-    text = train.tolist()
+    k, text = harness.OVERLAP_WINDOW, train.tolist()
     grams = {tuple(text[i:i + k]) for i in range(len(text) - k + 1)}
     starts = np.flatnonzero(val == harness.BOS_ID).tolist() + [len(val)]
     found = []

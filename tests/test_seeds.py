@@ -389,7 +389,7 @@ def as_gpu_runs(src: Path, dest: Path, prefix: str, seeds, data: Path, tokenizer
     (dest / GPU_TOKENIZER_PATH).parent.mkdir(parents=True, exist_ok=True)
     shutil.copy2(tokenizer, dest / GPU_TOKENIZER_PATH)
     (dest / "logs").mkdir(exist_ok=True)
-    for path in (src / "logs").glob(f"{prefix}*"):
+    for path in [*(src / "logs").glob(f"{prefix}_seed*"), src / "logs" / f"{prefix}.sweep.json"]:
         shutil.copy2(path, dest / "logs" / path.name)
     for seed in seeds:
         path = dest / "logs" / f"{prefix}_seed{seed}.json"
@@ -523,8 +523,7 @@ def forge(demo_data, dest: Path, kind: str) -> Path:
     validation documents (repeated); `val_in_train_without_bos`, the same with every BOS dropped (one long
     document); `train_as_val`, the validation shard made of training tokens, repeated to the split's token count."""
     demo = Path(demo_data["dir"])
-    val = harness.read_shard(demo / "fineweb_val_000000.bin")[0]
-    train = harness.read_shard(demo / "fineweb_train_000000.bin")[0]
+    val, train = (train_gpt.load_shard(str(demo / f"fineweb_{split}_000000.bin")) for split in ("val", "train"))
     forged = {"val_in_train": (val, np.tile(val, 6)),
               "val_in_train_without_bos": (val, np.concatenate([[1], np.tile(val[val != 1], 6)])),
               "train_as_val": (np.resize(train[:4000], val.size), train)}[kind]
@@ -562,7 +561,7 @@ def test_validation_documents_in_the_training_data_are_refused(forged_runs, kind
     assert harness.main(["check", f"{kind}_seed1"]) == 1
     out, err = capsys.readouterr()
     s = json.loads((forged_runs / "logs" / f"{kind}_seed1.json").read_text())
-    docs = harness.read_shard(Path(s["hyperparameters"]["DATA_PATH"]) / "fineweb_val_000000.bin")[0].tolist().count(1)
+    docs = train_gpt.load_shard(s["hyperparameters"]["DATA_PATH"] + "/fineweb_val_000000.bin").tolist().count(1)
     assert f"{docs} of the {docs} validation documents occur in the 1 training shard(s) it read" in err, err
     assert "passes every check" not in out and f"{docs} documents found in them, 100.00% of the windows" in out
     # the same run as an 8xH100 run on a known pair would write it: submit refuses it too
@@ -664,8 +663,10 @@ def test_a_reference_only_adds_a_test_on_real_runs(three_seeds, gpu_sweep, demo_
     nbytes = round(tokens * 3.7217)
     gpu_sweep({seed: dict(val_bpb=bpb, val_bytes=nbytes, val_loss=bpb * math.log(2) * nbytes / tokens)
                for seed, bpb in zip(SEEDS, (1.0572, 1.0575, 1.0569))})
-    for ref in ([], ["--reference-bpb", "1.06107 1.06108"]):
-        assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json", "--dry-run", *ref]) == 0
-        out = capsys.readouterr().out
-        assert "vs the published best (mean 1.06108)" in out and "p=0.0426" in out and "(a non-record)" in out, out
+    for ref in (harness.DEFAULT_REFERENCE_BPB, [1.06107, 1.06108]):       # the default, then the probe's
+        status, sub = harness.submit([], sweep="logs/e2e.sweep.json", reference=ref, dry_run=True)
+        assert status == 0 and sub["kind"] == "non-record" and sub["p_value"] == pytest.approx(0.0426, abs=1e-4)
+    assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json", "--dry-run", "--reference-bpb", "1.06107 1.06108"]) == 0
+    out = capsys.readouterr().out
+    assert "vs the published best (mean 1.06108) - margin 0.001938 bpb: t=-2.9195 df=2.291 p=0.0426" in out
     assert "vs REFERENCE_BPB (mean 1.06107) - margin 0.001938 bpb: t=-11.1772 df=2.003 p=0.00393" in out
