@@ -519,20 +519,19 @@ def test_the_summary_names_the_training_shards_read(three_seeds, demo_data):
 
 
 def forge(demo_data, dest: Path, kind: str) -> Path:
-    """A copy of the demo data with the review's probes in it: `val_in_train`, a training shard made of the
-    validation documents (repeated); `val_in_train_without_bos`, the same with every BOS dropped (one long
-    document); `train_as_val`, the validation shard made of training tokens, repeated to the split's token count."""
+    """A copy of the demo data with one of the review's probes in it: `val_in_train`, a training shard made of the
+    validation documents (repeated); `train_as_val`, the validation shard made of training tokens, repeated to the
+    split's token count. (The same text without its BOS, and pasted inside other documents, is found too:
+    tests/test_harness.py::test_validation_documents_found_in_training_shards; tools/data_probes.sh trains on it.)"""
     demo = Path(demo_data["dir"])
     val, train = (train_gpt.load_shard(str(demo / f"fineweb_{split}_000000.bin")) for split in ("val", "train"))
-    forged = {"val_in_train": (val, np.tile(val, 6)),
-              "val_in_train_without_bos": (val, np.concatenate([[1], np.tile(val[val != 1], 6)])),
-              "train_as_val": (np.resize(train[:4000], val.size), train)}[kind]
+    forged = {"val_in_train": (val, np.tile(val, 6)), "train_as_val": (np.resize(train[:4000], val.size), train)}[kind]
     for split, tokens in zip(("val", "train"), forged):
         harness.write_shard(dest / f"fineweb_{split}_000000.bin", tokens)
     return dest
 
 
-PROBES = ("val_in_train", "val_in_train_without_bos", "train_as_val")
+PROBES = ("val_in_train", "train_as_val")
 
 
 @pytest.fixture(scope="module")
@@ -553,10 +552,10 @@ def forged_runs(demo_data, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", PROBES)
 def test_validation_documents_in_the_training_data_are_refused(forged_runs, kind, capsys, monkeypatch, tmp_path):
-    """The review's probes 2a and 2b, on CPU runs: `check` passed each of these runs ("passes every check of a
-    seed"). Every validation document occurs in the training shard each run read (at its BOS boundaries, without
-    any BOS, or the validation split made of the training text): refused by `check`, and by `submit` as an 8xH100
-    run of a known pair (the fields such a run writes changed) would be."""
+    """The review's two data probes, on CPU runs: `check` passed each of these runs ("passes every check of a
+    seed"). Every validation document occurs in the training shard each run read (a training shard made of the
+    validation documents, or the validation split made of the training text): refused by `check`, and by `submit`
+    as an 8xH100 run of a known pair (the fields such a run writes changed) would be."""
     monkeypatch.chdir(forged_runs)
     assert harness.main(["check", f"{kind}_seed1"]) == 1
     out, err = capsys.readouterr()
@@ -600,21 +599,19 @@ def test_the_validation_sha256_is_printed_until_pinned(three_seeds, gpu_sweep, d
     assert not (root / "records").exists()
 
 
-@pytest.mark.parametrize("missing", ["tokenizer", "train", "val"])
+@pytest.mark.parametrize("missing", ["tokenizer", "train"])
 def test_a_record_without_its_data_on_disk_is_refused(gpu_sweep, demo_pair, capsys, missing):
-    """On the track (8xH100, the whole split, a known pair), a run is checked against its data: a tokenizer, the
-    validation shards or a training shard it read that is not on disk refuses it (today's code skipped the checks).
+    """On the track (8xH100, the whole split, a known pair), a run is checked against its data: a tokenizer or a
+    training shard it read (or the validation shards) that is not on disk refuses it (the checks were skipped).
     A practice record (here: the same runs with the pair unknown) is still assembled, saying what was not checked."""
     root = gpu_sweep()
-    path = {"tokenizer": GPU_TOKENIZER_PATH, "train": f"{GPU_DATA_PATH}/fineweb_train_000000.bin",
-            "val": f"{GPU_DATA_PATH}/fineweb_val_000000.bin"}[missing]
+    path = {"tokenizer": GPU_TOKENIZER_PATH, "train": f"{GPU_DATA_PATH}/fineweb_train_000000.bin"}[missing]
     (root / path).unlink()
     assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json", "--dry-run"]) == 1
     err = capsys.readouterr().err
     assert "seed 1 (e2e_seed1): its data is not on disk here (" in err and "a run on the track" in err, err
     assert {"tokenizer": "the tokenizer ./data/tokenizers/demo_bpe.model", "train": "the training shard(s) "
-            "data/datasets/fineweb10B_demo/fineweb_train_000000.bin", "val": "validation shards in "
-            "./data/datasets/fineweb10B_demo"}[missing] in err
+            "data/datasets/fineweb10B_demo/fineweb_train_000000.bin"}[missing] in err
     del harness.KNOWN_DATA_PAIRS[next(k for k, v in harness.KNOWN_DATA_PAIRS.items() if v is demo_pair)]
     status, sub = harness.submit([], sweep="logs/e2e.sweep.json", dry_run=True)
     assert status == 0 and sub["kind"] == "practice record"
