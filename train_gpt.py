@@ -888,7 +888,9 @@ TRAIN_SHARD_CHECK_TOKENS = 1 << 20   # each train shard's first tokens are range
 class TokenStream:
     """The train shards as one endless token stream; read(start, n) wraps around at the end. Every shard's
     header is checked when the stream opens, and its first TRAIN_SHARD_CHECK_TOKENS tokens against the
-    vocabulary, so a wrong file fails before training; every read is range-checked too."""
+    vocabulary, so a wrong file fails before training; every read is range-checked too. read_end is one past
+    the furthest position read (unwrapped: past `total` once the stream wrapped); files_read(end) names the
+    shards holding the stream's first `end` tokens."""
 
     def __init__(self, files: list[str], vocab_size: int):
         self.files = files
@@ -899,10 +901,15 @@ class TokenStream:
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)])
         self.total = int(self.offsets[-1])
         self.vocab_size = vocab_size
+        self.read_end = 0
         if self.total == 0:
             raise PipelineError(f"train shards hold no tokens: {files}")
 
+    def files_read(self, end: int) -> list[str]:
+        return self.files[:int(np.searchsorted(self.offsets[:-1], min(end, self.total)))]
+
     def read(self, start: int, n: int) -> np.ndarray:
+        self.read_end = max(self.read_end, start + n)
         pieces, pos = [], start % self.total
         while n > 0:
             i = int(np.searchsorted(self.offsets, pos, side="right") - 1)
@@ -1186,6 +1193,14 @@ def file_sha256(paths: list[str]) -> str:
             for block in iter(lambda: f.read(1 << 24), b""):
                 digest.update(block)
     return digest.hexdigest()
+
+
+def shards_sha256(rt: Runtime, files: list[str]) -> list[str]:
+    """sha256 of each file (file_sha256), the files shared out over the ranks (rank r hashes files r, r +
+    world_size, ...) and gathered: every rank gets the whole list, in the order given."""
+    mine = {i: file_sha256([files[i]]) for i in range(rt.rank, len(files), rt.world_size)}
+    found = {i: h for part in gather(rt, mine) for i, h in part.items()}
+    return [found[i] for i in range(len(files))]
 
 
 @dataclass
@@ -4635,13 +4650,17 @@ def training_deadline_ms(hp: Hyperparameters) -> float:
 
 @dataclass
 class Trained:
-    """What train_and_export made: the training loop's result, the float weights' score, the artifact, and when
-    training data was last read against the deadline (ms on the training clock, the slowest rank's)."""
+    """What train_and_export made: the training loop's result, the float weights' score, the artifact, when
+    training data was last read against the deadline (ms on the training clock, the slowest rank's), and
+    what was read: every rank's reads together cover the stream's first train_tokens_read tokens (training
+    and calibration read from offset 0 on), held by the shards train_files_read (paths, in stream order)."""
     result: TrainResult
     pre_quant: EvalResult            # the trained (EMA) weights before quantization, plain windows: a diagnostic
     artifact: ArtifactResult
     train_data_last_read_ms: float
     train_deadline_ms: float
+    train_tokens_read: int
+    train_files_read: list[str]
 
     @property
     def read_after_deadline(self) -> bool:
@@ -4674,6 +4693,7 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
     with stages("calibration"):
         hessians, calibration_end_ms = calibrate(hp, rt, model, stream, result.clock, log)
     last_read_ms = agree_max(rt, [result.train_data_last_read_ms])[0]       # the slowest rank's
+    tokens_read = int(agree_max(rt, [stream.read_end])[0])                  # the furthest any rank read
     if hp.gptq_calibration == "train":
         last_read_ms = max(last_read_ms, calibration_end_ms)
     with stages("pre_quant_eval"), qat_paused(model):   # the float (EMA) weights, plain windows: a diagnostic
@@ -4684,7 +4704,8 @@ def train_and_export(hp: Hyperparameters, rt: Runtime, run_id: str, model: GPT, 
     artifact.quant.update(calibration=hp.gptq_calibration, calibration_end_ms=calibration_end_ms,
                           late_qat_step=result.late_qat_step, ternary_qat_step=result.ternary_qat_step)
     return Trained(result=result, pre_quant=pre, artifact=artifact, train_data_last_read_ms=last_read_ms,
-                   train_deadline_ms=training_deadline_ms(hp))
+                   train_deadline_ms=training_deadline_ms(hp), train_tokens_read=tokens_read,
+                   train_files_read=stream.files_read(tokens_read))
 
 
 def calibrate(hp: Hyperparameters, rt: Runtime, model: GPT, stream: TokenStream, clock: StepClock,
@@ -4861,6 +4882,8 @@ class RunSummary:
     projected_h100_ttt_peak_gib: float | None           # a rank's peak in the first LoRA TTT step (ttt_peak), else None
     projected_h100_ttt_memory_gib: dict[str, float] | None   # ... by part
     # training (Trained)
+    train_tokens_read: int | None          # the stream's first N tokens, every rank's reads together
+    train_shards_read: list[dict] | None   # the shards holding them: [{"name": file in DATA_PATH, "sha256": ...}]
     steps: int | None
     train_time_ms: float | None
     step_avg_ms: float | None
@@ -4917,7 +4940,7 @@ def summarize(hp: Hyperparameters, rt: Runtime, run_id: str, *, data: DataFinger
               trained: Trained | None, artifact: ArtifactResult, loaded: LoadEvidence, plain: EvalResult,
               final: EvalResult, ttt_summary: dict | None, window: int, stride: int, eval_measured_ms: float,
               eval_compile_ms: float, compliance: dict | None, compile_counts: dict | None, peak_memory_mib: int | None,
-              stage_ms: dict[str, float], wall_ms: float) -> dict:
+              train_shards_read: list[dict] | None, stage_ms: dict[str, float], wall_ms: float) -> dict:
     """The run summary (RunSummary) as the JSON object logs/<RUN_ID>.json holds."""
     result, pre = (trained.result, trained.pre_quant) if trained is not None else (None, None)
     on_cuda = rt.device.type == "cuda"
@@ -4938,6 +4961,7 @@ def summarize(hp: Hyperparameters, rt: Runtime, run_id: str, *, data: DataFinger
         projected_h100_train_memory_compiled=projections.h100_train_memory_compiled,
         projected_h100_ttt_peak_gib=projections.h100_ttt_memory_gib and projections.h100_ttt_memory_gib["total"],
         projected_h100_ttt_memory_gib=projections.h100_ttt_memory_gib,
+        train_tokens_read=trained and trained.train_tokens_read, train_shards_read=train_shards_read,
         steps=result and result.steps, train_time_ms=result and result.train_time_ms,
         step_avg_ms=result and result.train_time_ms / max(result.steps, 1),
         tokens_per_s=result and result.tokens_seen / max(result.train_time_ms / 1e3, 1e-9),
@@ -5099,6 +5123,13 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
                      bytes=target_bytes(val_tokens[:-1], val_tokens[1:], tables))
         log(f"nll_dump: {hp.nll_dump}")
 
+    train_shards_read = None
+    if trained is not None:      # the training shards read, hashed outside both clocks (shared out over the ranks)
+        with stages("train_shards_sha256"):
+            train_shards_read = [dict(name=os.path.basename(f), sha256=h) for f, h in
+                                 zip(trained.train_files_read, shards_sha256(rt, trained.train_files_read))]
+        log("train_shards_read:" + json.dumps(dict(tokens=trained.train_tokens_read, shards=train_shards_read),
+                                              sort_keys=True), console=False)
     compile_counts = None
     if trained is not None:
         compile_counts = dict(graphs_in_warm_up=trained.result.graphs_compiled,
@@ -5119,7 +5150,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
         trained=trained, artifact=artifact, loaded=loaded, plain=plain, final=final, ttt_summary=ttt_summary,
         window=window, stride=stride, eval_measured_ms=eval_measured_ms, eval_compile_ms=eval_compile_ms,
         compliance=compliance or None, compile_counts=compile_counts, peak_memory_mib=peak_memory_mib,
-        stage_ms=stages.ms, wall_ms=1e3 * (time.perf_counter() - t_run)))
+        train_shards_read=train_shards_read, stage_ms=stages.ms, wall_ms=1e3 * (time.perf_counter() - t_run)))
 
 
 def entry_point() -> int:

@@ -3,6 +3,7 @@
 References: shards written by tools/harness.py (and hand-made broken ones), and plain numpy
 slicing of the concatenated tokens."""
 
+import hashlib
 import os
 
 import numpy as np
@@ -123,6 +124,36 @@ def test_token_stream_checks_every_read_past_the_start_up_sample(shards, monkeyp
     with pytest.raises(PipelineError) as err:
         stream.read(15, 10)
     assert files[3] in str(err.value) and "VOCAB_SIZE=20" in str(err.value)
+
+
+def test_token_stream_names_the_shards_read(shards):
+    """files_read(read_end): the shards holding the stream's first read_end tokens; a wrapped read names them all."""
+    files, _ = shards                                  # sizes 7, 0, 13, 5
+    stream = train_gpt.TokenStream(files, vocab_size=1024)
+    assert stream.read_end == 0 and stream.files_read(0) == []
+    stream.read(0, 7)
+    assert stream.read_end == 7 and stream.files_read(stream.read_end) == files[:1]
+    stream.read(3, 5)                                  # into the third shard (the second is empty)
+    assert stream.read_end == 8 and stream.files_read(stream.read_end) == files[:3]
+    stream.read(1, 2)                                  # an earlier span: the furthest read stays
+    assert stream.read_end == 8
+    stream.read(24, 3)                                 # wraps around: every shard was read
+    assert stream.read_end == 27 and stream.files_read(stream.read_end) == files
+
+
+def _hash_shards(rank, world_size, files):
+    rt = train_gpt.Runtime(rank, world_size, 0, torch.device("cpu"), True, None, None)
+    return train_gpt.shards_sha256(rt, files)
+
+
+def test_shards_sha256_is_shared_over_the_ranks(shards):
+    """Each rank hashes its share of the files; every rank ends with every file's sha256, in order."""
+    from _helpers import run_distributed
+    files, _ = shards
+    expected = [hashlib.sha256(open(f, "rb").read()).hexdigest() for f in files]
+    single = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False, None, None)
+    assert train_gpt.shards_sha256(single, files) == expected
+    assert run_distributed(_hash_shards, 2, files) == [expected] * 2
 
 
 def test_validation_tokens(tmp_path):
