@@ -1839,8 +1839,8 @@ class GPT(nn.Module):
         logits = logits.float()
         if self.softcap_pos is None:
             return self.softcap * torch.tanh(logits / self.softcap)
-        pos, neg = self.softcap_pos.float(), self.softcap_neg.float()
-        return torch.where(logits > 0, pos * torch.tanh(logits / pos), neg * torch.tanh(logits / neg))
+        cap = torch.where(logits > 0, self.softcap_pos.float(), self.softcap_neg.float())
+        return cap * torch.tanh(logits / cap)
 
     def softcaps(self) -> list[nn.Parameter]:
         """The learnable caps (LOGIT_SOFTCAP_ASYM=1): training leaves them alone, TTT learns them."""
@@ -4762,9 +4762,7 @@ def training_peak(hp: Hyperparameters, model: GPT, saved: SavedActivations, worl
     build_optimizers' groups for rank 0 (AdamW: two moments per parameter; Muon: one momentum per matrix this rank
     orthogonalises), the EMA (fp32), the saved activations of one micro-batch (micro_batch_tokens), the varlen
     cu_seqlens (int32, the base capacity per layer visit) with FA3's accumulators of one attention backward
-    (fa3_backward_bytes), and the head's transient, the gradient of the logits over the vocabulary: one bf16 (tokens,
-    vocab) tensor in a compiled graph, two fp32 ones in eager (log_softmax's backward: the gradient in and out beside
-    its saved output). docs/memory.md."""
+    (fa3_backward_bytes), and the head's transient over the vocabulary (head_bytes). docs/memory.md."""
     rank0 = Runtime(0, world_size, 0, torch.device("cpu"), False, None, None)
     weights, optimizer, ema = 0, 0, 0
     for opt in build_optimizers(model, hp, rank0):
@@ -4778,10 +4776,17 @@ def training_peak(hp: Hyperparameters, model: GPT, saved: SavedActivations, worl
     parts = dict(weights=weights, grads=weights, ddp_buckets=weights if world_size > 1 else 0, optimizer=optimizer,
                  ema=ema if hp.ema_horizon_frac > 0 else 0, activations=saved.bytes(tokens),
                  **varlen_parts(hp, tokens // hp.train_seq_len, hp.train_seq_len),
-                 head_transient=tokens * hp.vocab_size * (2 if saved.compiled else 8))
+                 head_transient=tokens * hp.vocab_size * head_bytes(hp, saved.compiled))
     parts = {k: v / GIB for k, v in parts.items()}
     parts["total"] = sum(parts.values())
     return parts
+
+
+def head_bytes(hp: Hyperparameters, compiled: bool) -> int:
+    """Bytes per token and vocabulary entry of the head's transient in backward: the logits' gradient, one bf16
+    tensor in a compiled graph; in eager two fp32 ones (log_softmax's backward: the gradient in and out beside its
+    saved output), two more with the asymmetric softcap (its cap per logit and the logit over it)."""
+    return 2 if compiled else 8 + 8 * hp.logit_softcap_asym
 
 
 def varlen_parts(hp: Hyperparameters, rows: int, seq_len: int) -> dict[str, int]:
@@ -4814,15 +4819,14 @@ def lora_activations(hp: Hyperparameters, compiled: bool) -> SavedActivations:
 def ttt_peak(hp: Hyperparameters, model: GPT, saved: SavedActivations, window: int, val_tokens: int) -> dict[str, float]:
     """A rank's peak allocated memory in the first (longest) LoRA TTT step, in GiB by part ('total' among them): the
     weights (fp32), the adapters of lora_rows() rows with their gradient and RowAdamW's two moments, the step's saved
-    activations at rows x the window, the head's transient (training_peak's, and the head adapter's delta over the
-    vocabulary), varlen_parts, and the validation stream on the device (int64, and the audit's coverage counts,
-    int32). docs/memory.md."""
+    activations at rows x the window, the head's transient at the step's peak (one bf16 (tokens, vocab) tensor
+    compiled, two fp32 eager: a CPU step's live bytes, tests/test_memory.py), varlen_parts, and the validation stream
+    on the device (int64, and the audit's coverage counts, int32). docs/memory.md."""
     rows, tokens = lora_rows(hp, window), lora_rows(hp, window) * window
-    head = "head" in lora_targets(hp)        # its delta over the vocabulary: the bmm's bf16 output (eager: x alpha/r too)
     parts = dict(weights=sum(p.numel() * 4 for p in model.parameters()),
                  adapters=4 * 4 * rows * lora_layout(hp, model, recurrence=True)[1],
                  activations=saved.bytes(tokens),
-                 head_transient=tokens * hp.vocab_size * ((2 if saved.compiled else 8) + head * (2 if saved.compiled else 4)),
+                 head_transient=tokens * hp.vocab_size * (2 if saved.compiled else 8),
                  **varlen_parts(hp, rows, window), validation=val_tokens * (8 + (4 if hp.eval_audit else 0)))
     parts = {k: v / GIB for k, v in parts.items()}
     parts["total"] = sum(parts.values())

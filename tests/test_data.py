@@ -198,7 +198,7 @@ def step_batches(stream, world, step):
                                                   torch.device("cpu"))
         assert loader.local_tokens == BATCH_TOKENS // 8
         for micro in range(accum):
-            out[rank, micro] = loader.batch(step, micro)
+            out[rank, micro] = loader.batch(step, micro)[:2]
     return out
 
 

@@ -150,6 +150,7 @@ SAME_UNDER_BOTH = {
     "_VariableFunctionsClass.outer", "_VariableFunctionsClass.sigmoid", "_VariableFunctionsClass.tanh",
     "_VariableFunctionsClass.zeros_like", "cross_entropy", "embedding", "leaky_relu", "linear",
     "scaled_dot_product_attention",
+    "TensorBase.gt", "_VariableFunctionsClass.where",      # the asymmetric softcap, on fp32 logits
 } | ({"rms_norm"} if not RMS_NORM_FP32 else set())     # torch < 2.12: rms_norm is in no CUDA list
 
 

@@ -166,8 +166,8 @@ def test_boundary_values_are_accepted():
     assert hp.num_layers == 1 and hp.ttt_last_n == 0
     hp, _ = read_settings({"ARTIFACT_BUDGET_BYTES": "16000000"})   # the challenge's cap itself
     assert hp.artifact_budget_bytes == 16_000_000
-    hp, _ = read_settings({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2048"})   # one window per chunk: allowed
-    assert hp.ttt_chunk_tokens == 2048
+    hp, _ = read_settings({"TTT_ENABLED": "1", "TTT_CHUNK_TOKENS": "2560"})   # one window (2,560) per chunk: allowed
+    assert hp.ttt_chunk_tokens == 2560
     hp, _ = read_settings({"TTT_CHUNK_TOKENS": "10", "TTT_ENABLED": "0"})   # short chunks are fine while TTT is off
     assert hp.ttt_chunk_tokens == 10
 
