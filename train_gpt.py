@@ -378,7 +378,7 @@ class Hyperparameters:
     artifact_budget_bytes: int = setting(CHALLENGE_CAP_BYTES, "cap on raw code bytes + compressed model bytes (at most the challenge's 16,000,000)", at_least=1, at_most=CHALLENGE_CAP_BYTES)
     lzma_preset: int = setting(9, "lzma preset for the artifact (0-9)", at_least=0, at_most=9)
     quant_matrix_bits: int = setting(6, "bits per weight of the large matrices (5-8, per-row scale)", choices=(5, 6, 7, 8))
-    quant_clip_sigmas_mlp: float = setting(11.5, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use", above=0.0)
+    quant_clip_sigmas_mlp: float = setting(11.5, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the budget fit scales every k by one factor in [0.5, 4] to fill the budget", above=0.0)
     quant_clip_sigmas_attn: float = setting(13.0, "SDClip k of the attention (and every other) matrix", above=0.0)
     quant_embed_bits: int = setting(7, "bits per weight of the embedding tables (5-8, per-row scale)", choices=(5, 6, 7, 8))
     quant_clip_sigmas_embed: float = setting(14.0, "SDClip k of the embedding tables", above=0.0)
@@ -3155,10 +3155,11 @@ GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
 LQER_BITS = 6              # LQER_FACTORS=row6: per-row absmax integers of this many bits, fp16 scales
 LQER_GROUP = 64            # LQER_FACTORS=asym4: B's int4 scale groups (record #1855's LQER_ASYM_GROUP)
-FIT_MAX_SCALE = 4.0        # the budget fit coarsens k at most this much (about 2 bits per weight) per rung
+FIT_MIN_SCALE = 0.5        # the budget fit scales every k by one factor in [FIT_MIN_SCALE, FIT_MAX_SCALE] of the
+FIT_MAX_SCALE = 4.0        #   settings' (about 1 bit per weight more, 2 fewer), the planner too
 FIT_ATTEMPTS = 6           # quantize-and-pack attempts per rung of the precision ladder
-FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
-FIT_SLACK_BYTES = 100_000  # ... and is content anywhere within this of it (the records sat 7-60 kB under)
+FIT_WINDOW = 0.003         # the fit lands code + model within this fraction under the budget (48 kB of 16 MB), aiming
+                           #   at the window's middle (the records sat 7-98 kB under)
 
 
 def precision_ladder(spec: QuantSpec) -> list[QuantSpec]:
@@ -3834,11 +3835,30 @@ def plan_artifact(hp: Hyperparameters, spec: QuantSpec) -> list[dict]:
                  bytes=round(nbytes), sdclip_params=int(sd)) for (group, scheme), (params, nbytes, sd) in groups.items()]
 
 
-def next_factor(factor: float, over_bytes: float, sdclip_params: int) -> float:
-    """The factor on the settings' SDClip k that removes over_bytes (negative: spends them): each doubling of
-    k saves one bit per weight (H(q) ~ b - log2 k + c), so factor x 2^(8 over_bytes / params), kept within
-    [1, FIT_MAX_SCALE]: never finer than the settings' k, never coarser than FIT_MAX_SCALE times it."""
-    return min(FIT_MAX_SCALE, max(1.0, factor * 2.0 ** (8.0 * over_bytes / max(sdclip_params, 1))))
+def next_factor(points: list[tuple[float, int]], target: float, sdclip_params: int) -> float:
+    """The factor on the settings' SDClip k expected to bring code + model to `target` bytes, from the (factor,
+    total bytes) points measured so far: interpolated in log k between the nearest points on either side of the
+    target when there are such, else extrapolated from the last point along the secant through the last two
+    (when it falls) or along the -log2 k rule (each doubling of k saves one bit per weight of the sdclip_params:
+    H(q) ~ b - log2 k + c). Kept within [FIT_MIN_SCALE, FIT_MAX_SCALE]."""
+    over = [p for p in points if p[1] > target]
+    under = [p for p in points if p[1] <= target]
+    if over and under:
+        (f0, b0), (f1, b1) = min(over, key=lambda p: p[1]), max(under, key=lambda p: p[1])
+        log_f = math.log2(f0) + (math.log2(f1) - math.log2(f0)) * (b0 - target) / (b0 - b1)
+    else:
+        f0, b0 = points[-1]
+        slope = -max(sdclip_params, 1) / 8.0                  # bytes per doubling of k
+        if len(points) > 1 and points[-2][0] != f0:
+            secant = (b0 - points[-2][1]) / math.log2(f0 / points[-2][0])
+            slope = secant if secant < 0 else slope
+        log_f = math.log2(f0) + (target - b0) / slope
+    return min(FIT_MAX_SCALE, max(FIT_MIN_SCALE, 2.0 ** log_f))
+
+
+def fit_target(budget: int) -> tuple[float, float]:
+    """(lowest total the fit is content with, total it aims at): FIT_WINDOW under the budget, and its middle."""
+    return budget * (1 - FIT_WINDOW), budget * (1 - FIT_WINDOW / 2)
 
 
 @dataclass
@@ -3855,26 +3875,31 @@ PLANNER_TOLERANCE = 0.1      # the planner's stated error: within 10% on Gaussia
 
 
 def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
-    """Before training: the bytes the artifact will take at the configured k, the factor on k the budget
-    fit will need, and whether the run can fit at all. Refuses (PipelineError) when the code alone is over
-    the budget, or the coarsest setting the fit can reach is predicted over it by more than the planner's
+    """Before training: the bytes the artifact will take, the factor on the settings' k that lands code + model
+    in the budget fit's window (next_factor on the predictions: finer when the settings leave room, coarser when
+    they are over), and whether the run can fit at all. Refuses (PipelineError) when the code alone is over the
+    budget, or the coarsest setting the fit can reach is predicted over it by more than the planner's
     tolerance."""
     bytes_code = code_bytes()
     budget = hp.artifact_budget_bytes
     if bytes_code >= budget:
         raise PipelineError(f"train_gpt.py alone is {bytes_code} bytes, over ARTIFACT_BUDGET_BYTES={budget}")
-    spec = QuantSpec.from_settings(hp)
-    table = plan_artifact(hp, spec)
+    lowest_total, target = fit_target(budget)
+    tables, factor = {}, 1.0
+    for _ in range(FIT_ATTEMPTS):          # the -log2 k rule bends at the ends: a few rounds
+        tables[factor] = plan_artifact(hp, QuantSpec.from_settings(hp, factor))
+        total = sum(g["bytes"] for g in tables[factor]) + bytes_code
+        if lowest_total <= total <= budget:
+            break
+        points = [(f, sum(g["bytes"] for g in t) + bytes_code) for f, t in tables.items()]
+        factor = next_factor(points, target, sum(g["sdclip_params"] for g in tables[1.0]))
+        if factor in tables:
+            break
+    fitting = [f for f, t in tables.items() if sum(g["bytes"] for g in t) + bytes_code <= budget]
+    factor = min(fitting) if fitting else max(tables)          # the finest that fits, else the coarsest tried
+    spec, table = QuantSpec.from_settings(hp, factor), tables[factor]
     predicted = sum(g["bytes"] for g in table)
     sdclip = sum(g["sdclip_params"] for g in table)
-    factor = 1.0
-    for _ in range(FIT_ATTEMPTS):          # the -log2 k rule flattens at coarse steps: a few rounds
-        if predicted + bytes_code <= budget or factor >= FIT_MAX_SCALE:
-            break
-        factor = next_factor(factor, predicted + bytes_code - (budget - FIT_AIM_BYTES), sdclip)
-        spec = QuantSpec.from_settings(hp, factor)
-        table = plan_artifact(hp, spec)
-        predicted = sum(g["bytes"] for g in table)
     lowest = precision_ladder(QuantSpec.from_settings(hp))[-1].coarser(FIT_MAX_SCALE)
     floor = sum(g["bytes"] for g in plan_artifact(hp, lowest))
     for g in table:
@@ -3893,31 +3918,32 @@ def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
 
 def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer, plan: BudgetPlan, config: dict,
                log: RunLog, stages: "StageTimes") -> tuple[bytes | None, list[dict] | None, QuantSpec, list[str]]:
-    """Quantize and pack until code + model land under ARTIFACT_BUDGET_BYTES, within FIT_SLACK_BYTES of it
-    when k can still move: from the planned factor on the settings' k, each attempt moves every k by
-    next_factor (coarser when over, finer when far under, never finer than the settings); after
-    FIT_ATTEMPTS it keeps the fullest artifact that fitted, or, if none did, tries the next rung of
-    precision_ladder. Every rank takes part (GPTQ is split over them); rank 0 packs and decides.
-    Returns (blob, entries, spec, attempts), blob and entries on rank 0 only; raises PipelineError on
-    every rank, writing nothing, when nothing fits."""
+    """Quantize and pack until code + model land within FIT_WINDOW under ARTIFACT_BUDGET_BYTES: from the planned
+    factor on the settings' k, each attempt moves every k by next_factor on the attempts so far (finer when under,
+    coarser when over, within [FIT_MIN_SCALE, FIT_MAX_SCALE]); after FIT_ATTEMPTS, or once k cannot move, it keeps
+    the fullest artifact that fitted, or, if none did, tries the next rung of precision_ladder. Every rank takes
+    part (GPTQ is split over them); rank 0 packs and decides. Returns (blob, entries, spec, attempts), blob and
+    entries on rank 0 only; raises PipelineError on every rank, writing nothing, when nothing fits."""
     bytes_code = code_bytes()
     budget, tried, best = hp.artifact_budget_bytes, [], {}
+    lowest_total, target = fit_target(budget)
 
-    def decide(entries: list[dict], spec: QuantSpec, factor: float):
-        """Rank 0: pack; "done", or the factor on the settings' k of the next attempt."""
+    def decide(entries: list[dict], spec: QuantSpec, factor: float, points: list[tuple[float, int]]):
+        """Rank 0: pack; "done", "next rung", or the factor on the settings' k of the next attempt."""
         with stages("pack"):
             blob = pack_artifact(entries, hp.lzma_preset, dict(config, quant_bits=dict(spec.bits),
                                                                quant_sigmas=dict(spec.sigmas)))
         total = bytes_code + len(blob)
         tried.append(f"{len(blob)} at {spec.describe()}")
+        points.append((factor, total))
         log(f"Serialized model {spec.describe()} +lzma: {len(blob)} bytes; code {bytes_code} bytes; "
             f"Total submission size: {total} bytes (budget {budget})")
         if total <= budget and len(blob) > len(best.get("blob", b"")):
             best.update(blob=blob, entries=entries, spec=spec)
-        if total <= budget and (budget - total <= FIT_SLACK_BYTES or factor <= 1.0):
+        if lowest_total <= total <= budget:
             return "done"
-        following = next_factor(factor, total - (budget - FIT_AIM_BYTES), plan.sdclip_params)
-        if abs(following - factor) < 1e-6:
+        following = next_factor(points, target, plan.sdclip_params)
+        if any(abs(following - f) < 1e-6 for f, _ in points):        # k cannot move further
             return "done" if best else "next rung"
         log(f"budget_fit: {'over' if total > budget else 'under'} by {abs(total - budget)} bytes; k x "
             f"{following:.4f} of the settings")
@@ -3927,10 +3953,11 @@ def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer
         bits = dict(rung.bits)
         factor = plan.factor if rung == plan.spec else 1.0
         spec = QuantSpec.from_settings(hp, factor).with_bits(**bits)     # == plan.spec on the first rung: QAT's grid
+        points: list[tuple[float, int]] = []
         for _ in range(FIT_ATTEMPTS):
             with stages("gptq"):
                 entries = quantizer.quantize(spec)
-            decision = on_main(rt, lambda: decide(entries, spec, factor))
+            decision = on_main(rt, lambda: decide(entries, spec, factor, points))
             if decision in ("done", "next rung"):
                 break
             spec, factor = QuantSpec.from_settings(hp, decision).with_bits(**bits), decision
