@@ -391,11 +391,11 @@ class Hyperparameters:
     ternary_patterns: str = setting("", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none", check=name_fragments)
     ternary_from_step: int = setting(-1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on", at_least=-1)
     late_qat_threshold: float = setting(0.2, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off", at_least=0.0, at_most=1.0)
-    gptq_calibration: str = setting("self", "GPTQ Hessians from: self (text the model generates, no data), train (training tokens, inside the wallclock), none (round to nearest)", choices=("self", "train", "none"))
-    gptq_calib_seqs: int = setting(32, "calibration sequences for GPTQ")
-    gptq_calib_len: int = setting(1024, "tokens per calibration sequence")
+    gptq_calibration: str = setting("train", "GPTQ Hessians from: train (training tokens, on the training clock, as record #1855), self (text the model generates, no data; the earlier default, with GPTQ_CALIB_SEQS=32 GPTQ_CALIB_LEN=1024), none (round to nearest)", choices=("self", "train", "none"))
+    gptq_calib_seqs: int = setting(768, "calibration sequences for GPTQ, shared by the ranks (#1855's Hessians: its 16 batches of 48 x 2048 tokens on rank 0)")
+    gptq_calib_len: int = setting(2048, "tokens per calibration sequence")
     gptq_calib_temp: float = setting(0.8, "sampling temperature of self-generated calibration text")
-    gptq_reserve_seconds: float = setting(10.0, "GPTQ_CALIBRATION=train: training stops this early so calibration ends inside the deadline")
+    gptq_reserve_seconds: float = setting(4.0, "GPTQ_CALIBRATION=train with a wallclock cap: training stops this early so calibration ends inside the deadline (#1855's default)")
     explicit: frozenset[str] = field(default=frozenset(), repr=False)   # set in the environment, not by preset or default
 
     @classmethod
@@ -428,7 +428,7 @@ STACK1024 = {
     "LATE_QAT_THRESHOLD": 0.25, "QUANT_EMBED_BITS": 8, "QUANT_CLIP_SIGMAS_EMBED": 20.0, "LQER_TENSORS": 0,
     "TTT_ENABLED": 0, "TTT_LR": 0.002, "TTT_LR_SCHEDULE": "constant", "TTT_GRAD_CLIP": 0.0, "TTT_LAST_N": 2,
     "SKIP_GATES": 0, "INIT_ORTHOGONAL": 0, "GATES_IN_ADAM": 0, "WARMDOWN_SHAPE": "lerp", "QUANT_CLIP_SIGMAS_MLP": 12.0,
-    "AWQ_GROUPS": 0,
+    "AWQ_GROUPS": 0, "GPTQ_CALIBRATION": "self", "GPTQ_CALIB_SEQS": 32, "GPTQ_CALIB_LEN": 1024,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -531,7 +531,7 @@ def validate_settings(hp: Hyperparameters) -> None:
     if hp.gptq_calibration != "none" and (hp.gptq_calib_seqs <= 0 or hp.gptq_calib_len < 2 or hp.gptq_calib_temp <= 0):
         raise PipelineError(f"GPTQ_CALIB_SEQS={hp.gptq_calib_seqs} must be positive, GPTQ_CALIB_LEN={hp.gptq_calib_len} "
                             f">= 2 and GPTQ_CALIB_TEMP={hp.gptq_calib_temp} positive")
-    if hp.gptq_calibration == "train" and not 0 < hp.gptq_reserve_seconds < hp.max_wallclock_seconds:
+    if hp.gptq_calibration == "train" and hp.max_wallclock_seconds and not 0 < hp.gptq_reserve_seconds < hp.max_wallclock_seconds:
         raise PipelineError(f"GPTQ_CALIBRATION=train needs 0 < GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g} < "
                             f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}: calibration must end inside the cap")
     if "GPTQ_RESERVE_SECONDS" in hp.explicit and hp.gptq_calibration != "train":
@@ -3055,7 +3055,8 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
     if rt.distributed:
         dist.barrier()
 
-    cap_ms = 1e3 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq_calibration == "train" else 0.0))
+    reserve = hp.gptq_reserve_seconds if hp.gptq_calibration == "train" and hp.max_wallclock_seconds else 0.0
+    cap_ms = 1e3 * (hp.max_wallclock_seconds - reserve)
     tokens_per_step = hp.train_batch_tokens
     loss_sum = torch.zeros((), device=rt.device)
     loss_count, step, last_read_ms, prev_progress, mean_loss, train_flops = 0, 0, 0.0, 0.0, None, 0.0
@@ -3378,12 +3379,13 @@ def awq_saliency(w: Tensor, hessian: Tensor, group: int) -> Tensor:
 
 def awq_select(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: QuantSpec, ternary: tuple[str, ...],
                groups: int, group_size: int, awq_bits: int) -> dict[str, Tensor]:
-    """The `groups` most salient column groups over every integer matrix that has a Hessian and fewer bits than
-    awq_bits: {weight name: its chosen column indices, ascending (int64)}; ties go to the earlier name and group."""
+    """The `groups` most salient column groups over every integer matrix that has a Hessian, fewer bits than
+    awq_bits and more columns than a group: {weight name: its chosen column indices, ascending (int64)}; ties go to
+    the earlier name and group."""
     candidates = []
     for name in sorted(hessians):
         scheme = choose_scheme(name, state[name], spec, ternary)
-        if scheme.startswith("int") and int(scheme[3]) < awq_bits:
+        if scheme.startswith("int") and int(scheme[3]) < awq_bits and state[name].shape[1] > group_size:
             scores = awq_saliency(state[name], hessians[name], group_size).tolist()
             candidates += [(-score, name, g) for g, score in enumerate(scores)]
     chosen: dict[str, list[int]] = {}

@@ -375,6 +375,20 @@ def test_training_calibration_stops_the_loop_by_the_reserve(monkeypatch):
     assert 800 < result.train_time_ms <= 1000             # under the 1 s left of the 3 s cap by the 2 s reserve
 
 
+def test_training_calibration_without_a_cap_reserves_nothing(monkeypatch):
+    """The default GPTQ_CALIBRATION=train with MAX_WALLCLOCK_SECONDS=0 (no cap): the loop runs its ITERATIONS
+    (there is no cap to take the reserve from); calibration is then checked against the challenge's 600 s."""
+    from test_cuda_hazards import FakeTime, StepLoader
+    hp = tiny_hp(ITERATIONS=12, MAX_WALLCLOCK_SECONDS=0, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=100_000)
+    assert hp.gptq_calibration == "train" and hp.gptq_reserve_seconds > 0
+    fake = FakeTime()
+    monkeypatch.setattr(train_gpt, "time", fake)
+    model = random_gpt(hp)
+    result = train_gpt.train(hp, cpu_runtime(), model, model, StepLoader(hp, fake, 0.05, 1000.0), ListLog(), lambda *a: None)
+    assert result.steps == 12 and not result.stopped_early
+    assert train_gpt.training_deadline_ms(hp) == 600e3
+
+
 def test_training_calibration_counts_as_a_training_read(demo_data, tmp_path, monkeypatch):
     """GPTQ_CALIBRATION=train: calibration's end is the last training-data read; if it ends past the
     cap (here its Hessian collection takes 3.5 s of a clock nothing else moves), the run is flagged."""
@@ -551,9 +565,9 @@ def test_planner_predicts_the_factor_on_k_a_shape_needs():
     ({"TERNARY_PATTERNS": ".mlp.,,"}, "TERNARY_PATTERNS='.mlp.,,' has an empty fragment"),
     ({"GPTQ_CALIBRATION": "data"}, "GPTQ_CALIBRATION='data' must be self, train or none"),
     ({"GPTQ_CALIB_SEQS": "0"}, "GPTQ_CALIB_SEQS=0 must be positive"),
-    ({"GPTQ_RESERVE_SECONDS": "5"}, "GPTQ_RESERVE_SECONDS is used only with GPTQ_CALIBRATION=train"),
-    ({"GPTQ_CALIBRATION": "train", "GPTQ_RESERVE_SECONDS": "0"}, "GPTQ_CALIBRATION=train needs 0 < GPTQ_RESERVE_SECONDS=0"),
-    ({"GPTQ_CALIBRATION": "train", "MAX_WALLCLOCK_SECONDS": "0"}, "GPTQ_CALIBRATION=train needs"),
+    ({"GPTQ_CALIBRATION": "self", "GPTQ_RESERVE_SECONDS": "5"}, "GPTQ_RESERVE_SECONDS is used only with GPTQ_CALIBRATION=train"),
+    ({"GPTQ_RESERVE_SECONDS": "0"}, "GPTQ_CALIBRATION=train needs 0 < GPTQ_RESERVE_SECONDS=0"),
+    ({"GPTQ_RESERVE_SECONDS": "600"}, "GPTQ_CALIBRATION=train needs 0 < GPTQ_RESERVE_SECONDS=600 < MAX_WALLCLOCK_SECONDS=600"),
     ({"GPTQ_CALIBRATION": "none"}, "AWQ_GROUPS=1 ranks columns by the GPTQ calibration's activations"),
     ({"AWQ_BITS": "6"}, "AWQ_BITS=6 is no more than QUANT_MATRIX_BITS=6 and QUANT_EMBED_BITS=7"),
     ({"AWQ_BITS": "5"}, "AWQ_BITS=5 must be 6, 7 or 8"),
