@@ -537,10 +537,11 @@ def validate_settings(hp: Hyperparameters) -> None:
     if "GPTQ_RESERVE_SECONDS" in hp.explicit and hp.gptq_calibration != "train":
         raise PipelineError(f"GPTQ_RESERVE_SECONDS is used only with GPTQ_CALIBRATION=train "
                             f"(it is {hp.gptq_calibration!r})")
-    if hp.awq_groups and hp.gptq_calibration == "none":
+    awq_set = hp.awq_groups and {"AWQ_GROUPS", "AWQ_BITS", "AWQ_GROUP_SIZE"} & hp.explicit    # else off where moot
+    if awq_set and hp.gptq_calibration == "none":
         raise PipelineError(f"AWQ_GROUPS={hp.awq_groups} ranks columns by the GPTQ calibration's activations: it needs "
                             "GPTQ_CALIBRATION=self or train (or AWQ_GROUPS=0)")
-    if hp.awq_groups and hp.awq_bits <= min(hp.quant_matrix_bits, hp.quant_embed_bits):
+    if awq_set and hp.awq_bits <= min(hp.quant_matrix_bits, hp.quant_embed_bits):
         raise PipelineError(f"AWQ_BITS={hp.awq_bits} is no more than QUANT_MATRIX_BITS={hp.quant_matrix_bits} and "
                             f"QUANT_EMBED_BITS={hp.quant_embed_bits}: no matrix would take part (or set AWQ_GROUPS=0)")
     if hp.late_qat_threshold and (hp.warmdown_frac == 0 or hp.late_qat_threshold <= hp.lr_floor):
@@ -3365,7 +3366,7 @@ def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, sigmas: float, factor: 
 # Saliency of a group of AWQ_GROUP_SIZE consecutive input columns of a matrix: sum over its columns of the input's
 # RMS (the square root of the calibration Hessian's diagonal: no second pass) times the column's mean |w|. The
 # AWQ_GROUPS most salient groups over every GPTQ'd integer matrix below AWQ_BITS (one ranking for the whole model,
-# as #1908's code ranks its candidates) are quantized at AWQ_BITS inside the same GPTQ solve, on the row's clip
+# as the AWQ-lite code of #1908's lineage ranks its candidates) are quantized at AWQ_BITS inside the same GPTQ solve, on the row's clip
 # with a finer step (column_grid). Stored as the entry's scheme int<b>_row_awq<a> with parts q (the other columns),
 # q_awq (these columns, coded in their own rANS stream) and awq_cols (their indices). Late QAT does not know the
 # group (it is chosen from the Hessians, collected after training); as in the records, it exists only at export.
@@ -3812,7 +3813,7 @@ def rans_decode_matrices(coded: dict[str, np.ndarray], shapes: list[list[int]], 
 PART_ORDER = ("q", "q_awq", "lqer_a", "lqer_b", "trits", "nonzero", "negative", "awq_cols", "scale", "lqer_a_scale",
               "lqer_b_scale", "w")
 INT_CODERS = ("rans", "lzma")     # how the integer matrices are stored: rANS-coded (the default) or in the lzma stream
-RANS_PARTS = {"q": "rans", "q_awq": "rans_awq"}   # integer parts rANS-codes, each kind its own stream: header key
+RANS_PARTS = {"q": "rans", "q_awq": "rans_awq"}   # integer parts rANS-coded, each kind its own stream: header key
 
 
 def rans_code_parts(entries: list[dict]) -> dict[str, dict]:
@@ -3911,7 +3912,7 @@ def unpack_artifact(data: bytes, source: str) -> tuple[dict[str, Tensor], dict]:
             if e["scheme"] not in STORED_SCHEMES:
                 raise PipelineError(f"{source}: tensor {e['name']} has unknown scheme {e['scheme']!r}")
             state[e["name"]] = dequantize_parts(e["scheme"], parts, e["shape"])
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise PipelineError(f"{source}: malformed artifact ({type(e).__name__}: {e})") from None
     return state, config
 

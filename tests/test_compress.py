@@ -568,7 +568,7 @@ def test_planner_predicts_the_factor_on_k_a_shape_needs():
     ({"GPTQ_CALIBRATION": "self", "GPTQ_RESERVE_SECONDS": "5"}, "GPTQ_RESERVE_SECONDS is used only with GPTQ_CALIBRATION=train"),
     ({"GPTQ_RESERVE_SECONDS": "0"}, "GPTQ_CALIBRATION=train needs 0 < GPTQ_RESERVE_SECONDS=0"),
     ({"GPTQ_RESERVE_SECONDS": "600"}, "GPTQ_CALIBRATION=train needs 0 < GPTQ_RESERVE_SECONDS=600 < MAX_WALLCLOCK_SECONDS=600"),
-    ({"GPTQ_CALIBRATION": "none"}, "AWQ_GROUPS=1 ranks columns by the GPTQ calibration's activations"),
+    ({"GPTQ_CALIBRATION": "none", "AWQ_GROUPS": "2"}, "AWQ_GROUPS=2 ranks columns by the GPTQ calibration's activations"),
     ({"AWQ_BITS": "6"}, "AWQ_BITS=6 is no more than QUANT_MATRIX_BITS=6 and QUANT_EMBED_BITS=7"),
     ({"AWQ_BITS": "5"}, "AWQ_BITS=5 must be 6, 7 or 8"),
 ])
