@@ -397,21 +397,24 @@ class Hyperparameters:
     artifact_budget_bytes: int = setting(CHALLENGE_CAP_BYTES, "cap on raw code bytes + compressed model bytes (at most the challenge's 16,000,000)", at_least=1, at_most=CHALLENGE_CAP_BYTES)
     lzma_preset: int = setting(9, "lzma preset for the artifact (0-9)", at_least=0, at_most=9)
     quant_matrix_bits: int = setting(6, "bits per weight of the large matrices (5-8, per-row scale)", choices=(5, 6, 7, 8))
-    quant_clip_sigmas_mlp: float = setting(11.5, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the finest k the budget fit may use", above=0.0)
+    quant_clip_sigmas_mlp: float = setting(11.5, "SDClip: the MLP matrices' rows are clipped at k std(row) (the byte knob); the budget fit scales every k by one factor in [0.5, 4] to fill the budget", above=0.0)
     quant_clip_sigmas_attn: float = setting(13.0, "SDClip k of the attention (and every other) matrix", above=0.0)
     quant_embed_bits: int = setting(7, "bits per weight of the embedding tables (5-8, per-row scale)", choices=(5, 6, 7, 8))
     quant_clip_sigmas_embed: float = setting(14.0, "SDClip k of the embedding tables", above=0.0)
     lqer_tensors: int = setting(3, "LQER: a low-rank correction of the quantization error for this many tensors (largest error first); 0 = off", at_least=0)
     lqer_rank: int = setting(4, "rank of each LQER correction", at_least=1)
+    awq_groups: int = setting(1, "AWQ-lite (PR #1908): the N most salient groups of AWQ_GROUP_SIZE input columns over all GPTQ'd matrices (activation RMS x mean |w|, one ranking for the model) are quantized at AWQ_BITS inside the same GPTQ solve; 0 = off", at_least=0)
+    awq_bits: int = setting(8, "bits of the AWQ-lite columns (same clip as their rows, finer step); only matrices with fewer bits take part", choices=(6, 7, 8))
+    awq_group_size: int = setting(64, "input columns per AWQ-lite group", at_least=1)
     lqer_factors: str = setting("asym4", "LQER factor storage: asym4 = A = U S as int2 in [-2, 1] with one scale, B = V^T as int4 in [-8, 7] in groups of 64 (record #1855); row6 = balanced U sqrt(S), sqrt(S) V^T as 6-bit absmax per row", choices=LQER_FORMATS)
     ternary_patterns: str = setting("", "comma-separated name fragments (e.g. '.mlp.') of weight matrices exported ternary; empty = none", check=name_fragments)
     ternary_from_step: int = setting(-1, "ternary matrices train through the ternary quantizer from this step; -1 = from late QAT on", at_least=-1)
     late_qat_threshold: float = setting(0.2, "late QAT: once the warmdown's LR scale falls below this, every quantized tensor trains through its export quantizer; 0 = off", at_least=0.0, at_most=1.0)
-    gptq_calibration: str = setting("self", "GPTQ Hessians from: self (text the model generates, no data), train (training tokens, inside the wallclock), none (round to nearest)", choices=("self", "train", "none"))
-    gptq_calib_seqs: int = setting(32, "calibration sequences for GPTQ")
-    gptq_calib_len: int = setting(1024, "tokens per calibration sequence")
+    gptq_calibration: str = setting("train", "GPTQ Hessians from: train (training tokens, on the training clock, as record #1855), self (text the model generates, no data; the earlier default, with GPTQ_CALIB_SEQS=32 GPTQ_CALIB_LEN=1024), none (round to nearest)", choices=("self", "train", "none"))
+    gptq_calib_seqs: int = setting(768, "calibration sequences for GPTQ, shared by the ranks (#1855's Hessians: its 16 batches of 48 x 2048 tokens on rank 0)")
+    gptq_calib_len: int = setting(2048, "tokens per calibration sequence")
     gptq_calib_temp: float = setting(0.8, "sampling temperature of self-generated calibration text")
-    gptq_reserve_seconds: float = setting(10.0, "GPTQ_CALIBRATION=train: training stops this early so calibration ends inside the deadline")
+    gptq_reserve_seconds: float = setting(4.0, "GPTQ_CALIBRATION=train with a wallclock cap: training stops this early so calibration ends inside the deadline (#1855's default)")
     explicit: frozenset[str] = field(default=frozenset(), repr=False)   # set in the environment, not by preset or default
 
     @classmethod
@@ -444,6 +447,7 @@ STACK1024 = {
     "LATE_QAT_THRESHOLD": 0.25, "QUANT_EMBED_BITS": 8, "QUANT_CLIP_SIGMAS_EMBED": 20.0, "LQER_TENSORS": 0,
     "TTT_ENABLED": 0, "TTT_LR": 0.002, "TTT_LR_SCHEDULE": "constant", "TTT_GRAD_CLIP": 0.0, "TTT_LAST_N": 2,
     "SKIP_GATES": 0, "INIT_ORTHOGONAL": 0, "GATES_IN_ADAM": 0, "WARMDOWN_SHAPE": "lerp", "QUANT_CLIP_SIGMAS_MLP": 12.0,
+    "AWQ_GROUPS": 0, "GPTQ_CALIBRATION": "self", "GPTQ_CALIB_SEQS": 32, "GPTQ_CALIB_LEN": 1024,
 }
 
 PRESETS: dict[str, dict[str, object]] = {
@@ -549,12 +553,19 @@ def validate_settings(hp: Hyperparameters) -> None:
     if hp.gptq_calibration != "none" and (hp.gptq_calib_seqs <= 0 or hp.gptq_calib_len < 2 or hp.gptq_calib_temp <= 0):
         raise PipelineError(f"GPTQ_CALIB_SEQS={hp.gptq_calib_seqs} must be positive, GPTQ_CALIB_LEN={hp.gptq_calib_len} "
                             f">= 2 and GPTQ_CALIB_TEMP={hp.gptq_calib_temp} positive")
-    if hp.gptq_calibration == "train" and not 0 < hp.gptq_reserve_seconds < hp.max_wallclock_seconds:
+    if hp.gptq_calibration == "train" and hp.max_wallclock_seconds and not 0 < hp.gptq_reserve_seconds < hp.max_wallclock_seconds:
         raise PipelineError(f"GPTQ_CALIBRATION=train needs 0 < GPTQ_RESERVE_SECONDS={hp.gptq_reserve_seconds:g} < "
                             f"MAX_WALLCLOCK_SECONDS={hp.max_wallclock_seconds:g}: calibration must end inside the cap")
     if "GPTQ_RESERVE_SECONDS" in hp.explicit and hp.gptq_calibration != "train":
         raise PipelineError(f"GPTQ_RESERVE_SECONDS is used only with GPTQ_CALIBRATION=train "
                             f"(it is {hp.gptq_calibration!r})")
+    awq_set = hp.awq_groups and {"AWQ_GROUPS", "AWQ_BITS", "AWQ_GROUP_SIZE"} & hp.explicit    # else off where moot
+    if awq_set and hp.gptq_calibration == "none":
+        raise PipelineError(f"AWQ_GROUPS={hp.awq_groups} ranks columns by the GPTQ calibration's activations: it needs "
+                            "GPTQ_CALIBRATION=self or train (or AWQ_GROUPS=0)")
+    if awq_set and hp.awq_bits <= min(hp.quant_matrix_bits, hp.quant_embed_bits):
+        raise PipelineError(f"AWQ_BITS={hp.awq_bits} is no more than QUANT_MATRIX_BITS={hp.quant_matrix_bits} and "
+                            f"QUANT_EMBED_BITS={hp.quant_embed_bits}: no matrix would take part (or set AWQ_GROUPS=0)")
     if hp.late_qat_threshold and (hp.warmdown_frac == 0 or hp.late_qat_threshold <= hp.lr_floor):
         raise PipelineError(f"LATE_QAT_THRESHOLD={hp.late_qat_threshold} would never turn on: the LR scale only "
                             f"falls below it in a warmdown (WARMDOWN_FRAC={hp.warmdown_frac}) that ends above it "
@@ -3482,7 +3493,8 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
     if rt.distributed:
         dist.barrier()
 
-    cap_ms = 1e3 * (hp.max_wallclock_seconds - (hp.gptq_reserve_seconds if hp.gptq_calibration == "train" else 0.0))
+    reserve = hp.gptq_reserve_seconds if hp.gptq_calibration == "train" and hp.max_wallclock_seconds else 0.0
+    cap_ms = 1e3 * (hp.max_wallclock_seconds - reserve)
     tokens_per_step = hp.train_batch_tokens
     loss_sum = torch.zeros((), device=rt.device)
     loss_count, step, last_read_ms, prev_progress, mean_loss, train_flops = 0, 0, 0.0, 0.0, None, 0.0
@@ -3593,10 +3605,11 @@ GPTQ_DAMP = 0.01           # damping: this fraction of the mean Hessian diagonal
 GPTQ_BLOCK = 128           # GPTQ updates the rest of the matrix once per block of this many columns
 LQER_BITS = 6              # LQER_FACTORS=row6: per-row absmax integers of this many bits, fp16 scales
 LQER_GROUP = 64            # LQER_FACTORS=asym4: B's int4 scale groups (record #1855's LQER_ASYM_GROUP)
-FIT_MAX_SCALE = 4.0        # the budget fit coarsens k at most this much (about 2 bits per weight) per rung
+FIT_MIN_SCALE = 0.5        # the budget fit scales every k by one factor in [FIT_MIN_SCALE, FIT_MAX_SCALE] of the
+FIT_MAX_SCALE = 4.0        #   settings' (about 1 bit per weight more, 2 fewer), the planner too
 FIT_ATTEMPTS = 6           # quantize-and-pack attempts per rung of the precision ladder
-FIT_AIM_BYTES = 20_000     # the budget fit aims this far under the budget ...
-FIT_SLACK_BYTES = 100_000  # ... and is content anywhere within this of it (the records sat 7-60 kB under)
+FIT_WINDOW = 0.003         # the fit lands code + model within this fraction under the budget (48 kB of 16 MB), aiming
+                           #   at the window's middle (the records sat 7-98 kB under)
 
 
 def precision_ladder(spec: QuantSpec) -> list[QuantSpec]:
@@ -3724,8 +3737,9 @@ def gptq_factor(hessian: Tensor) -> GPTQFactor:
     return GPTQFactor(order, torch.argsort(order), None, dead)
 
 
-def _gptq_columns(w: Tensor, u: Tensor, scale: Tensor, qmax: int) -> Tensor:
-    """GPTQ's inner loop over columns of w (already in act-order); u = upper Cholesky factor of H^-1."""
+def _gptq_columns(w: Tensor, u: Tensor, scale: Tensor, mult: Tensor, top: Tensor) -> Tensor:
+    """GPTQ's inner loop over columns of w (already in act-order); u = upper Cholesky factor of H^-1; column j on
+    the grid step scale * mult[j], integers within +-top[j] (column_grid, in the same order)."""
     w = w.clone()
     q = torch.zeros_like(w)
     s = scale.float()
@@ -3734,31 +3748,89 @@ def _gptq_columns(w: Tensor, u: Tensor, scale: Tensor, qmax: int) -> Tensor:
         i2 = min(i1 + GPTQ_BLOCK, n)
         block, err = w[:, i1:i2].clone(), torch.zeros(w.shape[0], i2 - i1, device=w.device)
         for i in range(i2 - i1):
-            col = block[:, i]
-            q[:, i1 + i] = torch.clamp(torch.round(col / s), -qmax, qmax)      # round_rows, one column
-            e = (col - q[:, i1 + i] * s) / u[i1 + i, i1 + i]
+            col, step, qmax = block[:, i], s * mult[i1 + i], top[i1 + i]
+            q[:, i1 + i] = torch.clamp(torch.round(col / step), -qmax, qmax)      # round_grid, one column
+            e = (col - q[:, i1 + i] * step) / u[i1 + i, i1 + i]
             block[:, i:] -= e[:, None] * u[i1 + i, i1 + i:i2][None, :]
             err[:, i] = e
         w[:, i2:] -= err @ u[i1:i2, i2:]
     return q
 
 
-def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, sigmas: float,
-                  factor: GPTQFactor | None = None) -> tuple[Tensor, Tensor]:
-    """GPTQ with act-order and blocks on the SDClip grid (see above), on w's device. Returns (q float32
-    integers, fp16 row scale), the layout quantize_rows returns. hessian: (in, in), the mean x x^T."""
-    qmax = 2 ** (bits - 1) - 1
+def column_grid(cols: int, bits: int, awq_cols: Tensor | None = None, awq_bits: int = 8,
+                device: torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Each input column's (multiplier on the row scale, largest integer): the matrix's SDClip grid, except the
+    AWQ-lite columns: steps (2^(bits-1) - 1) / (2^(awq_bits-1) - 1) of the row's, integers up to
+    2^(awq_bits-1) - 1, so the same clip k std(row) on a finer grid. Float32."""
+    qmax, qmax_awq = 2 ** (bits - 1) - 1, 2 ** (awq_bits - 1) - 1
+    mult = torch.ones(cols, device=device)
+    top = torch.full((cols,), float(qmax), device=device)
+    if awq_cols is not None:
+        mult[awq_cols.to(mult.device)] = qmax / qmax_awq
+        top[awq_cols.to(mult.device)] = float(qmax_awq)
+    return mult, top
+
+
+def round_grid(w: Tensor, scale: Tensor, mult: Tensor, top: Tensor) -> Tensor:
+    """Round to nearest on a column_grid (round_rows when every column is on the matrix's grid)."""
+    return torch.clamp(torch.round(w / (scale.float()[:, None] * mult)), -top, top)
+
+
+def dequantize_grid(q: Tensor, scale: Tensor, mult: Tensor) -> Tensor:
+    return q.float() * scale.float()[:, None] * mult
+
+
+def gptq_quantize(w: Tensor, hessian: Tensor, bits: int, sigmas: float, factor: GPTQFactor | None = None,
+                  awq_cols: Tensor | None = None, awq_bits: int = 8) -> tuple[Tensor, Tensor]:
+    """GPTQ with act-order and blocks on the SDClip grid (see above), on w's device; the columns awq_cols (AWQ-lite,
+    below) on their finer grid inside the same solve (column_grid). Returns (q float32 integers, fp16 row scale), the
+    layout quantize_rows returns. hessian: (in, in), the mean x x^T."""
     w = w.detach().float()
     factor = factor or gptq_factor(hessian)
     scale = sdclip_scale(w, bits, sigmas)
-    rtn = round_rows(w, scale, qmax)
+    mult, top = column_grid(w.shape[1], bits, awq_cols, awq_bits, w.device)
+    rtn = round_grid(w, scale, mult, top)
     if factor.u is None:
         return rtn, scale                                   # H hopeless even damped: round to nearest
     w_ordered = w.clone()
     w_ordered[:, factor.dead] = 0.0
-    gptq = _gptq_columns(w_ordered[:, factor.order], factor.u, scale, qmax)[:, factor.back]
-    better = hessian_error(w, dequantize_rows(gptq, scale), hessian) < hessian_error(w, dequantize_rows(rtn, scale), hessian)
+    gptq = _gptq_columns(w_ordered[:, factor.order], factor.u, scale, mult[factor.order], top[factor.order])[:, factor.back]
+    better = (hessian_error(w, dequantize_grid(gptq, scale, mult), hessian)
+              < hessian_error(w, dequantize_grid(rtn, scale, mult), hessian))
     return torch.where(better[:, None], gptq, rtn), scale
+
+
+# --- AWQ-lite (PR #1908 of openai/parameter-golf, on record #1855): a few input columns at more bits -------------
+# Saliency of a group of AWQ_GROUP_SIZE consecutive input columns of a matrix: sum over its columns of the input's
+# RMS (the square root of the calibration Hessian's diagonal: no second pass) times the column's mean |w|. The
+# AWQ_GROUPS most salient groups over every GPTQ'd integer matrix below AWQ_BITS (one ranking for the whole model,
+# as the AWQ-lite code of #1908's lineage ranks its candidates) are quantized at AWQ_BITS inside the same GPTQ solve, on the row's clip
+# with a finer step (column_grid). Stored as the entry's scheme int<b>_row_awq<a> with parts q (the other columns),
+# q_awq (these columns, coded in their own rANS stream) and awq_cols (their indices). Late QAT does not know the
+# group (it is chosen from the Hessians, collected after training); as in the records, it exists only at export.
+
+def awq_saliency(w: Tensor, hessian: Tensor, group: int) -> Tensor:
+    """Saliency of each whole group of `group` consecutive input columns of w (a trailing partial group is none)."""
+    per_column = hessian.diagonal().float().clamp_min(0).sqrt() * w.detach().float().abs().mean(dim=0).to(hessian.device)
+    n = w.shape[1] // group
+    return per_column[:n * group].reshape(n, group).sum(dim=1)
+
+
+def awq_select(state: dict[str, Tensor], hessians: dict[str, Tensor], spec: QuantSpec, ternary: tuple[str, ...],
+               groups: int, group_size: int, awq_bits: int) -> dict[str, Tensor]:
+    """The `groups` most salient column groups over every integer matrix that has a Hessian, fewer bits than
+    awq_bits and more columns than a group: {weight name: its chosen column indices, ascending (int64)}; ties go to
+    the earlier name and group."""
+    candidates = []
+    for name in sorted(hessians):
+        scheme = choose_scheme(name, state[name], spec, ternary)
+        if scheme.startswith("int") and int(scheme[3]) < awq_bits and state[name].shape[1] > group_size:
+            scores = awq_saliency(state[name], hessians[name], group_size).tolist()
+            candidates += [(-score, name, g) for g, score in enumerate(scores)]
+    chosen: dict[str, list[int]] = {}
+    for _, name, g in sorted(candidates)[:groups]:
+        chosen.setdefault(name, []).extend(range(g * group_size, (g + 1) * group_size))
+    return {name: torch.tensor(sorted(cols)) for name, cols in chosen.items()}
 
 
 # --- LQER: low-rank correction of the quantization error (record 2026-04-27) ------------------------
@@ -3856,16 +3928,12 @@ def lzma_size(arrays: list[np.ndarray], preset: int) -> int:
 def coded_bytes(entries: list[dict], preset: int) -> int:
     """The bytes these entries' arrays take coded as the artifact codes them, on their own: the integer
     matrices rANS-coded (stream, states, and the lzma-compressed tables and classes), everything else lzma."""
-    coded = [i for i, e in enumerate(entries) if e["scheme"].startswith("int") and "q" in e["parts"]]
-    rest = [a for i, e in enumerate(entries) for k, a in e["parts"].items() if not (k == "q" and i in coded)]
-    if not coded:
-        return lzma_size(rest, preset)
-    names = list(dict.fromkeys(coding_family(entries[i]["name"]) for i in coded))
-    arrays = rans_code_matrices([entries[i]["parts"]["q"] for i in coded],
-                                [names.index(coding_family(entries[i]["name"])) for i in coded], len(names),
-                                max(2 ** (int(entries[i]["scheme"][3]) - 1) - 1 for i in coded))
-    stream = arrays.pop("states").nbytes + arrays.pop("words").nbytes
-    return lzma_size(rest + list(arrays.values()), preset) + stream
+    streams = rans_code_parts(entries)
+    coded = {(i, part) for part, stream in streams.items() for i in stream["members"]}
+    rest = [a for i, e in enumerate(entries) for k, a in e["parts"].items() if (i, k) not in coded]
+    tables = [a for stream in streams.values() for k, a in stream["arrays"].items() if k not in ("states", "words")]
+    words = sum(stream["arrays"][k].nbytes for stream in streams.values() for k in ("states", "words"))
+    return lzma_size(rest + tables, preset) + words
 
 
 def to_numpy_parts(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:
@@ -3874,9 +3942,11 @@ def to_numpy_parts(parts: dict[str, Tensor]) -> dict[str, np.ndarray]:
 
 
 def quantize_tensor(t: Tensor, scheme: str, sigmas: float, hessian: Tensor | None, preset: int,
-                    factor: GPTQFactor | None = None) -> tuple[str, dict[str, np.ndarray]]:
+                    factor: GPTQFactor | None = None, awq_cols: Tensor | None = None,
+                    awq_bits: int = 8) -> tuple[str, dict[str, np.ndarray]]:
     """(stored scheme, parts) of one tensor; `sigmas` is the SDClip k of an integer scheme. Integer
-    matrices use GPTQ when a Hessian is given (on the Hessian's device); the ternary layout (ternary_base3
+    matrices use GPTQ when a Hessian is given (on the Hessian's device), with the columns awq_cols at awq_bits
+    (stored scheme int<b>_row_awq<a>: parts q, q_awq, awq_cols); the ternary layout (ternary_base3
     or ternary_mask) is whichever compresses smaller."""
     if scheme == "fp16":
         return scheme, {"w": t.detach().cpu().half().numpy()}
@@ -3891,10 +3961,15 @@ def quantize_tensor(t: Tensor, scheme: str, sigmas: float, hessian: Tensor | Non
         return f"{scheme}_mask", mask
     bits = int(scheme[3])
     if hessian is not None:
-        q, scale = gptq_quantize(t.to(hessian.device), hessian, bits, sigmas, factor)
+        q, scale = gptq_quantize(t.to(hessian.device), hessian, bits, sigmas, factor, awq_cols, awq_bits)
     else:
         q, scale = quantize_rows(t, bits, sigmas)
-    return scheme, to_numpy_parts(dict(q=q, scale=scale))
+    if hessian is None or awq_cols is None:
+        return scheme, to_numpy_parts(dict(q=q, scale=scale))
+    salient = torch.zeros(q.shape[1], dtype=torch.bool, device=q.device)
+    salient[awq_cols.to(q.device)] = True
+    parts = to_numpy_parts(dict(q=q[:, ~salient], q_awq=q[:, salient], scale=scale))
+    return f"{scheme}_awq{awq_bits}", dict(parts, awq_cols=awq_cols.cpu().numpy().astype(np.int16))
 
 
 def dequantize_parts(scheme: str, parts: dict[str, np.ndarray], shape: list[int]) -> Tensor:
@@ -3910,25 +3985,43 @@ def dequantize_parts(scheme: str, parts: dict[str, np.ndarray], shape: list[int]
             q = unpack_ternary_mask(parts["nonzero"], parts["negative"], n)
         q = torch.from_numpy(q.astype(np.float32)).reshape(shape)
         return dequantize_ternary(q, torch.from_numpy(parts["scale"].astype(np.float16)))
-    deq = dequantize_rows(torch.from_numpy(parts["q"].astype(np.float32)),
-                          torch.from_numpy(parts["scale"].astype(np.float16))).reshape(shape)
+    scale = torch.from_numpy(parts["scale"].astype(np.float16))
+    if "awq_cols" in parts:            # int<b>_row_awq<a>: put the AWQ-lite columns back on their finer grid
+        awq_cols = torch.from_numpy(parts["awq_cols"].astype(np.int64))
+        q = torch.empty(shape, dtype=torch.float32)
+        salient = torch.zeros(shape[1], dtype=torch.bool)
+        salient[awq_cols] = True
+        q[:, ~salient] = torch.from_numpy(parts["q"].astype(np.float32))
+        q[:, salient] = torch.from_numpy(parts["q_awq"].astype(np.float32))
+        mult, _ = column_grid(shape[1], int(scheme[3]), awq_cols, part_bits(scheme, "q_awq"))
+        deq = dequantize_grid(q, scale, mult)
+    else:
+        deq = dequantize_rows(torch.from_numpy(parts["q"].astype(np.float32)), scale).reshape(shape)
     if "lqer_a" in parts:
         deq = deq + lqer_correction({k: v for k, v in parts.items() if k.startswith("lqer_")})
     return deq
 
 
-STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask",
-                  *(f"int{b}_row" for b in (5, 6, 7, 8))}
+STORED_SCHEMES = {"fp16", "ternary_base3", "ternary_mask", *(f"int{b}_row" for b in (5, 6, 7, 8)),
+                  *(f"int{b}_row_awq{a}" for b in (5, 6, 7) for a in range(b + 1, 9))}
+
+
+def part_bits(scheme: str, part: str) -> int:
+    """Bits of the integers of `part` (q or q_awq) of a stored int<b>_row[_awq<a>] entry."""
+    return int(scheme.rsplit("awq", 1)[1]) if part == "q_awq" else int(scheme[3])
 
 
 def quantize_entry(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ...], hessian: Tensor | None,
                    preset: int, lqer_rank: int = 0, factor: GPTQFactor | None = None,
-                   lqer_factors: str = "asym4") -> tuple[dict, tuple | None]:
+                   lqer_factors: str = "asym4", awq_cols: Tensor | None = None,
+                   awq_bits: int = 8) -> tuple[dict, tuple | None]:
     """One tensor: ({name, scheme, shape, parts}, its LQER candidate (parts, error drop) or None when
-    lqer_rank is 0 or the tensor is not an integer matrix). GPTQ on the Hessian's device when one is given."""
+    lqer_rank is 0 or the tensor is not an integer matrix). GPTQ on the Hessian's device when one is given,
+    with the AWQ-lite columns awq_cols at awq_bits."""
     scheme = choose_scheme(name, t, spec, ternary)
     hessian = hessian if scheme.startswith("int") else None
-    stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), hessian, preset, factor)
+    stored, parts = quantize_tensor(t, scheme, spec.sigmas_of(quant_group(name)), hessian, preset, factor,
+                                    awq_cols, awq_bits)
     entry = dict(name=name, scheme=stored, shape=list(t.shape), parts=parts)
     if not lqer_rank or not stored.startswith("int"):
         return entry, None
@@ -3940,12 +4033,14 @@ def quantize_entry(name: str, t: Tensor, spec: QuantSpec, ternary: tuple[str, ..
 
 def quantize_state_dict(state: dict[str, Tensor], spec: QuantSpec, ternary: tuple[str, ...] = (),
                         hessians: dict[str, Tensor] | None = None, preset: int = 6,
-                        lqer_tensors: int = 0, lqer_rank: int = 4, lqer_factors: str = "asym4") -> list[dict]:
+                        lqer_tensors: int = 0, lqer_rank: int = 4, lqer_factors: str = "asym4",
+                        awq: dict[str, Tensor] | None = None, awq_bits: int = 8) -> list[dict]:
     """[{name, scheme, shape, parts: {part: ndarray}}] in state-dict order, in one process; `hessians`
-    (by weight name) turns on GPTQ for the integer matrices that have one. The export's distributed form
-    is DistributedQuantizer; this one serves tests and tools."""
+    (by weight name) turns on GPTQ for the integer matrices that have one, `awq` (awq_select's) AWQ-lite. The
+    export's distributed form is DistributedQuantizer; this one serves tests and tools."""
     done = [quantize_entry(n, t, spec, ternary, (hessians or {}).get(n), preset, lqer_rank if lqer_tensors else 0,
-                           lqer_factors=lqer_factors) for n, t in state.items()]
+                           lqer_factors=lqer_factors, awq_cols=(awq or {}).get(n), awq_bits=awq_bits)
+            for n, t in state.items()]
     return add_lqer([e for e, _ in done], lqer_tensors, {e["name"]: c for e, c in done if c})
 
 
@@ -3972,6 +4067,10 @@ class DistributedQuantizer:
         gptq_names.sort(key=lambda n: -state[n].numel() * state[n].shape[1])          # cost ~ rows x cols^2
         self.mine = {n for i, n in enumerate(gptq_names) if i % rt.world_size == rt.rank}
         self.factors: dict[str, GPTQFactor] = {}
+        chosen = on_main(rt, lambda: {n: c.tolist() for n, c in awq_select(
+            state, {n: self.hessians[n] for n in gptq_names}, spec, self.ternary, hp.awq_groups, hp.awq_group_size,
+            hp.awq_bits).items()}) if hp.awq_groups and gptq_names else {}
+        self.awq = {n: torch.tensor(c) for n, c in chosen.items()}      # AWQ-lite's columns, the same on every rank
 
     def quantize(self, spec: QuantSpec) -> list[dict] | None:
         """Every rank calls this; rank 0 gets the entries in state-dict order, the others None."""
@@ -3982,7 +4081,7 @@ class DistributedQuantizer:
             if name not in self.factors:
                 self.factors[name] = gptq_factor(h)
             mine[name] = quantize_entry(name, self.state[name], spec, self.ternary, h, hp.lzma_preset, lqer_rank,
-                                        self.factors[name], hp.lqer_factors)
+                                        self.factors[name], hp.lqer_factors, self.awq.get(name), hp.awq_bits)
         done = {}
         for share in gather_to_main(self.rt, mine):
             done.update(share)
@@ -4149,23 +4248,40 @@ def rans_decode_matrices(coded: dict[str, np.ndarray], shapes: list[list[int]], 
     return out
 
 
-PART_ORDER = ("q", "lqer_a", "lqer_b", "trits", "nonzero", "negative", "scale", "lqer_a_scale", "lqer_b_scale", "w")
+PART_ORDER = ("q", "q_awq", "lqer_a", "lqer_b", "trits", "nonzero", "negative", "awq_cols", "scale", "lqer_a_scale",
+              "lqer_b_scale", "w")
 INT_CODERS = ("rans", "lzma")     # how the integer matrices are stored: rANS-coded (the default) or in the lzma stream
+RANS_PARTS = {"q": "rans", "q_awq": "rans_awq"}   # integer parts rANS-coded, each kind its own stream: header key
+
+
+def rans_code_parts(entries: list[dict]) -> dict[str, dict]:
+    """The integer parts (RANS_PARTS) of the int*_row entries rANS-coded, one stream per part kind, its tables per
+    family (coding_family): {part: {members: entry indices, families: names, offset: the largest integer, arrays:
+    rans_code_matrices'}}; kinds no entry has are left out."""
+    streams = {}
+    for part in RANS_PARTS:
+        members = [i for i, e in enumerate(entries) if e["scheme"].startswith("int") and part in e["parts"]]
+        if not members:
+            continue
+        names = list(dict.fromkeys(coding_family(entries[i]["name"]) for i in members))
+        offset = max(2 ** (part_bits(entries[i]["scheme"], part) - 1) - 1 for i in members)
+        arrays = rans_code_matrices([entries[i]["parts"][part] for i in members],
+                                    [names.index(coding_family(entries[i]["name"])) for i in members], len(names), offset)
+        streams[part] = dict(members=members, families=names, offset=offset, arrays=arrays)
+    return streams
 
 
 def pack_artifact(entries: list[dict], preset: int, config: dict, coder: str = "rans") -> bytes:
     """Serialize quantized entries and the model-shape settings (ARCH_SETTINGS) to the compressed
     artifact (see the section comment), one xz stream. The payload holds the parts grouped by kind
     (PART_ORDER: every tensor's integers, then every scale, then the fp16 tensors), which lzma compresses
-    best of the layouts measured (docs/quantization.md, "Byte layout"). With coder "rans" the integer matrices ("q" of
-    the int*_row entries) are entropy-coded instead (rans_code_matrices): their arrays go in the payload
-    under "rans" in the header, the entries' "q" is marked coded. Deterministic."""
+    best of the layouts measured (docs/quantization.md, "Byte layout"). With coder "rans" the integer matrices ("q"
+    and "q_awq" of the int*_row entries) are entropy-coded instead (rans_code_parts): their arrays go in the payload
+    under the stream's key in the header (RANS_PARTS), the entries' parts are marked coded. Deterministic."""
     if coder not in INT_CODERS:
         raise ValueError(f"coder {coder!r} is not one of {INT_CODERS}")
-    coded = [i for i, e in enumerate(entries) if coder == "rans" and e["scheme"].startswith("int") and "q" in e["parts"]]
-    names = list(dict.fromkeys(coding_family(entries[i]["name"]) for i in coded))
-    families = [names.index(coding_family(entries[i]["name"])) for i in coded]
-    offset = max((2 ** (int(entries[i]["scheme"][3]) - 1) - 1 for i in coded), default=0)
+    streams = rans_code_parts(entries) if coder == "rans" else {}
+    coded = {(i, part) for part, stream in streams.items() for i in stream["members"]}
     header, payload, offset_bytes = [], io.BytesIO(), 0
 
     def place(arr: np.ndarray) -> list:
@@ -4179,18 +4295,25 @@ def pack_artifact(entries: list[dict], preset: int, config: dict, coder: str = "
     for kind in PART_ORDER:
         for i, (e, placed) in enumerate(zip(entries, parts_of)):
             if kind in e["parts"]:
-                placed[kind] = "rans" if kind == "q" and i in coded else place(e["parts"][kind])
-    rans = {}
-    if coded:
-        arrays = rans_code_matrices([entries[i]["parts"]["q"] for i in coded], families, len(names), offset)
-        rans = dict(families=names, offset=offset, arrays={k: place(a) for k, a in arrays.items()})
+                placed[kind] = "rans" if (i, kind) in coded else place(e["parts"][kind])
+    coded_streams = {RANS_PARTS[part]: dict(families=stream["families"], offset=stream["offset"],
+                                            arrays={k: place(a) for k, a in stream["arrays"].items()})
+                     for part, stream in streams.items()}
     for e, placed in zip(entries, parts_of):
         if set(placed) != set(e["parts"]):
             raise ValueError(f"{e['name']}: parts {sorted(set(e['parts']) - set(placed))} have no place in PART_ORDER")
         header.append(dict(name=e["name"], scheme=e["scheme"], shape=e["shape"], parts=placed))
-    head = json.dumps(dict(config=config, tensors=header, **({"rans": rans} if rans else {})), separators=(",", ":")).encode()
+    head = json.dumps(dict(config=config, tensors=header, **coded_streams), separators=(",", ":")).encode()
     blob = ARTIFACT_MAGIC + len(head).to_bytes(8, "little") + head + payload.getvalue()
     return lzma.compress(blob, format=lzma.FORMAT_XZ, preset=preset | lzma.PRESET_EXTREME)
+
+
+def coded_shape(tensor: dict, part: str) -> list[int]:
+    """Shape of an rANS-coded part of a header's tensor: the matrix less (q) or only (q_awq) its AWQ-lite columns."""
+    rows, cols = tensor["shape"]
+    awq = tensor["parts"].get("awq_cols")
+    n_awq = int(np.prod(awq[1])) if isinstance(awq, list) else 0
+    return [rows, n_awq if part == "q_awq" else cols - n_awq]
 
 
 def unpack_artifact(data: bytes, source: str) -> tuple[dict[str, Tensor], dict]:
@@ -4213,19 +4336,21 @@ def unpack_artifact(data: bytes, source: str) -> tuple[dict[str, Tensor], dict]:
 
         parts_of = [{part: (placed if placed == "rans" else array(*placed)) for part, placed in e["parts"].items()}
                     for e in header["tensors"]]
-        coded = [i for i, parts in enumerate(parts_of) if isinstance(parts.get("q"), str)]
-        if coded:
-            rans = header["rans"]
+        for part, key in RANS_PARTS.items():
+            coded = [i for i, parts in enumerate(parts_of) if isinstance(parts.get(part), str)]
+            if not coded:
+                continue
+            rans = header[key]
             families = [rans["families"].index(coding_family(header["tensors"][i]["name"])) for i in coded]
             arrays = {k: array(*placed) for k, placed in rans["arrays"].items()}
-            qs = rans_decode_matrices(arrays, [header["tensors"][i]["shape"] for i in coded], families, rans["offset"])
-            for i, q in zip(coded, qs):
-                parts_of[i]["q"] = q
+            shapes = [coded_shape(header["tensors"][i], part) for i in coded]
+            for i, q in zip(coded, rans_decode_matrices(arrays, shapes, families, rans["offset"])):
+                parts_of[i][part] = q
         for e, parts in zip(header["tensors"], parts_of):
             if e["scheme"] not in STORED_SCHEMES:
                 raise PipelineError(f"{source}: tensor {e['name']} has unknown scheme {e['scheme']!r}")
             state[e["name"]] = dequantize_parts(e["scheme"], parts, e["shape"])
-    except (ValueError, KeyError, TypeError, IndexError) as e:
+    except (ValueError, KeyError, TypeError, IndexError, RuntimeError) as e:
         raise PipelineError(f"{source}: malformed artifact ({type(e).__name__}: {e})") from None
     return state, config
 
@@ -4272,11 +4397,30 @@ def plan_artifact(hp: Hyperparameters, spec: QuantSpec) -> list[dict]:
                  bytes=round(nbytes), sdclip_params=int(sd)) for (group, scheme), (params, nbytes, sd) in groups.items()]
 
 
-def next_factor(factor: float, over_bytes: float, sdclip_params: int) -> float:
-    """The factor on the settings' SDClip k that removes over_bytes (negative: spends them): each doubling of
-    k saves one bit per weight (H(q) ~ b - log2 k + c), so factor x 2^(8 over_bytes / params), kept within
-    [1, FIT_MAX_SCALE]: never finer than the settings' k, never coarser than FIT_MAX_SCALE times it."""
-    return min(FIT_MAX_SCALE, max(1.0, factor * 2.0 ** (8.0 * over_bytes / max(sdclip_params, 1))))
+def next_factor(points: list[tuple[float, int]], target: float, sdclip_params: int) -> float:
+    """The factor on the settings' SDClip k expected to bring code + model to `target` bytes, from the (factor,
+    total bytes) points measured so far: interpolated in log k between the nearest points on either side of the
+    target when there are such, else extrapolated from the last point along the secant through the last two
+    (when it falls) or along the -log2 k rule (each doubling of k saves one bit per weight of the sdclip_params:
+    H(q) ~ b - log2 k + c). Kept within [FIT_MIN_SCALE, FIT_MAX_SCALE]."""
+    over = [p for p in points if p[1] > target]
+    under = [p for p in points if p[1] <= target]
+    if over and under:
+        (f0, b0), (f1, b1) = min(over, key=lambda p: p[1]), max(under, key=lambda p: p[1])
+        log_f = math.log2(f0) + (math.log2(f1) - math.log2(f0)) * (b0 - target) / (b0 - b1)
+    else:
+        f0, b0 = points[-1]
+        slope = -max(sdclip_params, 1) / 8.0                  # bytes per doubling of k
+        if len(points) > 1 and points[-2][0] != f0:
+            secant = (b0 - points[-2][1]) / math.log2(f0 / points[-2][0])
+            slope = secant if secant < 0 else slope
+        log_f = math.log2(f0) + (target - b0) / slope
+    return min(FIT_MAX_SCALE, max(FIT_MIN_SCALE, 2.0 ** log_f))
+
+
+def fit_target(budget: int) -> tuple[float, float]:
+    """(lowest total the fit is content with, total it aims at): FIT_WINDOW under the budget, and its middle."""
+    return budget * (1 - FIT_WINDOW), budget * (1 - FIT_WINDOW / 2)
 
 
 @dataclass
@@ -4293,26 +4437,31 @@ PLANNER_TOLERANCE = 0.1      # the planner's stated error: within 10% on Gaussia
 
 
 def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
-    """Before training: the bytes the artifact will take at the configured k, the factor on k the budget
-    fit will need, and whether the run can fit at all. Refuses (PipelineError) when the code alone is over
-    the budget, or the coarsest setting the fit can reach is predicted over it by more than the planner's
+    """Before training: the bytes the artifact will take, the factor on the settings' k that lands code + model
+    in the budget fit's window (next_factor on the predictions: finer when the settings leave room, coarser when
+    they are over), and whether the run can fit at all. Refuses (PipelineError) when the code alone is over the
+    budget, or the coarsest setting the fit can reach is predicted over it by more than the planner's
     tolerance."""
     bytes_code = code_bytes()
     budget = hp.artifact_budget_bytes
     if bytes_code >= budget:
         raise PipelineError(f"train_gpt.py alone is {bytes_code} bytes, over ARTIFACT_BUDGET_BYTES={budget}")
-    spec = QuantSpec.from_settings(hp)
-    table = plan_artifact(hp, spec)
+    lowest_total, target = fit_target(budget)
+    tables, factor = {}, 1.0
+    for _ in range(FIT_ATTEMPTS):          # the -log2 k rule bends at the ends: a few rounds
+        tables[factor] = plan_artifact(hp, QuantSpec.from_settings(hp, factor))
+        total = sum(g["bytes"] for g in tables[factor]) + bytes_code
+        if lowest_total <= total <= budget:
+            break
+        points = [(f, sum(g["bytes"] for g in t) + bytes_code) for f, t in tables.items()]
+        factor = next_factor(points, target, sum(g["sdclip_params"] for g in tables[1.0]))
+        if factor in tables:
+            break
+    fitting = [f for f, t in tables.items() if sum(g["bytes"] for g in t) + bytes_code <= budget]
+    factor = min(fitting) if fitting else max(tables)          # the finest that fits, else the coarsest tried
+    spec, table = QuantSpec.from_settings(hp, factor), tables[factor]
     predicted = sum(g["bytes"] for g in table)
     sdclip = sum(g["sdclip_params"] for g in table)
-    factor = 1.0
-    for _ in range(FIT_ATTEMPTS):          # the -log2 k rule flattens at coarse steps: a few rounds
-        if predicted + bytes_code <= budget or factor >= FIT_MAX_SCALE:
-            break
-        factor = next_factor(factor, predicted + bytes_code - (budget - FIT_AIM_BYTES), sdclip)
-        spec = QuantSpec.from_settings(hp, factor)
-        table = plan_artifact(hp, spec)
-        predicted = sum(g["bytes"] for g in table)
     lowest = precision_ladder(QuantSpec.from_settings(hp))[-1].coarser(FIT_MAX_SCALE)
     floor = sum(g["bytes"] for g in plan_artifact(hp, lowest))
     for g in table:
@@ -4331,31 +4480,32 @@ def plan_budget(hp: Hyperparameters, log: RunLog) -> BudgetPlan:
 
 def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer, plan: BudgetPlan, config: dict,
                log: RunLog, stages: "StageTimes") -> tuple[bytes | None, list[dict] | None, QuantSpec, list[str]]:
-    """Quantize and pack until code + model land under ARTIFACT_BUDGET_BYTES, within FIT_SLACK_BYTES of it
-    when k can still move: from the planned factor on the settings' k, each attempt moves every k by
-    next_factor (coarser when over, finer when far under, never finer than the settings); after
-    FIT_ATTEMPTS it keeps the fullest artifact that fitted, or, if none did, tries the next rung of
-    precision_ladder. Every rank takes part (GPTQ is split over them); rank 0 packs and decides.
-    Returns (blob, entries, spec, attempts), blob and entries on rank 0 only; raises PipelineError on
-    every rank, writing nothing, when nothing fits."""
+    """Quantize and pack until code + model land within FIT_WINDOW under ARTIFACT_BUDGET_BYTES: from the planned
+    factor on the settings' k, each attempt moves every k by next_factor on the attempts so far (finer when under,
+    coarser when over, within [FIT_MIN_SCALE, FIT_MAX_SCALE]); after FIT_ATTEMPTS, or once k cannot move, it keeps
+    the fullest artifact that fitted, or, if none did, tries the next rung of precision_ladder. Every rank takes
+    part (GPTQ is split over them); rank 0 packs and decides. Returns (blob, entries, spec, attempts), blob and
+    entries on rank 0 only; raises PipelineError on every rank, writing nothing, when nothing fits."""
     bytes_code = code_bytes()
     budget, tried, best = hp.artifact_budget_bytes, [], {}
+    lowest_total, target = fit_target(budget)
 
-    def decide(entries: list[dict], spec: QuantSpec, factor: float):
-        """Rank 0: pack; "done", or the factor on the settings' k of the next attempt."""
+    def decide(entries: list[dict], spec: QuantSpec, factor: float, points: list[tuple[float, int]]):
+        """Rank 0: pack; "done", "next rung", or the factor on the settings' k of the next attempt."""
         with stages("pack"):
             blob = pack_artifact(entries, hp.lzma_preset, dict(config, quant_bits=dict(spec.bits),
                                                                quant_sigmas=dict(spec.sigmas)))
         total = bytes_code + len(blob)
         tried.append(f"{len(blob)} at {spec.describe()}")
+        points.append((factor, total))
         log(f"Serialized model {spec.describe()} +lzma: {len(blob)} bytes; code {bytes_code} bytes; "
             f"Total submission size: {total} bytes (budget {budget})")
         if total <= budget and len(blob) > len(best.get("blob", b"")):
             best.update(blob=blob, entries=entries, spec=spec)
-        if total <= budget and (budget - total <= FIT_SLACK_BYTES or factor <= 1.0):
+        if lowest_total <= total <= budget:
             return "done"
-        following = next_factor(factor, total - (budget - FIT_AIM_BYTES), plan.sdclip_params)
-        if abs(following - factor) < 1e-6:
+        following = next_factor(points, target, plan.sdclip_params)
+        if any(abs(following - f) < 1e-6 for f, _ in points):        # k cannot move further
             return "done" if best else "next rung"
         log(f"budget_fit: {'over' if total > budget else 'under'} by {abs(total - budget)} bytes; k x "
             f"{following:.4f} of the settings")
@@ -4365,10 +4515,11 @@ def fit_budget(hp: Hyperparameters, rt: Runtime, quantizer: DistributedQuantizer
         bits = dict(rung.bits)
         factor = plan.factor if rung == plan.spec else 1.0
         spec = QuantSpec.from_settings(hp, factor).with_bits(**bits)     # == plan.spec on the first rung: QAT's grid
+        points: list[tuple[float, int]] = []
         for _ in range(FIT_ATTEMPTS):
             with stages("gptq"):
                 entries = quantizer.quantize(spec)
-            decision = on_main(rt, lambda: decide(entries, spec, factor))
+            decision = on_main(rt, lambda: decide(entries, spec, factor, points))
             if decision in ("done", "next rung"):
                 break
             spec, factor = QuantSpec.from_settings(hp, decision).with_bits(**bits), decision
@@ -4438,8 +4589,8 @@ def scheme_label(bits: dict, ternary: str) -> str:
 
 
 def scheme_family(scheme: str) -> str:
-    """A stored ternary layout's scheme (ternary_base3 -> ternary); other schemes unchanged."""
-    return scheme.rsplit("_", 1)[0] if scheme.endswith(("_base3", "_mask")) else scheme
+    """A stored layout's scheme (ternary_base3 -> ternary, int6_row_awq8 -> int6_row); other schemes unchanged."""
+    return scheme.rsplit("_", 1)[0] if scheme.endswith(("_base3", "_mask")) or "_awq" in scheme else scheme
 
 
 def group_bytes(entries: list[dict], preset: int) -> list[dict]:

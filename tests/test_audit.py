@@ -431,10 +431,11 @@ def export_run(demo_data, name, monkeypatch, delay=0.0, calibration_s=0.0, **set
 def test_a_read_past_the_deadline_is_flagged(demo_data, tmp_path, monkeypatch):
     """A step whose read takes longer than the whole cap: the loop stops, and the summary keys say
     training data was read after the deadline; with a cap that is not reached they say it was not
-    (on a clock only the reads move: 0.5 s and 0.01 s a read)."""
+    (on a clock only the reads move: 0.5 s and 0.01 s a read). Calibration reads no training data here (self):
+    the loop's reads are the subject; training-data calibration has the test below."""
     monkeypatch.chdir(tmp_path)
-    late = export_run(demo_data, "late", monkeypatch, delay=0.5, MAX_WALLCLOCK_SECONDS=0.2)
-    in_time = export_run(demo_data, "in_time", monkeypatch, delay=0.01, MAX_WALLCLOCK_SECONDS=300)
+    late = export_run(demo_data, "late", monkeypatch, delay=0.5, MAX_WALLCLOCK_SECONDS=0.2, GPTQ_CALIBRATION="self")
+    in_time = export_run(demo_data, "in_time", monkeypatch, delay=0.01, MAX_WALLCLOCK_SECONDS=300, GPTQ_CALIBRATION="self")
     assert late.result.stopped_early and late.result.steps == 1
     assert late.train_deadline_ms == 200.0 and late.train_data_last_read_ms > 500.0
     assert late.read_after_deadline is True

@@ -264,7 +264,10 @@ def test_text_log(dist_run):
     assert re.search(r"^step:8/8 train_loss:\S+ train_time:", text, re.M)
     assert f"Total submission size: {s['bytes_total']} bytes" in text
     assert s["quant_bits"] == {"embed": 7, "mlp": 6, "attn": 6} and s["quant"]["attempts"] == 1
-    assert s["quant"]["sigmas"] == {"embed": 14.0, "mlp": 11.5, "attn": 13.0} and s["quant"]["fit_factor"] == 1.0
+    # a ~100 kB model under 16 MB: the plan and the fit take k to their finest bound, in one pack
+    fine = train_gpt.FIT_MIN_SCALE
+    assert s["quant"]["sigmas"] == {"embed": 14.0 * fine, "mlp": 11.5 * fine, "attn": 13.0 * fine}
+    assert s["quant"]["fit_factor"] == s["quant"]["planned_fit_factor"] == fine
     assert len(s["quant"]["lqer_tensors"]) == 3
     warning = "warning: NUM_LAYER is not a setting; did you mean NUM_LAYERS?"
     assert warning in text and warning in proc.stdout

@@ -221,3 +221,120 @@ def test_corrupt_artifact_raises_pipeline_error_naming_the_source(kind):
     with pytest.raises(PipelineError) as err:
         train_gpt.unpack_artifact(corrupt(kind), SOURCE)
     assert SOURCE in str(err.value)
+
+
+# --- AWQ-lite (PR #1908): the most salient column groups at more bits inside the GPTQ solve ------------------
+
+INT6 = train_gpt.QuantSpec((("embed", 7), ("mlp", 6), ("attn", 6)), (("embed", 14.0), ("mlp", 11.5), ("attn", 13.0)))
+
+
+def activations_hessian(cols, rms, n=4096, seed=0):
+    """Mean x x^T of n Gaussian inputs whose column j has RMS rms[j] (plus a little correlation)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, cols, generator=gen) * torch.as_tensor(rms, dtype=torch.float32)
+    x = x + 0.1 * x.roll(1, dims=1)
+    return x.T @ x / n
+
+
+def test_awq_picks_the_groups_of_largest_activation_rms_times_mean_weight():
+    """Four 64-column groups: the largest weights (group 0), the largest activations (group 1), neither but the
+    largest product (group 2). The rule picks group 2 first, over the whole model: a second matrix's best group
+    comes second, before the first matrix's runner-up; a matrix at AWQ_BITS or more never takes part."""
+    gen = torch.Generator().manual_seed(1)
+    w_scale = torch.tensor([5.0, 1.0, 3.0, 1.0]).repeat_interleave(64)
+    act_rms = torch.tensor([1.0, 5.0, 3.0, 1.0]).repeat_interleave(64)
+    state = {"a.weight": torch.randn(32, 256, generator=gen).sign() * w_scale,        # |w| exactly w_scale
+             "b.weight": torch.ones(32, 128) * torch.tensor([1.0, 7.0]).repeat_interleave(64),
+             "tok_emb.weight": torch.full((64, 128), 100.0)}                          # int8 at BITS8: not a candidate
+    hessians = {"a.weight": torch.diag(act_rms ** 2), "b.weight": torch.eye(128),
+                "tok_emb.weight": torch.eye(128)}
+    spec = INT6.with_bits(embed=8)
+    scores = train_gpt.awq_saliency(state["a.weight"], hessians["a.weight"], 64)
+    assert torch.allclose(scores, torch.tensor([5.0, 5.0, 9.0, 1.0]) * 64)
+    one = train_gpt.awq_select(state, hessians, spec, (), 1, 64, 8)
+    assert list(one) == ["a.weight"] and one["a.weight"].tolist() == list(range(128, 192))
+    two = train_gpt.awq_select(state, hessians, spec, (), 2, 64, 8)                  # b's group 1 scores 7 x 64
+    assert sorted(two) == ["a.weight", "b.weight"] and two["b.weight"].tolist() == list(range(64, 128))
+    assert train_gpt.awq_select(state, hessians, spec, (), 1, 64, 6) == {}            # every matrix has 6 bits or more
+
+
+def test_awq_lowers_the_hessian_weighted_error_of_a_matrix_with_one_salient_group():
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 256, generator=gen)
+    rms = torch.ones(256)
+    rms[64:128] = 8.0                                                                   # one group of loud inputs
+    h = activations_hessian(256, rms)
+    cols = train_gpt.awq_select({"m.weight": w}, {"m.weight": h}, INT6, (), 1, 64, 8)["m.weight"]
+    assert cols.tolist() == list(range(64, 128))
+    plain = train_gpt.hessian_error(w, train_gpt.dequantize_rows(*train_gpt.gptq_quantize(w, h, 6, 11.5)), h).sum()
+    q, scale = train_gpt.gptq_quantize(w, h, 6, 11.5, awq_cols=cols, awq_bits=8)
+    mult, top = train_gpt.column_grid(256, 6, cols, 8)
+    assert q[:, 64:128].abs().max() > 31 and q.abs().le(top).all()                    # the group uses the int8 range
+    awq = train_gpt.hessian_error(w, train_gpt.dequantize_grid(q, scale, mult), h).sum()
+    assert awq < 0.5 * plain
+
+
+def awq_model():
+    """A random tiny GPT, its Hessians from random tokens, and AWQ-lite's choice of 2 groups of 16 columns."""
+    hp = tiny_hp(NUM_LAYERS=2, MODEL_DIM=64, VOCAB_SIZE=256, AWQ_GROUPS=2, AWQ_GROUP_SIZE=16)
+    model = random_gpt(hp, seed=3)
+    x = torch.randint(0, hp.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    rt = train_gpt.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), distributed=False,
+                           control_group=None, autocast_dtype=None)
+    hessians = train_gpt.collect_hessians(model, rt, [x])
+    return hp, rt, model, hessians
+
+
+@pytest.mark.parametrize("coder", train_gpt.INT_CODERS)
+def test_awq_round_trips_exactly_through_the_artifact(coder):
+    hp, _, model, hessians = awq_model()
+    state = model.state_dict()
+    awq = train_gpt.awq_select(state, hessians, INT6, (), hp.awq_groups, hp.awq_group_size, hp.awq_bits)
+    entries = train_gpt.quantize_state_dict(state, INT6, hessians=hessians, awq=awq, awq_bits=8)
+    with_awq = [e for e in entries if "awq_cols" in e["parts"]]
+    assert with_awq and all(e["scheme"].endswith("_row_awq8") for e in with_awq)
+    assert sum(e["parts"]["awq_cols"].size for e in with_awq) == 2 * 16
+    for e in with_awq:
+        assert e["parts"]["q"].shape[1] + e["parts"]["q_awq"].shape[1] == e["shape"][1]
+        assert np.abs(e["parts"]["q_awq"]).max() > 31 >= np.abs(e["parts"]["q"]).max()
+    blob = train_gpt.pack_artifact(entries, 6, arch_config(hp), coder=coder)
+    out, _ = train_gpt.unpack_artifact(blob, SOURCE)
+    for e in entries:
+        assert torch.equal(out[e["name"]], train_gpt.dequantize_parts(e["scheme"], e["parts"], e["shape"])), e["name"]
+    train_gpt.GPT(hp).load_state_dict(out, strict=True)
+    for name, cols in awq.items():     # the weights GPTQ chose, on the int6/int7 grid and the int8 columns' grid
+        bits = int(train_gpt.choose_scheme(name, state[name], INT6)[3])
+        k = INT6.sigmas_of(train_gpt.quant_group(name))
+        q, scale = train_gpt.gptq_quantize(state[name], hessians[name], bits, k, awq_cols=cols, awq_bits=8)
+        mult = torch.ones(state[name].shape[1])
+        mult[cols] = (2 ** (bits - 1) - 1) / 127
+        assert torch.equal(out[name], q * scale.float()[:, None] * mult), name
+    if coder == "rans":      # the int8 columns are coded in a stream of their own: the int6/int7 stream keeps its alphabet
+        raw = lzma.decompress(blob)
+        pos = len(ARTIFACT_MAGIC)
+        head = json.loads(raw[pos + 8:pos + 8 + int.from_bytes(raw[pos:pos + 8], "little")])
+        assert head["rans"]["offset"] == 63 and head["rans_awq"]["offset"] == 127
+        assert abs(train_gpt.coded_bytes(entries, 6) - len(blob)) < 0.1 * len(blob)
+
+
+def test_awq_is_off_at_zero_groups_and_changes_only_the_chosen_matrices():
+    hp, rt, model, hessians = awq_model()
+    state = model.state_dict()
+    spec = train_gpt.QuantSpec.from_settings(hp)
+    on = train_gpt.DistributedQuantizer(hp, rt, state, hessians)
+    off = train_gpt.DistributedQuantizer(hp.replace(AWQ_GROUPS=0), rt, state, hessians)
+    assert off.awq == {} and sum(c.numel() for c in on.awq.values()) == 32
+    on_entries, off_entries = on.quantize(spec), off.quantize(spec)
+    assert not any("awq_cols" in e["parts"] for e in off_entries)
+    plain = train_gpt.quantize_state_dict(state, spec, hessians=hessians, lqer_tensors=hp.lqer_tensors,
+                                          lqer_rank=hp.lqer_rank, lqer_factors=hp.lqer_factors)
+    assert train_gpt.pack_artifact(off_entries, 6, {}) == train_gpt.pack_artifact(plain, 6, {})
+    changed = {e["name"] for e, f in zip(on_entries, off_entries) if e["scheme"] != f["scheme"]}
+    assert changed == set(on.awq)
+
+
+def test_the_default_turns_awq_on_as_record_1908_ran_it():
+    hp, _ = train_gpt.read_settings({})
+    assert (hp.awq_groups, hp.awq_bits, hp.awq_group_size) == (1, 8, 64)
+    for preset in ("stack1024", "baseline"):
+        assert train_gpt.read_settings({"PRESET": preset})[0].awq_groups == 0
