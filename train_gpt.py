@@ -2573,15 +2573,16 @@ class LoRATestTimeTrainer:
 @torch.no_grad()
 def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: Tensor, starts: np.ndarray,
                   score_from: np.ndarray, score_to: np.ndarray, w: int, batch: int, collect: bool,
-                  evidence: ScoringEvidence | None, bos_cum: np.ndarray, split: bool = True, probe=None
-                  ) -> tuple[Tensor, Tensor, list]:
+                  evidence: ScoringEvidence | None, bos_cum: np.ndarray, split: bool = True, probe=None,
+                  probe_at: tuple[float, ...] = ()) -> tuple[Tensor, Tensor, list]:
     """This rank's share of the windows (split: a contiguous range of them; else all, for a rank scoring what it
     alone has left): (NLL sum float64, targets scored, per-target NLL pieces).
 
     The share is padded to whole batches of `batch` windows (eval_batch_seqs) with windows that score
     nothing, and its window table is copied to the device once: the loop issues no host-device copy. Every
     batch runs at one varlen capacity, the largest its batches need (counted on the host from bos_cum).
-    `probe` (the audit) is shown the forward and the rows of some batches."""
+    `probe` (the audit, ForwardAudit) is shown the batches at `probe_at` (fractions of this call's batches: 0 the
+    first, 1 the last) once scored: the forward, its inputs, targets and capacity, the NLL and the scored mask."""
     lo, hi = (rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size) if split \
         else (0, len(starts))
     padded = -(-(hi - lo) // batch) * batch
@@ -2591,6 +2592,7 @@ def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens
     segments = rows_segments(bos_cum, table[0], w).reshape(-1, batch).sum(axis=1) if padded else np.zeros(1)
     capacity = varlen_capacity(batch, w, int(segments.max()))
     s, first, last = to_device(table, rt.device)
+    shown = {round(f * (padded // batch - 1)) for f in probe_at} if probe is not None else set()
     offsets = torch.arange(w + 1, device=rt.device)
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
@@ -2608,8 +2610,8 @@ def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens
             evidence.scored(positions[:, 1:][mask])
         if collect:
             pieces.append(nll.double()[mask].cpu())
-        if probe is not None:
-            probe.batch(run_model, x, y, capacity, nll, mask, b == 0, b + batch >= padded)
+        if b // batch in shown:
+            probe.batch(run_model, x, y, capacity, nll, mask)
     return nll_sum, scored, pieces
 
 
@@ -2623,7 +2625,7 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
     trained on only while the budget affords its training (the slowest so far, before any TTT_EPOCHS x
     TRAIN_STEP_COST x the plain rate x its tokens) and the scoring of what is left (its forward tokens x the
     plain rate x SCORE_RESERVE), on every rank; after the first refusal no chunk is trained on (ttt.cut =
-    "chunks"). `probe` (the audit) is shown some scoring batches."""
+    "chunks"). `probe` (the audit, ForwardAudit) is shown the scoring batches it picks (windows_picks)."""
     t_start = time.perf_counter()
     run_model.eval()
     n_inputs = tokens.size - 1
@@ -2637,6 +2639,7 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
     per_target = []
     slowest, forward_tokens = 0.0, 0
+    picks = probe.windows_picks(len(bounds), ttt is not None) if probe is not None else {}
     if ttt is not None and budget is not None:     # where each window's targets end: the forward tokens left after b
         all_starts, _, all_to = scoring_windows(mode, tokens, window, stride)
         ends = all_starts + all_to
@@ -2658,7 +2661,7 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
         before = weights_fingerprint(run_model) if evidence is not None else None
         windows = scoring_windows(mode, tokens, window, stride, a, b)
         part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
-                                                      evidence, bos_cum, probe=probe)
+                                                      evidence, bos_cum, probe=probe, probe_at=picks.get(k, ()))
         forward_tokens += -(-len(windows[0]) // rt.world_size // batch) * batch * w
         nll_sum += part_sum
         scored += part_scored
@@ -2726,8 +2729,9 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
     TRAIN_STEP_COST x the plain rate, times the steps that can be in flight) and the scoring of everything this
     rank has left without TTT (no_ttt_forward_tokens x the plain rate x SCORE_RESERVE) fit in what is left; if not,
     its TTT stops there and the rest (the rows' unscored chunks, the documents not begun) is scored by
-    document_windows without TTT. Every target is scored once either way. `probe` (the audit) is shown the
-    forward and the rows of some steps (EVAL_AUDIT=1)."""
+    document_windows without TTT. Every target is scored once either way. `probe` (the audit, ForwardAudit) is shown
+    the steps it picks, with the adapters that scored them, and the first batch of what is left to score without TTT;
+    its time is left out of the steps' times the budget predicts from."""
     t_start = time.perf_counter()
     n_inputs, w = tokens.size - 1, min(window, tokens.size - 1)
     spans = document_spans(tokens)
@@ -2763,13 +2767,16 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
                     break
             meta = to_device(np.stack([step.start, step.valid, step.score_from, step.score_to, step.learn,
                                        step.fresh]).astype(np.int64), rt.device)
+            audited = probe is not None and probe.lora_before(ttt, step, phase)
             nll, mask, targets = ttt.chunk_step(all_tokens, step, meta, evidence)
             nll_sum += (nll.double() * mask).sum()
             scored += mask.sum()
             if collect:
                 pieces.append((targets[mask].cpu(), nll.double()[mask].cpu()))
-            if probe is not None:
-                probe.lora_step(ttt, all_tokens, step, meta, nll, mask)
+            if audited:
+                probe.lora_step(ttt, all_tokens, step, meta, nll, mask, targets)
+                clock.pause()          # the audit is no step's time
+                clock.resume()
             clock.step_launched()
             step_tokens = (step_tokens + [n_tok])[-STEP_TIME_WINDOW - 1:]
             ttt.steps += 1
@@ -2798,7 +2805,7 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
                                                            for a, b in rest])]
         batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, "documents")
         part_sum, part_scored, part = score_windows(hp, rt, ttt.run_model, all_tokens, *windows, w, batch, collect,
-                                                    evidence, bos_cum, split=False)
+                                                    evidence, bos_cum, split=False, probe=probe, probe_at=(0.0,))
         nll_sum += part_sum
         scored += part_scored
         rest_nll = torch.cat(part).numpy() if part else np.zeros(0)
@@ -2821,11 +2828,12 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
 
 # -----------------------------------------------------------------------------
 # SELF-AUDIT (EVAL_AUDIT=1)
-# Checks, on the weights being scored, the four rules of "What evaluation may do" in the
-# challenge's rules: C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 and C2 run the
-# evaluator's own forward (same batch shape) on several windows of the schedule, the first, a middle
-# one and the last, every position of each (the scored tail included); C3 and C4 read the
-# ScoringEvidence the evaluator recorded from the data it used.
+# Checks the four rules of "What evaluation may do" in the challenge's rules on the forward that produces the
+# reported score: C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 (with rows independent) and
+# C2 run inside the final evaluation (ForwardAudit, the evaluator's probe): on a few batches it has just scored,
+# through the very forward that scored them, with the weights and LoRA adapters of that moment, in the batch's own
+# shape; that this forward gives back the NLLs the evaluation scored ties the checks to the score. C3 and C4 read
+# the ScoringEvidence the evaluator recorded from the data it used.
 # -----------------------------------------------------------------------------
 
 CAUSALITY_TOLERANCE = 1e-4       # max |delta NLL| of earlier targets when later tokens change ...
@@ -2834,172 +2842,201 @@ NOISE_TOLERANCE_FACTOR = 2.0     # ... each plus this many times the noise betwe
 NOISE_CEILING_NATS = 0.01        # which may be at most this: above it the audit cannot certify, it fails
 
 
-def audit_windows(tokens: np.ndarray, window: int, stride: int, mode: str = "sliding") -> list[int]:
-    """Start positions of the windows the audit checks: the schedule's first, middle and last."""
-    starts = scoring_windows(mode, tokens, window, stride)[0]
-    return sorted({int(starts[0]), int(starts[len(starts) // 2]), int(starts[-1])})
+def replace_tokens(t: Tensor, where: Tensor, gen: torch.Generator, vocab: int) -> Tensor:
+    """t with every entry where `where` (broadcast to t) holds replaced by a random token other than its own and
+    never a BOS: a BOS would add a varlen segment past the capacity the batch was counted at."""
+    lo = BOS_ID + 1
+    r = torch.randint(lo, vocab, t.shape, generator=gen, device=t.device)
+    return torch.where(where, torch.where(r == t, lo + (r - lo + 1) % (vocab - lo), r), t)
 
 
-def other_document_rows(tokens: np.ndarray, window: int, n_rows: int = 3) -> list[tuple[int, int]]:
-    """(window start, offset b of a BOS inside it) for up to n_rows windows of the evaluator's length, each with a
-    document beginning halfway in (after another document), at BOS positions spread over the stream."""
-    n_inputs = tokens.size - 1
-    w = min(window, n_inputs)
-    bos = np.flatnonzero(tokens[1:n_inputs] == BOS_ID) + 1
-    pick = bos[np.unique(np.linspace(0, bos.size - 1, n_rows).round().astype(int))] if bos.size else bos
-    starts = np.clip(pick - w // 2, 0, n_inputs - w)
-    return [(int(s_), int(p - s_)) for s_, p in zip(starts, pick)]
+class ForwardAudit:
+    """C1, rows independent and C2 on the final evaluation's own scoring forwards. The evaluator shows it some
+    batches it has just scored (score_windows: batch(); LoRA TTT: lora_before() and lora_step()); it runs each again
+    through the same forward with the same weights, adapters, shape, varlen capacity, grad mode and autocast (a
+    compiled model builds no new graph), perturbed as each check needs. It leaves no state changed: adapters it
+    swaps are restored exactly, no gradient is kept, the evidence is not told, its random tokens come from its own
+    generator. Maxima stay on the device until result() (every rank audits its own batches; no collective before).
 
+    At an audited batch (rows x L, each row's scored targets in `mask`):
+    - scoring forward: the batch run again gives the NLLs the evaluation scored at its scored targets: the forward
+      audited is the one that scored;
+    - C1: in every row three cuts in its scored range (after its first scored target, halfway, at its end), every
+      input and target from the cut on replaced (independently: reading a target through the next input fails
+      too); the NLLs before the cut must not move. EVAL_MODE=documents windows also: in each row with a document
+      after another, everything before that document's BOS replaced; the NLLs from the BOS on must not move;
+    - rows independent: rows 0, 1, the middle and the last each kept with every other row replaced; its NLLs must
+      not move (a row that holds a later window holds an earlier row's future);
+    - C2, at the first audited batch of each forward (windows, LoRA) of a rank (it costs VOCAB_SIZE / rows forwards):
+      a scored row in every row (with per-row adapters, every row given that row's adapter), each row another
+      candidate target at every position, the whole vocabulary: exp(-NLL) sums to 1 at every position.
+    Every comparison is between the same rows of two forwards (on a GPU a row's rounding can depend on where it
+    sits). Tolerances: CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR x the largest difference of a batch run twice;
+    NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR x expm1(the largest difference of candidates moved one row).
+    A noise above NOISE_CEILING_NATS fails the checks: rounding rows differently on purpose could widen them.
 
-@torch.no_grad()
-def forward_rows(rt: Runtime, run_model: nn.Module, x: Tensor, y: Tensor, batch: int) -> Tensor:
-    """NLL (float64) of rows of inputs x and targets y (N, w), in batches of the evaluator's shape: row i
-    is computed in row i % batch of its batch."""
-    out = []
-    for b in range(0, x.size(0), batch):
-        xb, yb = x[b:b + batch], y[b:b + batch]
-        pad = batch - xb.size(0)
-        with autocast(rt):
-            xb, yb = F.pad(xb, (0, 0, 0, pad)), F.pad(yb, (0, 0, 0, pad))
-            nll = run_model(xb, yb, capacity_of(xb))
-        out.append(nll[:batch - pad].double())
-    return torch.cat(out)
+    Which batches (windows_picks, lora_before): without TTT the first, middle and last batch of the scoring call;
+    with whole-model TTT the first batch of chunk 1 (after a trained chunk), the middle batch of the middle chunk
+    and the last of the last; with LoRA TTT the first step of each phase's stretch (before the first global phase,
+    between phases, after the last) in which a row holds a document it has trained on (B no longer 0), with the
+    adapters as they scored it, and the first batch of what TTT left to be scored without it."""
 
+    def __init__(self, hp: Hyperparameters, rt: Runtime):
+        self.rt, self.vocab, self.documents = rt, hp.vocab_size, hp.eval_mode == "documents"
+        self.gen = torch.Generator(device=rt.device).manual_seed(hp.seed + rt.rank)
+        names = ("scoring", "noise", "causal", "documents", "rows", "norm_dev", "norm_noise",
+                 "document_rows", "normalized_rows", "trained_rows")
+        self.stats = {k: torch.zeros((), dtype=torch.float64, device=rt.device) for k in names}
+        self.points = {"windows": 0, "lora": 0}
+        self.lora_steps, self.normalized, self.stretches, self.before, self.ms = 0, set(), set(), None, 0.0
 
-@torch.no_grad()
-def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                    stride: int, mode: str = "sliding") -> dict:
-    """C1: in each audited window, the NLL at every position before a cut is unchanged when every input
-    and every target from the cut on is replaced by a different random token; cuts at a quarter, a half,
-    inside the last stride (the scored tail) and at the last position. Inputs and targets are replaced
-    independently, so a model that reads position t's own target through input t + 1 fails too.
+    @staticmethod
+    def windows_picks(n_calls: int, ttt: bool) -> dict[int, tuple[float, ...]]:
+        """evaluate()'s scoring calls audited, each with where (fractions of its batches: 0 the first, 1 the last)."""
+        if not ttt or n_calls == 1:
+            return {0: (0.0, 0.5, 1.0)}
+        picks = {}
+        for k, f in ((1, 0.0), (max(1, n_calls // 2), 0.5), (n_calls - 1, 1.0)):
+            picks[k] = picks.get(k, ()) + (f,)
+        return picks
 
-    Each variant is scored in the batch row its original was scored in, in a batch of the same shape:
-    on a GPU the rounding of a row can depend on where it sits (split-K bf16 GEMMs), which would fail
-    an honest model if the two were compared across rows. The tolerance is set from the noise between
-    identical rows of this run in the same places (the originals scored twice), at most
-    NOISE_CEILING_NATS, and logged beside the check with the noise between identical rows in other
-    places (for the reader: the comparisons never cross rows, so a model cannot widen the tolerance
-    by rounding rows differently on purpose).
+    @contextlib.contextmanager
+    def timed(self):
+        """The audit's time (the device synchronised at both ends), reported apart from the evaluation's."""
+        if self.rt.device.type == "cuda":  # CUDA-only
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        yield
+        if self.rt.device.type == "cuda":  # CUDA-only
+            torch.cuda.synchronize()
+        self.ms += 1e3 * (time.perf_counter() - t0)
 
-    EVAL_MODE=documents adds the other half of "context only from itself": in windows that hold a document after
-    another (other_document_rows), every input and target before that document's BOS (another document's tokens)
-    is replaced, and the document's NLLs must not move (causality_other_documents_*)."""
-    w = min(window, tokens.size - 1)
-    gen = torch.Generator().manual_seed(hp.seed)
-    vocab = max(2, int(tokens.max()) + 1)
-    cuts = sorted({max(1, w // 4), max(1, w // 2), max(1, w - max(1, min(stride, w) // 2)), max(1, w - 1)})
-    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in audit_windows(tokens, window, stride, mode)])
-    x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    run_model.eval()
-    score = functools.partial(forward_rows, rt, run_model, batch=batch)
-    base = score(x0, y0)
-    same_rows = (score(x0, y0) - base).abs().max().item()
-    other_rows = (score(x0.roll(1, 0), y0.roll(1, 0)).roll(-1, 0) - base).abs().max().item()
-    worst = 0.0
-    for cut in cuts:
-        x, y = x0.clone(), y0.clone()
-        for t in (x, y):        # shift by 1..vocab-1 (mod vocab): every replaced token differs
-            t[:, cut:] = (t[:, cut:] + torch.randint(1, vocab, (t.size(0), w - cut), generator=gen).to(rt.device)) % vocab
-        worst = max(worst, (score(x, y)[:, :cut] - base[:, :cut]).abs().max().item())
-    n_windows = seqs.size(0)
-    docs = other_document_rows(tokens, window) if mode == "documents" else []
-    worst_docs = 0.0
-    if docs:
-        seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s, _ in docs])
-        x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
-        base = score(x0, y0)
-        x, y = x0.clone(), y0.clone()
-        for row, (_, b) in enumerate(docs):   # inputs before the BOS at b, and their targets but that BOS
-            for t, n in ((x, b), (y, b - 1)):
-                t[row, :n] = (t[row, :n] + torch.randint(1, vocab, (n,), generator=gen).to(rt.device)) % vocab
-        moved = (score(x, y) - base).abs()
-        worst_docs = max(moved[row, b:].max().item() for row, (_, b) in enumerate(docs))
-    run_model.train()
-    worst, worst_docs, same_rows, other_rows = agree_max(rt, [worst, worst_docs, same_rows, other_rows])
-    tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * same_rows
-    return dict(causality_ok=worst <= tolerance and worst_docs <= tolerance and same_rows <= NOISE_CEILING_NATS,
-                causality_max_abs_dnll=worst, causality_windows=n_windows, causality_cuts=cuts,
-                causality_tolerance=tolerance, causality_noise_same_rows=same_rows,
-                causality_noise_other_rows=other_rows, causality_other_documents_windows=len(docs),
-                causality_other_documents_max_abs_dnll=worst_docs)
+    def worst(self, name: str, value: Tensor) -> None:
+        self.stats[name] = torch.maximum(self.stats[name], value.double())   # a NaN stays NaN: the check fails
 
+    def count(self, name: str, value: Tensor) -> None:
+        self.stats[name] += value
 
-@torch.no_grad()
-def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                        stride: int, vocab_size: int, mode: str = "sliding") -> dict:
-    """C2: in each audited window, exp(-NLL) the evaluator's forward gives each of the vocab_size possible
-    next tokens sums to 1 at every position (the scored tail included). Candidate tokens are dealt out to
-    the ranks in batches of the evaluator's shape; the sums are added up over ranks.
+    def replace(self, t: Tensor, where: Tensor) -> Tensor:
+        return replace_tokens(t, where, self.gen, self.vocab)
 
-    Each candidate sits in its own row, and on a GPU a row's rounding can depend on where it sits, which
-    moves each p(v) by a factor of up to exp(noise) and their sum by up to expm1(noise). The noise is
-    measured in this run: each rank's first batch of candidates is scored again with every candidate in
-    another row; the tolerance adds NOISE_TOLERANCE_FACTOR x expm1(largest |delta NLL|), logged beside it.
-    A noise above NOISE_CEILING_NATS fails the check: a model that rounds rows differently on purpose
-    could otherwise widen the tolerance until an unnormalized score passed."""
-    w = min(window, tokens.size - 1)
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    worst, n_windows, noise = 0.0, 0, 0.0
-    run_model.eval()
-    for start in audit_windows(tokens, window, stride, mode):
-        x = torch.from_numpy(tokens[start:start + w]).to(rt.device)[None]
-        total = torch.zeros(w, dtype=torch.float64, device=rt.device)
-        for i, v0 in enumerate(range(0, vocab_size, batch)):
-            if i % rt.world_size != rt.rank:
-                continue
-            v = torch.arange(v0, min(v0 + batch, vocab_size), device=rt.device)
-            nll = forward_rows(rt, run_model, x.expand(v.numel(), w), v[:, None].expand(-1, w), batch)
-            total += torch.exp(-nll).sum(dim=0)
-            if i < rt.world_size:     # this rank's first batch, each candidate moved one row on
-                moved = forward_rows(rt, run_model, x.expand(v.numel(), w), v.roll(1)[:, None].expand(-1, w), batch)
-                noise = max(noise, (moved.roll(-1, 0) - nll).abs().max().item())
-        if rt.distributed:
-            dist.all_reduce(total)
-        worst = max(worst, (total - 1.0).abs().max().item())
-        n_windows += 1
-    run_model.train()
-    noise = agree_max(rt, [noise])[0]
-    tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(noise)
-    return dict(normalization_ok=worst <= tolerance and noise <= NOISE_CEILING_NATS,
-                normalization_max_abs_dev=worst, normalization_windows=n_windows,
-                normalization_tolerance=tolerance, normalization_noise_nll=noise)
+    def batch(self, run_model: nn.Module, x: Tensor, y: Tensor, capacity: int, nll: Tensor, mask: Tensor) -> None:
+        """A batch score_windows has just scored (under its no_grad): run_model(x, y, capacity) gave `nll`."""
+        def forward(xb: Tensor, yb: Tensor) -> Tensor:
+            with autocast(self.rt):
+                return run_model(xb, yb, capacity).float()
+        with self.timed():
+            self.check(forward, x, y, nll, mask, "windows", self.documents, mask.any(dim=1).int().argmax())
 
+    def lora_before(self, ttt: "LoRATestTimeTrainer", step: LoRAStep, stretch: int) -> bool:
+        """Before a LoRA chunk step of the `stretch`-th run of steps between global phases: whether to audit it (the
+        first of its stretch in which a row holds a document it has trained on); if so the adapters are kept now."""
+        self.lora_steps += 1
+        if stretch in self.stretches or not ((step.valid > 0) & ~step.fresh).any():
+            return False
+        self.stretches.add(stretch)
+        self.before = ttt.lora.weights.detach().clone()
+        return True
 
-@torch.no_grad()
-def audit_row_independence(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                           stride: int, tolerance: float, mode: str = "sliding") -> dict:
-    """C1 across the rows of a batch: the final evaluation scores consecutive windows side by side, and
-    with a stride below the window a later row holds an earlier row's future, so a forward that read
-    another row would leak it while C1's windows, scored apart, saw nothing. A batch of consecutive
-    windows from the middle of the stream is scored as the evaluator scores it; then rows 0, 1, the middle
-    one and the last are each scored again in the same row with every other row replaced by random
-    tokens. Their NLLs must not move (C1's tolerance). The rows have the evaluator's batch shape in either
-    EVAL_MODE (overlapping windows are the harder case: a row's future sits in the next one)."""
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    w = min(window, tokens.size - 1)
-    starts = sliding_windows(tokens.size, window, stride)[0]
-    first = max(0, min(len(starts) // 2, len(starts) - batch))
-    picked = starts[first:first + batch]
-    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in picked]).to(rt.device)
-    x0, y0 = seqs[:, :-1], seqs[:, 1:]
-    score = functools.partial(forward_rows, rt, run_model, batch=batch)
-    run_model.eval()
-    base = score(x0, y0)
-    gen = torch.Generator().manual_seed(hp.seed + 1)
-    vocab = max(2, int(tokens.max()) + 1)
-    rows = sorted({0, min(1, len(picked) - 1), len(picked) // 2, len(picked) - 1})
-    worst = 0.0
-    for r in rows:
-        x = torch.randint(0, vocab, x0.shape, generator=gen).to(rt.device)
-        y = torch.randint(0, vocab, y0.shape, generator=gen).to(rt.device)
-        x[r], y[r] = x0[r], y0[r]
-        worst = max(worst, (score(x, y)[r] - base[r]).abs().max().item())
-    run_model.train()
-    worst = agree_max(rt, [worst])[0]
-    return dict(rows_independent_ok=worst <= tolerance, rows_independent_max_abs_dnll=worst,
-                rows_independent_batch=len(picked), rows_independent_rows=rows)
+    def lora_step(self, ttt: "LoRATestTimeTrainer", tokens: Tensor, step: LoRAStep, meta: Tensor, nll: Tensor,
+                  mask: Tensor, targets: Tensor) -> None:
+        """The step lora_before() chose, just run by chunk_step (its NLL, scored mask and targets' stream positions),
+        audited with the adapters that scored it: those kept before it, with B = 0 in the rows it began afresh (as
+        its restart set them; A does not matter while B is 0, the delta is exactly 0). Its own adapters (trained
+        since) are put back after."""
+        lora, rows, dev = ttt.lora, len(step.start), tokens.device
+        b_part = (lora.a_bound == 0)[None, :]
+        after = lora.weights.detach().clone()
+        with torch.no_grad():
+            lora.weights.copy_(self.before.masked_fill_(torch.from_numpy(step.fresh).to(dev)[:, None] & b_part, 0.0))
+        self.before = None
+        trained = (step.valid > 0) & ~step.fresh
+        self.count("trained_rows", (((lora.weights.detach() != 0) & b_part).any(dim=1)
+                                    & torch.from_numpy(trained).to(dev)).sum())
+        inside = torch.arange(step.length, device=dev)[None, :] < meta[1][:, None]
+        x = torch.where(inside, tokens[targets - 1], LORA_PAD_ID)
+        y = torch.where(inside, tokens[targets], LORA_PAD_ID)
+        capacity = varlen_capacity(rows, step.length, rows)
+
+        def forward(xb: Tensor, yb: Tensor) -> Tensor:
+            with torch.enable_grad(), autocast(self.rt):          # chunk_step's grad mode: its compiled graph
+                return ttt.run_model(xb, yb, capacity, lora).detach().float()
+
+        def share(r: int) -> None:
+            with torch.no_grad():
+                lora.weights.copy_(lora.weights[r:r + 1].expand(rows, -1).clone())
+
+        with self.timed():
+            self.check(forward, x, y, nll, mask, "lora", False, int(np.flatnonzero(trained)[0]), share)
+        with torch.no_grad():
+            lora.weights.copy_(after)
+
+    def check(self, forward, x: Tensor, y: Tensor, nll: Tensor, mask: Tensor, kind: str, documents: bool,
+              c2_row, share=None) -> None:
+        """The checks of one batch (see the class); c2_row: the row C2 sums over (an int or a 0-d device tensor),
+        share(r): give every row row r's adapters (per-row adapters only)."""
+        rows, length = x.shape
+        pos = torch.arange(length, device=x.device)[None, :]
+        base = forward(x, y)
+        self.worst("noise", (forward(x, y) - base).abs().amax())
+        self.worst("scoring", torch.where(mask, (base - nll.float()).abs(), 0.0).amax())
+        first = mask.int().argmax(dim=1)
+        last = first + mask.sum(dim=1)
+        for cut in (first + 1, (first + last + 1) // 2, last):
+            c = cut.clamp(1, length - 1)[:, None]
+            moved = forward(self.replace(x, pos >= c), self.replace(y, pos >= c))
+            self.worst("causal", torch.where(pos < c, (moved - base).abs(), 0.0).amax())
+        if documents:
+            later_bos = (x == BOS_ID) & (pos >= 1)
+            b = torch.where(later_bos.any(dim=1), later_bos.int().argmax(dim=1), 0)[:, None]   # 0: no such document
+            moved = forward(self.replace(x, pos < b), self.replace(y, pos < b - 1))
+            self.worst("documents", torch.where(pos >= b, (moved - base).abs(), 0.0).amax())
+            self.count("document_rows", later_bos.any(dim=1).sum())
+        for r in sorted({0, min(1, rows - 1), rows // 2, rows - 1}):
+            others = (torch.arange(rows, device=x.device) != r)[:, None]
+            moved = forward(self.replace(x, others), self.replace(y, others))
+            self.worst("rows", (moved[r] - base[r]).abs().amax())
+        self.points[kind] += 1
+        if kind in self.normalized:
+            return
+        self.normalized.add(kind)
+        if share is not None:
+            share(c2_row)
+        xs = x.index_select(0, torch.as_tensor(c2_row, device=x.device).view(1)).expand(rows, length).contiguous()
+        total = torch.zeros(length, dtype=torch.float64, device=x.device)
+        for v0 in range(0, self.vocab, rows):
+            v = v0 + torch.arange(rows, device=x.device)
+            ys = v.clamp(max=self.vocab - 1)[:, None].expand(rows, length).contiguous()
+            candidates = forward(xs, ys)
+            total += (torch.exp(-candidates.double()) * (v < self.vocab)[:, None]).sum(dim=0)
+            if v0 == 0:     # the same candidates, each one row on
+                self.worst("norm_noise", (forward(xs, ys.roll(1, 0)).roll(-1, 0) - candidates).abs().amax())
+        self.worst("norm_dev", (total - 1.0).abs().amax())
+        self.count("normalized_rows", torch.ones((), device=x.device))
+
+    def result(self) -> dict:
+        """The compliance keys, over every rank (call on every rank, after the evaluation). A check that audited
+        nothing, or not the LoRA forward when LoRA steps scored, fails."""
+        names = list(self.stats)
+        s = dict(zip(names, agree_max(self.rt, torch.stack([self.stats[k] for k in names]).tolist())))
+        counts = [sum(c) for c in zip(*gather(self.rt, [int(self.stats[k].item()) for k in
+                                                         ("document_rows", "normalized_rows", "trained_rows")]
+                                                        + [self.points["windows"], self.points["lora"], self.lora_steps]))]
+        document_rows, normalized_rows, trained_rows, windows, lora, lora_steps = counts
+        tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * s["noise"]
+        norm_tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(s["norm_noise"])
+        audited = windows + lora > 0 and (lora > 0 or lora_steps == 0) and s["noise"] <= NOISE_CEILING_NATS
+        return dict(scoring_forward_ok=audited and s["scoring"] <= tolerance, scoring_forward_max_abs_dnll=s["scoring"],
+                    causality_ok=audited and s["causal"] <= tolerance and s["documents"] <= tolerance,
+                    causality_max_abs_dnll=s["causal"], causality_tolerance=tolerance,
+                    causality_noise_same_rows=s["noise"], causality_other_documents_rows=document_rows,
+                    causality_other_documents_max_abs_dnll=s["documents"],
+                    rows_independent_ok=audited and s["rows"] <= tolerance, rows_independent_max_abs_dnll=s["rows"],
+                    normalization_ok=audited and normalized_rows > 0 and s["norm_noise"] <= NOISE_CEILING_NATS
+                    and s["norm_dev"] <= norm_tolerance, normalization_max_abs_dev=s["norm_dev"],
+                    normalization_tolerance=norm_tolerance, normalization_noise_nll=s["norm_noise"],
+                    normalization_rows=normalized_rows, audit_points=dict(windows=windows, lora=lora),
+                    audit_lora_steps=lora_steps, audit_lora_rows_trained=trained_rows)
 
 
 def audit_score_before_update(evidence: ScoringEvidence, ttt_on: bool) -> dict:
@@ -4387,8 +4424,9 @@ def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, 
     """Projected 8xH100 seconds of each part of the evaluation of the full split (split_tokens), from this stream's
     documents scaled up by split_tokens / tokens.size. Assumptions (docs/evaluation.md): forward-only passes at
     ASSUMED_MFU, a third of the training FLOPs per token; TTT (LoRA chunk steps, global phases, whole-model
-    chunks) forward + backward at TTT_ASSUMED_MFU, the rate #1855's measured phased-TTT time implies; the audit's
-    C2 (the whole vocabulary on 3 windows) and C1 forwards; EVAL_LOAD_ASSUMED_S and EVAL_COMPILE_ASSUMED_S fixed.
+    chunks) forward + backward at TTT_ASSUMED_MFU, the rate #1855's measured phased-TTT time implies; the audit
+    (ForwardAudit, on every rank alike: C2's whole vocabulary once for each forward that scores, ~10 forwards of a
+    batch at each audited batch); EVAL_LOAD_ASSUMED_S and EVAL_COMPILE_ASSUMED_S fixed.
     'scoring' is what TTT falls back to when the budget cuts it: the part that must fit."""
     scale = split_tokens / tokens.size
     w = min(window, tokens.size - 1)
@@ -4398,9 +4436,12 @@ def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, 
     plain = len(sliding_windows(tokens.size, hp.train_seq_len, hp.train_seq_len)[0]) * min(hp.train_seq_len, tokens.size - 1)
     parts = dict(load=EVAL_LOAD_ASSUMED_S, compile=EVAL_COMPILE_ASSUMED_S,
                  plain=fwd(plain * scale, hp.train_seq_len), scoring=fwd(n_windows * w * scale, w), ttt=0.0, audit=0.0)
-    if hp.eval_audit:
-        parts["audit"] = fwd(3 * w * (max(hp.vocab_size, 1) + 2 * 7), w)
-    if hp.ttt_enabled and hp.ttt_method == "lora":     # the LoRA steps' work, shared by the ranks; the phases
+    lora = hp.ttt_enabled and hp.ttt_method == "lora"
+    if hp.eval_audit:      # LoRA: its stretches and what a cut leaves to windows; else 3 batches of windows
+        kinds, points = (2, hp.ttt_phases + 2) if lora else (1, 3)
+        batch_tokens = max(hp.val_batch_size // PROJECTION_GPUS, hp.ttt_lora_batch_tokens if lora else 0)
+        parts["audit"] = fwd(PROJECTION_GPUS * (kinds * hp.vocab_size * w + points * 10 * batch_tokens), w)
+    if lora:     # the LoRA steps' work, shared by the ranks; the phases
         spans = document_spans(tokens)
         lengths = spans[:, 1] - spans[:, 0]
         order = np.argsort(-lengths, kind="stable")
@@ -4757,19 +4798,13 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     eval_compile_ms = 0.0 if trained is None else trained.result.eval_compile_ms
     graphs_before_eval = compiled_graphs()
 
-    # evaluation, from loading the artifact to the final score: every rank loads it from disk, the
-    # audit checks the loaded weights, a plain pass measures the quantization gap, the final pass scores
+    # evaluation, from loading the artifact to the final score: every rank loads it from disk, a plain pass
+    # measures the quantization gap, the final pass scores (audited from inside with EVAL_AUDIT=1)
     t_eval = time.perf_counter()
     with stages("load"):
         loaded = load_artifact_everywhere(rt, model, artifact.path, val_tokens[:min(val_tokens.size, hp.train_seq_len + 1)])
     compliance = {}
-    if hp.eval_audit:
-        with stages("audit"):
-            compliance.update(audit_causality(hp, rt, run_model, val_tokens, window, stride, hp.eval_mode))
-            compliance.update(audit_row_independence(hp, rt, run_model, val_tokens, window, stride,
-                                                     compliance["causality_tolerance"], hp.eval_mode))
-            compliance.update(audit_normalization(hp, rt, run_model, val_tokens, window, stride, hp.vocab_size,
-                                                  hp.eval_mode))
+    probe = ForwardAudit(hp, rt) if hp.eval_audit else None
     with stages("roundtrip_plain_eval"):
         plain = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
     log_eval(log, "roundtrip (plain windows)", plain)
@@ -4784,10 +4819,13 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     with stages("eval"):
         if lora:
             final = evaluate_lora_ttt(hp, rt, ttt, val_tokens, tables, window, stride, budget,
-                                      collect=bool(hp.nll_dump), audit=bool(hp.eval_audit))
+                                      collect=bool(hp.nll_dump), audit=bool(hp.eval_audit), probe=probe)
         else:
             final = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, ttt=ttt, collect=bool(hp.nll_dump),
-                             audit=bool(hp.eval_audit), mode=hp.eval_mode, budget=budget)
+                             audit=bool(hp.eval_audit), mode=hp.eval_mode, budget=budget, probe=probe)
+    if probe is not None:        # the audit ran inside the final pass: its time is reported apart from it
+        stages.ms["audit"] = probe.ms
+        stages.ms["eval"] -= probe.ms
     ttt_summary = None
     if hp.ttt_enabled:
         ttt_summary = dict(method=hp.ttt_method, budget_s=hp.eval_time_limit_seconds or None,
@@ -4808,6 +4846,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     log(f"eval_time: {eval_time_ms:.0f}ms = {eval_measured_ms:.0f}ms from the artifact's load to the final score "
         f"(every pass counted) + {eval_compile_ms:.0f}ms compiling the evaluation graphs in the warm-up")
     if hp.eval_audit:
+        compliance.update(probe.result())
         compliance.update(audit_score_before_update(final.evidence, ttt is not None))
         compliance.update(audit_one_pass(final.evidence))
         if trained is not None:     # a re-score trained nothing: there is no training-data read to check
