@@ -556,27 +556,13 @@ def test_documents_lora_ttt_run_is_compliant(demo_data, dist_run, val_only, lora
     assert summary(tmp_path / "plain", "docs")["val_tokens"] == s["val_tokens"]
 
 
-LOOKS_AHEAD = """import sys
-import torch
-sys.path.insert(0, {root!r})
-import train_gpt
-real = train_gpt.TTTLoRA.add
-def add(self, slot, target, x, out):       # every adapter reads the next position's input
-    return real(self, slot, target, torch.cat((x[:, 1:], x[:, -1:]), dim=1), out)
-train_gpt.TTTLoRA.add = add
-sys.exit(train_gpt.entry_point())
-"""
-
-
 def test_a_lora_that_reads_the_next_position_fails_the_audit(demo_data, dist_run, val_only, lora_run, tmp_path):
-    """The program unchanged but for a LoRA forward that reads the next position's input (the audit of the loaded
-    weights without adapters passed it): it scores better than the honest LoRA run, and the audit inside the final
-    pass fails it: causality_ok and all_ok false, the other checks true."""
+    """The program unchanged but for a LoRA forward that reads the next position's input (tools/lora_reads_ahead.py;
+    the audit of the loaded weights without adapters passed it): it scores better than the honest LoRA run, and the
+    audit inside the final pass fails it: causality_ok and all_ok false, the other checks true."""
     artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
-    script = tmp_path / "looks_ahead.py"
-    script.write_text(LOOKS_AHEAD.format(root=str(TRAIN_GPT.parent)))
-    succeeded(run_train(tmp_path, demo_data, script=script, RUN_ID="ahead", EVAL_ONLY=artifact, DATA_PATH=val_only,
-                        EVAL_AUDIT=1, **LORA_RUN))
+    succeeded(run_train(tmp_path, demo_data, script=TRAIN_GPT.parent / "tools" / "lora_reads_ahead.py", RUN_ID="ahead",
+                        EVAL_ONLY=artifact, DATA_PATH=val_only, EVAL_AUDIT=1, **LORA_RUN))
     s, honest = summary(tmp_path, "ahead"), lora_run[2]
     c = s["compliance"]
     assert c["causality_ok"] is False and c["all_ok"] is False
