@@ -2869,7 +2869,8 @@ class ForwardAudit:
       not move (a row that holds a later window holds an earlier row's future);
     - C2, at the first audited batch of each forward (windows, LoRA) of a rank (it costs VOCAB_SIZE / rows forwards):
       a scored row in every row (with per-row adapters, every row given that row's adapter), each row another
-      candidate target at every position, the whole vocabulary: exp(-NLL) sums to 1 at every position.
+      candidate target at every position, the whole vocabulary: exp(-NLL) sums to 1 at every position. The row is
+      one whose segments, repeated in every row, fit the batch's varlen capacity (else a later batch is used).
     Every comparison is between the same rows of two forwards (on a GPU a row's rounding can depend on where it
     sits). Tolerances: CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR x the largest difference of a batch run twice;
     NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR x expm1(the largest difference of candidates moved one row).
@@ -2884,8 +2885,8 @@ class ForwardAudit:
     def __init__(self, hp: Hyperparameters, rt: Runtime):
         self.rt, self.vocab, self.documents = rt, hp.vocab_size, hp.eval_mode == "documents"
         self.gen = torch.Generator(device=rt.device).manual_seed(hp.seed + rt.rank)
-        names = ("scoring", "noise", "causal", "documents", "rows", "norm_dev", "norm_noise",
-                 "document_rows", "normalized_rows", "trained_rows")
+        names = ("scoring", "noise", "causal", "documents", "rows", "norm_dev", "norm_noise", "document_rows",
+                 "trained_rows")
         self.stats = {k: torch.zeros((), dtype=torch.float64, device=rt.device) for k in names}
         self.points = {"windows": 0, "lora": 0}
         self.lora_steps, self.normalized, self.stretches, self.before, self.ms = 0, set(), set(), None, 0.0
@@ -2926,7 +2927,7 @@ class ForwardAudit:
             with autocast(self.rt):
                 return run_model(xb, yb, capacity).float()
         with self.timed():
-            self.check(forward, x, y, nll, mask, "windows", self.documents, mask.any(dim=1).int().argmax())
+            self.check(forward, x, y, nll, mask, "windows", self.documents, capacity, mask.any(dim=1))
 
     def lora_before(self, ttt: "LoRATestTimeTrainer", step: LoRAStep, stretch: int) -> bool:
         """Before a LoRA chunk step of the `stretch`-th run of steps between global phases: whether to audit it (the
@@ -2950,9 +2951,8 @@ class ForwardAudit:
         with torch.no_grad():
             lora.weights.copy_(self.before.masked_fill_(torch.from_numpy(step.fresh).to(dev)[:, None] & b_part, 0.0))
         self.before = None
-        trained = (step.valid > 0) & ~step.fresh
-        self.count("trained_rows", (((lora.weights.detach() != 0) & b_part).any(dim=1)
-                                    & torch.from_numpy(trained).to(dev)).sum())
+        trained = torch.from_numpy((step.valid > 0) & ~step.fresh).to(dev)
+        self.count("trained_rows", (((lora.weights.detach() != 0) & b_part).any(dim=1) & trained).sum())
         inside = torch.arange(step.length, device=dev)[None, :] < meta[1][:, None]
         x = torch.where(inside, tokens[targets - 1], LORA_PAD_ID)
         y = torch.where(inside, tokens[targets], LORA_PAD_ID)
@@ -2967,14 +2967,14 @@ class ForwardAudit:
                 lora.weights.copy_(lora.weights[r:r + 1].expand(rows, -1).clone())
 
         with self.timed():
-            self.check(forward, x, y, nll, mask, "lora", False, int(np.flatnonzero(trained)[0]), share)
+            self.check(forward, x, y, nll, mask, "lora", False, capacity, trained, share)
         with torch.no_grad():
             lora.weights.copy_(after)
 
     def check(self, forward, x: Tensor, y: Tensor, nll: Tensor, mask: Tensor, kind: str, documents: bool,
-              c2_row, share=None) -> None:
-        """The checks of one batch (see the class); c2_row: the row C2 sums over (an int or a 0-d device tensor),
-        share(r): give every row row r's adapters (per-row adapters only)."""
+              capacity: int, c2_rows: Tensor, share=None) -> None:
+        """The checks of one batch (see the class); c2_rows: the rows C2 may sum over (bool, (rows,)); share(r):
+        give every row row r's adapters (per-row adapters only)."""
         rows, length = x.shape
         pos = torch.arange(length, device=x.device)[None, :]
         base = forward(x, y)
@@ -2997,12 +2997,15 @@ class ForwardAudit:
             moved = forward(self.replace(x, others), self.replace(y, others))
             self.worst("rows", (moved[r] - base[r]).abs().amax())
         self.points[kind] += 1
-        if kind in self.normalized:
+        segments = 1 + (x[:, 1:] == BOS_ID).sum(dim=1)                 # count_segments of each row
+        c2_rows = c2_rows & (segments * rows <= capacity - 1)
+        if kind in self.normalized or not c2_rows.any():
             return
         self.normalized.add(kind)
+        c2_row = int(c2_rows.int().argmax())
         if share is not None:
             share(c2_row)
-        xs = x.index_select(0, torch.as_tensor(c2_row, device=x.device).view(1)).expand(rows, length).contiguous()
+        xs = x[c2_row:c2_row + 1].expand(rows, length).contiguous()
         total = torch.zeros(length, dtype=torch.float64, device=x.device)
         for v0 in range(0, self.vocab, rows):
             v = v0 + torch.arange(rows, device=x.device)
@@ -3012,27 +3015,29 @@ class ForwardAudit:
             if v0 == 0:     # the same candidates, each one row on
                 self.worst("norm_noise", (forward(xs, ys.roll(1, 0)).roll(-1, 0) - candidates).abs().amax())
         self.worst("norm_dev", (total - 1.0).abs().amax())
-        self.count("normalized_rows", torch.ones((), device=x.device))
 
     def result(self) -> dict:
         """The compliance keys, over every rank (call on every rank, after the evaluation). A check that audited
         nothing, or not the LoRA forward when LoRA steps scored, fails."""
         names = list(self.stats)
         s = dict(zip(names, agree_max(self.rt, torch.stack([self.stats[k] for k in names]).tolist())))
-        counts = [sum(c) for c in zip(*gather(self.rt, [int(self.stats[k].item()) for k in
-                                                         ("document_rows", "normalized_rows", "trained_rows")]
-                                                        + [self.points["windows"], self.points["lora"], self.lora_steps]))]
-        document_rows, normalized_rows, trained_rows, windows, lora, lora_steps = counts
+        mine = [int(s_.item()) for s_ in (self.stats["document_rows"], self.stats["trained_rows"])] + [
+            self.points["windows"], self.points["lora"], self.lora_steps, "windows" in self.normalized,
+            "lora" in self.normalized]
+        document_rows, trained_rows, windows, lora, lora_steps, norm_windows, norm_lora = [
+            sum(c) for c in zip(*gather(self.rt, mine))]
         tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * s["noise"]
         norm_tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(s["norm_noise"])
         audited = windows + lora > 0 and (lora > 0 or lora_steps == 0) and s["noise"] <= NOISE_CEILING_NATS
+        normalized_rows = norm_windows + norm_lora         # every forward audited had its C2 on some rank
+        normalized = (norm_windows > 0 or windows == 0) and (norm_lora > 0 or lora == 0)
         return dict(scoring_forward_ok=audited and s["scoring"] <= tolerance, scoring_forward_max_abs_dnll=s["scoring"],
                     causality_ok=audited and s["causal"] <= tolerance and s["documents"] <= tolerance,
                     causality_max_abs_dnll=s["causal"], causality_tolerance=tolerance,
                     causality_noise_same_rows=s["noise"], causality_other_documents_rows=document_rows,
                     causality_other_documents_max_abs_dnll=s["documents"],
                     rows_independent_ok=audited and s["rows"] <= tolerance, rows_independent_max_abs_dnll=s["rows"],
-                    normalization_ok=audited and normalized_rows > 0 and s["norm_noise"] <= NOISE_CEILING_NATS
+                    normalization_ok=audited and normalized and s["norm_noise"] <= NOISE_CEILING_NATS
                     and s["norm_dev"] <= norm_tolerance, normalization_max_abs_dev=s["norm_dev"],
                     normalization_tolerance=norm_tolerance, normalization_noise_nll=s["norm_noise"],
                     normalization_rows=normalized_rows, audit_points=dict(windows=windows, lora=lora),

@@ -204,6 +204,35 @@ def test_an_audit_that_audited_nothing_certifies_nothing():
     assert not any(c[k] for k in FORWARD_CHECKS)
 
 
+class FlashCapacity(nn.Module):
+    """The flash-attention varlen path's hazard on the CPU: a batch holding more segments (count_segments) than its
+    cu_seqlens capacity has room for comes back poisoned with NaN (causal_attention's overflow)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, target_ids, capacity=None, lora=None):
+        nll = self.model(input_ids, target_ids, capacity, lora)
+        over = train_gpt.count_segments(input_ids.numpy()) > capacity - 1
+        return nll + float("nan") if over else nll
+
+
+def test_the_audit_keeps_to_the_batch_varlen_capacity(monkeypatch):
+    """C2 repeats one row in every row of the batch: a row of several documents repeated can hold more segments than
+    the capacity the batch was counted at (on a GPU: NaN, C2 fails an honest model). It takes a row that fits. The
+    stream: eight documents of 3 tokens (the first row of the first batch holds six), then documents of 30; one segment
+    a row of base capacity, so the capacity is what the batches hold (the first, 12 segments: room for 16)."""
+    monkeypatch.setattr(train_gpt, "VARLEN_SEGMENTS_PER_ROW", 1)
+    monkeypatch.setattr(train_gpt, "VARLEN_OVERFLOWS", {})
+    hp = windows_hp("documents")
+    tokens = np.random.default_rng(5).integers(2, VOCAB, 200)
+    tokens[np.r_[0:24:3, 24:200:30]] = train_gpt.BOS_ID
+    r, c = audited_windows(hp, FlashCapacity(random_gpt(hp, seed=1)), tokens)
+    assert np.isfinite(r.val_loss) and all(c[k] is True for k in FORWARD_CHECKS), c
+    assert c["normalization_rows"] == 1 and c["causality_other_documents_rows"] > 0
+
+
 # --- C1 causality ---------------------------------------------------------------------------------------------
 
 def leaky_attention(diagonal):
