@@ -2625,7 +2625,8 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
     trained on only while the budget affords its training (the slowest so far, before any TTT_EPOCHS x
     TRAIN_STEP_COST x the plain rate x its tokens) and the scoring of what is left (its forward tokens x the
     plain rate x SCORE_RESERVE), on every rank; after the first refusal no chunk is trained on (ttt.cut =
-    "chunks"). `probe` (the audit, ForwardAudit) is shown the scoring batches it picks (windows_picks)."""
+    "chunks"). `probe` (the audit, ForwardAudit) is shown the first, middle and last batch of the last scoring call
+    (without TTT the only one; with TTT the one after every trained chunk)."""
     t_start = time.perf_counter()
     run_model.eval()
     n_inputs = tokens.size - 1
@@ -2639,7 +2640,6 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
     per_target = []
     slowest, forward_tokens = 0.0, 0
-    picks = probe.windows_picks(len(bounds), ttt is not None) if probe is not None else {}
     if ttt is not None and budget is not None:     # where each window's targets end: the forward tokens left after b
         all_starts, _, all_to = scoring_windows(mode, tokens, window, stride)
         ends = all_starts + all_to
@@ -2661,7 +2661,8 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
         before = weights_fingerprint(run_model) if evidence is not None else None
         windows = scoring_windows(mode, tokens, window, stride, a, b)
         part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
-                                                      evidence, bos_cum, probe=probe, probe_at=picks.get(k, ()))
+                                                      evidence, bos_cum, probe=probe,
+                                                      probe_at=(0.0, 0.5, 1.0) if k == len(bounds) - 1 else ())
         forward_tokens += -(-len(windows[0]) // rt.world_size // batch) * batch * w
         nll_sum += part_sum
         scored += part_scored
@@ -2842,21 +2843,14 @@ NOISE_TOLERANCE_FACTOR = 2.0     # ... each plus this many times the noise betwe
 NOISE_CEILING_NATS = 0.01        # which may be at most this: above it the audit cannot certify, it fails
 
 
-def replace_tokens(t: Tensor, where: Tensor, gen: torch.Generator, vocab: int) -> Tensor:
-    """t with every entry where `where` (broadcast to t) holds replaced by a random token other than its own and
-    never a BOS: a BOS would add a varlen segment past the capacity the batch was counted at."""
-    lo = BOS_ID + 1
-    r = torch.randint(lo, vocab, t.shape, generator=gen, device=t.device)
-    return torch.where(where, torch.where(r == t, lo + (r - lo + 1) % (vocab - lo), r), t)
-
-
 class ForwardAudit:
     """C1, rows independent and C2 on the final evaluation's own scoring forwards. The evaluator shows it some
     batches it has just scored (score_windows: batch(); LoRA TTT: lora_before() and lora_step()); it runs each again
     through the same forward with the same weights, adapters, shape, varlen capacity, grad mode and autocast (a
     compiled model builds no new graph), perturbed as each check needs. It leaves no state changed: adapters it
     swaps are restored exactly, no gradient is kept, the evidence is not told, its random tokens come from its own
-    generator. Maxima stay on the device until result() (every rank audits its own batches; no collective before).
+    generator (never a BOS: that would add a varlen segment past the batch's capacity). Every rank audits its own
+    batches, with no collective before result().
 
     At an audited batch (rows x L, each row's scored targets in `mask`):
     - scoring forward: the batch run again gives the NLLs the evaluation scored at its scored targets: the forward
@@ -2876,172 +2870,144 @@ class ForwardAudit:
     NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR x expm1(the largest difference of candidates moved one row).
     A noise above NOISE_CEILING_NATS fails the checks: rounding rows differently on purpose could widen them.
 
-    Which batches (windows_picks, lora_before): without TTT the first, middle and last batch of the scoring call;
-    with whole-model TTT the first batch of chunk 1 (after a trained chunk), the middle batch of the middle chunk
-    and the last of the last; with LoRA TTT the first step of each phase's stretch (before the first global phase,
-    between phases, after the last) in which a row holds a document it has trained on (B no longer 0), with the
-    adapters as they scored it, and the first batch of what TTT left to be scored without it."""
+    Which batches (evaluate, lora_before): the first, middle and last batch of evaluate()'s last scoring call (without
+    TTT its only one; with whole-model TTT the last chunk's, after every trained chunk); with LoRA TTT the first step of each stretch between global phases (before the first, between, after the last)
+    in which a row holds a document it has trained on (B no longer 0), with the adapters as they scored it, and the
+    first batch of what a budget cut left to be scored without TTT."""
 
     def __init__(self, hp: Hyperparameters, rt: Runtime):
         self.rt, self.vocab, self.documents = rt, hp.vocab_size, hp.eval_mode == "documents"
         self.gen = torch.Generator(device=rt.device).manual_seed(hp.seed + rt.rank)
-        names = ("scoring", "noise", "causal", "documents", "rows", "norm_dev", "norm_noise", "document_rows",
-                 "trained_rows")
-        self.stats = {k: torch.zeros((), dtype=torch.float64, device=rt.device) for k in names}
-        self.points = {"windows": 0, "lora": 0}
-        self.lora_steps, self.normalized, self.stretches, self.before, self.ms = 0, set(), set(), None, 0.0
+        self.worst = {k: torch.zeros((), dtype=torch.float64, device=rt.device) for k in (
+            "scoring_forward", "noise_same_rows", "causality", "other_documents", "rows_independent", "normalization",
+            "normalization_noise")}
+        self.stretches, self.before, self.ms = set(), None, 0.0
+        self.counts = dict.fromkeys(("windows", "lora", "lora_steps", "c2_windows", "c2_lora", "other_documents",
+                                     "trained_rows"), 0)
 
-    @staticmethod
-    def windows_picks(n_calls: int, ttt: bool) -> dict[int, tuple[float, ...]]:
-        """evaluate()'s scoring calls audited, each with where (fractions of its batches: 0 the first, 1 the last)."""
-        if not ttt or n_calls == 1:
-            return {0: (0.0, 0.5, 1.0)}
-        picks = {}
-        for k, f in ((1, 0.0), (max(1, n_calls // 2), 0.5), (n_calls - 1, 1.0)):
-            picks[k] = picks.get(k, ()) + (f,)
-        return picks
-
-    @contextlib.contextmanager
-    def timed(self):
-        """The audit's time (the device synchronised at both ends), reported apart from the evaluation's."""
-        if self.rt.device.type == "cuda":  # CUDA-only
+    def sync_ms(self) -> float:
+        if self.rt.device.type == "cuda":  # CUDA-only: the audit's time is its kernels'
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        yield
-        if self.rt.device.type == "cuda":  # CUDA-only
-            torch.cuda.synchronize()
-        self.ms += 1e3 * (time.perf_counter() - t0)
+        return 1e3 * time.perf_counter()
 
-    def worst(self, name: str, value: Tensor) -> None:
-        self.stats[name] = torch.maximum(self.stats[name], value.double())   # a NaN stays NaN: the check fails
-
-    def count(self, name: str, value: Tensor) -> None:
-        self.stats[name] += value
+    def note(self, name: str, diff: Tensor) -> None:
+        """Keep the largest |diff| seen for `name` (on the device; a NaN stays: the check fails)."""
+        self.worst[name] = torch.maximum(self.worst[name], diff.abs().amax().double())
 
     def replace(self, t: Tensor, where: Tensor) -> Tensor:
-        return replace_tokens(t, where, self.gen, self.vocab)
+        """t with the entries where `where` (broadcast) holds replaced by random tokens, never a BOS."""
+        r = torch.randint(BOS_ID + 1, self.vocab, t.shape, generator=self.gen, device=t.device)
+        return torch.where(where, r, t)
 
-    def batch(self, run_model: nn.Module, x: Tensor, y: Tensor, capacity: int, nll: Tensor, mask: Tensor) -> None:
+    def batch(self, run_model: nn.Module, x, y, capacity: int, nll, mask) -> None:
         """A batch score_windows has just scored (under its no_grad): run_model(x, y, capacity) gave `nll`."""
-        def forward(xb: Tensor, yb: Tensor) -> Tensor:
+        t0 = self.sync_ms()
+
+        def forward(xb, yb):
             with autocast(self.rt):
                 return run_model(xb, yb, capacity).float()
-        with self.timed():
-            self.check(forward, x, y, nll, mask, "windows", self.documents, capacity, mask.any(dim=1))
+        self.check(forward, x, y, nll, mask, "windows", capacity, mask.any(dim=1))
+        self.ms += self.sync_ms() - t0
 
     def lora_before(self, ttt: "LoRATestTimeTrainer", step: LoRAStep, stretch: int) -> bool:
         """Before a LoRA chunk step of the `stretch`-th run of steps between global phases: whether to audit it (the
         first of its stretch in which a row holds a document it has trained on); if so the adapters are kept now."""
-        self.lora_steps += 1
+        self.counts["lora_steps"] += 1
         if stretch in self.stretches or not ((step.valid > 0) & ~step.fresh).any():
             return False
         self.stretches.add(stretch)
         self.before = ttt.lora.weights.detach().clone()
         return True
 
-    def lora_step(self, ttt: "LoRATestTimeTrainer", tokens: Tensor, step: LoRAStep, meta: Tensor, nll: Tensor,
-                  mask: Tensor, targets: Tensor) -> None:
+    def lora_step(self, ttt: "LoRATestTimeTrainer", tokens: Tensor, step: LoRAStep, meta, nll, mask, targets) -> None:
         """The step lora_before() chose, just run by chunk_step (its NLL, scored mask and targets' stream positions),
         audited with the adapters that scored it: those kept before it, with B = 0 in the rows it began afresh (as
         its restart set them; A does not matter while B is 0, the delta is exactly 0). Its own adapters (trained
         since) are put back after."""
-        lora, rows, dev = ttt.lora, len(step.start), tokens.device
+        t0, lora, rows, dev = self.sync_ms(), ttt.lora, len(step.start), tokens.device
         b_part = (lora.a_bound == 0)[None, :]
         after = lora.weights.detach().clone()
         with torch.no_grad():
             lora.weights.copy_(self.before.masked_fill_(torch.from_numpy(step.fresh).to(dev)[:, None] & b_part, 0.0))
-        self.before = None
         trained = torch.from_numpy((step.valid > 0) & ~step.fresh).to(dev)
-        self.count("trained_rows", (((lora.weights.detach() != 0) & b_part).any(dim=1) & trained).sum())
+        self.counts["trained_rows"] += (((lora.weights != 0) & b_part).any(dim=1) & trained).sum()
         inside = torch.arange(step.length, device=dev)[None, :] < meta[1][:, None]
-        x = torch.where(inside, tokens[targets - 1], LORA_PAD_ID)
-        y = torch.where(inside, tokens[targets], LORA_PAD_ID)
         capacity = varlen_capacity(rows, step.length, rows)
 
-        def forward(xb: Tensor, yb: Tensor) -> Tensor:
+        def forward(xb, yb):
             with torch.enable_grad(), autocast(self.rt):          # chunk_step's grad mode: its compiled graph
                 return ttt.run_model(xb, yb, capacity, lora).detach().float()
 
-        def share(r: int) -> None:
+        def share(r):
             with torch.no_grad():
                 lora.weights.copy_(lora.weights[r:r + 1].expand(rows, -1).clone())
-
-        with self.timed():
-            self.check(forward, x, y, nll, mask, "lora", False, capacity, trained, share)
+        self.check(forward, torch.where(inside, tokens[targets - 1], LORA_PAD_ID),
+                   torch.where(inside, tokens[targets], LORA_PAD_ID), nll, mask, "lora", capacity, trained, share)
         with torch.no_grad():
             lora.weights.copy_(after)
+        self.before, self.ms = None, self.ms + self.sync_ms() - t0
 
-    def check(self, forward, x: Tensor, y: Tensor, nll: Tensor, mask: Tensor, kind: str, documents: bool,
-              capacity: int, c2_rows: Tensor, share=None) -> None:
+    def check(self, forward, x, y, nll, mask, kind: str, capacity: int, c2_rows: Tensor, share=None) -> None:
         """The checks of one batch (see the class); c2_rows: the rows C2 may sum over (bool, (rows,)); share(r):
         give every row row r's adapters (per-row adapters only)."""
         rows, length = x.shape
         pos = torch.arange(length, device=x.device)[None, :]
         base = forward(x, y)
-        self.worst("noise", (forward(x, y) - base).abs().amax())
-        self.worst("scoring", torch.where(mask, (base - nll.float()).abs(), 0.0).amax())
+        self.note("noise_same_rows", forward(x, y) - base)
+        self.note("scoring_forward", (base - nll.float()) * mask)
         first = mask.int().argmax(dim=1)
         last = first + mask.sum(dim=1)
         for cut in (first + 1, (first + last + 1) // 2, last):
             c = cut.clamp(1, length - 1)[:, None]
-            moved = forward(self.replace(x, pos >= c), self.replace(y, pos >= c))
-            self.worst("causal", torch.where(pos < c, (moved - base).abs(), 0.0).amax())
-        if documents:
-            later_bos = (x == BOS_ID) & (pos >= 1)
-            b = torch.where(later_bos.any(dim=1), later_bos.int().argmax(dim=1), 0)[:, None]   # 0: no such document
+            self.note("causality", (forward(self.replace(x, pos >= c), self.replace(y, pos >= c)) - base) * (pos < c))
+        if kind == "windows" and self.documents:
+            later = (x == BOS_ID) & (pos >= 1)
+            b = torch.where(later.any(dim=1), later.int().argmax(dim=1), 0)[:, None]   # 0: no such document
             moved = forward(self.replace(x, pos < b), self.replace(y, pos < b - 1))
-            self.worst("documents", torch.where(pos >= b, (moved - base).abs(), 0.0).amax())
-            self.count("document_rows", later_bos.any(dim=1).sum())
-        for r in sorted({0, min(1, rows - 1), rows // 2, rows - 1}):
+            self.note("other_documents", (moved - base) * (pos >= b))
+            self.counts["other_documents"] += later.any(dim=1).sum()
+        for r in {0, min(1, rows - 1), rows // 2, rows - 1}:
             others = (torch.arange(rows, device=x.device) != r)[:, None]
-            moved = forward(self.replace(x, others), self.replace(y, others))
-            self.worst("rows", (moved[r] - base[r]).abs().amax())
-        self.points[kind] += 1
-        segments = 1 + (x[:, 1:] == BOS_ID).sum(dim=1)                 # count_segments of each row
-        c2_rows = c2_rows & (segments * rows <= capacity - 1)
-        if kind in self.normalized or not c2_rows.any():
+            self.note("rows_independent", (forward(self.replace(x, others), self.replace(y, others)) - base)[r])
+        self.counts[kind] += 1
+        c2_rows = c2_rows & (1 + (x[:, 1:] == BOS_ID).sum(dim=1) <= (capacity - 1) // rows)   # its segments fit
+        if self.counts["c2_" + kind] or not c2_rows.any():
             return
-        self.normalized.add(kind)
-        c2_row = int(c2_rows.int().argmax())
+        self.counts["c2_" + kind] = 1
+        r = int(c2_rows.int().argmax())
         if share is not None:
-            share(c2_row)
-        xs = x[c2_row:c2_row + 1].expand(rows, length).contiguous()
-        total = torch.zeros(length, dtype=torch.float64, device=x.device)
+            share(r)
+        xs, total = x[r:r + 1].expand(rows, length).contiguous(), 0.0
         for v0 in range(0, self.vocab, rows):
             v = v0 + torch.arange(rows, device=x.device)
             ys = v.clamp(max=self.vocab - 1)[:, None].expand(rows, length).contiguous()
             candidates = forward(xs, ys)
-            total += (torch.exp(-candidates.double()) * (v < self.vocab)[:, None]).sum(dim=0)
+            total = total + (torch.exp(-candidates.double()) * (v < self.vocab)[:, None]).sum(dim=0)
             if v0 == 0:     # the same candidates, each one row on
-                self.worst("norm_noise", (forward(xs, ys.roll(1, 0)).roll(-1, 0) - candidates).abs().amax())
-        self.worst("norm_dev", (total - 1.0).abs().amax())
+                self.note("normalization_noise", forward(xs, ys.roll(1, 0)).roll(-1, 0) - candidates)
+        self.note("normalization", total - 1.0)
 
     def result(self) -> dict:
-        """The compliance keys, over every rank (call on every rank, after the evaluation). A check that audited
-        nothing, or not the LoRA forward when LoRA steps scored, fails."""
-        names = list(self.stats)
-        s = dict(zip(names, agree_max(self.rt, torch.stack([self.stats[k] for k in names]).tolist())))
-        mine = [int(s_.item()) for s_ in (self.stats["document_rows"], self.stats["trained_rows"])] + [
-            self.points["windows"], self.points["lora"], self.lora_steps, "windows" in self.normalized,
-            "lora" in self.normalized]
-        document_rows, trained_rows, windows, lora, lora_steps, norm_windows, norm_lora = [
-            sum(c) for c in zip(*gather(self.rt, mine))]
-        tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * s["noise"]
-        norm_tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(s["norm_noise"])
-        audited = windows + lora > 0 and (lora > 0 or lora_steps == 0) and s["noise"] <= NOISE_CEILING_NATS
-        normalized_rows = norm_windows + norm_lora         # every forward audited had its C2 on some rank
-        normalized = (norm_windows > 0 or windows == 0) and (norm_lora > 0 or lora == 0)
-        return dict(scoring_forward_ok=audited and s["scoring"] <= tolerance, scoring_forward_max_abs_dnll=s["scoring"],
-                    causality_ok=audited and s["causal"] <= tolerance and s["documents"] <= tolerance,
-                    causality_max_abs_dnll=s["causal"], causality_tolerance=tolerance,
-                    causality_noise_same_rows=s["noise"], causality_other_documents_rows=document_rows,
-                    causality_other_documents_max_abs_dnll=s["documents"],
-                    rows_independent_ok=audited and s["rows"] <= tolerance, rows_independent_max_abs_dnll=s["rows"],
-                    normalization_ok=audited and normalized and s["norm_noise"] <= NOISE_CEILING_NATS
-                    and s["norm_dev"] <= norm_tolerance, normalization_max_abs_dev=s["norm_dev"],
-                    normalization_tolerance=norm_tolerance, normalization_noise_nll=s["norm_noise"],
-                    normalization_rows=normalized_rows, audit_points=dict(windows=windows, lora=lora),
-                    audit_lora_steps=lora_steps, audit_lora_rows_trained=trained_rows)
+        """The compliance keys, over every rank (call on every rank, after the evaluation): each check's verdict and
+        tolerance, `audit_max_abs` (the largest |delta NLL| of each check, of the scoring forward against the scores,
+        of the batch run twice (noise_same_rows) and of candidates moved one row (normalization_noise); for
+        normalization the largest |sum - 1|) and `audit_counts` (batches audited per forward, LoRA steps seen, C2s
+        done, rows of documents after another, audited LoRA rows whose B was not 0). A check that audited nothing,
+        or not the LoRA forward when LoRA steps scored, or a forward without its C2, fails."""
+        w = dict(zip(self.worst, agree_max(self.rt, [float(v) for v in self.worst.values()])))
+        c = dict(zip(self.counts, map(sum, zip(*gather(self.rt, [int(v) for v in self.counts.values()])))))
+        tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * w["noise_same_rows"]
+        c2_tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(w["normalization_noise"])
+        audited = (c["windows"] + c["lora"] > 0 and (c["lora"] or not c["lora_steps"])
+                   and w["noise_same_rows"] <= NOISE_CEILING_NATS)
+        normalized = all(c["c2_" + k] or not c[k] for k in ("windows", "lora"))
+        return dict(scoring_forward_ok=audited and w["scoring_forward"] <= tolerance,
+                    causality_ok=audited and w["causality"] <= tolerance and w["other_documents"] <= tolerance,
+                    rows_independent_ok=audited and w["rows_independent"] <= tolerance,
+                    normalization_ok=audited and normalized and w["normalization_noise"] <= NOISE_CEILING_NATS
+                    and w["normalization"] <= c2_tolerance,
+                    causality_tolerance=tolerance, normalization_tolerance=c2_tolerance, audit_max_abs=w,
+                    audit_counts=c)
 
 
 def audit_score_before_update(evidence: ScoringEvidence, ttt_on: bool) -> dict:
@@ -4430,8 +4396,9 @@ def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, 
     documents scaled up by split_tokens / tokens.size. Assumptions (docs/evaluation.md): forward-only passes at
     ASSUMED_MFU, a third of the training FLOPs per token; TTT (LoRA chunk steps, global phases, whole-model
     chunks) forward + backward at TTT_ASSUMED_MFU, the rate #1855's measured phased-TTT time implies; the audit
-    (ForwardAudit, on every rank alike: C2's whole vocabulary once for each forward that scores, ~10 forwards of a
-    batch at each audited batch); EVAL_LOAD_ASSUMED_S and EVAL_COMPILE_ASSUMED_S fixed.
+    (ForwardAudit, on every rank alike: C2's whole vocabulary at the window's length once for each forward that
+    scores, LoRA and windows; its ~10 forwards at each audited batch are a tenth of that, left out);
+    EVAL_LOAD_ASSUMED_S and EVAL_COMPILE_ASSUMED_S fixed.
     'scoring' is what TTT falls back to when the budget cuts it: the part that must fit."""
     scale = split_tokens / tokens.size
     w = min(window, tokens.size - 1)
@@ -4442,10 +4409,8 @@ def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, 
     parts = dict(load=EVAL_LOAD_ASSUMED_S, compile=EVAL_COMPILE_ASSUMED_S,
                  plain=fwd(plain * scale, hp.train_seq_len), scoring=fwd(n_windows * w * scale, w), ttt=0.0, audit=0.0)
     lora = hp.ttt_enabled and hp.ttt_method == "lora"
-    if hp.eval_audit:      # LoRA: its stretches and what a cut leaves to windows; else 3 batches of windows
-        kinds, points = (2, hp.ttt_phases + 2) if lora else (1, 3)
-        batch_tokens = max(hp.val_batch_size // PROJECTION_GPUS, hp.ttt_lora_batch_tokens if lora else 0)
-        parts["audit"] = fwd(PROJECTION_GPUS * (kinds * hp.vocab_size * w + points * 10 * batch_tokens), w)
+    if hp.eval_audit:
+        parts["audit"] = fwd(PROJECTION_GPUS * (1 + lora) * hp.vocab_size * w, w)
     if lora:     # the LoRA steps' work, shared by the ranks; the phases
         spans = document_spans(tokens)
         lengths = spans[:, 1] - spans[:, 0]

@@ -86,6 +86,11 @@ def audited_lora(hp, model, tokens=DOCUMENTS, probe_cls=train_gpt.ForwardAudit):
     return r, probe.result() if probe else None, trainer
 
 
+def points(c):
+    """Batches the audit checked, by forward (windows, LoRA steps)."""
+    return {k: c["audit_counts"][k] for k in ("windows", "lora")}
+
+
 def per_token_nll(logits, target_ids):
     return F.cross_entropy(logits.flatten(0, 1), target_ids.reshape(-1), reduction="none").view_as(target_ids)
 
@@ -112,18 +117,19 @@ def test_every_check_passes_on_the_real_evaluators(evaluation):
     tokens = TOKENS if hp.eval_mode == "sliding" else DOCUMENTS
     if hp.ttt_method == "lora" and hp.ttt_enabled:
         r, c, trainer = audited_lora(hp, model, tokens)
-        assert c["audit_points"] == {"windows": 0, "lora": 2}               # before the global phase, and after it
-        assert c["audit_lora_steps"] == trainer.steps and c["audit_lora_rows_trained"] >= 2   # B no longer 0
+        assert points(c) == {"windows": 0, "lora": 2}               # before the global phase, and after it
+        assert c["audit_counts"]["lora_steps"] == trainer.steps and c["audit_counts"]["trained_rows"] >= 2   # B no longer 0
     else:
         ttt = train_gpt.TestTimeTrainer(hp, cpu_runtime(), model, model, WINDOW) if hp.ttt_enabled else None
         r, c = audited_windows(hp, model, tokens, ttt)
-        assert c["audit_points"] == {"windows": 3, "lora": 0} and c["audit_lora_steps"] == 0
-        assert (c["causality_other_documents_rows"] > 0) == (hp.eval_mode == "documents")
+        assert points(c)["lora"] == c["audit_counts"]["lora_steps"] == 0
+        assert points(c)["windows"] == 3 or hp.ttt_enabled and points(c)["windows"] >= 1   # the last chunk: 1-2 batches
+        assert (c["audit_counts"]["other_documents"] > 0) == (hp.eval_mode == "documents")
     assert all(c[k] is True for k in FORWARD_CHECKS), c
-    assert c["scoring_forward_max_abs_dnll"] == c["causality_max_abs_dnll"] == c["rows_independent_max_abs_dnll"] == 0.0
-    assert c["causality_other_documents_max_abs_dnll"] == c["causality_noise_same_rows"] == 0.0
-    assert c["causality_tolerance"] == train_gpt.CAUSALITY_TOLERANCE and c["normalization_max_abs_dev"] < 1e-5
-    assert c["normalization_rows"] == 1                                     # the whole vocabulary, once per forward
+    assert c["audit_max_abs"]["scoring_forward"] == c["audit_max_abs"]["causality"] == c["audit_max_abs"]["rows_independent"] == 0.0
+    assert c["audit_max_abs"]["other_documents"] == c["audit_max_abs"]["noise_same_rows"] == 0.0
+    assert c["causality_tolerance"] == train_gpt.CAUSALITY_TOLERANCE and c["audit_max_abs"]["normalization"] < 1e-5
+    assert c["audit_counts"]["c2_windows"] + c["audit_counts"]["c2_lora"] == 1                                     # the whole vocabulary, once per forward
     c3, c4 = train_gpt.audit_score_before_update(r.evidence, hp.ttt_enabled), train_gpt.audit_one_pass(r.evidence)
     assert c3["score_before_update_ok"] is True and c4["one_pass_ok"] is True
 
@@ -155,18 +161,34 @@ def test_the_probe_changes_nothing(evaluation):
             c = probe.result() if probe else None
         runs.append((r, c, state_of(model, trainer)))
     (plain, _, before), (probed, c, after) = runs
-    assert c["causality_ok"] is True and sum(c["audit_points"].values()) > 0      # it did audit
+    assert c["causality_ok"] is True and sum(points(c).values()) > 0      # it did audit
     assert np.array_equal(plain.nll, probed.nll) and plain.val_loss == probed.val_loss
     assert torch.equal(plain.evidence.coverage, probed.evidence.coverage)
     assert len(before) == len(after) and all(torch.equal(a, b) for a, b in zip(before, after))
 
 
-def test_the_batches_audited():
-    """Without TTT the first, middle and last batch of the one scoring call; with whole-model TTT calls after a
-    trained chunk: the first batch of chunk 1, the middle batch of the middle chunk, the last batch of the last."""
-    picks = train_gpt.ForwardAudit.windows_picks
-    assert picks(1, False) == picks(1, True) == {0: (0.0, 0.5, 1.0)}
-    assert picks(5, True) == {1: (0.0,), 2: (0.5,), 4: (1.0,)} and picks(2, True) == {1: (0.0, 0.5, 1.0)}
+class RecordsBatches(train_gpt.ForwardAudit):
+    """Records the weights' fingerprint and the first window start of each batch it is shown."""
+    seen = []
+
+    def batch(self, run_model, x, y, capacity, nll, mask):
+        RecordsBatches.seen.append((train_gpt.weights_fingerprint(run_model), x[:, :1].clone()))
+        super().batch(run_model, x, y, capacity, nll, mask)
+
+
+@pytest.mark.parametrize("ttt", [False, True])
+def test_the_batches_audited(ttt):
+    """The first, middle and last batch of evaluate()'s last scoring call: without TTT its only one, with whole-model
+    TTT the last chunk's, scored by weights every trained chunk has changed."""
+    RecordsBatches.seen = []
+    hp = windows_hp("sliding", ttt)
+    model = random_gpt(hp, seed=1)
+    start = train_gpt.weights_fingerprint(model)
+    trainer = train_gpt.TestTimeTrainer(hp, cpu_runtime(), model, model, WINDOW) if ttt else None
+    audited_windows(hp, model, ttt=trainer, probe_cls=RecordsBatches)
+    assert len(RecordsBatches.seen) == (2 if ttt else 3)            # the last chunk's 2 batches; the first, middle, last
+    assert all(torch.equal(f, start) != ttt for f, _ in RecordsBatches.seen)
+    assert trainer is None or trainer.chunks_trained == 4                   # 5 chunks of 40 targets
 
 
 class CountsLoRASteps(train_gpt.ForwardAudit):
@@ -186,7 +208,7 @@ def test_lora_steps_are_audited_with_trained_adapters():
     CountsLoRASteps.seen = []
     hp = lora_hp()
     _, c, trainer = audited_lora(hp, random_gpt(hp, seed=1), probe_cls=CountsLoRASteps)
-    assert len(CountsLoRASteps.seen) == 2 and c["audit_lora_rows_trained"] >= 2
+    assert len(CountsLoRASteps.seen) == 2 and c["audit_counts"]["trained_rows"] >= 2
     for _, fresh, valid, b_norm in CountsLoRASteps.seen:
         trained = (valid > 0) & ~fresh
         assert trained.any() and (b_norm[torch.from_numpy(trained)] > 0).all()
@@ -200,7 +222,7 @@ def test_an_audit_that_audited_nothing_certifies_nothing():
     assert not any(train_gpt.ForwardAudit(hp, cpu_runtime()).result()[k] for k in FORWARD_CHECKS)
     short = documents_stream(longest=hp.ttt_lora_chunk)
     _, c, trainer = audited_lora(hp, random_gpt(hp, seed=1), short)
-    assert trainer.steps > 0 and c["audit_lora_steps"] == trainer.steps and c["audit_points"]["lora"] == 0
+    assert trainer.steps > 0 and c["audit_counts"]["lora_steps"] == trainer.steps and points(c)["lora"] == 0
     assert not any(c[k] for k in FORWARD_CHECKS)
 
 
@@ -230,7 +252,7 @@ def test_the_audit_keeps_to_the_batch_varlen_capacity(monkeypatch):
     tokens[np.r_[0:24:3, 24:200:30]] = train_gpt.BOS_ID
     r, c = audited_windows(hp, FlashCapacity(random_gpt(hp, seed=1)), tokens)
     assert np.isfinite(r.val_loss) and all(c[k] is True for k in FORWARD_CHECKS), c
-    assert c["normalization_rows"] == 1 and c["causality_other_documents_rows"] > 0
+    assert c["audit_counts"]["c2_windows"] + c["audit_counts"]["c2_lora"] == 1 and c["audit_counts"]["other_documents"] > 0
 
 
 # --- C1 causality ---------------------------------------------------------------------------------------------
@@ -301,7 +323,7 @@ def test_causality_fails_on_a_leaky_model(monkeypatch, hp, model, leak):
                "peeks_in_the_tail": PeeksInTheTail, "peeks_past_the_first_window": PeeksPastTheFirstWindow}[leak]
         broken = copy_of(cls, hp, model)
     _, c = audited_windows(hp, broken)
-    assert c["causality_ok"] is False and c["causality_max_abs_dnll"] > 100 * train_gpt.CAUSALITY_TOLERANCE
+    assert c["causality_ok"] is False and c["audit_max_abs"]["causality"] > 100 * train_gpt.CAUSALITY_TOLERANCE
     assert c["scoring_forward_ok"] is True                  # the forward audited is the one that scored
 
 
@@ -318,9 +340,9 @@ def test_documents_mode_c1_fails_on_a_model_that_reads_other_documents():
     document before it in its row changes: C1 fails on that half alone."""
     leaky = random_gpt(windows_hp("sliding", ATTN_DOC_ISOLATION=0), seed=1)
     _, c = audited_windows(windows_hp("documents"), leaky, DOCUMENTS)
-    assert c["causality_max_abs_dnll"] <= train_gpt.CAUSALITY_TOLERANCE and c["causality_other_documents_rows"] > 0
+    assert c["audit_max_abs"]["causality"] <= train_gpt.CAUSALITY_TOLERANCE and c["audit_counts"]["other_documents"] > 0
     assert c["causality_ok"] is False
-    assert c["causality_other_documents_max_abs_dnll"] > 100 * train_gpt.CAUSALITY_TOLERANCE
+    assert c["audit_max_abs"]["other_documents"] > 100 * train_gpt.CAUSALITY_TOLERANCE
 
 
 def lora_reading(shift_dim, shift=-1):
@@ -344,7 +366,7 @@ def test_a_lora_that_reads_the_next_position_fails_causality(monkeypatch):
     hp = lora_hp()
     monkeypatch.setattr(train_gpt.TTTLoRA, "add", lora_reading(1))
     _, c, _ = audited_lora(hp, random_gpt(hp, seed=1))
-    assert c["causality_ok"] is False and c["causality_max_abs_dnll"] > 100 * train_gpt.CAUSALITY_TOLERANCE
+    assert c["causality_ok"] is False and c["audit_max_abs"]["causality"] > 100 * train_gpt.CAUSALITY_TOLERANCE
     assert c["scoring_forward_ok"] is c["rows_independent_ok"] is c["normalization_ok"] is True
 
 
@@ -371,7 +393,7 @@ def test_a_forward_that_reads_another_row_of_its_batch_fails(hp, model):
     sliding evaluation scores it far better than the model."""
     peeker = copy_of(ReadsTheNextRow, hp, model)
     peeking, c = audited_windows(hp, peeker)
-    assert c["rows_independent_ok"] is False and c["rows_independent_max_abs_dnll"] > 100 * train_gpt.CAUSALITY_TOLERANCE
+    assert c["rows_independent_ok"] is False and c["audit_max_abs"]["rows_independent"] > 100 * train_gpt.CAUSALITY_TOLERANCE
     assert c["scoring_forward_ok"] is True
     assert peeking.val_loss < train_gpt.evaluate(hp, cpu_runtime(), model, TOKENS, TABLES, WINDOW, STRIDE).val_loss - 0.5
 
@@ -380,7 +402,7 @@ def test_a_lora_that_reads_another_row_fails(monkeypatch):
     hp = lora_hp()
     monkeypatch.setattr(train_gpt.TTTLoRA, "add", lora_reading(0))
     _, c, _ = audited_lora(hp, random_gpt(hp, seed=1))
-    assert c["rows_independent_ok"] is False and c["rows_independent_max_abs_dnll"] > 100 * train_gpt.CAUSALITY_TOLERANCE
+    assert c["rows_independent_ok"] is False and c["audit_max_abs"]["rows_independent"] > 100 * train_gpt.CAUSALITY_TOLERANCE
 
 
 # --- C2 normalization -----------------------------------------------------------------------------------------
@@ -411,7 +433,7 @@ class Unnormalized(train_gpt.GPT):
 def test_normalization_fails_on_an_unnormalized_score(hp, model, kind):
     broken = copy_of(type(kind, (Unnormalized,), {"kind": kind}), hp, model)
     _, c = audited_windows(hp, broken)
-    assert c["normalization_ok"] is False and c["normalization_max_abs_dev"] > 100 * train_gpt.NORMALIZATION_TOLERANCE
+    assert c["normalization_ok"] is False and c["audit_max_abs"]["normalization"] > 100 * train_gpt.NORMALIZATION_TOLERANCE
     assert c["causality_ok"] is True           # C1 does not see it (it is causal): C2 is the check that must
 
 
@@ -431,7 +453,7 @@ class UnnormalizedWithAdapters(train_gpt.GPT):
 def test_an_unnormalized_lora_path_fails():
     hp = lora_hp()
     _, c, _ = audited_lora(hp, copy_of(UnnormalizedWithAdapters, hp, random_gpt(hp, seed=1)))
-    assert c["normalization_ok"] is False and c["normalization_max_abs_dev"] > 0.05
+    assert c["normalization_ok"] is False and c["audit_max_abs"]["normalization"] > 0.05
     assert c["causality_ok"] is True and c["scoring_forward_ok"] is True
 
 
@@ -481,7 +503,7 @@ def test_an_audit_of_another_forward_than_the_scoring_one_fails(probe_cls):
     from the evaluation's for the same targets."""
     hp = lora_hp()
     _, c, _ = audited_lora(hp, random_gpt(hp, seed=1), probe_cls=probe_cls)
-    assert c["scoring_forward_ok"] is False and c["scoring_forward_max_abs_dnll"] > 100 * train_gpt.CAUSALITY_TOLERANCE
+    assert c["scoring_forward_ok"] is False and c["audit_max_abs"]["scoring_forward"] > 100 * train_gpt.CAUSALITY_TOLERANCE
     assert c["causality_ok"] is c["rows_independent_ok"] is c["normalization_ok"] is True
 
 
@@ -762,11 +784,11 @@ def test_row_dependent_rounding_does_not_fail_an_honest_model(hp, model):
     measured by moving them one row, logged beside it."""
     c = audited_windows(hp, RoundsByRow(model))[1]
     assert all(c[k] is True for k in FORWARD_CHECKS)
-    assert c["causality_max_abs_dnll"] == c["causality_noise_same_rows"] == c["scoring_forward_max_abs_dnll"] == 0.0
+    assert c["audit_max_abs"]["causality"] == c["audit_max_abs"]["noise_same_rows"] == c["audit_max_abs"]["scoring_forward"] == 0.0
     assert c["causality_tolerance"] == train_gpt.CAUSALITY_TOLERANCE
-    assert c["normalization_max_abs_dev"] > train_gpt.NORMALIZATION_TOLERANCE and 1e-3 < c["normalization_noise_nll"] <= 2e-3
+    assert c["audit_max_abs"]["normalization"] > train_gpt.NORMALIZATION_TOLERANCE and 1e-3 < c["audit_max_abs"]["normalization_noise"] <= 2e-3
     assert c["normalization_tolerance"] == pytest.approx(
-        train_gpt.NORMALIZATION_TOLERANCE + 2 * np.expm1(c["normalization_noise_nll"]))
+        train_gpt.NORMALIZATION_TOLERANCE + 2 * np.expm1(c["audit_max_abs"]["normalization_noise"]))
     plain = audited_windows(hp, model)[1]     # fp32 on the CPU: its own row noise is ~1e-5 nats, the tolerance ~1e-4
     assert plain["normalization_ok"] is True and plain["normalization_tolerance"] < 1.5 * train_gpt.NORMALIZATION_TOLERANCE
 
@@ -774,7 +796,7 @@ def test_row_dependent_rounding_does_not_fail_an_honest_model(hp, model):
 def test_row_noise_does_not_hide_a_leak_or_an_unnormalized_model(hp, model):
     assert audited_windows(hp, RoundsByRow(copy_of(PeeksInTheTail, hp, model)))[1]["causality_ok"] is False
     inflated = audited_windows(hp, RoundsByRow(model, bias=0.05))[1]      # every p(v) 5% too large
-    assert inflated["normalization_ok"] is False and inflated["normalization_max_abs_dev"] > 0.04
+    assert inflated["normalization_ok"] is False and inflated["audit_max_abs"]["normalization"] > 0.04
 
 
 class RoundsByRowOnPurpose(RoundsByRow):
@@ -793,7 +815,7 @@ def test_noise_made_on_purpose_cannot_widen_a_tolerance(hp, model):
     c1 = audited_windows(hp, RoundsByRow(copy_of(PeeksInTheTail, hp, model), amp=0.15))[1]
     assert c1["causality_tolerance"] == train_gpt.CAUSALITY_TOLERANCE and c1["causality_ok"] is False
     c2 = audited_windows(hp, RoundsByRowOnPurpose(model, bias=0.2))[1]      # sums ~1.22 under 0.3 nats of row noise
-    assert c2["normalization_noise_nll"] > train_gpt.NOISE_CEILING_NATS and c2["normalization_ok"] is False
+    assert c2["audit_max_abs"]["normalization_noise"] > train_gpt.NOISE_CEILING_NATS and c2["normalization_ok"] is False
 
 
 class NoisyTwice(RoundsByRow):
@@ -808,7 +830,7 @@ def test_a_forward_too_noisy_to_compare_is_not_certified(hp, model):
     """The same batch run twice differing by more than NOISE_CEILING_NATS: C1, rows and the scoring check fail (a
     tolerance that wide could hide a leak); below it the tolerance grows with the noise and honest runs pass."""
     loud = audited_windows(hp, NoisyTwice(model, amp=0.05))[1]
-    assert loud["causality_noise_same_rows"] > train_gpt.NOISE_CEILING_NATS
+    assert loud["audit_max_abs"]["noise_same_rows"] > train_gpt.NOISE_CEILING_NATS
     assert not any(loud[k] for k in ("scoring_forward_ok", "causality_ok", "rows_independent_ok"))
     quiet = audited_windows(hp, NoisyTwice(model, amp=1e-3))[1]
     assert quiet["causality_tolerance"] > train_gpt.CAUSALITY_TOLERANCE and quiet["causality_ok"] is True
