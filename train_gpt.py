@@ -2761,15 +2761,16 @@ class LoRATestTimeTrainer:
 @torch.no_grad()
 def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: Tensor, starts: np.ndarray,
                   score_from: np.ndarray, score_to: np.ndarray, w: int, batch: int, collect: bool,
-                  evidence: ScoringEvidence | None, bos_cum: np.ndarray, split: bool = True, probe=None
-                  ) -> tuple[Tensor, Tensor, list]:
+                  evidence: ScoringEvidence | None, bos_cum: np.ndarray, split: bool = True, probe=None,
+                  probe_at: tuple[float, ...] = ()) -> tuple[Tensor, Tensor, list]:
     """This rank's share of the windows (split: a contiguous range of them; else all, for a rank scoring what it
     alone has left): (NLL sum float64, targets scored, per-target NLL pieces).
 
     The share is padded to whole batches of `batch` windows (eval_batch_seqs) with windows that score
     nothing, and its window table is copied to the device once: the loop issues no host-device copy. Every
     batch runs at one varlen capacity, the largest its batches need (counted on the host from bos_cum).
-    `probe` (the audit) is shown the forward and the rows of some batches."""
+    `probe` (the audit, ForwardAudit) is shown the batches at `probe_at` (fractions of this call's batches: 0 the
+    first, 1 the last) once scored: the forward, its inputs, targets and capacity, the NLL and the scored mask."""
     lo, hi = (rt.rank * len(starts) // rt.world_size, (rt.rank + 1) * len(starts) // rt.world_size) if split \
         else (0, len(starts))
     padded = -(-(hi - lo) // batch) * batch
@@ -2779,6 +2780,7 @@ def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens
     segments = rows_segments(bos_cum, table[0], w).reshape(-1, batch).sum(axis=1) if padded else np.zeros(1)
     capacity = varlen_capacity(batch, w, int(segments.max()))
     s, first, last = to_device(table, rt.device)
+    shown = {round(f * (padded // batch - 1)) for f in probe_at} if probe is not None else set()
     offsets = torch.arange(w + 1, device=rt.device)
     nll_sum = torch.zeros((), dtype=torch.float64, device=rt.device)
     scored = torch.zeros((), dtype=torch.int64, device=rt.device)
@@ -2796,8 +2798,8 @@ def score_windows(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens
             evidence.scored(positions[:, 1:][mask])
         if collect:
             pieces.append(nll.double()[mask].cpu())
-        if probe is not None:
-            probe.batch(run_model, x, y, capacity, nll, mask, b == 0, b + batch >= padded)
+        if b // batch in shown:
+            probe.batch(run_model, x, y, capacity, nll, mask)
     return nll_sum, scored, pieces
 
 
@@ -2811,7 +2813,8 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
     trained on only while the budget affords its training (the slowest so far, before any TTT_EPOCHS x
     TRAIN_STEP_COST x the plain rate x its tokens) and the scoring of what is left (its forward tokens x the
     plain rate x SCORE_RESERVE), on every rank; after the first refusal no chunk is trained on (ttt.cut =
-    "chunks"). `probe` (the audit) is shown some scoring batches."""
+    "chunks"). `probe` (the audit, ForwardAudit) is shown the first, middle and last batch of the last scoring call
+    (without TTT the only one; with TTT the one after every trained chunk)."""
     t_start = time.perf_counter()
     run_model.eval()
     n_inputs = tokens.size - 1
@@ -2846,7 +2849,8 @@ def evaluate(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.
         before = weights_fingerprint(run_model) if evidence is not None else None
         windows = scoring_windows(mode, tokens, window, stride, a, b)
         part_sum, part_scored, pieces = score_windows(hp, rt, run_model, all_tokens, *windows, w, batch, collect,
-                                                      evidence, bos_cum, probe=probe)
+                                                      evidence, bos_cum, probe=probe,
+                                                      probe_at=(0.0, 0.5, 1.0) if k == len(bounds) - 1 else ())
         forward_tokens += -(-len(windows[0]) // rt.world_size // batch) * batch * w
         nll_sum += part_sum
         scored += part_scored
@@ -2914,8 +2918,9 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
     TRAIN_STEP_COST x the plain rate, times the steps that can be in flight) and the scoring of everything this
     rank has left without TTT (no_ttt_forward_tokens x the plain rate x SCORE_RESERVE) fit in what is left; if not,
     its TTT stops there and the rest (the rows' unscored chunks, the documents not begun) is scored by
-    document_windows without TTT. Every target is scored once either way. `probe` (the audit) is shown the
-    forward and the rows of some steps (EVAL_AUDIT=1)."""
+    document_windows without TTT. Every target is scored once either way. `probe` (the audit, ForwardAudit) is shown
+    the steps it picks, with the adapters that scored them, and the first batch of what is left to score without TTT;
+    its time is left out of the steps' times the budget predicts from."""
     t_start = time.perf_counter()
     n_inputs, w = tokens.size - 1, min(window, tokens.size - 1)
     spans = document_spans(tokens)
@@ -2953,13 +2958,16 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
                     break
             meta = to_device(np.stack([step.start, step.valid, step.score_from, step.score_to, step.learn,
                                        step.fresh]).astype(np.int64), rt.device)
+            audited = probe is not None and probe.lora_before(ttt, step, phase)
             nll, mask, targets = ttt.chunk_step(all_tokens, step, meta, evidence)
             nll_sum += (nll.double() * mask).sum()
             scored += mask.sum()
             if collect:
                 pieces.append((targets[mask].cpu(), nll.double()[mask].cpu()))
-            if probe is not None:
-                probe.lora_step(ttt, all_tokens, step, meta, nll, mask)
+            if audited:
+                probe.lora_step(ttt, all_tokens, step, meta, nll, mask, targets)
+                clock.pause()          # the audit is no step's time
+                clock.resume()
             clock.step_launched()
             step_tokens = (step_tokens + [n_tok])[-STEP_TIME_WINDOW - 1:]
             ttt.steps += 1
@@ -2989,7 +2997,7 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
                                                            for a, b in rest])]
         batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, "documents")
         part_sum, part_scored, part = score_windows(hp, rt, ttt.run_model, all_tokens, *windows, w, batch, collect,
-                                                    evidence, bos_cum, split=False)
+                                                    evidence, bos_cum, split=False, probe=probe, probe_at=(0.0,))
         nll_sum += part_sum
         scored += part_scored
         rest_nll = torch.cat(part).numpy() if part else np.zeros(0)
@@ -3010,11 +3018,12 @@ def evaluate_lora_ttt(hp: Hyperparameters, rt: Runtime, ttt: LoRATestTimeTrainer
 
 # -----------------------------------------------------------------------------
 # SELF-AUDIT (EVAL_AUDIT=1)
-# Checks, on the weights being scored, the four rules of "What evaluation may do" in the
-# challenge's rules: C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 and C2 run the
-# evaluator's own forward (same batch shape) on several windows of the schedule, the first, a middle
-# one and the last, every position of each (the scored tail included); C3 and C4 read the
-# ScoringEvidence the evaluator recorded from the data it used.
+# Checks the four rules of "What evaluation may do" in the challenge's rules on the forward that produces the
+# reported score: C1 causal, C2 normalized, C3 score before update, C4 one pass. C1 (with rows independent) and
+# C2 run inside the final evaluation (ForwardAudit, the evaluator's probe): on a few batches it has just scored,
+# through the very forward that scored them, with the weights and LoRA adapters of that moment, in the batch's own
+# shape; that this forward gives back the NLLs the evaluation scored ties the checks to the score. C3 and C4 read
+# the ScoringEvidence the evaluator recorded from the data it used.
 # -----------------------------------------------------------------------------
 
 CAUSALITY_TOLERANCE = 1e-4       # max |delta NLL| of earlier targets when later tokens change ...
@@ -3023,172 +3032,171 @@ NOISE_TOLERANCE_FACTOR = 2.0     # ... each plus this many times the noise betwe
 NOISE_CEILING_NATS = 0.01        # which may be at most this: above it the audit cannot certify, it fails
 
 
-def audit_windows(tokens: np.ndarray, window: int, stride: int, mode: str = "sliding") -> list[int]:
-    """Start positions of the windows the audit checks: the schedule's first, middle and last."""
-    starts = scoring_windows(mode, tokens, window, stride)[0]
-    return sorted({int(starts[0]), int(starts[len(starts) // 2]), int(starts[-1])})
+class ForwardAudit:
+    """C1, rows independent and C2 on the final evaluation's own scoring forwards. The evaluator shows it some
+    batches it has just scored (score_windows: batch(); LoRA TTT: lora_before() and lora_step()); it runs each again
+    through the same forward with the same weights, adapters, shape, varlen capacity, grad mode and autocast (a
+    compiled model builds no new graph), perturbed as each check needs. It leaves no state changed: adapters it
+    swaps are restored exactly, no gradient is kept, the evidence is not told, its random tokens come from its own
+    generator (never a BOS: that would add a varlen segment past the batch's capacity). Every rank audits its own
+    batches, with no collective before result().
 
+    At an audited batch (rows x L, each row's scored targets in `mask`):
+    - scoring forward: the batch run again gives the NLLs the evaluation scored at its scored targets: the forward
+      audited is the one that scored;
+    - C1: in every row three cuts in its scored range (after its first scored target, halfway, at its end), every
+      input and target from the cut on replaced (independently: reading a target through the next input fails
+      too); the NLLs before the cut must not move. EVAL_MODE=documents windows also: in each row with a document
+      after another, everything before that document's BOS replaced; the NLLs from the BOS on must not move;
+    - rows independent: rows 0, 1, the middle and the last each kept with every other row replaced; its NLLs must
+      not move (a row that holds a later window holds an earlier row's future);
+    - C2, at the first audited batch of each forward (windows, LoRA) of a rank (it costs VOCAB_SIZE / rows forwards):
+      a scored row in every row (with per-row adapters, every row given that row's adapter), each row another
+      candidate target at every position, the whole vocabulary: exp(-NLL) sums to 1 at every position. The row is
+      one whose segments, repeated in every row, fit the batch's varlen capacity (else a later batch is used).
+    Every comparison is between the same rows of two forwards (on a GPU a row's rounding can depend on where it
+    sits). Tolerances: CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR x the largest difference of a batch run twice;
+    NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR x expm1(the largest difference of candidates moved one row).
+    A noise above NOISE_CEILING_NATS fails the checks: rounding rows differently on purpose could widen them.
 
-def other_document_rows(tokens: np.ndarray, window: int, n_rows: int = 3) -> list[tuple[int, int]]:
-    """(window start, offset b of a BOS inside it) for up to n_rows windows of the evaluator's length, each with a
-    document beginning halfway in (after another document), at BOS positions spread over the stream."""
-    n_inputs = tokens.size - 1
-    w = min(window, n_inputs)
-    bos = np.flatnonzero(tokens[1:n_inputs] == BOS_ID) + 1
-    pick = bos[np.unique(np.linspace(0, bos.size - 1, n_rows).round().astype(int))] if bos.size else bos
-    starts = np.clip(pick - w // 2, 0, n_inputs - w)
-    return [(int(s_), int(p - s_)) for s_, p in zip(starts, pick)]
+    Which batches (evaluate, lora_before): the first, middle and last batch of evaluate()'s last scoring call (without
+    TTT its only one; with whole-model TTT the last chunk's, after every trained chunk); with LoRA TTT the first step of each stretch between global phases (before the first, between, after the last)
+    in which a row holds a document it has trained on (B no longer 0), with the adapters as they scored it, and the
+    first batch of what a budget cut left to be scored without TTT."""
 
+    def __init__(self, hp: Hyperparameters, rt: Runtime):
+        self.rt, self.vocab, self.documents = rt, hp.vocab_size, hp.eval_mode == "documents"
+        self.gen = torch.Generator(device=rt.device).manual_seed(hp.seed + rt.rank)
+        self.worst = {k: torch.zeros((), dtype=torch.float64, device=rt.device) for k in (
+            "scoring_forward", "noise_same_rows", "causality", "other_documents", "rows_independent", "normalization",
+            "normalization_noise")}
+        self.stretches, self.before, self.ms = set(), None, 0.0
+        self.counts = dict.fromkeys(("windows", "lora", "lora_steps", "c2_windows", "c2_lora", "other_documents",
+                                     "trained_rows"), 0)
 
-@torch.no_grad()
-def forward_rows(rt: Runtime, run_model: nn.Module, x: Tensor, y: Tensor, batch: int) -> Tensor:
-    """NLL (float64) of rows of inputs x and targets y (N, w), in batches of the evaluator's shape: row i
-    is computed in row i % batch of its batch."""
-    out = []
-    for b in range(0, x.size(0), batch):
-        xb, yb = x[b:b + batch], y[b:b + batch]
-        pad = batch - xb.size(0)
-        with autocast(rt):
-            xb, yb = F.pad(xb, (0, 0, 0, pad)), F.pad(yb, (0, 0, 0, pad))
-            nll = run_model(xb, yb, capacity_of(xb))
-        out.append(nll[:batch - pad].double())
-    return torch.cat(out)
+    def sync_ms(self) -> float:
+        if self.rt.device.type == "cuda":  # CUDA-only: the audit's time is its kernels'
+            torch.cuda.synchronize()
+        return 1e3 * time.perf_counter()
 
+    def note(self, name: str, diff: Tensor) -> None:
+        """Keep the largest |diff| seen for `name` (on the device; a NaN stays: the check fails)."""
+        self.worst[name] = torch.maximum(self.worst[name], diff.abs().amax().double())
 
-@torch.no_grad()
-def audit_causality(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                    stride: int, mode: str = "sliding") -> dict:
-    """C1: in each audited window, the NLL at every position before a cut is unchanged when every input
-    and every target from the cut on is replaced by a different random token; cuts at a quarter, a half,
-    inside the last stride (the scored tail) and at the last position. Inputs and targets are replaced
-    independently, so a model that reads position t's own target through input t + 1 fails too.
+    def replace(self, t: Tensor, where: Tensor) -> Tensor:
+        """t with the entries where `where` (broadcast) holds replaced by random tokens, never a BOS."""
+        r = torch.randint(BOS_ID + 1, self.vocab, t.shape, generator=self.gen, device=t.device)
+        return torch.where(where, r, t)
 
-    Each variant is scored in the batch row its original was scored in, in a batch of the same shape:
-    on a GPU the rounding of a row can depend on where it sits (split-K bf16 GEMMs), which would fail
-    an honest model if the two were compared across rows. The tolerance is set from the noise between
-    identical rows of this run in the same places (the originals scored twice), at most
-    NOISE_CEILING_NATS, and logged beside the check with the noise between identical rows in other
-    places (for the reader: the comparisons never cross rows, so a model cannot widen the tolerance
-    by rounding rows differently on purpose).
+    def batch(self, run_model: nn.Module, x, y, capacity: int, nll, mask) -> None:
+        """A batch score_windows has just scored (under its no_grad): run_model(x, y, capacity) gave `nll`."""
+        t0 = self.sync_ms()
 
-    EVAL_MODE=documents adds the other half of "context only from itself": in windows that hold a document after
-    another (other_document_rows), every input and target before that document's BOS (another document's tokens)
-    is replaced, and the document's NLLs must not move (causality_other_documents_*)."""
-    w = min(window, tokens.size - 1)
-    gen = torch.Generator().manual_seed(hp.seed)
-    vocab = max(2, int(tokens.max()) + 1)
-    cuts = sorted({max(1, w // 4), max(1, w // 2), max(1, w - max(1, min(stride, w) // 2)), max(1, w - 1)})
-    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in audit_windows(tokens, window, stride, mode)])
-    x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    run_model.eval()
-    score = functools.partial(forward_rows, rt, run_model, batch=batch)
-    base = score(x0, y0)
-    same_rows = (score(x0, y0) - base).abs().max().item()
-    other_rows = (score(x0.roll(1, 0), y0.roll(1, 0)).roll(-1, 0) - base).abs().max().item()
-    worst = 0.0
-    for cut in cuts:
-        x, y = x0.clone(), y0.clone()
-        for t in (x, y):        # shift by 1..vocab-1 (mod vocab): every replaced token differs
-            t[:, cut:] = (t[:, cut:] + torch.randint(1, vocab, (t.size(0), w - cut), generator=gen).to(rt.device)) % vocab
-        worst = max(worst, (score(x, y)[:, :cut] - base[:, :cut]).abs().max().item())
-    n_windows = seqs.size(0)
-    docs = other_document_rows(tokens, window) if mode == "documents" else []
-    worst_docs = 0.0
-    if docs:
-        seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s, _ in docs])
-        x0, y0 = seqs[:, :-1].to(rt.device), seqs[:, 1:].to(rt.device)
-        base = score(x0, y0)
-        x, y = x0.clone(), y0.clone()
-        for row, (_, b) in enumerate(docs):   # inputs before the BOS at b, and their targets but that BOS
-            for t, n in ((x, b), (y, b - 1)):
-                t[row, :n] = (t[row, :n] + torch.randint(1, vocab, (n,), generator=gen).to(rt.device)) % vocab
-        moved = (score(x, y) - base).abs()
-        worst_docs = max(moved[row, b:].max().item() for row, (_, b) in enumerate(docs))
-    run_model.train()
-    worst, worst_docs, same_rows, other_rows = agree_max(rt, [worst, worst_docs, same_rows, other_rows])
-    tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * same_rows
-    return dict(causality_ok=worst <= tolerance and worst_docs <= tolerance and same_rows <= NOISE_CEILING_NATS,
-                causality_max_abs_dnll=worst, causality_windows=n_windows, causality_cuts=cuts,
-                causality_tolerance=tolerance, causality_noise_same_rows=same_rows,
-                causality_noise_other_rows=other_rows, causality_other_documents_windows=len(docs),
-                causality_other_documents_max_abs_dnll=worst_docs)
+        def forward(xb, yb):
+            with autocast(self.rt):
+                return run_model(xb, yb, capacity).float()
+        self.check(forward, x, y, nll, mask, "windows", capacity, mask.any(dim=1))
+        self.ms += self.sync_ms() - t0
 
+    def lora_before(self, ttt: "LoRATestTimeTrainer", step: LoRAStep, stretch: int) -> bool:
+        """Before a LoRA chunk step of the `stretch`-th run of steps between global phases: whether to audit it (the
+        first of its stretch in which a row holds a document it has trained on); if so the adapters are kept now."""
+        self.counts["lora_steps"] += 1
+        if stretch in self.stretches or not ((step.valid > 0) & ~step.fresh).any():
+            return False
+        self.stretches.add(stretch)
+        self.before = ttt.lora.weights.detach().clone()
+        return True
 
-@torch.no_grad()
-def audit_normalization(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                        stride: int, vocab_size: int, mode: str = "sliding") -> dict:
-    """C2: in each audited window, exp(-NLL) the evaluator's forward gives each of the vocab_size possible
-    next tokens sums to 1 at every position (the scored tail included). Candidate tokens are dealt out to
-    the ranks in batches of the evaluator's shape; the sums are added up over ranks.
+    def lora_step(self, ttt: "LoRATestTimeTrainer", tokens: Tensor, step: LoRAStep, meta, nll, mask, targets) -> None:
+        """The step lora_before() chose, just run by chunk_step (its NLL, scored mask and targets' stream positions),
+        audited with the adapters that scored it: those kept before it, with B = 0 in the rows it began afresh (as
+        its restart set them; A does not matter while B is 0, the delta is exactly 0). Its own adapters (trained
+        since) are put back after."""
+        t0, lora, rows, dev = self.sync_ms(), ttt.lora, len(step.start), tokens.device
+        b_part = (lora.a_bound == 0)[None, :]
+        after = lora.weights.detach().clone()
+        with torch.no_grad():
+            lora.weights.copy_(self.before.masked_fill_(torch.from_numpy(step.fresh).to(dev)[:, None] & b_part, 0.0))
+        trained = torch.from_numpy((step.valid > 0) & ~step.fresh).to(dev)
+        self.counts["trained_rows"] += (((lora.weights != 0) & b_part).any(dim=1) & trained).sum()
+        inside = torch.arange(step.length, device=dev)[None, :] < meta[1][:, None]
+        capacity = varlen_capacity(rows, step.length, rows)
 
-    Each candidate sits in its own row, and on a GPU a row's rounding can depend on where it sits, which
-    moves each p(v) by a factor of up to exp(noise) and their sum by up to expm1(noise). The noise is
-    measured in this run: each rank's first batch of candidates is scored again with every candidate in
-    another row; the tolerance adds NOISE_TOLERANCE_FACTOR x expm1(largest |delta NLL|), logged beside it.
-    A noise above NOISE_CEILING_NATS fails the check: a model that rounds rows differently on purpose
-    could otherwise widen the tolerance until an unnormalized score passed."""
-    w = min(window, tokens.size - 1)
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    worst, n_windows, noise = 0.0, 0, 0.0
-    run_model.eval()
-    for start in audit_windows(tokens, window, stride, mode):
-        x = torch.from_numpy(tokens[start:start + w]).to(rt.device)[None]
-        total = torch.zeros(w, dtype=torch.float64, device=rt.device)
-        for i, v0 in enumerate(range(0, vocab_size, batch)):
-            if i % rt.world_size != rt.rank:
-                continue
-            v = torch.arange(v0, min(v0 + batch, vocab_size), device=rt.device)
-            nll = forward_rows(rt, run_model, x.expand(v.numel(), w), v[:, None].expand(-1, w), batch)
-            total += torch.exp(-nll).sum(dim=0)
-            if i < rt.world_size:     # this rank's first batch, each candidate moved one row on
-                moved = forward_rows(rt, run_model, x.expand(v.numel(), w), v.roll(1)[:, None].expand(-1, w), batch)
-                noise = max(noise, (moved.roll(-1, 0) - nll).abs().max().item())
-        if rt.distributed:
-            dist.all_reduce(total)
-        worst = max(worst, (total - 1.0).abs().max().item())
-        n_windows += 1
-    run_model.train()
-    noise = agree_max(rt, [noise])[0]
-    tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(noise)
-    return dict(normalization_ok=worst <= tolerance and noise <= NOISE_CEILING_NATS,
-                normalization_max_abs_dev=worst, normalization_windows=n_windows,
-                normalization_tolerance=tolerance, normalization_noise_nll=noise)
+        def forward(xb, yb):
+            with torch.enable_grad(), autocast(self.rt):          # chunk_step's grad mode: its compiled graph
+                return ttt.run_model(xb, yb, capacity, lora).detach().float()
 
+        def share(r):
+            with torch.no_grad():
+                lora.weights.copy_(lora.weights[r:r + 1].expand(rows, -1).clone())
+        self.check(forward, torch.where(inside, tokens[targets - 1], LORA_PAD_ID),
+                   torch.where(inside, tokens[targets], LORA_PAD_ID), nll, mask, "lora", capacity, trained, share)
+        with torch.no_grad():
+            lora.weights.copy_(after)
+        self.before, self.ms = None, self.ms + self.sync_ms() - t0
 
-@torch.no_grad()
-def audit_row_independence(hp: Hyperparameters, rt: Runtime, run_model: nn.Module, tokens: np.ndarray, window: int,
-                           stride: int, tolerance: float, mode: str = "sliding") -> dict:
-    """C1 across the rows of a batch: the final evaluation scores consecutive windows side by side, and
-    with a stride below the window a later row holds an earlier row's future, so a forward that read
-    another row would leak it while C1's windows, scored apart, saw nothing. A batch of consecutive
-    windows from the middle of the stream is scored as the evaluator scores it; then rows 0, 1, the middle
-    one and the last are each scored again in the same row with every other row replaced by random
-    tokens. Their NLLs must not move (C1's tolerance). The rows have the evaluator's batch shape in either
-    EVAL_MODE (overlapping windows are the harder case: a row's future sits in the next one)."""
-    batch = eval_batch_seqs(hp, rt, tokens.size, window, stride, mode)
-    w = min(window, tokens.size - 1)
-    starts = sliding_windows(tokens.size, window, stride)[0]
-    first = max(0, min(len(starts) // 2, len(starts) - batch))
-    picked = starts[first:first + batch]
-    seqs = torch.stack([torch.from_numpy(tokens[s:s + w + 1]) for s in picked]).to(rt.device)
-    x0, y0 = seqs[:, :-1], seqs[:, 1:]
-    score = functools.partial(forward_rows, rt, run_model, batch=batch)
-    run_model.eval()
-    base = score(x0, y0)
-    gen = torch.Generator().manual_seed(hp.seed + 1)
-    vocab = max(2, int(tokens.max()) + 1)
-    rows = sorted({0, min(1, len(picked) - 1), len(picked) // 2, len(picked) - 1})
-    worst = 0.0
-    for r in rows:
-        x = torch.randint(0, vocab, x0.shape, generator=gen).to(rt.device)
-        y = torch.randint(0, vocab, y0.shape, generator=gen).to(rt.device)
-        x[r], y[r] = x0[r], y0[r]
-        worst = max(worst, (score(x, y)[r] - base[r]).abs().max().item())
-    run_model.train()
-    worst = agree_max(rt, [worst])[0]
-    return dict(rows_independent_ok=worst <= tolerance, rows_independent_max_abs_dnll=worst,
-                rows_independent_batch=len(picked), rows_independent_rows=rows)
+    def check(self, forward, x, y, nll, mask, kind: str, capacity: int, c2_rows: Tensor, share=None) -> None:
+        """The checks of one batch (see the class); c2_rows: the rows C2 may sum over (bool, (rows,)); share(r):
+        give every row row r's adapters (per-row adapters only)."""
+        rows, length = x.shape
+        pos = torch.arange(length, device=x.device)[None, :]
+        base = forward(x, y)
+        self.note("noise_same_rows", forward(x, y) - base)
+        self.note("scoring_forward", (base - nll.float()) * mask)
+        first = mask.int().argmax(dim=1)
+        last = first + mask.sum(dim=1)
+        for cut in (first + 1, (first + last + 1) // 2, last):
+            c = cut.clamp(1, length - 1)[:, None]
+            self.note("causality", (forward(self.replace(x, pos >= c), self.replace(y, pos >= c)) - base) * (pos < c))
+        if kind == "windows" and self.documents:
+            later = (x == BOS_ID) & (pos >= 1)
+            b = torch.where(later.any(dim=1), later.int().argmax(dim=1), 0)[:, None]   # 0: no such document
+            moved = forward(self.replace(x, pos < b), self.replace(y, pos < b - 1))
+            self.note("other_documents", (moved - base) * (pos >= b))
+            self.counts["other_documents"] += later.any(dim=1).sum()
+        for r in {0, min(1, rows - 1), rows // 2, rows - 1}:
+            others = (torch.arange(rows, device=x.device) != r)[:, None]
+            self.note("rows_independent", (forward(self.replace(x, others), self.replace(y, others)) - base)[r])
+        self.counts[kind] += 1
+        c2_rows = c2_rows & (1 + (x[:, 1:] == BOS_ID).sum(dim=1) <= (capacity - 1) // rows)   # its segments fit
+        if self.counts["c2_" + kind] or not c2_rows.any():
+            return
+        self.counts["c2_" + kind] = 1
+        r = int(c2_rows.int().argmax())
+        if share is not None:
+            share(r)
+        xs, total = x[r:r + 1].expand(rows, length).contiguous(), 0.0
+        for v0 in range(0, self.vocab, rows):
+            v = v0 + torch.arange(rows, device=x.device)
+            ys = v.clamp(max=self.vocab - 1)[:, None].expand(rows, length).contiguous()
+            candidates = forward(xs, ys)
+            total = total + (torch.exp(-candidates.double()) * (v < self.vocab)[:, None]).sum(dim=0)
+            if v0 == 0:     # the same candidates, each one row on
+                self.note("normalization_noise", forward(xs, ys.roll(1, 0)).roll(-1, 0) - candidates)
+        self.note("normalization", total - 1.0)
+
+    def result(self) -> dict:
+        """The compliance keys, over every rank (call on every rank, after the evaluation): each check's verdict and
+        tolerance, `audit_max_abs` (the largest |delta NLL| of each check, of the scoring forward against the scores,
+        of the batch run twice (noise_same_rows) and of candidates moved one row (normalization_noise); for
+        normalization the largest |sum - 1|) and `audit_counts` (batches audited per forward, LoRA steps seen, C2s
+        done, rows of documents after another, audited LoRA rows whose B was not 0). A check that audited nothing,
+        or not the LoRA forward when LoRA steps scored, or a forward without its C2, fails."""
+        w = dict(zip(self.worst, agree_max(self.rt, [float(v) for v in self.worst.values()])))
+        c = dict(zip(self.counts, map(sum, zip(*gather(self.rt, [int(v) for v in self.counts.values()])))))
+        tolerance = CAUSALITY_TOLERANCE + NOISE_TOLERANCE_FACTOR * w["noise_same_rows"]
+        c2_tolerance = NORMALIZATION_TOLERANCE + NOISE_TOLERANCE_FACTOR * math.expm1(w["normalization_noise"])
+        audited = (c["windows"] + c["lora"] > 0 and (c["lora"] or not c["lora_steps"])
+                   and w["noise_same_rows"] <= NOISE_CEILING_NATS)
+        normalized = all(c["c2_" + k] or not c[k] for k in ("windows", "lora"))
+        return dict(scoring_forward_ok=audited and w["scoring_forward"] <= tolerance,
+                    causality_ok=audited and w["causality"] <= tolerance and w["other_documents"] <= tolerance,
+                    rows_independent_ok=audited and w["rows_independent"] <= tolerance,
+                    normalization_ok=audited and normalized and w["normalization_noise"] <= NOISE_CEILING_NATS
+                    and w["normalization"] <= c2_tolerance,
+                    causality_tolerance=tolerance, normalization_tolerance=c2_tolerance, audit_max_abs=w,
+                    audit_counts=c)
 
 
 def audit_score_before_update(evidence: ScoringEvidence, ttt_on: bool) -> dict:
@@ -4718,10 +4726,11 @@ def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, 
     documents scaled up by split_tokens / tokens.size. Rates from the records' logs (the constants' comments,
     docs/evaluation.md): scoring passes at EVAL_FORWARD_MFU, a third of the training FLOPs per token; LoRA TTT
     as the busiest rank's batches (lora_batches, per phase segment; from a part of the split, its work over the
-    ranks) at LORA_STEP_S a step plus their tokens at LORA_TTT_MFU of 2/3 of the training FLOPs; global phases and whole-model TTT forward + backward at
-    TTT_ASSUMED_MFU; the audit's C2 (the vocabulary at 3 windows) and C1 forwards; EVAL_LOAD_ASSUMED_S and
-    EVAL_COMPILE_ASSUMED_S fixed. 'scoring' is what TTT falls back to when the budget cuts it: the part that must
-    fit (LoRA TTT scores every target itself, so its total leaves 'scoring' out)."""
+    ranks) at LORA_STEP_S a step plus their tokens at LORA_TTT_MFU of 2/3 of the training FLOPs; global phases and
+    whole-model TTT forward + backward at TTT_ASSUMED_MFU; the audit (ForwardAudit, every rank alike: C2's whole
+    vocabulary at the window's length once for each forward that scores; its ~10 forwards per audited batch left
+    out); EVAL_LOAD_ASSUMED_S and EVAL_COMPILE_ASSUMED_S fixed. 'scoring' is what TTT falls back to when the
+    budget cuts it: the part that must fit (LoRA TTT scores every target itself, so its total leaves it out)."""
     scale = split_tokens / tokens.size
     w = min(window, tokens.size - 1)
     gpus = PROJECTION_GPUS * H100_BF16_DENSE_FLOPS
@@ -4731,9 +4740,10 @@ def eval_projection(hp: Hyperparameters, tokens: np.ndarray, split_tokens: int, 
     plain = len(sliding_windows(tokens.size, hp.train_seq_len, hp.train_seq_len)[0]) * min(hp.train_seq_len, tokens.size - 1)
     parts = dict(load=EVAL_LOAD_ASSUMED_S, compile=EVAL_COMPILE_ASSUMED_S,
                  plain=fwd(plain * scale, hp.train_seq_len), scoring=fwd(n_windows * w * scale, w), ttt=0.0, audit=0.0)
+    lora = hp.ttt_enabled and hp.ttt_method == "lora"
     if hp.eval_audit:
-        parts["audit"] = fwd(3 * w * (max(hp.vocab_size, 1) + 2 * 7), w)
-    if hp.ttt_enabled and hp.ttt_method == "lora":
+        parts["audit"] = fwd(PROJECTION_GPUS * (1 + lora) * hp.vocab_size * w, w)
+    if lora:     # the LoRA steps' work, shared by the ranks; the phases
         spans = document_spans(tokens)
         order = np.argsort(-(spans[:, 1] - spans[:, 0]), kind="stable")
         bounds, rows = phase_boundaries(hp, len(spans)), lora_rows(hp, w)
@@ -5215,19 +5225,13 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     eval_compile_ms = 0.0 if trained is None else trained.result.eval_compile_ms
     graphs_before_eval = compiled_graphs()
 
-    # evaluation, from loading the artifact to the final score: every rank loads it from disk, the
-    # audit checks the loaded weights, a plain pass measures the quantization gap, the final pass scores
+    # evaluation, from loading the artifact to the final score: every rank loads it from disk, a plain pass
+    # measures the quantization gap, the final pass scores (audited from inside with EVAL_AUDIT=1)
     t_eval = time.perf_counter()
     with stages("load"):
         loaded = load_artifact_everywhere(rt, model, artifact.path, val_tokens[:min(val_tokens.size, hp.train_seq_len + 1)])
     compliance = {}
-    if hp.eval_audit:
-        with stages("audit"):
-            compliance.update(audit_causality(hp, rt, run_model, val_tokens, window, stride, hp.eval_mode))
-            compliance.update(audit_row_independence(hp, rt, run_model, val_tokens, window, stride,
-                                                     compliance["causality_tolerance"], hp.eval_mode))
-            compliance.update(audit_normalization(hp, rt, run_model, val_tokens, window, stride, hp.vocab_size,
-                                                  hp.eval_mode))
+    probe = ForwardAudit(hp, rt) if hp.eval_audit else None
     with stages("roundtrip_plain_eval"):
         plain = evaluate(hp, rt, run_model, val_tokens, tables, hp.train_seq_len, hp.train_seq_len)
     log_eval(log, "roundtrip (plain windows)", plain)
@@ -5242,10 +5246,13 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     with stages("eval"):
         if lora:
             final = evaluate_lora_ttt(hp, rt, ttt, val_tokens, tables, window, stride, budget,
-                                      collect=bool(hp.nll_dump), audit=bool(hp.eval_audit))
+                                      collect=bool(hp.nll_dump), audit=bool(hp.eval_audit), probe=probe)
         else:
             final = evaluate(hp, rt, run_model, val_tokens, tables, window, stride, ttt=ttt, collect=bool(hp.nll_dump),
-                             audit=bool(hp.eval_audit), mode=hp.eval_mode, budget=budget)
+                             audit=bool(hp.eval_audit), mode=hp.eval_mode, budget=budget, probe=probe)
+    if probe is not None:        # the audit ran inside the final pass: its time is reported apart from it
+        stages.ms["audit"] = probe.ms
+        stages.ms["eval"] -= probe.ms
     ttt_summary = None
     if hp.ttt_enabled:
         ttt_summary = dict(method=hp.ttt_method, budget_s=hp.eval_time_limit_seconds or None,
@@ -5266,6 +5273,7 @@ def run_pipeline(hp: Hyperparameters, rt: Runtime, run_id: str, warnings: list[s
     log(f"eval_time: {eval_time_ms:.0f}ms = {eval_measured_ms:.0f}ms from the artifact's load to the final score "
         f"(every pass counted) + {eval_compile_ms:.0f}ms compiling the evaluation graphs in the warm-up")
     if hp.eval_audit:
+        compliance.update(probe.result())
         compliance.update(audit_score_before_update(final.evidence, ttt is not None))
         compliance.update(audit_one_pass(final.evidence))
         if trained is not None:     # a re-score trained nothing: there is no training-data read to check

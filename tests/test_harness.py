@@ -229,7 +229,7 @@ def fake_summary(run_id, seed, val_bpb, **overrides):
              val_bytes=VAL_BYTES, val_split_tokens=VAL_TOKENS + 1, val_full_split=True, eval_seq_len=1024,
              eval_stride=64, eval_time_ms=80_000.0 + seed, quant_scheme="int8_lzma", model_params=17_059_912,
              quant=dict(calibration="self", calibration_end_ms=589_500.0),
-             compliance=dict(causality_ok=True, rows_independent_ok=True, normalization_ok=True, score_before_update_ok=True, one_pass_ok=True,
+             compliance=dict(scoring_forward_ok=True, causality_ok=True, rows_independent_ok=True, normalization_ok=True, score_before_update_ok=True, one_pass_ok=True,
                              no_train_data_after_deadline=True, all_ok=True),
              nll_dump=None, wall_time_s=700.0, hyperparameters=hp, tokenizer_sha256=STAND_IN_SHA,
              val_shards_sha256=STAND_IN_VAL_SHA, train_tokens_read=8_208,
@@ -825,8 +825,8 @@ def test_a_crashed_seed_is_reported(entry, capsys):
     assert submit("--sweep", "logs/pg.sweep.json") == 1
     assert "logs/pg_seed4.json is missing: run pg_seed4 did not finish" in capsys.readouterr().err
     write_runs(entry, seeds=(1, 2, 3, 4), summaries={3: fake_summary("pg_seed4", 4, 1.05, **dict(H100, compliance=dict(
-        causality_ok=True, rows_independent_ok=True, normalization_ok=True, score_before_update_ok=True, one_pass_ok=False,
-        no_train_data_after_deadline=True, all_ok=False)))}, **H100)
+        scoring_forward_ok=True, causality_ok=True, rows_independent_ok=True, normalization_ok=True, score_before_update_ok=True,
+        one_pass_ok=False, no_train_data_after_deadline=True, all_ok=False)))}, **H100)
     assert submit(*ids) == 1
     assert "seed 4 (pg_seed4) failed the compliance audit: one_pass_ok, all_ok" in capsys.readouterr().err
 
@@ -866,8 +866,8 @@ EDITS = {
     "its log's headline says val_loss:": dict(val_bpb=1.0),
     "roundtrip_sha256_per_rank": dict(roundtrip_sha256_per_rank=["0" * 64] * 8),
     "is not 8 (world_size) copies": dict(roundtrip_sha256_per_rank=[None]),
-    "its log's compliance line": dict(compliance=dict(causality_ok=True, rows_independent_ok=True, normalization_ok=True,
-                                                      score_before_update_ok=True, one_pass_ok=True,
+    "its log's compliance line": dict(compliance=dict(scoring_forward_ok=True, causality_ok=True, rows_independent_ok=True,
+                                                      normalization_ok=True, score_before_update_ok=True, one_pass_ok=True,
                                                       no_train_data_after_deadline=True, all_ok=True, extra=1)),
     "its log's eval_time (80001 ms) is not the summary's eval_time_ms 70000": dict(eval_time_ms=70_000.0),
 }

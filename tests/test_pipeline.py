@@ -38,8 +38,8 @@ REQUIRED_KEYS = ["run_id", "seed", "world_size", "device", "steps", "train_time_
                  "tokenizer_sha256", "val_shards_sha256", "tokenizer_check_docs", "eval_measured_ms", "eval_compile_ms",
                  "train_flops", "code_shipped", "code_readable_bytes", "code_readable_sha256",
                  "projected_h100_train_peak_gib", "projected_h100_train_memory_gib", "projected_h100_train_memory_compiled"]
-COMPLIANCE_CHECKS = ["causality_ok", "rows_independent_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
-                     "no_train_data_after_deadline"]
+COMPLIANCE_CHECKS = ["scoring_forward_ok", "causality_ok", "rows_independent_ok", "normalization_ok", "score_before_update_ok",
+                     "one_pass_ok", "no_train_data_after_deadline"]
 TTT_RUN = {"TTT_ENABLED": "1", "TTT_METHOD": "whole", "TTT_CHUNK_TOKENS": "2048", "TTT_EPOCHS": "1", "TTT_LR": "0.01", "TTT_LAST_N": "1"}
 TORCHRUN_VARS = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK",
                  "ROLE_RANK", "ROLE_WORLD_SIZE", "GROUP_WORLD_SIZE", "TORCHELASTIC_RUN_ID"}
@@ -370,9 +370,12 @@ def check_compliance(s, ttt_updates=0):
     assert c["targets_scored_once"] == c["targets_expected"] == s["val_tokens"]
     assert c["targets_never_scored"] == c["targets_scored_twice_or_more"] == 0
     assert c["ttt_updates"] == ttt_updates and c["ttt_unscored_targets_trained"] == 0
-    assert c["causality_windows"] == c["normalization_windows"] == 3
-    assert 0 <= c["causality_max_abs_dnll"] <= train_gpt.CAUSALITY_TOLERANCE
-    assert 0 <= c["normalization_max_abs_dev"] <= train_gpt.NORMALIZATION_TOLERANCE
+    # inside the final pass, on each rank: the first, middle and last batch of its last scoring call, C2 once
+    n, worst = c["audit_counts"], c["audit_max_abs"]
+    assert n["lora"] == 0 and 1 <= n["windows"] <= 3 * s["world_size"] and n["c2_windows"] == s["world_size"]
+    assert 0 <= worst["scoring_forward"] <= c["causality_tolerance"]
+    assert 0 <= worst["causality"] <= train_gpt.CAUSALITY_TOLERANCE
+    assert 0 <= worst["normalization"] <= train_gpt.NORMALIZATION_TOLERANCE
 
 
 def test_audited_run_is_compliant(dist_run):
@@ -554,16 +557,27 @@ LORA_RUN = {"EVAL_MODE": "documents", "TTT_ENABLED": "1", "TTT_METHOD": "lora", 
             "TTT_CHUNK_TOKENS": "512", "TTT_LORA_LR": "0.001"}
 
 
-def test_documents_lora_ttt_run_is_compliant(demo_data, dist_run, val_only, tmp_path):
-    """The default evaluation (per-document scoring, phased per-document LoRA TTT) on a saved artifact, audited:
-    C1 (other documents included) to C4 hold, the ttt block reports the method, both phases and every document
+@pytest.fixture(scope="module")
+def lora_run(demo_data, dist_run, val_only, tmp_path_factory):
+    """EVAL_ONLY of the 2-rank run's artifact with the default evaluation (per-document scoring, phased per-document
+    LoRA TTT), audited."""
+    cwd = tmp_path_factory.mktemp("lora")
+    artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
+    proc = succeeded(run_train(cwd, demo_data, RUN_ID="lora", EVAL_ONLY=artifact, DATA_PATH=val_only, EVAL_AUDIT=1,
+                               **LORA_RUN))
+    return cwd, proc, summary(cwd, "lora")
+
+
+def test_documents_lora_ttt_run_is_compliant(demo_data, dist_run, val_only, lora_run, tmp_path):
+    """The default evaluation on a saved artifact, audited: C1 to C4 hold, the forward audited being the LoRA forward
+    that scored (with adapters that had trained), the ttt block reports the method, both phases and every document
     adapted, nothing cut, and the score differs from the same artifact without TTT."""
     artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
-    proc = succeeded(run_train(tmp_path, demo_data, RUN_ID="lora", EVAL_ONLY=artifact, DATA_PATH=val_only,
-                               EVAL_AUDIT=1, **LORA_RUN))
-    s = summary(tmp_path, "lora")
+    _, proc, s = lora_run
     c = s["compliance"]
-    assert c["all_ok"] is True and c["causality_other_documents_windows"] == 3
+    assert c["all_ok"] is True and c["scoring_forward_ok"] is True
+    n = c["audit_counts"]
+    assert (n["windows"], n["lora"]) == (0, 3) and n["trained_rows"] > 0    # before, between, after the phases
     assert c["targets_scored_once"] == s["val_tokens"] and c["ttt_updates"] > 0
     t = s["ttt_summary"]
     assert (t["method"], t["phases_planned"], t["phases_done"], t["cut"]) == ("lora", 2, 2, None)
@@ -573,6 +587,22 @@ def test_documents_lora_ttt_run_is_compliant(demo_data, dist_run, val_only, tmp_
                                 EVAL_MODE="documents"))
     assert summary(tmp_path / "plain", "docs")["val_bpb"] != s["val_bpb"]
     assert summary(tmp_path / "plain", "docs")["val_tokens"] == s["val_tokens"]
+
+
+def test_a_lora_that_reads_the_next_position_fails_the_audit(demo_data, dist_run, val_only, lora_run, tmp_path):
+    """The program unchanged but for a LoRA forward that reads the next position's input (tools/lora_reads_ahead.py;
+    the audit of the loaded weights without adapters passed it): it scores better than the honest LoRA run, and the
+    audit inside the final pass fails it: causality_ok and all_ok false, the other checks true."""
+    artifact = Path(dist_run[0]) / dist_run[2]["artifact_path"]
+    succeeded(run_train(tmp_path, demo_data, script=TRAIN_GPT.parent / "tools" / "lora_reads_ahead.py", RUN_ID="ahead",
+                        EVAL_ONLY=artifact, DATA_PATH=val_only, EVAL_AUDIT=1, **LORA_RUN))
+    s, honest = summary(tmp_path, "ahead"), lora_run[2]
+    c = s["compliance"]
+    assert c["causality_ok"] is False and c["all_ok"] is False
+    assert c["audit_max_abs"]["causality"] > 100 * c["causality_tolerance"]
+    assert all(c[k] is True for k in ("scoring_forward_ok", "rows_independent_ok", "normalization_ok",
+                                      "score_before_update_ok", "one_pass_ok"))
+    assert s["val_bpb"] < honest["val_bpb"] and s["val_tokens"] == honest["val_tokens"]
 
 
 def test_a_budget_far_too_small_for_ttt_is_kept(demo_data, dist_run, val_only, tmp_path):

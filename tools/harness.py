@@ -686,8 +686,8 @@ SWEEP_SUFFIX = ".sweep.json"          # run_8xh100.sh's manifest: logs/<prefix>.
 # leaves out (the launcher sets them: SEED from SEEDS, RUN_ID per seed, EVAL_AUDIT=1).
 PER_RUN_SETTINGS = ("SEED", "RUN_ID", "NLL_DUMP", "EVAL_ONLY")
 LAUNCHER_SETTINGS = ("SEED", "RUN_ID", "EVAL_AUDIT", "EVAL_ONLY", "NLL_DUMP")
-COMPLIANCE_CHECKS = ("causality_ok", "rows_independent_ok", "normalization_ok", "score_before_update_ok", "one_pass_ok",
-                     "no_train_data_after_deadline", "all_ok")
+COMPLIANCE_CHECKS = ("causality_ok", "rows_independent_ok", "normalization_ok", "scoring_forward_ok", "score_before_update_ok",
+                     "one_pass_ok", "no_train_data_after_deadline", "all_ok")
 
 
 class SeedRun:
