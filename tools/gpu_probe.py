@@ -4,7 +4,7 @@ isolation on one CUDA GPU at the settings' shape (the April defaults unless the 
 CPU-side projections (tools/harness.py gpu-plan, and eval_projection at the records' rates). tools/gpu_rehearsal.sh
 runs it under `timeout`.
 
-    python3 tools/gpu_probe.py [--json PATH] [--cap-seconds 510] [--no-plan]
+    python3 tools/gpu_probe.py [--json PATH] [--cap-seconds 490] [--no-plan]
 
 Parts, in this order (PARTS), each under its own deadline and all under --cap-seconds:
   attention        one flash varlen attention forward + backward at a rank's micro-batch (48 x 2,048 at the defaults),
@@ -58,7 +58,7 @@ SPLIT_TOKENS = 40_540_160        # FineWeb's sp8192 validation split (docs: RULE
 LENGTHS_FILE = REPO / "tools" / "fineweb_doc_ranges_1855.json"   # FineWeb-like lengths when DATA_PATH has no val shards
 FA3_INSTALL = ("pip install --no-deps flash_attn_3 --find-links "
                "https://windreamer.github.io/flash-attention3-wheels/cu128_torch291/")   # #1855's requirements.txt
-CAP_S = 510.0                    # the whole probe; tools/gpu_rehearsal.sh's `timeout` is 30 s longer
+CAP_S = 490.0                    # the whole probe; tools/gpu_rehearsal.sh's `timeout` is 30 s longer
 REPORT_RESERVE_S = 30.0          # kept from the cap for the projection, the CPU-side plan and the report
 ASSUMED_BUS_GB_S = 200.0         # NCCL bus bandwidth on 8xH100 NVLink, assumed (not measured here: one GPU)
 GPUS = tg.PROJECTION_GPUS

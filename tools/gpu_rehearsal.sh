@@ -4,7 +4,8 @@
 # with recurrence off and on, the optimizer step, LoRA TTT steps on 97,114-token documents, a scoring forward), one
 # table and the 8xH100 projection built from it beside the CPU-side projections, and a JSON (logs/gpu_probe_*.json or
 # --json PATH). Estimated 4-6 min on one H100, compiles being the unknown (docs/cuda_hazards.md); capped at
-# REHEARSAL_CAP_SECONDS (default 540) by `timeout`, the probe keeping its own cap 30 s inside it.
+# REHEARSAL_CAP_SECONDS (default 520) by `timeout`, the probe keeping its own cap 30 s inside it: with the checks
+# before it, under 9 minutes.
 #
 #   bash tools/gpu_rehearsal.sh [--json PATH]          # the probe
 #   bash tools/gpu_rehearsal.sh --pipeline             # the whole pipeline (opt-in): train for REHEARSAL_TRAIN_SECONDS
@@ -34,7 +35,7 @@ EOF
 python3 tools/gpu_probe.py --check || exit 2
 
 if [ "${1:-}" != "--pipeline" ]; then
-  cap=${REHEARSAL_CAP_SECONDS:-540}
+  cap=${REHEARSAL_CAP_SECONDS:-520}
   exec timeout -k 10 "$cap" python3 tools/gpu_probe.py --cap-seconds "$((cap - 30))" "$@"
 fi
 
