@@ -125,17 +125,24 @@ class Probe:
         self.train_capacity = tg.varlen_capacity(self.train_rows, hp.train_seq_len, self.train_segments)
         self.train_x = tg.to_device(ids, rt.device)
         self.train_y = tg.to_device(rng.integers(tg.BOS_ID + 1, hp.vocab_size, ids.shape), rt.device)
-        # the validation stream: lora_rows() documents of longest_doc first, then documents of DOC_TOKENS
         self.lora_rows = tg.lora_rows(hp, self.window)
         self.eval_rows = tg.eval_batch_seqs(hp, tg.Runtime(0, GPUS, 0, rt.device, False, None, None), self.split_tokens,
                                             self.window, self.stride, hp.eval_mode)
         self.eval_from = self.lora_rows * self.longest_doc
-        n = max(self.split_tokens, self.eval_from + self.eval_rows * self.window + 1)
-        stream = rng.integers(tg.BOS_ID + 1, hp.vocab_size, n)
-        stream[:self.eval_from:self.longest_doc] = tg.BOS_ID
-        stream[self.eval_from::DOC_TOKENS] = tg.BOS_ID
-        self.bos_cum = tg.bos_prefix(stream)
-        self.stream = tg.to_device(stream, rt.device)
+        self.stream = None
+
+    def validation_stream(self) -> torch.Tensor:
+        """The validation stream on the device, made when an evaluation part first needs it (training does not hold
+        it): lora_rows() documents of longest_doc first, then documents of DOC_TOKENS; its BOS prefix counts on the
+        host (bos_cum)."""
+        if self.stream is None:
+            n = max(self.split_tokens, self.eval_from + self.eval_rows * self.window + 1)
+            stream = np.random.default_rng(self.hp.seed + 1).integers(tg.BOS_ID + 1, self.hp.vocab_size, n)
+            stream[:self.eval_from:self.longest_doc] = tg.BOS_ID
+            stream[self.eval_from::DOC_TOKENS] = tg.BOS_ID
+            self.bos_cum = tg.bos_prefix(stream)
+            self.stream = tg.to_device(stream, self.rt.device)
+        return self.stream
 
     def sync(self) -> None:
         if self.cuda:
@@ -282,20 +289,21 @@ def part_lora(p: Probe, reps: int, which: str) -> dict:
     first, full = lora_steps(p.hp, p.lora_rows, p.longest_doc, p.window)
     step = full if which == "full" else first
     meta = _meta(step, p.rt.device)
-    t_first, steady = p.timed(lambda: trainer.chunk_step(p.stream, step, meta, None), reps)
+    stream = p.validation_stream()
+    t_first, steady = p.timed(lambda: trainer.chunk_step(stream, step, meta, None), reps)
     step_ms = _ms(steady)
     return dict(step_ms=step_ms, compile_s=max(0.0, t_first - step_ms / 1e3), rows=p.lora_rows, length=step.length,
                 tokens=p.lora_rows * step.length, document_tokens=p.longest_doc, fresh=bool(step.fresh.any()),
-                stream_tokens=int(p.stream.numel()))
+                stream_tokens=int(stream.numel()))
 
 
 def part_eval_forward(p: Probe, reps: int) -> dict:
     p.evaluation_state(grad=True)
-    w, rows = p.window, p.eval_rows
+    w, rows, stream = p.window, p.eval_rows, p.validation_stream()
     starts = p.eval_from + np.arange(rows, dtype=np.int64) * w
 
     def forward():
-        tg.score_windows(p.hp, p.rt, p.run_model, p.stream, starts, np.zeros(rows, dtype=np.int64),
+        tg.score_windows(p.hp, p.rt, p.run_model, stream, starts, np.zeros(rows, dtype=np.int64),
                          np.full(rows, w, dtype=np.int64), w, rows, False, None, p.bos_cum)
 
     t_first, steady = p.timed(forward, reps)
