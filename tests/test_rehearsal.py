@@ -281,6 +281,14 @@ def test_the_fineweb_like_lengths_rebuild_from_the_committed_ranges():
         assert lo - 1 <= batch.min() and batch.max() <= hi
 
 
+def test_without_validation_shards_the_projection_takes_the_fineweb_like_lengths(tmp_path):
+    hp = train_gpt.read_settings({"DATA_PATH": str(tmp_path)})[0]
+    tokens, split, why = gpu_probe.projection_stream(hp, gpu_probe.SPLIT_TOKENS)
+    spans = train_gpt.document_spans(tokens)
+    assert len(spans) == 50_000 and split == tokens.size and "no validation shards" in why
+    assert (spans[:, 1] - spans[:, 0]).max() == gpu_probe.LONGEST_DOC_TOKENS - 1     # rebuilt log-uniform, rounded down
+
+
 @pytest.mark.slow
 def test_the_probe_runs_every_part_and_prints_one_table_and_json(demo_data, tmp_path):
     """Through the script, at a tiny shape on the CPU (SDPA, eager), in a copy of the entry: every part measured, the
