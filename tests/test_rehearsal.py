@@ -268,6 +268,15 @@ def test_the_projection_without_some_parts_bounds_or_leaves_null():
     assert proj["eval"]["phases"] == pytest.approx(64 / 8 * 0.150 / 4096)
 
 
+def test_without_recurrence_the_projection_takes_the_one_training_graph():
+    hp = projection_hp(RECUR_LAYERS="")
+    tokens = np.concatenate(([train_gpt.BOS_ID], np.full(64, 5)))
+    measured = {k: v for k, v in MEASURED.items() if k != "train_on"}
+    tr = gpu_probe.projection(hp, measured, tokens, tokens.size)["train"]
+    assert tr["step_ms_recurrence_on"] == tr["step_ms_recurrence_off"]
+    assert tr["steps_in_600s"] == pytest.approx(600e3 / tr["step_ms_recurrence_off"])
+
+
 def test_the_fineweb_like_lengths_rebuild_from_the_committed_ranges():
     """tools/fineweb_doc_ranges_1855.json (the batch ranges #1855's logs name) rebuilds 50,000 lengths, longest first,
     each named batch's 64 inside its logged range; the longest document is the 97,114-token one."""

@@ -469,6 +469,8 @@ def projection(hp: tg.Hyperparameters, measured: dict[str, dict], tokens: np.nda
     out: dict = {"train": {}, "eval": {}}
     tr = out["train"]
     opt, off, on = measured.get("optimizer"), measured.get("train_off"), measured.get("train_on")
+    if not hp.recur_layers:         # one training graph: train_on was skipped
+        on = off
     if opt is not None:
         muon_all = sum(g["matrices"] * g["update_ms"] for g in opt["muon_groups"])
         muon_share = sum(math.ceil(g["matrices"] / GPUS) * g["update_ms"] for g in opt["muon_groups"])
