@@ -2034,6 +2034,16 @@ def compile_model(model: nn.Module, optimize_ddp: bool = False) -> nn.Module:
     return torch.compile(model, dynamic=False, fullgraph=True)
 
 
+def compile_failure(e: Exception) -> str:
+    """A torch.compile (dynamo) error in one line: its own type and first line, and a flash-attn hint only when the
+    error mentions flash (the warm-up's message; tools/gpu_probe.py's)."""
+    said = str(e).splitlines()[0] if str(e) else ""
+    hint = (f"; the attention kernel is {FLASH_ATTN_SOURCE}: torch.compile needs a flash-attn build made for torch "
+            f"{torch.__version__} whose kernels are registered torch ops (FA3's flash_attn_interface from the "
+            "hopper/ build, or flash-attn >= 2.7)") if "flash" in str(e).lower() else ""
+    return f"{type(e).__name__}: {said}{hint}"
+
+
 def build_model(hp: Hyperparameters, rt: Runtime) -> GPT:
     torch.manual_seed(hp.seed)
     model = GPT(hp).to(rt.device)
@@ -3488,12 +3498,8 @@ def train(hp: Hyperparameters, rt: Runtime, model: GPT, run_model: nn.Module, lo
                                       n_val_tokens, lora)
         except torch._dynamo.exc.TorchDynamoException as e:
             traceback.print_exc()
-            said = str(e).splitlines()[0] if str(e) else ""
-            hint = (f"; the attention kernel is {FLASH_ATTN_SOURCE}: torch.compile needs a flash-attn build made for torch "
-                    f"{torch.__version__} whose kernels are registered torch ops (FA3's flash_attn_interface from the "
-                    "hopper/ build, or flash-attn >= 2.7)") if "flash" in str(e).lower() else ""
-            raise PipelineError(f"torch.compile failed in the warm-up ({type(e).__name__}: {said}){hint}; "
-                                "COMPILE=0 runs without it") from None
+            raise PipelineError(f"torch.compile failed in the warm-up ({compile_failure(e)}); COMPILE=0 runs without it"
+                                ) from None
     compile_ms, graphs = 1e3 * (time.perf_counter() - t_compile), compiled_graphs() - graphs_before
     eval_compile_ms = agree_max(rt, [eval_compile_ms])[0]     # the slowest rank's
     step_flops = {on: flops_per_token(hp, hp.train_seq_len, on) * hp.train_batch_tokens for on in (False, True)}

@@ -1,6 +1,8 @@
 """Where eval_projection's LoRA TTT rates come from: a fit of record #1855's logged TTT times (docs/evaluation.md).
 
     python3 tools/eval_projection_fit.py train_seed42.log train_seed0.log train_seed1234.log
+    python3 tools/eval_projection_fit.py --ranges train_seed42.log train_seed0.log train_seed1234.log \
+        > tools/fineweb_doc_ranges_1855.json       # the batch ranges alone (tools/gpu_probe.py's lengths)
 
 The logs are #1855's (openai/parameter-golf, records/track_10min_16mb/2026-04-27_SP8192_LQER_SparseGate_BOSSmearFix_
 9HpStack_1.0611/). 1. FineWeb-like document lengths: #1855's TTT logs each batch of 64 documents (sorted by length)
@@ -15,6 +17,7 @@ lengths (eval_projection).
 from __future__ import annotations
 
 import heapq
+import json
 import re
 import sys
 from pathlib import Path
@@ -25,13 +28,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 CHUNK, BATCH, DOCS = 48, 64, 50_000
+RANGES_SOURCE = ("record #1855's TTT logs (openai/parameter-golf records/track_10min_16mb/2026-04-27_SP8192_LQER_"
+                 "SparseGate_BOSSmearFix_9HpStack_1.0611/train_seed{42,0,1234}.log), each `ttp: b<k>/782 ... dl:<lo>-<hi>`: "
+                 "batch k of 782 (64 documents of FineWeb's validation split, sorted by length), its shortest and longest "
+                 "document in tokens; tools/eval_projection_fit.py --ranges")
 
 
-def lengths_from_logs(paths: list[str]) -> np.ndarray:
+def batch_ranges(paths: list[str]) -> dict[int, tuple[int, int]]:
+    """{batch k: (its shortest, its longest document)} of the TTT batches #1855's logs name (`ttp: b<k>/782 ...
+    dl:<lo>-<hi>`), over the logs given. `--ranges` prints them as tools/fineweb_doc_ranges_1855.json holds them."""
     known = {}
     for path in paths:
         for k, lo, hi in re.findall(r"ttp: b(\d+)/782 .*?dl:(\d+)-(\d+)", Path(path).read_text()):
             known[int(k)] = (int(lo), int(hi))
+    return known
+
+
+def lengths_from_logs(paths: list[str]) -> np.ndarray:
+    return lengths_from_ranges(batch_ranges(paths))
+
+
+def lengths_from_ranges(known: dict[int, tuple[int, int]]) -> np.ndarray:
+    """50,000 FineWeb-like lengths (inputs per document, longest first) from the batch ranges `known`: log-uniform
+    within each batch, the batches no log names interpolated (in log length) between those it does."""
     ks = np.array(sorted(known))
     lo = np.exp(np.interp(np.arange(1, 783), ks, np.log([known[k][0] for k in ks])))
     hi = np.exp(np.interp(np.arange(1, 783), ks, np.log([known[k][1] for k in ks])))
@@ -79,6 +98,10 @@ def simulate_1855(lengths: np.ndarray, window: int, a: float, b: float, phase_ra
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--ranges"] and len(argv) == 4:
+        ranges = batch_ranges(argv[1:])
+        print(json.dumps({"source": RANGES_SOURCE, "batches": [[k, *ranges[k]] for k in sorted(ranges)]}))
+        return 0
     if len(argv) != 3:
         print(__doc__)
         return 2

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# One-GPU rehearsal of the 8xH100 run: the default configuration at full shape on one CUDA
-# GPU (gradient accumulation keeps the global batch: 8 micro-batches per step), for a short training
-# wallclock, then calibration, export, load, audit and evaluation of a validation slice, as the real
-# run does them. Prints one JSON (tools/harness.py rehearsal-report): step time, tokens/s, MFU, peak
-# memory, compile time, recompiles after warm-up, graph breaks, each stage's time, and the 8xH100 step
-# time this implies. No network: on the shards in DATA_PATH, else on the demo set it builds itself
-# (whole or not at all: an interrupted build leaves nothing that blocks the next try).
+# One-GPU rehearsal of the 8xH100 run. By default the probe (tools/gpu_probe.py): each part of the run measured in
+# isolation at the default shape, with its peak memory (attention at a rank's micro-batch, compile and micro-step
+# with recurrence off and on, the optimizer step, LoRA TTT steps on 97,114-token documents, a scoring forward), one
+# table and the 8xH100 projection built from it beside the CPU-side projections, and a JSON (logs/gpu_probe_*.json or
+# --json PATH). Estimated 4-6 min on one H100, compiles being the unknown (docs/cuda_hazards.md); capped at
+# REHEARSAL_CAP_SECONDS (default 520) by `timeout`, the probe keeping its own cap 30 s inside it: with the checks
+# before it, under 9 minutes.
 #
-#   bash tools/gpu_rehearsal.sh                                  # on the demo set, 120 s of training
-#   DATA_PATH=./data/datasets/fineweb10B_sp8192_caseops \
-#     TOKENIZER_PATH=./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model \
-#     REHEARSAL_TRAIN_SECONDS=180 bash tools/gpu_rehearsal.sh
+#   bash tools/gpu_rehearsal.sh [--json PATH]          # the probe
+#   bash tools/gpu_rehearsal.sh --pipeline             # the whole pipeline (opt-in): train for REHEARSAL_TRAIN_SECONDS
+#                                                      # (default 120), calibrate, export, load, audit, evaluate
 #
-# Any setting passes through to train_gpt.py. REHEARSAL_ALLOW_CPU=1 runs it without a GPU (the plumbing
-# test does, at a tiny shape).
+# Both need a CUDA GPU with flash-attn (each refuses in one line, exit 2, naming the install line); no network. Any
+# setting passes through to train_gpt.py. REHEARSAL_ALLOW_CPU=1 runs them without a GPU (the plumbing tests, at a
+# tiny shape). The pipeline runs on the shards in DATA_PATH, else on the demo set it builds itself (whole or not at
+# all), whose short documents do not exercise the long-document TTT the probe measures; its time was never measured
+# (the compiles of every training state and evaluation graph, then 120 s of training and the rest: give it 20 min).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -29,13 +31,14 @@ for name in ("torch", "numpy", "sentencepiece"):
 if missing:
     sys.exit(f"gpu_rehearsal.sh: missing Python package(s) {', '.join(missing)}: pip install {' '.join(missing)}")
 EOF
+# a CUDA GPU with flash-attn (or REHEARSAL_ALLOW_CPU=1), and settings a run accepts
+python3 tools/gpu_probe.py --check || exit 2
 
-if ! python3 -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)'; then
-  if [ "${REHEARSAL_ALLOW_CPU:-0}" != 1 ]; then
-    echo "gpu_rehearsal.sh: no CUDA GPU here (REHEARSAL_ALLOW_CPU=1 runs it on the CPU)" >&2
-    exit 2
-  fi
+if [ "${1:-}" != "--pipeline" ]; then
+  cap=${REHEARSAL_CAP_SECONDS:-520}
+  exec timeout -k 10 "$cap" python3 tools/gpu_probe.py --cap-seconds "$((cap - 30))" "$@"
 fi
+
 if [ -z "${DATA_PATH:-}" ]; then
   demo=./data/rehearsal_caseops     # the demo set in the default data's form (CaseOps, byte sidecar)
   if ! ls "$demo"/fineweb_train_*.bin >/dev/null 2>&1; then
@@ -47,9 +50,7 @@ if [ -z "${DATA_PATH:-}" ]; then
   export TTT_CHUNK_TOKENS=${TTT_CHUNK_TOKENS:-8192}
 fi
 run_id=${RUN_ID:-rehearsal_$(date -u +%Y%m%d_%H%M%S)}
-# a rehearsal measures the box it has: without flash-attn it runs SDPA (the report names the kernel)
-export ALLOW_SDPA=${ALLOW_SDPA:-1}
 MAX_WALLCLOCK_SECONDS=${REHEARSAL_TRAIN_SECONDS:-120} VAL_MAX_TOKENS=${VAL_MAX_TOKENS:-1048576} \
   VAL_LOSS_EVERY=${VAL_LOSS_EVERY:-0} EVAL_AUDIT=1 RUN_ID=$run_id \
-  ${TORCHRUN:-torchrun} --standalone --nproc_per_node=1 train_gpt.py >&2
+  timeout -k 10 "${REHEARSAL_CAP_SECONDS:-1200}" ${TORCHRUN:-torchrun} --standalone --nproc_per_node=1 train_gpt.py >&2
 python3 tools/harness.py rehearsal-report "logs/$run_id.json"
