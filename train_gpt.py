@@ -203,7 +203,7 @@ class Setting:
             raise PipelineError(f"{name}={raw!r} is not a valid {self.type.__name__}") from None
 
     def rule(self) -> str:
-        """The rule in words ('' when there is none beyond the type), as errors and README.md's table say it."""
+        """The rule in words ('' when there is none beyond the type), as errors and docs/settings.md's table say it."""
         if self.choices is not None:
             shown = [str(c) for c in self.choices]
             return "must be " + (" or ".join([", ".join(shown[:-1]), shown[-1]]) if len(shown) > 1 else shown[0])
@@ -294,8 +294,8 @@ def parse_layer_range(spec: str) -> tuple[int, int] | None:
 class Hyperparameters:
     """Every setting, resolved by read_settings: one field per environment variable, named as the variable in
     lower case (hp.model_dim is MODEL_DIM), declared with its type, default, rule and meaning (setting(...)).
-    The rules of one variable are kept by validate_settings from these declarations; README.md's table is
-    generated from them (python3 tools/harness.py settings-table --write README.md)."""
+    The rules of one variable are kept by validate_settings from these declarations; docs/settings.md's table is
+    generated from them (python3 tools/harness.py settings-table --write docs/settings.md)."""
     preset: str = setting("frontier", "named set of defaults: frontier (this entry, on CaseOps sp8192 data), sp8192 (the same on plain sp8192 data), stack1024 (the March stack on sp1024) or baseline (the official naive baseline's recipe)", check=known_preset)
     data_path: str = setting("./data/datasets/fineweb10B_sp8192_caseops", "folder holding fineweb_{train,val}_*.bin (and, for CaseOps data, the fineweb_val_bytes_*.bin sidecar)")
     tokenizer_path: str = setting("./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model", "SentencePiece model that wrote the shards (for val_bpb bytes)")

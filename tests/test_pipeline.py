@@ -19,7 +19,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt
-from _helpers import SLOW_MACHINE_FACTOR, time_limit
+from _helpers import SHIPPED_CODE_LIMIT, SLOW_MACHINE_FACTOR, time_limit
 
 TRAIN_GPT = Path(__file__).resolve().parents[1] / "train_gpt.py"
 TINY_RUN = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "MODEL_DIM": "64", "NUM_HEADS": "4",
@@ -198,7 +198,7 @@ def test_bytes_and_artifact(dist_run):
     cwd, _, s = dist_run
     artifact = Path(cwd) / s["artifact_path"]
     readable = TRAIN_GPT.read_bytes()
-    assert s["bytes_code"] == len(train_gpt.ship_code(readable)) <= 50_000          # what ships: the wrapper
+    assert s["bytes_code"] == len(train_gpt.ship_code(readable)) <= SHIPPED_CODE_LIMIT          # what ships: the wrapper
     assert not s["code_shipped"] and s["code_readable_bytes"] == len(readable)
     assert s["code_readable_sha256"] == hashlib.sha256(readable).hexdigest()
     assert s["bytes_model"] == artifact.stat().st_size
@@ -217,7 +217,7 @@ def test_the_shipped_file_runs_and_counts_itself(demo_data, tmp_path):
     shipped.write_bytes(train_gpt.ship_code(readable))
     proc = succeeded(run_train(tmp_path / "run", demo_data, nproc=2, script=shipped, RUN_ID="shipped"))
     s = summary(tmp_path / "run", "shipped")
-    assert s["bytes_code"] == shipped.stat().st_size <= 50_000 and s["code_shipped"] is True
+    assert s["bytes_code"] == shipped.stat().st_size <= SHIPPED_CODE_LIMIT and s["code_shipped"] is True
     assert s["code_readable_bytes"] == len(readable) and s["code_readable_sha256"] == hashlib.sha256(readable).hexdigest()
     assert s["bytes_total"] == s["bytes_model"] + s["bytes_code"] and math.isfinite(s["val_bpb"])
     text = (tmp_path / "run" / "logs" / "shipped.txt").read_text(encoding="utf-8")

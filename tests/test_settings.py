@@ -9,6 +9,7 @@ import train_gpt
 from train_gpt import PipelineError, read_settings
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+SETTINGS_DOC = Path(__file__).resolve().parents[1] / "docs" / "settings.md"
 
 
 def test_defaults_resolve():
@@ -273,18 +274,18 @@ def test_grad_accum_explicit_and_errors():
         assert name in str(err.value)
 
 
-def test_the_readme_settings_table_is_generated_from_the_declarations():
-    """README.md's table is settings_table() of the declarations, every setting one row in declaration order;
-    a declaration changed without regenerating the table (python3 tools/harness.py settings-table --write
-    README.md) fails here."""
+def test_the_settings_table_is_generated_from_the_declarations():
+    """docs/settings.md's table is settings_table() of the declarations, every setting one row in declaration
+    order; a declaration changed without regenerating the table (python3 tools/harness.py settings-table --write
+    docs/settings.md) fails here."""
     from tools import harness
-    text = README.read_text(encoding="utf-8")
-    assert harness.readme_with_settings(text) == text, "stale: python3 tools/harness.py settings-table --write README.md"
+    text = SETTINGS_DOC.read_text(encoding="utf-8")
+    assert harness.readme_with_settings(text) == text, "stale: python3 tools/harness.py settings-table --write docs/settings.md"
 
 
-def test_a_changed_declaration_makes_the_readme_table_stale(monkeypatch):
+def test_a_changed_declaration_makes_the_settings_table_stale(monkeypatch):
     from tools import harness
-    text = README.read_text(encoding="utf-8")
+    text = SETTINGS_DOC.read_text(encoding="utf-8")
     row = train_gpt.SETTINGS["MODEL_DIM"]
     monkeypatch.setitem(train_gpt.SETTINGS, "MODEL_DIM", __import__("dataclasses").replace(row, meaning="residual width (changed)"))
     assert harness.readme_with_settings(text) != text

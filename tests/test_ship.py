@@ -15,6 +15,7 @@ import pytest
 
 import train_gpt
 from tools import ship_code
+from _helpers import SHIPPED_CODE_LIMIT
 
 ROOT = Path(__file__).resolve().parents[1]
 READABLE = ROOT / "train_gpt.py"
@@ -30,7 +31,7 @@ def shipped(tmp_path_factory) -> Path:
 
 def test_shipped_is_small_deterministic_and_counted(shipped):
     data = shipped.read_bytes()
-    assert len(data) <= 50_000 < READABLE.stat().st_size
+    assert len(data) <= SHIPPED_CODE_LIMIT < READABLE.stat().st_size
     assert data == train_gpt.ship_code(READABLE.read_bytes())             # same source, same bytes
     assert train_gpt.code_bytes() == len(data)                             # what a run from the readable file counts
     assert not train_gpt.code_shipped() and train_gpt.SOURCE_SHA256 == hashlib.sha256(READABLE.read_bytes()).hexdigest()

@@ -29,7 +29,7 @@ Usage:
     python3 tools/harness.py sweep PREFIX SEED [SEED ...] [--practice]
     python3 tools/harness.py check RUN_ID [--logs logs]
     python3 tools/harness.py overlap DATA_PATH [--shards N]
-    python3 tools/harness.py settings-table [--write README.md]
+    python3 tools/harness.py settings-table [--write docs/settings.md]
     python3 tools/harness.py gpu-plan                (the 8xH100 projections of the settings in the environment)
     python3 tools/harness.py submit [RUN_ID ...] [--sweep logs/PREFIX.sweep.json] [--practice]
         [--record-dir DIR] [--reference-bpb "A B C"] [--exclude RUN_ID=REASON]
@@ -2200,7 +2200,7 @@ def _add_gpu_plan_command(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run_gpu_plan)
 
 
-# --- README.md's settings table, generated from train_gpt.py's declarations --------------------------
+# --- docs/settings.md's settings table, generated from train_gpt.py's declarations --------------------------
 
 SETTINGS_BEGIN = "<!-- settings:begin (generated from train_gpt.py's SETTINGS; tests keep it equal) -->"
 SETTINGS_END = "<!-- settings:end -->"
@@ -2219,11 +2219,11 @@ def settings_table() -> str:
 
 
 def readme_with_settings(text: str) -> str:
-    """`text` (README.md) with the block between SETTINGS_BEGIN and SETTINGS_END replaced by settings_table().
+    """`text` (docs/settings.md) with the block between SETTINGS_BEGIN and SETTINGS_END replaced by settings_table().
     ValueError when the markers are missing."""
     start, end = text.find(SETTINGS_BEGIN), text.find(SETTINGS_END)
     if start < 0 or end < start:
-        raise ValueError(f"README.md lacks the lines {SETTINGS_BEGIN!r} ... {SETTINGS_END!r}")
+        raise ValueError(f"the file lacks the lines {SETTINGS_BEGIN!r} ... {SETTINGS_END!r}")
     return text[:start + len(SETTINGS_BEGIN)] + "\n" + settings_table() + text[end:]
 
 
@@ -2242,10 +2242,10 @@ def _run_settings_table(args: argparse.Namespace) -> int:
 
 
 def _add_settings_table_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register the `settings-table` subcommand (README.md's table after a setting changes)."""
-    p = subparsers.add_parser("settings-table", help="print README.md's settings table, or write it into README.md",
+    """Register the `settings-table` subcommand (docs/settings.md's table after a setting changes)."""
+    p = subparsers.add_parser("settings-table", help="print the settings table, or write it into docs/settings.md",
                               description="The settings table generated from train_gpt.py's declarations.")
-    p.add_argument("--write", metavar="README", help="replace the table between the markers in this file")
+    p.add_argument("--write", metavar="FILE", help="replace the table between the markers in this file")
     p.set_defaults(func=_run_settings_table)
 
 
