@@ -339,3 +339,31 @@ def test_every_setting_is_a_declared_field():
     """hp.<name> is a dataclass field an editor can find, one per setting, and nothing else is a setting."""
     fields = {f.name for f in __import__("dataclasses").fields(train_gpt.Hyperparameters)}
     assert fields - {"explicit"} == {name.lower() for name in train_gpt.SETTINGS}
+
+
+# The levers of the best legal runs after record #1855 (docs/levers.md), each default with the run it follows.
+LEVER_DEFAULTS = {
+    "DATA_PATH": "./data/datasets/fineweb10B_sp8192_caseops",   # CaseOps: #1729, #1855 and every later record
+    "TTT_LORA_ALPHA": 144.0,          # #1767's output scale, as #1855 ran it
+    "TTT_LORA_KEEP_A": 1,             # #1767's A kept across documents
+    "TTT_LORA_TARGETS": "k,o,mlp,head",   # #2019: no Q/V LoRA
+    "TTT_LORA_LR": 8e-5,              # #1925, seed-matched (#2019: #1855's 1e-4 x 0.75)
+    "TTT_LORA_BETA2": 0.99,           # #1855's log
+    "TTT_LORA_WEIGHT_DECAY": 0.5,     # #1855's log
+    "EVAL_SEQ_LEN": 2560,             # #1953 / #2019
+    "QK_GAIN_INIT": 5.25,             # #2019
+    "TTT_PHASES": 1,                  # #1925, seed-matched
+    "TTT_PHASE_DOCS_FRAC": 0.07,      # #1925: 3,500 of 50,000 documents
+    "AWQ_GROUPS": 1, "AWQ_BITS": 8, "AWQ_GROUP_SIZE": 64,   # #1908 as #1946 and #2019 ran it
+    "LOGIT_SOFTCAP_ASYM": 1,          # #1923, as #2019 ran it
+    "GPTQ_CALIBRATION": "train", "GPTQ_CALIB_SEQS": 768, "GPTQ_CALIB_LEN": 2048,   # #1855: 16 batches of 48 x 2048
+    "GPTQ_RESERVE_SECONDS": 4.0,      # #1855's code default
+    "MATRIX_LR": 0.026, "LQER_RANK": 4, "LQER_TENSORS": 3,   # #1855's (no run isolates a change: docs/quantization.md)
+    "VAL_LOSS_EVERY": 0,              # #1855: no periodic validation in the timed run
+}
+
+
+def test_the_defaults_are_the_documented_levers():
+    hp, _ = read_settings({})
+    for name, value in LEVER_DEFAULTS.items():
+        assert hp.values[name] == value, (name, hp.values[name], value)
