@@ -19,10 +19,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt  # noqa: E402
 
 
-def step_times(hp, model, run_model, rows: int, window: int, repeats: int) -> dict[int, list[float]]:
-    """{row length: seconds of each timed chunk step} (one untimed step per length first: compiles, warms)."""
+def step_times(hp, model, run_models: dict, rows: int, window: int, repeats: int) -> dict[int, dict[str, list[float]]]:
+    """{row length: {name: seconds of each timed chunk step}}: at each length one untimed step of every run model
+    first (compiles, warms), then the models' steps interleaved, so that a load that comes and goes on a shared
+    machine falls on both alike."""
     rt = train_gpt.Runtime(0, 1, 0, torch.device("cpu"), False, None, None)
-    trainer = train_gpt.LoRATestTimeTrainer(hp, rt, model, run_model, window)
+    trainers = {name: train_gpt.LoRATestTimeTrainer(hp, rt, model, m, window) for name, m in run_models.items()}
     tokens = torch.randint(2, hp.vocab_size, (rows * window + 1,), generator=torch.Generator().manual_seed(0))
     tokens[::window] = train_gpt.BOS_ID
     for p in model.parameters():
@@ -34,12 +36,13 @@ def step_times(hp, model, run_model, rows: int, window: int, repeats: int) -> di
                                   np.full(rows, length), np.ones(rows, dtype=bool), np.zeros(rows, dtype=bool))
         meta = torch.from_numpy(np.stack([step.start, step.valid, step.score_from, step.score_to, step.learn,
                                           step.fresh]).astype(np.int64))
-        times = []
+        times = {name: [] for name in trainers}
         for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            trainer.chunk_step(tokens, step, meta, None)
-            if i:
-                times.append(time.perf_counter() - t0)
+            for name, trainer in trainers.items():
+                t0 = time.perf_counter()
+                trainer.chunk_step(tokens, step, meta, None)
+                if i:
+                    times[name].append(time.perf_counter() - t0)
         out[length] = times
     return out
 
@@ -63,14 +66,14 @@ def main(argv=None) -> int:
     print(f"{args.layers}L x {args.dim}, {args.rows} rows, window {args.window}, LoRA targets {hp.ttt_lora_targets} "
           f"rank {hp.ttt_lora_rank}; torch {torch.__version__}, {torch.get_num_threads()} threads; median of "
           f"{args.repeats} steps after one untimed")
-    eager = step_times(hp, model, model, args.rows, args.window, args.repeats)
     t0 = time.perf_counter()
-    compiled = step_times(hp, model, train_gpt.compile_model(model), args.rows, args.window, args.repeats)
-    print(f"(the compiled pass, compiles included: {time.perf_counter() - t0:.1f} s)")
+    times = step_times(hp, model, {"eager": model, "compiled": train_gpt.compile_model(model)}, args.rows, args.window,
+                       args.repeats)
+    print(f"(both, compiles included: {time.perf_counter() - t0:.1f} s; eager and compiled steps interleaved)")
     print("| row length | eager ms/step | compiled ms/step | eager / compiled |")
     print("|---|---|---|---|")
-    for length in eager:
-        e, c = statistics.median(eager[length]) * 1e3, statistics.median(compiled[length]) * 1e3
+    for length, t in times.items():
+        e, c = statistics.median(t["eager"]) * 1e3, statistics.median(t["compiled"]) * 1e3
         print(f"| {length} | {e:.1f} | {c:.1f} | {e / c:.2f} |")
     return 0
 
