@@ -281,7 +281,8 @@ def test_the_clock_never_passes_the_cap_under_a_slow_last_step(monkeypatch, step
     steps + 1 + STOP_SAFETY_STEPS) of the slowest recent step in hand."""
     from _helpers import cpu_runtime, random_gpt, tiny_hp
     cap_ms = 1500.0
-    hp = tiny_hp(ITERATIONS=10_000, MAX_WALLCLOCK_SECONDS=cap_ms / 1e3, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=10_000)
+    hp = tiny_hp(ITERATIONS=10_000, MAX_WALLCLOCK_SECONDS=cap_ms / 1e3, VAL_LOSS_EVERY=0, TRAIN_LOG_EVERY=10_000,
+                 GPTQ_CALIBRATION="none")     # the clock alone: no reserve for calibration
     model = random_gpt(hp)
     fake = FakeTime()
     monkeypatch.setattr(train_gpt, "time", fake)
