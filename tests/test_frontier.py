@@ -210,4 +210,4 @@ def test_the_frontier_shape_is_the_april_records():
     assert model.layer_order() == [0, 1, 2, 3, 4, 5, 3, 4, 5, 3, 4, 5, 6, 7, 8, 9, 10]
     assert [b.lanes for b in model.blocks] == [1] * 8 + [2] * 3                 # two lanes from layer 8
     assert model.blocks[0].attn.gate.weight.shape == (8, 12) and model.smear_gate.weight.shape == (1, 12)
-    assert model.bigram is None and model.blocks[0].attn.q_gain.detach()[0].item() == 5.0
+    assert model.bigram is None and model.blocks[0].attn.q_gain.detach()[0].item() == 5.25

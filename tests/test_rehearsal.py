@@ -242,8 +242,9 @@ def test_the_projection_from_given_part_times():
     assert tr["communication_ms_assumed"] == pytest.approx(comm_ms)
     assert tr["step_ms_recurrence_off"] == pytest.approx(104.0 + comm_ms)
     assert tr["step_ms_recurrence_on"] == pytest.approx(154.0 + comm_ms)
-    f = hp.recur_start_frac
-    assert tr["steps_in_600s"] == pytest.approx(f * 600e3 / (104 + comm_ms) + (1 - f) * 600e3 / (154 + comm_ms))
+    f, train_ms = hp.recur_start_frac, 600e3 - 1e3 * hp.gptq_reserve_seconds     # calibration's reserve: not training
+    assert hp.gptq_calibration == "train"
+    assert tr["steps_in_600s"] == pytest.approx(f * train_ms / (104 + comm_ms) + (1 - f) * train_ms / (154 + comm_ms))
     # a LoRA step = 8 ms + 0.25 ms a token: the line through (16 tokens, 12 ms) and (128 tokens, 40 ms)
     assert ev["ttt_lora_step_model"] == pytest.approx({"fixed_s": 0.008, "per_token_s": 0.00025})
     assert ev["ttt"] == pytest.approx(4 * 0.008 + 352 * 0.00025) and ev["phases"] == 0.0
@@ -274,7 +275,7 @@ def test_without_recurrence_the_projection_takes_the_one_training_graph():
     measured = {k: v for k, v in MEASURED.items() if k != "train_on"}
     tr = gpu_probe.projection(hp, measured, tokens, tokens.size)["train"]
     assert tr["step_ms_recurrence_on"] == tr["step_ms_recurrence_off"]
-    assert tr["steps_in_600s"] == pytest.approx(600e3 / tr["step_ms_recurrence_off"])
+    assert tr["steps_in_600s"] == pytest.approx((600e3 - 1e3 * hp.gptq_reserve_seconds) / tr["step_ms_recurrence_off"])
 
 
 def test_the_fineweb_like_lengths_rebuild_from_the_committed_ranges():

@@ -244,7 +244,7 @@ def test_presets():
         {k: v for k, v in frontier.values.items() if k not in ("PRESET", "DATA_PATH", "TOKENIZER_PATH")}
     assert (frontier.num_layers, frontier.model_dim, frontier.mlp_mult, frontier.train_seq_len, frontier.bigram_vocab,
             frontier.recur_layers, frontier.recur_passes, frontier.recur_start_frac) == (11, 512, 4, 2048, 0, "3-5", 3, 0.35)
-    assert (frontier.parallel_last_n, frontier.parallel_lanes, frontier.qk_gain_init) == (3, 2, 5.0)   # from layer 8
+    assert (frontier.parallel_last_n, frontier.parallel_lanes, frontier.qk_gain_init) == (3, 2, 5.25)   # from layer 8
     assert (frontier.attn_gate, frontier.attn_gate_dims, frontier.smear_gate, frontier.smear_gate_dims) == (1, 12, 1, 12)
     assert (frontier.muon_momentum, frontier.muon_wd, frontier.embed_wd, frontier.matrix_lr, frontier.beta2,
             frontier.warmdown_frac, frontier.lr_floor, frontier.muon_ns_coeffs) == (0.97, 0.095, 0.085, 0.026, 0.99,
