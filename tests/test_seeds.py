@@ -35,7 +35,7 @@ TINY = {"NUM_LAYERS": "2", "RECUR_LAYERS": "0-0", "PARALLEL_LAST_N": "1", "MODEL
         "NUM_KV_HEADS": "2", "TRAIN_SEQ_LEN": "64", "TRAIN_BATCH_TOKENS": "4096", "ITERATIONS": "8",
         "MAX_WALLCLOCK_SECONDS": "0", "VAL_LOSS_EVERY": "0", "EVAL_STRIDE": "32", "VAL_MAX_TOKENS": "4096",
         "VAL_BATCH_SIZE": "8192", "LZMA_PRESET": "6", "GPTQ_CALIB_SEQS": "2", "GPTQ_CALIB_LEN": "32",
-        "TTT_CHUNK_TOKENS": "1024", "TTT_EPOCHS": "1"}
+        "TTT_CHUNK_TOKENS": "1024", "TTT_EPOCHS": "1", "EVAL_SEQ_LEN": "0", "TTT_LORA_BATCH_TOKENS": "512"}
 KNOBS = {"AUTHOR": "Test Author", "GITHUB_ID": "test-id", "SUBMISSION_NAME": "Tiny three seeds",
          "REFERENCE_BPB": "3.70 3.72 3.71"}
 SEEDS = (1, 2, 3)
@@ -507,11 +507,13 @@ def test_real_runs_cherry_picked_are_refused(gpu_sweep, capsys):
 
 def test_the_summary_names_the_training_shards_read(three_seeds, demo_data):
     """Every rank's reads cover the stream's first steps x (world x accumulation) x (tokens per micro-batch + 1)
-    tokens (no GPTQ calibration reads it by default); the shard holding them, by name and sha256, in the summary and
-    its log, hashed in its own stage after the final score."""
+    tokens; the shard holding them, by name and sha256, in the summary and
+    its log, hashed in its own stage after the final score. GPTQ's calibration (by default on training tokens, #1855)
+    reads the stream's first GPTQ_CALIB_SEQS x GPTQ_CALIB_LEN tokens, inside what training read."""
     train = Path(demo_data["dir"]) / "fineweb_train_000000.bin"
     for s in three_seeds["summaries"]:
-        assert s["hyperparameters"]["GPTQ_CALIBRATION"] != "train"
+        hp = s["hyperparameters"]
+        assert hp["GPTQ_CALIBRATION"] == "train" and hp["GPTQ_CALIB_SEQS"] * hp["GPTQ_CALIB_LEN"] <= s["train_tokens_read"]
         assert s["train_tokens_read"] == s["steps"] * 8 * (4096 // 8 + 1)       # 2 ranks x 4 micro-batches a step
         assert s["train_shards_read"] == [dict(name=train.name, sha256=hashlib.sha256(train.read_bytes()).hexdigest())]
         assert "train_shards_sha256" in s["stage_ms"]
@@ -531,6 +533,8 @@ def forge(demo_data, dest: Path, kind: str) -> Path:
     forged = {"val_in_train": (val, np.tile(val, 6)), "train_as_val": (np.resize(train[:4000], val.size), train)}[kind]
     for split, tokens in zip(("val", "train"), forged):
         harness.write_shard(dest / f"fineweb_{split}_000000.bin", tokens)
+    # the default data is CaseOps: the validation stream's byte sidecar, counted from the tokens it now holds
+    harness.write_byte_sidecar(dest, forged[0], demo_data["tokenizer"], forged[0].size)
     return dest
 
 
@@ -668,5 +672,9 @@ def test_a_reference_only_adds_a_test_on_real_runs(three_seeds, gpu_sweep, demo_
         assert status == 0 and sub["kind"] == "non-record" and sub["p_value"] == pytest.approx(0.0426, abs=1e-4)
     assert harness.main(["submit", "--sweep", "logs/e2e.sweep.json", "--dry-run", "--reference-bpb", "1.06107 1.06108"]) == 0
     out = capsys.readouterr().out
-    assert "vs the published best (mean 1.06108) - margin 0.001938 bpb: t=-2.9195 df=2.291 p=0.0426" in out
-    assert "vs REFERENCE_BPB (mean 1.06107) - margin 0.001938 bpb: t=-11.1772 df=2.003 p=0.00393" in out
+    margin, ours = harness.margin_bpb(tokens, nbytes), (1.0572, 1.0575, 1.0569)
+    for against, ref, p in (("the published best", harness.DEFAULT_REFERENCE_BPB, 0.0426), ("REFERENCE_BPB", (1.06107, 1.06108), 0.0039)):
+        w = harness.welch_one_sided(ours, ref, margin)
+        assert w["p_value"] == pytest.approx(p, abs=1e-4)      # the second test would pass alone: it cannot replace the first
+        assert (f"vs {against} (mean {sum(ref) / len(ref):.5f}) - margin {margin:.6f} bpb: t={w['t_statistic']:.4f} "
+                f"df={w['welch_df']:.3f} p={w['p_value']:.3g}") in out
