@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import train_gpt
-from _helpers import cpu_runtime, random_gpt, tiny_hp, train_then_score
+from _helpers import cpu_runtime, documents_stream, random_gpt, tiny_hp, train_then_score
 
 VOCAB = 64
 WINDOW = 16
@@ -27,17 +27,6 @@ STRIDE = 8
 TOKENS = np.random.default_rng(0).integers(0, VOCAB, 200).astype(np.int64)
 TABLES = (np.ones(VOCAB, dtype=np.int64), np.zeros(VOCAB, dtype=bool), np.zeros(VOCAB, dtype=bool))   # 1 byte a token
 FORWARD_CHECKS = ("scoring_forward_ok", "causality_ok", "rows_independent_ok", "normalization_ok")
-
-
-def documents_stream(n: int = 240, seed: int = 3, longest: int = 30) -> np.ndarray:
-    """Documents of 3 to `longest` tokens (some longer than the 16-token window), BOS first; no other BOS."""
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(2, VOCAB, n).astype(np.int64)
-    p = 0
-    while p < n:
-        tokens[p] = train_gpt.BOS_ID
-        p += int(rng.integers(3, longest + 1))
-    return tokens
 
 
 DOCUMENTS = documents_stream()

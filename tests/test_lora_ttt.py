@@ -11,20 +11,11 @@ import torch
 
 import train_gpt
 from _helpers import cpu_runtime, random_gpt, run_distributed, tiny_hp
+from _helpers import documents_stream as stream
 
 VOCAB = 64
 WINDOW, STRIDE = 16, 4
 TABLES = (np.ones(VOCAB, dtype=np.int64), np.zeros(VOCAB, dtype=bool), np.zeros(VOCAB, dtype=bool))
-
-
-def stream(n: int = 240, seed: int = 3, longest: int = 30) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    tokens = rng.integers(2, VOCAB, n).astype(np.int64)
-    p = 0
-    while p < n:
-        tokens[p] = train_gpt.BOS_ID
-        p += int(rng.integers(3, longest + 1))
-    return tokens
 
 
 def lora_hp(**overrides):
