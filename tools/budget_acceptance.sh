@@ -7,7 +7,10 @@
 # both held.
 #
 #   ARTIFACT=artifacts/la_default.pgolf.xz DATA_PATH=<its shards> TOKENIZER_PATH=<its tokenizer> \
-#     PRESET=sp8192 bash tools/budget_acceptance.sh
+#     PRESET=sp8192 VAL_MAX_TOKENS=16384 TTT_LORA_BATCH_TOKENS=20480 bash tools/budget_acceptance.sh
+#
+# On a 24 GB CPU machine the default LoRA batch (32 rows of 2,560 with an 8,192-token head, fp32, eager) took ~21 GB
+# per rank and the kernel killed one of the two ranks; 8 rows (TTT_LORA_BATCH_TOKENS=20480) fit.
 set -euo pipefail
 : "${ARTIFACT:?a trained artifact}" "${DATA_PATH:?its shards}" "${TOKENIZER_PATH:?its tokenizer}"
 cd "$(dirname "$0")/.."
