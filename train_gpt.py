@@ -2676,7 +2676,7 @@ def no_ttt_forward_tokens(lengths: np.ndarray, window: int, stride: int) -> np.n
     """Forward tokens scoring documents of these lengths (inputs), or any remainder of them, takes without TTT
     once TTT is cut: each is scored alone (document_windows of its own span: no window shared with another), its
     first window plus a window per `stride` targets after it, every window `window` tokens. EvalBudget's estimate
-    of what is left (an upper bound: tests/test_evaluation.py)."""
+    of what is left (an upper bound: tests/test_lora_ttt.py)."""
     over = np.maximum(lengths - window, 0)
     return (1 + -(-over // stride)) * window
 
