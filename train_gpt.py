@@ -1722,13 +1722,13 @@ class BigramHash(nn.Module):
 
 
 class GPT(nn.Module):
-    """Tied-embedding GPT with U-Net skips: the first half's outputs feed the second half in
-    reverse, each through a learned per-channel gate (skip_weights).
+    """Tied-embedding GPT with U-Net skips: the first half's outputs feed the second half in reverse. By default
+    (SKIP_GATES=1) the skips pair visiting positions of the layer order, so the looped layers' repeats have their
+    own, each x <- lerp(w skip, x, sigmoid(g)); SKIP_GATES=0: x + w skip between physical layers on their first visit.
 
-    Depth recurrence: once `recurrence_on` is set (from RECUR_START_FRAC of training), layers
-    RECUR_LAYERS run RECUR_PASSES times in a row. Skips pair physical layers on their first visit,
-    so turning recurrence on does not re-wire them. Two-lane parallel blocks start their lanes as
-    copies of the stream, take the skips on lane 0, and the lanes' mean goes to the final norm.
+    Depth recurrence: once `recurrence_on` is set (from RECUR_START_FRAC of training), layers RECUR_LAYERS run
+    RECUR_PASSES times in a row. Two-lane parallel blocks start their lanes as copies of the stream, take the skips
+    on lane 0, and the lanes' mean goes to the final norm.
 
     forward(input_ids, target_ids, capacity, lora) -> per-token NLL in nats, float32, shape (B, T); capacity: the
     varlen cu_seqlens capacity of the batch (varlen_capacity; the flash path needs it), lora: per-document TTT's
@@ -3074,9 +3074,10 @@ class ForwardAudit:
     A noise above NOISE_CEILING_NATS fails the checks: rounding rows differently on purpose could widen them.
 
     Which batches (evaluate, lora_before): the first, middle and last batch of evaluate()'s last scoring call (without
-    TTT its only one; with whole-model TTT the last chunk's, after every trained chunk); with LoRA TTT the first step of each stretch between global phases (before the first, between, after the last)
-    in which a row holds a document it has trained on (B no longer 0), with the adapters as they scored it, and the
-    first batch of what a budget cut left to be scored without TTT."""
+    TTT its only one; with whole-model TTT the last chunk's, after every trained chunk); with LoRA TTT the first step
+    of each stretch between global phases (before the first, between, after the last) in which a row holds a
+    document it has trained on (B no longer 0), with the adapters as they scored it, and the first batch of what a
+    budget cut left to be scored without TTT."""
 
     def __init__(self, hp: Hyperparameters, rt: Runtime):
         self.rt, self.vocab, self.documents = rt, hp.vocab_size, hp.eval_mode == "documents"
