@@ -2897,7 +2897,8 @@ def scored_result(rt: Runtime, tokens: np.ndarray, tables, nll_sum: Tensor, scor
 
 
 TRAIN_STEP_COST = 3.0       # a TTT step before one is measured: forward + backward, x the plain pass's time per token
-SCORE_RESERVE = 1.5         # scoring what is left without TTT: x the plain pass's time per token
+SCORE_RESERVE = 2.0         # scoring what is left without TTT: x the plain pass's time per token (the margin for a
+                            # machine that slows after the plain pass: docs/evaluation.md)
 
 
 class EvalBudget:
